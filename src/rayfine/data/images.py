@@ -1,0 +1,154 @@
+"""Image preprocessing shared by training (inside Ray Data ``map_batches``) and serving.
+
+Two stages, so that the expensive one runs once:
+1. ``prepare_image``: decode bytes (or take a pixel array), convert to the configured color mode
+   (transparent images composited on black), resize the shorter side and center-crop to a square
+   of ``image_size``. Output: uint8 HxWxC. Training materializes this once.
+2. ``to_model_input``: uint8 NxHxWxC -> float32 NxCxHxW normalized, with optional train-time
+   augmentation. Runs every epoch (fresh augmentation each time) and on every served request.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from rayfine.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
+# Formats PIL may decode for us; anything else (e.g. EPS, which runs Ghostscript) is refused.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")
+
+
+class ImageError(ValueError):
+    """An input that cannot become an image of the configured kind."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode encoded image bytes, refusing unknown formats and oversized images before decoding."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from None
+    except Exception as e:
+        raise ImageError(f"not a readable image ({', '.join(ACCEPTED_FORMATS)}): {type(e).__name__}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    try:
+        img.load()
+    except Exception as e:
+        raise ImageError(f"corrupt image data: {type(e).__name__}: {e}") from None
+    return img
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """A HxW, HxWx1, HxWx3 or HxWx4 pixel array (uint8, or floats in [0, 1]) as a PIL image."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageError(f"pixel array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {list(arr.shape)}")
+    if min(arr.shape[:2]) < 1:
+        raise ImageError(f"pixel array is empty: shape {list(arr.shape)}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+            raise ImageError("pixel values must be finite numbers")
+        if arr.min() < 0 or arr.max() > 255:
+            raise ImageError("pixel values must lie in [0, 255] (or [0, 1] for floats)")
+        scale = 255.0 if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0 else 1.0
+        arr = np.round(arr.astype(np.float64) * scale).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
+    """To L or RGB; alpha (RGBA, LA, palette transparency) is composited on black."""
+    img = ImageOps.exif_transpose(img) if img.format == "JPEG" else img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grayscale: scale by the bit depth to 8 bits (PIL would clip at 255).
+        arr = np.asarray(img, dtype=np.float64)
+        peak = arr.max() if arr.size else 0.0
+        if img.mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        else:  # 32-bit int or float: the depth is not recorded, so infer it from the values
+            scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
+        img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
+    return img.convert(color_mode)
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and center-crop to ``size`` x ``size``."""
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
+    """Encoded bytes or a pixel array -> uint8 HxWxC of the configured size and color mode."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        img = decode_image(bytes(item), data_cfg.max_image_pixels)
+    elif isinstance(item, Image.Image):
+        img = item
+    else:
+        arr = np.asarray(item)
+        if arr.shape[:2] and arr.ndim >= 2 and arr.shape[0] * arr.shape[1] > data_cfg.max_image_pixels:
+            raise ImageError(f"pixel array of shape {list(arr.shape)} exceeds {data_cfg.max_image_pixels} pixels")
+        img = array_to_image(arr)
+    img = resize_square(convert_mode(img, data_cfg.color_mode), data_cfg.image_size)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalization(data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    mean = data_cfg.mean or (IMAGENET_MEAN if data_cfg.color_mode == "RGB" else (float(np.mean(IMAGENET_MEAN)),))
+    std = data_cfg.std or (IMAGENET_STD if data_cfg.color_mode == "RGB" else (float(np.mean(IMAGENET_STD)),))
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def to_model_input(
+    images: np.ndarray, data_cfg: DataConfig, augment: bool = False, rng: Optional[np.random.Generator] = None
+) -> np.ndarray:
+    """uint8 NxHxWxC -> float32 NxCxHxW, normalized; ``augment`` adds random shifts and jitter."""
+    x = images.astype(np.float32) / 255.0
+    if augment:
+        x = _augment(x, data_cfg, rng or np.random.default_rng())
+    mean, std = normalization(data_cfg)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _augment(x: np.ndarray, data_cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    n, h, w, _ = x.shape
+    pad = max(1, h // 8)
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        if data_cfg.hflip and rng.random() < 0.5:
+            out[i] = out[i, :, ::-1]
+    brightness = rng.uniform(-0.1, 0.1, (n, 1, 1, 1)).astype(np.float32)
+    contrast = rng.uniform(0.85, 1.15, (n, 1, 1, 1)).astype(np.float32)
+    centre = out.mean(axis=(1, 2, 3), keepdims=True)
+    return np.clip((out - centre) * contrast + centre + brightness, 0.0, 1.0)
+
+
+def preprocess_for_model(items: list, data_cfg: DataConfig) -> np.ndarray:
+    """What serving calls: raw inputs -> the exact float batch the trained model saw at eval time."""
+    return to_model_input(np.stack([prepare_image(item, data_cfg) for item in items]), data_cfg)

@@ -1,0 +1,73 @@
+"""Evaluate a checkpoint on a dataset split (on the driver, streaming batches from Ray Data).
+
+    from rayfine.evaluate import evaluate_checkpoint
+    report = evaluate_checkpoint("runs/digits/train/checkpoint", datasets["test"], "runs/digits/train")
+
+Writes eval.json, classification_report.txt and confusion_matrix.png into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+
+from rayfine import metrics
+from rayfine.checkpoints import LoadedCheckpoint, load_checkpoint
+
+
+def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class probabilities for every row of a model-input dataset."""
+    y_true, probs = [], []
+    for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
+        y_true.append(batch.pop("y").numpy())
+        probs.append(ckpt.predict_proba(batch).numpy())
+    if not y_true:
+        return np.zeros(0, np.int64), np.zeros((0, len(ckpt.labels)), np.float32)
+    return np.concatenate(y_true), np.concatenate(probs)
+
+
+def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], split: str) -> dict[str, Any]:
+    """The eval.json document (DESIGN.md's run-directory contract)."""
+    y_pred = probs.argmax(axis=1)
+    counts = metrics.confusion(y_true, y_pred, len(labels))
+    precision, recall, f1, support = metrics.per_class(counts)
+    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    summary = metrics.summarize(counts)
+    return {
+        "split": split,
+        "accuracy": summary["accuracy"],
+        "macro_f1": summary["macro_f1"],
+        "loss": float(-np.log(picked).mean()) if len(y_true) else 0.0,
+        "num_samples": int(len(y_true)),
+        "per_class": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+        "confusion_matrix": counts.tolist(),
+    }
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_dir: str | Path, split: str = "test", log=print) -> dict[str, Any]:
+    from sklearn.metrics import classification_report
+
+    from rayfine.report import plot_confusion_matrix
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    y_true, probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size)
+    report = evaluation_report(y_true, probs, ckpt.labels, split)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    text = classification_report(
+        y_true, probs.argmax(axis=1), labels=list(range(len(ckpt.labels))), target_names=ckpt.labels, digits=4, zero_division=0
+    )
+    (out_dir / "classification_report.txt").write_text(f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
+    plot_confusion_matrix(np.asarray(report["confusion_matrix"]), ckpt.labels, out_dir / "confusion_matrix.png", title=f"{ckpt.cfg.name}: {split}")
+    log(f"[eval] {split}: accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  loss {report['loss']:.4f}  ({report['num_samples']} examples)")
+    return report

@@ -1,0 +1,57 @@
+"""Connecting to Ray: an embedded local Ray on a laptop, or an existing cluster.
+
+    with ray_session(address=None):      # None: RAY_ADDRESS if set, else a fresh local Ray
+        fit(cfg)
+
+Inside a Ray job (or a test that already called ``ray.init``) the existing connection is reused
+and left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator, Optional
+
+
+# Ray Data logs every dataset execution at INFO; rayfine prints its own progress lines instead.
+WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
+
+
+def quiet_ray() -> None:
+    """Keep the console for rayfine's own progress lines (Ray's logs stay in its session dir)."""
+    from ray.data import DataContext
+
+    from ray.util.debug import log_once
+
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    log_once("ray_data_progress_manager_disabled")  # we turn the bars off on purpose; no warning
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
+    """Yields True when this call started (and will stop) an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet_ray()
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        log(f"[ray] connecting to {address}")
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        # "local" always starts a fresh embedded Ray, even when a `ray start` cluster runs here.
+        log("[ray] starting an embedded local Ray")
+        ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env)
+    try:
+        yield address is None
+    finally:
+        ray.shutdown()

@@ -1,0 +1,115 @@
+"""The checkpoint format: safetensors round trips, refusal of broken or foreign files (unit)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from rayfine import checkpoints
+from rayfine.config import load_config
+from rayfine.errors import CheckpointError
+from rayfine.models import model_for_config
+from rayfine.train import make_optimizer, make_scheduler
+
+LABELS = [str(i) for i in range(10)]
+
+
+@pytest.fixture
+def cfg():
+    return load_config("resnet18_digits_tiny")
+
+
+@pytest.fixture
+def saved(tmp_path, cfg):
+    torch.manual_seed(0)
+    model = model_for_config(cfg, len(LABELS))
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", model.state_dict(), cfg, LABELS, {"epoch": 3, "val_accuracy": 0.5})
+    return model.eval(), directory
+
+
+def test_round_trip_gives_the_same_predictions(saved, cfg):
+    model, directory = saved
+    loaded = checkpoints.load_checkpoint(directory)
+    assert loaded.cfg == cfg and loaded.labels == LABELS and loaded.metrics["epoch"] == 3
+    x = torch.randn(4, 1, cfg.data.image_size, cfg.data.image_size)
+    with torch.inference_mode():
+        expected = torch.softmax(model(x=x), dim=-1)
+    assert torch.allclose(loaded.predict_proba({"x": x}), expected, atol=1e-6)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
+
+
+def test_train_state_round_trip(tmp_path, cfg):
+    torch.manual_seed(0)
+    model = model_for_config(cfg, 10)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps=20)
+    for _ in range(3):
+        model(x=torch.randn(8, 1, 8, 8)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    checkpoints.save_train_state(tmp_path, optimizer, scheduler, epoch=2)
+
+    fresh_opt = make_optimizer(model, cfg)
+    fresh_sched = make_scheduler(fresh_opt, cfg, total_steps=20)
+    assert checkpoints.load_train_state(tmp_path, fresh_opt, fresh_sched) == 2
+    assert fresh_sched.last_epoch == scheduler.last_epoch
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    for p in model.parameters():
+        a, b = optimizer.state[p], fresh_opt.state[p]
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert float(a["step"]) == float(b["step"])
+
+
+def test_truncated_weights_are_refused(saved):
+    _, directory = saved
+    path = directory / checkpoints.MODEL_FILE
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        checkpoints.load_checkpoint(directory)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_posing_as_checkpoint_is_refused_without_running_it(saved, tmp_path):
+    _, directory = saved
+    marker = tmp_path / "pwned"
+    (directory / checkpoints.MODEL_FILE).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError):
+        checkpoints.load_checkpoint(directory)
+    assert not marker.exists()
+
+
+def test_weights_of_another_model_are_refused(saved, cfg, tmp_path):
+    _, directory = saved
+    other = model_for_config(cfg, 3)  # a 3-way head does not fit 10 labels
+    checkpoints.save_checkpoint(tmp_path / "other", other.state_dict(), cfg, LABELS, {})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        checkpoints.load_checkpoint(tmp_path / "other")
+
+
+@pytest.mark.parametrize("missing", [checkpoints.CONFIG_FILE, checkpoints.MODEL_FILE, checkpoints.LABELS_FILE])
+def test_missing_files_are_named(saved, missing):
+    _, directory = saved
+    (directory / missing).unlink()
+    with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")):
+        checkpoints.load_checkpoint(directory)
+
+
+def test_export_leaves_out_the_optimizer(saved, tmp_path, cfg):
+    model, directory = saved
+    optimizer = make_optimizer(model, cfg)
+    checkpoints.save_train_state(directory, optimizer, make_scheduler(optimizer, cfg, 10), epoch=1)
+    exported = checkpoints.export_checkpoint(directory, tmp_path / "export")
+    assert sorted(p.name for p in exported.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
+    checkpoints.load_checkpoint(exported)

@@ -1,0 +1,166 @@
+"""Ray Data readers and the prepare/split pipeline on files written from real digits (ray tier)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rayfine.config import load_config
+from rayfine.data import SPLITS, assign_split, build_datasets, label_text, sort_labels
+from rayfine.errors import DataError
+
+pytestmark = pytest.mark.ray
+N_PER_CLASS = 12  # 3 classes x 12 real digits each
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def varied_image(digit: np.ndarray, i: int) -> tuple[Image.Image, str]:
+    """The digit as RGB, grayscale or RGBA, at one of several sizes, as PNG or JPEG."""
+    size = (8, 8) if i % 4 == 0 else (20 + i, 14 + 2 * i)  # mixed sizes and aspect ratios
+    img = Image.fromarray(digit).resize(size)
+    mode = ("RGB", "L", "RGBA")[i % 3]
+    return img.convert(mode), "JPEG" if mode == "RGB" and i % 2 else "PNG"
+
+
+@pytest.fixture(scope="module")
+def samples(digits):
+    images, labels = digits
+    picked = [(images[j], str(c)) for c in (0, 1, 7) for j in np.flatnonzero(labels == c)[:N_PER_CLASS]]
+    return picked
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, samples):
+    root = tmp_path_factory.mktemp("folder")
+    for i, (digit, label) in enumerate(samples):
+        img, fmt = varied_image(digit, i)
+        (root / label).mkdir(exist_ok=True)
+        (root / label / f"img{i}.{fmt.lower().replace('jpeg', 'jpg')}").write_bytes(encode(img, fmt))
+    (root / "README.txt").write_text("not an image; ignored like torchvision's ImageFolder does")
+    return root
+
+
+def folder_cfg(source, *extra):
+    return load_config(
+        "resnet18_digits_tiny",
+        [f"data.source={source}", "data.subsample=1.0", "data.val_fraction=0.2", "data.test_fraction=0.2",
+         "data.color_mode=RGB", "data.image_size=16", *extra],
+    )
+
+
+def rows(ds):
+    batch = ds.take_batch(1000, batch_format="numpy")
+    return batch["x"], batch["y"]
+
+
+def test_image_folder_reads_every_file_with_labels_from_folders(ray_local, image_folder):
+    datasets, info = build_datasets(folder_cfg(image_folder), log=lambda *_: None)
+    assert info.labels == ["0", "1", "7"]
+    assert sum(info.num_examples.values()) == 3 * N_PER_CLASS
+    assert info.bad_rows == 0
+    total = 0
+    for split in SPLITS:
+        x, y = rows(datasets[split])
+        assert x.shape[1:] == (3, 16, 16) and x.dtype == np.float32
+        assert len(y) == info.num_examples[split]
+        assert np.bincount(y, minlength=3).tolist() == [info.class_counts[split][c] for c in info.labels]
+        total += len(y)
+    assert total == 3 * N_PER_CLASS
+
+
+def test_parquet_with_bytes_and_hf_struct_columns(ray_local, tmp_path, samples):
+    images = [encode(*varied_image(d, i)[:1]) for i, (d, _) in enumerate(samples)]
+    labels = [int(label) for _, label in samples]
+    pq.write_table(pa.table({"img": images, "digit": labels}), tmp_path / "plain.parquet")
+    hf_images = [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]
+    (tmp_path / "hf").mkdir()
+    half = len(images) // 2
+    pq.write_table(pa.table({"image": hf_images[:half], "label": labels[:half]}), tmp_path / "hf" / "part-0.parquet")
+    pq.write_table(pa.table({"image": hf_images[half:], "label": labels[half:]}), tmp_path / "hf" / "part-1.parquet")
+
+    plain, info = build_datasets(
+        folder_cfg(tmp_path / "plain.parquet", "data.image_column=img", "data.label_column=digit"), log=lambda *_: None
+    )
+    struct, info2 = build_datasets(folder_cfg(tmp_path / "hf"), log=lambda *_: None)
+    assert info.labels == info2.labels == ["0", "1", "7"]
+    assert info.num_examples == info2.num_examples and sum(info.num_examples.values()) == len(images)
+    # Same bytes -> same split and the same tensors, whichever layout carried them.
+    x1, y1 = rows(plain["test"])
+    x2, y2 = rows(struct["test"])
+    order1, order2 = np.lexsort((x1.reshape(len(x1), -1).sum(1), y1)), np.lexsort((x2.reshape(len(x2), -1).sum(1), y2))
+    assert np.array_equal(y1[order1], y2[order2]) and np.allclose(x1[order1], x2[order2])
+
+
+def test_missing_parquet_column_names_the_field(ray_local, tmp_path):
+    pq.write_table(pa.table({"pixels": [b"x"], "label": [1]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match="data.image_column: no column 'image'"):
+        build_datasets(folder_cfg(tmp_path / "t.parquet"), log=lambda *_: None)
+
+
+def test_bad_rows_are_reported_with_count_and_examples(ray_local, tmp_path, samples):
+    root = tmp_path / "bad"
+    for i, (digit, label) in enumerate(samples):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i}.png").write_bytes(encode(Image.fromarray(digit)))
+    (root / "7" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "1" / "truncated.png").write_bytes(encode(Image.fromarray(samples[0][0]).resize((64, 64)))[:60])
+    (root / "stray.png").write_bytes(encode(Image.fromarray(samples[0][0])))  # no class folder
+
+    with pytest.raises(DataError) as info:
+        build_datasets(folder_cfg(root), log=lambda *_: None)
+    message = str(info.value)
+    assert message.startswith("3 bad row(s)")
+    assert "corrupt.png" in message and "truncated.png" in message and "stray.png: no label" in message
+    assert "data.on_bad_rows=skip" in message
+
+    datasets, data_info = build_datasets(folder_cfg(root, "data.on_bad_rows=skip"), log=lambda *_: None)
+    assert data_info.bad_rows == 3 and len(data_info.bad_examples) == 3
+    assert sum(data_info.num_examples.values()) == len(samples)
+
+
+def test_unknown_labels_are_bad_rows(ray_local, image_folder):
+    with pytest.raises(DataError, match=r"unknown label '7'"):
+        build_datasets(folder_cfg(image_folder, "data.labels=['0', '1']"), log=lambda *_: None)
+    _, info = build_datasets(folder_cfg(image_folder, "data.labels=['1', '0']", "data.on_bad_rows=skip"), log=lambda *_: None)
+    assert info.labels == ["1", "0"]  # the configured order is the id order
+    assert info.bad_rows == N_PER_CLASS
+
+
+def test_builtin_split_is_deterministic_and_disjoint(ray_local):
+    cfg = load_config("resnet18_digits", ["data.image_size=8"])
+    _, a = build_datasets(cfg, log=lambda *_: None)
+    _, b = build_datasets(cfg, log=lambda *_: None)
+    assert a == b
+    assert sum(a.num_examples.values()) == 1797
+    assert a.num_examples["test"] == pytest.approx(0.2 * 1797, abs=60)
+    # Every class is in every split in roughly the configured share.
+    for label in a.labels:
+        assert a.class_counts["test"][label] > 15 and a.class_counts["val"][label] > 5
+
+
+def test_missing_source_is_a_clear_error(ray_local, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets(folder_cfg(tmp_path / "nowhere"), log=lambda *_: None)
+    with pytest.raises(DataError, match="builtin:digits, builtin:mnist5k"):
+        build_datasets(folder_cfg("builtin:cifar"), log=lambda *_: None)
+
+
+def test_split_assignment_and_label_helpers():
+    cfg = load_config("resnet18_digits").data
+    counts = {s: 0 for s in SPLITS}
+    for i in range(4000):
+        counts[assign_split(i.to_bytes(4, "big"), cfg)] += 1
+    assert abs(counts["test"] / 4000 - 0.2) < 0.03 and abs(counts["val"] / 4000 - 0.1) < 0.03
+    assert assign_split(b"same", cfg) == assign_split(b"same", cfg)
+    assert [label_text(v) for v in (3, 3.0, "3", b"3", np.int64(3), None, float("nan"), " ")] == ["3"] * 5 + [None] * 3
+    assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]

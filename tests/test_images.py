@@ -1,0 +1,133 @@
+"""Image preprocessing shared by training and serving (unit tier)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rayfine.config import DataConfig
+from rayfine.data.images import (
+    ImageError,
+    normalization,
+    prepare_image,
+    preprocess_for_model,
+    resize_square,
+    to_model_input,
+)
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(source="builtin:digits", **{"image_size": 16, "color_mode": "L", **kw})
+
+
+@pytest.fixture
+def digit(digits):
+    images, labels = digits
+    return images[0]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA"])
+def test_every_pixel_mode_becomes_the_configured_shape(digit, mode):
+    img = Image.fromarray(digit).convert(mode) if mode != "I;16" else Image.fromarray(digit.astype(np.uint16) * 257)
+    reference = prepare_image(encode(Image.fromarray(digit)), cfg()).astype(float).ravel()
+    for color_mode, channels in (("L", 1), ("RGB", 3)):
+        out = prepare_image(encode(img), cfg(color_mode=color_mode))
+        assert out.shape == (16, 16, channels) and out.dtype == np.uint8
+        # The same digit in every mode (a palette image is quantized, hence correlation).
+        gray = out.astype(float).mean(axis=2).ravel()
+        assert np.corrcoef(gray, reference)[0, 1] > 0.95
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped(digit):
+    out16 = prepare_image(encode(Image.fromarray(digit.astype(np.uint16) * 257)), cfg())
+    out8 = prepare_image(encode(Image.fromarray(digit)), cfg())
+    assert np.abs(out16.astype(int) - out8.astype(int)).max() <= 2
+
+
+def test_transparent_pixels_are_composited_on_black():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., :3] = 255  # white, but fully transparent...
+    rgba[:5, :, 3] = 255  # ...except the top half
+    out = prepare_image(encode(Image.fromarray(rgba, "RGBA")), cfg(image_size=10))
+    assert out[:5].min() == 255 and out[5:].max() == 0
+
+
+def test_resize_keeps_aspect_by_center_crop():
+    img = Image.new("L", (40, 20))
+    img.paste(255, (10, 0, 30, 20))  # a bright square in the middle
+    out = np.asarray(resize_square(img, 10))
+    assert out.shape == (10, 10) and out.min() > 200  # the crop is the bright middle
+
+
+def test_pixel_arrays_are_accepted(digit):
+    from_uint8 = prepare_image(digit, cfg())
+    from_float = prepare_image(digit.astype(np.float32) / 255.0, cfg())
+    from_hwc = prepare_image(np.repeat(digit[:, :, None], 3, axis=2), cfg())
+    assert np.abs(from_uint8.astype(int) - from_float.astype(int)).max() <= 1
+    assert np.abs(from_uint8.astype(int) - from_hwc.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"not an image at all", "not a readable image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not a readable image"),
+        (np.zeros((4, 4, 2)), "pixel array must be"),
+        (np.full((4, 4), np.nan), "finite"),
+        (np.full((4, 4), 300.0), "[0, 255]"),
+    ],
+)
+def test_bad_inputs_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        prepare_image(data, cfg())
+
+
+def test_truncated_png_is_refused(digit):
+    data = encode(Image.fromarray(digit).resize((64, 64)))
+    with pytest.raises(ImageError):
+        prepare_image(data[: len(data) // 2], cfg())
+
+
+def test_pixel_limit_refuses_before_decoding():
+    big = encode(Image.new("L", (300, 300)))
+    with pytest.raises(ImageError, match="more than the limit of 10000"):
+        prepare_image(big, cfg(max_image_pixels=10_000))
+
+
+def test_normalization_and_layout():
+    data_cfg = cfg(color_mode="RGB", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    images = np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)])
+    x = to_model_input(images, data_cfg)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == np.float32
+    assert np.allclose(x[0], -1.0) and np.allclose(x[1], 1.0)
+    mean, std = normalization(cfg())
+    assert mean.shape == (1,) and std.shape == (1,)
+
+
+def test_augmentation_changes_pixels_but_not_shape_or_range(digit):
+    images = np.stack([prepare_image(digit, cfg())] * 8)
+    plain = to_model_input(images, cfg())
+    augmented = to_model_input(images, cfg(), augment=True, rng=np.random.default_rng(0))
+    assert augmented.shape == plain.shape
+    assert not np.allclose(augmented, plain)
+    lo, hi = to_model_input(np.stack([np.zeros_like(images[0]), np.full_like(images[0], 255)]), cfg())
+    assert augmented.min() >= lo.min() - 1e-5 and augmented.max() <= hi.max() + 1e-5
+
+
+def test_serving_preprocessing_equals_training_path(digit):
+    """Bytes in a request give exactly the tensor the training pipeline made from the same file."""
+    data_cfg = cfg()
+    png = encode(Image.fromarray(digit))
+    served = preprocess_for_model([png, digit], data_cfg)
+    trained = to_model_input(np.stack([prepare_image(png, data_cfg)]), data_cfg)
+    assert np.array_equal(served[0], trained[0])
+    assert np.array_equal(served[1], trained[0])

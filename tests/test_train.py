@@ -1,0 +1,135 @@
+"""Real Ray Train runs: 2 DDP workers on real digits, worker failure, continuation (ray tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rayfine.checkpoints import INFERENCE_FILES, load_checkpoint
+from rayfine.config import load_config
+from rayfine.data import build_datasets
+from rayfine.errors import TrainingError
+from rayfine.evaluate import predict_dataset
+from rayfine.train import METRIC_KEYS, fit, train_loop_per_worker
+
+pytestmark = pytest.mark.ray
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(tmp_path, name, *extra):
+    return load_config("resnet18_digits_tiny", [f"name={name}", f"storage.runs_dir={tmp_path}", *extra])
+
+
+def epochs_logged(run_dir):
+    path = run_dir / "train" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+
+
+def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path):
+    cfg = tiny(tmp_path, "learns", "train.epochs=3")
+    summary = fit(cfg, log=lambda *_: None)
+    run = tmp_path / "learns"
+
+    lines = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert all(set(METRIC_KEYS) == set(m) for m in lines)
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    # 10 classes: chance is 0.1; the real digits are learnt.
+    assert max(m["val_accuracy"] for m in lines) > 0.6
+
+    ckpt_dir = run / "train" / "checkpoint"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(INFERENCE_FILES)
+    assert (run / "config.yaml").read_text() == cfg.to_yaml()
+    report = json.loads((run / "train" / "eval.json").read_text())
+    assert {"split", "accuracy", "macro_f1", "loss", "num_samples", "per_class"} <= set(report)
+    assert report["split"] == "test" and report["accuracy"] > 0.6
+    assert set(report["per_class"]) == {str(d) for d in range(10)}
+    assert sum(c["support"] for c in report["per_class"].values()) == report["num_samples"]
+    assert "precision" in (run / "train" / "classification_report.txt").read_text()
+    assert (run / "train" / "confusion_matrix.png").read_bytes()[:8] == PNG_MAGIC
+
+    # The exported checkpoint alone reproduces the reported test accuracy.
+    datasets, _ = build_datasets(cfg, log=lambda *_: None)
+    ckpt = load_checkpoint(ckpt_dir)
+    y, probs = predict_dataset(ckpt, datasets["test"])
+    assert len(y) == report["num_samples"]
+    assert (probs.argmax(1) == y).mean() == pytest.approx(report["accuracy"])
+    best = max(lines, key=lambda m: m["val_accuracy"])
+    assert ckpt.metrics["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert summary["eval"]["accuracy"] == report["accuracy"]
+
+
+def _kill_one_worker_after(run_dir, epoch, killed: list):
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 300
+    while time.time() < deadline and epoch not in epochs_logged(run_dir):
+        time.sleep(0.2)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(workers[0].pid)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, tmp_path):
+    cfg = tiny(tmp_path, "killed", "train.epochs=4", "train.max_failures=2")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_one_worker_after, args=(tmp_path / "killed", 1, killed))
+    killer.start()
+    summary = fit(cfg, log=lambda *_: None)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    # Every epoch finished exactly once: the ones after the kill restarted from a checkpoint,
+    # not from scratch (which would log epoch 1 again).
+    assert epochs_logged(tmp_path / "killed") == [1, 2, 3, 4]
+    assert summary["eval"]["accuracy"] > 0.5
+
+
+def _fails_once_after_epoch_1(config):
+    """The real loop, with ray.train.report patched to fail right after epoch 1 is reported."""
+    import ray.train
+
+    real_report = ray.train.report
+
+    def report(metrics, checkpoint=None, **kw):
+        real_report(metrics, checkpoint=checkpoint, **kw)
+        if metrics["epoch"] == 1:
+            raise RuntimeError("injected failure after epoch 1")
+
+    ray.train.report = report
+    try:
+        train_loop_per_worker(config)
+    finally:
+        ray.train.report = real_report
+
+
+def test_failed_run_continues_when_run_again(ray_local, tmp_path):
+    import sys
+
+    from ray import cloudpickle
+
+    # Ship this module's failing loop to the workers by value (they cannot import test files).
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = tiny(tmp_path, "again", "train.epochs=3", "train.max_failures=0")
+    datasets, info = build_datasets(cfg, log=lambda *_: None)
+    with pytest.raises(TrainingError, match="injected failure after epoch 1"):
+        fit(cfg, datasets=datasets, info=info, train_loop=_fails_once_after_epoch_1, log=lambda *_: None)
+    assert epochs_logged(tmp_path / "again") == [1]
+
+    messages: list[str] = []
+    fit(cfg, datasets=datasets, info=info, log=messages.append)
+    assert epochs_logged(tmp_path / "again") == [1, 2, 3]
+    assert any("continuing" in m and "after 1 finished epoch" in m for m in messages)
+
+    # A different experiment under the same name is refused rather than mixed in.
+    with pytest.raises(Exception, match="changed: train.lr"):
+        fit(cfg.with_overrides(["train.lr=0.1"]), datasets=datasets, info=info, log=lambda *_: None)
+    assert np.isfinite(json.loads((tmp_path / "again" / "train" / "eval.json").read_text())["loss"])
