@@ -10,7 +10,7 @@ import torch
 from rayfine import checkpoints
 from rayfine.config import load_config
 from rayfine.errors import CheckpointError
-from rayfine.models import model_for_config
+from rayfine.models import build_model
 from rayfine.train import make_optimizer, make_scheduler
 
 LABELS = [str(i) for i in range(10)]
@@ -24,8 +24,8 @@ def cfg():
 @pytest.fixture
 def saved(tmp_path, cfg):
     torch.manual_seed(0)
-    model = model_for_config(cfg, len(LABELS))
-    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", model.state_dict(), cfg, LABELS, {"epoch": 3, "val_accuracy": 0.5})
+    model = build_model(cfg, LABELS)
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", model, cfg, LABELS, {"epoch": 3, "val_accuracy": 0.5})
     return model.eval(), directory
 
 
@@ -35,18 +35,18 @@ def test_round_trip_gives_the_same_predictions(saved, cfg):
     assert loaded.cfg == cfg and loaded.labels == LABELS and loaded.metrics["epoch"] == 3
     x = torch.randn(4, 1, cfg.data.image_size, cfg.data.image_size)
     with torch.inference_mode():
-        expected = torch.softmax(model(x=x), dim=-1)
-    assert torch.allclose(loaded.predict_proba({"x": x}), expected, atol=1e-6)
+        expected = torch.softmax(model(pixel_values=x), dim=-1)
+    assert torch.allclose(loaded.predict_proba({"pixel_values": x}), expected, atol=1e-6)
     assert sorted(p.name for p in directory.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
 
 
 def test_train_state_round_trip(tmp_path, cfg):
     torch.manual_seed(0)
-    model = model_for_config(cfg, 10)
+    model = build_model(cfg, LABELS)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps=20)
     for _ in range(3):
-        model(x=torch.randn(8, 1, 8, 8)).sum().backward()
+        model(pixel_values=torch.randn(8, 1, 8, 8)).sum().backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -92,8 +92,8 @@ def test_pickle_posing_as_checkpoint_is_refused_without_running_it(saved, tmp_pa
 
 def test_weights_of_another_model_are_refused(saved, cfg, tmp_path):
     _, directory = saved
-    other = model_for_config(cfg, 3)  # a 3-way head does not fit 10 labels
-    checkpoints.save_checkpoint(tmp_path / "other", other.state_dict(), cfg, LABELS, {})
+    other = build_model(cfg, ["a", "b", "c"])  # a 3-way head does not fit 10 labels
+    checkpoints.save_checkpoint(tmp_path / "other", other, cfg, LABELS, {})
     with pytest.raises(CheckpointError, match="does not fit"):
         checkpoints.load_checkpoint(tmp_path / "other")
 

@@ -60,7 +60,7 @@ def folder_cfg(source, *extra):
 
 def rows(ds):
     batch = ds.take_batch(1000, batch_format="numpy")
-    return batch["x"], batch["y"]
+    return batch["pixel_values"], batch["y"]
 
 
 def test_image_folder_reads_every_file_with_labels_from_folders(ray_local, image_folder):

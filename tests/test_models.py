@@ -6,36 +6,72 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rayfine.config import ModelConfig
-from rayfine.models import build_model
+from rayfine.config import load_config
+from rayfine.errors import RayfineError
+from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
+
+LABELS = [str(d) for d in range(7)]
+
+
+def image_cfg(*overrides):
+    return load_config("resnet18_digits", ["data.image_size=8", *overrides])
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 def test_resnets_take_small_grayscale_images(name):
-    model = build_model(ModelConfig(name=name), num_labels=7, in_channels=1, image_size=8).eval()
+    model = build_model(image_cfg(f"model.name={name}"), LABELS).eval()
     with torch.inference_mode():
-        assert model(x=torch.randn(2, 1, 8, 8)).shape == (2, 7)
+        assert model(pixel_values=torch.randn(2, 1, 8, 8)).shape == (2, 7)
 
 
 def test_stem_choice():
-    small = build_model(ModelConfig(), 10, in_channels=3, image_size=32)
-    large = build_model(ModelConfig(), 10, in_channels=3, image_size=224)
+    small = build_model(image_cfg("data.image_size=32", "data.color_mode=RGB"), LABELS)
+    large = build_model(image_cfg("data.image_size=224", "data.color_mode=RGB"), LABELS)
     assert small.net.conv1.stride == (1, 1) and isinstance(small.net.maxpool, torch.nn.Identity)
     assert large.net.conv1.stride == (2, 2) and isinstance(large.net.maxpool, torch.nn.MaxPool2d)
-    forced = build_model(ModelConfig(stem="imagenet"), 10, in_channels=1, image_size=32)
+    forced = build_model(image_cfg("data.image_size=32", "model.stem=imagenet"), LABELS)
     assert forced.net.conv1.in_channels == 1 and forced.net.conv1.stride == (2, 2)
 
 
 def test_weights_from_a_safetensors_file_load_where_shapes_match(tmp_path):
-    donor = build_model(ModelConfig(stem="imagenet"), 1000, in_channels=3, image_size=224)
+    donor = build_model(image_cfg("data.image_size=224", "data.color_mode=RGB"), [str(i) for i in range(1000)])
     save_file({k: v.contiguous() for k, v in donor.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    model = build_model(ModelConfig(weights=str(tmp_path / "w.safetensors")), 10, in_channels=1, image_size=16)
-    # The body comes from the file; the (changed) stem and the new head do not.
+    model = build_model(image_cfg("data.image_size=16", f"model.weights={tmp_path / 'w.safetensors'}"), LABELS)
+    # The body comes from the file; the (changed) stem and the new head do not...
     assert torch.equal(model.net.layer1[0].conv1.weight, donor.net.layer1[0].conv1.weight)
-    assert model.net.fc.out_features == 10
+    assert model.net.fc.out_features == 7
+    # ...and they are what counts as new (head_lr, freeze_epochs).
+    new = getattr(model, NEW_PARAMS_ATTR)
+    assert new == {"net.fc.weight", "net.fc.bias", "net.conv1.weight"}
 
 
 def test_weights_file_that_fits_nothing_is_an_error(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
-    with pytest.raises(ValueError, match="no tensor"):
-        build_model(ModelConfig(weights=str(tmp_path / "w.safetensors")), 10, in_channels=1, image_size=16)
+    with pytest.raises(RayfineError, match="no tensor"):
+        build_model(image_cfg(f"model.weights={tmp_path / 'w.safetensors'}"), LABELS)
+
+
+def test_minilm_text_classifier_loads_offline_with_a_new_head():
+    cfg = load_config("minilm_rotten_tomatoes_tiny")
+    model = build_model(cfg, ["negative", "positive"]).eval()
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert getattr(model, NEW_PARAMS_ATTR) == {"classifier.weight", "classifier.bias"}
+    ids = torch.tensor([[101, 2307, 2143, 102]])
+    with torch.inference_mode():
+        assert logits_of(model(input_ids=ids, attention_mask=torch.ones_like(ids))).shape == (1, 2)
+
+
+def test_hugging_face_image_classifier_from_a_config():
+    cfg = load_config("resnet18_digits", [
+        "model.name=resnet", "model.pretrained=false", "data.image_size=16",
+        "model.config_overrides={embedding_size: 16, hidden_sizes: [16, 32], depths: [1, 1]}",
+    ])
+    model = build_model(cfg, LABELS)
+    assert type(model).__name__ == "ResNetForImageClassification"
+    assert logits_of(model(pixel_values=torch.randn(2, 1, 16, 16))).shape == (2, 7)
+
+
+def test_unknown_hub_model_offline_is_a_clear_error():
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["model.name=nobody/no-such-model"])
+    with pytest.raises(RayfineError, match="model.name: cannot load 'nobody/no-such-model'"):
+        build_model(cfg, ["a", "b"])

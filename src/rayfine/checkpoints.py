@@ -4,7 +4,10 @@
     config.yaml           the resolved experiment config
     labels.json           label names in id order
     metrics.json          the epoch's metrics (and data facts)
-  and, in the per-epoch checkpoints Ray Train keeps for resuming:
+  Hugging Face models add their config.json and, for texts, the tokenizer files: the directory
+  is then also a standard Hugging Face model directory (``from_pretrained`` loads it), and a
+  checkpoint alone serves with no network.
+  And, in the per-epoch checkpoints Ray Train keeps for resuming:
     optimizer.safetensors optimizer tensors, flattened
     train_state.json      epoch, optimizer param groups, scheduler state
 
@@ -47,14 +50,23 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     directory: str | Path,
-    model_state: dict[str, torch.Tensor],
+    model: torch.nn.Module,
     cfg: Config,
     labels: list[str],
     metrics: dict[str, Any],
+    tokenizer=None,
 ) -> Path:
+    """Write the checkpoint files; a Hugging Face model adds its config.json (and the tokenizer
+    files), which makes the directory loadable by ``AutoModelFor*.from_pretrained`` as well."""
+    from rayfine.models import is_hugging_face
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(model_state), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    save_file(_tensors(model.state_dict()), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    if is_hugging_face(model):
+        model.config.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())
     (directory / LABELS_FILE).write_text(json.dumps(labels, indent=1))
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float))
@@ -137,12 +149,14 @@ class LoadedCheckpoint:
 
     @torch.inference_mode()
     def predict_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(self.model(**inputs).float(), dim=-1)
+        from rayfine.models import logits_of
+
+        return torch.softmax(logits_of(self.model(**inputs)).float(), dim=-1)
 
 
 def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> LoadedCheckpoint:
     """Rebuild the model from the checkpoint alone and load its safetensors weights."""
-    from rayfine.models import model_for_config
+    from rayfine.models import model_from_checkpoint
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -153,7 +167,7 @@ def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> Load
         raise CheckpointError(f"{directory / LABELS_FILE}: expected a list of label names")
     metrics = read_json(directory / METRICS_FILE, "metrics") if (directory / METRICS_FILE).is_file() else {}
     state = _safe_load(directory / MODEL_FILE)
-    model = model_for_config(cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), len(labels))
+    model = model_from_checkpoint(directory, cfg, labels)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

