@@ -79,8 +79,17 @@ def test_bad_choice_lists_the_allowed_values():
 
 
 def test_bad_model_name_lists_models():
-    (err,) = _errors(["model.name=vgg16"])
-    assert err.startswith("model.name:") and "resnet18" in err and "resnet50" in err
+    (err,) = _errors(["model.name=my model!"])
+    assert err.startswith("model.name:") and "resnet18" in err and "minilm" in err and "hub id" in err
+
+
+def test_model_must_fit_the_data_kind():
+    (err,) = _errors(["data.kind=text", "data.source=builtin:rotten_tomatoes"])
+    assert "resnet18 is an image model" in err
+    (err,) = _errors(["model.name=minilm"])
+    assert "minilm is a text model" in err
+    (err,) = _errors(["model.pretrained=false"])
+    assert "Hugging Face models only" in err
 
 
 def test_every_error_is_reported_at_once():

@@ -1,0 +1,140 @@
+"""Search spaces of the ``tune`` section: parsing ``{distribution: args}`` and checking that every
+trial a search can start is a valid config.
+
+``check_search(cfg)`` runs where a search is about to start (`rayfine tune`, `rayfine run`,
+``run_search``), not on every config load: a config trained with `rayfine train --set
+train.epochs=1` (or a checkpoint's config) stays loadable whatever its tune section says.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rayfine.config.sections import Config
+
+SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+# A trial may vary what it trains; the datasets, the resource plan and the run directory are
+# shared by every trial (tune.trial_overrides sets those for all trials at once).
+SEARCHABLE_PREFIXES = ("train.", "model.")
+
+
+def _sci_float(value: Any) -> Any:
+    # YAML 1.1 reads 1e-4 as a string; users mean a number.
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
+def _as_number(value: Any) -> Any:
+    value = _sci_float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a number")
+    return value
+
+
+def parse_search_spec(spec: Any) -> tuple[str, list]:
+    """``{distribution: args}`` -> (distribution, args), checked; ValueError says what is allowed."""
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        raise ValueError(f"expected one {{distribution: args}} mapping such as {{loguniform: [1.0e-4, 1.0e-2]}}, got {spec!r}; "
+                         f"distributions: {', '.join(SEARCH_DISTRIBUTIONS)}")
+    kind, args = next(iter(spec.items()))
+    if kind not in SEARCH_DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {kind!r}; allowed: {', '.join(SEARCH_DISTRIBUTIONS)}")
+    if kind in ("choice", "grid"):
+        if not isinstance(args, (list, tuple)) or not args:
+            raise ValueError(f"{kind} needs a non-empty list of values, got {args!r}")
+        return kind, [_sci_float(a) for a in args]
+    if not (isinstance(args, (list, tuple)) and len(args) == 2):
+        raise ValueError(f"{kind} needs [low, high], got {args!r}")
+    low, high = (_as_number(a) for a in args)
+    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"randint needs integer bounds, got {list(args)}")
+    if kind == "randint":
+        low, high = int(low), int(high)
+    if low >= high:
+        raise ValueError(f"{kind} needs low < high, got {list(args)}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"loguniform needs 0 < low, got {list(args)}")
+    return kind, [low, high]
+
+
+def search_points(kind: str, args: list) -> list:
+    """Values standing for everything a distribution can sample: its ends and an inner point
+    (which catches a float range on an integer field)."""
+    if kind in ("choice", "grid"):
+        return list(args)
+    low, high = args
+    if kind == "randint":
+        return sorted({low, high - 1})
+    inner = low * (high / low) ** 0.37 if kind == "loguniform" else low + 0.37 * (high - low)
+    return [low, inner, high]
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    from rayfine.config.loading import _deep_copy
+
+    raw = _deep_copy(raw)
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return raw
+
+
+def check_search(cfg: "Config") -> list[str]:
+    """The tune section against the rest of the config: every trial it can start is a valid config.
+    Returns the problems, one readable line each (empty: the search can run)."""
+    from pydantic import ValidationError
+
+    from rayfine.config.loading import ConfigError, _describe, _deep_copy, apply_overrides
+    from rayfine.config.sections import Config
+
+    t, errors = cfg.tune, []
+    natural = "min" if t.metric.endswith("loss") else "max"
+    if t.mode is not None and t.mode != natural:
+        errors.append(f"tune.mode: {t.mode} with tune.metric {t.metric}, which is best at its {natural}; "
+                      f"set tune.mode={natural} or leave it unset")
+    for item in t.trial_overrides:
+        key = item.partition("=")[0].strip()
+        if key in ("name", "storage", "tune") or key.startswith(("storage.", "tune.")):
+            errors.append(f"tune.trial_overrides: {key} is shared by the search and its trials; set it outside tune")
+    try:
+        raw = apply_overrides(cfg.to_dict(), list(t.trial_overrides))
+        trial = Config.model_validate(raw)
+    except ConfigError as e:
+        return errors + [f"tune.trial_overrides: {x}" for x in e.errors]
+    except ValidationError as e:
+        return errors + [f"tune.trial_overrides make an invalid trial config: {_describe(x)}" for x in e.errors()]
+    if t.scheduler == "asha" and t.grace_period >= trial.train.epochs:
+        errors.append(f"tune.grace_period: {t.grace_period} leaves ASHA nothing to stop: it must be below the trials' "
+                      f"train.epochs ({trial.train.epochs}), ASHA's max_t; lower it or use tune.scheduler=fifo")
+    for key, spec in t.search_space.items():
+        where = f"tune.search_space.{key}"
+        if key == "train.epochs" or not (key == "seed" or key.startswith(SEARCHABLE_PREFIXES)):
+            errors.append(f"{where}: cannot vary between trials; searchable: train.* (except train.epochs, ASHA's max_t), "
+                          "model.*, seed (settings for all trials go in tune.trial_overrides)")
+            continue
+        try:
+            kind, args = parse_search_spec(spec)
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        if kind == "grid" and t.searcher == "optuna":
+            errors.append(f"{where}: grid needs tune.searcher=random (Optuna samples); use choice with optuna")
+        for value in search_points(kind, args):
+            try:
+                Config.model_validate(_set_dotted(raw, key, value))
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                problems = [_describe(x) for x in e.errors()] if isinstance(e, ValidationError) else [str(e)]
+                hint = "; uniform/loguniform sample floats, use randint or choice" if kind.endswith("uniform") else ""
+                errors.extend(f"{where}: the value {value!r} makes an invalid trial config: {p}"
+                              + (hint if "integer" in p else "") for p in problems)
+                break
+    return errors

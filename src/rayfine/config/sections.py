@@ -1,0 +1,452 @@
+"""The config tree: one frozen pydantic model per section, every field documented where declared.
+
+Unknown keys are errors (extra="forbid"); cross-field checks live on the section they concern.
+Loading, overrides and readable errors are in ``rayfine.config.loading``; the checks that a
+search space makes valid trials, in ``rayfine.config.search``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rayfine.config.search import SEARCH_DISTRIBUTIONS, parse_search_spec
+
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
+HF_MODEL_PRESETS = ("minilm",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they become model inputs."""
+
+    kind: Literal["image", "text"] = Field("image", description="What the examples are: images or texts.")
+    source: str = Field(
+        description="Images: builtin:digits | builtin:mnist5k | a folder of class subfolders of images "
+        "(local or s3://) | a parquet file or folder with an image-bytes column and a label column. "
+        "Texts: builtin:rotten_tomatoes | CSV, JSONL or parquet files or folders (local or s3://)."
+    )
+    format: Literal["auto", "image_folder", "parquet", "csv", "jsonl"] = Field(
+        "auto", description="How to read a non-builtin source; auto: by file extension."
+    )
+    image_column: str = Field(
+        "image", description="Parquet: column of encoded image bytes (or a {bytes, path} struct, "
+        "as Hugging Face datasets write it)."
+    )
+    label_column: str = Field("label", description="Parquet, CSV, JSONL: column holding the label.")
+    text_column: str = Field("text", description="Texts: column holding the text.")
+    text_pair_column: Optional[str] = Field(
+        None, description="Texts: a second text column for sentence-pair tasks (tokenized as a pair)."
+    )
+    max_length: int = Field(128, ge=2, le=8192, description="Texts: tokens per example after truncation.")
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="Texts: pad each batch to its longest example, or always to max_length."
+    )
+    labels: Optional[tuple[str, ...]] = Field(
+        None,
+        description="The label names in id order. Unset: every label found in the data, sorted "
+        "(numerically when all are integers). Set: a row with any other label is a bad row.",
+    )
+    image_size: int = Field(32, ge=4, le=1024, description="Images are resized to this square size.")
+    color_mode: Literal["L", "RGB"] = Field(
+        "RGB", description="L (1 channel) or RGB (3). Transparent images are composited on black."
+    )
+    mean: Optional[tuple[float, ...]] = Field(
+        None, description="Per-channel normalization mean; unset: ImageNet's (its average for L)."
+    )
+    std: Optional[tuple[float, ...]] = Field(None, description="Per-channel std; unset: ImageNet's.")
+    augment: bool = Field(False, description="Train-time random shifts and brightness/contrast jitter.")
+    hflip: bool = Field(False, description="With augment: random horizontal flips (not for digits).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of examples in the val split.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of examples in the test split.")
+    split_seed: int = Field(
+        0, description="Seed of the content hash that assigns each example to a split; kept apart "
+        "from `seed` so that changing the training seed never changes the test set."
+    )
+    subsample: float = Field(
+        1.0, gt=0, le=1, description="Keep this share of the examples (seeded, by content hash)."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="Unreadable images or unknown labels: stop with a report (error) or "
+        "leave them out and report their count and examples (skip)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Images with more pixels are bad rows (decompression bombs)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        channels = 1 if self.color_mode == "L" else 3
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if value is not None and len(value) != channels:
+                raise ValueError(
+                    f"{field} needs {channels} value(s) for color_mode {self.color_mode}, got {list(value)}"
+                )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {list(self.labels)}")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+
+class ModelConfig(_Section):
+    """Which network to fine-tune."""
+
+    name: str = Field(
+        "resnet18",
+        description="torchvision: " + ", ".join(TORCHVISION_MODELS) + " (images). Hugging Face: "
+        "minilm (all-MiniLM-L6-v2, offline), a hub id or a local model directory "
+        "(AutoModelForSequenceClassification for texts, AutoModelForImageClassification for images).",
+    )
+    weights: Optional[str] = Field(
+        None,
+        description="torchvision only: start from these weights, a torchvision weights name (e.g. "
+        "IMAGENET1K_V1, from the local torch hub cache) or a path to a .safetensors file. Unset: random init.",
+    )
+    pretrained: bool = Field(
+        True, description="Hugging Face only: load pretrained weights; false builds the model from its "
+        "config with random weights (name may then be a transformers model type, e.g. resnet)."
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Hugging Face only: model config fields to set, e.g. "
+        "{hidden_dropout_prob: 0.2} or, with pretrained false, the size of a small model."
+    )
+    stem: Literal["auto", "imagenet", "small"] = Field(
+        "auto",
+        description="ResNet input stem. imagenet: 7x7 stride-2 conv + max-pool (for >= 64 px). "
+        "small: 3x3 stride-1 conv, no pool, the CIFAR-style stem that keeps 8-32 px images from "
+        "shrinking to nothing. auto: small below 64 px.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name in TORCHVISION_MODELS or name in HF_MODEL_PRESETS or "/" in name or re.fullmatch(r"[\w.-]+", name):
+            return name
+        raise ValueError(
+            f"unknown model {name!r}; allowed: {', '.join(TORCHVISION_MODELS + HF_MODEL_PRESETS)}, "
+            "a Hugging Face hub id (org/name) or a local model directory"
+        )
+
+    @property
+    def is_torchvision(self) -> bool:
+        return self.name in TORCHVISION_MODELS
+
+
+class TrainConfig(_Section):
+    """The optimisation, per DDP worker."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate (after warmup).")
+    batch_size: int = Field(64, ge=1, description="Examples per step on each worker.")
+    eval_batch_size: int = Field(256, ge=1, description="Examples per step when evaluating.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW or SGD with momentum.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="After linear warmup: cosine decay to zero, or constant."
+    )
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast.")
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint; -1: unlimited."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Best N epoch checkpoints kept (plus the latest).")
+    metric: Literal["val_accuracy", "val_macro_f1", "val_loss"] = Field(
+        "val_accuracy", description="Picks the best epoch; val_loss is minimised, the others maximised."
+    )
+    shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Union[Literal["balanced"], dict[str, float], None] = Field(
+        None, description="Weigh the training loss per class: balanced (inverse class frequency in the "
+        "train split) or {label: weight}. Unset: equal weights."
+    )
+    freeze_epochs: int = Field(
+        0, ge=-1, description="Train only the new head (parameters not loaded from pretrained weights) "
+        "for this many epochs, then everything; -1: the whole run (a linear probe)."
+    )
+    head_lr: Optional[float] = Field(
+        None, gt=0, le=10, description="Learning rate of the new head; unset: train.lr."
+    )
+
+    @property
+    def metric_mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+
+class ScalingConfig(_Section):
+    """How many DDP workers and what each one holds."""
+
+    num_workers: int = Field(2, ge=1, description="DDP training workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker and the NCCL backend; else CPU and gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker.")
+    data_cpus: float = Field(
+        0.5, gt=0, description="CPUs left free for Ray Data while training (preprocessing tasks)."
+    )
+
+
+class StorageConfig(_Section):
+    """Where runs are written."""
+
+    runs_dir: str = Field("runs", description="Run directories go to <runs_dir>/<name>/.")
+    storage_path: Optional[str] = Field(
+        None,
+        description="Ray Train/Tune persistent storage (shared filesystem path or s3://), needed "
+        "on multi-node clusters. Unset: <runs_dir>/<name>/ray.",
+    )
+
+
+class MLflowConfig(_Section):
+    """An MLflow tracking server or store: one run per training run, one parent run per search
+    with a nested child run per trial."""
+
+    tracking_uri: str = Field(
+        description="e.g. sqlite:///runs/mlflow.db (a local store) or http://mlflow.internal:5000."
+    )
+    experiment: Optional[str] = Field(None, description="MLflow experiment name; unset: the config's name.")
+    artifact_location: Optional[str] = Field(
+        None, description="Where a new experiment stores artifacts; unset: beside a sqlite store "
+        "(<its folder>/mlartifacts), else the server's default."
+    )
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking beyond the run directory."""
+
+    mlflow: Optional[MLflowConfig] = Field(None, description="Log to MLflow; unset: off.")
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files: <run>/train/tensorboard, <run>/tune/tensorboard/<trial>."
+    )
+
+
+class TuneConfig(_Section):
+    """The hyperparameter search of `rayfine tune`: every trial is a full training run."""
+
+    search_space: dict[str, Any] = Field(
+        {},
+        description="Dotted config field -> {distribution: args}: uniform/loguniform: [low, high], "
+        "randint: [low, high) (integers), choice/grid: [values] (grid: every value, num_samples times). "
+        "Searchable: train.* (not train.epochs), model.*, seed. E.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.",
+    )
+    trial_overrides: tuple[str, ...] = Field(
+        (),
+        description="Dotted overrides applied to every trial before its sampled values, e.g. "
+        "[train.epochs=8, scaling.num_workers=1]: smaller, shorter runs so several trials fit at once.",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials to run (with grid values: repeats of the whole grid).")
+    metric: Literal["val_accuracy", "val_macro_f1", "val_loss", "train_loss"] = Field(
+        "val_accuracy", description="The per-epoch metric that ranks trials and that ASHA compares."
+    )
+    mode: Optional[Literal["max", "min"]] = Field(
+        None, description="Maximise or minimise tune.metric; unset: min for the losses, max otherwise."
+    )
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="asha: stop weak trials early (max_t = the trials' train.epochs); fifo: run every trial to the end."
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
+    reduction_factor: float = Field(
+        2, gt=1, description="ASHA: a trial continues past a rung only when in the top 1/reduction_factor there."
+    )
+    searcher: Literal["random", "optuna"] = Field(
+        "random", description="random: independent samples (and grids); optuna: Optuna's TPE, which learns from finished trials."
+    )
+    max_concurrent_trials: Optional[int] = Field(
+        None, ge=1, description="Trials running at once; unset or too many: as many as the cluster fits."
+    )
+    time_budget_s: Optional[float] = Field(
+        None, gt=0, description="Stop the whole search after this many seconds (running trials end early)."
+    )
+    seed: int = Field(0, description="Seeds the sampling of trials (random and Optuna).")
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _flatten(cls, space: Any) -> Any:
+        # `--set tune.search_space.train.lr={...}` nests by dots; YAML keys are already dotted.
+        # A null removes a key, so an override can drop a preset's dimension.
+        if not isinstance(space, dict):
+            return space
+        flat: dict[str, Any] = {}
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                key = f"{prefix}{key}"
+                # {loguniform: [...]} is a leaf (as is a misspelt {logunifrom: [...]}); {lr: ...} nests.
+                is_spec = isinstance(value, dict) and len(value) == 1 and any(
+                    k in SEARCH_DISTRIBUTIONS or isinstance(v, (list, tuple)) for k, v in value.items())
+                if isinstance(value, dict) and value and not is_spec:
+                    walk(value, key + ".")
+                elif value is None:
+                    for k in [k for k in flat if k == key or k.startswith(key + ".")]:
+                        del flat[k]
+                else:
+                    try:
+                        kind, args = parse_search_spec(value)
+                        flat[key] = {kind: args}
+                    except ValueError:
+                        flat[key] = value  # reported, with its key, by check_search
+        walk(space, "")
+        return flat
+
+    @property
+    def metric_mode(self) -> str:
+        return self.mode or ("min" if self.metric.endswith("loss") else "max")
+
+
+# The encoded image formats serving may accept (rayfine.data.images.ACCEPTED_FORMATS decodes them).
+SERVE_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")
+
+
+class ServeConfig(_Section):
+    """How `rayfine serve` deploys a checkpoint on Ray Serve; read from the served checkpoint's
+    config (plus `--set serve.*`). A hot swap changes the model only, never these settings."""
+
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address the Serve HTTP proxy binds when Serve starts. Loopback by "
+        "default; any other address exposes the API to the network: set an API key (api_key_env / api_key_file)."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy when Serve starts.")
+    route_prefix: str = Field(
+        "/", description="URL prefix of the app (/ or e.g. /digits): several apps share one Serve proxy by prefix.",
+    )
+    num_replicas: int = Field(1, ge=1, description="Fixed number of replicas (when autoscaling is false).")
+    autoscaling: bool = Field(
+        False, description="Scale replicas between min_replicas and max_replicas on ongoing requests per replica."
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling: most replicas.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Autoscaling: ongoing requests per replica to aim for (batching wants several)."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Dynamic batching (@serve.batch): most items in one forward pass."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="Dynamic batching: longest wait for a batch to fill after its first request."
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests a replica works on at once; at least max_batch_size, or batches never fill."
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting for a replica beyond that; more are refused with 503 (-1: no limit)."
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are parsed."
+    )
+    max_items: int = Field(16, ge=1, description="Most inputs in one request (at most max_batch_size).")
+    max_image_pixels: int = Field(
+        4_000_000, ge=1, description="Images with more pixels (width x height) are refused before decoding "
+        "(decompression bombs); data.max_image_pixels applies too."
+    )
+    image_formats: tuple[Literal[SERVE_IMAGE_FORMATS], ...] = Field(  # type: ignore[valid-type]
+        SERVE_IMAGE_FORMATS, min_length=1, description="Encoded image formats accepted (PIL format names)."
+    )
+    max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted, in characters.")
+    api_key_env: str = Field(
+        "RAYFINE_API_KEY", min_length=1, description="Environment variable (of the replicas' processes) holding "
+        "the API key; unset or empty there and no api_key_file: the API is open. The key is never in the config."
+    )
+    api_key_file: Optional[str] = Field(
+        None, description="A file (readable by the replicas) holding the API key; takes precedence over api_key_env."
+    )
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if not re.fullmatch(r"/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?", prefix):
+            raise ValueError("must be / or /name (letters, digits, '_', '.', '-'; no trailing slash)")
+        return prefix
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                             f"max_batch_size ({self.max_batch_size}), or batches never fill")
+        if self.max_items > self.max_batch_size:
+            raise ValueError(f"max_items ({self.max_items}) must be at most max_batch_size "
+                             f"({self.max_batch_size}): one request is answered by one forward pass")
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be at most max_replicas ({self.max_replicas})")
+        return self
+
+
+class Config(_Section):
+    """One experiment."""
+
+    name: str = Field(description="Experiment name: the run directory and the served model's name.")
+    seed: int = Field(0, description="Seeds model init, shuffling and augmentation.")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError(
+                "must be 1-100 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> "Config":
+        m, kind = self.model, self.data.kind
+        if m.is_torchvision and kind == "text":
+            raise ValueError(f"model.name {m.name} is an image model; data.kind text needs a Hugging Face "
+                             "text classifier (e.g. minilm or a hub id)")
+        if m.name in HF_MODEL_PRESETS and kind == "image":
+            raise ValueError(f"model.name {m.name} is a text model; data.kind image needs " + ", ".join(TORCHVISION_MODELS)
+                             + " or a Hugging Face image classifier")
+        if not m.is_torchvision and (m.weights or m.stem != "auto"):
+            raise ValueError("model.weights and model.stem apply to torchvision models only")
+        if m.is_torchvision and (m.config_overrides or not m.pretrained):
+            raise ValueError("model.pretrained and model.config_overrides apply to Hugging Face models only "
+                             "(torchvision models start from model.weights, or random without)")
+        if isinstance(self.train.class_weights, dict) and self.data.labels:
+            unknown = sorted(set(self.train.class_weights) - set(self.data.labels))
+            if unknown:
+                raise ValueError(f"train.class_weights names labels not in data.labels: {unknown}")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.storage.runs_dir).expanduser().resolve() / self.name
+
+    def resolved_storage_path(self) -> str:
+        if self.storage.storage_path:
+            sp = self.storage.storage_path
+            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+        return str(self.run_dir() / "ray")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        from rayfine.config.loading import apply_overrides, validate
+
+        return validate(apply_overrides(self.to_dict(), overrides))
