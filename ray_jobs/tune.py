@@ -1,0 +1,15 @@
+"""Ray Jobs entrypoint: the ASHA search of one config on the cluster this job runs in.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python ray_jobs/tune.py --config resnet18_digits --set tune.num_samples=8
+    rayfine submit resnet18_digits --job tune            # the same, with a deterministic submission id
+
+Parse -> load config -> one call -> exit code (0 ok, 1 failed, 2 bad config).
+"""
+
+import sys
+
+from rayfine.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("tune"))

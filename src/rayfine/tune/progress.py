@@ -1,0 +1,197 @@
+"""What `rayfine tune` shows while it runs: a live table of trials (redrawn in place on a
+terminal, one plain line per event otherwise) and the leaderboard at the end.
+
+Runs on the driver as a Ray Tune ``Callback``; Tune's own console reporter is turned off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from ray.tune import Callback
+
+SHOWN_METRICS = ("val_accuracy", "val_loss")
+
+
+def trial_status(status: str, last_epoch: Optional[int], epochs: int) -> str:
+    """Tune's trial status in words: an ended trial either completed its epochs or was stopped."""
+    if status == "TERMINATED":
+        return "completed" if last_epoch == epochs else "stopped"
+    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(status, status.lower())
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+class Board:
+    """The trials' table: one row per trial, from Tune's Trial objects."""
+
+    def __init__(self, keys: list[str], metric: str, mode: str, epochs: int):
+        self.keys, self.metric, self.mode, self.epochs = keys, metric, mode, epochs
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def update(self, trial) -> bool:
+        """Refresh one trial's row; True when something shown changed."""
+        last = trial.last_result or {}
+        row = self.rows.setdefault(trial.trial_id, {"best": None})
+        epoch = last.get("epoch")
+        value = last.get(self.metric)
+        if value is not None and (row["best"] is None or self._better(value, row["best"])):
+            row["best"] = value
+        new = {
+            "trial": trial.trial_id,
+            **{k: trial.config.get(k) for k in self.keys},
+            "status": trial_status(trial.status, epoch, self.epochs),
+            "epoch": epoch,
+            **{m: last.get(m) for m in SHOWN_METRICS},
+        }
+        changed = any(row.get(k) != v for k, v in new.items())
+        row.update(new)
+        return changed
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def table(self, rows: Optional[list[dict]] = None, rank: bool = False) -> str:
+        rows = list(self.rows.values()) if rows is None else rows
+        cols = (["#"] if rank else []) + ["trial", *self.keys, "status", "epoch", *SHOWN_METRICS, f"best {self.metric}"]
+        body = []
+        for i, r in enumerate(rows, 1):
+            epoch = f"{r['epoch']}/{self.epochs}" if r.get("epoch") is not None else "-"
+            cells = [r["trial"], *[_fmt(r.get(k)) for k in self.keys], r["status"], epoch,
+                     *[_fmt(r.get(m)) for m in SHOWN_METRICS], _fmt(r["best"])]
+            body.append(([str(i)] if rank else []) + cells)
+        widths = [max(len(c), *(len(line[j]) for line in body)) if body else len(c) for j, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
+        return "\n".join(lines)
+
+    def leaderboard(self) -> str:
+        sign = -1 if self.mode == "max" else 1
+        ranked = sorted(self.rows.values(), key=lambda r: (r["best"] is None, sign * (r["best"] or 0.0)))
+        return self.table(ranked, rank=True)
+
+
+class SearchProgress(Callback):
+    """Tune callback: the live table on a terminal, plain event lines when not a TTY."""
+
+    def __init__(self, keys: list[str], metric: str, mode: str, epochs: int, log: Callable[[str], None] = print,
+                 refresh_s: float = 1.0):
+        self.keys, self.metric, self.mode, self.epochs = keys, metric, mode, epochs
+        self.log, self.refresh_s = log, refresh_s
+        self._watch: Optional[_WriteWatch] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.board = Board(self.keys, self.metric, self.mode, self.epochs)
+        self._drawn_lines, self._drawn_at, self._dirty = 0, 0.0, False
+
+    def __reduce__(self):
+        # Tune pickles its callbacks with the experiment (tuner.pkl) and a resumed search gets
+        # them back from there: let that be the resuming driver's own SearchProgress.
+        return (_active_progress, ())
+
+    @property
+    def live(self) -> bool:
+        return self.log is print and sys.stdout.isatty()
+
+    def _values(self, trial) -> str:
+        return ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in self.keys)
+
+    def setup(self, **info) -> None:
+        self._reset()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.board.update(trial)
+        if not self.live:
+            self.log(f"[tune] {trial.trial_id} started ({self._values(trial)})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.board.update(trial)
+        if not self.live and "epoch" in result:
+            shown = "  ".join(f"{m} {result[m]:.4f}" for m in SHOWN_METRICS if m in result)
+            self.log(f"[tune] {trial.trial_id} epoch {result['epoch']}/{self.epochs}  {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.board.update(trial)
+        row = self.board.rows[trial.trial_id]
+        if not self.live:
+            # Tune marks the trial TERMINATED only after this call: tell by its epochs.
+            how = "completed" if row["epoch"] == self.epochs else f"stopped early after epoch {row['epoch']}/{self.epochs}"
+            self.log(f"[tune] {trial.trial_id} {how}; best {self.metric} {_fmt(row['best'])}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.board.update(trial)
+        if not self.live:
+            lines = [line for line in str(trial.get_error() or "").splitlines() if line.strip()]
+            why = f": {lines[-1].strip()}" if lines else ""
+            self.log(f"[tune] {trial.trial_id} failed{why} (details: {trial.error_file or trial.path})")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # Also picks up trials a resumed search restored as already finished.
+        for trial in trials:
+            self._dirty |= self.board.update(trial)
+        if self.live and self._dirty and time.monotonic() - self._drawn_at >= self.refresh_s:
+            self._draw()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for trial in trials:
+            self.board.update(trial)
+        if self.live:
+            self._draw()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["SearchProgress"]:
+        """While the search is created (or restored) and runs: this is the search's progress
+        callback, and on a terminal other writers are noticed (Ray forwards its workers' logs to
+        this console), so the table is redrawn in place only when nothing was printed below it."""
+        global _ACTIVE
+        _ACTIVE = self
+        out, err = sys.stdout, sys.stderr
+        if self.live:
+            self._watch = _WriteWatch(out)
+            sys.stdout, sys.stderr = self._watch, _WriteWatch(err, self._watch)
+        try:
+            yield self
+        finally:
+            sys.stdout, sys.stderr = out, err
+            self._watch, _ACTIVE = None, None
+
+    def _draw(self) -> None:
+        text = self.board.table()
+        stream = self._watch.stream if self._watch else sys.stdout
+        in_place = self._drawn_lines and not (self._watch and self._watch.foreign)
+        # Move up over the previous table and clear to the end of the screen, then redraw.
+        stream.write((f"\x1b[{self._drawn_lines}F\x1b[J" if in_place else "") + text + "\n")
+        stream.flush()
+        if self._watch:
+            self._watch.foreign = False
+        self._drawn_lines, self._drawn_at, self._dirty = text.count("\n") + 1, time.monotonic(), False
+
+
+_ACTIVE: Optional[SearchProgress] = None
+
+
+def _active_progress() -> SearchProgress:
+    """What an unpickled SearchProgress becomes (see ``SearchProgress.__reduce__``)."""
+    return _ACTIVE if _ACTIVE is not None else SearchProgress([], "val_accuracy", "max", epochs=1)
+
+
+class _WriteWatch:
+    """A console stream that remembers whether anyone wrote to it (or to its twin)."""
+
+    def __init__(self, stream, flag_holder: Optional["_WriteWatch"] = None):
+        self.stream, self._holder, self.foreign = stream, flag_holder, False
+
+    def write(self, text: str) -> int:
+        (self._holder or self).foreign = True
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

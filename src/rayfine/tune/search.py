@@ -1,0 +1,285 @@
+"""The search driver: plan, run (or resume) the Tune experiment, write tune/ in the run directory.
+
+    with ray_session():
+        summary = run_search(load_config("resnet18_digits_tiny"))
+
+Storage: the Tune experiment lives in <storage>/tune (its state, one folder per trial), and each
+trial's Ray Train run in <storage>/trials/trial_<id> (per-epoch checkpoints). <storage> is
+``storage.storage_path``, by default <runs>/<name>/ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from rayfine import checkpoints
+from rayfine.config import Config, ConfigError, check_search
+from rayfine.data import build_datasets
+from rayfine.errors import TrainingError
+from rayfine.train import METRIC_KEYS, _check_continuation, _diff
+from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
+from rayfine.tune.progress import SearchProgress, trial_status
+from rayfine.tune.trial import (epoch_log_path, read_epoch_log, run_trial, sampled, trial_config, trial_dirname,
+                                tune_space)
+
+BEST_SUFFIX = "-best"
+
+
+EXPERIMENT_NAME = "tune"
+
+
+def experiment_path(cfg: Config) -> str:
+    return f"{cfg.resolved_storage_path()}/{EXPERIMENT_NAME}"
+
+
+def trials_root(cfg: Config) -> str:
+    """Where the trials' Ray Train runs (checkpoints, epoch logs) are stored."""
+    return f"{cfg.resolved_storage_path()}/trials"
+
+
+def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = True, log=print) -> dict[str, Any]:
+    """Run the search of ``cfg.tune`` (or continue it: ``resume``); returns summary.json's content.
+
+    Needs a connected Ray (``rayfine.runtime.ray_session``).
+    """
+    started = time.time()
+    t = cfg.tune
+    # Tune's own console output (a header, its periodic tables) would interleave with the live
+    # table; the legacy reporter at verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not t.search_space:
+        raise ConfigError(["tune.search_space is empty: give at least one dimension, e.g. "
+                           "--set 'tune.search_space.train.lr={loguniform: [1.0e-4, 1.0e-2]}'"])
+    problems = check_search(cfg)
+    if problems:
+        raise ConfigError(problems)
+    run_dir, path = cfg.run_dir(), experiment_path(cfg)
+    _check_previous_search(cfg, path, resume)
+    base = cfg.with_overrides(list(t.trial_overrides))
+    epochs = base.train.epochs
+    keys = list(t.search_space)
+    num_trials = count_trials(t)
+    plan = plan_resources(base, t, num_trials, ray.cluster_resources(), strict=strict_resources)
+    for note in plan.notes:
+        log(note)
+    log(plan.describe())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    datasets, info = build_datasets(base, log=log)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_json=base.model_dump_json(), datasets=datasets, info=info,
+                             storage_path=trials_root(cfg)),
+        {"cpu": TRIAL_ACTOR_CPUS},
+    )
+    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log)
+    with progress.active():
+        if resume:
+            log(f"[tune] resuming the search in {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
+                f"searcher {t.searcher} -> {run_dir}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_space(t.search_space),
+                tune_config=tune.TuneConfig(
+                    metric=t.metric,
+                    mode=t.metric_mode,
+                    scheduler=_scheduler(cfg, epochs),
+                    # The searcher holds the concurrency limit (Tune ignores max_concurrent_trials
+                    # for a BasicVariantGenerator instance).
+                    search_alg=_searcher(cfg, plan.concurrent),
+                    num_samples=t.num_samples,
+                    time_budget_s=t.time_budget_s,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_NAME,
+                    storage_path=cfg.resolved_storage_path(),
+                    callbacks=[progress],
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+    log("[tune] leaderboard\n" + progress.board.leaderboard())
+    return write_outputs(cfg, base, results, datasets, plan.concurrent, started, resume, log=log)
+
+
+def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise ConfigError([f"--resume: no search to resume in {path}; run `rayfine tune` without --resume to start one"])
+    if not resume and exists:
+        raise ConfigError([f"{cfg.run_dir()} already holds a search: add --resume to continue it, or choose another "
+                           "`name` (--set name=...) or remove that directory"])
+    _check_continuation(cfg.run_dir(), cfg)  # refuses a different experiment under this name
+    previous = cfg.run_dir() / "config.yaml"
+    if resume and previous.is_file():
+        import yaml
+
+        changed = [k for k in _diff(yaml.safe_load(previous.read_text()), cfg.to_dict()) if k.startswith("tune.")]
+        if changed:
+            raise ConfigError([f"--resume: the search in {cfg.run_dir()} ran with other tune settings (changed: "
+                               f"{', '.join(changed)}); resume it with its own config"])
+
+
+def _scheduler(cfg: Config, epochs: int):
+    t = cfg.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume.
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+
+
+def _searcher(cfg: Config, max_concurrent: int):
+    t = cfg.tune
+    if t.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=max_concurrent)
+
+
+# --- outputs: tune/trials.csv, tune/summary.json, tune/best/ ------------------------------------
+
+
+def trial_rows(results, keys: list[str], epochs: int, trials_root: str) -> list[dict[str, Any]]:
+    """One row per trial and epoch (the last report of an epoch wins), with the trial's final status.
+
+    Read from each trial's epoch log (``trial.epoch_log_path``), written by its Train run before
+    Tune hears of an epoch: Tune's own result files can miss the last epochs before a killed
+    driver, and start afresh when a search is resumed.
+    """
+    rows = []
+    for result in results:
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        reported: dict[int, dict] = {}
+        for record in read_epoch_log(epoch_log_path(trials_root, trial_id)):
+            reported[int(record["epoch"])] = record
+        last_epoch = max(reported) if reported else None
+        status = "error" if result.error else trial_status("TERMINATED", last_epoch, epochs)
+        if not reported:
+            status = "error" if result.error else "not started"
+        base = {"trial_id": trial_id, **sampled(result.config or {}, keys)}
+        for epoch in sorted(reported) or [None]:
+            record = reported.get(epoch, {})
+            rows.append({**base, **{k: record.get(k) for k in METRIC_KEYS}, "checkpoint_path": record.get("checkpoint_path"),
+                         "status": status})
+    return rows
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The best epoch of any trial whose checkpoint is still kept."""
+    sign = 1 if mode == "max" else -1
+    usable = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric]) and _checkpoint_exists(r.get("checkpoint_path"))]
+    return max(usable, key=lambda r: (sign * r[metric], -r["epoch"])) if usable else None
+
+
+def _checkpoint_exists(path: Any) -> bool:
+    # Train keeps only the best train.keep_checkpoints of each run; a local path can be checked.
+    if not isinstance(path, str) or not path:
+        return False
+    return not Path(path).is_absolute() or Path(path).is_dir()
+
+
+def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int, started: float, resumed: bool,
+                  log=print) -> dict[str, Any]:
+    from rayfine.evaluate import evaluate_checkpoint
+
+    t = cfg.tune
+    keys, epochs = list(t.search_space), base.train.epochs
+    tune_dir = cfg.run_dir() / "tune"
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(results, keys, epochs, trials_root(cfg))
+    columns = ["trial_id", *keys, *METRIC_KEYS, "status"]
+    with (tune_dir / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    trials = {}
+    for r in rows:
+        trials.setdefault(r["trial_id"], r["status"])
+    epochs_run = sum(1 for r in rows if r["epoch"] is not None)
+    summary: dict[str, Any] = {
+        "num_trials": len(trials),
+        "epochs_run": epochs_run,
+        "epochs_full_budget": len(trials) * epochs,
+        "budget_fraction": epochs_run / max(1, len(trials) * epochs),
+        "wall_s": time.time() - started,
+        "resumed": resumed,
+        "scheduler": t.scheduler,
+        "searcher": t.searcher,
+        "metric": t.metric,
+        "mode": t.metric_mode,
+        "concurrent_trials": concurrent,
+        "trials": {s: sum(1 for v in trials.values() if v == s) for s in sorted(set(trials.values()))},
+        "best": None,
+    }
+    best = pick_best(rows, t.metric, t.metric_mode)
+    if best is None:
+        (tune_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
+        raise TrainingError("the search finished without a usable checkpoint"
+                            + (f"; {len(errors)} trial(s) failed, e.g.: {errors[0]}" if errors else ""))
+
+    best_dir = tune_dir / "best"
+    overrides = {k: best[k] for k in keys}
+    winner = trial_config(base, overrides)
+    exported = _export(best["checkpoint_path"], cfg, best_dir / "checkpoint")
+    best_dir.mkdir(parents=True, exist_ok=True)
+    # Its own name: `rayfine train` on this file trains the winner into a run directory of its own.
+    reproduce = winner.with_overrides([f"name={cfg.name[: 100 - len(BEST_SUFFIX)]}{BEST_SUFFIX}"])
+    (best_dir / "config.yaml").write_text(reproduce.to_yaml())
+    log(f"[tune] best: trial {best['trial_id']} ({', '.join(f'{k}={v}' for k, v in overrides.items())}), "
+        f"{t.metric} {best[t.metric]:.4f} at epoch {best['epoch']}")
+    evaluation = evaluate_checkpoint(exported, datasets["test"], best_dir, log=log)
+    summary["best"] = {
+        "trial_id": best["trial_id"],
+        "overrides": overrides,
+        "epoch": best["epoch"],
+        **{k: best[k] for k in ("val_accuracy", "val_macro_f1", "val_loss", "train_loss")},
+        "test_accuracy": evaluation["accuracy"],
+        "test_macro_f1": evaluation["macro_f1"],
+        "checkpoint": str(exported),
+        "config": str(best_dir / "config.yaml"),
+    }
+    summary["wall_s"] = time.time() - started
+    (tune_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    from rayfine.report import tune_report
+
+    log(f"[tune] report: {tune_report(cfg.run_dir())}")
+    log(f"[tune] {summary['num_trials']} trials, {epochs_run}/{summary['epochs_full_budget']} epochs "
+        f"({summary['budget_fraction']:.2f} of the full budget) in {summary['wall_s']:.0f}s -> {tune_dir}")
+    return summary
+
+
+def _export(checkpoint_path: str, cfg: Config, destination: Path) -> Path:
+    storage = cfg.resolved_storage_path()
+    if "://" not in storage:
+        return checkpoints.export_checkpoint(checkpoint_path, destination)
+    # Remote storage (s3://...): Tune reports the path inside the storage filesystem.
+    import pyarrow.fs
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.train.Checkpoint(checkpoint_path, filesystem=fs).to_directory(tmp)
+        return checkpoints.export_checkpoint(tmp, destination)

@@ -1,0 +1,121 @@
+"""One Tune trial = one full training run, built by the same ``build_trainer`` as `rayfine train`.
+
+``run_trial`` runs in the Tune trial actor (0.01 CPU). It builds the trial's config (the search's
+base config plus its sampled dotted overrides, validated like any config), then a TorchTrainer
+whose ``TuneReportCallback`` forwards every epoch's rank-0 report (and its ``checkpoint_path``)
+to Tune, so ASHA sees one result per epoch and can stop the trial. Its Ray Train run is named
+after the trial id under the search's storage, so a run launched again for the same trial (after
+``rayfine tune --resume``) continues from its last checkpoint instead of starting over. Next to
+that run's checkpoints, ``EpochLog`` keeps epochs.jsonl: every epoch the trial trained, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+from ray.train import UserCallback
+
+from rayfine.config import Config, parse_search_spec
+
+EPOCH_LOG = "epochs.jsonl"
+
+
+def tune_space(search_space: dict[str, Any]) -> dict[str, Any]:
+    """The config's search space as Ray Tune domains, keyed by the dotted field."""
+    from ray import tune
+
+    make = {
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    space = {}
+    for key, spec in search_space.items():
+        kind, args = parse_search_spec(spec)
+        space[key] = make[kind](args)
+    return space
+
+
+def sampled(config: dict[str, Any], search_space: dict[str, Any]) -> dict[str, Any]:
+    """The trial's sampled values as plain Python (Tune may hand out numpy scalars)."""
+    return {k: (config[k].item() if hasattr(config[k], "item") else config[k]) for k in search_space if k in config}
+
+
+def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
+    """The base config plus sampled ``{dotted.field: value}``, validated like any `--set`."""
+    return base.with_overrides([f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+
+
+def trial_run_name(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def epoch_log_path(trials_root: str, trial_id: str) -> str:
+    return f"{trials_root}/{trial_run_name(trial_id)}/{EPOCH_LOG}"
+
+
+def read_epoch_log(path: str) -> Iterator[dict]:
+    """The epochs a trial's Train run reported, in order (local path or storage URI)."""
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    try:
+        with fs.open_input_stream(fs_path) as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+class EpochLog(UserCallback):
+    """Runs on the trial's Train controller: records each epoch's rank-0 report and the path of its
+    checkpoint before TuneReportCallback forwards them, so the record survives a driver killed at
+    any moment (Tune's own result files lag behind, and start afresh on a resume)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        import pyarrow.fs
+
+        line = json.dumps({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None}, default=float)
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(self.path)
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            os.makedirs(os.path.dirname(fs_path), exist_ok=True)
+            with open(fs_path, "a") as f:
+                f.write(line + "\n")
+            return
+        # Object stores cannot append: rewrite the (few-line) file.
+        previous = "".join(json.dumps(r) + "\n" for r in read_epoch_log(self.path))
+        with fs.open_output_stream(fs_path) as f:
+            f.write((previous + line + "\n").encode())
+
+
+def trial_dirname(trial) -> str:
+    # Tune's default folder name lists every sampled value; the id is enough and stays short.
+    return trial.trial_id
+
+
+def run_trial(config: dict, *, base_json: str, datasets: dict, info, storage_path: str) -> None:
+    """The Tune function trainable (runs in the trial actor): one Ray Train run of this trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayfine.train import build_trainer
+
+    base = Config.model_validate_json(base_json)
+    cfg = trial_config(base, sampled(config, base.tune.search_space))
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        cfg, datasets, info,
+        name=trial_run_name(trial_id),
+        storage_path=storage_path,
+        callbacks=[EpochLog(epoch_log_path(storage_path, trial_id)), TuneReportCallback()],  # in this order
+    )
+    trainer.fit()

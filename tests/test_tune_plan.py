@@ -1,0 +1,189 @@
+"""The search's config section and resource plan (unit tier: no Ray)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from rayfine.cli import main
+from rayfine.config import ConfigError, check_search, load_config
+from rayfine.tune.plan import count_trials, plan_resources
+from rayfine.tune.progress import Board, SearchProgress, trial_status
+from rayfine.tune.trial import trial_config
+
+TWO_CPUS = {"CPU": 2.0}
+
+
+def _errors(*overrides, name="resnet18_digits_tiny"):
+    """Problems found at load time, or else by check_search (which `rayfine tune` runs first)."""
+    try:
+        cfg = load_config(name, list(overrides))
+    except ConfigError as e:
+        return "\n".join(e.errors)
+    problems = check_search(cfg)
+    assert problems, "no error"
+    return "\n".join(problems)
+
+
+@pytest.mark.parametrize("preset", ["resnet18_digits", "resnet18_digits_tiny", "resnet18_mnist5k"])
+def test_presets_carry_a_learning_rate_by_batch_size_search(preset):
+    t = load_config(preset).tune
+    assert set(t.search_space) == {"train.lr", "train.batch_size"}
+    assert t.scheduler == "asha" and t.grace_period == 1 and t.reduction_factor == 2
+
+
+def test_search_space_accepts_yaml_keys_and_dotted_overrides():
+    cfg = load_config("resnet18_digits_tiny", [
+        "tune.search_space.train.weight_decay={uniform: [0, 0.1]}",
+        "tune.search_space.train.lr={loguniform: [1e-4, 1e-2]}",  # YAML 1.1 reads 1e-4 as text: still a number
+        "tune.search_space.train.batch_size=null",  # null drops a preset's dimension
+        "tune.search_space.seed={grid: [0, 1, 2]}",
+    ])
+    assert cfg.tune.search_space == {
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.weight_decay": {"uniform": [0, 0.1]},
+        "seed": {"grid": [0, 1, 2]},
+    }
+    assert count_trials(cfg.tune) == 3 * cfg.tune.num_samples
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.search_space.train.lrr={choice: [0.1]}", "tune.search_space.train.lrr: the value 0.1 makes an invalid trial config: "
+                                                    "train.lrr: unknown field; allowed here: epochs, lr,"),
+    ("tune.search_space.train.lr={loguniform: [0, 0.1]}", "tune.search_space.train.lr: loguniform needs 0 < low"),
+    ("tune.search_space.train.lr={loguniform: [1e-3, 20]}", "the value 20 makes an invalid trial config: "
+                                                           "train.lr: Input should be less than or equal to 10"),
+    ("tune.search_space.train.lr={normal: [0, 1]}", "unknown distribution 'normal'; allowed: uniform, loguniform, randint, choice, grid"),
+    ("tune.search_space.train.batch_size={uniform: [16, 64]}", "train.batch_size: Input should be a valid integer"),
+    ("tune.search_space.train.batch_size={randint: [0, 64]}", "the value 0 makes an invalid trial config: train.batch_size"),
+    ("tune.search_space.train.optimizer={choice: [adamw, adam]}", "the value 'adam' makes an invalid trial config"),
+    ("tune.search_space.data.augment={choice: [true, false]}", "tune.search_space.data.augment: cannot vary between trials"),
+    ("tune.search_space.train.epochs={choice: [2, 4]}", "tune.search_space.train.epochs: cannot vary between trials"),
+    ("tune.search_space.train.lr={choice: []}", "choice needs a non-empty list"),
+    ("tune.search_space.train.lr=0.1", "expected one {distribution: args} mapping"),
+    ("tune.trial_overrides=[scaling.num_workers=0]", "tune.trial_overrides make an invalid trial config: scaling.num_workers"),
+    ("tune.trial_overrides=[name=other]", "tune.trial_overrides: name is shared by the search and its trials"),
+    ("tune.grace_period=3", "tune.grace_period: 3 leaves ASHA nothing to stop: it must be below the trials' train.epochs (3)"),
+    ("tune.mode=min", "tune.mode: min with tune.metric val_accuracy, which is best at its max"),
+    ("tune.scheduler=hyperband", "tune.scheduler: Input should be 'asha' or 'fifo'"),
+])
+def test_bad_search_settings_are_refused_naming_the_field(override, message):
+    assert message in _errors(override)
+
+
+def test_grid_needs_the_random_searcher():
+    assert "grid needs tune.searcher=random" in _errors("tune.searcher=optuna", "tune.search_space.seed={grid: [0, 1]}")
+
+
+def test_a_trial_is_the_base_config_plus_its_sampled_values():
+    cfg = load_config("resnet18_digits_tiny")
+    base = cfg.with_overrides(list(cfg.tune.trial_overrides))
+    trial = trial_config(base, {"train.lr": 0.0123, "train.batch_size": 16})
+    assert (trial.train.lr, trial.train.batch_size, trial.train.epochs) == (0.0123, 16, 3)
+    assert trial.scaling.num_workers == 1 and trial.data == cfg.data
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        trial_config(base, {"train.batch_size": 0})
+
+
+def test_plan_counts_trial_actor_workers_and_ray_data():
+    cfg = load_config("resnet18_digits_tiny")
+    base = cfg.with_overrides(list(cfg.tune.trial_overrides))  # 1 worker x 0.5 + 0.25 Ray Data
+    plan = plan_resources(base, cfg.tune, num_trials=4, cluster=TWO_CPUS)
+    assert plan.trial_cpus == pytest.approx(0.76)
+    assert (plan.fits, plan.concurrent) == (2, 2)
+    assert "0.76 CPUs (trial actor 0.01 + 1 worker(s) x 0.5 + Ray Data 0.25)" in plan.describe()
+    # Asking for more at once than fits is capped, and said so.
+    capped = plan_resources(base, cfg.tune.model_copy(update={"max_concurrent_trials": 4}), 4, TWO_CPUS)
+    assert capped.concurrent == 2 and "max_concurrent_trials=4 lowered to 2" in capped.notes[0]
+    assert plan_resources(base, cfg.tune, num_trials=1, cluster=TWO_CPUS).concurrent == 1
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_what_to_change():
+    # The preset's own 2 workers x 0.75 + 0.5 for Ray Data + the trial actor: 2.01 CPUs on 2.
+    cfg = load_config("resnet18_digits_tiny", ["tune.trial_overrides=[]"])
+    with pytest.raises(ConfigError) as info:
+        plan_resources(cfg, cfg.tune, num_trials=4, cluster=TWO_CPUS)
+    message = str(info.value)
+    assert "a trial needs 2.01 CPUs (trial actor 0.01 + 2 worker(s) x 0.75 CPU + 0.5 for Ray Data) but the cluster has 2" in message
+    assert "scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus" in message
+    assert "tune.trial_overrides" in message
+    gpu = cfg.with_overrides(["scaling.use_gpu=true", "scaling.num_workers=1"])
+    with pytest.raises(ConfigError, match="needs 1 GPU"):
+        plan_resources(gpu, gpu.tune, num_trials=1, cluster=TWO_CPUS)
+    # On a cluster that may autoscale it is a warning, and trials run one at a time.
+    lenient = plan_resources(cfg, cfg.tune, num_trials=4, cluster=TWO_CPUS, strict=False)
+    assert lenient.concurrent == 1 and lenient.notes[0].startswith("[warning] a trial needs 2.01 CPUs")
+
+
+class _Trial:
+    def __init__(self, trial_id, status, last_result, config):
+        self.trial_id, self.status, self.last_result, self.config = trial_id, status, last_result, config
+
+
+def test_board_ranks_trials_by_their_best_epoch():
+    board = Board(["train.lr"], "val_accuracy", "max", epochs=3)
+    board.update(_Trial("a", "RUNNING", {"epoch": 1, "val_accuracy": 0.9, "val_loss": 0.3}, {"train.lr": 0.01}))
+    board.update(_Trial("a", "TERMINATED", {"epoch": 3, "val_accuracy": 0.8, "val_loss": 0.4}, {"train.lr": 0.01}))
+    board.update(_Trial("b", "TERMINATED", {"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.3}, {"train.lr": 0.3}))
+    board.update(_Trial("c", "PENDING", {}, {"train.lr": 0.001}))
+    lines = board.leaderboard().splitlines()
+    assert lines[0].split() == ["#", "trial", "train.lr", "status", "epoch", "val_accuracy", "val_loss", "best", "val_accuracy"]
+    assert [line.split()[1] for line in lines[1:]] == ["a", "b", "c"]
+    assert lines[1].split()[3:5] == ["completed", "3/3"] and lines[1].split()[-1] == "0.9"
+    assert lines[2].split()[3] == "stopped"
+    assert trial_status("ERROR", 2, 3) == "error"
+
+
+def test_cli_tune_help_lists_resume():
+    out = subprocess.run([sys.executable, "-m", "rayfine.cli", "tune", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--resume" in out and "--set" in out and "--runs-dir" in out and "--address" in out
+
+
+def test_cli_tune_refuses_a_bad_search_with_exit_code_2(capsys):
+    assert main(["tune", "resnet18_digits_tiny", "--set", "tune.search_space.train.lr={loguniform: [0, 1]}"]) == 2
+    assert "tune.search_space.train.lr: loguniform needs 0 < low" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_table_redraws_in_place_unless_something_else_was_printed(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    progress = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, refresh_s=0)
+    trial = _Trial("a", "RUNNING", {"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.0}, {"train.lr": 0.01})
+    erase = "\x1b[2F\x1b[J"  # up over the 2 lines of the last table, clear below
+    with progress.active():
+        progress.setup()  # Tune calls it when the experiment starts
+        progress.on_step_end(0, [trial])
+        trial.last_result = {"epoch": 2, "val_accuracy": 0.7, "val_loss": 0.8}
+        progress.on_step_end(1, [trial])
+        print("(RayTrainWorker pid=1) a line from a worker")
+        trial.last_result = {"epoch": 3, "val_accuracy": 0.8, "val_loss": 0.6}
+        progress.on_step_end(2, [trial])
+    assert sys.stdout is terminal
+    out = terminal.getvalue()
+    first, rest = out.split(erase)
+    assert "1/3" in first and "2/3" in rest and erase not in rest
+    # The worker's line stays on screen; the next table is drawn below it.
+    before, after = rest.split("a line from a worker")
+    assert "3/3" in after and "0.8" in after and "3/3" not in before
+    # Not a terminal (or a log function): plain lines, no control codes.
+    lines: list[str] = []
+    plain = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append)
+    plain.on_trial_result(0, [trial], trial, trial.last_result)
+    assert lines == ["[tune] a epoch 3/3  val_accuracy 0.8000  val_loss 0.6000"]
+
+
+def test_a_training_config_loads_whatever_its_search_says():
+    """`rayfine train --set train.epochs=1` (and the checkpoint it writes) must load, although a
+    search of 1-epoch trials leaves ASHA nothing to stop; only `rayfine tune` refuses that."""
+    cfg = load_config("resnet18_digits_tiny", ["train.epochs=1", "tune.trial_overrides=[]"])
+    assert cfg.train.epochs == 1
+    assert any("tune.grace_period" in p for p in check_search(cfg))
+    assert main(["validate", "resnet18_digits_tiny", "--set", "train.epochs=1", "--set", "tune.trial_overrides=[]"]) == 0

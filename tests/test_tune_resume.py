@@ -1,0 +1,185 @@
+"""A search whose driver is SIGKILLed mid-way, then resumed with `rayfine tune --resume`
+(integration tier: real `rayfine tune` processes, each with its own embedded Ray).
+
+Each driver runs in a session of its own (start_new_session) with its own Ray temp dir, so the
+test can find and stop exactly the processes it started: everything in that session.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 3
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a driver started with start_new_session has sid = its pid)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # fields[0] is the state, [3] the session id; zombies are already gone for our purpose.
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_session(sid: int, grace_s: float = 20.0) -> list[int]:
+    """Wait for the session's processes to end; SIGKILL those still there. Returns the survivors."""
+    deadline = time.time() + grace_s
+    while session_pids(sid) and time.time() < deadline:
+        time.sleep(0.5)
+    survivors = session_pids(sid)
+    print("still running:", describe(survivors))
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    while session_pids(sid) and time.time() < deadline:
+        time.sleep(0.2)
+    return survivors
+
+
+def start_driver(args: list[str], ray_tmp: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "rayfine.cli", "tune", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def trial_epochs(run: Path) -> dict[str, list[int]]:
+    """Epochs each trial's Train run reported, in order (its epoch log, written as each ends)."""
+    return {
+        log.parent.name.removeprefix("trial_"): [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()]
+        for log in sorted((run / "ray" / "trials").glob("trial_*/epochs.jsonl"))
+    }
+
+
+def describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:120]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+def trial_statuses(experiment: Path) -> dict[str, str]:
+    """Tune's own record of each trial (the experiment state it saves while it runs)."""
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # being rewritten
+    out = {}
+    for trial_json, _ in data["trial_data"]:
+        trial = json.loads(trial_json)
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+@pytest.fixture
+def ray_tmp():
+    """The drivers' Ray temp dir: short, since Ray's socket paths have a length limit."""
+    path = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_killed_search_resumes_without_running_a_finished_trial_again(tmp_path, ray_tmp):
+    args = ["resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=killed",
+            "--set", "tune.scheduler=fifo", "--set", "tune.searcher=optuna"]
+    run = tmp_path / "killed"
+    experiment = run / "ray" / "tune"
+    log_path = tmp_path / "drivers.log"
+
+    driver = start_driver(args, ray_tmp, log_path)
+    finished_before: dict[str, list[int]] = {}
+    try:
+        # Kill once Tune has recorded a finished trial while another one is part-way through.
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            statuses, epochs = trial_statuses(experiment), trial_epochs(run)
+            done = [t for t, s in statuses.items() if s == "TERMINATED"]
+            partway = [t for t, s in statuses.items() if s == "RUNNING" and 0 < len(epochs.get(t, [])) < EPOCHS]
+            if done and partway:
+                finished_before = {t: epochs[t] for t in done}
+                tune_records = {t: (experiment / t / "result.json").read_bytes() for t in done}
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the search ended before it could be killed:\n" + log_path.read_text()[-3000:]
+        assert finished_before, "no point with a finished and a running trial was seen:\n" + log_path.read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        left_running = stop_session(driver.pid)
+    # Seen here: the embedded Ray's DashboardAgent and RuntimeEnvAgent outlive a SIGKILLed driver.
+    print(f"processes of the killed driver's session still running 20 s after the kill: {left_running}")
+    assert not session_pids(driver.pid)
+    before = trial_epochs(run)
+    assert len(before) < 4 or any(len(e) < EPOCHS for e in before.values())  # it really was mid-way
+
+    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
+    try:
+        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.wait()
+        stop_session(resumed.pid)
+    assert not session_pids(resumed.pid)
+    log = log_path.read_text()
+    assert "[tune] resuming the search in" in log
+    leaderboard = log.rsplit("[tune] leaderboard", 1)[1]
+
+    after = trial_epochs(run)
+    assert len(after) == 4
+    # The resumed driver's leaderboard has every trial, those finished before the kill included.
+    assert all(trial_id in leaderboard for trial_id in after)
+    for trial_id, epochs in finished_before.items():
+        assert after[trial_id] == epochs == [1, 2, 3], f"finished trial {trial_id} trained again after the resume"
+        # Tune did not start it again either (a restarted trial gets a fresh result.json).
+        assert (experiment / trial_id / "result.json").read_bytes() == tune_records[trial_id]
+    for trial_id, epochs in after.items():
+        # Every trial trained each epoch once: unfinished ones continued from their checkpoint
+        # (a restart from scratch would report epoch 1 again).
+        assert epochs == [1, 2, 3], (trial_id, before.get(trial_id), epochs)
+        assert before.get(trial_id, []) == epochs[: len(before.get(trial_id, []))]
+
+    with (run / "tune" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["trial_id"], int(r["epoch"])) for r in rows) == sorted(
+        (t, e) for t in after for e in range(1, EPOCHS + 1))
+    assert {r["status"] for r in rows} == {"completed"}
+    summary = json.loads((run / "tune" / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["num_trials"] == 4
+    assert summary["epochs_run"] == summary["epochs_full_budget"] == 12  # fifo: every trial runs to the end
+    assert (run / "tune" / "best" / "checkpoint" / "model.safetensors").is_file()
+    assert json.loads((run / "tune" / "best" / "eval.json").read_text())["accuracy"] == summary["best"]["test_accuracy"]
