@@ -1,0 +1,301 @@
+"""The FastAPI app of a replica: routes, API key, body-size limit, errors as JSON.
+
+Built inside each replica by ``Classifier.__serve_build_asgi_app__`` (``rayfine.serve.app``), with
+the replica as ``server``: routes read ``server.model`` (the model swapped in by ``reconfigure``)
+and call ``server.infer(items)`` (the @serve.batch method).
+
+Every refused request gets a 4xx and ``{"error": "..."}``, the error object of the Open Inference
+Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over
+serve.max_request_bytes (413, before it is parsed), a wrong Content-Type (415), malformed JSON or
+bad tensors (400), an unknown model name or version (404).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from rayfine.serve import protocol
+from rayfine.serve.protocol import RequestError
+
+HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+
+def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes (serve.max_request_bytes)")
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, then the body-size limit, which it
+    enforces on Content-Length and on the bytes actually received (chunked bodies too)."""
+
+    def __init__(self, app, server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        path, root = scope.get("path", "/"), scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path
+        key: Optional[bytes] = self.server.api_key
+        if key is not None and route not in HEALTH_PATHS:
+            given = headers.get("x-api-key")
+            auth = headers.get("authorization", b"")
+            if given is None and auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+            if not given:
+                return await error(401, "missing API key: send the header 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                                   {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            if not hmac.compare_digest(given, key):
+                return await error(401, "invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
+        limit = self.server.settings.max_request_bytes
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                return await error(400, "Content-Length is not a number")(scope, receive, send)
+            if too_big:
+                return await error(413, BodyTooLarge(limit).detail)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:
+            if not started:
+                await error(413, e.detail)(scope, receive, send)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require(request: Request, *allowed: str) -> str:
+    ctype = _content_type(request)
+    if ctype not in allowed:
+        raise RequestError(f"Content-Type must be {' or '.join(allowed)}, got {ctype or 'none'}", status=415)
+    return ctype
+
+
+def _schema_ref(model) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def make_api(server) -> FastAPI:
+    """The HTTP API of one replica; ``server`` is the Classifier replica."""
+    from rayfine import __version__
+
+    app = FastAPI(
+        title=f"rayfine: {server.name}",
+        version=__version__,
+        description="Open Inference Protocol (KServe v2) REST API and a simple JSON API for a rayfine classifier. "
+        "Every error is {\"error\": \"...\"} with a 4xx status.",
+    )
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such route; see /docs (OpenAPI: /openapi.json)"
+        return error(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):  # a bug: say so without details
+        return error(500, f"internal error ({type(exc).__name__}); see the replica's log")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return error(400, protocol.describe_validation(list(exc.errors())))
+
+    def model_or_404(name: str, version: Optional[str] = None):
+        if name != server.name:
+            raise RequestError(f"unknown model {name!r}; this server serves {server.name!r}", status=404)
+        model = server.model
+        if model is None:
+            raise RequestError("the model is not loaded yet", status=503)
+        if version is not None and version != model.version:
+            raise RequestError(f"model {name!r} has no version {version!r}; serving version {model.version!r}", status=404)
+        return model
+
+    async def answer(items: list):
+        result = await server.infer(items)
+        if result.error is not None:
+            raise RequestError(result.error)
+        return result
+
+    # --- Open Inference Protocol: health and metadata ---
+
+    @app.get("/v2/health/live", tags=["v2"], summary="Server live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"], summary="Server ready")
+    async def ready():
+        is_ready = server.model is not None
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2", tags=["v2"], summary="Server metadata")
+    async def server_metadata() -> dict:
+        return {"name": "rayfine", "version": __version__, "extensions": ["statistics"]}
+
+    def metadata(name: str, version: Optional[str]) -> protocol.ModelMetadata:
+        model = model_or_404(name, version)
+        return protocol.ModelMetadata(
+            name=server.name, versions=[model.version], platform="pytorch",
+            inputs=protocol.model_inputs(model.kind, model.cfg.data.channels),
+            outputs=protocol.model_outputs(len(model.labels)),
+        )
+
+    @app.get("/v2/models/{name}", tags=["v2"], summary="Model metadata", response_model=protocol.ModelMetadata)
+    async def model_metadata(name: str):
+        return metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=["v2"], summary="Model metadata (a version)",
+             response_model=protocol.ModelMetadata)
+    async def model_version_metadata(name: str, version: str):
+        return metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Model ready")
+    async def model_ready(name: str) -> dict:
+        model_or_404(name)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], summary="Model ready (a version)")
+    async def model_version_ready(name: str, version: str) -> dict:
+        model_or_404(name, version)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}/stats", tags=["v2"], summary="Model statistics (Triton's statistics extension): "
+             "items per forward pass in this replica")
+    async def model_stats(name: str) -> dict:
+        model = model_or_404(name)
+        s = model.stats
+        return {"model_stats": [{
+            "name": server.name, "version": model.version, "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count, "execution_count": s.execution_count,
+            "batch_stats": s.batch_stats(), "replica": server.replica_id,
+        }]}
+
+    # --- Open Inference Protocol: inference ---
+
+    infer_body = {"requestBody": {"required": True, "content": {JSON: {"schema": _schema_ref(protocol.InferenceRequest)}}}}
+
+    async def infer(request: Request, name: str, version: Optional[str]) -> dict:
+        model = model_or_404(name, version)
+        _require(request, JSON)
+        req = protocol.parse_json(protocol.InferenceRequest, await request.body())
+        items = protocol.v2_items(req, model.kind, server.settings)
+        result = await answer(items)
+        return protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
+
+    @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Inference", openapi_extra=infer_body,
+              response_model=protocol.InferenceResponse, response_model_exclude_none=True, responses={400: {"model": protocol.ErrorResponse}})
+    async def model_infer(name: str, request: Request):
+        return await infer(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], summary="Inference (a version)",
+              openapi_extra=infer_body, response_model=protocol.InferenceResponse, response_model_exclude_none=True,
+              responses={400: {"model": protocol.ErrorResponse}})
+    async def model_version_infer(name: str, version: str, request: Request):
+        return await infer(request, name, version)
+
+    # --- the simple JSON API ---
+
+    predict_body = {"requestBody": {"required": True, "content": {
+        JSON: {"schema": _schema_ref(protocol.PredictRequest)},
+        MULTIPART: {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "image files (image models) or UTF-8 text files (text models)"},
+            "inputs": {"type": "array", "items": {"type": "string"}, "description": "texts (text models)"},
+        }}},
+    }}}
+
+    @app.post("/predict", tags=["simple"], summary="Predict labels for texts or images", openapi_extra=predict_body,
+              response_model=protocol.PredictResponse, response_model_exclude_none=True, responses={400: {"model": protocol.ErrorResponse}})
+    async def predict(request: Request, top_k: Optional[int] = None):
+        model = model_or_404(server.name)
+        ctype = _require(request, JSON, MULTIPART)
+        if ctype == JSON:
+            req = protocol.parse_json(protocol.PredictRequest, await request.body())
+            items, k = protocol.predict_items(req, model.kind, server.settings), req.top_k
+        else:
+            items, k = await _multipart_items(request, model.kind, server.settings), 5
+        if top_k is not None:
+            k = top_k
+        if k < 1:
+            raise RequestError("top_k must be at least 1")
+        result = await answer(items)
+        return protocol.predict_response(server.name, result.version, result.labels, result.probs, k)
+
+    # The JSON schemas the routes above reference by hand.
+    _openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = _openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (protocol.InferenceRequest, protocol.PredictRequest):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(Guard, server=server)
+    return app
+
+
+async def _multipart_items(request: Request, kind: str, limits) -> list:
+    try:
+        form = await request.form(max_files=limits.max_items, max_fields=limits.max_items + 8)
+    except HTTPException:
+        raise
+    except Exception as e:  # python-multipart's parse errors, too many parts
+        raise RequestError(f"malformed multipart body: {e}") from None
+    files, texts = [], []
+    try:
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((value.filename or key, await value.read()))
+            elif key == "inputs":
+                texts.append(value)
+            else:
+                raise RequestError(f"unknown form field {key!r}: send files, or texts in fields named 'inputs'")
+    finally:
+        await form.close()
+    return protocol.upload_items(files, texts, kind, limits)

@@ -1,0 +1,85 @@
+"""A small client of the served API: what `rayfine predict` runs.
+
+    from rayfine.serve.client import predict
+    result = predict("http://127.0.0.1:8000", ["cat.png", "dog.jpg"])      # files: uploaded
+    result = predict("http://127.0.0.1:8000", ["a fine film", "dull"])    # texts: JSON
+
+Files go as a multipart upload to POST /predict, texts as JSON. Inference changes nothing on the
+server, so a call that fails to connect (or loses its connection before an answer) is retried
+once; an HTTP error is not retried, and its JSON ``error`` is raised as ``ClientError``.
+Imports only ``requests`` (no Ray, no torch): the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from rayfine.errors import RayfineError
+
+API_KEY_ENV = "RAYFINE_API_KEY"
+
+
+class ClientError(RayfineError):
+    """The server refused the request (its reason) or could not be reached."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _headers(api_key: Optional[str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kwargs) -> Any:
+    """One idempotent HTTP call with ``retries`` retries on connection errors; JSON back."""
+    import requests
+
+    for attempt in range(retries + 1):
+        try:
+            response = requests.request(method, url, timeout=timeout_s, **kwargs)
+            break
+        except requests.ConnectionError as e:
+            if attempt == retries:
+                raise ClientError(f"cannot reach {url} ({type(e).__name__}; tried {retries + 1} times)") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400:
+        reason = body.get("error") if isinstance(body, dict) else None
+        raise ClientError(f"{response.status_code} from {url}: {reason or response.text[:200]}", response.status_code)
+    if body is None:
+        raise ClientError(f"{url} answered {response.status_code} without JSON")
+    return body
+
+
+def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k: int = 5,
+            timeout_s: float = 60, retries: int = 1) -> dict:
+    """POST /predict: ``inputs`` are all existing files (uploaded) or all texts."""
+    if not inputs:
+        raise ClientError("give at least one input (files or texts)")
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    files = [Path(x) for x in inputs if Path(x).is_file()]
+    endpoint = url.rstrip("/") + "/predict"
+    if files and len(files) != len(inputs):
+        missing = [x for x in inputs if not Path(x).is_file()]
+        raise ClientError(f"give either files or texts, not both; not files: {missing[:3]}")
+    if files:
+        parts = [("files", (f.name, f.read_bytes())) for f in files]
+        return call("POST", endpoint, params={"top_k": top_k}, files=parts, headers=_headers(api_key),
+                    timeout_s=timeout_s, retries=retries)
+    return call("POST", endpoint, json={"inputs": list(inputs), "top_k": top_k}, headers=_headers(api_key),
+                timeout_s=timeout_s, retries=retries)
+
+
+def format_predictions(inputs: list[str], result: dict) -> str:
+    """One line per input (a file by its name, a text by its start): label, score, runners-up."""
+    lines = [f"# model {result.get('model_name')} version {result.get('model_version')}"]
+    for item, p in zip(inputs, result["predictions"]):
+        shown = Path(item).name if Path(item).is_file() else item if len(item) <= 40 else item[:37] + "..."
+        others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"][1:])
+        lines.append(f"{shown}\t{p['label']}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
+    return "\n".join(lines)

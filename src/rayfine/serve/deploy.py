@@ -1,0 +1,182 @@
+"""Deploying a checkpoint, and hot-swapping the model of a running app: what `rayfine serve` does.
+
+    from rayfine.serve.deploy import deploy
+    with ray_session():
+        result = deploy("runs/digits")                         # a new app: name = experiment name
+        result = deploy("runs/digits2", name="digits", if_better=True)   # swap in place, if better
+
+Deployments are declarative, as `serve deploy config.yaml` and KubeRay do it: the app is
+``import_path: rayfine.serve.app:build_app`` with ``args``, and the model to serve is the
+deployment's ``user_config``. A swap re-applies the running app's own config with only the
+user_config changed, so Serve reconfigures the running replicas in place instead of replacing
+them (a code change, or a change of args, would replace them).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rayfine.errors import CheckpointError, RayfineError
+from rayfine.serve.app import DEPLOYMENT_NAME, IMPORT_PATH, resolve_checkpoint, serve_settings, user_config
+
+
+class DeployError(RayfineError, RuntimeError):
+    """The app could not be deployed or updated."""
+
+
+def app_config(checkpoint_dir: Path, name: str, serve_overrides: Optional[dict[str, Any]], route_prefix: str) -> dict:
+    """One application of a Serve config file (ServeApplicationSchema) serving this checkpoint."""
+    args: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "name": name}
+    if serve_overrides:
+        args["serve"] = dict(serve_overrides)
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
+        "deployments": [{"name": DEPLOYMENT_NAME, "user_config": user_config(checkpoint_dir)}],
+    }
+
+
+def serve_config_file(checkpoint: str | Path, name: Optional[str] = None,
+                      serve_overrides: Optional[dict[str, Any]] = None) -> dict:
+    """A complete `serve deploy` config (also a RayService's serveConfigV2) for a checkpoint."""
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    cfg, settings = serve_settings(checkpoint_dir, serve_overrides)
+    return {
+        "http_options": {"host": settings.host, "port": settings.port},
+        "applications": [app_config(checkpoint_dir, name or cfg.name, serve_overrides, settings.route_prefix)],
+    }
+
+
+def _details() -> dict:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
+
+
+def served_info(name: str, timeout_s: float = 30) -> Optional[dict]:
+    """What the running app ``name`` serves (from one replica), or None when no such app runs."""
+    from ray import serve
+
+    app = _details().get("applications", {}).get(name)
+    if not app or app.get("status") not in ("RUNNING", "DEPLOYING"):
+        return None
+    return serve.get_app_handle(name).info.remote().result(timeout_s=timeout_s)
+
+
+def is_better(new: dict, served: dict) -> tuple[bool, str]:
+    """Compare the new checkpoint's validation metric with the served one's (the new config's metric)."""
+    metric, mode = new["metric"], new["metric_mode"]
+    new_value, old_value = new["metrics"].get(metric), (served.get("metrics") or {}).get(metric)
+    if new_value is None:
+        raise CheckpointError(f"{new['checkpoint']}: metrics.json has no {metric}; cannot compare")
+    if old_value is None:
+        raise CheckpointError(f"the served checkpoint {served.get('checkpoint')} has no {metric} in metrics.json; cannot compare")
+    better = new_value > old_value if mode == "max" else new_value < old_value
+    sign = (">" if better else "<=") if mode == "max" else ("<" if better else ">=")
+    return better, f"{metric} {new_value:.4f} {sign} {old_value:.4f} (served)"
+
+
+def _url(details: dict, route_prefix: str) -> str:
+    http = details.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    return f"http://{host}:{port}{'' if route_prefix == '/' else route_prefix}"
+
+
+def deploy(
+    checkpoint: str | Path,
+    *,
+    name: Optional[str] = None,
+    serve_overrides: Optional[dict[str, Any]] = None,
+    if_better: bool = False,
+    timeout_s: float = 300,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Serve ``checkpoint`` as app ``name``, or swap it into the running app of that name.
+
+    Needs a connected Ray. Returns {"action": "deployed" | "swapped" | "kept" | "unchanged",
+    "name", "url", "version", "checkpoint", "reason"}.
+    """
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayfine.checkpoints import load_checkpoint
+    from rayfine.serve.model import weights_version
+
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    cfg, settings = serve_settings(checkpoint_dir, serve_overrides)
+    name = name or cfg.name
+    # Load it here first: a checkpoint that cannot load fails now, not in the replicas.
+    ckpt = load_checkpoint(checkpoint_dir)
+    version = weights_version(checkpoint_dir)
+    new = {"checkpoint": str(checkpoint_dir), "metric": cfg.train.metric, "metric_mode": cfg.train.metric_mode,
+           "metrics": ckpt.metrics}
+    del ckpt
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    details = _details()
+    apps = details.get("applications", {})
+    current = apps.get(name)
+    result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
+    if current is not None and current.get("status") in ("RUNNING", "DEPLOYING"):
+        if current.get("source") != "declarative" or not current.get("deployed_app_config"):
+            raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
+                              "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
+        if serve_overrides:
+            raise DeployError(f"app {name!r} is running: a hot swap changes the model only; to change serve settings, "
+                              "stop the app and deploy again")
+        served = served_info(name) or {}
+        route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
+        result["url"] = _url(details, route_prefix)
+        if served.get("version") == version:
+            return {**result, "action": "unchanged", "reason": f"already serving version {version}"}
+        if if_better and served.get("version"):
+            better, reason = is_better(new, served)
+            if not better:
+                return {**result, "action": "kept", "version": served["version"], "reason": reason}
+            result["reason"] = reason
+        ours = copy.deepcopy(current["deployed_app_config"])
+        deployments = [d for d in ours.get("deployments", []) if d.get("name") != DEPLOYMENT_NAME]
+        previous = next((d for d in ours.get("deployments", []) if d.get("name") == DEPLOYMENT_NAME), {"name": DEPLOYMENT_NAME})
+        ours["deployments"] = deployments + [{**previous, "user_config": user_config(checkpoint_dir)}]
+        action = "swapped"
+        log(f"[serve] swapping {name}: version {served.get('version')} -> {version}")
+    else:
+        ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
+        result["url"] = _url(details, settings.route_prefix)
+        action = "deployed"
+        log(f"[serve] deploying {name} (version {version}) from {checkpoint_dir}")
+
+    # A declarative deploy replaces the whole set of declarative apps: keep the others as they are.
+    others = [a["deployed_app_config"] for n, a in apps.items()
+              if n != name and a.get("source") == "declarative" and a.get("deployed_app_config")]
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": others + [ours]}))
+    _wait_for_version(name, version, timeout_s)
+    return {**result, "action": action}
+
+
+def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
+    """Until the app is RUNNING and answers with ``version`` (a swap or a first deploy)."""
+    deadline = time.time() + timeout_s
+    last = ""
+    while time.time() < deadline:
+        app = _details().get("applications", {}).get(name) or {}
+        status = app.get("status")
+        if status == "DEPLOY_FAILED":
+            raise DeployError(f"app {name!r} failed to deploy: {app.get('message', '')}")
+        if status == "RUNNING":
+            try:
+                info = served_info(name, timeout_s=10) or {}
+            except Exception as e:  # a replica still starting
+                info, last = {}, str(e)
+            if info.get("version") == version:
+                return
+        last = last or f"status {status}"
+        time.sleep(0.5)
+    raise DeployError(f"app {name!r} did not serve version {version} within {timeout_s:.0f}s ({last})")

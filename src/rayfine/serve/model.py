@@ -1,0 +1,162 @@
+"""The served model inside a replica: a checkpoint, its preprocessing and batched inference.
+
+Runs in a Ray Serve replica (and in tests, in-process):
+
+    served = load_served("runs/digits/train/checkpoint", ServeConfig())
+    results = run_batch(served, [[png_bytes], [pixels_a, pixels_b]])   # one forward pass
+
+Preprocessing is ``rayfine.data.Preprocessor``, built from the checkpoint alone, exactly as
+training prepared its validation data; the serving limits only tighten it (pixels, text length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from rayfine.config import Config, ServeConfig
+from rayfine.errors import InputError
+
+MODEL_FILE = "model.safetensors"
+
+
+def weights_version(checkpoint_dir: Union[str, Path]) -> str:
+    """The model version a response names: the first 12 hex digits of the weights' SHA-256, so the
+    same weights always have the same version, wherever they were copied."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint_dir) / MODEL_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def serving_config(cfg: Config, limits: ServeConfig) -> Config:
+    """The checkpoint's config with the serving pixel limit applied (the stricter one wins)."""
+    pixels = min(cfg.data.max_image_pixels, limits.max_image_pixels)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_image_pixels": pixels})})
+
+
+@dataclass
+class BatchStats:
+    """Per model version: how many items each forward pass held (Triton's statistics extension)."""
+
+    started: float = field(default_factory=time.time)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    by_size: Counter = field(default_factory=Counter)
+    ns_by_size: Counter = field(default_factory=Counter)
+
+    def record(self, size: int, ns: int) -> None:
+        self.inference_count += size
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        self.by_size[size] += 1
+        self.ns_by_size[size] += ns
+
+    def batch_stats(self) -> list[dict[str, Any]]:
+        return [{"batch_size": size, "compute_infer": {"count": self.by_size[size], "ns": self.ns_by_size[size]}}
+                for size in sorted(self.by_size)]
+
+
+@dataclass
+class ServedModel:
+    path: str
+    version: str
+    cfg: Config
+    labels: list[str]
+    metrics: dict[str, Any]
+    checkpoint: Any  # rayfine.checkpoints.LoadedCheckpoint
+    preprocess: Any  # rayfine.data.Preprocessor
+    device: str
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.data.kind
+
+    def describe(self) -> dict[str, Any]:
+        """What `rayfine serve --if-better` compares, and what a handle's ``info`` returns."""
+        return {"checkpoint": self.path, "version": self.version, "kind": self.kind, "labels": self.labels,
+                "metric": self.cfg.train.metric, "metric_mode": self.cfg.train.metric_mode, "metrics": self.metrics,
+                "experiment": self.cfg.name}
+
+
+def load_served(path: Union[str, Path], limits: ServeConfig, device: Optional[str] = None) -> ServedModel:
+    """Load a checkpoint for serving (safetensors only) with the preprocessing it was trained with."""
+    from rayfine.checkpoints import load_checkpoint
+    from rayfine.data import Preprocessor
+
+    if device is None:
+        import torch
+
+        device = "cuda" if limits.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+    ckpt = load_checkpoint(path, device=device)
+    cfg = serving_config(ckpt.cfg, limits)
+    pre = Preprocessor(cfg, str(ckpt.path), max_text_chars=limits.max_text_chars)
+    return ServedModel(str(Path(path).resolve()), weights_version(path), ckpt.cfg, list(ckpt.labels),
+                       dict(ckpt.metrics), ckpt, pre, device)
+
+
+@dataclass
+class Answer:
+    """One request's share of a batch: probabilities (N x labels) or the reason its input is bad."""
+
+    version: str
+    labels: list[str]
+    probs: Optional[np.ndarray] = None
+    error: Optional[str] = None
+
+
+def items_in(requests: list[list]) -> int:
+    """``batch_size_fn`` of @serve.batch: a batch is measured in items, not requests."""
+    return sum(len(r) for r in requests)
+
+
+def _preprocess(served: ServedModel, items: list) -> dict:
+    return served.preprocess(items)
+
+
+def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
+    """Preprocess every request's items and run one forward pass for all of them.
+
+    A request whose input cannot be preprocessed gets its own error and the others still get
+    their answers: the batch is preprocessed whole, and only when that fails, request by request."""
+    import torch
+
+    errors: dict[int, str] = {}
+    good = list(range(len(requests)))
+    try:
+        inputs = _preprocess(served, [item for r in requests for item in r])
+    except Exception:
+        good = []
+        for i, items in enumerate(requests):
+            try:
+                _preprocess(served, items)
+                good.append(i)
+            except InputError as e:
+                errors[i] = str(e)
+            except Exception as e:  # an input the decoders choke on is still the input's fault
+                errors[i] = f"input could not be preprocessed: {type(e).__name__}: {e}"
+        inputs = _preprocess(served, [item for i in good for item in requests[i]]) if good else None
+    answers = [Answer(served.version, served.labels, error=errors.get(i)) for i in range(len(requests))]
+    if inputs is None:
+        return answers
+    start = time.perf_counter_ns()
+    tensors = {k: v.to(served.device) for k, v in inputs.items()}
+    with torch.inference_mode():
+        probs = served.checkpoint.predict_proba(tensors).cpu().numpy()
+    size = len(probs)
+    served.stats.record(size, time.perf_counter_ns() - start)
+    offset = 0
+    for i in good:
+        n = len(requests[i])
+        answers[i].probs = probs[offset:offset + n]
+        offset += n
+    return answers

@@ -1,0 +1,373 @@
+"""The HTTP protocol of a served model: request and response models and their validation.
+
+Two APIs answer the same model:
+- the Open Inference Protocol (KServe v2) REST API, with plain JSON tensors:
+  inputs  ``image``  BYTES [N]          base64-encoded image files (image models)
+          ``pixels`` UINT8|FP32 [N,H,W] or [N,H,W,C] (C 1, 3 or 4) decoded pixels (image models)
+          ``text``   BYTES [N]          UTF-8 texts (text models)
+  outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
+  (its ``parameters.labels`` names the columns); errors are ``{"error": "..."}``.
+- a simple JSON API: ``{"inputs": [text or base64 image, ...], "top_k": 5}``
+  -> ``{"model_name", "model_version", "predictions": [{"label", "score", "top_k": [...]}]}``.
+
+Nothing here imports torch or Ray: the functions turn a parsed request into the raw items that
+``rayfine.data.Preprocessor`` takes (encoded image bytes, pixel arrays, strings), and raise
+``RequestError`` (a 4xx with a message naming the problem) for anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayfine.config import ServeConfig
+
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BYTES")
+PIXEL_DATATYPES = ("UINT8", "FP32")
+OUTPUTS = ("label", "score", "probabilities")
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is its 4xx code, the message says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# --- Open Inference Protocol (v2) ---------------------------------------------------------------
+
+
+class _Open(BaseModel):
+    # Unknown keys are ignored: the protocol has extensions this server does not use.
+    model_config = ConfigDict(extra="ignore")
+
+
+class RequestInput(_Open):
+    name: str = Field(description="image, pixels (image models) or text (text models).")
+    shape: list[int] = Field(description="[N] for BYTES; [N, H, W] or [N, H, W, C] for pixels.")
+    datatype: Literal[DATATYPES] = Field(description="BYTES, or UINT8 / FP32 for pixels.")  # type: ignore[valid-type]
+    parameters: Optional[dict[str, Any]] = None
+    data: list[Any] = Field(description="The elements in row-major order, flat or nested.")
+
+
+class RequestOutput(_Open):
+    name: str
+    parameters: Optional[dict[str, Any]] = None
+
+
+class InferenceRequest(_Open):
+    id: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    inputs: list[RequestInput]
+    outputs: Optional[list[RequestOutput]] = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Optional[dict[str, Any]] = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+# --- the simple JSON API ------------------------------------------------------------------------
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] = Field(description="Texts (text models) or base64-encoded image files (image models).")
+    top_k: int = Field(5, ge=1, description="Most probable labels listed per input.")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+    top_k: list[LabelScore]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def parse_json(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; malformed JSON and wrong fields become one readable 400."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestError(describe_validation(e.errors())) from None
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """Pydantic / FastAPI validation errors as one line naming each bad field."""
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if err.get("type") == "json_invalid":
+            detail = str(err.get("ctx", {}).get("error") or err.get("msg", ""))
+            parts.append(f"malformed JSON body: {detail}")
+        elif err.get("type") == "missing":
+            parts.append(f"{loc}: required field is missing")
+        else:
+            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def model_inputs(kind: str, channels: int) -> list[MetadataTensor]:
+    """The v2 input tensors a model of this kind takes (a request sends one of them)."""
+    if kind == "text":
+        return [MetadataTensor(name="text", datatype="BYTES", shape=[-1])]
+    return [MetadataTensor(name="image", datatype="BYTES", shape=[-1]),
+            MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, -1, -1, channels])]
+
+
+def model_outputs(num_labels: int) -> list[MetadataTensor]:
+    return [MetadataTensor(name="label", datatype="BYTES", shape=[-1]),
+            MetadataTensor(name="score", datatype="FP32", shape=[-1]),
+            MetadataTensor(name="probabilities", datatype="FP32", shape=[-1, num_labels])]
+
+
+def _check_count(n: int, limits: ServeConfig) -> None:
+    if n == 0:
+        raise RequestError("no inputs: send at least one item")
+    if n > limits.max_items:
+        raise RequestError(f"too many items: {n} in one request, the limit is {limits.max_items} (serve.max_items)")
+
+
+def _flat_strings(data: list, where: str) -> list[str]:
+    out: list[str] = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                if len(stack) > 8:
+                    raise RequestError(f"{where}: data is nested too deeply")
+                stack.append(iter(value))
+                break
+            if not isinstance(value, str):
+                raise RequestError(f"{where}: BYTES elements must be JSON strings, got {type(value).__name__}")
+            out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    """Standard base64 (a ``data:...;base64,`` prefix is allowed), strictly checked."""
+    if text.startswith("data:") and ";base64," in text[:200]:
+        text = text.split(";base64,", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where}: not valid base64 (image files are sent base64-encoded)") from None
+    if not data:
+        raise RequestError(f"{where}: empty image")
+    return data
+
+
+def check_image_format(data: bytes, limits: ServeConfig, where: str) -> None:
+    """Refuse formats outside serve.image_formats from the header alone (no decoding)."""
+    if set(limits.image_formats) >= {"PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP"}:
+        return  # every format the preprocessing decodes is allowed: it reports unreadable data itself
+    from PIL import Image
+
+    from rayfine.data.images import openable_formats
+
+    try:
+        with Image.open(io.BytesIO(data), formats=openable_formats()) as img:
+            fmt = img.format
+    except Exception:
+        return  # not an image at all: the preprocessing says so, in its words
+    if fmt not in limits.image_formats:
+        raise RequestError(f"{where}: image format {fmt} is not accepted; accepted: {', '.join(limits.image_formats)}",
+                           status=415)
+
+
+def _pixels(inp: RequestInput, limits: ServeConfig, where: str) -> list[np.ndarray]:
+    shape = inp.shape
+    if inp.datatype not in PIXEL_DATATYPES:
+        raise RequestError(f"{where}: pixels must be UINT8 (0-255) or FP32 (0-1 or 0-255), got {inp.datatype}")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+        raise RequestError(f"{where}: shape must be [N, H, W] or [N, H, W, C] with C 1, 3 or 4, got {shape}")
+    if min(shape) < 0 or shape[1] < 1 or shape[2] < 1:
+        raise RequestError(f"{where}: shape {shape} has an empty or negative dimension")
+    _check_count(shape[0], limits)
+    if shape[1] * shape[2] > limits.max_image_pixels:
+        raise RequestError(f"{where}: images of {shape[2]}x{shape[1]} pixels exceed the limit of "
+                           f"{limits.max_image_pixels} (serve.max_image_pixels)")
+    try:
+        arr = np.asarray(inp.data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(f"{where}: data must be numbers in a regular (not ragged) nesting") from None
+    if arr.size != math.prod(shape):
+        raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} elements, data has {arr.size}")
+    if not np.all(np.isfinite(arr)):
+        raise RequestError(f"{where}: data must be finite numbers")
+    if inp.datatype == "UINT8":
+        if np.any(arr != np.round(arr)) or arr.min() < 0 or arr.max() > 255:
+            raise RequestError(f"{where}: UINT8 data must be integers in [0, 255]")
+        arr = arr.astype(np.uint8)
+    else:
+        if arr.min() < 0 or arr.max() > 255:
+            raise RequestError(f"{where}: FP32 pixels must lie in [0, 1] or [0, 255]")
+        arr = arr.astype(np.float32)
+    return list(arr.reshape(shape))
+
+
+def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig) -> list:
+    """The raw items of a v2 request: image bytes, pixel arrays or texts."""
+    if not req.inputs:
+        raise RequestError("no inputs: the request needs one input tensor")
+    allowed = [t.name for t in model_inputs(kind, 3)]
+    if len(req.inputs) != 1:
+        raise RequestError(f"send exactly one input tensor (one of: {', '.join(allowed)}), got {len(req.inputs)}")
+    inp = req.inputs[0]
+    where = f"input {inp.name!r}"
+    if inp.name not in allowed:
+        raise RequestError(f"unknown input {inp.name!r}; this {kind} model takes one of: {', '.join(allowed)}")
+    if (inp.parameters or {}).get("binary_data_size") is not None:
+        raise RequestError(f"{where}: the binary tensor data extension is not supported; send JSON data")
+    for name in [o.name for o in req.outputs or []]:
+        if name not in OUTPUTS:
+            raise RequestError(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
+    if inp.name == "pixels":
+        return _pixels(inp, limits, where)
+    if inp.datatype != "BYTES":
+        raise RequestError(f"{where}: datatype must be BYTES, got {inp.datatype}")
+    if len(inp.shape) not in (1, 2) or (len(inp.shape) == 2 and inp.shape[1] != 1) or min(inp.shape) < 0:
+        raise RequestError(f"{where}: shape must be [N] (or [N, 1]), got {inp.shape}")
+    values = _flat_strings(inp.data, where)
+    if len(values) != inp.shape[0]:
+        raise RequestError(f"{where}: shape {inp.shape} needs {inp.shape[0]} elements, data has {len(values)}")
+    _check_count(len(values), limits)
+    if kind == "text":
+        if (inp.parameters or {}).get("content_type") == "base64":
+            values = [_utf8(decode_base64(v, f"{where} element {i}"), f"{where} element {i}") for i, v in enumerate(values)]
+        return _texts(values, limits, where)
+    images = [decode_base64(v, f"{where} element {i}") for i, v in enumerate(values)]
+    for i, data in enumerate(images):
+        check_image_format(data, limits, f"{where} element {i}")
+    return images
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{where}: not UTF-8 text") from None
+
+
+def _texts(values: list, limits: ServeConfig, where: str) -> list[str]:
+    for i, text in enumerate(values):
+        if not isinstance(text, str):
+            raise RequestError(f"{where} {i}: expected a string, got {type(text).__name__}")
+        if not text.strip():
+            raise RequestError(f"{where} {i}: empty text")
+        if len(text) > limits.max_text_chars:
+            raise RequestError(f"{where} {i}: text of {len(text)} characters exceeds the limit of "
+                               f"{limits.max_text_chars} (serve.max_text_chars)")
+    return list(values)
+
+
+def predict_items(req: PredictRequest, kind: str, limits: ServeConfig) -> list:
+    """The raw items of a /predict JSON request."""
+    _check_count(len(req.inputs), limits)
+    if kind == "text":
+        return _texts(req.inputs, limits, "input")
+    items = []
+    for i, value in enumerate(req.inputs):
+        if not isinstance(value, str):
+            raise RequestError(f"input {i}: expected a base64-encoded image file (a string), got {type(value).__name__}")
+        data = decode_base64(value, f"input {i}")
+        check_image_format(data, limits, f"input {i}")
+        items.append(data)
+    return items
+
+
+def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, limits: ServeConfig) -> list:
+    """The raw items of a multipart /predict request: uploaded files (images, or UTF-8 texts for
+    text models) and, for text models, form fields named ``inputs``."""
+    if kind == "image" and texts:
+        raise RequestError("this image model takes uploaded files, not text fields")
+    _check_count(len(files) + len(texts), limits)
+    if kind == "text":
+        return _texts([_utf8(data, f"file {name!r}") for name, data in files] + texts, limits, "input")
+    for name, data in files:
+        if not data:
+            raise RequestError(f"file {name!r}: empty upload")
+        check_image_format(data, limits, f"file {name!r}")
+    return [data for _, data in files]
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, req: InferenceRequest) -> dict:
+    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    best = probs.argmax(axis=1)
+    n = len(probs)
+    tensors = {
+        "label": {"name": "label", "shape": [n], "datatype": "BYTES", "data": [labels[i] for i in best]},
+        "score": {"name": "score", "shape": [n], "datatype": "FP32", "data": [float(probs[j, i]) for j, i in enumerate(best)]},
+        "probabilities": {"name": "probabilities", "shape": [n, len(labels)], "datatype": "FP32",
+                          "parameters": {"labels": list(labels)}, "data": [float(x) for x in probs.reshape(-1)]},
+    }
+    out = {"model_name": name, "model_version": version, "outputs": [tensors[w] for w in wanted]}
+    if req.id is not None:
+        out["id"] = req.id
+    return out
+
+
+def predict_response(name: str, version: str, labels: list[str], probs: np.ndarray, top_k: int) -> dict:
+    k = min(top_k, len(labels))
+    predictions = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        top = [{"label": labels[i], "score": float(row[i])} for i in order]
+        predictions.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+    return {"model_name": name, "model_version": version, "predictions": predictions}

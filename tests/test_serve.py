@@ -1,0 +1,459 @@
+"""Serving an image model over real HTTP on 127.0.0.1 (ray tier): two ResNet-18 checkpoints trained
+here on real digits, a real Ray Serve app deployed as `rayfine serve` deploys it, the Open Inference
+Protocol and /predict against the in-process model, dynamic batching, a hot swap under load,
+--if-better, the bad-request table, the API key, and the `rayfine serve` / `rayfine predict` CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from rayfine.checkpoints import load_checkpoint
+from rayfine.config import load_config
+from rayfine.data import Preprocessor
+from rayfine.serve.model import weights_version
+from rayfine.train import fit
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray Serve's own pydantic warnings
+
+NAME = "digits"
+KEY_ENV = "RAYFINE_TEST_SERVE_KEY"
+KEY = "k-" + secrets.token_hex(12)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMITS = {"cpus_per_replica": 0.5, "max_batch_size": 8, "max_items": 8, "max_ongoing_requests": 16,
+          "batch_wait_timeout_s": 0.05, "max_image_pixels": 10_000, "max_request_bytes": 256 * 1024,
+          "image_formats": ["PNG", "JPEG", "BMP"], "api_key_env": KEY_ENV}
+RAYFINE = str(Path(sys.executable).parent / "rayfine")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+# --- fixtures: the key in the replicas' environment, two trained checkpoints, the app -------------
+
+
+@pytest.fixture(scope="module")
+def key_in_env():
+    # Set before the module's Ray starts, so that its worker processes (the replicas) inherit it.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        yield KEY
+
+
+@pytest.fixture(scope="module")
+def checkpoints(key_in_env, ray_local, tmp_path_factory):
+    """v1: 1 epoch, v2: 2 epochs of resnet18_digits_tiny; v2 validates better."""
+    root = tmp_path_factory.mktemp("serve_runs")
+    out = {}
+    for tag, epochs in (("v1", 1), ("v2", 2)):
+        cfg = load_config("resnet18_digits_tiny", [f"name=digits_{tag}", f"storage.runs_dir={root}", f"train.epochs={epochs}"])
+        fit(cfg, log=lambda *_: None)
+        out[tag] = root / f"digits_{tag}" / "train" / "checkpoint"
+    metric = {t: json.loads((p / "metrics.json").read_text())["val_accuracy"] for t, p in out.items()}
+    assert metric["v2"] > metric["v1"], metric  # what --if-better is tested on below
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    import ray
+    from ray import serve
+
+    from rayfine.serve.deploy import deploy
+
+    result = deploy(checkpoints["v1"], name=NAME, serve_overrides={**LIMITS, "port": free_port()}, log=lambda *_: None)
+    assert result["action"] == "deployed" and result["url"].startswith("http://127.0.0.1:")
+    yield SimpleNamespace(url=result["url"], v1=result["version"], v2=weights_version(checkpoints["v2"]))
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_png(digits):
+    images, labels = digits
+    return [png(a) for a in images[-8:]], images[-8:], labels[-8:]
+
+
+def get(server, path, **kw):
+    return requests.get(server.url + path, headers=kw.pop("headers", AUTH), timeout=60, **kw)
+
+
+def post(server, path, **kw):
+    return requests.post(server.url + path, headers=kw.pop("headers", AUTH), timeout=60, **kw)
+
+
+def reference(checkpoint_dir, items) -> tuple[np.ndarray, list[str]]:
+    """The in-process model: load_checkpoint + the shared Preprocessor."""
+    ckpt = load_checkpoint(checkpoint_dir)
+    return ckpt.predict_proba(Preprocessor(ckpt.cfg, str(checkpoint_dir))(items)).numpy(), ckpt.labels
+
+
+def v2_probs(body) -> np.ndarray:
+    out = {o["name"]: o for o in body["outputs"]}
+    return np.reshape(out["probabilities"]["data"], out["probabilities"]["shape"])
+
+
+def stats(server) -> dict:
+    r = get(server, f"/v2/models/{NAME}/stats")
+    assert r.status_code == 200, r.text
+    return r.json()["model_stats"][0]
+
+
+# --- tests, in order: the swap in the middle changes what later ones see --------------------------
+
+
+def test_health_metadata_and_openapi(server):
+    assert requests.get(server.url + "/v2/health/live", timeout=30).json() == {"live": True}  # no key needed
+    assert requests.get(server.url + "/v2/health/ready", timeout=30).json() == {"ready": True}
+    assert get(server, f"/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
+    meta = get(server, f"/v2/models/{NAME}").json()
+    assert meta == {
+        "name": NAME, "versions": [server.v1], "platform": "pytorch",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                   {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 1]}],
+        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "score", "datatype": "FP32", "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    assert get(server, f"/v2/models/{NAME}/versions/{server.v1}").json() == meta
+    assert get(server, "/v2").json()["name"] == "rayfine"
+    schema = get(server, "/openapi.json").json()
+    assert {"/v2/models/{name}/infer", "/predict", "/v2/health/ready"} <= set(schema["paths"])
+    assert "InferenceRequest" in schema["components"]["schemas"]
+
+
+def test_v2_and_predict_answer_like_the_in_process_model(server, checkpoints, digits_png):
+    pngs, arrays, _ = digits_png
+    expected, labels = reference(checkpoints["v1"], pngs)
+    assert len(set(expected.argmax(1))) > 1  # a real model, not a constant
+
+    r = post(server, f"/v2/models/{NAME}/infer",
+             json={"id": "req-1", "inputs": [{"name": "image", "shape": [8], "datatype": "BYTES", "data": [b64(p) for p in pngs]}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["model_name"], body["model_version"]) == ("req-1", NAME, server.v1)
+    out = {o["name"]: o for o in body["outputs"]}
+    assert np.allclose(v2_probs(body), expected, atol=1e-5)
+    assert out["label"]["data"] == [labels[i] for i in expected.argmax(1)]
+    assert np.allclose(out["score"]["data"], expected.max(1), atol=1e-5)
+    assert out["probabilities"]["parameters"] == {"labels": labels}
+
+    # Decoded pixels (UINT8, nested; FP32 in [0, 1]) answer like the PNG files they came from.
+    r = post(server, f"/v2/models/{NAME}/infer",
+             json={"inputs": [{"name": "pixels", "shape": [8, 8, 8], "datatype": "UINT8", "data": arrays.tolist()}]})
+    assert r.status_code == 200, r.text
+    assert np.allclose(v2_probs(r.json()), expected, atol=1e-5)
+    r = post(server, f"/v2/models/{NAME}/versions/{server.v1}/infer",
+             json={"inputs": [{"name": "pixels", "shape": [8, 8, 8, 1], "datatype": "FP32",
+                               "data": (arrays / 255.0).reshape(-1).tolist()}], "outputs": [{"name": "probabilities"}]})
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]
+    assert np.allclose(v2_probs(r.json()), expected, atol=1e-5)
+
+    # /predict: JSON with base64, and a multipart upload of the files.
+    for r in (post(server, "/predict", json={"inputs": [b64(p) for p in pngs], "top_k": 3}),
+              post(server, "/predict?top_k=3", files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)])):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == server.v1 and body["model_name"] == NAME
+        for row, p in zip(expected, body["predictions"]):
+            order = np.argsort(-row)[:3]
+            assert p["label"] == labels[order[0]] and p["score"] == pytest.approx(row[order[0]], abs=1e-5)
+            assert [t["label"] for t in p["top_k"]] == [labels[i] for i in order]
+
+
+def test_concurrent_requests_are_batched(server, digits_png):
+    pngs, _, _ = digits_png
+    before = stats(server)
+    codes = []
+
+    def client(i):
+        with requests.Session() as s:
+            for j in range(8):
+                r = s.post(server.url + "/predict", json={"inputs": [b64(pngs[(i + j) % 8])]}, headers=AUTH, timeout=60)
+                codes.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = stats(server)
+    assert codes == [200] * 48
+    assert after["inference_count"] - before["inference_count"] == 48
+    sizes = Counter({b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]})
+    sizes.subtract({b["batch_size"]: b["compute_infer"]["count"] for b in before["batch_stats"]})
+    ran = {size: n for size, n in sizes.items() if n > 0}
+    assert sum(size * n for size, n in ran.items()) == 48
+    assert max(ran) > 1, ran  # the replica ran batches of several requests
+    assert max(ran) <= LIMITS["max_batch_size"]
+    print(f"\nbatch sizes under 6 concurrent clients: {dict(sorted(ran.items()))}")
+
+
+def _bad_requests(server):
+    """(what, method, path, requests kwargs, status, part of the error message)."""
+    noise = png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    big = png(np.zeros((120, 120), np.uint8))  # 14,400 pixels > max_image_pixels 10,000
+    infer = f"/v2/models/{NAME}/infer"
+
+    def v2(name="image", shape=(1,), datatype="BYTES", data=None):
+        return {"json": {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}}
+
+    one = [b64(noise)]
+    return [
+        ("corrupt image", "POST", "/predict", {"json": {"inputs": [b64(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)]}}, 400,
+         "not a readable image"),
+        ("truncated image", "POST", infer, v2(data=[b64(noise[: len(noise) // 2])]), 400, "corrupt image data"),
+        ("image over the pixel limit", "POST", "/predict", {"json": {"inputs": [b64(big)]}}, 400, "more than the limit of 10000"),
+        ("decompression bomb", "POST", "/predict", {"json": {"inputs": [b64(bomb_png(40_000, 40_000))]}}, 400, "too large"),
+        ("pixels over the limit", "POST", infer, v2("pixels", (1, 101, 100), "UINT8", [0] * 10100), 400, "exceed the limit of 10000"),
+        ("refused image format", "POST", "/predict", {"json": {"inputs": [b64(png(np.zeros((8, 8), np.uint8), "GIF"))]}}, 415,
+         "image format GIF is not accepted"),
+        ("wrong content type (infer)", "POST", infer, {"data": "hello", "headers": {**AUTH, "Content-Type": "text/plain"}}, 415,
+         "Content-Type must be application/json"),
+        ("wrong content type (predict)", "POST", "/predict", {"data": "<x/>", "headers": {**AUTH, "Content-Type": "application/xml"}},
+         415, "application/json or multipart/form-data"),
+        ("malformed JSON", "POST", infer, {"data": '{"inputs": [', "headers": {**AUTH, "Content-Type": "application/json"}}, 400,
+         "malformed JSON body"),
+        ("JSON that is not an object", "POST", "/predict", {"json": [1, 2]}, 400, "body"),
+        ("wrong tensor shape", "POST", infer, v2("pixels", (1, 8, 8), "UINT8", [0] * 60), 400, "needs 64 elements"),
+        ("wrong tensor datatype", "POST", infer, v2("pixels", (1, 8, 8), "INT64", [0] * 64), 400, "UINT8 (0-255) or FP32"),
+        ("unknown datatype", "POST", infer, v2("image", (1,), "STRING", one), 400, "inputs.0.datatype"),
+        ("BYTES that are not base64", "POST", infer, v2(data=["not base64!"]), 400, "not valid base64"),
+        ("input for a text model", "POST", infer, v2("text", (1,), "BYTES", ["a fine film"]), 400, "unknown input 'text'"),
+        ("empty inputs (predict)", "POST", "/predict", {"json": {"inputs": []}}, 400, "no inputs"),
+        ("empty inputs (v2)", "POST", infer, {"json": {"inputs": []}}, 400, "no inputs"),
+        ("empty tensor", "POST", infer, v2(shape=(0,), data=[]), 400, "no inputs"),
+        ("empty multipart", "POST", "/predict", {"files": {"inputs": (None, "")}}, 400, "takes uploaded files, not text fields"),
+        ("too many items", "POST", "/predict", {"json": {"inputs": one * 9}}, 400, "too many items: 9"),
+        ("body over the size limit", "POST", "/predict", {"json": {"inputs": ["A" * 300_000]}}, 413, "exceeds the limit of 262144"),
+        ("chunked body over the limit", "POST", "/predict",
+         {"data": (b"x" * 65536 for _ in range(6)), "headers": {**AUTH, "Content-Type": "application/json"}}, 413, "exceeds the limit"),
+        ("unknown output", "POST", infer, {"json": {**v2(data=one)["json"], "outputs": [{"name": "logits"}]}}, 400, "unknown output"),
+        ("bad top_k", "POST", "/predict?top_k=0", {"json": {"inputs": one}}, 400, "top_k"),
+        ("unknown model name", "POST", "/v2/models/cats/infer", v2(data=one), 404, "unknown model 'cats'"),
+        ("unknown model (metadata)", "GET", "/v2/models/cats", {}, 404, "unknown model 'cats'"),
+        ("unknown version", "POST", f"/v2/models/{NAME}/versions/nope/infer", v2(data=one), 404, "has no version 'nope'"),
+        ("missing API key", "POST", "/predict", {"json": {"inputs": one}, "headers": {}}, 401, "missing API key"),
+        ("wrong API key", "POST", "/predict", {"json": {"inputs": one}, "headers": {"Authorization": "Bearer wrong"}}, 401,
+         "invalid API key"),
+        ("wrong X-API-Key", "GET", f"/v2/models/{NAME}", {"headers": {"X-API-Key": "wrong"}}, 401, "invalid API key"),
+        ("no key for the schema", "GET", "/openapi.json", {"headers": {}}, 401, "missing API key"),
+        ("unknown route", "GET", "/v3/anything", {}, 404, "no such route"),
+        ("wrong method", "GET", "/predict", {}, 405, "Method Not Allowed"),
+    ]
+
+
+def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_keeps_serving(server, digits_png):
+    pngs, _, _ = digits_png
+    replica = stats(server)["replica"]
+    failures = []
+    for what, method, path, kwargs, status, message in _bad_requests(server):
+        kwargs = dict(kwargs)
+        headers = kwargs.pop("headers", AUTH)
+        r = requests.request(method, server.url + path, headers=headers, timeout=60, **kwargs)
+        try:
+            error = r.json().get("error", "")
+        except ValueError:
+            error = f"(not JSON) {r.text[:100]}"
+        if r.status_code != status or message not in error:
+            failures.append(f"{what}: got {r.status_code} {error!r}, wanted {status} with {message!r}")
+    assert not failures, "\n".join(failures)
+    # Still serving, on the same replica (nothing crashed it).
+    r = post(server, "/predict", json={"inputs": [b64(pngs[0])]})
+    assert r.status_code == 200 and stats(server)["replica"] == replica
+
+
+def test_a_bad_request_in_a_batch_does_not_fail_the_others(server, digits_png):
+    pngs, _, _ = digits_png
+    good_answer = post(server, "/predict", json={"inputs": [b64(pngs[1])]}).json()["predictions"][0]["label"]
+    before = stats(server)
+    results = []
+
+    def client(bad: bool):
+        payload = [b64(b"\x89PNG\r\n\x1a\nbroken")] if bad else [b64(pngs[1])]
+        for _ in range(6):
+            r = requests.post(server.url + "/predict", json={"inputs": payload}, headers=AUTH, timeout=60)
+            results.append((bad, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(code == 400 and "not a readable image" in body["error"] for bad, code, body in results if bad)
+    assert all(code == 200 and body["predictions"][0]["label"] == good_answer for bad, code, body in results if not bad)
+    after = stats(server)
+    assert after["inference_count"] - before["inference_count"] == 18  # only the good items reached the model
+
+
+def test_hot_swap_under_load_fails_nothing_and_changes_the_version(server, checkpoints, digits_png):
+    from rayfine.serve.deploy import deploy
+
+    pngs, _, _ = digits_png
+    replica = stats(server)["replica"]
+    swapped = threading.Event()
+    seen: list[tuple[int, str, bool]] = []  # (status, version, sent after the swap returned)
+
+    def client(i):
+        with requests.Session() as s:
+            after = 0
+            for _ in range(400):  # bounded, whatever happens
+                done = swapped.is_set()
+                r = s.post(server.url + "/predict", json={"inputs": [b64(pngs[i])]}, headers=AUTH, timeout=60)
+                seen.append((r.status_code, r.json().get("model_version", r.text), done))
+                after += done
+                if after >= 5:
+                    return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    while len(seen) < 10:
+        time.sleep(0.05)
+    result = deploy(checkpoints["v2"], name=NAME, if_better=True, log=lambda *_: None)
+    swapped.set()
+    for t in threads:
+        t.join()
+
+    assert result["action"] == "swapped" and result["version"] == server.v2 and "val_accuracy" in result["reason"]
+    assert [s for s in seen if s[0] != 200] == []
+    versions = [v for _, v, _ in seen]
+    assert set(versions) == {server.v1, server.v2}  # answered by both, nothing else
+    assert all(v == server.v2 for _, v, after in seen if after)
+    assert get(server, f"/v2/models/{NAME}").json()["versions"] == [server.v2]
+    assert stats(server)["replica"] == replica  # swapped in place: the same replica, not a new one
+    # The new model answers like the in-process v2 model.
+    expected, _ = reference(checkpoints["v2"], pngs)
+    r = post(server, f"/v2/models/{NAME}/infer",
+             json={"inputs": [{"name": "image", "shape": [8], "datatype": "BYTES", "data": [b64(p) for p in pngs]}]})
+    assert r.json()["model_version"] == server.v2
+    assert np.allclose(v2_probs(r.json()), expected, atol=1e-5)
+    print(f"\nhot swap under load: {len(seen)} requests, {versions.count(server.v1)} by v1, {versions.count(server.v2)} by v2")
+
+
+def _cli(*args, env=None, timeout=180):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([RAYFINE, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def test_if_better_keeps_the_better_served_model(server, checkpoints):
+    import ray
+
+    from rayfine.serve.deploy import deploy
+
+    result = deploy(checkpoints["v1"], name=NAME, if_better=True, log=lambda *_: None)
+    assert result["action"] == "kept" and result["version"] == server.v2
+    assert "<=" in result["reason"]
+    # The same through the CLI, from another process joining this Ray (token auth is on).
+    out = _cli("serve", str(checkpoints["v1"].parent.parent), "--name", NAME, "--if-better",
+               "--address", ray.get_runtime_context().gcs_address, env={"RAY_AUTH_MODE": "token"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"kept version {server.v2} of {NAME}" in out.stdout
+    assert get(server, f"/v2/models/{NAME}").json()["versions"] == [server.v2]
+    # Without --if-better the CLI swaps whatever it is given, and returns (the app keeps running).
+    out = _cli("serve", str(checkpoints["v1"]), "--name", NAME, "--address", ray.get_runtime_context().gcs_address,
+               env={"RAY_AUTH_MODE": "token"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{NAME} swapped: version {server.v1}" in out.stdout
+    assert get(server, f"/v2/models/{NAME}").json()["versions"] == [server.v1]
+
+
+def test_rayfine_predict_prints_labels_and_scores(server, digits_png, tmp_path):
+    pngs, _, _ = digits_png
+    files = []
+    for i, p in enumerate(pngs[:3]):
+        files.append(tmp_path / f"digit{i}.png")
+        files[-1].write_bytes(p)
+    expected = post(server, "/predict", json={"inputs": [b64(p) for p in pngs[:3]]}).json()["predictions"]
+    out = _cli("predict", server.url, *map(str, files), env={"RAYFINE_API_KEY": KEY})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == f"# model {NAME} version {server.v1}"  # swapped back by the CLI above
+    for line, f, p in zip(lines[1:], files, expected):
+        name, label, score = line.split("\t")[:3]
+        assert (name, label) == (f.name, p["label"]) and float(score) == pytest.approx(p["score"], abs=1e-4)
+    refused = _cli("predict", server.url, str(files[0]))  # no key
+    assert refused.returncode == 1 and "401" in refused.stderr and "missing API key" in refused.stderr
+    texts = _cli("predict", server.url, "not", "images", env={"RAYFINE_API_KEY": KEY})
+    assert texts.returncode == 1 and "not valid base64" in texts.stderr
+
+
+def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_path):
+    """`rayfine serve RUN_DIR` on its own embedded Ray: serves, then stops cleanly on Ctrl-C.
+    This module's Ray is stopped first: one Ray at a time on a small machine."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    pngs, _, _ = digits_png
+    port = free_port()
+    env = {**os.environ, "RAYFINE_API_KEY": "cli-key", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([RAYFINE, "serve", str(checkpoints["v2"].parent.parent), "--port", str(port),
+                                 "--set", "serve.cpus_per_replica=0.5"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and "serving until Ctrl-C" not in log.read_text():
+            time.sleep(1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert requests.get(url + "/v2/health/ready", timeout=30).json() == {"ready": True}
+        r = requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, headers={"X-API-Key": "cli-key"}, timeout=60)
+        assert r.status_code == 200 and r.json()["model_name"] == "digits_v2", r.text
+        assert requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, timeout=60).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    assert f"stopping digits_v2" in log.read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)

@@ -1,0 +1,254 @@
+"""Serving without Ray (unit tier): request parsing and limits, deployment options, build_app
+args, the API key source, and the `rayfine predict` client (its retry, on a real local socket)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rayfine.config import SERVE_IMAGE_FORMATS, ConfigError, ServeConfig, load_config
+from rayfine.data.images import ACCEPTED_FORMATS
+from rayfine.serve import protocol
+from rayfine.serve.protocol import InferenceRequest, PredictRequest, RequestError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic warnings
+
+LIMITS = ServeConfig(max_items=4, max_batch_size=8, max_image_pixels=10_000, max_text_chars=20,
+                     image_formats=("PNG", "JPEG"))
+
+
+def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v2(inputs, **extra) -> InferenceRequest:
+    return InferenceRequest.model_validate({"inputs": inputs, **extra})
+
+
+def test_serve_formats_are_the_decodable_ones():
+    assert set(SERVE_IMAGE_FORMATS) == set(ACCEPTED_FORMATS)
+
+
+def test_v2_bytes_pixels_and_texts_become_raw_items():
+    img = png(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    items = protocol.v2_items(v2([{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64(img), b64(img)]}]),
+                              "image", LIMITS)
+    assert items == [img, img]
+    # Nested and flat data are the same tensor (row-major).
+    flat = list(range(2 * 3 * 3))
+    nested = np.arange(18).reshape(2, 3, 3).tolist()
+    a = protocol.v2_items(v2([{"name": "pixels", "shape": [2, 3, 3], "datatype": "UINT8", "data": flat}]), "image", LIMITS)
+    b = protocol.v2_items(v2([{"name": "pixels", "shape": [2, 3, 3], "datatype": "UINT8", "data": nested}]), "image", LIMITS)
+    assert len(a) == 2 and all(x.dtype == np.uint8 and x.shape == (3, 3) for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    floats = protocol.v2_items(v2([{"name": "pixels", "shape": [1, 2, 2, 3], "datatype": "FP32", "data": [0.5] * 12}]),
+                               "image", LIMITS)
+    assert floats[0].shape == (2, 2, 3) and floats[0].dtype == np.float32
+    texts = protocol.v2_items(v2([{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["good"], ["bad"]]}]),
+                              "text", LIMITS)
+    assert texts == ["good", "bad"]
+    encoded = protocol.v2_items(v2([{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+                                     "data": [b64("héllo".encode())]}]), "text", LIMITS)
+    assert encoded == ["héllo"]
+
+
+@pytest.mark.parametrize("inputs,kind,status,message", [
+    ([], "image", 400, "no inputs"),
+    ([{"name": "image", "shape": [0], "datatype": "BYTES", "data": []}], "image", 400, "no inputs"),
+    ([{"name": "image", "shape": [5], "datatype": "BYTES", "data": ["x"] * 5}], "image", 400, "too many items: 5"),
+    ([{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}], "image", 400, "needs 2 elements"),
+    ([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [3]}], "image", 400, "must be JSON strings"),
+    ([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}], "image", 400, "not valid base64"),
+    ([{"name": "image", "shape": [1], "datatype": "UINT8", "data": [1]}], "image", 400, "datatype must be BYTES"),
+    ([{"name": "image", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}], "image", 400, "shape must be [N]"),
+    ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "INT64", "data": [0] * 9}], "image", 400, "UINT8 (0-255) or FP32"),
+    ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [0] * 8}], "image", 400, "needs 9 elements"),
+    ([{"name": "pixels", "shape": [1, 3, 3, 2], "datatype": "UINT8", "data": [0] * 18}], "image", 400, "C 1, 3 or 4"),
+    ([{"name": "pixels", "shape": [1, 3], "datatype": "UINT8", "data": [0] * 3}], "image", 400, "[N, H, W]"),
+    ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [300] * 9}], "image", 400, "integers in [0, 255]"),
+    ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [[1, 2, 3], [4, 5], [6]]}], "image", 400, "ragged"),
+    ([{"name": "pixels", "shape": [1, 200, 200], "datatype": "UINT8", "data": [0]}], "image", 400, "exceed the limit of 10000"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "image", 400, "unknown input 'text'"),
+    ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [0] * 9}], "text", 400, "unknown input 'pixels'"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x" * 21]}], "text", 400, "exceeds the limit of 20"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}], "text", 400, "empty text"),
+    ([{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}], "text", 400, "datatype must be BYTES"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2, "text", 400, "exactly one input tensor"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"], "parameters": {"binary_data_size": 1}}], "text", 400,
+     "binary tensor data extension"),
+])
+def test_bad_v2_tensors_are_refused_with_the_reason(inputs, kind, status, message):
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
+        protocol.v2_items(v2(inputs), kind, LIMITS)
+    assert e.value.status == status
+
+
+def test_unknown_output_and_datatype_and_malformed_json():
+    with pytest.raises(RequestError, match="unknown output 'logits'"):
+        protocol.v2_items(v2([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}], outputs=[{"name": "logits"}]),
+                          "text", LIMITS)
+    with pytest.raises(RequestError, match="inputs.0.datatype"):
+        protocol.parse_json(InferenceRequest, b'{"inputs": [{"name": "text", "shape": [1], "datatype": "STRING", "data": ["a"]}]}')
+    with pytest.raises(RequestError, match="malformed JSON body"):
+        protocol.parse_json(InferenceRequest, b'{"inputs": [')
+    with pytest.raises(RequestError, match="inputs: required field is missing"):
+        protocol.parse_json(InferenceRequest, b'{"id": "1"}')
+
+
+def test_image_format_limit_reads_only_the_header():
+    gif = png(np.zeros((8, 8), np.uint8), "GIF")
+    with pytest.raises(RequestError, match="image format GIF is not accepted; accepted: PNG, JPEG") as e:
+        protocol.predict_items(PredictRequest(inputs=[b64(gif)]), "image", LIMITS)
+    assert e.value.status == 415
+    # A bomb's header is read, never its pixels: refused by format before anything is decoded.
+    ok = protocol.predict_items(PredictRequest(inputs=[b64(png(np.zeros((8, 8), np.uint8), "JPEG"))]), "image", LIMITS)
+    assert len(ok) == 1
+    # Not an image at all: left to the preprocessing, which names the problem.
+    assert protocol.predict_items(PredictRequest(inputs=[b64(b"not an image")]), "image", LIMITS) == [b"not an image"]
+
+
+def test_predict_and_upload_items():
+    img = png(np.zeros((8, 8), np.uint8))
+    assert protocol.predict_items(PredictRequest(inputs=["data:image/png;base64," + b64(img)]), "image", LIMITS) == [img]
+    with pytest.raises(RequestError, match="expected a base64-encoded image file"):
+        protocol.predict_items(PredictRequest(inputs=[[1, 2]]), "image", LIMITS)
+    with pytest.raises(RequestError, match="no inputs"):
+        protocol.predict_items(PredictRequest(inputs=[]), "text", LIMITS)
+    assert protocol.upload_items([("a.txt", "fine".encode())], ["dull"], "text", LIMITS) == ["fine", "dull"]
+    with pytest.raises(RequestError, match="not UTF-8"):
+        protocol.upload_items([("a.bin", b"\xff\xfe\xfa")], [], "text", LIMITS)
+    with pytest.raises(RequestError, match="takes uploaded files, not text fields"):
+        protocol.upload_items([], ["x"], "image", LIMITS)
+
+
+def test_responses_follow_the_protocol():
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
+    req = v2([{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}], id="42")
+    out = protocol.v2_response("m", "v1", ["neg", "pos", "mid"], probs, req)
+    assert out["id"] == "42" and out["model_name"] == "m" and out["model_version"] == "v1"
+    tensors = {o["name"]: o for o in out["outputs"]}
+    assert tensors["label"] == {"name": "label", "shape": [2], "datatype": "BYTES", "data": ["pos", "neg"]}
+    assert tensors["probabilities"]["shape"] == [2, 3]
+    assert np.allclose(np.reshape(tensors["probabilities"]["data"], (2, 3)), probs)
+    only = protocol.v2_response("m", "v1", ["neg", "pos", "mid"], probs, v2(req.model_dump()["inputs"], outputs=[{"name": "score"}]))
+    assert [o["name"] for o in only["outputs"]] == ["score"] and "id" not in only
+    simple = protocol.predict_response("m", "v1", ["neg", "pos", "mid"], probs, top_k=2)
+    assert simple["predictions"][0]["label"] == "pos"
+    assert [t["label"] for t in simple["predictions"][1]["top_k"]] == ["neg", "pos"]
+
+
+def test_serve_section_is_validated_with_dotted_names():
+    cfg = load_config("resnet18_digits_tiny")
+    assert cfg.serve.host == "127.0.0.1"
+    for overrides, message in [
+        (["serve.max_items=40"], "max_items (40) must be at most max_batch_size"),
+        (["serve.max_ongoing_requests=4"], "max_ongoing_requests (4) must be at least max_batch_size"),
+        (["serve.image_formats=[PNG,EPS]"], "serve.image_formats.1"),
+        (["serve.route_prefix=digits"], "serve.route_prefix: must be / or /name"),
+        (["serve.autoscaling=true", "serve.min_replicas=3"], "min_replicas (3) must be at most max_replicas"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            load_config("resnet18_digits_tiny", overrides)
+
+
+def test_deployment_options_fixed_or_autoscaling():
+    from rayfine.serve.app import deployment_options
+
+    fixed = deployment_options(ServeConfig(num_replicas=3, cpus_per_replica=0.5, max_batch_size=8, max_items=8,
+                                           max_ongoing_requests=12))
+    assert fixed == {"max_ongoing_requests": 12, "max_queued_requests": 256, "num_replicas": 3,
+                     "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.0}}
+    auto = deployment_options(ServeConfig(autoscaling=True, min_replicas=0, max_replicas=4, target_ongoing_requests=6,
+                                          gpus_per_replica=1))
+    assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 1
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 4,
+                                          "target_ongoing_requests": 6}
+
+
+def test_api_key_comes_from_a_file_or_the_environment_never_the_config(tmp_path):
+    from rayfine.errors import CheckpointError
+    from rayfine.serve.app import read_api_key
+
+    assert read_api_key(ServeConfig(), environ={}) is None
+    assert read_api_key(ServeConfig(api_key_env="K"), environ={"K": " s3cret\n"}) == b"s3cret"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert read_api_key(ServeConfig(api_key_file=str(key_file)), environ={"RAYFINE_API_KEY": "env"}) == b"from-file"
+    with pytest.raises(CheckpointError, match="api_key_file"):  # configured but missing: never serve open
+        read_api_key(ServeConfig(api_key_file=str(tmp_path / "missing")), environ={})
+
+
+def test_build_app_args_are_checked(tmp_path):
+    from rayfine.serve.app import build_app, resolve_checkpoint
+    from rayfine.errors import CheckpointError
+
+    with pytest.raises(ConfigError, match="build_app args: .*checkpoint.*allowed: checkpoint, name, serve"):
+        build_app({"chekpoint": "x"})
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        resolve_checkpoint(tmp_path)
+    # A tune run directory's winner comes before its train checkpoint.
+    for sub in ("train/checkpoint", "tune/best/checkpoint"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "model.safetensors").write_bytes(b"")
+        (tmp_path / sub / "config.yaml").write_text("")
+    assert resolve_checkpoint(tmp_path) == (tmp_path / "tune/best/checkpoint").resolve()
+    assert resolve_checkpoint(tmp_path / "train") == (tmp_path / "train/checkpoint").resolve()
+
+
+class _FlakyHandler(BaseHTTPRequestHandler):
+    """Drops the first connection without an answer, answers the next ones."""
+
+    calls: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.calls.append(self.path)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if len(self.calls) == 1:
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        body = b'{"model_name": "m", "model_version": "v", "predictions": [{"label": "pos", "score": 0.9, "top_k": []}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_retries_a_dropped_connection_once_and_reports_refusals():
+    from rayfine.serve.client import ClientError, format_predictions, predict
+
+    _FlakyHandler.calls = []
+    server = HTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        result = predict(url, ["a fine film"], api_key="k")
+        assert result["predictions"][0]["label"] == "pos"
+        assert _FlakyHandler.calls == ["/predict", "/predict"]  # dropped once, retried once
+        assert "a fine film\tpos\t0.9000" in format_predictions(["a fine film"], result)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(ClientError, match="cannot reach .* tried 2 times"):
+        predict(f"http://127.0.0.1:{free}", ["x"])
