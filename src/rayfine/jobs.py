@@ -1,0 +1,376 @@
+"""Ray Jobs: submit a rayfine job to a running cluster, then follow it (status, logs, stop).
+
+    rayfine submit resnet18_digits --address http://127.0.0.1:8265 --job pipeline --follow
+    rayfine jobs list | status ID | logs ID [--follow] | stop ID
+
+    from rayfine.jobs import connect, submit
+    result = submit(cfg, "resnet18_digits", job="train", client=connect("http://head:8265"))
+
+A job is ``python ray_jobs/<job>.py --config ... --set ...`` run by Ray's JobSubmissionClient with
+the project directory as ``working_dir`` (minus .venv, runs, .git, data and caches): it carries the
+entrypoints and your config files, and the cluster's own installed rayfine runs them (the venv of
+`ray start` on cluster/local, the image on KubeRay). The submission id is deterministic,
+``rayfine-<job>-<name>-<hash of the resolved config>``: submitting the same job and config again
+finds the first submission (Ray keeps a submission id for the life of the cluster) and reports or
+follows it instead of running it twice.
+
+Token authentication: Ray's own client adds the token header only when ``RAY_AUTH_MODE=token`` is
+set in the client's environment (``ray._private.authentication.http_token_authentication``), so
+rayfine reads the token itself, from the sources Ray uses, in Ray's order: ``RAY_AUTH_TOKEN``,
+the file named by ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``, and sends it as
+``Authorization: Bearer``; ``RAY_AUTH_MODE=disabled`` sends none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from rayfine.errors import RayfineError
+
+JOB_KINDS = ("train", "tune", "pipeline")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Never uploaded: environments, run outputs, data, VCS and caches (gitwildmatch patterns, as in
+# .gitignore; Ray also honours the project's .gitignore and .rayignore).
+EXCLUDES = [
+    ".venv/", "venv/", ".git/", "/runs/", "/data/", "/datasets/", "/bench/out/",
+    "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/",
+    "build/", "dist/", "node_modules/",
+]
+NOT_UPLOADED_DIRS = ("data", "datasets", "runs", ".venv", "venv")
+# Settings of this shell that the job should see too: offline mode and quiet logs. Secrets (API
+# keys, HF_TOKEN) are never forwarded: a runtime_env is readable by every holder of the token.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "RAY_DATA_LOG_LEVEL")
+
+
+class JobsError(RayfineError, RuntimeError):
+    """The Jobs API could not be reached or refused the request; the message says what to do."""
+
+
+# --- where and who ---------------------------------------------------------------------------
+
+
+def resolve_address(address: Optional[str] = None, environ: Optional[dict] = None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else an http(s) RAY_ADDRESS, else the local dashboard."""
+    env = os.environ if environ is None else environ
+    ray_address = env.get("RAY_ADDRESS", "")
+    chosen = address or env.get("RAY_API_SERVER_ADDRESS") or (ray_address if ray_address.startswith(("http://", "https://")) else "")
+    chosen = (chosen or DEFAULT_ADDRESS).rstrip("/")
+    if "://" not in chosen:
+        chosen = "http://" + chosen
+    if not chosen.startswith(("http://", "https://")):
+        raise JobsError(f"--address {chosen}: the Jobs API is the dashboard's HTTP address, e.g. {DEFAULT_ADDRESS}")
+    return chosen
+
+
+def resolve_token(environ: Optional[dict] = None, home: Optional[Path] = None) -> tuple[Optional[str], str]:
+    """(token or None, where it came from), in Ray's order of precedence."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None, "RAY_AUTH_MODE=disabled"
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise JobsError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file ({e.strerror})") from None
+        if not token:
+            raise JobsError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return token, str(path)
+    path = (home or Path.home()) / ".ray" / "auth_token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None, "no token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token are unset or missing)"
+    return (token, str(path)) if token else (None, f"{path} is empty")
+
+
+class _Translate:
+    """Turns the SDK's exceptions into one readable line (JobsError)."""
+
+    def __init__(self, address: str, token_source: str):
+        self.address, self.token_source = address, token_source
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (JobsError, KeyboardInterrupt)):
+            return False
+        import requests
+        from ray.exceptions import AuthenticationError
+
+        text = str(exc)
+        if isinstance(exc, AuthenticationError) and "required" in text.lower():
+            raise JobsError(
+                f"{self.address} requires a Ray auth token and none was sent ({self.token_source}): set "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or save it in ~/.ray/auth_token (`ray get-auth-token` "
+                "on the head node prints it)") from None
+        if isinstance(exc, AuthenticationError):
+            raise JobsError(f"{self.address} refused the Ray auth token from {self.token_source}: it is not this "
+                            "cluster's token") from None
+        if isinstance(exc, (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            raise JobsError(f"cannot reach the Ray Jobs API at {self.address}: is the cluster up, and is this its "
+                            "dashboard address (port 8265 by default)?") from None
+        if isinstance(exc, RuntimeError) and "status code 404" in text:
+            raise JobsError(f"no such job on {self.address} (`rayfine jobs list` shows the jobs)") from None
+        return False
+
+
+def connect(address: Optional[str] = None, environ: Optional[dict] = None):
+    """A JobSubmissionClient for the cluster at ``address`` carrying the auth token, or JobsError."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address, environ)
+    token, source = resolve_token(environ)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with _Translate(url, source):
+        client = JobSubmissionClient(url, headers=headers)
+    client.rayfine_token_source = source  # for the error messages of later calls
+    return client
+
+
+def _calls(client) -> _Translate:
+    return _Translate(getattr(client, "_address", "the cluster"), getattr(client, "rayfine_token_source", "?"))
+
+
+# --- what is submitted -----------------------------------------------------------------------
+
+
+def config_digest(job: str, cfg) -> str:
+    """sha256 of the job kind and the resolved config: equal for the same job, different otherwise."""
+    payload = json.dumps({"job": job, "config": cfg.to_dict()}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def submission_id(job: str, cfg) -> str:
+    return f"rayfine-{job}-{cfg.name}-{config_digest(job, cfg)[:12]}"
+
+
+def config_argument(config: str, working_dir: Path) -> str:
+    """How the job names the config: a preset name as is, a file by its path inside working_dir."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        return config
+    try:
+        inside = path.resolve().relative_to(working_dir.resolve())
+    except ValueError:
+        raise JobsError(f"config file {config} is outside the working directory {working_dir}, so the job "
+                        "would not have it: move it into the project (or pass --working-dir)") from None
+    if inside.parts[0] in NOT_UPLOADED_DIRS:
+        raise JobsError(f"config file {config} is in {inside.parts[0]}/, which is not uploaded: move it elsewhere "
+                        "in the project")
+    return inside.as_posix()
+
+
+def entrypoint(job: str, config_arg: str, overrides: Iterable[str], runs_dir: Optional[str]) -> str:
+    argv = ["python", f"ray_jobs/{job}.py", "--config", config_arg]
+    for item in overrides:
+        argv += ["--set", item]
+    if runs_dir:
+        argv += ["--runs-dir", runs_dir]
+    return shlex.join(argv)
+
+
+def runtime_env(working_dir: Path, environ: Optional[dict] = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    env_vars = {"PYTHONUNBUFFERED": "1", **{k: env[k] for k in FORWARDED_ENV if env.get(k)}}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
+
+
+# --- submit and follow -----------------------------------------------------------------------
+
+
+def job_info(client, job_id: str):
+    with _calls(client):
+        return client.get_job_info(job_id)
+
+
+def _exists(client, job_id: str):
+    try:
+        return job_info(client, job_id)
+    except JobsError as e:
+        if "no such job" in str(e):
+            return None
+        raise
+
+
+def check_submission(config: str, *, job: str, runs_dir: Optional[str], working_dir: str | Path) -> tuple[Path, str]:
+    """What can be checked before talking to the cluster; returns (working dir, the job's --config)."""
+    if job not in JOB_KINDS:
+        raise JobsError(f"--job {job}: one of {', '.join(JOB_KINDS)}")
+    wd = Path(working_dir).expanduser().resolve()
+    if not (wd / "ray_jobs" / f"{job}.py").is_file():
+        raise JobsError(f"{wd} has no ray_jobs/{job}.py: run `rayfine submit` from the project directory "
+                        "(or pass --working-dir)")
+    if runs_dir and not Path(runs_dir).is_absolute():
+        raise JobsError(f"--runs-dir {runs_dir}: give an absolute path that every node of the cluster mounts; "
+                        "a relative one would land in the job's temporary working directory")
+    return wd, config_argument(config, wd)
+
+
+def check_data(cfg) -> None:
+    """A relative data.source must travel with the working directory; data/ and runs/ do not."""
+    source = Path(cfg.data.source)
+    if "://" in cfg.data.source or cfg.data.source.startswith("builtin:") or source.is_absolute():
+        return
+    if source.parts and source.parts[0] in NOT_UPLOADED_DIRS:
+        raise JobsError(f"data.source {source}: {source.parts[0]}/ is not uploaded with the working directory; "
+                        "put the data where every node reads it (an absolute path on shared storage, or s3://)")
+
+
+def submit(
+    cfg,
+    config: str,
+    *,
+    job: str = "pipeline",
+    overrides: Iterable[str] = (),
+    runs_dir: Optional[str] = None,
+    working_dir: str | Path = ".",
+    job_id: Optional[str] = None,
+    client=None,
+    address: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Submit ``job`` for the validated ``cfg`` (loaded from ``config`` + ``overrides``).
+
+    Returns {"submission_id", "status", "existing"}; ``existing`` is True when that submission id
+    was already on the cluster (nothing new was started)."""
+    wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir)
+    check_data(cfg)
+    job_id = job_id or submission_id(job, cfg)
+    client = client or connect(address)
+    existing = _exists(client, job_id)
+    if existing is None:
+        if not runs_dir:
+            log("[submit] no --runs-dir: the job writes its run directory to $RAYFINE_RUNS_DIR of the cluster "
+                "(cluster/local/up.sh sets it), else to storage.runs_dir in its temporary working directory")
+        metadata = {"rayfine.job": job, "rayfine.config": cfg.name, "rayfine.config_sha256": config_digest(job, cfg)}
+        try:
+            with _calls(client):
+                client.submit_job(entrypoint=entrypoint(job, config_arg, overrides, runs_dir),
+                                  runtime_env=runtime_env(wd), submission_id=job_id, metadata=metadata)
+        except RuntimeError as e:
+            if "already exists" not in str(e):  # else: submitted meanwhile by someone else; report it
+                raise
+            existing = job_info(client, job_id)
+    status = str(existing.status) if existing is not None else str(job_info(client, job_id).status)
+    return {"submission_id": job_id, "status": status, "existing": existing is not None}
+
+
+def follow(client, job_id: str, out=None, poll_s: float = 1.0) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    import asyncio
+
+    out = out or sys.stdout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    with _calls(client):
+        try:
+            asyncio.run(tail())
+        except RuntimeError as e:  # the log stream broke off: the status below still tells the end
+            print(f"[job] log stream interrupted ({e}); waiting for the job to end", file=sys.stderr)
+        while True:
+            status = str(client.get_job_status(job_id))
+            if status in TERMINAL:
+                return status
+            time.sleep(poll_s)
+
+
+def _when(ms: Optional[int]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def describe(info) -> str:
+    took = f"{(info.end_time - info.start_time) / 1000:.0f}s" if info.start_time and info.end_time else "-"
+    lines = [f"{info.submission_id}: {info.status}",
+             f"  started {_when(info.start_time)}, ended {_when(info.end_time)}, took {took}",
+             f"  entrypoint: {info.entrypoint}"]
+    if info.message:
+        lines.append(f"  message: {info.message.strip()}")
+    return "\n".join(lines)
+
+
+def _hint(job_id: str, address: str) -> str:
+    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    return (f"logs: rayfine jobs logs {job_id} --follow{where}; status: rayfine jobs status {job_id}{where}; "
+            f"stop: rayfine jobs stop {job_id}{where}")
+
+
+# --- the CLI's commands ----------------------------------------------------------------------
+
+
+def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Optional[str], working_dir: str,
+               job_id: Optional[str], address: Optional[str], follow_logs: bool) -> int:
+    check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir)
+    check_data(cfg)
+    client = connect(address)
+    result = submit(cfg, config, job=job, overrides=overrides, runs_dir=runs_dir, working_dir=working_dir,
+                    job_id=job_id, client=client)
+    job_id, status, url = result["submission_id"], result["status"], client._address
+    if result["existing"]:
+        print(f"[submit] {job_id} was already submitted to {url} (same job and resolved config): {status}")
+        if status in ("FAILED", "STOPPED") and not follow_logs:
+            print(f"[submit] to run it again, pass --submission-id {job_id}-2 (a submission id is used once per cluster); "
+                  f"its logs: rayfine jobs logs {job_id}", file=sys.stderr)
+            return 1
+    else:
+        print(f"[submit] {job_id} submitted to {url}")
+    if not follow_logs:
+        print(f"[submit] {_hint(job_id, url)}")
+        return 0
+    final = follow(client, job_id)
+    print(f"[job] {job_id} {final}", flush=True)
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cli_jobs(action: str, job_id: Optional[str], *, address: Optional[str], follow_logs: bool = False) -> int:
+    client = connect(address)
+    if action == "list":
+        with _calls(client):
+            infos = sorted(client.list_jobs(), key=lambda i: i.start_time or 0)
+        if not infos:
+            print("no jobs")
+        for info in infos:
+            name = info.submission_id or info.job_id
+            print(f"{name:<52} {str(info.status):<10} {_when(info.start_time)}  {info.entrypoint[:70]}")
+        return 0
+    info = job_info(client, job_id)
+    if action == "status":
+        print(describe(info))
+        return 0
+    if action == "logs":
+        if follow_logs:
+            final = follow(client, job_id)
+            print(f"[job] {job_id} {final}", flush=True)
+            return 0 if final == "SUCCEEDED" else 1
+        with _calls(client):
+            print(client.get_job_logs(job_id), end="")
+        return 0
+    if action == "stop":
+        with _calls(client):
+            requested = client.stop_job(job_id)
+            if not requested:
+                print(f"{job_id} had already ended: {client.get_job_status(job_id)}")
+                return 0
+            deadline = time.monotonic() + 30
+            status = str(client.get_job_status(job_id))
+            while status not in TERMINAL and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status = str(client.get_job_status(job_id))
+        print(f"{job_id}: stop requested; now {status}")
+        return 0
+    raise JobsError(f"unknown action {action}")
