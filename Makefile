@@ -1,5 +1,6 @@
 # rayfine: two commands set up a fresh machine.
-#   make demo   install into .venv, then fine-tune resnet18_digits on an embedded local Ray
+#   make demo   install into .venv, then the main job on an embedded local Ray: an ASHA search
+#               over resnet18_digits, the winner evaluated and served on 127.0.0.1:8000 (Ctrl-C stops)
 #   make test   install into .venv, then run every test tier
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rayfine train resnet18_digits
+	$(BIN)/rayfine run resnet18_digits
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

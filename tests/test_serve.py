@@ -454,6 +454,6 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
             proc.kill()
             raise
     assert code == 0, log.read_text()[-3000:]
-    assert f"stopping digits_v2" in log.read_text()
+    assert "stopping digits_v2" in log.read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from report_checks import check_report
 
 from rayfine.checkpoints import INFERENCE_FILES, load_checkpoint
 from rayfine.config import load_config
@@ -34,7 +35,7 @@ def epochs_logged(run_dir):
 
 
 def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path):
-    cfg = tiny(tmp_path, "learns", "train.epochs=3")
+    cfg = tiny(tmp_path, "learns", "train.epochs=3", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
     summary = fit(cfg, log=lambda *_: None)
     run = tmp_path / "learns"
 
@@ -55,6 +56,8 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path)
     assert sum(c["support"] for c in report["per_class"].values()) == report["num_samples"]
     assert "precision" in (run / "train" / "classification_report.txt").read_text()
     assert (run / "train" / "confusion_matrix.png").read_bytes()[:8] == PNG_MAGIC
+    html = check_report(run / "train" / "report.html", ["best", "curves", "evaluation", "config"], 2)
+    assert f"accuracy <b>{report['accuracy']:.4f}</b>" in html  # the test evaluation it reports
 
     # The exported checkpoint alone reproduces the reported test accuracy.
     datasets, _ = build_datasets(cfg, log=lambda *_: None)
@@ -65,6 +68,18 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path)
     best = max(lines, key=lambda m: m["val_accuracy"])
     assert ckpt.metrics["val_accuracy"] == pytest.approx(best["val_accuracy"])
     assert summary["eval"]["accuracy"] == report["accuracy"]
+
+    # Tracking: one MLflow run with a point per epoch, the test figures and the checkpoint;
+    # TensorBoard event files in the run directory.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("learns").experiment_id])
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params["train.lr"] == str(cfg.train.lr)
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(report["accuracy"])
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "checkpoint")}
+    assert any((run / "train" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def _kill_one_worker_after(run_dir, epoch, killed: list):
@@ -118,7 +133,8 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
 
     # Ship this module's failing loop to the workers by value (they cannot import test files).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = tiny(tmp_path, "again", "train.epochs=3", "train.max_failures=0")
+    # bf16 autocast and gradient accumulation ride along: their code paths run for real here.
+    cfg = tiny(tmp_path, "again", "train.epochs=3", "train.max_failures=0", "train.precision=bf16", "train.grad_accum_steps=2")
     datasets, info = build_datasets(cfg, log=lambda *_: None)
     with pytest.raises(TrainingError, match="injected failure after epoch 1"):
         fit(cfg, datasets=datasets, info=info, train_loop=_fails_once_after_epoch_1, log=lambda *_: None)

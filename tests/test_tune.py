@@ -48,6 +48,7 @@ def test_asha_stops_weak_trials_and_the_winner_loads_and_predicts(ray_local, tmp
         f"tune.search_space.train.lr={{grid: [{GOOD_LR}, {WEAK_LR}]}}",
         "tune.search_space.train.batch_size={choice: [16, 32]}",
         "tune.num_samples=2",
+        f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
     ])
     messages: list[str] = []
     summary = run_search(cfg, log=messages.append)
@@ -125,6 +126,29 @@ def test_asha_stops_weak_trials_and_the_winner_loads_and_predicts(ray_local, tmp
     html = check_report(run / "tune" / "report.html", ["winner", "curves", "search", "evaluation", "config"], 3)
     assert best["trial_id"] in html and "train.lr" in html and "stopped" in html
     assert all((run / "tune" / name).is_file() for name in ("learning_curves.png", "search_overview.png"))
+
+    # MLflow: one parent run for the search, a nested child per trial with a point per epoch it
+    # ran; the parent holds the winner's test evaluation and checkpoint. TensorBoard events too.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("asha")
+    mlflow_runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in mlflow_runs if r.data.tags.get("rayfine.kind") == "search"]
+    children = [r for r in mlflow_runs if r.data.tags.get("rayfine.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4 and len(mlflow_runs) == 5
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["test_accuracy"] == best["test_accuracy"]
+    assert parent.data.tags["rayfine.best_trial"] == best["trial_id"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}
+    for child in children:
+        tid = child.data.tags["rayfine.trial_id"]
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [int(r["epoch"]) for r in by_trial[tid]]
+        assert child.data.params["train.lr"] == by_trial[tid][0]["train.lr"]
+        assert child.info.status == "FINISHED"
+        assert any((run / "tune" / "tensorboard" / tid).glob("events.out.tfevents.*"))
 
     # Trials that ASHA stopped released their workers' CPUs: everything is free again.
     assert wait_for_all_cpus(ray_local) == pytest.approx(ray_local.cluster_resources()["CPU"])

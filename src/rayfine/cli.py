@@ -24,13 +24,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    from rayfine.config import load_config
+def _load(args: argparse.Namespace, search: bool = False):
+    """The command's config; ``search``: also check that its tune section can run (tune, run)."""
+    from rayfine.config import ConfigError, check_search, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "runs_dir", None):
         overrides.append(f"storage.runs_dir={args.runs_dir}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if search and (errors := check_search(cfg)):
+        raise ConfigError(errors)
+    return cfg
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -42,7 +46,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.config:
         print("error: give a config file or preset name (or --list)", file=sys.stderr)
         return EXIT_USAGE
-    print(_load(args).to_yaml(), end="")
+    from rayfine.config import check_search
+
+    cfg = _load(args)
+    print(cfg.to_yaml(), end="")
+    for problem in check_search(cfg):  # valid for `rayfine train`; `rayfine tune` would refuse it
+        print(f"note: `rayfine tune` would refuse this search: {problem}", file=sys.stderr)
     return 0
 
 
@@ -55,6 +64,159 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = fit(cfg, strict_resources=local)
     print(f"[done] test accuracy {summary['eval']['accuracy']:.4f} in {summary['wall_s']:.0f}s; run directory {summary['run_dir']}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _load(args, search=True)
+    from rayfine.runtime import ray_session
+    from rayfine.tune import run_search
+
+    with ray_session(args.address) as local:
+        summary = run_search(cfg, resume=args.resume, strict_resources=local)
+    best = summary["best"]
+    print(f"[done] best trial {best['trial_id']}: test accuracy {best['test_accuracy']:.4f}; "
+          f"{summary['epochs_run']}/{summary['epochs_full_budget']} epochs in {summary['wall_s']:.0f}s; "
+          f"winner in {cfg.run_dir() / 'tune' / 'best'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from rayfine.config import ConfigError, apply_overrides
+
+    raw = apply_overrides({}, list(args.overrides))
+    if set(raw) - {"serve"}:
+        raise ConfigError([f"--set {k}...: `rayfine serve` takes serve.* settings only" for k in sorted(set(raw) - {"serve"})])
+    overrides = dict(raw.get("serve") or {})
+    overrides.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    if args.print_config:
+        import yaml
+
+        from rayfine.serve.deploy import serve_config_file
+
+        print(yaml.safe_dump(json.loads(json.dumps(serve_config_file(args.path, args.name, overrides))), sort_keys=False), end="")
+        return 0
+    from rayfine.runtime import ray_session
+    from rayfine.serve.deploy import deploy
+
+    with ray_session(args.address) as local:
+        result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better)
+        name, url = result["name"], result["url"]
+        if result["action"] == "kept":
+            print(f"[serve] kept version {result['version']} of {name}: the new checkpoint is not better ({result['reason']})")
+            return 0
+        if result["action"] == "unchanged":
+            print(f"[serve] {name} already serves version {result['version']}")
+            return 0
+        reason = f" ({result['reason']})" if result["reason"] else ""
+        print(f"[serve] {name} {result['action']}: version {result['version']}{reason}; {url}/v2/models/{name}")
+        if result["action"] == "swapped":
+            return 0
+        return _keep_serving(name, local, args.detach)
+
+
+def _keep_serving(name: str, local: bool, detach: bool) -> int:
+    """Block until Ctrl-C/SIGTERM, then stop the app (all of Serve on an embedded Ray); with
+    ``detach`` on a cluster, return at once and leave it serving."""
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    if detach and not local:
+        return 0
+    if detach:
+        print("[serve] --detach needs a cluster (--address); an embedded Ray lives only as long as this command")
+    print(f"[serve] serving until Ctrl-C; to swap in another checkpoint (from another shell): "
+          f"RAY_AUTH_MODE=token rayfine serve OTHER --name {name} --address {ray.get_runtime_context().gcs_address}",
+          flush=True)
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    # Ray Tune leaves its own SIGINT handler installed after a search (it would swallow Ctrl-C
+    # here, in `rayfine run`): both signals end the serving loop.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print(f"[serve] stopping {name}", flush=True)
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete(name)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rayfine.report import write_reports
+
+    for path in write_reports(args.run_dir):
+        print(f"[report] {path}")
+    return 0
+
+
+def curl_example(url: str, name: str, kind: str) -> str:
+    """A ready-to-paste request for the served model (the API key header only when one is set)."""
+    import os
+
+    from rayfine.serve.client import API_KEY_ENV
+
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if os.environ.get(API_KEY_ENV) else ""
+    if kind == "text":
+        return (f"curl -s{auth} -H 'Content-Type: application/json' {url}/predict "
+                "-d '{\"inputs\": [\"a gripping, beautifully acted film\"]}'")
+    return f"curl -s{auth} -F files=@image.png '{url}/predict?top_k=3'"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args, search=True)
+    from rayfine.pipeline import run_pipeline
+    from rayfine.runtime import ray_session
+
+    with ray_session(args.address) as local:
+        result = run_pipeline(cfg, resume=args.resume, strict_resources=local)
+        served = result["serve"]
+        timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
+        print(f"[run] winner test accuracy {result['eval']['accuracy']:.4f}; {timings}")
+        if served["action"] in ("kept", "unchanged"):
+            print(f"[run] {served['name']} keeps serving version {served['version']}: {served['reason']}")
+        else:
+            print(f"[run] {served['name']} {served['action']}: version {served['version']} at {served['url']}")
+        print(f"[run] try it:\n  {curl_example(served['url'], served['name'], cfg.data.kind)}", flush=True)
+        return _keep_serving(served["name"], local, args.detach)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rayfine.serve.client import format_predictions, predict
+
+    api_key = Path(args.api_key_file).expanduser().read_text().strip() if args.api_key_file else None
+    result = predict(args.url, args.inputs, api_key=api_key, top_k=args.top_k, timeout_s=args.timeout)
+    print(json.dumps(result, indent=1) if args.json else format_predictions(args.inputs, result))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # validated here, before anything reaches the cluster
+    from rayfine.jobs import cli_submit
+
+    return cli_submit(cfg, args.config, job=args.job, overrides=args.overrides, runs_dir=args.runs_dir,
+                      working_dir=args.working_dir, job_id=args.submission_id, address=args.address,
+                      follow_logs=args.follow)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rayfine.jobs import cli_jobs
+
+    return cli_jobs(args.action, getattr(args, "id", None), address=args.address,
+                    follow_logs=getattr(args, "follow", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +238,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="ASHA hyperparameter search: every trial a Ray Train DDP run (config `tune:`)")
+    _config_args(p)
+    p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
+    p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search of this config whose driver stopped: finished trials are kept, "
+                   "unfinished ones continue from their last checkpoint")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("run", help="the main job: ASHA search -> evaluate the winner -> serve it (or promote it "
+                       "over the served model when better); serves until Ctrl-C")
+    _config_args(p)
+    p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
+    p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue a search whose driver was killed")
+    p.add_argument("--detach", action="store_true", help="on a cluster: return once deployed, leaving it serving")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write report.html (learning curves, search overview, test evaluation) "
+                       "for a run directory")
+    p.add_argument("run_dir", help="<runs-dir>/<name> (or its train/ or tune/ folder)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve a checkpoint on Ray Serve (HTTP: Open Inference Protocol v2 and /predict), "
+                       "or hot-swap it into the running app")
+    p.add_argument("path", help="a checkpoint directory, or a run directory of train or tune (tune/best wins)")
+    p.add_argument("--name", help="the model name in the URLs and the Serve app (default: the experiment's name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
+                   help="override a serve setting of the checkpoint's config, e.g. --set serve.max_batch_size=32")
+    p.add_argument("--host", help="bind address of the HTTP proxy (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    p.add_argument("--if-better", action="store_true",
+                   help="swap only when the new checkpoint's validation metric (train.metric) beats the served one's")
+    p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--detach", action="store_true", help="on a cluster: deploy and return (default: serve until Ctrl-C)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the `serve deploy` config (also a RayService serveConfigV2) and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="ask a served model: files (images, or text files) or texts; prints labels and scores")
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (plus the app's route prefix, if any)")
+    p.add_argument("inputs", nargs="+", help="image files, or texts (all files or all texts)")
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per input (default 3)")
+    p.add_argument("--api-key-file", help="a file holding the API key (default: the RAYFINE_API_KEY variable)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for an answer")
+    p.add_argument("--json", action="store_true", help="print the JSON response")
+    p.set_defaults(func=cmd_predict)
+
+    from rayfine.jobs import DEFAULT_ADDRESS, JOB_KINDS  # no heavy imports there
+
+    address_help = (f"the cluster's dashboard (Jobs API), e.g. {DEFAULT_ADDRESS} (default: RAY_API_SERVER_ADDRESS, "
+                    f"an http RAY_ADDRESS, else {DEFAULT_ADDRESS}); the auth token comes from RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    p = sub.add_parser("submit", help="run train, tune or the pipeline on a Ray cluster as a Ray job (Jobs API)")
+    _config_args(p)
+    p.add_argument("--job", choices=JOB_KINDS, default="pipeline",
+                   help="what the job runs: ray_jobs/<job>.py (default pipeline: search, evaluate, deploy)")
+    p.add_argument("--runs-dir", help="where run directories go on the cluster: an absolute path every node mounts "
+                   "(default: the cluster's RAYFINE_RUNS_DIR, else storage.runs_dir)")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it succeeded")
+    p.add_argument("--working-dir", default=".", help="the project directory uploaded as the job's working_dir "
+                   "(must hold ray_jobs/; default: .)")
+    p.add_argument("--submission-id", help="use this id instead of rayfine-<job>-<name>-<config hash> (e.g. to run "
+                   "an identical job again)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="the Ray jobs of a cluster: list, status, logs, stop")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "every job of the cluster"), ("status", "a job's status and times"),
+                         ("logs", "a job's output"), ("stop", "stop a running job")):
+        a = actions.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("id", help="the submission id (rayfine-... as `rayfine submit` printed it)")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
+        a.add_argument("--address", help=address_help)
+        a.set_defaults(func=cmd_jobs)
     return parser
 
 
@@ -101,14 +342,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_FAILED
 
 
-def job_main(command: str, argv: Optional[list[str]] = None) -> int:
-    """For ray_jobs/ entrypoints: ``--config X [--set k=v]... [--runs-dir D]`` -> ``rayfine COMMAND``."""
-    p = argparse.ArgumentParser(prog=f"ray_jobs/{command}.py", description=f"rayfine {command} as a Ray job")
+def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, ...] = ()) -> int:
+    """For ray_jobs/ entrypoints: ``--config X [--set k=v]... [--runs-dir D]`` -> ``rayfine COMMAND``
+    (plus ``extra`` flags, e.g. --detach for a job that must end while its app keeps serving)."""
+    p = argparse.ArgumentParser(description=f"rayfine {command} as a Ray job")
     p.add_argument("--config", required=True, help="a YAML file (in the working dir) or a preset name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--runs-dir", help="where run directories go (shared storage on multi-node clusters)")
+    # A cluster names its shared storage once, for every job: RAYFINE_RUNS_DIR in the nodes' environment
+    # (cluster/local/up.sh, the KubeRay manifests and the launcher YAML set it).
+    import os
+
+    p.add_argument("--runs-dir", default=os.environ.get("RAYFINE_RUNS_DIR") or None,
+                   help="where run directories go (shared storage on multi-node clusters; default: "
+                   "$RAYFINE_RUNS_DIR, else storage.runs_dir)")
     args = p.parse_args(argv)
-    forwarded = [command, args.config, *[x for kv in args.overrides for x in ("--set", kv)]]
+    forwarded = [command, args.config, *[x for kv in args.overrides for x in ("--set", kv)], *extra]
     if args.runs_dir:
         forwarded += ["--runs-dir", args.runs_dir]
     return main(forwarded)

@@ -1,21 +1,43 @@
-"""Figures for people: the confusion matrix now; learning curves and search overviews later.
+"""Reports for people: one self-contained report.html per training run or search, PNGs beside it.
 
-Plots use matplotlib's Agg backend (no display needed) and are written as PNG files.
+    rayfine report runs/resnet18_digits          # writes train/report.html and/or tune/report.html
+
+    from rayfine.report import write_reports
+    paths = write_reports("runs/resnet18_digits")
+
+Everything is read from the run directory (DESIGN.md's contract): config.yaml, train/metrics.jsonl
+and eval.json for a training run; tune/trials.csv, summary.json and best/eval.json for a search.
+The HTML embeds its images as data URIs, so the single file opens offline and can be mailed.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import html
+import json
+import math
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
+from rayfine.errors import RayfineError
 
-def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> Path:
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> Path:
+    plt = _pyplot()
     n = len(labels)
     size = min(12.0, 2.5 + 0.45 * n)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -38,3 +60,253 @@ def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, highlight: Optional[str] = None,
+                         stopped: frozenset = frozenset(), epochs: Optional[int] = None) -> Path:
+    """Loss and the validation metric per epoch, one line per run (trial); an x marks where a
+    trial was stopped early (ASHA)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
+    many = len(runs) > 1
+    for name, rows in runs.items():
+        epochs_seen = [r["epoch"] for r in rows]
+        strong = not many or name == highlight
+        style = {"linewidth": 2.2 if strong else 1.0, "alpha": 1.0 if strong else 0.55}
+        label = f"{name} (best)" if many and name == highlight else (name if many and len(runs) <= 12 else None)
+        line, = ax_metric.plot(epochs_seen, [r.get(metric) for r in rows], marker="o", markersize=3, label=label, **style)
+        ax_loss.plot(epochs_seen, [r.get("val_loss") for r in rows], color=line.get_color(), **style)
+        if not many:
+            ax_loss.plot(epochs_seen, [r.get("train_loss") for r in rows], linestyle="--", color=line.get_color(),
+                         label="train_loss")
+        if name in stopped and rows:
+            ax_metric.plot([rows[-1]["epoch"]], [rows[-1].get(metric)], marker="x", markersize=10, color="black")
+    ax_loss.set_title("validation loss" + ("" if many else " (dashed: training loss)"))
+    ax_metric.set_title(metric + (" per trial; x = stopped early by the scheduler" if many else ""))
+    for ax in (ax_loss, ax_metric):
+        ax.set_xlabel("epoch")
+        if epochs:
+            ax.set_xlim(0.8, epochs + 0.2)
+        ax.grid(alpha=0.3)
+    if ax_metric.get_legend_handles_labels()[0]:
+        ax_metric.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, path: Path,
+                         epochs: int, highlight: Optional[str] = None) -> Path:
+    """One scatter per sampled hyperparameter: its value against the trial's best metric; the
+    colour is how many epochs the trial ran (pale: stopped early)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, key in zip(axes[0], keys):
+        values = [t["params"].get(key) for t in trials.values()]
+        scores = [t["best"] for t in trials.values()]
+        ran = [t["epochs"] for t in trials.values()]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = np.asarray(values, dtype=float)
+            if xs.min() > 0 and xs.max() / xs.min() >= 8:
+                ax.set_xscale("log")
+        else:
+            categories = sorted({str(v) for v in values})
+            xs = np.array([categories.index(str(v)) for v in values], dtype=float) + rng.uniform(-0.15, 0.15, len(values))
+            ax.set_xticks(range(len(categories)), categories)
+        points = ax.scatter(xs, scores, c=ran, cmap="viridis", vmin=0, vmax=epochs, s=40, edgecolors="black", linewidths=0.4)
+        if highlight in trials:
+            i = list(trials).index(highlight)
+            ax.scatter([xs[i]], [scores[i]], s=180, facecolors="none", edgecolors="red", linewidths=1.5)
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.colorbar(points, ax=axes[0].tolist(), label="epochs run")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# --- reading the run directory ---------------------------------------------------------------------
+
+
+def _number(text: str) -> Any:
+    if text in ("", None):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def read_trials(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- HTML -------------------------------------------------------------------------------------------
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return html.escape("" if value is None else str(value))
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _evaluation_section(evaluation: Optional[dict], matrix_png: Path) -> str:
+    if not evaluation:
+        return "<section id='evaluation'><h2>Test evaluation</h2><p>No evaluation was written.</p></section>"
+    per_class = [{"label": k, **v} for k, v in evaluation["per_class"].items()]
+    labels = list(evaluation["per_class"])
+    if not matrix_png.is_file():
+        plot_confusion_matrix(np.asarray(evaluation["confusion_matrix"]), labels, matrix_png)
+    return (
+        "<section id='evaluation'><h2>Test evaluation</h2>"
+        f"<p class='big'>accuracy <b>{evaluation['accuracy']:.4f}</b> &middot; macro F1 <b>{evaluation['macro_f1']:.4f}</b>"
+        f" &middot; loss {evaluation['loss']:.4f} &middot; {evaluation['num_samples']} examples ({html.escape(evaluation['split'])} split)</p>"
+        + _img(matrix_png, "confusion matrix")
+        + _table(per_class, ["label", "precision", "recall", "f1", "support"])
+        + "</section>"
+    )
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0} section{margin:2rem 0}
+table{border-collapse:collapse;font-size:.85rem;margin:.8rem 0} td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} img{max-width:100%;display:block;margin:.5rem 0}
+pre{background:#f7f7f7;padding:1rem;overflow-x:auto;font-size:.8rem} .big{font-size:1.15rem}
+tr.best td{background:#fff5cc}
+"""
+
+
+def _page(title: str, subtitle: str, sections: list[str]) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p class='sub'>{html.escape(subtitle)}</p>"
+            + "".join(sections) + "</body></html>")
+
+
+def _config_section(run_dir: Path, config_path: Path) -> str:
+    text = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
+    return f"<section id='config'><h2>Resolved config</h2><pre>{html.escape(text)}</pre></section>"
+
+
+def train_report(run_dir: Path) -> Path:
+    """<run>/train/report.html from metrics.jsonl, eval.json and the config."""
+    train_dir = run_dir / "train"
+    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if not lines:
+        raise RayfineError(f"{train_dir / 'metrics.jsonl'} has no epochs yet; nothing to report")
+    metric = _metric_of(run_dir / "config.yaml")
+    best = max(lines, key=lambda m: m[metric] * (-1 if metric == "val_loss" else 1))
+    curves = plot_learning_curves({"run": lines}, train_dir / "learning_curves.png", metric)
+    evaluation = _read_json(train_dir / "eval.json")
+    sections = [
+        "<section id='best'><h2>Best epoch</h2>"
+        f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{best[metric]:.4f}</b></p></section>",
+        "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves")
+        + _table(lines, list(METRIC_COLUMNS)) + "</section>",
+        _evaluation_section(evaluation, train_dir / "confusion_matrix.png"),
+        _config_section(run_dir, run_dir / "config.yaml"),
+    ]
+    out = train_dir / "report.html"
+    out.write_text(_page(f"{run_dir.name}: training run", f"{run_dir}", sections))
+    return out
+
+
+def _metric_of(config_path: Path) -> str:
+    import yaml
+
+    if config_path.is_file():
+        raw = yaml.safe_load(config_path.read_text()) or {}
+        tune_metric = (raw.get("tune") or {}).get("metric")
+        return tune_metric or (raw.get("train") or {}).get("metric") or "val_accuracy"
+    return "val_accuracy"
+
+
+def tune_report(run_dir: Path) -> Path:
+    """<run>/tune/report.html from trials.csv, summary.json and the winner's evaluation."""
+    tune_dir = run_dir / "tune"
+    rows = read_trials(tune_dir / "trials.csv")
+    summary = _read_json(tune_dir / "summary.json") or {}
+    metric = summary.get("metric") or _metric_of(run_dir / "config.yaml")
+    sign = -1 if (summary.get("mode") == "min" or metric == "val_loss") else 1
+    fixed = set(METRIC_COLUMNS) | {"trial_id", "status", "checkpoint_path"}
+    keys = [k for k in (rows[0] if rows else {}) if k not in fixed]
+    by_trial: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("epoch") is not None:
+            by_trial.setdefault(str(r["trial_id"]), []).append(r)
+    epochs = max((summary.get("epochs_full_budget", 0) // max(1, summary.get("num_trials", 1))), 1)
+    trials = {
+        tid: {
+            "params": {k: trial_rows[0].get(k) for k in keys},
+            "best": max(r[metric] * sign for r in trial_rows if r.get(metric) is not None) * sign,
+            "epochs": max(r["epoch"] for r in trial_rows),
+            "status": trial_rows[-1].get("status"),
+        }
+        for tid, trial_rows in by_trial.items()
+    }
+    winner = str((summary.get("best") or {}).get("trial_id")) if summary.get("best") else None
+    stopped = frozenset(t for t, info in trials.items() if info["status"] == "stopped")
+    curves = plot_learning_curves(by_trial, tune_dir / "learning_curves.png", metric, highlight=winner,
+                                  stopped=stopped, epochs=epochs)
+    overview = plot_search_overview(trials, keys, metric, tune_dir / "search_overview.png", epochs, highlight=winner)
+    leaderboard = sorted(
+        ({"trial_id": t, **info["params"], f"best {metric}": info["best"], "epochs run": info["epochs"], "status": info["status"]}
+         for t, info in trials.items()),
+        key=lambda r: -sign * r[f"best {metric}"],
+    )
+    best = summary.get("best") or {}
+    budget = (f"{summary.get('epochs_run')} of {summary.get('epochs_full_budget')} epochs "
+              f"({summary.get('budget_fraction', 0):.2f} of the full budget) in {summary.get('wall_s', 0):.0f} s")
+    sections = [
+        "<section id='winner'><h2>Winner</h2>"
+        + (f"<p class='big'>trial <b>{html.escape(str(best.get('trial_id')))}</b> at epoch {best.get('epoch')}: "
+           f"{metric} <b>{_fmt(best.get(metric))}</b>; "
+           + ", ".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in (best.get("overrides") or {}).items()) + "</p>"
+           if best else "<p>No winner: no trial produced a usable checkpoint.</p>")
+        + f"<p>{summary.get('num_trials', len(trials))} trials, scheduler {html.escape(str(summary.get('scheduler')))}, "
+          f"searcher {html.escape(str(summary.get('searcher')))}; {budget}.</p></section>",
+        "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves per trial") + "</section>",
+        "<section id='search'><h2>Hyperparameters against the metric</h2>" + _img(overview, "search overview")
+        + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",
+        _evaluation_section(_read_json(tune_dir / "best" / "eval.json"), tune_dir / "best" / "confusion_matrix.png"),
+        _config_section(run_dir, run_dir / "config.yaml"),
+    ]
+    out = tune_dir / "report.html"
+    out.write_text(_page(f"{run_dir.name}: hyperparameter search", f"{run_dir}", sections))
+    return out
+
+
+def write_reports(path: str | Path) -> list[Path]:
+    """Reports for a run directory (<runs>/<name>), or its train/ or tune/ folder."""
+    path = Path(path).expanduser().resolve()
+    if path.name in ("train", "tune") and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    written = []
+    if (path / "train" / "metrics.jsonl").is_file():
+        written.append(train_report(path))
+    if (path / "tune" / "trials.csv").is_file():
+        written.append(tune_report(path))
+    if not written:
+        raise RayfineError(f"{path}: no training run (train/metrics.jsonl) or search (tune/trials.csv) to report on")
+    return written

@@ -93,7 +93,7 @@ def check_search(cfg: "Config") -> list[str]:
     Returns the problems, one readable line each (empty: the search can run)."""
     from pydantic import ValidationError
 
-    from rayfine.config.loading import ConfigError, _describe, _deep_copy, apply_overrides
+    from rayfine.config.loading import ConfigError, _describe, apply_overrides
     from rayfine.config.sections import Config
 
     t, errors = cfg.tune, []

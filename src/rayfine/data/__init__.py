@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import ray.data
@@ -28,6 +28,9 @@ from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_model_input
 from rayfine.data.sources import read_source
 from rayfine.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 BAD = "bad"

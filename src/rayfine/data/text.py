@@ -13,13 +13,16 @@ carries the tokenizer files) when serving, so a checkpoint alone serves with no 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from rayfine.config import DataConfig
 from rayfine.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 TOKEN_COLUMNS = ("input_ids", "token_type_ids")
 

@@ -28,8 +28,10 @@ from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
-from rayfine.train import METRIC_KEYS, _check_continuation, _diff
+from rayfine.train import METRIC_KEYS
+from rayfine.train.driver import _check_continuation, _diff
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
+from rayfine.tracking import SearchTracking
 from rayfine.tune.progress import SearchProgress, trial_status
 from rayfine.tune.trial import (epoch_log_path, read_epoch_log, run_trial, sampled, trial_config, trial_dirname,
                                 tune_space)
@@ -85,7 +87,8 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         {"cpu": TRIAL_ACTOR_CPUS},
     )
     progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log)
-    with progress.active():
+    tracking = SearchTracking(cfg, keys)
+    with progress.active(), tracking.active():
         if resume:
             log(f"[tune] resuming the search in {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -109,13 +112,20 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
                 run_config=tune.RunConfig(
                     name=EXPERIMENT_NAME,
                     storage_path=cfg.resolved_storage_path(),
-                    callbacks=[progress],
+                    callbacks=[progress, tracking],
                     verbose=0,
                 ),
             )
         results = tuner.fit()
     log("[tune] leaderboard\n" + progress.board.leaderboard())
-    return write_outputs(cfg, base, results, datasets, plan.concurrent, started, resume, log=log)
+    summary = None
+    try:
+        summary = write_outputs(cfg, base, results, datasets, plan.concurrent, started, resume, log=log)
+    finally:
+        best_dir = run_dir / "tune" / "best"
+        evaluation = json.loads((best_dir / "eval.json").read_text()) if summary and summary.get("best") else None
+        tracking.finish(summary, evaluation, best_dir / "checkpoint" if evaluation else None)
+    return summary
 
 
 def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:

@@ -1,0 +1,45 @@
+"""The main job: search -> evaluate the winner -> serve it (or promote it over what is served).
+
+    from rayfine.pipeline import run_pipeline
+    with ray_session():
+        result = run_pipeline(load_config("resnet18_digits"))
+        print(result["url"])
+
+Each stage is the same code its own command runs (`rayfine tune`, `rayfine serve --if-better`),
+so the pipeline adds ordering and timing, nothing else. The winner's test evaluation is written
+by the search (tune/best/eval.json); the pipeline reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from rayfine.config import Config
+
+
+def run_pipeline(cfg: Config, *, resume: bool = False, strict_resources: bool = True,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the ASHA search of ``cfg``, then deploy (or promote) its winner on Ray Serve.
+
+    Needs a connected Ray. Returns {"search": summary.json, "eval": the winner's test
+    evaluation, "serve": the deploy result (action, name, url, version), "timings_s": {...}}.
+    """
+    from rayfine.serve.deploy import deploy
+    from rayfine.tune import run_search
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    summary = run_search(cfg, resume=resume, strict_resources=strict_resources, log=log)
+    timings["search"] = time.perf_counter() - started
+
+    best_dir = cfg.run_dir() / "tune" / "best"
+    evaluation = json.loads((best_dir / "eval.json").read_text())
+    log(f"[run] winner {summary['best']['trial_id']}: test accuracy {evaluation['accuracy']:.4f}, "
+        f"macro F1 {evaluation['macro_f1']:.4f}")
+
+    started = time.perf_counter()
+    served = deploy(best_dir, name=cfg.name, if_better=True, log=log)
+    timings["deploy"] = time.perf_counter() - started
+    return {"search": summary, "eval": evaluation, "serve": served, "timings_s": timings}

@@ -1,0 +1,264 @@
+"""What runs on the driver: ``build_trainer`` (also used for every Tune trial) and ``fit``, which
+builds the datasets, trains, exports the best epoch, evaluates it on the test split and writes
+the run directory (DESIGN.md's contract), with tracking and progress as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import ray
+import ray.train
+import yaml
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+
+from rayfine import checkpoints
+from rayfine.config import Config, ConfigError, validate
+from rayfine.data import DataInfo, build_datasets
+from rayfine.errors import TrainingError
+from rayfine.progress import Progress
+from rayfine.tracking import RunTracker
+from rayfine.train.worker import METRIC_KEYS, train_loop_per_worker
+
+def class_weight_vector(cfg: Config, info: DataInfo) -> Optional[list[float]]:
+    """train.class_weights as one weight per label id (balanced: n / (k * n_class) on train)."""
+    spec = cfg.train.class_weights
+    if spec is None:
+        return None
+    if spec == "balanced":
+        counts = np.array([info.class_counts["train"].get(label, 0) for label in info.labels], dtype=float)
+        return (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
+    unknown = sorted(set(spec) - set(info.labels))
+    if unknown:
+        raise ConfigError([f"train.class_weights: labels {unknown} are not in the data; labels: {info.labels}"])
+    return [float(spec.get(label, 1.0)) for label in info.labels]
+
+
+class MetricsLog(UserCallback):
+    """Appends rank 0's metrics of every epoch to metrics.jsonl (runs on the Train controller,
+    which Ray places on the driver's node)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        line = {k: metrics[0][k] for k in METRIC_KEYS if k in metrics[0]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def build_trainer(
+    cfg: Config,
+    datasets: dict[str, ray.data.Dataset],
+    info: DataInfo,
+    *,
+    name: str = "train",
+    storage_path: Optional[str] = None,
+    callbacks: Iterable[UserCallback] = (),
+    train_loop: Callable[[dict], None] = train_loop_per_worker,
+) -> TorchTrainer:
+    """The TorchTrainer for one training run of ``cfg``; the same for `train` and every Tune trial."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump_json(),
+            "labels": info.labels,
+            "num_train": info.num_examples["train"],
+            "class_weights": class_weight_vector(cfg, info),
+        },
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or cfg.resolved_storage_path(),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.metric,
+                checkpoint_score_order=cfg.train.metric_mode,
+            ),
+            callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+    )
+
+
+def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
+    """Refuse (or warn about, on clusters that may autoscale) a run the cluster cannot hold."""
+    s = cfg.scaling
+    total = ray.cluster_resources()
+    need_cpu = s.num_workers * s.cpus_per_worker + s.data_cpus
+    problems = []
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        problems.append(
+            f"needs {need_cpu:g} CPUs ({s.num_workers} workers x {s.cpus_per_worker:g} + {s.data_cpus:g} for Ray Data) "
+            f"but the cluster has {total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if s.use_gpu and s.num_workers > total.get("GPU", 0):
+        problems.append(f"needs {s.num_workers} GPUs but the cluster has {total.get('GPU', 0):g}; set scaling.use_gpu=false or fewer workers")
+    if problems and strict:
+        raise ConfigError(problems)
+    for p in problems:
+        log(f"[warning] {p} (waiting for the cluster to scale up)")
+
+
+RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", "tune.", "serve.")  # tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them
+
+
+def _check_continuation(run_dir: Path, cfg: Config) -> bool:
+    """True when this run continues an earlier one; refuse if its config changed what it trains."""
+    previous_path = run_dir / "config.yaml"
+    if not (run_dir / "train" / "metrics.jsonl").is_file() or not previous_path.is_file():
+        return False
+    try:  # validated, so fields added to rayfine since that run compare as their defaults
+        previous = validate(yaml.safe_load(previous_path.read_text())).to_dict()
+    except ConfigError:
+        previous = yaml.safe_load(previous_path.read_text())
+    changed = [k for k in _diff(previous, cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise ConfigError(
+            [f"{run_dir} holds a run of a different config (changed: {', '.join(changed)}); "
+             "choose another `name` (or --set name=...) or remove that directory"]
+        )
+    return True
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None]) -> None:
+    offset = path.stat().st_size if path.exists() else 0
+    while True:
+        done = stop.is_set()
+        if path.exists():
+            with path.open() as f:
+                f.seek(offset)
+                for line in f:
+                    if line.endswith("\n"):
+                        offset += len(line)
+                        on_line(json.loads(line))
+        if done:
+            return
+        stop.wait(0.5)
+
+
+def format_epoch(m: dict, epochs: int) -> str:
+    return (
+        f"[train] epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+        f"val_acc {m['val_accuracy']:.4f}  val_f1 {m['val_macro_f1']:.4f}  {m['samples_per_s']:.0f} samples/s  {m['epoch_s']:.1f}s"
+    )
+
+
+def fit(
+    cfg: Config,
+    *,
+    datasets: Optional[dict[str, ray.data.Dataset]] = None,
+    info: Optional[DataInfo] = None,
+    train_loop: Callable[[dict], None] = train_loop_per_worker,
+    strict_resources: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Train ``cfg`` and write its run directory; returns {"best": metrics, "eval": test metrics, ...}.
+
+    Needs a connected Ray (``rayfine.runtime.ray_session``). Running it again with the same
+    ``name`` continues the run from its last checkpoint.
+    """
+    from rayfine.evaluate import evaluate_checkpoint
+
+    run_dir, started = cfg.run_dir(), time.time()
+    train_dir = run_dir / "train"
+    continuing = _check_continuation(run_dir, cfg)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    metrics_path = train_dir / "metrics.jsonl"
+    if continuing and metrics_path.exists():
+        done = len(metrics_path.read_text().splitlines())
+        log(f"[train] continuing {run_dir} after {done} finished epoch(s)")
+    if datasets is None or info is None:
+        datasets, info = build_datasets(cfg, log=log)
+    check_resources(cfg, strict=strict_resources, log=log)
+
+    trainer = build_trainer(cfg, datasets, info, callbacks=[MetricsLog(str(metrics_path))], train_loop=train_loop)
+    log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epochs -> {run_dir}")
+    tracker = _open_tracker(cfg, train_dir, continuing)
+    done = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
+    progress = Progress(total=cfg.train.epochs, desc="epochs", log=log, initial=min(done, cfg.train.epochs))
+
+    def on_epoch(m: dict) -> None:
+        progress.line(format_epoch(m, cfg.train.epochs))
+        progress.advance(postfix=f"{cfg.train.metric} {m[cfg.train.metric]:.4f}")
+        tracker.log_epoch(m)
+
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(metrics_path, stop, on_epoch), daemon=True)
+    follower.start()
+    try:
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps worker errors; keep the first line readable
+            raise TrainingError(f"training failed: {_first_line(e)}") from e
+        finally:
+            stop.set()
+            follower.join()
+            progress.close()
+        if result.error:
+            raise TrainingError(f"training failed: {_first_line(result.error)}")
+
+        best_ckpt, best_metrics = _best(result, cfg)
+        exported = checkpoints.export_checkpoint(best_ckpt.path, train_dir / "checkpoint")
+        log(f"[train] best epoch {best_metrics['epoch']} ({cfg.train.metric} {best_metrics[cfg.train.metric]:.4f}) -> {exported}")
+        evaluation = evaluate_checkpoint(exported, datasets["test"], train_dir, log=log)
+        from rayfine.report import train_report
+
+        log(f"[train] report: {train_report(run_dir)}")
+        tracker.log_evaluation(evaluation)
+        tracker.log_checkpoint(exported)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(exported),
+        "best": best_metrics,
+        "eval": evaluation,
+        "data": info.to_dict(),
+        "wall_s": time.time() - started,
+    }
+
+
+def _open_tracker(cfg: Config, train_dir: Path, continuing: bool) -> RunTracker:
+    """The run's MLflow run (the same one again when the run continues) and TensorBoard events."""
+    state = train_dir / "tracking.json"
+    run_id = json.loads(state.read_text()).get("run_id") if continuing and state.is_file() else None
+    tracker = RunTracker.open(cfg, name="train", tensorboard_dir=train_dir / "tensorboard", run_id=run_id,
+                              tags={"rayfine.kind": "train"})
+    if tracker.run_id:
+        state.write_text(json.dumps({"run_id": tracker.run_id}))
+    return tracker
+
+
+def _best(result, cfg: Config) -> tuple[Checkpoint, dict]:
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if c is not None]
+    if not candidates:
+        raise TrainingError("training finished without a checkpoint")
+    sign = 1 if cfg.train.metric_mode == "max" else -1
+    return max(candidates, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1]["epoch"]))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray's wrapped errors end with the worker's exception; that is the useful line.
+    return lines[-1] if lines else type(error).__name__

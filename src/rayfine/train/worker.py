@@ -1,0 +1,216 @@
+"""What runs in every DDP worker: ``train_loop_per_worker`` and its optimizer and schedule.
+
+Each worker takes its shard of the data with ``ray.train.get_dataset_shard``, wraps the model with
+``ray.train.torch.prepare_model`` (DDP: gloo on CPU, NCCL on GPU), validates every epoch with
+confusion matrices summed over all ranks, and has rank 0 save a checkpoint every epoch. After a
+failure it resumes from ``ray.train.get_checkpoint()`` at the next epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint
+from safetensors.torch import load_file
+
+from rayfine import checkpoints, metrics
+from rayfine.config import Config
+from rayfine.data import batch_collate, tokenizer_source
+from rayfine.data.text import load_tokenizer
+from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
+
+METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD over every parameter, in groups: the new head may have its own learning rate
+    (train.head_lr), and biases and norm weights get no weight decay (usual fine-tuning practice)."""
+    t = cfg.train
+    new = getattr(model, NEW_PARAMS_ATTR, frozenset())
+    groups = []
+    for is_head in (False, True):
+        for decay in (True, False):
+            params = [p for n, p in model.named_parameters() if (n in new) == is_head and (p.ndim > 1) == decay]
+            if params:
+                lr = t.head_lr if (is_head and t.head_lr) else t.lr
+                groups.append({"params": params, "lr": lr, "weight_decay": t.weight_decay if decay else 0.0})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Linear warmup, then cosine decay to zero (or constant)."""
+    warmup = int(cfg.train.warmup_fraction * total_steps)
+    cosine = cfg.train.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if not cosine:
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def _all_reduce_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One DDP worker: config = {"cfg": <Config JSON>, "labels": [...], "num_train": int,
+    "class_weights": [...] or None}."""
+    cfg = Config.model_validate_json(config["cfg"])
+    # Ray sets the worker's root logger to INFO; its per-report lines would drown our epoch lines.
+    logging.getLogger().setLevel(logging.WARNING)
+    labels: list[str] = config["labels"]
+    num_labels = len(labels)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed + rank)
+
+    model = build_model(cfg, labels)
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / checkpoints.MODEL_FILE)))
+
+    t = cfg.train
+    rows_per_worker = config["num_train"] // world  # streaming_split(equal=True) gives each the same
+    batches_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * t.epochs)
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start_epoch = checkpoints.load_train_state(d, optimizer, scheduler) + 1
+        print(f"[rank {rank}] resuming from the checkpoint of epoch {start_epoch - 1}")
+
+    # Frozen parameters must be frozen before DDP wraps the model (DDP syncs exactly the
+    # parameters that require grad at wrap time), so unfreezing re-wraps it.
+    new_params = getattr(model, NEW_PARAMS_ATTR, frozenset())
+    body = [p for n, p in model.named_parameters() if n not in new_params]
+    frozen = t.freeze_epochs == -1 or start_epoch <= t.freeze_epochs
+    for p in body:
+        p.requires_grad_(not frozen)
+    model = ray.train.torch.prepare_model(model)
+
+    weights = config.get("class_weights")
+    class_weights = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
+    collate = batch_collate(cfg)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    def optimizer_step() -> None:
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        if frozen and t.freeze_epochs != -1 and epoch > t.freeze_epochs:
+            for p in body:
+                p.requires_grad_(True)
+            model = ray.train.torch.prepare_model(_unwrap(model))
+            frozen = False
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        started = time.perf_counter()
+        model.train()
+        loss_sum, seen, micro = 0.0, 0, 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=t.batch_size,
+            collate_fn=collate,
+            local_shuffle_buffer_size=max(t.shuffle_buffer, t.batch_size) if t.shuffle_buffer else None,
+            local_shuffle_seed=(cfg.seed * 100_003 + epoch * 1_009 + rank) if t.shuffle_buffer else None,
+        )
+        for batch, last in _with_last(batches):
+            batch = to_device(batch)
+            y = batch.pop("y")
+            micro += 1
+            sync = micro % t.grad_accum_steps == 0 or last
+            # Gradients are all-reduced only on the micro-step that ends an accumulation group.
+            with model.no_sync() if (ddp and not sync) else contextlib.nullcontext():
+                with autocast:
+                    logits = logits_of(model(**batch))
+                loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=t.label_smoothing)
+                (loss / t.grad_accum_steps).backward()
+            if sync:
+                optimizer_step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+        train_s = time.perf_counter() - started
+
+        model.eval()
+        counts = np.zeros((num_labels, num_labels), np.int64)
+        val_loss_sum = 0.0
+        with torch.inference_mode():
+            for batch in val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate):
+                batch = to_device(batch)
+                y = batch.pop("y")
+                with autocast:
+                    logits = logits_of(model(**batch)).float()
+                val_loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                counts += metrics.confusion(y.cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_labels)
+        # Global figures: sum counts over ranks before dividing.
+        reduced = _all_reduce_sum(np.concatenate([counts.ravel(), [val_loss_sum, loss_sum, seen]]), device)
+        counts = reduced[: num_labels * num_labels].reshape(num_labels, num_labels)
+        val_loss_sum, loss_sum, seen = reduced[num_labels * num_labels :]
+        summary = metrics.summarize(counts)
+        report = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum / max(seen, 1)),
+            "val_loss": float(val_loss_sum / max(counts.sum(), 1)),
+            "val_accuracy": summary["accuracy"],
+            "val_macro_f1": summary["macro_f1"],
+            "samples_per_s": float(seen / train_s),
+            "epoch_s": time.perf_counter() - started,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                tokenizer = load_tokenizer(tokenizer_source(cfg)) if cfg.data.kind == "text" else None
+                checkpoints.save_checkpoint(tmp, _unwrap(model), cfg, labels, report, tokenizer=tokenizer)
+                checkpoints.save_train_state(tmp, optimizer, scheduler, epoch)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=ckpt)

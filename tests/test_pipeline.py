@@ -1,0 +1,88 @@
+"""`rayfine run` end to end on an embedded local Ray: ASHA search whose trials are 2-worker DDP
+runs -> the winner evaluated -> served over HTTP -> Ctrl-C stops it (integration tier)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, digits):
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "rayfine.cli", "run", "resnet18_digits_tiny", "--runs-dir", str(tmp_path),
+        "--set", "tune.num_samples=2",
+        # Each trial is a distributed run: 2 DDP workers (so one trial at a time on 2 CPUs).
+        "--set", "tune.trial_overrides=[train.epochs=2, scaling.num_workers=2, scaling.cpus_per_worker=0.45, scaling.data_cpus=0.25]",
+        "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None and not any("serving until Ctrl-C" in x for x in lines):
+            time.sleep(1)
+        output = "".join(lines)
+        assert proc.poll() is None, f"rayfine run exited early ({proc.returncode}):\n{output[-4000:]}"
+        assert "serving until Ctrl-C" in output, output[-4000:]
+
+        # It printed the endpoint and a ready-to-paste curl command.
+        url = re.search(r"\[run\] \S+ deployed: version \w+ at (http://\S+)", output).group(1)
+        assert url == f"http://127.0.0.1:{port}"
+        assert f"-F files=@image.png '{url}/predict?top_k=3'" in output
+
+        # The search ran with ASHA and 2-worker trials; the winner was evaluated on the test split.
+        run_dir = tmp_path / "resnet18_digits_tiny"
+        summary = json.loads((run_dir / "tune" / "summary.json").read_text())
+        assert summary["num_trials"] == 2 and summary["scheduler"] == "asha"
+        best_cfg = (run_dir / "tune" / "best" / "config.yaml").read_text()
+        assert "num_workers: 2" in best_cfg
+        evaluation = json.loads((run_dir / "tune" / "best" / "eval.json").read_text())
+        assert evaluation["split"] == "test" and evaluation["num_samples"] > 0
+
+        # The served model answers a real digit with the winner's version.
+        images, labels = digits
+        png = io.BytesIO()
+        Image.fromarray(images[7]).save(png, format="PNG")
+        reply = requests.post(f"{url}/predict", files={"files": ("seven.png", png.getvalue(), "image/png")}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert len(body["predictions"]) == 1 and body["predictions"][0]["label"] in [str(d) for d in range(10)]
+        assert body["model_version"] in output
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert any("stopping resnet18_digits_tiny" in x for x in lines)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)
