@@ -114,9 +114,18 @@ def _fails_once_after_epoch_1(config):
 
     real_report = ray.train.report
 
+    from rayfine.config import Config
+
+    logged = Config.model_validate_json(config["cfg"]).run_dir() / "train" / "metrics.jsonl"
+
     def report(metrics, checkpoint=None, **kw):
         real_report(metrics, checkpoint=checkpoint, **kw)
         if metrics["epoch"] == 1:
+            # Fail once the controller has taken the report in (as a crash during epoch 2 would
+            # find it), not in the same instant: that race could lose the report itself.
+            deadline = time.monotonic() + 60
+            while not (logged.exists() and logged.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.1)
             raise RuntimeError("injected failure after epoch 1")
 
     ray.train.report = report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 import subprocess
 import sys
@@ -158,6 +159,10 @@ def test_live_table_redraws_in_place_unless_something_else_was_printed(monkeypat
     progress = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, refresh_s=0)
     trial = _Trial("a", "RUNNING", {"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.0}, {"train.lr": 0.01})
     erase = "\x1b[2F\x1b[J"  # up over the 2 lines of the last table, clear below
+    # Once Ray forwards a worker's tqdm bar, it swaps builtins.print in the driver for a bar-aware
+    # one (ray.experimental.tqdm_ray.safe_print): that is still the console.
+    real_print = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *a, **kw: real_print(*a, **kw))
     with progress.active():
         progress.setup()  # Tune calls it when the experiment starts
         progress.on_step_end(0, [trial])

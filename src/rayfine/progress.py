@@ -8,8 +8,23 @@
 
 from __future__ import annotations
 
+import builtins
 import sys
 from typing import Callable, Optional
+
+# print as it was before Ray's driver-side tqdm support (ray.experimental.tqdm_ray) swaps
+# builtins.print for a bar-aware one: either means "the console".
+_PRINT = builtins.print
+
+
+def to_console(log: Callable[[str], None]) -> bool:
+    """Whether ``log`` writes to this process's console (print), not to a collector."""
+    return log is _PRINT or log is builtins.print
+
+
+def interactive(log: Callable[[str], None]) -> bool:
+    """A person at a terminal reads what ``log`` writes: bars and live tables are welcome."""
+    return to_console(log) and sys.stdout.isatty()
 
 
 class Progress:
@@ -17,7 +32,7 @@ class Progress:
         # A bar only for a person at a terminal; callers that collect lines (tests, jobs) get lines.
         self.bar = None
         self.log = log
-        if log is print and sys.stdout.isatty():
+        if interactive(log):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stdout, dynamic_ncols=True, leave=False)

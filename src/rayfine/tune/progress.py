@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Optional
 
 from ray.tune import Callback
 
+from rayfine.progress import interactive
+
 SHOWN_METRICS = ("val_accuracy", "val_loss")
 
 
@@ -99,7 +101,7 @@ class SearchProgress(Callback):
 
     @property
     def live(self) -> bool:
-        return self.log is print and sys.stdout.isatty()
+        return interactive(self.log)
 
     def _values(self, trial) -> str:
         return ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in self.keys)
