@@ -82,6 +82,21 @@ def test_runtime_env_forwards_settings_but_never_secrets():
     assert env["working_dir"] == str(REPO)
 
 
+def test_a_jobs_driver_adds_only_what_the_job_does_not_set():
+    """Ray refuses a job driver's ray.init(runtime_env=...) naming an env var the job's runtime_env
+    names too; a submitter whose shell sets RAY_DATA_LOG_LEVEL forwards it. Ray's own merge decides."""
+    from ray._private.worker import _merge_runtime_env
+
+    from rayfine.runtime import WORKER_ENV, worker_runtime_env
+
+    for submitter in ({}, {"RAY_DATA_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1"}):
+        job = runtime_env(REPO, environ=submitter)
+        driver = worker_runtime_env({"PATH": "/usr/bin", **job["env_vars"]})  # the job's driver process
+        merged = _merge_runtime_env(job, driver)
+        assert merged is not None, (job, driver)
+        assert merged["env_vars"]["RAY_DATA_LOG_LEVEL"] == submitter.get("RAY_DATA_LOG_LEVEL", WORKER_ENV["RAY_DATA_LOG_LEVEL"])
+
+
 def test_the_upload_leaves_out_venv_runs_data_and_git(tmp_path):
     """Ray's own packaging (what submit_job uploads) with rayfine's excludes."""
     from ray._private.runtime_env.packaging import create_package

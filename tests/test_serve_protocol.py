@@ -209,20 +209,28 @@ def test_build_app_args_are_checked(tmp_path):
 
 
 class _FlakyHandler(BaseHTTPRequestHandler):
-    """Drops the first connection without an answer, answers the next ones."""
+    """Answers call i as ``script[i]`` says: "drop" (the connection, no answer), or a status code
+    (200: a prediction; other: a body like the one Serve's proxy sends for a dead replica)."""
 
     calls: list = []
+    script: list = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         self.calls.append(self.path)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if len(self.calls) == 1:
+        action = self.script[len(self.calls) - 1] if len(self.calls) <= len(self.script) else 200
+        if action == "drop":
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
-        body = b'{"model_name": "m", "model_version": "v", "predictions": [{"label": "pos", "score": 0.9, "top_k": []}]}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        if action == 200:
+            body = b'{"model_name": "m", "model_version": "v", "predictions": [{"label": "pos", "score": 0.9, "top_k": []}]}'
+        elif action < 500:
+            body = b'{"error": "too many inputs"}'
+        else:
+            body = b"Internal Server Error"
+        self.send_response(action)
+        self.send_header("Content-Type", "application/json" if body.startswith(b"{") else "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -231,19 +239,29 @@ class _FlakyHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_client_retries_a_dropped_connection_once_and_reports_refusals():
+def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals():
     from rayfine.serve.client import ClientError, format_predictions, predict
 
-    _FlakyHandler.calls = []
     server = HTTPServer(("127.0.0.1", 0), _FlakyHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}"
-        result = predict(url, ["a fine film"], api_key="k")
-        assert result["predictions"][0]["label"] == "pos"
-        assert _FlakyHandler.calls == ["/predict", "/predict"]  # dropped once, retried once
+        for first in ("drop", 500, 503):  # a dead replica's request, an overloaded app
+            _FlakyHandler.calls, _FlakyHandler.script = [], [first]
+            result = predict(url, ["a fine film"], api_key="k")
+            assert result["predictions"][0]["label"] == "pos"
+            assert _FlakyHandler.calls == ["/predict", "/predict"], first  # failed once, retried once
         assert "a fine film\tpos\t0.9000" in format_predictions(["a fine film"], result)
+        # Only one retry; and a request refused for itself (4xx) is not sent again.
+        _FlakyHandler.calls, _FlakyHandler.script = [], [500, 500]
+        with pytest.raises(ClientError, match="500 from .*Internal Server Error"):
+            predict(url, ["x"])
+        assert len(_FlakyHandler.calls) == 2
+        _FlakyHandler.calls, _FlakyHandler.script = [], [413]
+        with pytest.raises(ClientError, match="413 from .*too many inputs"):
+            predict(url, ["x"])
+        assert len(_FlakyHandler.calls) == 1
     finally:
         server.shutdown()
         server.server_close()

@@ -33,6 +33,16 @@ def quiet_ray() -> None:
     ctx.print_on_execution_start = False
 
 
+def worker_runtime_env(environ: Optional[dict] = None) -> dict:
+    """The driver's runtime_env: WORKER_ENV, less what this process's environment already sets.
+
+    Inside a Ray job the job's runtime_env is already in effect (its env_vars are in our
+    environment), and Ray refuses a driver runtime_env that names any of the same variables.
+    """
+    env = os.environ if environ is None else environ
+    return {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in env}}
+
+
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
     """Yields True when this call started (and will stop) an embedded local Ray."""
@@ -42,8 +52,8 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
         yield False
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = worker_runtime_env()
     quiet_ray()
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
         log(f"[ray] connecting to {address}")
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)

@@ -166,7 +166,8 @@ class TrainConfig(_Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast.")
     max_failures: int = Field(
-        2, ge=-1, description="Worker-group restarts from the last checkpoint; -1: unlimited."
+        2, ge=-1, description="Restarts from the last checkpoint after a failure: of the worker group "
+        "(a run), and of a whole trial (a search); -1: unlimited."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Best N epoch checkpoints kept (plus the latest).")
     metric: Literal["val_accuracy", "val_macro_f1", "val_loss"] = Field(

@@ -5,8 +5,9 @@
     result = predict("http://127.0.0.1:8000", ["a fine film", "dull"])    # texts: JSON
 
 Files go as a multipart upload to POST /predict, texts as JSON. Inference changes nothing on the
-server, so a call that fails to connect (or loses its connection before an answer) is retried
-once; an HTTP error is not retried, and its JSON ``error`` is raised as ``ClientError``.
+server, so a call that fails to connect, loses its connection before an answer, or gets a 5xx
+(Serve answers 500/503 for a request whose replica died or is overloaded) is retried once; a 4xx
+is the request's own fault and is not retried: its JSON ``error`` is raised as ``ClientError``.
 Imports only ``requests`` (no Ray, no torch): the CLI stays fast.
 """
 
@@ -33,17 +34,27 @@ def _headers(api_key: Optional[str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+RETRIED_STATUS = (500, 502, 503, 504)
+RETRY_DELAY_S = 0.25
+
+
 def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kwargs) -> Any:
-    """One idempotent HTTP call with ``retries`` retries on connection errors; JSON back."""
+    """One idempotent HTTP call with ``retries`` retries on connection errors and 5xx; JSON back."""
+    import time
+
     import requests
 
     for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(RETRY_DELAY_S)
         try:
             response = requests.request(method, url, timeout=timeout_s, **kwargs)
-            break
         except requests.ConnectionError as e:
             if attempt == retries:
                 raise ClientError(f"cannot reach {url} ({type(e).__name__}; tried {retries + 1} times)") from None
+            continue
+        if response.status_code not in RETRIED_STATUS:
+            break
     try:
         body = response.json()
     except ValueError:

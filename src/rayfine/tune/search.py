@@ -113,6 +113,10 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
                     name=EXPERIMENT_NAME,
                     storage_path=cfg.resolved_storage_path(),
                     callbacks=[progress, tracking],
+                    # A trial that fails as a whole (its Train controller lost with a node, say)
+                    # runs again; its Train run, named after the trial, continues from its last
+                    # checkpoint. Worker failures inside a trial are train.max_failures' business.
+                    failure_config=tune.FailureConfig(max_failures=base.train.max_failures),
                     verbose=0,
                 ),
             )
@@ -261,7 +265,9 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     (best_dir / "config.yaml").write_text(reproduce.to_yaml())
     log(f"[tune] best: trial {best['trial_id']} ({', '.join(f'{k}={v}' for k, v in overrides.items())}), "
         f"{t.metric} {best[t.metric]:.4f} at epoch {best['epoch']}")
+    eval_started = time.time()
     evaluation = evaluate_checkpoint(exported, datasets["test"], best_dir, log=log)
+    summary["eval_s"] = time.time() - eval_started  # the winner's test evaluation (`rayfine run` reports it apart)
     summary["best"] = {
         "trial_id": best["trial_id"],
         "overrides": overrides,
