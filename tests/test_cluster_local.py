@@ -121,21 +121,44 @@ def test_the_jobs_api_refuses_calls_without_the_token(cluster, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "requires a Ray auth token" in result.stderr, result.stderr
 
 
-def test_submit_the_train_job_with_workers_on_both_nodes(cluster):
+# The pipeline job on the tiny preset: 2 trials, each a 2-worker DDP run whose workers (0.6 CPU
+# each) cannot share a 1-CPU node, then the winner served on the cluster.
+PIPELINE_SETS = ["--set", "tune.num_samples=2", "--set",
+                 "tune.trial_overrides=[train.epochs=2, scaling.num_workers=2, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
+                 "--set", "serve.cpus_per_replica=0.3"]
+
+
+def test_submit_the_pipeline_job_with_workers_on_both_nodes(cluster, digits, tmp_path):
+    from PIL import Image
+
     runs = cluster["storage"] / "runs"
+    cluster["port"] = port = _free_ports(1)[0]
+    cluster["sets"] = sets = [*PIPELINE_SETS, "--set", f"serve.port={port}"]
     t0 = time.monotonic()
-    result = _run([*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "train", "--set", "scaling.num_workers=2",
-                   "--runs-dir", str(runs), "--address", cluster["dashboard"], "--follow"], timeout=800, env=_env())
-    TIMINGS["submit --follow (train job)"] = time.monotonic() - t0
+    result = _run([*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "pipeline", *sets,
+                   "--runs-dir", str(runs), "--address", cluster["dashboard"], "--follow"], timeout=900, env=_env())
+    TIMINGS["submit --follow (pipeline job)"] = time.monotonic() - t0
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
-    job_id = re.search(r"\[submit\] (rayfine-train-resnet18_digits_tiny-[0-9a-f]{12}) submitted", result.stdout).group(1)
+    job_id = re.search(r"\[submit\] (rayfine-pipeline-resnet18_digits_tiny-[0-9a-f]{12}) submitted", result.stdout).group(1)
     assert f"[job] {job_id} SUCCEEDED" in result.stdout
-    assert "[done] test accuracy" in result.stdout  # the job's own output, streamed while it ran
+    # The job's own output, streamed while it ran: the search, the winner, the deploy.
+    assert "[run] winner test accuracy" in result.stdout and f"at http://127.0.0.1:{port}" in result.stdout
     cluster["job_id"] = job_id
-    # The run directory landed on the shared storage, written by the driver and rank 0.
-    evaluation = json.loads((runs / "resnet18_digits_tiny" / "train" / "eval.json").read_text())
-    assert evaluation["num_samples"] > 0 and 0 <= evaluation["accuracy"] <= 1
-    assert (runs / "resnet18_digits_tiny" / "train" / "checkpoint" / "model.safetensors").is_file()
+    # The run directory landed on the shared storage: the search and its evaluated winner.
+    run = runs / "resnet18_digits_tiny"
+    summary = json.loads((run / "tune" / "summary.json").read_text())
+    assert summary["num_trials"] == 2 and summary["best"]["test_accuracy"] > 0
+    assert (run / "tune" / "best" / "checkpoint" / "model.safetensors").is_file()
+    # The served endpoint answers, after the job has ended: the app lives on the cluster.
+    images, _ = digits
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(images[i]).save(paths[-1])
+    answer = _run([*RAYFINE, "predict", f"http://127.0.0.1:{port}", *map(str, paths), "--json"], timeout=120, env=_env())
+    assert answer.returncode == 0, answer.stderr
+    predictions = json.loads(answer.stdout)
+    assert predictions["model_name"] == "resnet18_digits_tiny" and len(predictions["predictions"]) == 3
     # Ray's state API: the job's training workers (RayTrainWorker actors) ran on both nodes.
     workers = _state_api(cluster["dashboard"], f"""
 from ray.job_submission import JobSubmissionClient
@@ -143,6 +166,7 @@ ray_job = JobSubmissionClient(address).get_job_info({job_id!r}).job_id
 out = [(a.node_id, a.state) for a in list_actors(address=address, detail=True, limit=10000,
        filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)])]""")
     assert len(workers) >= 2, workers
+    # Every trial's training workers spread over both nodes.
     assert {node for node, _ in workers} == cluster["node_ids"], (workers, cluster["node_ids"])
 
 
@@ -153,9 +177,9 @@ def test_jobs_commands_and_resubmission(cluster):
     status = _run([*RAYFINE, "jobs", "status", job_id, "--address", address], timeout=120, env=_env())
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED"), status
     logs = _run([*RAYFINE, "jobs", "logs", job_id, "--address", address], timeout=120, env=_env())
-    assert logs.returncode == 0 and "[done] test accuracy" in logs.stdout
+    assert logs.returncode == 0 and "[run] winner test accuracy" in logs.stdout
     # The same job and config again: recognised by its submission id, nothing new runs.
-    again = _run([*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "train", "--set", "scaling.num_workers=2",
+    again = _run([*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "pipeline", *cluster["sets"],
                   "--runs-dir", str(cluster["storage"] / "runs"), "--address", address], timeout=120, env=_env())
     assert again.returncode == 0 and f"{job_id} was already submitted" in again.stdout and "SUCCEEDED" in again.stdout
     relisting = _run([*RAYFINE, "jobs", "list", "--address", address], timeout=120, env=_env())
@@ -166,23 +190,24 @@ def test_jobs_commands_and_resubmission(cluster):
     assert missing.returncode == 1 and "no such job" in missing.stderr
 
 
-def test_the_serve_job_deploys_the_trained_model_on_the_cluster(cluster, tmp_path, digits):
-    """ray_jobs/serve.py as a Ray job: Serve keeps the model after the job ends; it answers over HTTP."""
+def test_the_serve_job_on_a_served_run_changes_nothing(cluster, tmp_path, digits):
+    """ray_jobs/serve.py as a Ray job, for the run the pipeline already serves with the same
+    settings: recognised as the served version; the model keeps answering over HTTP."""
     from PIL import Image
 
     from rayfine.jobs import connect, follow, runtime_env
 
-    port = _free_ports(1)[0]
+    port = cluster["port"]
     client = connect(cluster["dashboard"])
     job_id = client.submit_job(
         entrypoint=f"python ray_jobs/serve.py --config resnet18_digits_tiny --set serve.port={port} "
-                   f"--runs-dir {cluster['storage'] / 'runs'}",
+                   f"--set serve.cpus_per_replica=0.3 --runs-dir {cluster['storage'] / 'runs'}",
         runtime_env=runtime_env(REPO))
     t0 = time.monotonic()
     output = io.StringIO()
     assert follow(client, job_id, out=output) == "SUCCEEDED", output.getvalue()[-3000:]
     TIMINGS["serve job"] = time.monotonic() - t0
-    assert f"127.0.0.1:{port}" in output.getvalue()
+    assert "already serves version" in output.getvalue(), output.getvalue()[-3000:]
     images, labels = digits
     paths = []
     for i in range(3):

@@ -175,13 +175,17 @@ def curl_example(url: str, name: str, kind: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, search=True)
+    import time
+
     from rayfine.pipeline import run_pipeline
     from rayfine.runtime import ray_session
 
+    started = time.perf_counter()
     with ray_session(args.address) as local:
+        ray_start = {"ray start": time.perf_counter() - started}
         result = run_pipeline(cfg, resume=args.resume, strict_resources=local)
         served = result["serve"]
-        timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in {**ray_start, **result["timings_s"]}.items())
         print(f"[run] winner test accuracy {result['eval']['accuracy']:.4f}; {timings}")
         if served["action"] in ("kept", "unchanged"):
             print(f"[run] {served['name']} keeps serving version {served['version']}: {served['reason']}")

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray.data
-import torch
 
 from rayfine import metrics
 from rayfine.checkpoints import LoadedCheckpoint, load_checkpoint
+from rayfine.progress import Progress
 
 
-def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256,
+                    progress: Optional[Progress] = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and class probabilities for every row of a model-input dataset."""
     from rayfine.data import batch_collate
 
@@ -29,6 +30,8 @@ def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: in
     for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
         y_true.append(batch.pop("y").numpy())
         probs.append(ckpt.predict_proba(batch).numpy())
+        if progress is not None:
+            progress.advance(len(y_true[-1]))
     if not y_true:
         return np.zeros(0, np.int64), np.zeros((0, len(ckpt.labels)), np.float32)
     return np.concatenate(y_true), np.concatenate(probs)
@@ -55,14 +58,15 @@ def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], 
     }
 
 
-def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_dir: str | Path, split: str = "test", log=print) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_dir: str | Path, split: str = "test",
+                        log=print, num_samples: Optional[int] = None) -> dict[str, Any]:
     from sklearn.metrics import classification_report
 
     from rayfine.report import plot_confusion_matrix
 
     ckpt = load_checkpoint(checkpoint_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    y_true, probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size)
+    with Progress(total=num_samples or 0, desc=f"evaluating ({split})", log=log) as progress:
+        y_true, probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size, progress)
     report = evaluation_report(y_true, probs, ckpt.labels, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

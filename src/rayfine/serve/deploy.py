@@ -127,8 +127,13 @@ def deploy(
             raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
                               "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
         if serve_overrides:
-            raise DeployError(f"app {name!r} is running: a hot swap changes the model only; to change serve settings, "
-                              "stop the app and deploy again")
+            # Settings are fixed when the app is built; a swap only replaces the model. Asking for
+            # the settings it already runs with is fine (running the same command again).
+            args = current["deployed_app_config"].get("args") or {}
+            _, running = serve_settings(resolve_checkpoint(args["checkpoint"]), args.get("serve"))
+            if running != settings:
+                raise DeployError(f"app {name!r} is running with other serve settings: a hot swap changes the model "
+                                  "only; to change serve settings, stop the app and deploy again")
         served = served_info(name) or {}
         route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
         result["url"] = _url(details, route_prefix)

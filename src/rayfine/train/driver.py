@@ -218,7 +218,8 @@ def fit(
         best_ckpt, best_metrics = _best(result, cfg)
         exported = checkpoints.export_checkpoint(best_ckpt.path, train_dir / "checkpoint")
         log(f"[train] best epoch {best_metrics['epoch']} ({cfg.train.metric} {best_metrics[cfg.train.metric]:.4f}) -> {exported}")
-        evaluation = evaluate_checkpoint(exported, datasets["test"], train_dir, log=log)
+        evaluation = evaluate_checkpoint(exported, datasets["test"], train_dir, log=log,
+                                         num_samples=info.num_examples["test"])
         from rayfine.report import train_report
 
         log(f"[train] report: {train_report(run_dir)}")
