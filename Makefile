@@ -1,14 +1,16 @@
 # rayfine: two commands set up a fresh machine.
 #   make demo   install into .venv, then the main job on an embedded local Ray: an ASHA search
 #               over resnet18_digits, the winner evaluated and served on 127.0.0.1:8000 (Ctrl-C stops)
-#   make test   install into .venv, then run every test tier
+#   make test   install into .venv, then run every test tier (but the bench scripts' smoke test)
+#   make bench  install into .venv, then every benchmark (about an hour on 2 CPUs) -> bench/results.json, bench/RESULTS.md
+#   make test-bench   every bench script in its tiny setting (~8 min; kept out of `make test`'s 30 minutes)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Re-install whenever the dependency list or this file changes.
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-unit clean-venv
+.PHONY: setup demo test test-unit test-bench bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,10 +27,16 @@ demo: $(STAMP)
 	$(BIN)/rayfine run resnet18_digits
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not bench" --durations=15
 
 test-unit: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not ray and not integration"
+
+test-bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m bench
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
 
 clean-venv:
 	rm -rf $(VENV)

