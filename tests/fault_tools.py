@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = REPO / "bench" / "out" / "reliability.json"
@@ -62,12 +62,14 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def stop_session(sid: int, grace_s: float = 20.0) -> list[int]:
+def stop_session(sid: int, grace_s: float = 5.0) -> list[int]:
     """Wait up to ``grace_s`` for the session's processes to end, SIGKILL the rest; returns those."""
     deadline = time.time() + grace_s
     while session_pids(sid) and time.time() < deadline:
         time.sleep(0.5)
     survivors = session_pids(sid)
+    if survivors:
+        print("still running, SIGKILLed:", describe(survivors))
     for pid in survivors:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -79,7 +81,18 @@ def stop_session(sid: int, grace_s: float = 20.0) -> list[int]:
     return survivors
 
 
-def start_cli(args: list[str], log_path: Path, ray_tmp: Optional[str] = None, env: Optional[dict] = None) -> subprocess.Popen:
+def describe(pids: list[int]) -> list[str]:
+    """Each pid with the start of its command line."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:120]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+def start_cli(args: list[str], log_path: Path, ray_tmp: str | None = None, env: dict | None = None) -> subprocess.Popen:
     """`rayfine ARGS` in a session of its own (its embedded Ray too), output appended to log_path."""
     full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if ray_tmp:

@@ -192,8 +192,8 @@ def test_api_key_comes_from_a_file_or_the_environment_never_the_config(tmp_path)
 
 
 def test_build_app_args_are_checked(tmp_path):
-    from rayfine.serve.app import build_app, resolve_checkpoint
     from rayfine.errors import CheckpointError
+    from rayfine.serve.app import build_app, resolve_checkpoint
 
     with pytest.raises(ConfigError, match="build_app args: .*checkpoint.*allowed: checkpoint, name, serve"):
         build_app({"chekpoint": "x"})

@@ -115,6 +115,12 @@ class _Translate:
                 f"{self.address} requires a Ray auth token and none was sent ({self.token_source}): set "
                 "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or save it in ~/.ray/auth_token (`ray get-auth-token` "
                 "on the head node prints it)") from None
+        if isinstance(exc, AuthenticationError) and self.token_source.startswith("no token"):
+            # rayfine sent none; with RAY_AUTH_MODE=token Ray's own loader adds the token file of
+            # this user account (found through the password database, not $HOME).
+            raise JobsError(f"{self.address} refused the Ray auth token Ray found on its own (rayfine found "
+                            f"{self.token_source}): it is not this cluster's token; set RAY_AUTH_TOKEN or "
+                            "RAY_AUTH_TOKEN_PATH to this cluster's token") from None
         if isinstance(exc, AuthenticationError):
             raise JobsError(f"{self.address} refused the Ray auth token from {self.token_source}: it is not this "
                             "cluster's token") from None

@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Iterator, Optional
 
-
 # Ray Data logs every dataset execution at INFO; rayfine prints its own progress lines instead.
 WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 
@@ -22,7 +21,6 @@ WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 def quiet_ray() -> None:
     """Keep the console for rayfine's own progress lines (Ray's logs stay in its session dir)."""
     from ray.data import DataContext
-
     from ray.util.debug import log_once
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-
 from typing import Optional
 
 import numpy as np

@@ -26,6 +26,7 @@ from rayfine.progress import Progress
 from rayfine.tracking import RunTracker
 from rayfine.train.worker import METRIC_KEYS, train_loop_per_worker
 
+
 def class_weight_vector(cfg: Config, info: DataInfo) -> Optional[list[float]]:
     """train.class_weights as one weight per label id (balanced: n / (k * n_class) on train)."""
     spec = cfg.train.class_weights

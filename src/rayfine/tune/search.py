@@ -28,13 +28,20 @@ from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
+from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import _check_continuation, _diff
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
-from rayfine.tracking import SearchTracking
 from rayfine.tune.progress import SearchProgress, trial_status
-from rayfine.tune.trial import (epoch_log_path, read_epoch_log, run_trial, sampled, trial_config, trial_dirname,
-                                tune_space)
+from rayfine.tune.trial import (
+    epoch_log_path,
+    read_epoch_log,
+    run_trial,
+    sampled,
+    trial_config,
+    trial_dirname,
+    tune_space,
+)
 
 BEST_SUFFIX = "-best"
 
