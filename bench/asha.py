@@ -114,9 +114,14 @@ def main() -> None:
                     "asha": {k: v for k, v in asha.items() if k != "configs"},
                     "fifo": {k: v for k, v in fifo.items() if k not in ("configs", "stopped_after")},
                 })
+                write(args, size, per_seed)  # after every seed: an interrupted run keeps what it finished
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if not per_seed:
+        raise SystemExit("no seed finished")
 
+
+def write(args, size: dict, per_seed: list[dict]) -> None:
     def stat(key: str) -> dict:
         return common.summary(s[key] for s in per_seed)
 
@@ -133,6 +138,8 @@ def main() -> None:
                     "trial_resources": f"{WORKERS} worker x {CPUS_PER_WORKER} CPU + {DATA_CPUS} CPU Ray Data + 0.01 trial actor",
                     "extra_overrides": size["extra"]},
         "repeats": len(per_seed),
+        "seeds_done": [s["seed"] for s in per_seed],
+        "partial": len(per_seed) < len(size["seeds"]),
         "goal": "compute_ratio <= 0.35 with accuracy_gap <= 0.005",
         "goal_met": result["compute_ratio"] <= 0.35 and result["accuracy_gap"] <= 0.005,
         "compared": (f"the same {size['num_samples']} sampled configs per seed under ASHA and under FIFO to "
@@ -140,7 +147,8 @@ def main() -> None:
                      "search's winner"),
     })
     common.write_result(args.results, "asha", result, args.quick)
-    common.log(f"asha compute_ratio {result['compute_ratio']:.3f}, accuracy_gap {result['accuracy_gap']:+.4f}")
+    common.log(f"asha ({len(per_seed)} seed(s)) compute_ratio {result['compute_ratio']:.3f}, "
+               f"accuracy_gap {result['accuracy_gap']:+.4f}")
 
 
 if __name__ == "__main__":

@@ -35,23 +35,31 @@ BOUNDS = {
         "Ray Train worker group) is outside it and paid by every trial, stopped early or not: wall_ratio shows it.",
     ],
     "train_overhead": [
-        "2 CPUs: the two DDP workers take one core each, so anything else that runs during an epoch (Ray Data "
-        "streaming the shards, the Train controller, raylet, GCS, dashboard) takes time from training; the plain "
-        "script runs with nothing else.",
-        "The model is small (ResNet-18 on 16x16 digits, ~10 ms of compute per batch of 32), so fixed per-step costs "
-        "weigh more than they would on a larger model.",
+        "Measured (goal >= 0.95 missed: 0.84): rayfine's steady training phase runs at ~127 samples/s against the plain "
+        "script's ~152 with the same model, data, batch and one torch thread per worker; whole epochs (validation, "
+        "checkpoint, report included) at 0.69. Not yet profiled per step; the likely bound on 2 CPUs is that everything "
+        "else Ray runs during an epoch (Ray Data streaming each worker its shard through the split coordinator, the "
+        "Train controller's polling, raylet, GCS, dashboard) takes its CPU from the two training processes, while the "
+        "plain script runs alone with its data in memory. The per-epoch checkpoint (model + optimizer to storage) and "
+        "the report are the whole-epoch gap. Start-up: ~14 s (Ray start, dataset materialization, worker group) vs ~3.5 s.",
     ],
     "ingest": [
-        "Per image the work is tiny (a 28x28 PNG decoded, resized to 20 px, normalized): per-batch and per-task "
-        "overheads decide the rate, not the transforms.",
+        "Measured (goal >= 1.0 missed: 0.14): ~2,900 images/s through Ray Data against ~20,000 with a 2-worker "
+        "DataLoader. The files are 28x28 PNGs of a few hundred bytes: decoding and resizing one costs tens of "
+        "microseconds, so the figure measures fixed costs per file and per block (read_binary_files tasks over "
+        "20,000 small files, Arrow conversion between operators, the object store, streaming to the consumer), not "
+        "the transforms. Not yet profiled; larger images (real photos, milliseconds of decode each) would weigh "
+        "those fixed costs far less, and that comparison is still to be run.",
         "Both pipelines use the machine's 2 CPUs; the consumer (driver / main process) competes with them.",
     ],
     "serve": [
-        "One 2-CPU machine holds the load generator, Serve's HTTP proxy, the replica (1 CPU reserved), the controller "
-        "and Ray's own processes; the load generator (Python asyncio + httpx) alone needs a sizeable share of a core "
-        "at a few hundred requests/s.",
-        "The model is small (ResNet-18 on 16x16 digits): per-request HTTP and routing costs are of the order of the "
-        "forward pass, which limits what batching can gain.",
+        "Measured (goal >= 3 missed: 1.33). The model is not what bounds it: in-process, one image takes ~12 ms and "
+        "a batch of 32 runs at ~340 images/s (4x the single-image rate), yet the batched replica formed batches of "
+        "1-3 at concurrency 32 (batch_stats). Requests reach the batch function one by one after the replica's "
+        "ingress has parsed the JSON, base64-decoded and PNG-decoded each on the replica's one CPU, behind Serve's "
+        "HTTP proxy, with the load generator on the same 2 CPUs: that serial per-request path, not the forward pass, "
+        "sets the rate (the plain FastAPI app, with no proxy hop, reaches ~85 req/s at c32 vs ~59 batched and ~44 unbatched). Moving "
+        "decoding into the batched call, or more replicas on more CPUs, is the next thing to measure.",
     ],
     "end_to_end": ["One run (the search takes minutes); the search dominates and is bounded by trial start-up and 2 CPUs."],
     "memory": ["RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
