@@ -100,6 +100,10 @@ def main() -> None:
                 fifo = one_search(size, "fifo", seed, scratch)
                 common.log(f"  FIFO: {fifo['epochs']} epochs, winner test accuracy {fifo['best_test_accuracy']:.4f}, "
                            f"{fifo['wall_s']:.0f}s")
+                if fifo["epochs"] != size["num_samples"] * size["epochs"]:
+                    # An interrupted search (Ctrl-C ends Tune's run and returns) must not count as a seed.
+                    raise RuntimeError(f"seed {seed}: the FIFO search ran {fifo['epochs']} of "
+                                       f"{size['num_samples'] * size['epochs']} epochs (interrupted?)")
                 if asha["configs"] != fifo["configs"]:
                     raise RuntimeError(f"seed {seed}: ASHA and FIFO searched different configs:\n"
                                        f"{asha['configs']}\n{fifo['configs']}")
