@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +35,6 @@ def record(scenario: str, figures: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
         os.replace(tmp, FIGURES)
     print(f"\n[reliability] {scenario}: {json.dumps(figures, default=float)}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- processes started in a session of their own ----------------------------------------------

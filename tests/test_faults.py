@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import io
 import json
 import os
 import pickle
@@ -36,11 +35,10 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import requests
-from fault_tools import descendants, free_port, listeners, record, session_pids, start_cli, stop_session
-from PIL import Image
+from fault_tools import descendants, listeners, record, session_pids, start_cli, stop_session
+from net_tools import free_port, png
 
 from rayfine.config import load_config
 from rayfine.train import fit, train_loop_per_worker
@@ -338,12 +336,6 @@ def running_replicas() -> int:
     return app.deployments["Classifier"].replica_states.get("RUNNING", 0)
 
 
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
 # --- 6. a schema-driven fuzz of the HTTP API -----------------------------------------------------
 
 FUZZ_EXAMPLES = 1100
@@ -430,7 +422,7 @@ def test_replica_killed_under_load_loses_no_request_with_the_clients_retry(serve
     files = []
     for i in range(4):
         files.append(tmp_path / f"{i}.png")
-        files[-1].write_bytes(png_bytes(images[i]))
+        files[-1].write_bytes(png(images[i]))
     body = {"inputs": [base64.b64encode(f.read_bytes()).decode() for f in files[:2]]}
     wait_for(lambda: running_replicas() == 2, 120, 0.5, "2 running replicas")
     before = replicas()

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from fault_tools import REPO, free_port, listeners, record, session_pids
+from fault_tools import REPO, listeners, record, session_pids
+from net_tools import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

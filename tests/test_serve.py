@@ -5,13 +5,10 @@ Protocol and /predict against the in-process model, dynamic batching, a hot swap
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from net_tools import b64, free_port, png
 
 from rayfine.checkpoints import load_checkpoint
 from rayfine.config import load_config
@@ -44,22 +41,6 @@ LIMITS = {"cpus_per_replica": 0.5, "max_batch_size": 8, "max_items": 8, "max_ong
           "batch_wait_timeout_s": 0.05, "max_image_pixels": 10_000, "max_request_bytes": 256 * 1024,
           "image_formats": ["PNG", "JPEG", "BMP"], "api_key_env": KEY_ENV}
 RAYFINE = str(Path(sys.executable).parent / "rayfine")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def bomb_png(width: int, height: int) -> bytes:

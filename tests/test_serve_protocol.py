@@ -3,15 +3,13 @@ args, the API key source, and the `rayfine predict` client (its retry, on a real
 
 from __future__ import annotations
 
-import base64
-import io
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
-from PIL import Image
+from net_tools import b64, png
 
 from rayfine.config import SERVE_IMAGE_FORMATS, ConfigError, ServeConfig, load_config
 from rayfine.data.images import ACCEPTED_FORMATS
@@ -24,14 +22,6 @@ LIMITS = ServeConfig(max_items=4, max_batch_size=8, max_image_pixels=10_000, max
                      image_formats=("PNG", "JPEG"))
 
 
-def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def v2(inputs, **extra) -> InferenceRequest:
