@@ -2,6 +2,8 @@
 
     python bench/asha.py            # results.json["asha"]
     python bench/asha.py --quick    # 2 configs x 2 epochs, one seed (tests)
+    python bench/asha.py --seeds 1,2  # only these seeds; seeds already in the results file
+                                      # (same setting) are kept, so a long run can be split
 
 For each search seed, `rayfine tune` (``run_search``, in-process, one embedded local Ray for all
 searches) runs the same NUM_SAMPLES configurations (the random searcher with ``tune.seed`` = the
@@ -82,16 +84,34 @@ def one_search(size: dict, scheduler: str, seed: int, runs_dir: Path) -> dict:
     }
 
 
+def add_seed_arg(p) -> None:
+    p.add_argument("--seeds", help="comma-separated seeds to run now (default: all of the setting's seeds); "
+                                   "seeds already recorded with the same setting are kept")
+
+
+def recorded_seeds(args, size: dict, run_now: list[int]) -> list[dict]:
+    """Per-seed results already in the results file for this very setting, minus the seeds run now."""
+    old = common.read_results(args.results).get("asha") or {}
+    same = old.get("setting") == setting(size) and not old.get("quick")
+    return [s for s in old.get("per_seed", []) if same and s["seed"] not in run_now]
+
+
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__.splitlines()[0], extra=add_seed_arg)
     size = QUICK if args.quick else FULL
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(size["seeds"])
+    unknown = sorted(set(seeds) - set(size["seeds"]))
+    if unknown:
+        raise SystemExit(f"--seeds: {unknown} not in this setting's seeds {list(size['seeds'])}")
+    per_seed = recorded_seeds(args, size, seeds) if args.seeds else []
+    if per_seed:
+        common.log(f"keeping recorded seed(s) {[s['seed'] for s in per_seed]}")
     scratch = common.scratch_dir("asha")
-    per_seed = []
     try:
         from rayfine.runtime import ray_session
 
         with ray_session(log=common.log):
-            for seed in size["seeds"]:
+            for seed in seeds:
                 common.log(f"seed {seed}: ASHA, {size['num_samples']} configs x {size['epochs']} epochs")
                 asha = one_search(size, "asha", seed, scratch)
                 common.log(f"  ASHA: {asha['epochs']} epochs, winner test accuracy {asha['best_test_accuracy']:.4f}, "
@@ -118,11 +138,21 @@ def main() -> None:
                     "asha": {k: v for k, v in asha.items() if k != "configs"},
                     "fifo": {k: v for k, v in fifo.items() if k not in ("configs", "stopped_after")},
                 })
+                per_seed.sort(key=lambda s: s["seed"])
                 write(args, size, per_seed)  # after every seed: an interrupted run keeps what it finished
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not per_seed:
         raise SystemExit("no seed finished")
+
+
+def setting(size: dict) -> dict:
+    return {"dataset": "builtin:digits", "model": "resnet18 (small stem)", "image_size": size["image_size"],
+            "configs_per_seed": size["num_samples"], "seeds": list(size["seeds"]), "max_epochs": size["epochs"],
+            "grace_period": size["grace"], "reduction_factor": size["eta"],
+            "search_space": "train.lr loguniform [1e-4, 2e-3] x train.batch_size {16, 32, 64}",
+            "trial_resources": f"{WORKERS} worker x {CPUS_PER_WORKER} CPU + {DATA_CPUS} CPU Ray Data + 0.01 trial actor",
+            "extra_overrides": size["extra"]}
 
 
 def write(args, size: dict, per_seed: list[dict]) -> None:
@@ -135,12 +165,7 @@ def write(args, size: dict, per_seed: list[dict]) -> None:
         **{f"{k}_stats": stat(k) for k in ("compute_ratio", "worker_seconds_ratio", "wall_ratio", "best_acc_asha",
                                            "best_acc_full", "accuracy_gap")},
         "per_seed": per_seed,
-        "setting": {"dataset": "builtin:digits", "model": "resnet18 (small stem)", "image_size": size["image_size"],
-                    "configs_per_seed": size["num_samples"], "seeds": list(size["seeds"]), "max_epochs": size["epochs"],
-                    "grace_period": size["grace"], "reduction_factor": size["eta"],
-                    "search_space": "train.lr loguniform [1e-4, 2e-3] x train.batch_size {16, 32, 64}",
-                    "trial_resources": f"{WORKERS} worker x {CPUS_PER_WORKER} CPU + {DATA_CPUS} CPU Ray Data + 0.01 trial actor",
-                    "extra_overrides": size["extra"]},
+        "setting": setting(size),
         "repeats": len(per_seed),
         "seeds_done": [s["seed"] for s in per_seed],
         "partial": len(per_seed) < len(size["seeds"]),

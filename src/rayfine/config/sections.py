@@ -338,7 +338,7 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
     max_batch_size: int = Field(
-        16, ge=1, description="Dynamic batching (@serve.batch): most items in one forward pass."
+        16, ge=1, description="Dynamic batching: most items in one forward pass."
     )
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=10, description="Dynamic batching: longest wait for a batch to fill after its first request."

@@ -2,7 +2,7 @@
 
 Built inside each replica by ``Classifier.__serve_build_asgi_app__`` (``rayfine.serve.app``), with
 the replica as ``server``: routes read ``server.model`` (the model swapped in by ``reconfigure``)
-and call ``server.infer(items)`` (the @serve.batch method).
+and call ``server.infer(items)`` (dynamic batching: rayfine.serve.batching).
 
 Every refused request gets a 4xx and ``{"error": "..."}``, the error object of the Open Inference
 Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over

@@ -30,7 +30,8 @@ from ray import serve
 
 from rayfine.config import ConfigError, ServeConfig, validate
 from rayfine.errors import CheckpointError
-from rayfine.serve.model import Answer, ServedModel, items_in, load_served, run_batch, weights_version
+from rayfine.serve.batching import DynamicBatcher
+from rayfine.serve.model import Answer, ServedModel, load_served, run_batch, weights_version
 
 DEPLOYMENT_NAME = "Classifier"
 IMPORT_PATH = "rayfine.serve.app:build_app"
@@ -103,8 +104,8 @@ class Classifier:
         self._swap_lock = asyncio.Lock()
         # Ray gives a replica as many threads as CPUs it reserved; torch should not use more.
         torch.set_num_threads(max(1, int(self.settings.cpus_per_replica)))
-        self.infer.set_max_batch_size(self.settings.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size,
+                                      self.settings.batch_wait_timeout_s, size_fn=len)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (never in production)
@@ -127,8 +128,11 @@ class Classifier:
 
         return make_api(self)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=items_in)
-    async def infer(self, requests: list[list]) -> list[Answer]:
+    async def infer(self, items: list) -> Answer:
+        """One request's items; concurrent requests share forward passes (rayfine.serve.batching)."""
+        return await self.batcher.submit(items)
+
+    async def _run_batch(self, requests: list[list]) -> list[Answer]:
         """Items of concurrent requests -> one forward pass (sizes from the serve: section)."""
         model = self.model  # one model for the whole batch, even if a swap lands meanwhile
         return await asyncio.to_thread(run_batch, model, requests)

@@ -114,11 +114,6 @@ class Answer:
     error: Optional[str] = None
 
 
-def items_in(requests: list[list]) -> int:
-    """``batch_size_fn`` of @serve.batch: a batch is measured in items, not requests."""
-    return sum(len(r) for r in requests)
-
-
 def _preprocess(served: ServedModel, items: list) -> dict:
     return served.preprocess(items)
 

@@ -1,0 +1,134 @@
+"""rayfine.serve.batching: batches form when the model is free, up to max_batch_size items.
+
+Pure asyncio, no Ray: the batch function is a coroutine that records the batches it was given and
+"computes" for a set time, so the tests control when the model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rayfine.serve.batching import DynamicBatcher
+
+
+class Model:
+    def __init__(self, busy_s: float = 0.05, fail_on: object = None):
+        self.batches: list[list] = []
+        self.busy_s = busy_s
+        self.fail_on = fail_on
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, requests: list) -> list:
+        self.batches.append(list(requests))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(self.busy_s)
+            if self.fail_on is not None and self.fail_on in requests:
+                raise RuntimeError("the model failed")
+            return [f"answer-{r}" for r in requests]
+        finally:
+            self.running -= 1
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_requests_queued_while_the_model_runs_form_the_next_batch():
+    """Ray 2.60's @serve.batch would form several small batches while the first one ran."""
+    async def main():
+        model = Model(busy_s=0.2)
+        batcher = DynamicBatcher(model, max_batch_size=16, batch_wait_timeout_s=0.005)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first batch ([0]) is running now
+        rest = []
+        for i in range(1, 11):  # arrive one by one, 10 ms apart, while the model is busy
+            rest.append(asyncio.create_task(batcher.submit(i)))
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(first, *rest)
+        return model, answers
+
+    model, answers = run(main())
+    assert answers == [f"answer-{i}" for i in range(11)]
+    assert model.batches == [[0], list(range(1, 11))]
+    assert model.most_running == 1
+
+
+def test_a_batch_holds_at_most_max_batch_size_items_and_never_splits_a_request():
+    async def main():
+        model = Model(busy_s=0.05)
+        batcher = DynamicBatcher(model, max_batch_size=5, batch_wait_timeout_s=0.5, size_fn=len)
+        requests = [["a", "b"], ["c", "d"], ["e", "f"], ["g"], ["h", "i", "j", "k", "l"]]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        return model, answers
+
+    model, answers = run(main())
+    assert [sum(len(r) for r in b) for b in model.batches] == [4, 3, 5]
+    assert model.batches == [[["a", "b"], ["c", "d"]], [["e", "f"], ["g"]], [["h", "i", "j", "k", "l"]]]
+    assert answers == [f"answer-{r}" for r in (["a", "b"], ["c", "d"], ["e", "f"], ["g"], ["h", "i", "j", "k", "l"])]
+
+
+def test_an_idle_model_waits_for_the_batch_to_fill_but_not_longer_than_the_timeout():
+    async def main():
+        model = Model(busy_s=0.0)
+        batcher = DynamicBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        full = await asyncio.gather(*(batcher.submit(i) for i in range(3)))  # full at once: no wait
+        full_s = loop.time() - started
+        started = loop.time()
+        alone = await batcher.submit(9)  # never fills: runs after the timeout
+        alone_s = loop.time() - started
+        return model, full, full_s, alone, alone_s
+
+    model, full, full_s, alone, alone_s = run(main())
+    assert model.batches == [[0, 1, 2], [9]]
+    assert full == ["answer-0", "answer-1", "answer-2"] and alone == "answer-9"
+    assert full_s < 0.25  # a full batch does not wait for the timeout
+    assert alone_s >= 0.29  # a lone request waits for company, but only that long
+
+
+def test_a_failed_batch_fails_its_requests_only_and_the_batcher_goes_on():
+    async def main():
+        model = Model(busy_s=0.05, fail_on="bad")
+        batcher = DynamicBatcher(model, max_batch_size=2, batch_wait_timeout_s=0.0)
+        results = await asyncio.gather(*(batcher.submit(r) for r in ("ok1", "bad", "ok2")), return_exceptions=True)
+        after = await batcher.submit("ok3")
+        return results, after
+
+    results, after = run(main())
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)  # one batch: [ok1, bad]
+    assert results[2] == "answer-ok2" and after == "answer-ok3"
+
+
+def test_a_cancelled_request_is_left_out_of_its_batch():
+    async def main():
+        model = Model(busy_s=0.1)
+        batcher = DynamicBatcher(model, max_batch_size=8, batch_wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit("first"))
+        await asyncio.sleep(0.02)
+        gone = asyncio.create_task(batcher.submit("gone"))
+        kept = asyncio.create_task(batcher.submit("kept"))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # a client that disconnected while the model was busy
+        return model, await first, await kept, gone.cancelled()
+
+    model, first, kept, cancelled = run(main())
+    assert (first, kept, cancelled) == ("answer-first", "answer-kept", True)
+    assert model.batches == [["first"], ["kept"]]
+
+
+def test_wrong_sizes_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        DynamicBatcher(Model(), max_batch_size=0, batch_wait_timeout_s=0.01)
+
+    async def main():
+        batcher = DynamicBatcher(Model(), max_batch_size=2, batch_wait_timeout_s=0.0, size_fn=len)
+        with pytest.raises(ValueError, match="exceeds max_batch_size"):
+            await batcher.submit([1, 2, 3])
+
+    run(main())
