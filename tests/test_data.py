@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ from PIL import Image
 
 from rayfine.config import load_config
 from rayfine.data import SPLITS, assign_split, build_datasets, label_text, sort_labels
+from rayfine.data.images import IMAGE_EXTENSIONS
 from rayfine.errors import DataError
 
 pytestmark = pytest.mark.ray
@@ -164,3 +166,34 @@ def test_split_assignment_and_label_helpers():
     assert assign_split(b"same", cfg) == assign_split(b"same", cfg)
     assert [label_text(v) for v in (3, 3.0, "3", b"3", np.int64(3), None, float("nan"), " ")] == ["3"] * 5 + [None] * 3
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+
+
+def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_path, samples):
+    """rayfine reads local image folders itself (faster); it must see exactly the files Ray Data would."""
+    import ray.data
+
+    from rayfine.data.sources import list_image_files
+
+    png = encode(Image.fromarray(samples[0][0]))
+    for name in ("a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png", "b/4.webp", "b/notes.txt", "b/5.png.bak",
+                 "_tmp/6.png", ".cache/7.png", "8.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png)
+    ours = list_image_files(str(tmp_path))
+    rays = sorted(ray.data.read_binary_files(str(tmp_path), include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
+                  .select_columns(["path"]).to_pandas()["path"])
+    assert ours == rays
+    assert {os.path.relpath(p, tmp_path) for p in ours} == {"a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png",
+                                                            "b/4.webp", "8.png"}
+
+
+def test_a_file_gone_before_it_is_read_is_named(ray_local, tmp_path, samples):
+    from rayfine.data.sources import read_local_image_folder
+
+    for i in range(3):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.png").write_bytes(encode(Image.fromarray(samples[i][0])))
+    ds = read_local_image_folder(str(tmp_path))  # lists now, reads lazily
+    (tmp_path / "c" / "1.png").unlink()
+    with pytest.raises(Exception, match=r"data.source: cannot read .*c/1.png"):
+        ds.take_all()
