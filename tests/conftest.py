@@ -16,14 +16,13 @@ def ray_local():
     """A fresh local Ray (2 CPUs) for one test module, stopped when the module ends."""
     import ray
 
-    from rayfine.runtime import WORKER_ENV, quiet_ray
+    from rayfine.runtime import WORKER_ENV, local_ray, quiet_ray
 
     if ray.is_initialized():
         ray.shutdown()
     quiet_ray()
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": dict(WORKER_ENV)}, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=2, logging_level="WARNING"):
+        yield ray
 
 
 @pytest.fixture(scope="session")

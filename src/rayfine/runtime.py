@@ -55,11 +55,49 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
     if address:
         log(f"[ray] connecting to {address}")
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        try:
+            yield False
+        finally:
+            ray.shutdown()
     else:
-        # "local" always starts a fresh embedded Ray, even when a `ray start` cluster runs here.
         log("[ray] starting an embedded local Ray")
-        ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env)
+        with local_ray(runtime_env, logging_level=logging.WARNING):
+            yield True
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
+    """A fresh embedded local Ray (``ray.init(address="local")``, even when a `ray start` cluster
+    runs here) whose processes find their own cluster's State API; stopped on exit.
+
+    Ray code that calls the State API without an address (Ray Train's placement-group cleaner,
+    among others) looks for "the" local cluster among the running GCS processes. With a second
+    embedded Ray on the machine (another rayfine command, a test run) it fails with "Found
+    multiple active Ray instances", and Train then leaks the placement group of every trial ASHA
+    stops, until a search hangs for lack of CPUs. So the dashboard (the State API server) gets a
+    loopback port chosen here, and RAY_API_SERVER_ADDRESS names it to every worker of the session
+    (the job's runtime_env) and to this process."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:  # a free port; the dashboard binds it a moment later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env_vars = {**runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={**runtime_env, "env_vars": env_vars}, **init_kwargs)
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = url
     try:
-        yield address is None
+        yield
     finally:
         ray.shutdown()
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous

@@ -1,0 +1,76 @@
+"""rayfine.runtime: an embedded local Ray whose workers find their own State API beside another Ray.
+
+Ray Train's placement-group cleaner (in a worker) calls the State API without an address; with a
+second local Ray on the machine, Ray's autodetection fails ("Found multiple active Ray
+instances"), the cleaner dies, and the placement groups of trials ASHA stops leak until a search
+hangs (seen in bench/asha.py while another rayfine command ran). Here: a real second Ray, and a
+Ray task asking the State API for an actor, with rayfine's setting and without it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+OTHER_RAY = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+print("up", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def other_ray():
+    """Another embedded Ray on this machine, as a second rayfine command would start."""
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield proc
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
+    import ray
+
+    from rayfine.runtime import API_SERVER_ENV, WORKER_ENV, local_ray
+
+    @ray.remote(num_cpus=0)
+    class Marker:
+        def ping(self) -> str:
+            return "here"
+
+    @ray.remote(num_cpus=0)
+    def actor_state(actor_id: str) -> str:
+        from ray.util.state import get_actor
+
+        try:
+            state = get_actor(actor_id, timeout=30)
+            return state.state if state else "missing"
+        except ConnectionError as e:
+            return f"error: {e}"
+
+    with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=1, logging_level="WARNING"):
+        marker = Marker.remote()
+        assert ray.get(marker.ping.remote()) == "here"
+        actor_id = marker._actor_id.hex()
+        deadline = time.time() + 30
+        while (seen := ray.get(actor_state.remote(actor_id))) != "ALIVE" and time.time() < deadline:
+            time.sleep(1)  # the dashboard may still be starting
+        assert seen == "ALIVE"
+        # Without the address rayfine gives, Ray's autodetection sees two clusters: the bug.
+        bare = actor_state.options(runtime_env={"env_vars": {API_SERVER_ENV: ""}}).remote(actor_id)
+        assert "multiple active Ray instances" in ray.get(bare)
+    assert other_ray.poll() is None  # the other Ray was left alone
