@@ -1,5 +1,5 @@
-"""Serving an image model over real HTTP on 127.0.0.1 (ray tier): two ResNet-18 checkpoints trained
-here on real digits, a real Ray Serve app deployed as `rayfine serve` deploys it, the Open Inference
+"""Serving an image model over real HTTP on 127.0.0.1 (ray tier): two ResNet-18 checkpoints (epochs 1
+and 2 of one run) trained here on real digits, a real Ray Serve app deployed as `rayfine serve` deploys it, the Open Inference
 Protocol and /predict against the in-process model, dynamic batching, a hot swap under load,
 --if-better, the bad-request table, the API key, and the `rayfine serve` / `rayfine predict` CLI."""
 
@@ -64,13 +64,14 @@ def key_in_env():
 
 @pytest.fixture(scope="module")
 def checkpoints(key_in_env, ray_local, tmp_path_factory):
-    """v1: 1 epoch, v2: 2 epochs of resnet18_digits_tiny; v2 validates better."""
+    """One 2-epoch run of resnet18_digits_tiny: v1 is its epoch-1 checkpoint (as Ray Train stored
+    it), v2 the final one (the run's train/checkpoint); v2 validates better."""
     root = tmp_path_factory.mktemp("serve_runs")
-    out = {}
-    for tag, epochs in (("v1", 1), ("v2", 2)):
-        cfg = load_config("resnet18_digits_tiny", [f"name=digits_{tag}", f"storage.runs_dir={root}", f"train.epochs={epochs}"])
-        fit(cfg, log=lambda *_: None)
-        out[tag] = root / f"digits_{tag}" / "train" / "checkpoint"
+    cfg = load_config("resnet18_digits_tiny", ["name=digits", f"storage.runs_dir={root}", "train.epochs=2"])
+    fit(cfg, log=lambda *_: None)
+    stored = {json.loads((d / "metrics.json").read_text())["epoch"]: d for d in (root / "digits" / "ray").glob("*/checkpoint_*") if d.is_dir()}
+    out = {"v1": stored[1], "v2": root / "digits" / "train" / "checkpoint"}
+    assert json.loads((out["v2"] / "metrics.json").read_text())["epoch"] == 2
     metric = {t: json.loads((p / "metrics.json").read_text())["val_accuracy"] for t, p in out.items()}
     assert metric["v2"] > metric["v1"], metric  # what --if-better is tested on below
     return out
@@ -367,7 +368,7 @@ def test_if_better_keeps_the_better_served_model(server, checkpoints):
     assert result["action"] == "kept" and result["version"] == server.v2
     assert "<=" in result["reason"]
     # The same through the CLI, from another process joining this Ray (token auth is on).
-    out = _cli("serve", str(checkpoints["v1"].parent.parent), "--name", NAME, "--if-better",
+    out = _cli("serve", str(checkpoints["v1"]), "--name", NAME, "--if-better",
                "--address", ray.get_runtime_context().gcs_address, env={"RAY_AUTH_MODE": "token"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"kept version {server.v2} of {NAME}" in out.stdout
@@ -425,7 +426,7 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
         assert proc.poll() is None, log.read_text()[-3000:]
         assert requests.get(url + "/v2/health/ready", timeout=30).json() == {"ready": True}
         r = requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, headers={"X-API-Key": "cli-key"}, timeout=60)
-        assert r.status_code == 200 and r.json()["model_name"] == "digits_v2", r.text
+        assert r.status_code == 200 and r.json()["model_name"] == "digits", r.text  # the experiment's name
         assert requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, timeout=60).status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
@@ -435,6 +436,6 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
             proc.kill()
             raise
     assert code == 0, log.read_text()[-3000:]
-    assert "stopping digits_v2" in log.read_text()
+    assert "stopping digits" in log.read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)
