@@ -2,7 +2,7 @@
 #   make demo   install into .venv, then the main job on an embedded local Ray: an ASHA search
 #               over resnet18_digits, the winner evaluated and served on 127.0.0.1:8000 (Ctrl-C stops)
 #   make test   install into .venv, then run every test tier (but the bench scripts' smoke test)
-#   make bench  install into .venv, then every benchmark (about 1.5 hours on 2 CPUs) -> bench/results.json, bench/RESULTS.md
+#   make bench  install into .venv, then every benchmark (about 2 hours on 2 CPUs) -> bench/results.json, bench/RESULTS.md
 #   make test-bench   every bench script in its tiny setting (~8 min; kept out of `make test`'s 30 minutes)
 PYTHON ?= python3
 VENV := .venv

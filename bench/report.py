@@ -46,29 +46,46 @@ BOUNDS = {
     "train_overhead": [
         "Measured (goal >= 0.95 missed: 0.84): rayfine's steady training phase runs at ~127 samples/s against the plain "
         "script's ~152 with the same model, data, batch and one torch thread per worker; whole epochs (validation, "
-        "checkpoint, report included) at 0.69. Not yet profiled per step; the likely bound on 2 CPUs is that everything "
-        "else Ray runs during an epoch (Ray Data streaming each worker its shard through the split coordinator, the "
-        "Train controller's polling, raylet, GCS, dashboard) takes its CPU from the two training processes, while the "
-        "plain script runs alone with its data in memory. The per-epoch checkpoint (model + optimizer to storage) and "
-        "the report are the whole-epoch gap. Start-up: ~14 s (Ray start, dataset materialization, worker group) vs ~3.5 s.",
+        "checkpoint, report included) at 0.69. Start-up: ~14 s (Ray start, dataset materialization, worker group) vs ~3.5 s.",
+        "Profiled (py-spy on a training worker during epochs 2-3): 92% of the worker's samples are in the training "
+        "function, almost all of it the forward pass, backward and AdamW step that the plain script runs too; Ray "
+        "Data's iterator (waiting for or formatting the next batch) is ~1.5%. The loop itself is not the gap.",
+        "The gap is the rest of Ray on 2 CPUs that the two training processes already fill: measured per process "
+        "during a steady epoch, ~15 Ray processes (raylet, GCS, dashboard and its agent, the Train controller, the "
+        "split coordinator, Ray Data's stats and autoscaling actors, the placement-group cleaner, ...) each take "
+        "~0.01 CPU, ~0.13 CPU in all; every 0.1 CPU they take is 5% of the workers' 2 CPUs. The plain script runs "
+        "alone with its data in memory. On a machine with a core or two more than it has workers the ratio would "
+        "not pay this; here it does. The per-epoch checkpoint (model + optimizer to storage) and report are the "
+        "whole-epoch gap.",
     ],
     "ingest": [
-        "Measured (goal >= 1.0 missed: 0.14): ~2,900 images/s through Ray Data against ~20,000 with a 2-worker "
-        "DataLoader. The files are 28x28 PNGs of a few hundred bytes: decoding and resizing one costs tens of "
-        "microseconds, so the figure measures fixed costs per file and per block (read_binary_files tasks over "
-        "20,000 small files, Arrow conversion between operators, the object store, streaming to the consumer), not "
-        "the transforms. Not yet profiled; larger images (real photos, milliseconds of decode each) would weigh "
-        "those fixed costs far less, and that comparison is still to be run.",
-        "Both pipelines use the machine's 2 CPUs; the consumer (driver / main process) competes with them.",
+        "Measured after profiling (goal >= 1.0 missed: 0.46, up from 0.14): ~9,000 images/s through Ray Data against "
+        "~20,000 with a 2-worker DataLoader, 20,000 28x28 PNGs of a few hundred bytes each.",
+        "What was improved: `read_binary_files` made one block per file before merging them, ~250 us of task CPU per "
+        "file (Ray Data's own stats: ~1 s of CPU per 4,000-file read task) against ~10 us to open and read such a "
+        "file and ~87 us to decode and resize it. rayfine now lists a local folder on the driver (exactly as "
+        "read_binary_files lists it) and reads the files inside the first map_batches, which Ray fuses with "
+        "preprocessing: one operator, ~99 us of task CPU per image (read, content hash for the split, decode, "
+        "resize, normalize), about the DataLoader's own per-image work.",
+        "What bounds it now: the fused tasks' summed run time (2.06 s for 20 tasks) nearly equals the operator's "
+        "wall time (2.26 s), so on this 2-CPU machine, with the consumer and Ray's own processes on the same CPUs, "
+        "the tasks ran mostly one at a time, plus ~0.3 s of execution start per pass. With images that take "
+        "milliseconds to decode (real photos) these fixed costs weigh far less; that comparison is still to be run.",
     ],
     "serve": [
-        "Measured (goal >= 3 missed: 1.33). The model is not what bounds it: in-process, one image takes ~12 ms and "
-        "a batch of 32 runs at ~340 images/s (4x the single-image rate), yet the batched replica formed batches of "
-        "1-3 at concurrency 32 (batch_stats). Requests reach the batch function one by one after the replica's "
-        "ingress has parsed the JSON, base64-decoded and PNG-decoded each on the replica's one CPU, behind Serve's "
-        "HTTP proxy, with the load generator on the same 2 CPUs: that serial per-request path, not the forward pass, "
-        "sets the rate (the plain FastAPI app, with no proxy hop, reaches ~85 req/s at c32 vs ~59 batched and ~44 unbatched). Moving "
-        "decoding into the batched call, or more replicas on more CPUs, is the next thing to measure.",
+        "Measured after profiling (goal >= 3 missed narrowly: 2.76, up from 1.33): at concurrency 32 the batched "
+        "deployment answers ~123 requests/s against ~46 unbatched, and now beats the plain FastAPI + uvicorn app "
+        "(~83 req/s, one image per forward pass).",
+        "What was improved: a py-spy profile of the batched replica showed Ray 2.60's @serve.batch forming batches "
+        "of 1-2 requests while the model was busy: its batching loop forms the next batch on its timer without "
+        "waiting for the running one (batches queue behind a semaphore since concurrent batches were added, "
+        "ray-project/ray#53096). rayfine's own batcher (rayfine.serve.batching) forms a batch when the model is "
+        "free; at c32 the replica now runs batches of 16 (batch_stats counts all concurrency levels together).",
+        "What bounds it now: the in-process model runs 72 images/s one at a time and 251 in batches of 16 (309 in "
+        "batches of 32): 3.5x at most at the default max_batch_size 16. The per-request work that batching cannot "
+        "share (Serve's HTTP proxy hop, the replica's ASGI app, JSON and base64, PNG decoding) runs on the same "
+        "2 CPUs as the model, the proxy and the load generator, and takes the rest. At concurrency 1 batching "
+        "costs latency: an idle model waits batch_wait_timeout_s (10 ms) for company (p50 35 ms vs 25 ms).",
     ],
     "end_to_end": ["One run (the search takes minutes); the search dominates and is bounded by trial start-up and 2 CPUs."],
     "memory": ["RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
