@@ -197,3 +197,12 @@ def test_a_file_gone_before_it_is_read_is_named(ray_local, tmp_path, samples):
     (tmp_path / "c" / "1.png").unlink()
     with pytest.raises(Exception, match=r"data.source: cannot read .*c/1.png"):
         ds.take_all()
+
+
+def test_a_folder_without_images_is_refused_before_anything_runs(tmp_path):
+    from rayfine.data.sources import read_local_image_folder
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"data.source: no image files \(png, jpg.*\) under"):
+        read_local_image_folder(str(tmp_path))

@@ -149,11 +149,11 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
     ``read_binary_files`` makes one block per file before merging them, about 250 us of work per
     file: several times the cost of decoding a small image (bench/RESULTS.md, ingest). Reading a
     block's files in the map task costs ~10 us a file and fuses with the preprocessing after it."""
-    paths = list_image_files(root)
+    local_root = os.path.abspath(root.removeprefix("file://"))
+    paths = list_image_files(local_root)
     if not paths:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     blocks = max(1, min(200, -(-len(paths) // FILES_PER_BLOCK)))
-    local_root = os.path.abspath(root.removeprefix("file://"))
 
     def read_files(batch: dict) -> dict:
         images = []
