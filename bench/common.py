@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from rayfine.runtime import free_port  # noqa: F401  (a free loopback port for the servers measured)
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -165,12 +166,6 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scratch_dir(name: str) -> Path:

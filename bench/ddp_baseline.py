@@ -114,13 +114,11 @@ def worker(rank: int, world: int, data_path: str, cfg_json: str, out_path: str, 
 
 def run(data_path: str, cfg_json: str, out_path: str, epochs: int, world: int = 2) -> dict:
     """Spawn ``world`` DDP processes and wait; returns rank 0's record (with ``spawned_at``)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from rayfine.runtime import free_port
+
+    port = free_port()
     spawned_at = time.time()
     mp.spawn(worker, args=(world, data_path, cfg_json, out_path, epochs, port, spawned_at), nprocs=world, join=True)
     with open(out_path) as f:

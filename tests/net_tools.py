@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 
 import numpy as np
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rayfine.runtime import free_port  # noqa: F401  (the tests' free loopback port)
 
 
 def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:

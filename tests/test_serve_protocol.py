@@ -22,8 +22,6 @@ LIMITS = ServeConfig(max_items=4, max_batch_size=8, max_image_pixels=10_000, max
                      image_formats=("PNG", "JPEG"))
 
 
-
-
 def v2(inputs, **extra) -> InferenceRequest:
     return InferenceRequest.model_validate({"inputs": inputs, **extra})
 

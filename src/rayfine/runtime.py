@@ -68,6 +68,15 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     """A fresh embedded local Ray (``ray.init(address="local")``, even when a `ray start` cluster
@@ -80,13 +89,9 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     stops, until a search hangs for lack of CPUs. So the dashboard (the State API server) gets a
     loopback port chosen here, and RAY_API_SERVER_ADDRESS names it to every worker of the session
     (the job's runtime_env) and to this process."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:  # a free port; the dashboard binds it a moment later
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the dashboard binds it a moment later
     url = f"http://127.0.0.1:{port}"
     env_vars = {**runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,

@@ -61,7 +61,7 @@ class DynamicBatcher:
             self._worker = loop.create_task(self._work())
         return await queued.future  # a cancelled caller's request is skipped when its batch is formed
 
-    def queued_items(self) -> int:
+    def _queued_items(self) -> int:
         return sum(q.size for q in self._queue if not q.future.done())
 
     async def _work(self) -> None:
@@ -73,7 +73,7 @@ class DynamicBatcher:
                 await self._arrived.wait()
                 self._drop_cancelled()
             deadline = self._queue[0].arrived + self.batch_wait_timeout_s
-            while self.queued_items() < self.max_batch_size and loop.time() < deadline:
+            while self._queued_items() < self.max_batch_size and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
