@@ -10,8 +10,8 @@ trees, so that a pass lasts long enough for the rate not to be all start-up).
 - rayfine: ``read_source`` (``read_binary_files`` + labels from the class folders) -> the
   ``prepare_batch`` map_batches (decode, L, resize + center-crop to 20 px) -> the
   ``model_inputs_batch`` map_batches (normalize to float32 NCHW) -> ``iter_torch_batches(256)``
-  on the driver, exactly as ``rayfine.data.build_datasets`` builds them, on a local Ray of all
-  the machine's CPUs.
+  on the driver, exactly as ``rayfine.data.build_datasets`` builds them (blocks kept in order,
+  as rayfine runs them so that a seed reproduces a run), on a local Ray of all the machine's CPUs.
 - baseline: ``torch.utils.data.DataLoader`` over the same files with ``num_workers`` = the CPU
   count; each item: read the file, ``rayfine.data.images.prepare_image``; the collate function
   normalizes with ``to_model_input`` (the same transforms), batches of 256.
@@ -142,9 +142,9 @@ def ray_pass(cfg, labels: list[str]) -> tuple[int, float]:
         prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
     ds = ds.map_batches(
         model_inputs_batch,
-        fn_kwargs={"data_json": cfg.data.model_dump_json(), "label_ids": {x: i for i, x in enumerate(labels)},
-                   "augment": False},
+        fn_kwargs={"data_json": cfg.data.model_dump_json(), "label_ids": {x: i for i, x in enumerate(labels)}},
         batch_format="numpy", batch_size=256)
+    ds.context.execution_options.preserve_order = cfg.data.preserve_order  # as build_datasets runs
     n = 0
     for batch in ds.iter_torch_batches(batch_size=BATCH):
         n += len(batch["y"])

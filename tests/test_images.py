@@ -11,6 +11,7 @@ from PIL import Image
 from rayfine.config import DataConfig
 from rayfine.data.images import (
     ImageError,
+    augment_batch,
     normalization,
     prepare_image,
     preprocess_for_model,
@@ -113,14 +114,27 @@ def test_normalization_and_layout():
     assert mean.shape == (1,) and std.shape == (1,)
 
 
-def test_augmentation_changes_pixels_but_not_shape_or_range(digit):
-    images = np.stack([prepare_image(digit, cfg())] * 8)
-    plain = to_model_input(images, cfg())
-    augmented = to_model_input(images, cfg(), augment=True, rng=np.random.default_rng(0))
-    assert augmented.shape == plain.shape
-    assert not np.allclose(augmented, plain)
-    lo, hi = to_model_input(np.stack([np.zeros_like(images[0]), np.full_like(images[0], 255)]), cfg())
-    assert augmented.min() >= lo.min() - 1e-5 and augmented.max() <= hi.max() + 1e-5
+def test_augmentation_changes_pixels_but_not_shape_or_range_and_a_seed_repeats_it(digit):
+    import torch
+
+    data_cfg = cfg(hflip=True)
+    images = np.stack([prepare_image(digit, data_cfg)] * 8)
+    plain = torch.from_numpy(to_model_input(images, data_cfg))
+
+    def augmented(seed: int) -> torch.Tensor:
+        return augment_batch(plain.clone(), data_cfg, torch.Generator().manual_seed(seed))
+
+    first = augmented(0)
+    assert first.shape == plain.shape and first.dtype == plain.dtype
+    assert not torch.allclose(first, plain)
+    # Each image of the batch is drawn on its own: eight copies of one digit come out different.
+    assert len({tuple(img.flatten().tolist()) for img in first}) == 8
+    # Within the range that normalization gives black and white.
+    lo, hi = to_model_input(np.stack([np.zeros_like(images[0]), np.full_like(images[0], 255)]), data_cfg)
+    assert first.min() >= lo.min() - 1e-5 and first.max() <= hi.max() + 1e-5
+    # The generator's seed alone decides the draws.
+    assert torch.equal(augmented(0), first)
+    assert not torch.equal(augmented(1), first)
 
 
 def test_serving_preprocessing_equals_training_path(digit):

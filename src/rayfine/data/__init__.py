@@ -6,8 +6,9 @@
 The pipeline (all of it Ray Data, on the cluster's CPU workers):
   read (sources.py) -> prepare: decode/convert/resize images to uint8 or tokenize texts, assign
   a split by a seeded content hash, flag bad rows -> shuffle globally and materialize once ->
-  report counts and bad rows -> per split, every epoch: to model inputs (normalize, augment the
-  train split) -> streamed to the DDP workers by Ray Train.
+  report counts and bad rows -> per split, every epoch: to model inputs (normalize images) ->
+  streamed to the DDP workers by Ray Train, in a fixed order (the training loop augments
+  images with a seeded generator), so that a seed reproduces a run.
 
 The hash split is the same on every run and machine, independent of file order and partitioning,
 and identical images always land in the same split (no train/test leakage through duplicates).
@@ -197,17 +198,17 @@ def _object_array(arrays: list) -> np.ndarray:
     return out
 
 
-def model_inputs_batch(batch: dict, data_json: str, label_ids: dict, augment: bool) -> dict:
+def model_inputs_batch(batch: dict, data_json: str, label_ids: dict) -> dict:
     """Ray Data map_batches, every epoch: prepared rows -> model inputs and "y" (label ids).
-    Images: float32 NCHW "pixel_values" (normalized, augmented for training); texts: the
-    unpadded token columns, padded per batch later by ``TextCollate``."""
+    Images: float32 NCHW "pixel_values" (normalized); texts: the unpadded token columns,
+    padded per batch later by ``TextCollate``."""
     data_cfg = DataConfig.model_validate_json(data_json)
     labels = np.array([label_ids[label] for label in batch["label"]], dtype=np.int64)
     if data_cfg.kind == "text":
         from rayfine.data.text import TOKEN_COLUMNS
 
         return {**{c: batch[c] for c in TOKEN_COLUMNS if c in batch}, "y": labels}
-    return {"pixel_values": to_model_input(batch["image"], data_cfg, augment=augment), "y": labels}
+    return {"pixel_values": to_model_input(batch["image"], data_cfg), "y": labels}
 
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
@@ -215,14 +216,18 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
     data_cfg = cfg.data
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
-    prepared = (
+    pipeline = (
         read_source(data_cfg)
         .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
         # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,
         # so that every block is a fair mix. Per epoch, block order and a local buffer reshuffle.
         .random_shuffle(seed=data_cfg.split_seed)
-        .materialize()
     )
+    # Blocks in read order, not in the order their tasks happen to finish: the seeded shuffle
+    # then gives the same rows in the same order on every run (this dataset and those derived
+    # from it share this context). Ray Train's ingest keeps the order too (train.driver).
+    pipeline.context.execution_options.preserve_order = data_cfg.preserve_order
+    prepared = pipeline.materialize()
     info = _summarize(prepared, data_cfg)
     log(
         f"[data] {sum(info.num_examples.values())} examples, {info.num_labels} labels; "
@@ -243,7 +248,6 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
             fn_kwargs={
                 "data_json": data_json,
                 "label_ids": label_ids,
-                "augment": split == "train" and data_cfg.augment,
             },
             batch_format="numpy",
             batch_size=256,

@@ -4,20 +4,25 @@ Two stages, so that the expensive one runs once:
 1. ``prepare_image``: decode bytes (or take a pixel array), convert to the configured color mode
    (transparent images composited on black), resize the shorter side and center-crop to a square
    of ``image_size``. Output: uint8 HxWxC. Training materializes this once.
-2. ``to_model_input``: uint8 NxHxWxC -> float32 NxCxHxW normalized, with optional train-time
-   augmentation. Runs every epoch (fresh augmentation each time) and on every served request.
+2. ``to_model_input``: uint8 NxHxWxC -> float32 NxCxHxW normalized. Runs every epoch and on
+   every served request.
+Train-time augmentation (``augment_batch``) runs in the training loop, on the worker's device,
+with a generator seeded per (seed, epoch, rank): a seed reproduces a run, resumed runs included.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from rayfine.config import DataConfig
 from rayfine.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,33 +133,38 @@ def normalization(data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
-def to_model_input(
-    images: np.ndarray, data_cfg: DataConfig, augment: bool = False, rng: Optional[np.random.Generator] = None
-) -> np.ndarray:
-    """uint8 NxHxWxC -> float32 NxCxHxW, normalized; ``augment`` adds random shifts and jitter."""
+def to_model_input(images: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
+    """uint8 NxHxWxC -> float32 NxCxHxW, normalized."""
     x = images.astype(np.float32) / 255.0
-    if augment:
-        x = _augment(x, data_cfg, rng or np.random.default_rng())
     mean, std = normalization(data_cfg)
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _augment(x: np.ndarray, data_cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    n, h, w, _ = x.shape
+def augment_batch(x: "torch.Tensor", data_cfg: DataConfig, generator: "torch.Generator") -> "torch.Tensor":
+    """Train-time augmentation of model inputs (normalized float NxCxHxW, on any device): random
+    shifts of up to 1/8 of the side (the uncovered border black), horizontal flips with
+    ``data.hflip``, brightness and contrast jitter. Every random draw comes from ``generator`` (a
+    CPU ``torch.Generator``), so the same generator seed gives the same batch."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    mean, std = (torch.as_tensor(v, device=x.device).view(1, -1, 1, 1) for v in normalization(data_cfg))
+    x = x * std + mean  # back to [0, 1]
     pad = max(1, h // 8)
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy = rng.integers(0, 2 * pad + 1, n)
-    dx = rng.integers(0, 2 * pad + 1, n)
-    out = np.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        if data_cfg.hflip and rng.random() < 0.5:
-            out[i] = out[i, :, ::-1]
-    brightness = rng.uniform(-0.1, 0.1, (n, 1, 1, 1)).astype(np.float32)
-    contrast = rng.uniform(0.85, 1.15, (n, 1, 1, 1)).astype(np.float32)
-    centre = out.mean(axis=(1, 2, 3), keepdims=True)
-    return np.clip((out - centre) * contrast + centre + brightness, 0.0, 1.0)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if data_cfg.hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
+        out = torch.where(flip, out.flip(-1), out)
+    brightness = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator).to(x.device)
+    contrast = torch.empty(n, 1, 1, 1).uniform_(0.85, 1.15, generator=generator).to(x.device)
+    centre = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - centre) * contrast + centre + brightness).clamp_(0.0, 1.0)
+    return (out - mean) / std
 
 
 def preprocess_for_model(items: list, data_cfg: DataConfig) -> np.ndarray:

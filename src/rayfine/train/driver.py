@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import ray.train
 import yaml
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from rayfine import checkpoints
@@ -54,6 +54,16 @@ class MetricsLog(UserCallback):
             f.write(json.dumps(line) + "\n")
 
 
+def ingest_config(cfg: Config) -> DataConfig:
+    """Ray Train's default ingest; with ``data.preserve_order`` blocks keep their order, and
+    ``streaming_split`` hands each worker the same rows in the same order on every run (Ray then
+    drops its locality hints), so that with the seeded shuffle buffer and augmentation a seed
+    reproduces a run, and a run resumed from a checkpoint trains exactly as one that never stopped."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    return DataConfig(execution_options=options)
+
+
 def build_trainer(
     cfg: Config,
     datasets: dict[str, ray.data.Dataset],
@@ -89,6 +99,7 @@ def build_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
+        dataset_config=ingest_config(cfg),
     )
 
 

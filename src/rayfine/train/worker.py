@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from rayfine import checkpoints, metrics
 from rayfine.config import Config
 from rayfine.data import batch_collate, tokenizer_source
+from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
 
@@ -135,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     class_weights = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     collate = batch_collate(cfg)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    augment_images = cfg.data.kind == "image" and cfg.data.augment
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
@@ -158,14 +160,20 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         model.train()
         loss_sum, seen, micro = 0.0, 0, 0
+        # One seed per (run seed, epoch, rank) for the shuffle buffer and the augmentation: a
+        # resumed epoch draws exactly what it drew before the failure.
+        epoch_seed = cfg.seed * 100_003 + epoch * 1_009 + rank
+        augment = torch.Generator().manual_seed(epoch_seed) if augment_images else None
         batches = train_shard.iter_torch_batches(
             batch_size=t.batch_size,
             collate_fn=collate,
             local_shuffle_buffer_size=max(t.shuffle_buffer, t.batch_size) if t.shuffle_buffer else None,
-            local_shuffle_seed=(cfg.seed * 100_003 + epoch * 1_009 + rank) if t.shuffle_buffer else None,
+            local_shuffle_seed=epoch_seed if t.shuffle_buffer else None,
         )
         for batch, last in _with_last(batches):
             batch = to_device(batch)
+            if augment is not None:
+                batch["pixel_values"] = augment_batch(batch["pixel_values"], cfg.data, augment)
             y = batch.pop("y")
             micro += 1
             sync = micro % t.grad_accum_steps == 0 or last
