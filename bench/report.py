@@ -54,8 +54,9 @@ BOUNDS = {
         "Ray Train worker group) is outside it and paid by every trial, stopped early or not: wall_ratio shows it.",
     ],
     "train_overhead": [
-        "Measured (goal >= 0.95 missed: 0.84): rayfine's steady training phase runs at ~127 samples/s against the plain "
-        "script's ~152 with the same model, data, batch and one torch thread per worker; whole epochs (validation, "
+        "Measured (goal >= 0.95 missed: 0.85; 0.84 before Ray Train's ingest kept block order, so ordering costs "
+        "nothing measurable here): rayfine's steady training phase runs at ~129 samples/s against the plain "
+        "script's ~151 with the same model, data, batch and one torch thread per worker; whole epochs (validation, "
         "checkpoint, report included) at 0.69. Start-up: ~14 s (Ray start, dataset materialization, worker group) vs ~3.5 s.",
         "Profiled (py-spy on a training worker during epochs 2-3): 92% of the worker's samples are in the training "
         "function, almost all of it the forward pass, backward and AdamW step that the plain script runs too; Ray "
@@ -69,8 +70,10 @@ BOUNDS = {
         "whole-epoch gap.",
     ],
     "ingest": [
-        "Measured after profiling (goal >= 1.0 missed: 0.46, up from 0.14): ~9,000 images/s through Ray Data against "
-        "~20,000 with a 2-worker DataLoader, 20,000 28x28 PNGs of a few hundred bytes each.",
+        "Measured after profiling (goal >= 1.0 missed: 0.43, up from 0.14): ~8,700 images/s through Ray Data against "
+        "~20,200 with a 2-worker DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Blocks now keep their "
+        "order (data.preserve_order, for reproducible runs); the run before that change measured 0.46 (0.41-0.52), "
+        "this one 0.43 (0.42-0.45): within each other's spread.",
         "What was improved: `read_binary_files` made one block per file before merging them, ~250 us of task CPU per "
         "file (Ray Data's own stats: ~1 s of CPU per 4,000-file read task) against ~10 us to open and read such a "
         "file and ~87 us to decode and resize it. rayfine now lists a local folder on the driver (exactly as "
