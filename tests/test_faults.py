@@ -57,7 +57,7 @@ SHARED: dict = {}  # figures one test hands to a later one
 
 
 # Augmentation on: the resumed runs must redraw exactly the augmentation of the epoch they redo.
-TINY = ["train.epochs=%d" % EPOCHS, "data.augment=true"]
+TINY = [f"train.epochs={EPOCHS}", "data.augment=true"]
 
 
 def tiny(root: Path, name: str, *extra: str):

@@ -220,7 +220,8 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
         read_source(data_cfg)
         .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
         # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,
-        # so that every block is a fair mix. Per epoch, block order and a local buffer reshuffle.
+        # so that every block is a fair mix. Each epoch the workers' local shuffle buffers (seeded
+        # per epoch) reorder rows; block order is the same every epoch (randomize_block_order(seed)).
         .random_shuffle(seed=data_cfg.split_seed)
     )
     # Blocks in read order, not in the order their tasks happen to finish: the seeded shuffle
