@@ -3,15 +3,20 @@
     python bench/ingest.py            # results.json["ingest"]
     python bench/ingest.py --quick    # 200 images, one repeat (tests)
 
-The folder: builtin:mnist5k's 5,000 real 28x28 digits written as PNG files in class subfolders,
-the layout `data.source: <folder>` reads (the full run writes the set COPIES times, in separate
-trees, so that a pass lasts long enough for the rate not to be all start-up).
+Two folders, in class subfolders (the layout `data.source: <folder>` reads):
+- digits (the headline ``ratio``): builtin:mnist5k's 5,000 real 28x28 digits as PNG files, 20 px,
+  L (the full run writes the set COPIES times, in separate trees, so that a pass lasts long enough
+  for the rate not to be all start-up). Tiny files: fixed per-file and per-task costs dominate.
+- photos (``photos.ratio``): 500x375 JPEG crops (random position, flip and quality 85-95) of
+  scikit-learn's two sample photographs, 224 px, RGB: the size and decoding cost of a user's
+  photos, where decoding and resizing dominate.
 
-- rayfine: ``read_source`` (``read_binary_files`` + labels from the class folders) -> the
-  ``prepare_batch`` map_batches (decode, L, resize + center-crop to 20 px) -> the
-  ``model_inputs_batch`` map_batches (normalize to float32 NCHW) -> ``iter_torch_batches(256)``
-  on the driver, exactly as ``rayfine.data.build_datasets`` builds them (blocks kept in order,
-  as rayfine runs them so that a seed reproduces a run), on a local Ray of all the machine's CPUs.
+- rayfine: ``read_source`` (the folder listed, files read in the first map task, labels from the
+  class folders) -> the ``prepare_batch`` map_batches (decode, color mode, resize + center-crop)
+  -> the ``model_inputs_batch`` map_batches (uint8 images, label ids) -> ``iter_torch_batches(256)``
+  -> ``model_batch`` (normalize to float32 NCHW) on the driver, exactly as
+  ``rayfine.data.build_datasets`` and the training loop run them (blocks kept in order, as rayfine
+  runs them so that a seed reproduces a run), on a local Ray of all the machine's CPUs.
 - baseline: ``torch.utils.data.DataLoader`` over the same files with ``num_workers`` = the CPU
   count; each item: read the file, ``rayfine.data.images.prepare_image``; the collate function
   normalizes with ``to_model_input`` (the same transforms), batches of 256.
@@ -38,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 IMAGE_SIZE = 20  # the resnet18_mnist5k preset's
+PHOTO_SIZE = 224  # ImageNet models'
 BATCH = 256
-FULL = {"images": 5000, "copies": 4, "repeats": 5}
-QUICK = {"images": 200, "copies": 1, "repeats": 1}
+FULL = {"images": 5000, "copies": 4, "photos": 2000, "repeats": 5}
+QUICK = {"images": 200, "copies": 1, "photos": 40, "repeats": 1}
 
 
 def write_folder(root: Path, n: int, copies: int) -> int:
@@ -63,10 +69,31 @@ def write_folder(root: Path, n: int, copies: int) -> int:
     return len(images) * copies
 
 
-def data_config(root: Path):
+def write_photos(root: Path, n: int, seed: int = 0) -> int:
+    """``n`` JPEG crops of scikit-learn's sample photographs: <root>/<china|flower>/<i>.jpg."""
+    from PIL import Image
+    from sklearn import datasets
+
+    rng = np.random.default_rng(seed)
+    folder = Path(datasets.__file__).parent / "images"
+    photos = {name: Image.open(folder / f"{name}.jpg").convert("RGB") for name in ("china", "flower")}
+    for i in range(n):
+        name = ("china", "flower")[i % 2]
+        photo = photos[name]
+        x, y = int(rng.integers(0, photo.width - 500 + 1)), int(rng.integers(0, photo.height - 375 + 1))
+        crop = photo.crop((x, y, x + 500, y + 375))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        crop.save(root / name / f"{i:05d}.jpg", quality=int(rng.integers(85, 96)))
+    return n
+
+
+def data_config(root: Path, size: int = IMAGE_SIZE, color_mode: str = "L"):
     from rayfine.config import load_config
 
-    return load_config("resnet18_mnist5k", [f"data.source={root}", f"data.image_size={IMAGE_SIZE}", "data.augment=false"])
+    return load_config("resnet18_mnist5k", [f"data.source={root}", f"data.image_size={size}",
+                                            f"data.color_mode={color_mode}", "data.augment=false"])
 
 
 # --- baseline: torch DataLoader ---------------------------------------------------------------
@@ -110,7 +137,7 @@ def list_folder(root: Path, labels: list[str]) -> list[tuple[str, int]]:
     for dirpath, _, files in os.walk(root):
         label = os.path.basename(dirpath)
         for name in files:
-            if name.endswith(".png") and label in ids:
+            if name.endswith((".png", ".jpg")) and label in ids:
                 items.append((os.path.join(dirpath, name), ids[label]))
     return sorted(items)
 
@@ -133,7 +160,7 @@ def dataloader_pass(root: Path, cfg, labels: list[str], workers: int) -> tuple[i
 
 
 def ray_pass(cfg, labels: list[str]) -> tuple[int, float]:
-    from rayfine.data import model_inputs_batch, prepare_batch
+    from rayfine.data import model_batch, model_inputs_batch, prepare_batch
     from rayfine.data.sources import read_source
 
     started = time.perf_counter()
@@ -147,66 +174,82 @@ def ray_pass(cfg, labels: list[str]) -> tuple[int, float]:
     ds.context.execution_options.preserve_order = cfg.data.preserve_order  # as build_datasets runs
     n = 0
     for batch in ds.iter_torch_batches(batch_size=BATCH):
+        batch = model_batch(batch, cfg.data)  # normalize, as the training loop does on its device
         n += len(batch["y"])
     return n, time.perf_counter() - started
+
+
+def rates(runs: list[float], files: int) -> list[float]:
+    return [files / seconds for seconds in runs]
+
+
+def summarize(ray_runs: list[float], loader_runs: list[float], files: int) -> dict:
+    ratios = [r / b for r, b in zip(rates(ray_runs, files), rates(loader_runs, files))]
+    return {"ratio": common.summary(ratios)["median"], "ratio_stats": common.summary(ratios),
+            "rayfine_images_per_s": common.summary(rates(ray_runs, files)),
+            "dataloader_images_per_s": common.summary(rates(loader_runs, files)), "images": files}
 
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     size = QUICK if args.quick else FULL
     cpus = os.cpu_count()
-    labels = [str(d) for d in range(10)]
     scratch = common.scratch_dir("ingest")
     try:
-        common.log(f"writing {size['images']} mnist5k PNGs x {size['copies']} to {scratch}")
-        files = write_folder(scratch / "images", size["images"], size["copies"])
-        cfg = data_config(scratch / "images")
+        common.log(f"writing {size['images']} mnist5k PNGs x {size['copies']} and {size['photos']} JPEG photos to {scratch}")
+        workloads = {  # name: (folder, files, config, labels)
+            "digits": (scratch / "images", write_folder(scratch / "images", size["images"], size["copies"]),
+                       data_config(scratch / "images"), [str(d) for d in range(10)]),
+            "photos": (scratch / "photos", write_photos(scratch / "photos", size["photos"]),
+                       data_config(scratch / "photos", PHOTO_SIZE, "RGB"), ["china", "flower"]),
+        }
+        loader_runs, ray_runs = {name: [] for name in workloads}, {name: [] for name in workloads}
 
         common.log(f"torch DataLoader, {cpus} workers (no Ray running)")
-        if not args.quick:
-            dataloader_pass(scratch / "images", cfg, labels, cpus)  # warm-up: page cache
-        loader_runs = []
-        for i in range(size["repeats"]):
-            n, seconds = dataloader_pass(scratch / "images", cfg, labels, cpus)
-            assert n == files, f"DataLoader saw {n} of {files} images"
-            loader_runs.append(seconds)
-            common.log(f"  DataLoader pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+        for name, (root, files, cfg, labels) in workloads.items():
+            if not args.quick:
+                dataloader_pass(root, cfg, labels, cpus)  # warm-up: page cache
+            for i in range(size["repeats"]):
+                n, seconds = dataloader_pass(root, cfg, labels, cpus)
+                assert n == files, f"DataLoader saw {n} of {files} {name} images"
+                loader_runs[name].append(seconds)
+                common.log(f"  {name}: DataLoader pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
 
         from rayfine.runtime import ray_session
 
-        ray_runs = []
         with ray_session(log=common.log):
             common.log("Ray Data pipeline")
-            if not args.quick:
-                ray_pass(cfg, labels)  # warm-up: Ray's worker processes import rayfine
-            for i in range(size["repeats"]):
-                n, seconds = ray_pass(cfg, labels)
-                assert n == files, f"Ray Data saw {n} of {files} images"
-                ray_runs.append(seconds)
-                common.log(f"  Ray Data pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+            for name, (root, files, cfg, labels) in workloads.items():
+                if not args.quick:
+                    ray_pass(cfg, labels)  # warm-up: Ray's worker processes import rayfine
+                for i in range(size["repeats"]):
+                    n, seconds = ray_pass(cfg, labels)
+                    assert n == files, f"Ray Data saw {n} of {files} {name} images"
+                    ray_runs[name].append(seconds)
+                    common.log(f"  {name}: Ray Data pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    ray_rates = [files / s for s in ray_runs]
-    loader_rates = [files / s for s in loader_runs]
-    ratios = [r / b for r, b in zip(ray_rates, loader_rates)]
+    digits = summarize(ray_runs["digits"], loader_runs["digits"], workloads["digits"][1])
+    photos = summarize(ray_runs["photos"], loader_runs["photos"], workloads["photos"][1])
     result = {
-        "ratio": common.summary(ratios)["median"],
-        "ratio_stats": common.summary(ratios),
-        "rayfine_images_per_s": common.summary(ray_rates),
-        "dataloader_images_per_s": common.summary(loader_rates),
-        "images": files,
+        **digits,
         "image_size": IMAGE_SIZE,
         "cpus": cpus,
         "repeats": size["repeats"],
         "goal": ">= 1.0",
-        "goal_met": common.summary(ratios)["median"] >= 1.0,
-        "compared": (f"images/s of rayfine's Ray Data pipeline (read_binary_files -> prepare_batch -> "
-                     f"model_inputs_batch -> iter_torch_batches) / a torch DataLoader ({cpus} workers, the same "
-                     f"rayfine.data.images transforms) over the same {files} PNG files (mnist5k, 28 px -> {IMAGE_SIZE} px, L)"),
+        "goal_met": digits["ratio"] >= 1.0,
+        "compared": (f"images/s of rayfine's Ray Data pipeline (folder listing -> read + prepare_batch -> "
+                     f"model_inputs_batch -> iter_torch_batches -> model_batch) / a torch DataLoader ({cpus} workers, the same "
+                     f"rayfine.data.images transforms) over the same {digits['images']} PNG files (mnist5k, "
+                     f"28 px -> {IMAGE_SIZE} px, L)"),
+        "photos": {**photos, "image_size": PHOTO_SIZE,
+                   "files": "500x375 JPEG crops of scikit-learn's china.jpg and flower.jpg, quality 85-95",
+                   "compared": f"the same two pipelines over {photos['images']} JPEG photos -> {PHOTO_SIZE} px, RGB"},
     }
     common.write_result(args.results, "ingest", result, args.quick)
-    common.log(f"ingest ratio {result['ratio']:.3f} (rayfine / DataLoader images/s)")
+    common.log(f"ingest ratio {result['ratio']:.3f} on digits, {photos['ratio']:.3f} on photos "
+               "(rayfine / DataLoader images/s)")
 
 
 if __name__ == "__main__":

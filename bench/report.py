@@ -178,11 +178,18 @@ def section_train_overhead(r: dict) -> list[str]:
 
 
 def section_ingest(r: dict) -> list[str]:
-    out = [f"Setting: {r['images']} PNG files, {r['cpus']} CPUs, {r['repeats']} timed passes of each (after one untimed "
+    out = [f"Setting (digits, the headline ratio): {r['images']} PNG files, {r['cpus']} CPUs, {r['repeats']} timed passes of each (after one untimed "
            "warm-up pass each).", ""]
     out += table(["", "images/s"], [["rayfine (Ray Data)", _spread(r["rayfine_images_per_s"], 0)],
                                     ["torch DataLoader", _spread(r["dataloader_images_per_s"], 0)]])
     out += ["", f"- ratio: {_spread(r['ratio_stats'])}"]
+    photos = r.get("photos")
+    if photos:  # recorded from the photo folder too (bench/ingest.py since it has one)
+        out += ["", f"Photos: {photos['images']} files ({photos['files']}) -> {photos['image_size']} px RGB, the same "
+                "passes of both pipelines.", ""]
+        out += table(["", "images/s"], [["rayfine (Ray Data)", _spread(photos["rayfine_images_per_s"], 0)],
+                                        ["torch DataLoader", _spread(photos["dataloader_images_per_s"], 0)]])
+        out += ["", f"- photos ratio: {_spread(photos['ratio_stats'])}"]
     return out
 
 

@@ -62,12 +62,18 @@ def stamp_callback(path: str):
     return Stamp()
 
 
-def save_tensors(datasets, info, path: Path) -> None:
-    """rayfine's own model-input tensors (train and val) for the baseline."""
+def save_tensors(datasets, info, cfg, path: Path) -> None:
+    """rayfine's own model-input tensors (train and val) for the baseline, normalized once (rayfine
+    normalizes each batch in its training loop)."""
+    import torch
+
+    from rayfine.data import model_batch
+
     arrays = {}
     for split in ("train", "val"):
         rows = datasets[split].take_all()
-        arrays[f"x_{split}"] = np.stack([r["pixel_values"] for r in rows]).astype(np.float32)
+        batch = model_batch({"image": torch.from_numpy(np.stack([r["image"] for r in rows]))}, cfg.data)
+        arrays[f"x_{split}"] = batch["pixel_values"].numpy()
         arrays[f"y_{split}"] = np.array([r["y"] for r in rows], dtype=np.int64)
     np.savez(path, labels=np.array(info.labels), **arrays)
 
@@ -86,7 +92,7 @@ def rayfine_run(cfg, scratch: Path, repeat: int, tensors: Path) -> dict:
         datasets, info = build_datasets(cfg, log=common.log)
         data_s = time.perf_counter() - t1
         if not tensors.exists():
-            save_tensors(datasets, info, tensors)
+            save_tensors(datasets, info, cfg, tensors)
         stamps = scratch / f"stamps-{repeat}.jsonl"
         trainer = build_trainer(cfg, datasets, info, name=f"overhead-{repeat}", storage_path=str(scratch / "ray"),
                                 callbacks=[stamp_callback(str(stamps))])

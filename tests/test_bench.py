@@ -25,7 +25,8 @@ import report  # noqa: E402
 
 # The figures each script must write (dotted paths into its results key).
 REQUIRED = {
-    "ingest": ["ratio", "ratio_stats.median", "rayfine_images_per_s.median", "dataloader_images_per_s.median", "images"],
+    "ingest": ["ratio", "ratio_stats.median", "rayfine_images_per_s.median", "dataloader_images_per_s.median", "images",
+               "photos.ratio", "photos.rayfine_images_per_s.median", "photos.dataloader_images_per_s.median"],
     "train_overhead": ["ratio", "ratio_stats.median", "epoch_ratio", "rayfine_samples_per_s.median",
                        "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median"],
     "serve": ["batching_gain_c32", "batching_gain_c32_stats.median", "floor.p50_ms", "floor.items_per_s",

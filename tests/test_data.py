@@ -62,7 +62,7 @@ def folder_cfg(source, *extra):
 
 def rows(ds):
     batch = ds.take_batch(1000, batch_format="numpy")
-    return batch["pixel_values"], batch["y"]
+    return batch["image"], batch["y"]
 
 
 def test_image_folder_reads_every_file_with_labels_from_folders(ray_local, image_folder):
@@ -73,7 +73,7 @@ def test_image_folder_reads_every_file_with_labels_from_folders(ray_local, image
     total = 0
     for split in SPLITS:
         x, y = rows(datasets[split])
-        assert x.shape[1:] == (3, 16, 16) and x.dtype == np.float32
+        assert x.shape[1:] == (16, 16, 3) and x.dtype == np.uint8  # normalized where consumed (model_batch)
         assert len(y) == info.num_examples[split]
         assert np.bincount(y, minlength=3).tolist() == [info.class_counts[split][c] for c in info.labels]
         total += len(y)
@@ -185,6 +185,26 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
     assert ours == rays
     assert {os.path.relpath(p, tmp_path) for p in ours} == {"a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png",
                                                             "b/4.webp", "8.png"}
+
+
+def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, samples):
+    from rayfine.data.sources import (BYTES_PER_BLOCK, FILES_PER_BLOCK, MAX_READ_BLOCKS, list_image_files,
+                                      read_block_count, read_local_image_folder)
+
+    small, photo = 400, 70_000  # a digit PNG, a 500x375 JPEG photo
+    assert read_block_count([small] * 20_000) == -(-20_000 // FILES_PER_BLOCK)  # tiny files: by count
+    assert read_block_count([photo] * 2_000) == -(-2_000 * photo // BYTES_PER_BLOCK)  # photos: by bytes
+    assert read_block_count([photo] * 10**6) == MAX_READ_BLOCKS
+    assert read_block_count([BYTES_PER_BLOCK * 10] * 3) == 3  # never more blocks than files
+    assert read_block_count([small]) == 1
+    # The folder reader uses the listed sizes: files of 1/3 of BYTES_PER_BLOCK make 2 blocks of 3 and 1.
+    png = encode(Image.fromarray(samples[0][0]))
+    for i in range(4):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.png").write_bytes(png + b"\0" * (BYTES_PER_BLOCK // 3 - len(png)))
+    assert [size for _, size in list_image_files(str(tmp_path), sizes=True)] == [BYTES_PER_BLOCK // 3] * 4
+    ds = read_local_image_folder(str(tmp_path))
+    assert ds.materialize().num_blocks() == 2 and ds.count() == 4
 
 
 def test_a_file_gone_before_it_is_read_is_named(ray_local, tmp_path, samples):

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rayfine.config import DataConfig
@@ -17,6 +18,7 @@ from rayfine.data.images import (
     preprocess_for_model,
     resize_square,
     to_model_input,
+    to_pixel_values,
 )
 
 
@@ -142,6 +144,17 @@ def test_serving_preprocessing_equals_training_path(digit):
     data_cfg = cfg()
     png = encode(Image.fromarray(digit))
     served = preprocess_for_model([png, digit], data_cfg)
-    trained = to_model_input(np.stack([prepare_image(png, data_cfg)]), data_cfg)
+    # Training normalizes in torch, on the batch's device (rayfine.data.model_batch).
+    trained = to_pixel_values(torch.from_numpy(np.stack([prepare_image(png, data_cfg)])), data_cfg).numpy()
     assert np.array_equal(served[0], trained[0])
     assert np.array_equal(served[1], trained[0])
+
+
+def test_torch_and_numpy_normalization_agree():
+    rng = np.random.default_rng(0)
+    for data_cfg in (cfg(), cfg(color_mode="RGB"), cfg(color_mode="RGB", mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7))):
+        channels = 3 if data_cfg.color_mode == "RGB" else 1
+        images = rng.integers(0, 256, (5, 12, 12, channels), dtype=np.uint8)
+        x = to_pixel_values(torch.from_numpy(images), data_cfg)
+        assert x.dtype == torch.float32 and x.shape == (5, channels, 12, 12) and x.is_contiguous()
+        assert np.array_equal(x.numpy(), to_model_input(images, data_cfg))

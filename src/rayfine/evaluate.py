@@ -23,11 +23,12 @@ from rayfine.progress import Progress
 def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256,
                     progress: Optional[Progress] = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and class probabilities for every row of a model-input dataset."""
-    from rayfine.data import batch_collate
+    from rayfine.data import batch_collate, model_batch
 
     y_true, probs = [], []
     collate = batch_collate(ckpt.cfg, str(ckpt.path))
     for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
+        batch = model_batch(batch, ckpt.cfg.data)
         y_true.append(batch.pop("y").numpy())
         probs.append(ckpt.predict_proba(batch).numpy())
         if progress is not None:

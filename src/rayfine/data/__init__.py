@@ -26,7 +26,7 @@ import ray.data
 from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
-from rayfine.data.images import ImageError, prepare_image, to_model_input
+from rayfine.data.images import ImageError, prepare_image
 from rayfine.data.sources import read_source
 from rayfine.errors import DataError
 
@@ -200,15 +200,29 @@ def _object_array(arrays: list) -> np.ndarray:
 
 def model_inputs_batch(batch: dict, data_json: str, label_ids: dict) -> dict:
     """Ray Data map_batches, every epoch: prepared rows -> model inputs and "y" (label ids).
-    Images: float32 NCHW "pixel_values" (normalized); texts: the unpadded token columns,
-    padded per batch later by ``TextCollate``."""
+    Images: the uint8 NHWC "image" (normalized where the batch is consumed, ``model_batch``);
+    texts: the unpadded token columns, padded per batch later by ``TextCollate``."""
     data_cfg = DataConfig.model_validate_json(data_json)
     labels = np.array([label_ids[label] for label in batch["label"]], dtype=np.int64)
     if data_cfg.kind == "text":
         from rayfine.data.text import TOKEN_COLUMNS
 
         return {**{c: batch[c] for c in TOKEN_COLUMNS if c in batch}, "y": labels}
-    return {"pixel_values": to_model_input(batch["image"], data_cfg), "y": labels}
+    return {"image": batch["image"], "y": labels}
+
+
+def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
+    """A batch of a model-input dataset from ``iter_torch_batches`` (on its device) -> the model's
+    keyword arguments and "y". Images travel through Ray's object store as uint8 NHWC "image", a
+    quarter of the bytes of float32 (bench/RESULTS.md, ingest), and become normalized float32 NCHW
+    "pixel_values" here, on the batch's device; text batches are model inputs already."""
+    if "image" not in batch:
+        return batch
+    from rayfine.data.images import to_pixel_values
+
+    batch = dict(batch)
+    batch["pixel_values"] = to_pixel_values(batch.pop("image"), data_cfg)
+    return batch
 
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:

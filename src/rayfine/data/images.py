@@ -4,8 +4,10 @@ Two stages, so that the expensive one runs once:
 1. ``prepare_image``: decode bytes (or take a pixel array), convert to the configured color mode
    (transparent images composited on black), resize the shorter side and center-crop to a square
    of ``image_size``. Output: uint8 HxWxC. Training materializes this once.
-2. ``to_model_input``: uint8 NxHxWxC -> float32 NxCxHxW normalized. Runs every epoch and on
-   every served request.
+2. Normalization: uint8 NxHxWxC -> float32 NxCxHxW normalized, where a batch is consumed: in the
+   training loop and evaluation on the batch's device (``to_pixel_values``, torch; Ray Data ships
+   the uint8 images, a quarter of float32's bytes), and on every served request
+   (``to_model_input``, numpy). The two give the same values.
 Train-time augmentation (``augment_batch``) runs in the training loop, on the worker's device,
 with a generator seeded per (seed, epoch, rank): a seed reproduces a run, resumed runs included.
 """
@@ -139,6 +141,15 @@ def to_model_input(images: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     mean, std = normalization(data_cfg)
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def to_pixel_values(images: "torch.Tensor", data_cfg: DataConfig) -> "torch.Tensor":
+    """uint8 NxHxWxC -> float32 NxCxHxW, normalized, on the tensor's device: ``to_model_input`` in torch."""
+    import torch
+
+    mean, std = (torch.as_tensor(v, device=images.device).view(1, -1, 1, 1) for v in normalization(data_cfg))
+    x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # the one copy
+    return x.div_(255.0).sub_(mean).div_(std)
 
 
 def augment_batch(x: "torch.Tensor", data_cfg: DataConfig, generator: "torch.Generator") -> "torch.Tensor":

@@ -118,7 +118,13 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
             raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {available}")
 
 
-FILES_PER_BLOCK = 1000  # a local image folder's read tasks: paths per block
+# A local image folder's read tasks: at most this many files, and at most this many encoded bytes,
+# per block. Small files (digits) are bound by per-task costs, so many go in one task; photos take
+# milliseconds each to decode, so a block holds a few seconds of work at most and the tasks spread
+# over the CPUs and stream (bench/RESULTS.md, ingest).
+FILES_PER_BLOCK = 1000
+BYTES_PER_BLOCK = 8 * 1024 * 1024
+MAX_READ_BLOCKS = 200
 
 
 def _label_of(path: str, root: str) -> Optional[str]:
@@ -127,20 +133,29 @@ def _label_of(path: str, root: str) -> Optional[str]:
     return None if parent == "" or parent.endswith(root.split("://")[-1]) else os.path.basename(parent)
 
 
-def list_image_files(root: str) -> list[str]:
+def list_image_files(root: str, sizes: bool = False) -> list:
     """The image files under a local ``root``, sorted, as ``ray.data.read_binary_files`` lists them:
     every depth, names ending in IMAGE_EXTENSIONS (any case), none whose path relative to the root
-    starts with "." or "_"."""
+    starts with "." or "_". With ``sizes``: (path, bytes) pairs."""
     import pyarrow.fs as pafs
 
     root = os.path.abspath(root.removeprefix("file://"))
     infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(root, recursive=True))
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
-    return sorted(
-        info.path for info in infos
+    files = sorted(
+        (info.path, info.size) for info in infos
         if info.is_file and info.path.lower().endswith(suffixes)
         and not os.path.relpath(info.path, root).startswith((".", "_"))
     )
+    return files if sizes else [path for path, _ in files]
+
+
+def read_block_count(file_sizes: list[int]) -> int:
+    """Read tasks for files of these sizes: FILES_PER_BLOCK files or BYTES_PER_BLOCK bytes at most
+    per block (whichever needs more blocks), one file at least, MAX_READ_BLOCKS blocks at most."""
+    by_count = -(-len(file_sizes) // FILES_PER_BLOCK)
+    by_bytes = -(-sum(file_sizes) // BYTES_PER_BLOCK)
+    return max(1, min(MAX_READ_BLOCKS, len(file_sizes), max(by_count, by_bytes)))
 
 
 def read_local_image_folder(root: str) -> ray.data.Dataset:
@@ -148,12 +163,14 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
 
     ``read_binary_files`` makes one block per file before merging them, about 250 us of work per
     file: several times the cost of decoding a small image (bench/RESULTS.md, ingest). Reading a
-    block's files in the map task costs ~10 us a file and fuses with the preprocessing after it."""
+    block's files in the map task costs ~10 us a file and fuses with the preprocessing after it.
+    Blocks are sized by file count and bytes (``read_block_count``)."""
     local_root = os.path.abspath(root.removeprefix("file://"))
-    paths = list_image_files(local_root)
-    if not paths:
+    files = list_image_files(local_root, sizes=True)
+    if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    blocks = max(1, min(200, -(-len(paths) // FILES_PER_BLOCK)))
+    paths = [path for path, _ in files]
+    blocks = read_block_count([size for _, size in files])
 
     def read_files(batch: dict) -> dict:
         images = []
@@ -168,7 +185,7 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
                 "origin": batch["path"]}
 
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
-    return ds.map_batches(read_files, batch_format="numpy", batch_size=256)
+    return ds.map_batches(read_files, batch_format="numpy", batch_size=None)  # one read task per block
 
 
 def _is_local(source: str) -> bool:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from rayfine import checkpoints, metrics
 from rayfine.config import Config
-from rayfine.data import batch_collate, tokenizer_source
+from rayfine.data import batch_collate, model_batch, tokenizer_source
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
@@ -171,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=epoch_seed if t.shuffle_buffer else None,
         )
         for batch, last in _with_last(batches):
-            batch = to_device(batch)
+            batch = model_batch(to_device(batch), cfg.data)
             if augment is not None:
                 batch["pixel_values"] = augment_batch(batch["pixel_values"], cfg.data, augment)
             y = batch.pop("y")
@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_loss_sum = 0.0
         with torch.inference_mode():
             for batch in val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate):
-                batch = to_device(batch)
+                batch = model_batch(to_device(batch), cfg.data)
                 y = batch.pop("y")
                 with autocast:
                     logits = logits_of(model(**batch)).float()
