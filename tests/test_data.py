@@ -150,6 +150,23 @@ def test_builtin_split_is_deterministic_and_disjoint(ray_local):
         assert a.class_counts["test"][label] > 15 and a.class_counts["val"][label] > 5
 
 
+def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder):
+    from rayfine.train.driver import ingest_config
+
+    ordered_cfg = folder_cfg(image_folder)
+    unordered_cfg = folder_cfg(image_folder, "data.preserve_order=false")
+    ordered, _ = build_datasets(ordered_cfg, log=lambda *_: None)
+    unordered, _ = build_datasets(unordered_cfg, log=lambda *_: None)
+    for cfg, datasets in ((ordered_cfg, ordered), (unordered_cfg, unordered)):
+        assert datasets["train"].context.execution_options.preserve_order is cfg.data.preserve_order
+        # What Ray Train applies to the dataset of each worker group (DataConfig.configure).
+        assert ingest_config(cfg)._resolve_execution_options("train").preserve_order is cfg.data.preserve_order
+    for split in SPLITS:  # the same examples in each split, whatever order they come in
+        (x1, y1), (x2, y2) = rows(ordered[split]), rows(unordered[split])
+        key = lambda x, y: sorted(zip(y.tolist(), (img.tobytes() for img in x)))  # noqa: E731
+        assert key(x1, y1) == key(x2, y2)
+
+
 def test_missing_source_is_a_clear_error(ray_local, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(folder_cfg(tmp_path / "nowhere"), log=lambda *_: None)
@@ -188,8 +205,14 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
 
 
 def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, samples):
-    from rayfine.data.sources import (BYTES_PER_BLOCK, FILES_PER_BLOCK, MAX_READ_BLOCKS, list_image_files,
-                                      read_block_count, read_local_image_folder)
+    from rayfine.data.sources import (
+        BYTES_PER_BLOCK,
+        FILES_PER_BLOCK,
+        MAX_READ_BLOCKS,
+        list_image_files,
+        read_block_count,
+        read_local_image_folder,
+    )
 
     small, photo = 400, 70_000  # a digit PNG, a 500x375 JPEG photo
     assert read_block_count([small] * 20_000) == -(-20_000 // FILES_PER_BLOCK)  # tiny files: by count

@@ -6,9 +6,10 @@
 The pipeline (all of it Ray Data, on the cluster's CPU workers):
   read (sources.py) -> prepare: decode/convert/resize images to uint8 or tokenize texts, assign
   a split by a seeded content hash, flag bad rows -> shuffle globally and materialize once ->
-  report counts and bad rows -> per split, every epoch: to model inputs (normalize images) ->
-  streamed to the DDP workers by Ray Train, in a fixed order (the training loop augments
-  images with a seeded generator), so that a seed reproduces a run.
+  report counts and bad rows -> per split, every epoch: to model inputs (label ids; images stay
+  uint8) -> streamed to the DDP workers by Ray Train, in a fixed order, so that a seed reproduces
+  a run. The training loop normalizes images on its device (``model_batch``) and augments them
+  with a seeded generator.
 
 The hash split is the same on every run and machine, independent of file order and partitioning,
 and identical images always land in the same split (no train/test leakage through duplicates).
