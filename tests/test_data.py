@@ -196,7 +196,7 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
                  "_tmp/6.png", ".cache/7.png", "8.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(png)
-    ours = list_image_files(str(tmp_path))
+    ours = [path for path, _ in list_image_files(str(tmp_path))]
     rays = sorted(ray.data.read_binary_files(str(tmp_path), include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
                   .select_columns(["path"]).to_pandas()["path"])
     assert ours == rays
@@ -225,7 +225,7 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
     for i in range(4):
         (tmp_path / "a").mkdir(exist_ok=True)
         (tmp_path / "a" / f"{i}.png").write_bytes(png + b"\0" * (BYTES_PER_BLOCK // 3 - len(png)))
-    assert [size for _, size in list_image_files(str(tmp_path), sizes=True)] == [BYTES_PER_BLOCK // 3] * 4
+    assert [size for _, size in list_image_files(str(tmp_path))] == [BYTES_PER_BLOCK // 3] * 4
     ds = read_local_image_folder(str(tmp_path))
     assert ds.materialize().num_blocks() == 2 and ds.count() == 4
 

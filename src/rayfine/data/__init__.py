@@ -27,7 +27,7 @@ import ray.data
 from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
-from rayfine.data.images import ImageError, prepare_image
+from rayfine.data.images import ImageError, prepare_image, to_pixel_values
 from rayfine.data.sources import read_source
 from rayfine.errors import DataError
 
@@ -219,8 +219,6 @@ def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
     "pixel_values" here, on the batch's device; text batches are model inputs already."""
     if "image" not in batch:
         return batch
-    from rayfine.data.images import to_pixel_values
-
     batch = dict(batch)
     batch["pixel_values"] = to_pixel_values(batch.pop("image"), data_cfg)
     return batch

@@ -133,21 +133,20 @@ def _label_of(path: str, root: str) -> Optional[str]:
     return None if parent == "" or parent.endswith(root.split("://")[-1]) else os.path.basename(parent)
 
 
-def list_image_files(root: str, sizes: bool = False) -> list:
-    """The image files under a local ``root``, sorted, as ``ray.data.read_binary_files`` lists them:
-    every depth, names ending in IMAGE_EXTENSIONS (any case), none whose path relative to the root
-    starts with "." or "_". With ``sizes``: (path, bytes) pairs."""
+def list_image_files(root: str) -> list[tuple[str, int]]:
+    """(path, bytes) of the image files under a local ``root``, sorted, as ``ray.data.read_binary_files``
+    lists them: every depth, names ending in IMAGE_EXTENSIONS (any case), none whose path relative to
+    the root starts with "." or "_"."""
     import pyarrow.fs as pafs
 
     root = os.path.abspath(root.removeprefix("file://"))
     infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(root, recursive=True))
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
-    files = sorted(
+    return sorted(
         (info.path, info.size) for info in infos
         if info.is_file and info.path.lower().endswith(suffixes)
         and not os.path.relpath(info.path, root).startswith((".", "_"))
     )
-    return files if sizes else [path for path, _ in files]
 
 
 def read_block_count(file_sizes: list[int]) -> int:
@@ -166,7 +165,7 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
     block's files in the map task costs ~10 us a file and fuses with the preprocessing after it.
     Blocks are sized by file count and bytes (``read_block_count``)."""
     local_root = os.path.abspath(root.removeprefix("file://"))
-    files = list_image_files(local_root, sizes=True)
+    files = list_image_files(local_root)
     if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     paths = [path for path, _ in files]
