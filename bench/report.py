@@ -86,7 +86,7 @@ BOUNDS = {
         "310 -> 455 side by side in one profiling script); on the digits 0.44 -> 0.46, within the spread. (3) Read blocks hold at most 8 MiB of files as well as 1,000 files, so a "
         "folder of photos spreads over a cluster's CPUs (2,000 photos were 2 read tasks); on 2 CPUs this is neutral.",
         "What bounds the digits figure (profiled): each pass is one Ray Data execution of ~2.2 s, and for about its "
-        "first second the operator may run only one task at a time. Ray 2.60's resource manager takes its limits "
+        "first second the operator runs at most one task, often none. Ray 2.60's resource manager takes its limits "
         "from the reservation of the rate-based cluster autoscaler (an actor), which is empty when the execution "
         "starts, and caches them for 1 s (GLOBAL_LIMITS_UPDATE_INTERVAL_S): instrumented, most refusals to launch a "
         "task saw global limits of 0 CPU and 0 bytes. With Ray's resource reservation switched off "
