@@ -74,3 +74,32 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
         bare = actor_state.options(runtime_env={"env_vars": {API_SERVER_ENV: ""}}).remote(actor_id)
         assert "multiple active Ray instances" in ray.get(bare)
     assert other_ray.poll() is None  # the other Ray was left alone
+
+
+def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
+    """Ray keeps idle workers only up to the CPUs nothing holds; rayfine's embedded Ray keeps one
+    per CPU, so a data task after a pause (each epoch's, each evaluation's) reuses its process."""
+    import os
+
+    import ray
+
+    from rayfine.runtime import WORKER_ENV, idle_worker_config, local_ray
+
+    assert idle_worker_config(2, environ={}) == {"num_workers_soft_limit": 2}
+    assert idle_worker_config(2, environ={"RAY_num_workers_soft_limit": "0"}) == {}  # the user's wins
+
+    @ray.remote(num_cpus=1.8)
+    class Trainer:  # holds the CPUs, as Ray Train's workers do
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote(num_cpus=0.1)
+    def data_task() -> int:
+        return os.getpid()
+
+    with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=2, logging_level="WARNING"):
+        trainer = Trainer.remote()
+        assert ray.get(trainer.ready.remote())
+        first = ray.get(data_task.remote())
+        time.sleep(2.5)  # Ray kills a surplus idle worker after 1 s (idle_worker_killing_time_threshold_ms)
+        assert ray.get(data_task.remote()) == first

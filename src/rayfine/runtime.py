@@ -77,6 +77,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def idle_worker_config(num_cpus: Optional[float] = None, environ: Optional[dict] = None) -> dict:
+    """Keep up to one idle worker process per CPU while training holds the CPUs.
+
+    Ray's raylet keeps idle workers only up to the CPUs no task or actor holds (ray-project/ray
+    #36766). While the training workers hold nearly every CPU that is none, so each epoch's Ray
+    Data tasks (and each evaluation's) start new Python processes that import Ray and rayfine
+    again: ~2 s of a 2-CPU machine per epoch and split. ``num_workers_soft_limit`` sets that
+    idle limit; here, the node's CPU count. Measured on 2 CPUs (resnet18_digits_tiny, 2 epochs):
+    the second epoch 5.1 s -> 2.6 s, the test-split evaluation 5.5 s -> 2.4 s.
+    An explicit RAY_num_workers_soft_limit in the environment wins (nothing is set here then).
+    """
+    env = os.environ if environ is None else environ
+    if "RAY_num_workers_soft_limit" in env:
+        return {}
+    return {"num_workers_soft_limit": max(1, int(num_cpus if num_cpus is not None else os.cpu_count() or 1))}
+
+
 @contextlib.contextmanager
 def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     """A fresh embedded local Ray (``ray.init(address="local")``, even when a `ray start` cluster
@@ -94,6 +111,7 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     port = free_port()  # the dashboard binds it a moment later
     url = f"http://127.0.0.1:{port}"
     env_vars = {**runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
+    init_kwargs.setdefault("_system_config", idle_worker_config(init_kwargs.get("num_cpus")))
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={**runtime_env, "env_vars": env_vars}, **init_kwargs)
     previous = os.environ.get(API_SERVER_ENV)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -270,11 +271,23 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
     return datasets, info
 
 
-def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig) -> DataInfo:
-    counts = prepared.groupby(["split", "label"]).count().take_all()
+def count_split_labels(prepared: ray.data.Dataset) -> dict[str, dict[str, int]]:
+    """Examples per (split, label), counted on the driver as the two columns stream by.
+
+    Not ``groupby(...).count()``: that is a hash shuffle into 200 partitions, ~3.7 s on 700
+    digits against ~0.3 s for this (2 CPUs); the driver holds one batch of two short columns.
+    """
+    pairs: Counter = Counter()
+    for batch in prepared.select_columns(["split", "label"]).iter_batches(batch_size=None, batch_format="numpy"):
+        pairs.update(zip(batch["split"].tolist(), batch["label"].tolist()))
     by_split: dict[str, dict[str, int]] = {}
-    for row in counts:
-        by_split.setdefault(row["split"], {})[row["label"]] = int(row["count()"])
+    for (split, label), n in sorted(pairs.items()):
+        by_split.setdefault(split, {})[label] = n
+    return by_split
+
+
+def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig) -> DataInfo:
+    by_split = count_split_labels(prepared)
     bad_rows = sum(by_split.pop(BAD, {}).values())
     bad_examples = []
     if bad_rows:
