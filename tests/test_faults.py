@@ -99,10 +99,10 @@ def test_killed_train_driver_continues_when_the_same_command_runs_again(tmp_path
         try:
             lines = wait_for(lambda: metrics_lines(run) or first.poll() is not None, 600, 0.2, "epoch 1")
             assert first.poll() is None, log.read_text()[-3000:]
-            # Early in epoch 2: a quarter of epoch 1's time after it was logged (not half: epoch 1,
-            # with its warm-up, can take twice as long as epoch 2 on a busy machine).
+            # Early in epoch 2: half a second after epoch 1 was logged, or less for a faster epoch 1
+            # (epoch 2 can take under half of epoch 1's time: epoch 1 warms everything up).
             logged_at = time.monotonic()
-            time.sleep(0.25 * lines[0]["epoch_s"])
+            time.sleep(min(0.5, 0.25 * lines[0]["epoch_s"]))
             assert first.poll() is None and len(metrics_lines(run)) == 1, "epoch 2 ended before the kill"
             os.kill(first.pid, signal.SIGKILL)
             into_epoch = time.monotonic() - logged_at
@@ -162,10 +162,30 @@ def baseline(ray_local, tmp_path_factory):
                            checkpoint=Path(summary["checkpoint"]), wall_s=time.monotonic() - t0)
 
 
+class _BatchLog:
+    """A worker's train shard that appends {"pid", "rank", "pass", "batch"} to a file as it hands
+    each batch to the loop (pass: how many times this worker has iterated it), so a test can act
+    at a given point of an epoch whatever the machine's speed."""
+
+    def __init__(self, shard, path: str, rank: int):
+        self.shard, self.path, self.rank, self.passes = shard, path, rank, 0
+
+    def iter_torch_batches(self, *args, **kwargs):
+        self.passes += 1
+        for i, batch in enumerate(self.shard.iter_torch_batches(*args, **kwargs)):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "rank": self.rank, "pass": self.passes, "batch": i}) + "\n")
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.shard, name)
+
+
 def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_bytes: int) -> None:
     """The real train loop, plus: each worker records where it started from (its pid, rank and
-    the checkpoint it resumed from); and, once, rank 0 adds a large file to the checkpoint of
-    ``pad_epoch`` so that copying it into storage takes long enough to be interrupted."""
+    the checkpoint it resumed from) and every train batch it takes (_BatchLog); and, once, rank 0
+    adds a large file to the checkpoint of ``pad_epoch`` so that copying it into storage takes long
+    enough to be interrupted."""
     import ray.train
 
     from rayfine import checkpoints
@@ -193,14 +213,20 @@ def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_b
                 f.truncate(pad_bytes)
 
     checkpoints.save_train_state = save_train_state
+    real_shard = ray.train.get_dataset_shard
+    batches_log = str(Path(attempts_log).with_name("batches.jsonl"))
+    ray.train.get_dataset_shard = lambda name: (_BatchLog(real_shard(name), batches_log, rank) if name == "train"
+                                                else real_shard(name))
     try:
         train_loop_per_worker(config)
     finally:
         checkpoints.save_train_state = real_save
+        ray.train.get_dataset_shard = real_shard
 
 
 def _attempts(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The complete lines of a JSON-lines file that workers may be appending to right now."""
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 def _checkpoint_dirs(storage: Path) -> set[str]:
@@ -211,14 +237,20 @@ def _killer(run_dir: Path, storage: Path, attempts_log: Path, events: list, erro
     """Kill 1: rank 1, half-way through epoch 2. Kill 2: rank 0, while epoch EPOCHS's checkpoint
     is being copied into storage (its directory exists, its report is not yet logged)."""
     try:
-        lines = wait_for(lambda: metrics_lines(run_dir), 300, 0.1, "epoch 1")
+        wait_for(lambda: metrics_lines(run_dir), 300, 0.1, "epoch 1")
         logged_at = time.monotonic()
-        time.sleep(0.5 * lines[0]["epoch_s"])
         rank1 = [a for a in _attempts(attempts_log) if a["rank"] == 1][-1]
+        # Half-way through epoch 2, at any speed: rank 1 has taken half as many train batches as
+        # it took in epoch 1.
+        batches = attempts_log.with_name("batches.jsonl")
+        per_epoch = sum(b["pid"] == rank1["pid"] and b["pass"] == 1 for b in _attempts(batches))
+        seen = wait_for(lambda: [b["batch"] + 1 for b in _attempts(batches)
+                                 if b["pid"] == rank1["pid"] and b["pass"] == 2 and b["batch"] >= per_epoch // 2],
+                        300, 0.01, "rank 1 half-way through epoch 2")
         assert len(metrics_lines(run_dir)) == 1, "epoch 2 ended before the kill"
         os.kill(rank1["pid"], signal.SIGKILL)
         events.append({"kill": "rank 1 mid-epoch", "at": time.monotonic(), "s_into_epoch": time.monotonic() - logged_at,
-                       "last_logged": 1, "pid": rank1["pid"]})
+                       "batches_taken": f"{max(seen)} of {per_epoch}", "last_logged": 1, "pid": rank1["pid"]})
 
         wait_for(lambda: len(metrics_lines(run_dir)) >= EPOCHS - 1, 300, 0.05, f"epoch {EPOCHS - 1}")
         known = _checkpoint_dirs(storage)
@@ -295,7 +327,8 @@ def test_workers_killed_mid_epoch_and_while_a_checkpoint_is_written(ray_local, b
         "killed": ["RayTrainWorker rank 1 (SIGKILL) half-way through epoch 2",
                    f"RayTrainWorker rank 0 (SIGKILL) while epoch {EPOCHS}'s checkpoint was copied to storage"],
         "epochs": EPOCHS,
-        "kill_1_s_into_epoch": round(events[0]["s_into_epoch"], 2),
+        "kill_1_s_after_epoch_1_logged": round(events[0]["s_into_epoch"], 2),  # workers run ahead of the log
+        "kill_1_epoch_2_batches_taken": events[0]["batches_taken"],
         "epochs_redone_per_failure": redone,
         "partial_checkpoint": {"files_present": cut["files_present"], "padding_bytes_present": cut["padding_bytes_present"],
                                "padding_bytes_full": PAD_BYTES, "still_in_storage": partial_dir.exists(), "loaded": False},
