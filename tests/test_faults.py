@@ -224,7 +224,7 @@ def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_b
         ray.train.get_dataset_shard = real_shard
 
 
-def _attempts(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict]:
     """The complete lines of a JSON-lines file that workers may be appending to right now."""
     return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
@@ -239,12 +239,12 @@ def _killer(run_dir: Path, storage: Path, attempts_log: Path, events: list, erro
     try:
         wait_for(lambda: metrics_lines(run_dir), 300, 0.1, "epoch 1")
         logged_at = time.monotonic()
-        rank1 = [a for a in _attempts(attempts_log) if a["rank"] == 1][-1]
+        rank1 = [a for a in _read_jsonl(attempts_log) if a["rank"] == 1][-1]
         # Half-way through epoch 2, at any speed: rank 1 has taken half as many train batches as
         # it took in epoch 1.
         batches = attempts_log.with_name("batches.jsonl")
-        per_epoch = sum(b["pid"] == rank1["pid"] and b["pass"] == 1 for b in _attempts(batches))
-        seen = wait_for(lambda: [b["batch"] + 1 for b in _attempts(batches)
+        per_epoch = sum(b["pid"] == rank1["pid"] and b["pass"] == 1 for b in _read_jsonl(batches))
+        seen = wait_for(lambda: [b["batch"] + 1 for b in _read_jsonl(batches)
                                  if b["pid"] == rank1["pid"] and b["pass"] == 2 and b["batch"] >= per_epoch // 2],
                         300, 0.01, "rank 1 half-way through epoch 2")
         assert len(metrics_lines(run_dir)) == 1, "epoch 2 ended before the kill"
@@ -254,7 +254,7 @@ def _killer(run_dir: Path, storage: Path, attempts_log: Path, events: list, erro
 
         wait_for(lambda: len(metrics_lines(run_dir)) >= EPOCHS - 1, 300, 0.05, f"epoch {EPOCHS - 1}")
         known = _checkpoint_dirs(storage)
-        rank0 = [a for a in _attempts(attempts_log) if a["rank"] == 0][-1]
+        rank0 = [a for a in _read_jsonl(attempts_log) if a["rank"] == 0][-1]
         new = wait_for(lambda: _checkpoint_dirs(storage) - known, 300, 0.005, f"epoch {EPOCHS}'s checkpoint directory")
         os.kill(rank0["pid"], signal.SIGKILL)
         at = time.monotonic()
@@ -294,7 +294,7 @@ def test_workers_killed_mid_epoch_and_while_a_checkpoint_is_written(ray_local, b
     assert [m["epoch"] for m in lines] == list(range(1, EPOCHS + 1))
     # Three worker-group starts; each restart began at the last epoch logged before its kill, so
     # only the epoch in flight was trained again (at most one epoch redone per failure).
-    starts = [a for a in _attempts(attempts_log) if a["rank"] == 0]
+    starts = [a for a in _read_jsonl(attempts_log) if a["rank"] == 0]
     assert [a["resumed_from"] for a in starts] == [0, 1, EPOCHS - 1], starts
     redone = [(e["last_logged"] + 1) - starts[i + 1]["resumed_from"] for i, e in enumerate(events)]
     assert redone == [1, 1], (redone, events, starts)

@@ -85,7 +85,7 @@ def idle_worker_config(num_cpus: Optional[float] = None, environ: Optional[dict]
     Data tasks (and each evaluation's) start new Python processes that import Ray and rayfine
     again: ~2 s of a 2-CPU machine per epoch and split. ``num_workers_soft_limit`` sets that
     idle limit; here, the node's CPU count. Measured on 2 CPUs (resnet18_digits_tiny, 2 epochs):
-    the second epoch 5.1 s -> 2.6 s, the test-split evaluation 5.5 s -> 2.4 s.
+    the second epoch 5.1 s -> 2.4-2.6 s, the test-split evaluation 5.5 s -> 2.3-2.4 s.
     An explicit RAY_num_workers_soft_limit in the environment wins (nothing is set here then).
     """
     env = os.environ if environ is None else environ
