@@ -249,7 +249,7 @@ def _killer(run_dir: Path, storage: Path, attempts_log: Path, events: list, erro
                         300, 0.01, "rank 1 half-way through epoch 2")
         assert len(metrics_lines(run_dir)) == 1, "epoch 2 ended before the kill"
         os.kill(rank1["pid"], signal.SIGKILL)
-        events.append({"kill": "rank 1 mid-epoch", "at": time.monotonic(), "s_into_epoch": time.monotonic() - logged_at,
+        events.append({"kill": "rank 1 mid-epoch", "at": time.monotonic(), "s_after_logged": time.monotonic() - logged_at,
                        "batches_taken": f"{max(seen)} of {per_epoch}", "last_logged": 1, "pid": rank1["pid"]})
 
         wait_for(lambda: len(metrics_lines(run_dir)) >= EPOCHS - 1, 300, 0.05, f"epoch {EPOCHS - 1}")
@@ -327,7 +327,7 @@ def test_workers_killed_mid_epoch_and_while_a_checkpoint_is_written(ray_local, b
         "killed": ["RayTrainWorker rank 1 (SIGKILL) half-way through epoch 2",
                    f"RayTrainWorker rank 0 (SIGKILL) while epoch {EPOCHS}'s checkpoint was copied to storage"],
         "epochs": EPOCHS,
-        "kill_1_s_after_epoch_1_logged": round(events[0]["s_into_epoch"], 2),  # workers run ahead of the log
+        "kill_1_s_after_epoch_1_logged": round(events[0]["s_after_logged"], 2),  # workers run ahead of the log
         "kill_1_epoch_2_batches_taken": events[0]["batches_taken"],
         "epochs_redone_per_failure": redone,
         "partial_checkpoint": {"files_present": cut["files_present"], "padding_bytes_present": cut["padding_bytes_present"],
