@@ -71,6 +71,25 @@ def test_hugging_face_image_classifier_from_a_config():
     assert logits_of(model(pixel_values=torch.randn(2, 1, 16, 16))).shape == (2, 7)
 
 
+def test_is_hugging_face_tells_the_kinds_apart_without_importing_transformers_for_torchvision():
+    import subprocess
+    import sys
+
+    from rayfine.models import is_hugging_face
+
+    hf = build_model(load_config("resnet18_digits", [
+        "model.name=resnet", "model.pretrained=false", "data.image_size=16",
+        "model.config_overrides={embedding_size: 16, hidden_sizes: [16, 32], depths: [1, 1]}",
+    ]), LABELS)
+    assert is_hugging_face(hf) and not is_hugging_face(build_model(image_cfg(), LABELS))
+    # Checkpointing a torchvision model asks this on rank 0: it must not pay transformers' import.
+    code = ("import sys; from rayfine.config import load_config; from rayfine.models import build_model, is_hugging_face; "
+            "m = build_model(load_config('resnet18_digits', ['data.image_size=8']), ['a', 'b']); "
+            "print(is_hugging_face(m), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
 def test_unknown_hub_model_offline_is_a_clear_error():
     cfg = load_config("minilm_rotten_tomatoes_tiny", ["model.name=nobody/no-such-model"])
     with pytest.raises(RayfineError, match="model.name: cannot load 'nobody/no-such-model'"):
