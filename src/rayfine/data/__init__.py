@@ -6,9 +6,9 @@
 The pipeline (all of it Ray Data, on the cluster's CPU workers):
   read (sources.py) -> prepare: decode/convert/resize images to uint8 or tokenize texts, assign
   a split by a seeded content hash, flag bad rows -> shuffle globally and materialize once ->
-  report counts and bad rows -> per split, every epoch: to model inputs (label ids; images stay
-  uint8) -> streamed to the DDP workers by Ray Train, in a fixed order, so that a seed reproduces
-  a run. The training loop normalizes images on its device (``model_batch``) and augments them
+  report counts and bad rows -> per split, once: to model inputs (label ids; images stay uint8),
+  materialized -> streamed to the DDP workers by Ray Train every epoch, in a fixed order, so that
+  a seed reproduces a run. The training loop normalizes images on its device (``model_batch``) and augments them
   with a seeded generator.
 
 The hash split is the same on every run and machine, independent of file order and partitioning,
@@ -250,14 +250,18 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
         + (f"; skipped {info.bad_rows} bad rows" if info.bad_rows else "")
     )
     label_ids = {label: i for i, label in enumerate(info.labels)}
-    # These steps run while the training workers hold their CPUs: keep each task within the
-    # CPUs left for Ray Data (scaling.data_cpus), or it would wait forever for a whole CPU.
+    # Small tasks, within the CPUs a run leaves Ray Data beside its workers (scaling.data_cpus):
+    # they run even where other work (a trial's workers, a deployment) holds most of the CPUs.
     task_cpus = min(0.25, cfg.scaling.data_cpus)
     datasets = {}
     for split in SPLITS:
         ds = prepared.filter(expr=col("split") == split, num_cpus=task_cpus)
         if split == "train":
             ds = ds.randomize_block_order(seed=cfg.seed)
+        # Materialized once, as Ray Train's guide advises for data that fits the object store
+        # (the prepared rows, which these replace, already had to): each epoch then streams
+        # blocks that exist, instead of running a new Ray Data execution whose tasks start while
+        # the workers wait for their first batch and compete with them for the CPUs.
         datasets[split] = ds.map_batches(
             model_inputs_batch,
             fn_kwargs={
@@ -267,7 +271,7 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
             batch_format="numpy",
             batch_size=256,
             num_cpus=task_cpus,
-        )
+        ).materialize()
     return datasets, info
 
 
