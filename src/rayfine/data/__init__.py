@@ -8,8 +8,8 @@ The pipeline (all of it Ray Data, on the cluster's CPU workers):
   a split by a seeded content hash, flag bad rows -> shuffle globally and materialize once ->
   report counts and bad rows -> per split, once: to model inputs (label ids; images stay uint8),
   materialized -> streamed to the DDP workers by Ray Train every epoch, in a fixed order, so that
-  a seed reproduces a run. The training loop normalizes images on its device (``model_batch``) and augments them
-  with a seeded generator.
+  a seed reproduces a run. The training loop normalizes images on its device (``model_batch``)
+  and augments them with a seeded generator.
 
 The hash split is the same on every run and machine, independent of file order and partitioning,
 and identical images always land in the same split (no train/test leakage through duplicates).
@@ -258,10 +258,11 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
         ds = prepared.filter(expr=col("split") == split, num_cpus=task_cpus)
         if split == "train":
             ds = ds.randomize_block_order(seed=cfg.seed)
-        # Materialized once, as Ray Train's guide advises for data that fits the object store
-        # (the prepared rows, which these replace, already had to): each epoch then streams
-        # blocks that exist, instead of running a new Ray Data execution whose tasks start while
-        # the workers wait for their first batch and compete with them for the CPUs.
+        # Materialized once, as Ray's training-ingest guide advises for preprocessed data that
+        # fits the object store: each epoch then streams blocks that exist, not a new Ray
+        # Data execution whose tasks start while the workers wait for their first batch and then
+        # compete with them for the CPUs. The splits hold no more than the prepared rows, whose
+        # blocks are freed when this returns (a materialized dataset keeps no lineage).
         datasets[split] = ds.map_batches(
             model_inputs_batch,
             fn_kwargs={
