@@ -57,9 +57,10 @@ BOUNDS = {
         "Measured (goal >= 0.95 missed: 0.873, spread 0.83-0.96): rayfine's steady training phase ran at ~102 "
         "samples/s (99-108) against the plain script's ~117 (112-119) with the same model, data, batch and one torch "
         "thread per worker; whole epochs (validation, checkpoint, report included) 0.90 (0.75-0.93). The previous "
-        "record, two days earlier, was 0.938 (rayfine 125, plain 133): on the day of this run the same plain script "
-        "ran 12% slower and Ray's start took 6.0 s instead of 4.5, and the three pairs of this run span 0.83-0.96. "
-        "Between runs on this machine the training-phase ratio has been 0.84-0.94 with no change to the loop; only "
+        "record, two days earlier, was 0.938 (rayfine 125, plain 133): on this run's machine the same plain script "
+        "ran 12% slower and Ray's start took 6.0 s instead of 4.5 (the earlier runs were on 2 AMD EPYC CPUs, this one "
+        "on 2 Intel Xeon CPUs), and the three pairs of this run span 0.83-0.96. "
+        "Between runs the training-phase ratio has been 0.84-0.94 with no change to the loop; only "
         "side-by-side A/B runs of the same day tell a change apart (below). Start-up, trainer.fit() to the first "
         "epoch (Ray Train's controller, worker group and split coordinators, each a new process): ~19 s (15-21) vs "
         "~5.3 s; Ray start (~6 s) and dataset preparation (~5.2 s) come before it.",
@@ -134,9 +135,9 @@ BOUNDS = {
                    "run's two changes (see train_overhead: model inputs materialized once; no transformers import at a "
                    "torchvision checkpoint) took 635 s (Ray start 7.3, search 604.2, evaluation 5.7, deploy 14.2) on "
                    "exactly the same search (8 trials, 30 of 64 epochs, 3 completed, the same winner at test accuracy "
-                   "0.9836): the search 6% faster. The previous record, 409 s (search 386 s), was two days earlier: "
-                   "that day's faster machine (its plain DDP baseline 12% faster, Ray start 4.9 s instead of 6.7) also "
-                   "changed the order in which trials reached ASHA's rungs, which stopped different trials (25 epochs, "
+                   "0.9836): the search 6% faster. The previous record, 409 s (search 386 s), was two days earlier on "
+                   "another machine (2 AMD EPYC CPUs; its plain DDP baseline 12% faster, Ray start 4.9 s instead of 6.7), where the "
+                   "trials reached ASHA's rungs in another order and ASHA stopped different ones (25 epochs, "
                    "test accuracy 0.9918). The search dominates and is bounded by each trial's start-up (~15-20 s for "
                    "its Ray Train worker group) and 2 CPUs."],
     "memory": ["RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
@@ -292,7 +293,9 @@ def render(results: dict) -> str:
              "with its spread, because absolute times on a shared 2-CPU machine drift.", "",
              f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model') or 'unknown model'}), {m.get('memory_gib')} GiB "
              f"memory, {m.get('os')}; Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}. "
-             f"Written {m.get('date')}.", ""]
+             f"Written {m.get('date')}. This is the machine of the latest script run; each section ends with the "
+             "date it was measured, and sections measured before 2026-12-01 ran on an earlier machine of the same "
+             "size (2 AMD EPYC CPUs, 23.5 GiB).", ""]
     quick = sorted(k for k, v in results.items() if isinstance(v, dict) and v.get("quick"))
     if quick:
         lines += [f"**Tiny (--quick) settings, not meaningful figures: {', '.join(quick)}.**", ""]
