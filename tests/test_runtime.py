@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -87,6 +88,11 @@ def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
 
     assert idle_worker_config(2, environ={}) == {"num_workers_soft_limit": 2}
     assert idle_worker_config(2, environ={"RAY_num_workers_soft_limit": "0"}) == {}  # the user's wins
+    # Without num_cpus, the count Ray gives the node: in a container with a CPU quota (cgroups),
+    # the quota, not the host's CPUs.
+    with mock.patch("ray._private.utils._get_docker_cpus", return_value=1.0), \
+            mock.patch("multiprocessing.cpu_count", return_value=64):
+        assert idle_worker_config(environ={}) == {"num_workers_soft_limit": 1}
 
     @ray.remote(num_cpus=1.8)
     class Trainer:  # holds the CPUs, as Ray Train's workers do

@@ -84,14 +84,20 @@ def idle_worker_config(num_cpus: Optional[float] = None, environ: Optional[dict]
     #36766). While the training workers hold nearly every CPU that is none, so each epoch's Ray
     Data tasks (and each evaluation's) start new Python processes that import Ray and rayfine
     again: ~2 s of a 2-CPU machine per epoch and split. ``num_workers_soft_limit`` sets that
-    idle limit; here, the node's CPU count. Measured on 2 CPUs (resnet18_digits_tiny, 2 epochs):
-    the second epoch 5.1 s -> 2.4-2.6 s, the test-split evaluation 5.5 s -> 2.3-2.4 s.
+    idle limit; here, the node's CPU count: ``num_cpus`` when given, else the count Ray itself
+    detects for the node (its cgroup quota in a container, not the host's CPUs that
+    os.cpu_count() reports). Measured on 2 CPUs (resnet18_digits_tiny, 2 epochs): the second epoch
+    5.1 s -> 2.4-2.6 s, the test-split evaluation 5.5 s -> 2.3-2.4 s.
     An explicit RAY_num_workers_soft_limit in the environment wins (nothing is set here then).
     """
     env = os.environ if environ is None else environ
     if "RAY_num_workers_soft_limit" in env:
         return {}
-    return {"num_workers_soft_limit": max(1, int(num_cpus if num_cpus is not None else os.cpu_count() or 1))}
+    if num_cpus is None:
+        from ray._private.utils import get_num_cpus  # what ray.init gives the node without num_cpus
+
+        num_cpus = get_num_cpus(override_docker_cpu_warning=True)
+    return {"num_workers_soft_limit": max(1, int(num_cpus))}
 
 
 @contextlib.contextmanager
