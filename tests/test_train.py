@@ -16,6 +16,7 @@ from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
 from rayfine.evaluate import predict_dataset
 from rayfine.train import METRIC_KEYS, fit, train_loop_per_worker
+from rayfine.train.worker import train_batches
 
 pytestmark = pytest.mark.ray
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,8 +33,19 @@ def epochs_logged(run_dir):
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
 
 
+def test_train_batches_leave_out_only_a_lone_last_example():
+    assert train_batches(239, 34) == 7  # 7 x 34 + 1: the lone example is left out
+    assert train_batches(240, 34) == 8  # 7 x 34 + 2: a last batch of 2 trains
+    assert train_batches(238, 34) == 7
+    assert train_batches(35, 34) == 1
+    assert train_batches(1, 34) == 1  # the only example is not left out
+
+
 def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path):
-    cfg = tiny(tmp_path, "learns", "train.epochs=3", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
+    # Batch 34: each worker's 239 rows end in a batch of one example, which BatchNorm cannot train
+    # on (the ResNet's last feature map is 1x1 at 8 px); it is left out (train_batches).
+    cfg = tiny(tmp_path, "learns", "train.epochs=3", "train.batch_size=34",
+               f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
     summary = fit(cfg, log=lambda *_: None)
     run = tmp_path / "learns"
 
@@ -59,6 +71,7 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path)
 
     # The exported checkpoint alone reproduces the reported test accuracy.
     datasets, _ = build_datasets(cfg, log=lambda *_: None)
+    assert datasets["train"].count() // 2 % cfg.train.batch_size == 1  # the case above, still
     ckpt = load_checkpoint(ckpt_dir)
     y, probs = predict_dataset(ckpt, datasets["test"])
     assert len(y) == report["num_samples"]

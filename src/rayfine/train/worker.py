@@ -67,6 +67,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def train_batches(rows: int, batch_size: int) -> int:
+    """Training steps per epoch of a worker's ``rows``: every batch, but a last batch of a single
+    example when there are others. BatchNorm cannot train on one example ("Expected more than 1
+    value per channel when training" when the feature map is 1x1, as at the end of a ResNet on
+    small images), so such a batch is left out: one example of the epoch, drawn afresh by each
+    epoch's shuffle."""
+    full, rest = divmod(rows, batch_size)
+    return max(1, full + (rest > 1))
+
+
 def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
     it = iter(items)
     try:
@@ -114,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     t = cfg.train
     rows_per_worker = config["num_train"] // world  # streaming_split(equal=True) gives each the same
-    batches_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size))
+    batches_per_epoch = train_batches(rows_per_worker, t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * t.epochs)
@@ -171,12 +181,14 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=epoch_seed if t.shuffle_buffer else None,
         )
         for batch, last in _with_last(batches):
+            if last and micro == batches_per_epoch and len(batch["y"]) == 1:
+                continue  # the lone last example (train_batches); the batch before it was the last step
             batch = model_batch(to_device(batch), cfg.data)
             if augment is not None:
                 batch["pixel_values"] = augment_batch(batch["pixel_values"], cfg.data, augment)
             y = batch.pop("y")
             micro += 1
-            sync = micro % t.grad_accum_steps == 0 or last
+            sync = micro % t.grad_accum_steps == 0 or last or micro == batches_per_epoch
             # Gradients are all-reduced only on the micro-step that ends an accumulation group.
             with model.no_sync() if (ddp and not sync) else contextlib.nullcontext():
                 with autocast:
