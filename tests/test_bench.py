@@ -37,6 +37,9 @@ REQUIRED = {
     "end_to_end": ["total_s", "ray_start_s", "search_s", "evaluation_s", "deploy_s", "test_accuracy"],
     "asha": ["compute_ratio", "worker_seconds_ratio", "best_acc_asha", "best_acc_full", "accuracy_gap",
              "compute_ratio_stats.median", "accuracy_gap_stats.median"],
+    "asha_curves": ["per_seed.0.fifo_best_test_accuracy", "per_seed.0.trials.0.epochs.0.test_accuracy"],
+    "asha_replay": ["stopping_compute_ratio.median", "promotion_compute_ratio.median", "promotion_accuracy_gap.median",
+                    "per_seed.0.full.best_test_accuracy"],  # after asha_curves: it replays that record
 }
 
 
@@ -49,7 +52,7 @@ def _strict_json(text: str) -> dict:
 
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
-        d = d[part]
+        d = d[int(part)] if isinstance(d, list) else d[part]
     return d
 
 
@@ -117,3 +120,38 @@ def test_every_bench_script_runs_in_its_tiny_setting(tmp_path):
     page = report.render(data)
     for heading in ("## Headline figures", *(f"## {k}" for k in REQUIRED), "## reliability"):
         assert heading in page, heading
+
+
+def _curves(*vals: list[float]) -> dict:
+    """A recorded seed of asha_curves: one trial per list of per-epoch validation accuracies."""
+    return {"trials": [{"trial": f"t{i}", "config": {},
+                        "epochs": [{"epoch": e + 1, "val_accuracy": v, "val_loss": 1 - v, "epoch_s": 1.0,
+                                    "test_accuracy": v} for e, v in enumerate(vs)]}
+                       for i, vs in enumerate(vals)]}
+
+
+def test_replayed_schedulers_on_known_curves():
+    """bench/asha_replay.py: Ray Tune's own ASHA bracket, and ASHA with promotions, one slot."""
+    import asha_replay
+
+    seed = _curves([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.3, 0.4, 0.5, 0.6], [0.9, 0.95, 0.96, 0.97])
+    # Trials arriving in increasing order of quality each beat the rung's cutoff of those before
+    # them: asynchronous ASHA stops none of them.
+    trials = [asha_replay.Trial(i, r) for i, r in enumerate(seed["trials"])]
+    asha_replay.replay_stopping(trials, max_t=4, grace=1, eta=2, slots=1, start_s=0)
+    assert [t.ran for t in trials] == [4, 4, 4, 4]
+    # With promotions a trial waits at its rung until it is in the rung's top half: t1 is promoted
+    # once t0 is behind it, t3 past both rungs; 8 of 16 epochs, as synchronous successive halving.
+    promoted = asha_replay.replay_seed(seed, "promotion", max_t=4, grace=1, eta=2, slots=1, start_s=0)
+    assert promoted["stopped_after"] == [1, 1, 2, 4] and promoted["epochs"] == 8
+    assert (promoted["winner"], promoted["winner_epoch"], promoted["best_test_accuracy"]) == ("t3", 4, 0.97)
+    synchronous = asha_replay.replay_seed(seed, "synchronous", max_t=4, grace=1, eta=2)
+    assert synchronous["stopped_after"] == [1, 1, 2, 4] and synchronous["winner"] == "t3"
+    assert asha_replay.rung_milestones(8, 1, 2) == [1, 2, 4]
+    # The full budget's winner, and the epochs within one validation image of it (steps of 0.01 here).
+    full = asha_replay.full_budget(seed, max_t=4)
+    assert (full["winner"], full["epochs"], full["near_best_epochs"], full["near_best_test_min"]) == ("t3", 16, 2, 0.96)
+    # rayfine's pick: ties go to the earlier epoch.
+    tied = [asha_replay.Trial(0, _curves([0.5, 0.9, 0.9])["trials"][0])]
+    tied[0].ran = 3
+    assert asha_replay.winner(tied)[1] == 2
