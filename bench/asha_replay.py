@@ -121,8 +121,7 @@ def replay_promotion(trials: list[Trial], max_t: int, grace: int, eta: float, sl
                 run(trial, now, target, resume=trial is not just_paused)
                 return True
         if queue:
-            trial = queue.pop(0)
-            heapq.heappush(events, (now + start_s + trial.epochs[0]["epoch_s"], trial.index, trial, milestones[0]))
+            run(queue.pop(0), now, milestones[0], resume=True)  # a new trial pays the start-up a resume pays
             return True
         return False
 
@@ -172,9 +171,14 @@ def winner(trials: list[Trial]) -> tuple[Trial, int]:
     return max(rows, key=lambda r: (r[0].val(r[1]), -r[1], -r[0].index))
 
 
+def trials_of(record: dict) -> list[Trial]:
+    """A seed's trials in the order the searcher drew them (their ids count up)."""
+    return [Trial(i, r) for i, r in enumerate(sorted(record["trials"], key=lambda r: r["trial"]))]
+
+
 def replay_seed(record: dict, rule: str, max_t: int, grace: int, eta: float, slots: int = SLOTS,
                 start_s: float = START_S) -> dict:
-    trials = [Trial(i, r) for i, r in enumerate(sorted(record["trials"], key=lambda r: r["trial"]))]
+    trials = trials_of(record)
     wall = RULES[rule](trials, max_t, grace, eta, slots, start_s)
     best, epoch = winner(trials)
     return {"epochs": sum(t.ran for t in trials), "stopped_after": sorted(t.ran for t in trials),
@@ -194,7 +198,7 @@ def val_rows(record: dict) -> int:
 def full_budget(record: dict, max_t: int) -> dict:
     """Every configuration to max_t (FIFO); and how far apart on the test split the epochs are that
     validation cannot tell from the winner (within one validation image of it)."""
-    trials = [Trial(i, r) for i, r in enumerate(sorted(record["trials"], key=lambda r: r["trial"]))]
+    trials = trials_of(record)
     for t in trials:
         t.ran = max_t
     best, epoch = winner(trials)
