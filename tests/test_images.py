@@ -158,3 +158,22 @@ def test_torch_and_numpy_normalization_agree():
         x = to_pixel_values(torch.from_numpy(images), data_cfg)
         assert x.dtype == torch.float32 and x.shape == (5, channels, 12, 12) and x.is_contiguous()
         assert np.array_equal(x.numpy(), to_model_input(images, data_cfg))
+
+
+@pytest.mark.parametrize("color_mode", ["L", "RGB"])
+def test_serving_batches_have_training_strides_and_convolutions_stay_nchw(digit, color_mode):
+    """A 1-channel NHWC batch transposed to NCHW has channels-last strides and still counts as
+    contiguous; given those, PyTorch runs a convolution channels-last (converting its weights on
+    every call, twice the time of a served digits model). Serving must hand the model what training
+    does: plain NCHW strides."""
+    data_cfg = cfg(color_mode=color_mode)
+    channels = 3 if color_mode == "RGB" else 1
+    png = encode(Image.fromarray(digit))
+    served = torch.from_numpy(preprocess_for_model([png, digit, png], data_cfg))
+    trained = to_pixel_values(torch.from_numpy(np.stack([prepare_image(png, data_cfg)] * 3)), data_cfg)
+    n, c, h, w = served.shape
+    assert c == channels and served.stride() == trained.stride() == (c * h * w, h * w, w, 1)
+    conv = torch.nn.Conv2d(channels, 8, kernel_size=3, padding=1).eval()
+    with torch.inference_mode():
+        out = conv(served)
+    assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
