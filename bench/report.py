@@ -119,17 +119,18 @@ BOUNDS = {
         "workers' 2 CPUs; on a machine with a core or two more than it has workers the ratio would not pay this.",
     ],
     "ingest": [
-        "Measured (goal >= 1.0 missed on the headline digits folder: 0.46; met within noise on photos: 0.98). "
-        "Digits: ~8,700 images/s through Ray Data against ~18,900 with a 2-worker DataLoader, 20,000 28x28 PNGs of a "
-        "few hundred bytes each. Photos: ~456 images/s for both (2,000 500x375 JPEGs to 224 px RGB), where decoding "
-        "and resizing (~4 ms of CPU per photo) dominate, as they do for a user's photos.",
+        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.45, 0.40-0.49; met on "
+        "photos: 1.035, 0.99-1.08). Digits: ~4,900 images/s through Ray Data against ~11,600 with a 2-worker "
+        "DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: ~314 and ~318 images/s (2,000 500x375 "
+        "JPEGs to 224 px RGB), where decoding and resizing (~6 ms of CPU per photo) dominate, as they do for a "
+        "user's photos. The earlier AMD machine gave 0.46 (~8,700 against ~18,900) and 0.98 (~456 both).",
         "What was improved, in order: (1) `read_binary_files` made one block per file before merging them, ~250 us "
         "of task CPU per file against ~10 us to open and read such a file and ~87 us to decode and resize it; rayfine "
         "now lists a local folder on the driver (exactly as read_binary_files lists it) and reads the files inside "
         "the first map_batches, which Ray fuses with preprocessing (0.14 -> 0.43). (2) The pipeline shipped "
         "normalized float32 NCHW to the consumer, four times the bytes of the uint8 images through the object store: "
         "it now ships uint8 and the training loop normalizes on its device (`rayfine.data.model_batch`, bit-identical "
-        "to serving's numpy path). On the photos, ~374 -> ~456 images/s in the benchmark (photos ratio 0.81 -> 0.98; "
+        "to serving's numpy path). On the photos (AMD), ~374 -> ~456 images/s in the benchmark (photos ratio 0.81 -> 0.98; "
         "310 -> 455 side by side in one profiling script); on the digits 0.44 -> 0.46, within the spread. (3) Read blocks hold at most 8 MiB of files as well as 1,000 files, so a "
         "folder of photos spreads over a cluster's CPUs (2,000 photos were 2 read tasks); on 2 CPUs this is neutral.",
         "What bounds the digits figure (profiled): each pass is one Ray Data execution of ~2.2 s, and for about its "
@@ -144,20 +145,37 @@ BOUNDS = {
         "epoch and split too (not measured apart here).",
     ],
     "serve": [
-        "Measured after profiling (goal >= 3 missed: 2.54 in this run, 2.53-2.59; 2.76, 2.54-2.82, in the previous "
-        "run of the same serving code; 1.33 before the batcher below): at concurrency 32 the batched deployment "
-        "answers ~122 requests/s against ~47 unbatched, and beats the plain FastAPI + uvicorn app (~84 req/s, one "
-        "image per forward pass).",
-        "What was improved: a py-spy profile of the batched replica showed Ray 2.60's @serve.batch forming batches "
+        "Measured on 2 Intel Xeon CPUs (goal >= 3 missed: 2.19, 2.01-2.37): at concurrency 32 the batched "
+        "deployment answers ~80 requests/s against ~37 unbatched; the plain FastAPI + uvicorn app, one image per "
+        "forward pass and no proxy hop, answers ~87.",
+        "What was improved this time (profiled: the served model ran at half the speed of the same model in a "
+        "test script): a served grayscale batch reached the model with channels-last strides. A 1-channel NHWC "
+        "array transposed to NCHW counts as contiguous, so np.ascontiguousarray kept its strides, and from them "
+        "PyTorch ran every convolution channels-last, converting the weights on each call (torch.profiler: 90 "
+        "aten::copy_ calls, 15% of the time, in 5 forward passes). rayfine.data.images.to_model_input now copies to NCHW strides, as "
+        "training's to_pixel_values always did: one image 25.3 -> 10.4 ms in-process, batches of 16 160 -> 290 "
+        "images/s (2.7x and 1.8x side by side in one script). The same day, before and after: batched c32 56 -> "
+        "80 req/s, unbatched 21 -> 37, the plain app 50 -> 87, and batching_gain_c32 2.72 (2.43-3.00) -> 2.19: a "
+        "cheaper model leaves a larger share of each request to the work batching cannot share. The AMD record "
+        "before it (2.54; 122 vs 47 req/s) had the slow layout too.",
+        "Earlier: a py-spy profile of the batched replica showed Ray 2.60's @serve.batch forming batches "
         "of 1-2 requests while the model was busy: its batching loop forms the next batch on its timer without "
         "waiting for the running one (batches queue behind a semaphore since concurrent batches were added, "
         "ray-project/ray#53096). rayfine's own batcher (rayfine.serve.batching) forms a batch when the model is "
-        "free; at c32 the replica now runs batches of 16 (batch_stats counts all concurrency levels together).",
-        "What bounds it now: the in-process model runs 79 images/s one at a time and 279 in batches of 16 (343 in "
-        "batches of 32; 72, 251 and 309 in the previous run): 3.5x at most at the default max_batch_size 16. The per-request work that batching cannot "
-        "share (Serve's HTTP proxy hop, the replica's ASGI app, JSON and base64, PNG decoding) runs on the same "
-        "2 CPUs as the model, the proxy and the load generator, and takes the rest. At concurrency 1 batching "
-        "costs latency: an idle model waits batch_wait_timeout_s (10 ms) for company (p50 36 ms vs 24 ms).",
+        "free; at c32 the replica runs batches of 16 (batch_stats counts all concurrency levels together); 1.33 "
+        "before it.",
+        "What bounds it now: the in-process model runs 93 images/s one at a time and 290 in batches of 16 (405 in "
+        "batches of 32): 3.1x at most at the default max_batch_size 16. Per request at c32 (psutil, 3 x 25 s, "
+        "85-94 req/s) the batched replica uses ~10 ms of CPU, of which its share of a forward pass is ~3.4 ms: "
+        "the rest is Ray Serve's request path (the replica's ASGI wrapper, an actor call back to the proxy per "
+        "request for the body and disconnects, metrics), and the proxy uses ~5.4 ms more, on the same 2 CPUs as "
+        "the load generator. Ray's request-path settings did not move it: RAY_SERVE_USE_GRPC_BY_DEFAULT=1 "
+        "(87.5-89.4 vs 80.7-89.2 req/s, measured before the layout fix), and after it user code on the replica's main loop with buffered request logs and no logs to "
+        "stderr (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000, "
+        "RAY_SERVE_LOG_TO_STDERR=0: 86-96 vs 85-94 req/s, replica CPU the same); RAY_SERVE_THROUGHPUT_OPTIMIZED=1 also "
+        "moves handle routers onto the caller's event loop, and rayfine deploy's readiness check, a handle "
+        "called from synchronous code, then fails in Ray 2.60 (not adopted). At concurrency 1 batching costs "
+        "latency: an idle model waits batch_wait_timeout_s (10 ms) for company (p50 43 ms vs 32 ms).",
     ],
     "end_to_end": ["One run (the search takes minutes): 597 s. Run right after it on the same day, the code before this "
                    "run's two changes (see train_overhead: model inputs materialized once; no transformers import at a "
