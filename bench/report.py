@@ -119,11 +119,13 @@ BOUNDS = {
         "workers' 2 CPUs; on a machine with a core or two more than it has workers the ratio would not pay this.",
     ],
     "ingest": [
-        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.45, 0.40-0.49; met on "
-        "photos: 1.035, 0.99-1.08). Digits: ~4,900 images/s through Ray Data against ~11,600 with a 2-worker "
-        "DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: ~314 and ~318 images/s (2,000 500x375 "
-        "JPEGs to 224 px RGB), where decoding and resizing (~6 ms of CPU per photo) dominate, as they do for a "
-        "user's photos. The earlier AMD machine gave 0.46 (~8,700 against ~18,900) and 0.98 (~456 both).",
+        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.48, 0.41-0.54; met on "
+        "photos: 1.05, 1.04-1.08). Digits: ~4,900 images/s through Ray Data against ~10,000 with a 2-worker "
+        "DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: ~291 and ~278 images/s (2,000 500x375 "
+        "JPEGs to 224 px RGB), where decoding and resizing (~7 ms of CPU per photo) dominate, as they do for a "
+        "user's photos. An hour earlier the same day: 0.45 and 1.035 (before serving's NCHW copy, which the "
+        "DataLoader's digits path shares: +11 us per batch of 256). The earlier AMD machine gave 0.46 (~8,700 "
+        "against ~18,900) and 0.98 (~456 both).",
         "What was improved, in order: (1) `read_binary_files` made one block per file before merging them, ~250 us "
         "of task CPU per file against ~10 us to open and read such a file and ~87 us to decode and resize it; rayfine "
         "now lists a local folder on the driver (exactly as read_binary_files lists it) and reads the files inside "
