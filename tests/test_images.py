@@ -171,7 +171,7 @@ def test_serving_batches_have_training_strides_and_convolutions_stay_nchw(digit,
     png = encode(Image.fromarray(digit))
     served = torch.from_numpy(preprocess_for_model([png, digit, png], data_cfg))
     trained = to_pixel_values(torch.from_numpy(np.stack([prepare_image(png, data_cfg)] * 3)), data_cfg)
-    n, c, h, w = served.shape
+    _, c, h, w = served.shape
     assert c == channels and served.stride() == trained.stride() == (c * h * w, h * w, w, 1)
     conv = torch.nn.Conv2d(channels, 8, kernel_size=3, padding=1).eval()
     with torch.inference_mode():
