@@ -1,7 +1,8 @@
 """Serving an image model over real HTTP on 127.0.0.1 (ray tier): two ResNet-18 checkpoints (epochs 2
 and 3 of one run) trained here on real digits, a real Ray Serve app deployed as `rayfine serve` deploys it, the Open Inference
 Protocol and /predict against the in-process model, dynamic batching, a hot swap under load,
---if-better, the bad-request table, the API key, and the `rayfine serve` / `rayfine predict` CLI."""
+--if-better, the bad-request table, the API key, autoscaling under load, and the `rayfine serve` /
+`rayfine predict` CLI."""
 
 from __future__ import annotations
 
@@ -401,6 +402,79 @@ def test_rayfine_predict_prints_labels_and_scores(server, digits_png, tmp_path):
     assert refused.returncode == 1 and "401" in refused.stderr and "missing API key" in refused.stderr
     texts = _cli("predict", server.url, "not", "images", env={"RAYFINE_API_KEY": KEY})
     assert texts.returncode == 1 and "not valid base64" in texts.stderr
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, checkpoints, digits_png):
+    """A second app with serve.autoscaling and short Serve delays from the serve: section: under
+    load a second replica starts and answers requests; when the load stops it goes; no request fails."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from rayfine.serve.deploy import deploy
+
+    pngs, _, _ = digits_png
+    app = "auto"
+    scaling = {"autoscaling": True, "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+               "upscale_delay_s": 0.0, "downscale_delay_s": 2.0, "look_back_period_s": 11.0}
+    port = int(server.url.rsplit(":", 1)[1])
+    result = deploy(checkpoints["v2"], name=app, log=lambda *_: None,
+                    serve_overrides={**LIMITS, **scaling, "port": port, "route_prefix": "/auto"})
+    url = result["url"]
+    assert url == f"http://127.0.0.1:{port}/auto"
+
+    def deployment():
+        return _get_global_client().get_serve_details()["applications"][app]["deployments"]["Classifier"]
+
+    def running() -> int:
+        return sum(r["state"] == "RUNNING" for r in deployment()["replicas"])
+
+    def wait_for(replicas: int, deadline_s: float) -> float:
+        start = time.time()
+        while running() != replicas:
+            assert time.time() - start < deadline_s, (replicas, deployment()["replicas"])
+            time.sleep(0.5)
+        return time.time() - start
+
+    config = deployment()["deployment_config"]["autoscaling_config"]
+    assert {k: config[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == {
+        k: scaling[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
+    assert running() == 1
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def client(i):
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(url + "/predict", json={"inputs": [b64(pngs[i])]}, headers=AUTH, timeout=60)
+                codes.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]  # 4x the target of one replica
+    try:
+        for t in threads:
+            t.start()
+        up_s = wait_for(2, 180)
+        # Both replicas answer: each one's statistics count the requests it ran.
+        served_by: dict[str, int] = {}
+        for _ in range(60):
+            s = requests.get(f"{url}/v2/models/{app}/stats", headers=AUTH, timeout=60).json()["model_stats"][0]
+            served_by[s["replica"]] = s["inference_count"]
+            if len(served_by) == 2 and min(served_by.values()) > 0:
+                break
+            time.sleep(0.2)
+        assert len(served_by) == 2 and min(served_by.values()) > 0, served_by
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        down_s = wait_for(1, 180)
+        assert codes and set(codes) == {200}, Counter(codes)
+        assert requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, headers=AUTH,
+                             timeout=60).status_code == 200
+    finally:
+        serve.delete(app)
+    print(f"\nautoscaling: 2 replicas {up_s:.0f} s after the load began, 1 again {down_s:.0f} s after it ended; "
+          f"{len(codes)} requests, all 200")
 
 
 def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_path):

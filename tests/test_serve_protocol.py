@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -163,7 +164,17 @@ def test_deployment_options_fixed_or_autoscaling():
                                           gpus_per_replica=1))
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 1
     assert auto["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 4,
-                                          "target_ongoing_requests": 6}
+                                          "target_ongoing_requests": 6, "upscale_delay_s": 30.0,
+                                          "downscale_delay_s": 600.0, "look_back_period_s": 30.0}
+    # Ray Serve accepts them as they are, with no deprecation or future warning (look_back_period_s
+    # must be longer than Serve's 10 s metrics interval; rayfine refuses shorter ones by name).
+    from ray.serve.config import AutoscalingConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoscalingConfig(**auto["autoscaling_config"])
+    with pytest.raises(ValueError, match="look_back_period_s"):
+        ServeConfig(autoscaling=True, look_back_period_s=10)
 
 
 def test_api_key_comes_from_a_file_or_the_environment_never_the_config(tmp_path):

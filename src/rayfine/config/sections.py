@@ -340,6 +340,18 @@ class ServeConfig(_Section):
     target_ongoing_requests: float = Field(
         8, gt=0, description="Autoscaling: ongoing requests per replica to aim for (batching wants several)."
     )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Autoscaling: how long the load must call for more replicas before they are added "
+        "(Ray Serve's upscale_delay_s)."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Autoscaling: how long the load must call for fewer replicas before they are "
+        "removed (Ray Serve's downscale_delay_s)."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=10, description="Autoscaling: the window over which ongoing requests are averaged (Ray Serve's "
+        "look_back_period_s; longer than its 10 s metrics interval)."
+    )
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
     max_batch_size: int = Field(

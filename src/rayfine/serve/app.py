@@ -83,6 +83,9 @@ def deployment_options(settings: ServeConfig) -> dict[str, Any]:
             "initial_replicas": max(1, settings.min_replicas),
             "max_replicas": settings.max_replicas,
             "target_ongoing_requests": settings.target_ongoing_requests,
+            "upscale_delay_s": settings.upscale_delay_s,
+            "downscale_delay_s": settings.downscale_delay_s,
+            "look_back_period_s": settings.look_back_period_s,
         }
     else:
         options["num_replicas"] = settings.num_replicas
