@@ -93,6 +93,9 @@ def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
     with mock.patch("ray._private.utils._get_docker_cpus", return_value=1.0), \
             mock.patch("multiprocessing.cpu_count", return_value=64):
         assert idle_worker_config(environ={}) == {"num_workers_soft_limit": 1}
+    # Ray's helper is private: should a later Ray move it, the CPUs this process may run on.
+    with mock.patch.dict(sys.modules, {"ray._private.utils": None}):
+        assert idle_worker_config(environ={}) == {"num_workers_soft_limit": len(os.sched_getaffinity(0))}
 
     @ray.remote(num_cpus=1.8)
     class Trainer:  # holds the CPUs, as Ray Train's workers do

@@ -94,9 +94,12 @@ def idle_worker_config(num_cpus: Optional[float] = None, environ: Optional[dict]
     if "RAY_num_workers_soft_limit" in env:
         return {}
     if num_cpus is None:
-        from ray._private.utils import get_num_cpus  # what ray.init gives the node without num_cpus
+        try:  # what ray.init gives the node without num_cpus (a private helper of Ray's)
+            from ray._private.utils import get_num_cpus
 
-        num_cpus = get_num_cpus(override_docker_cpu_warning=True)
+            num_cpus = get_num_cpus(override_docker_cpu_warning=True)
+        except (ImportError, AttributeError, TypeError):  # moved or changed in another Ray
+            num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {"num_workers_soft_limit": max(1, int(num_cpus))}
 
 
