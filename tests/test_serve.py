@@ -435,21 +435,25 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
             time.sleep(0.5)
         return time.time() - start
 
-    config = deployment()["deployment_config"]["autoscaling_config"]
-    assert {k: config[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == {
-        k: scaling[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
-    assert running() == 1
+    threads = []
     stop = threading.Event()
-    codes: list[int] = []
+    codes: list[int | str] = []  # status codes, or the error of a request that got none
 
     def client(i):
         with requests.Session() as s:
             while not stop.is_set():
-                r = s.post(url + "/predict", json={"inputs": [b64(pngs[i])]}, headers=AUTH, timeout=60)
-                codes.append(r.status_code)
+                try:
+                    codes.append(s.post(url + "/predict", json={"inputs": [b64(pngs[i])]}, headers=AUTH,
+                                        timeout=60).status_code)
+                except requests.RequestException as e:
+                    codes.append(type(e).__name__)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]  # 4x the target of one replica
     try:
+        config = deployment()["deployment_config"]["autoscaling_config"]
+        assert {k: config[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == {
+            k: scaling[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
+        assert running() == 1
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]  # 4x one replica's target
         for t in threads:
             t.start()
         up_s = wait_for(2, 180)
@@ -462,16 +466,17 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
                 break
             time.sleep(0.2)
         assert len(served_by) == 2 and min(served_by.values()) > 0, served_by
-    finally:
         stop.set()
         for t in threads:
             t.join()
-    try:
         down_s = wait_for(1, 180)
         assert codes and set(codes) == {200}, Counter(codes)
         assert requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, headers=AUTH,
                              timeout=60).status_code == 200
     finally:
+        stop.set()
+        for t in threads:
+            t.join()
         serve.delete(app)
     print(f"\nautoscaling: 2 replicas {up_s:.0f} s after the load began, 1 again {down_s:.0f} s after it ended; "
           f"{len(codes)} requests, all 200")
