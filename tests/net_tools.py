@@ -1,9 +1,11 @@
-"""Small helpers the HTTP tests share: a free loopback port, images as encoded files, base64."""
+"""Small helpers the HTTP tests share: a free loopback port, images as encoded files, base64, waiting
+for a condition, a Serve app's running replicas."""
 
 from __future__ import annotations
 
 import base64
 import io
+import time
 
 import numpy as np
 from PIL import Image
@@ -20,3 +22,24 @@ def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 0.1, what: str = "a condition"):
+    """``predicate()``'s first truthy value, polled every ``poll_s``; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def running_replicas(app: str) -> int:
+    """RUNNING replicas of the app's Classifier deployment (0 while the app itself is not RUNNING)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or status.status != "RUNNING":
+        return 0
+    return status.deployments["Classifier"].replica_states.get("RUNNING", 0)

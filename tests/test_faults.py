@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 from fault_tools import descendants, listeners, record, session_pids, start_cli, stop_session
-from net_tools import free_port, png
+from net_tools import free_port, png, running_replicas, wait_for
 
 from rayfine.config import load_config
 from rayfine.train import fit, train_loop_per_worker
@@ -73,16 +73,6 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 def learning(lines: list[dict]) -> list[tuple]:
     """What a run learnt, epoch by epoch (not its timings)."""
     return [(m["epoch"], m["train_loss"], m["val_loss"], m["val_accuracy"], m["val_macro_f1"]) for m in lines]
-
-
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.1, what: str = "a condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 # --- 2. the training driver SIGKILLed, the same command run again ------------------------------
@@ -378,15 +368,6 @@ def replicas() -> dict[str, int]:
     return {a.actor_id: a.pid for a in actors}
 
 
-def running_replicas() -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(NAME)
-    if app is None or app.status != "RUNNING":
-        return 0
-    return app.deployments["Classifier"].replica_states.get("RUNNING", 0)
-
-
 # --- 6. a schema-driven fuzz of the HTTP API -----------------------------------------------------
 
 FUZZ_EXAMPLES = 1100
@@ -403,7 +384,7 @@ def test_fuzzed_http_api_never_answers_5xx_and_no_replica_restarts(served):
     from schemathesis import GenerationMode
     from schemathesis.errors import SerializationNotPossible
 
-    wait_for(lambda: running_replicas() == 2, 120, 0.5, "2 running replicas")
+    wait_for(lambda: running_replicas(NAME) == 2, 120, 0.5, "2 running replicas")
     before = replicas()
     assert len(before) == 2
     raw = requests.get(served.url + "/openapi.json", headers=AUTH, timeout=30).json()
@@ -475,7 +456,7 @@ def test_replica_killed_under_load_loses_no_request_with_the_clients_retry(serve
         files.append(tmp_path / f"{i}.png")
         files[-1].write_bytes(png(images[i]))
     body = {"inputs": [base64.b64encode(f.read_bytes()).decode() for f in files[:2]]}
-    wait_for(lambda: running_replicas() == 2, 120, 0.5, "2 running replicas")
+    wait_for(lambda: running_replicas(NAME) == 2, 120, 0.5, "2 running replicas")
     before = replicas()
     assert len(before) == 2
 
@@ -510,7 +491,7 @@ def test_replica_killed_under_load_loses_no_request_with_the_clients_retry(serve
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         # Replaced: a new replica actor is alive and the app runs 2 replicas again.
-        wait_for(lambda: (set(replicas()) - set(before)) and running_replicas() == 2, 180, 0.2, "a replacement replica")
+        wait_for(lambda: (set(replicas()) - set(before)) and running_replicas(NAME) == 2, 180, 0.2, "a replacement replica")
         replaced_s = time.monotonic() - killed_at
         time.sleep(3)  # steady load on the recovered app
     finally:

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from net_tools import b64, free_port, png
+from net_tools import b64, free_port, png, running_replicas, wait_for
 
 from rayfine.checkpoints import load_checkpoint
 from rayfine.config import load_config
@@ -422,18 +422,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
     url = result["url"]
     assert url == f"http://127.0.0.1:{port}/auto"
 
-    def deployment():
-        return _get_global_client().get_serve_details()["applications"][app]["deployments"]["Classifier"]
-
-    def running() -> int:
-        return sum(r["state"] == "RUNNING" for r in deployment()["replicas"])
-
-    def wait_for(replicas: int, deadline_s: float) -> float:
-        start = time.time()
-        while running() != replicas:
-            assert time.time() - start < deadline_s, (replicas, deployment()["replicas"])
-            time.sleep(0.5)
-        return time.time() - start
+    def seconds_until(replicas: int) -> float:
+        start = time.monotonic()
+        wait_for(lambda: running_replicas(app) == replicas, 180, 0.5, f"{replicas} running replica(s)")
+        return time.monotonic() - start
 
     threads = []
     stop = threading.Event()
@@ -449,14 +441,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
                     codes.append(type(e).__name__)
 
     try:
-        config = deployment()["deployment_config"]["autoscaling_config"]
+        details = _get_global_client().get_serve_details()["applications"][app]["deployments"]["Classifier"]
+        config = details["deployment_config"]["autoscaling_config"]
         assert {k: config[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == {
             k: scaling[k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
-        assert running() == 1
+        assert running_replicas(app) == 1
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]  # 4x one replica's target
         for t in threads:
             t.start()
-        up_s = wait_for(2, 180)
+        up_s = seconds_until(2)
         # Both replicas answer: each one's statistics count the requests it ran.
         served_by: dict[str, int] = {}
         for _ in range(60):
@@ -469,7 +462,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
         stop.set()
         for t in threads:
             t.join()
-        down_s = wait_for(1, 180)
+        down_s = seconds_until(1)
         assert codes and set(codes) == {200}, Counter(codes)
         assert requests.post(url + "/predict", json={"inputs": [b64(pngs[0])]}, headers=AUTH,
                              timeout=60).status_code == 200
