@@ -1,8 +1,8 @@
 """Serving an image model over real HTTP on 127.0.0.1 (ray tier): two ResNet-18 checkpoints (epochs 2
-and 3 of one run) trained here on real digits, a real Ray Serve app deployed as `rayfine serve` deploys it, the Open Inference
-Protocol and /predict against the in-process model, dynamic batching, a hot swap under load,
---if-better, the bad-request table, the API key, autoscaling under load, and the `rayfine serve` /
-`rayfine predict` CLI."""
+and 3 of conftest's digits_run, trained on real digits), a real Ray Serve app deployed as `rayfine
+serve` deploys it, the Open Inference Protocol and /predict against the in-process model, dynamic
+batching, a hot swap under load, --if-better, the bad-request table, the API key, autoscaling under
+load, and the `rayfine serve` / `rayfine predict` CLI."""
 
 from __future__ import annotations
 
@@ -26,10 +26,8 @@ import requests
 from net_tools import b64, free_port, png, running_replicas, wait_for
 
 from rayfine.checkpoints import load_checkpoint
-from rayfine.config import load_config
 from rayfine.data import Preprocessor
 from rayfine.serve.model import weights_version
-from rayfine.train import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray Serve's own pydantic warnings
@@ -54,26 +52,17 @@ def bomb_png(width: int, height: int) -> bytes:
 
 # --- fixtures: the key in the replicas' environment, two trained checkpoints, the app -------------
 
-
-@pytest.fixture(scope="module")
-def key_in_env():
-    # Set before the module's Ray starts, so that its worker processes (the replicas) inherit it.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, KEY)
-        yield KEY
+RAY_ENV = {KEY_ENV: KEY}  # set when Ray starts (conftest), so that its workers (the replicas) inherit it
 
 
 @pytest.fixture(scope="module")
-def checkpoints(key_in_env, ray_local, tmp_path_factory):
-    """One 3-epoch run of resnet18_digits_tiny: v1 is its epoch-2 checkpoint (as Ray Train stored
-    it), v2 the final one (the run's train/checkpoint); v2 validates better. Not epoch 1: that
-    model (val accuracy 0.16-0.28) is close to a constant, and on another CPU's kernels it
-    answered one class for every test digit."""
-    root = tmp_path_factory.mktemp("serve_runs")
-    cfg = load_config("resnet18_digits_tiny", ["name=digits", f"storage.runs_dir={root}", "train.epochs=3"])
-    fit(cfg, log=lambda *_: None)
-    stored = {json.loads((d / "metrics.json").read_text())["epoch"]: d for d in (root / "digits" / "ray").glob("*/checkpoint_*") if d.is_dir()}
-    out = {"v1": stored[2], "v2": root / "digits" / "train" / "checkpoint"}
+def checkpoints(ray_local, digits_run):
+    """Two checkpoints of one real 3-epoch run (conftest's digits_run, which test_train checks):
+    v1 is its epoch-2 checkpoint (as Ray Train stored it), v2 the final one (the run's
+    train/checkpoint); v2 validates better. Not epoch 1: that model (val accuracy 0.16-0.28) is
+    close to a constant, and on another CPU's kernels it answered one class for every test digit."""
+    stored = {json.loads((d / "metrics.json").read_text())["epoch"]: d for d in (digits_run.dir / "ray").glob("*/checkpoint_*") if d.is_dir()}
+    out = {"v1": stored[2], "v2": digits_run.dir / "train" / "checkpoint"}
     assert json.loads((out["v2"] / "metrics.json").read_text())["epoch"] == 3
     metric = {t: json.loads((p / "metrics.json").read_text())["val_accuracy"] for t, p in out.items()}
     assert metric["v2"] > metric["v1"], metric  # what --if-better is tested on below

@@ -1,5 +1,5 @@
-"""Serving a text model over real HTTP on 127.0.0.1 (ray tier): MiniLM fine-tuned here on real
-Rotten Tomatoes snippets, served with autoscaling and an API key from a file; the Open Inference
+"""Serving a text model over real HTTP on 127.0.0.1 (ray tier): MiniLM fine-tuned on real
+Rotten Tomatoes snippets (conftest's reviews_run), served with autoscaling and an API key from a file; the Open Inference
 Protocol and /predict against the in-process model, text limits and bad requests, `rayfine predict`."""
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import pytest
 import requests
 
 from rayfine.checkpoints import load_checkpoint
-from rayfine.config import load_config
 from rayfine.data import Preprocessor
-from rayfine.train import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray Serve's own pydantic warnings
@@ -44,12 +42,9 @@ def key_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_text_runs")
-    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"storage.runs_dir={root}", "train.epochs=1",
-                                                         "tune.scheduler=fifo"])
-    fit(cfg, log=lambda *_: None)
-    return root / cfg.name / "train" / "checkpoint"
+def checkpoint(ray_local, reviews_run):
+    """MiniLM fine-tuned on a CSV of real reviews (conftest's reviews_run, which test_text checks)."""
+    return reviews_run.checkpoint
 
 
 @pytest.fixture(scope="module")

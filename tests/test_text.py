@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,21 +15,11 @@ from safetensors.torch import load_file
 from rayfine.checkpoints import load_checkpoint
 from rayfine.config import load_config
 from rayfine.data import Preprocessor, build_datasets
-from rayfine.data.sources import _builtin_rotten_tomatoes
 from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
 from rayfine.errors import DataError, InputError
 from rayfine.evaluate import predict_dataset
 from rayfine.models import resolve_model_source
 from rayfine.train import fit
-
-N_ROWS = 1300
-
-
-@pytest.fixture(scope="module")
-def reviews():
-    """1,300 real review snippets (every 9th, so both labels and many films are in)."""
-    texts, labels = _builtin_rotten_tomatoes()
-    return pd.DataFrame({"text": texts[::9][:N_ROWS], "label": labels[::9][:N_ROWS]})
 
 
 def text_cfg(source, *extra):
@@ -120,17 +109,15 @@ def test_empty_texts_and_labels_are_bad_rows(ray_local, tmp_path, reviews):
 
 
 @pytest.mark.ray
-def test_user_csv_trains_with_the_preset_and_the_checkpoint_serves_offline(ray_local, tmp_path, reviews):
-    reviews.to_csv(tmp_path / "reviews.csv", index=False)
-    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'reviews.csv'}", "data.subsample=1.0",
-                                                      f"storage.runs_dir={tmp_path / 'runs'}"])
-    summary = fit(cfg, log=lambda *_: None)
-    report = summary["eval"]
+def test_user_csv_trains_with_the_preset_and_the_checkpoint_serves_offline(ray_local, reviews_run):
+    # conftest's reviews_run: the tiny preset trained on a CSV of 1,300 real reviews.
+    cfg = reviews_run.cfg
+    report = reviews_run.summary["eval"]
     majority = max(c["support"] for c in report["per_class"].values()) / report["num_samples"]
     assert report["accuracy"] > majority + 0.05, (report["accuracy"], majority)
 
     # The checkpoint alone (its tokenizer files and config.json) serves, with the hub offline.
-    ckpt_dir = tmp_path / "runs" / cfg.name / "train" / "checkpoint"
+    ckpt_dir = reviews_run.checkpoint
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in ckpt_dir.iterdir()}
     ckpt = load_checkpoint(ckpt_dir)
     pre = Preprocessor(ckpt.cfg, str(ckpt_dir))

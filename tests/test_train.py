@@ -41,13 +41,9 @@ def test_train_batches_leave_out_only_a_lone_last_example():
     assert train_batches(1, 34) == 1  # the only example is not left out
 
 
-def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path):
-    # Batch 34: each worker's 239 rows end in a batch of one example, which BatchNorm cannot train
-    # on (the ResNet's last feature map is 1x1 at 8 px); it is left out (train_batches).
-    cfg = tiny(tmp_path, "learns", "train.epochs=3", "train.batch_size=34",
-               f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
-    summary = fit(cfg, log=lambda *_: None)
-    run = tmp_path / "learns"
+def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, digits_run):
+    # conftest's digits_run: 3 epochs on 2 workers, batch 34 (a lone last example per worker).
+    cfg, summary, run = digits_run.cfg, digits_run.summary, digits_run.dir
 
     lines = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
@@ -84,8 +80,8 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, tmp_path)
     # TensorBoard event files in the run directory.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("learns").experiment_id])
+    client = MlflowClient(tracking_uri=digits_run.mlflow_uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params["train.lr"] == str(cfg.train.lr)
     assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")] == [1, 2, 3]
     assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(report["accuracy"])
