@@ -59,7 +59,7 @@ RAY = ModuleRay()
 
 def pytest_collection_modifyitems(session, config, items):
     for item in items:
-        RAY.env.update(getattr(item.module, "RAY_ENV", {}))
+        RAY.env.update(getattr(getattr(item, "module", None), "RAY_ENV", {}))  # doctest items have none
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,7 @@
-"""Serving a text model over real HTTP on 127.0.0.1 (ray tier): MiniLM fine-tuned on real
-Rotten Tomatoes snippets (conftest's reviews_run), served with autoscaling and an API key from a file; the Open Inference
-Protocol and /predict against the in-process model, text limits and bad requests, `rayfine predict`."""
+"""Serving a text model over real HTTP on 127.0.0.1 (ray tier): MiniLM fine-tuned on real Rotten
+Tomatoes snippets (conftest's reviews_run), served with autoscaling and an API key from a file; the
+Open Inference Protocol and /predict against the in-process model, text limits and bad requests,
+`rayfine predict`."""
 
 from __future__ import annotations
 
