@@ -6,7 +6,6 @@ Open Inference Protocol and /predict against the in-process model, text limits a
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from net_tools import free_port
 
 from rayfine.checkpoints import load_checkpoint
 from rayfine.data import Preprocessor
@@ -27,12 +27,6 @@ AUTH = {"X-API-Key": KEY}
 TEXTS = ["A moving, beautifully acted and utterly delightful film.", "A dull, lifeless and tedious mess.",
          "The plot is thin but the performances carry it.", "I wanted my two hours back."]
 RAYFINE = str(Path(sys.executable).parent / "rayfine")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
