@@ -119,13 +119,12 @@ BOUNDS = {
         "workers' 2 CPUs; on a machine with a core or two more than it has workers the ratio would not pay this.",
     ],
     "ingest": [
-        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.48, 0.41-0.54; met on "
-        "photos: 1.05, 1.04-1.08). Digits: ~4,900 images/s through Ray Data against ~10,000 with a 2-worker "
-        "DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: ~291 and ~278 images/s (2,000 500x375 "
-        "JPEGs to 224 px RGB), where decoding and resizing (~7 ms of CPU per photo) dominate, as they do for a "
-        "user's photos. An hour earlier the same day: 0.45 and 1.035 (before serving's NCHW copy, which the "
-        "DataLoader's digits path shares: +11 us per batch of 256). The earlier AMD machine gave 0.46 (~8,700 "
-        "against ~18,900) and 0.98 (~456 both).",
+        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.65, 0.60-0.68; met on "
+        "photos: 1.06, 0.76-1.09, whose DataLoader passes ranged 286-417 images/s). Digits: ~6,900 images/s through "
+        "Ray Data against ~10,900 with a 2-worker DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: "
+        "~328 and ~330 images/s (2,000 500x375 JPEGs to 224 px RGB), where decoding and resizing (~7 ms of CPU per "
+        "photo) dominate, as they do for a user's photos. The previous record, the day before on the same kind of "
+        "machine with read blocks of 1,000 files: 0.48 (0.41-0.54) and 1.05.",
         "What was improved, in order: (1) `read_binary_files` made one block per file before merging them, ~250 us "
         "of task CPU per file against ~10 us to open and read such a file and ~87 us to decode and resize it; rayfine "
         "now lists a local folder on the driver (exactly as read_binary_files lists it) and reads the files inside "
@@ -133,18 +132,31 @@ BOUNDS = {
         "normalized float32 NCHW to the consumer, four times the bytes of the uint8 images through the object store: "
         "it now ships uint8 and the training loop normalizes on its device (`rayfine.data.model_batch`, bit-identical "
         "to serving's numpy path). On the photos (AMD), ~374 -> ~456 images/s in the benchmark (photos ratio 0.81 -> 0.98; "
-        "310 -> 455 side by side in one profiling script); on the digits 0.44 -> 0.46, within the spread. (3) Read blocks hold at most 8 MiB of files as well as 1,000 files, so a "
-        "folder of photos spreads over a cluster's CPUs (2,000 photos were 2 read tasks); on 2 CPUs this is neutral.",
-        "What bounds the digits figure (profiled): each pass is one Ray Data execution of ~2.2 s, and for about its "
-        "first second the operator runs at most one task, often none. Ray 2.60's resource manager takes its limits "
-        "from the reservation of the rate-based cluster autoscaler (an actor), which is empty when the execution "
-        "starts, and caches them for 1 s (GLOBAL_LIMITS_UPDATE_INTERVAL_S): instrumented, most refusals to launch a "
-        "task saw global limits of 0 CPU and 0 bytes. With Ray's resource reservation switched off "
-        "(DataContext.op_resource_reservation_enabled=False, a kill-switch Ray marks for removal) the same passes ran "
-        "at 12,000-14,700 images/s; rayfine keeps Ray's default, which bounds the object store during training. "
-        "Each task then does ~90 ms of work for 1,000 digits, about the DataLoader's own per-image work. "
-        "Ray Train's streaming_split runs a new execution each epoch, so training pays this start-up once per "
-        "epoch and split too (not measured apart here).",
+        "310 -> 455 side by side in one profiling script); on the digits 0.44 -> 0.46, within the spread. (3) Read "
+        "blocks hold at most 8 MiB of files, so a folder of photos spreads over a cluster's CPUs (2,000 photos were "
+        "2 read tasks); on 2 CPUs this is neutral. (4) Read blocks hold up to 5,000 files, not 1,000 (0.48 -> 0.65). "
+        "A Ray timeline showed the two CPUs taking turns: one task ran while the other CPU idled. Ray Data 2.60 keeps "
+        "no more tasks in flight than its CPU budget (2), and its scheduling loop waits in ray.wait for *all* "
+        "running tasks with a 0.1 s timeout, so a finished task is noticed, and the next one submitted, only at the "
+        "next 0.1 s tick (ray-project/ray#42377, #45934, open): with ~0.15-0.2 s tasks of 1,000 digits a CPU idled "
+        "about a third of the time. Side by side in one script, 20,000 digits, passes alternating: 1,000 files per "
+        "block 4,500-5,600 images/s, 2,500 5,900-7,100, 5,000 6,500-8,000. The block count depends only on the "
+        "files (never on the cluster), since the seeded global shuffle depends on it.",
+        "What bounds the digits figure (profiled, Ray timeline and the executor instrumented, 5,000-file blocks): a "
+        "pass of ~3.0 s is ~0.5 s before the first task (listing 20,000 files on the driver ~0.16-0.22 s, "
+        "from_items ~0.05 s, planning and starting the execution), then one task alone for ~1 s, two at a time "
+        "after that, and the last task alone again. For about its first second an execution may run one task only: "
+        "Ray 2.60's resource manager takes its limits from the reservation of Ray Data's cluster autoscaler (an "
+        "actor), whose reply has not arrived at the first call, and caches them for 1 s "
+        "(GLOBAL_LIMITS_UPDATE_INTERVAL_S, a class constant): instrumented, 0 CPU and 0 bytes until ~1.0 s after "
+        "the execution starts. Patching that constant to 0.1 s (tried, not adopted: a private constant) gave the "
+        "limits within 0.12 s and +5% on the passes, within their spread. With Ray's resource reservation switched "
+        "off (DataContext.op_resource_reservation_enabled=False, a kill-switch Ray marks for removal) 1,000-file "
+        "passes ran at ~8,400 images/s here (12,000-14,700 on the earlier machine); rayfine keeps Ray's default, "
+        "which bounds the object store during training. Each task does ~150 us of work per digit (read, decode, "
+        "resize, uint8 model inputs); the DataLoader spends at most ~180 us of CPU per digit (2 CPUs, ~10,900 digits/s). In "
+        "training the folder is read once per run (rayfine.data.build_datasets materializes it), so a user pays "
+        "this start-up once, not per epoch.",
     ],
     "serve": [
         "Measured on 2 Intel Xeon CPUs (goal >= 3 missed: 2.19, 2.01-2.37): at concurrency 32 the batched "

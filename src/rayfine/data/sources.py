@@ -119,10 +119,15 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
 
 
 # A local image folder's read tasks: at most this many files, and at most this many encoded bytes,
-# per block. Small files (digits) are bound by per-task costs, so many go in one task; photos take
-# milliseconds each to decode, so a block holds a few seconds of work at most and the tasks spread
-# over the CPUs and stream (bench/RESULTS.md, ingest).
-FILES_PER_BLOCK = 1000
+# per block. Small files (digits) are bound by per-task costs, so many go in one task: Ray Data 2.60
+# notices a finished task only at its scheduling loop's next 0.1 s tick (ray-project/ray#42377) and
+# keeps no more tasks in flight than the CPUs, so a CPU idles up to ~0.1 s after each task. 5,000
+# digits are ~0.75 s of work, 1,000 were ~0.15 s (bench/ingest.py's digits: 0.48 -> 0.65 of a torch
+# DataLoader's rate on 2 CPUs). Photos take milliseconds each to decode, so a block holds a second or
+# so of work at most and the tasks spread over the CPUs and stream (bench/RESULTS.md, ingest). Only
+# the files decide the blocks, not the cluster: the seeded global shuffle depends on them, so a seed
+# orders the rows alike everywhere.
+FILES_PER_BLOCK = 5000
 BYTES_PER_BLOCK = 8 * 1024 * 1024
 MAX_READ_BLOCKS = 200
 
