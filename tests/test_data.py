@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -154,6 +155,8 @@ def test_builtin_split_is_deterministic_and_disjoint(ray_local):
 
 
 def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder):
+    from ray.train import DataConfig
+
     from rayfine.train.driver import ingest_config
 
     ordered_cfg = folder_cfg(image_folder)
@@ -162,8 +165,18 @@ def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows
     unordered, _ = build_datasets(unordered_cfg, log=lambda *_: None)
     for cfg, datasets in ((ordered_cfg, ordered), (unordered_cfg, unordered)):
         assert datasets["train"].context.execution_options.preserve_order is cfg.data.preserve_order
-        # What Ray Train applies to the dataset of each worker group (DataConfig.configure).
-        assert ingest_config(cfg)._resolve_execution_options("train").preserve_order is cfg.data.preserve_order
+        # What Ray Train applies to the dataset of each worker group (DataConfig.configure): Ray's
+        # default ingest options but the order, built without Ray's deprecation warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            options = ingest_config(cfg)._resolve_execution_options("train")
+        assert [str(w.message) for w in caught] == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray's own method warns: the reference, not under test
+            default = DataConfig.default_ingest_options()
+        assert options.preserve_order is cfg.data.preserve_order
+        assert (options.resource_limits, options.exclude_resources, options.verbose_progress) == (
+            default.resource_limits, default.exclude_resources, default.verbose_progress)
     for split in SPLITS:  # the same examples in each split, whatever order they come in
         (x1, y1), (x2, y2) = rows(ordered[split]), rows(unordered[split])
         key = lambda x, y: sorted(zip(y.tolist(), (img.tobytes() for img in x)))  # noqa: E731

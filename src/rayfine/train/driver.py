@@ -58,9 +58,18 @@ def ingest_config(cfg: Config) -> DataConfig:
     """Ray Train's default ingest; with ``data.preserve_order`` blocks keep their order, and
     ``streaming_split`` hands each worker the same rows in the same order on every run (Ray then
     drops its locality hints), so that with the seeded shuffle buffer and augmentation a seed
-    reproduces a run, and a run resumed from a checkpoint trains exactly as one that never stopped."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
+    reproduces a run, and a run resumed from a checkpoint trains exactly as one that never stopped.
+
+    The options are ``DataConfig.default_ingest_options()``'s, built here: in Ray 2.60 that method
+    passes ``exclude_resources`` even when it is unset, and every trial's process then warned that
+    the argument is deprecated. An ``exclude_resources`` set on the DataContext is still carried."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=cfg.data.preserve_order,
+                               verbose_progress=current.verbose_progress)
+    if not current.exclude_resources.is_zero():
+        options.exclude_resources = current.exclude_resources
     return DataConfig(execution_options=options)
 
 
