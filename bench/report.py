@@ -156,7 +156,7 @@ BOUNDS = {
         "the execution starts. Patching that constant to 0.1 s (tried, not adopted: a private constant) gave the "
         "limits within 0.12 s and +5% on the passes, within their spread. With Ray's resource reservation switched "
         "off (DataContext.op_resource_reservation_enabled=False, a kill-switch Ray marks for removal) 1,000-file "
-        "passes ran at ~8,400 images/s here (12,000-14,700 on the earlier machine); rayfine keeps Ray's default, "
+        "passes ran at ~8,400 images/s here (12,000-14,700 in the earlier profile, whose machine and block size were not recorded with it); rayfine keeps Ray's default, "
         "which bounds the object store during training. Each task does ~150 us of work per digit (read, decode, "
         "resize, uint8 model inputs); the DataLoader spends at most ~180 us of CPU per digit (2 CPUs, ~10,900 digits/s). In "
         "training the folder is read once per run (rayfine.data.build_datasets materializes it), so a user pays "
