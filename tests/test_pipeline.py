@@ -74,6 +74,11 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         body = reply.json()
         assert len(body["predictions"]) == 1 and body["predictions"][0]["label"] in [str(d) for d in range(10)]
         assert body["model_version"] in output
+
+        # Only rayfine's lines and Ray's warnings that matter: no warning about Ray Data's progress
+        # bars (rayfine turns them off on purpose) from the trials' split coordinators, no core_worker
+        # error line from Ray Train's preemption watcher (nothing to watch on an embedded Ray).
+        assert "Progress bars disabled" not in output and "PreemptionWatcher" not in output, output[-4000:]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C

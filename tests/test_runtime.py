@@ -54,6 +54,15 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
             return "here"
 
     @ray.remote(num_cpus=0)
+    def worker_setup() -> dict:
+        import os
+
+        from ray.util.debug import log_once
+
+        return {"progress_warning_left": log_once("ray_data_progress_manager_disabled"),  # False once said
+                "preemption_watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+
+    @ray.remote(num_cpus=0)
     def actor_state(actor_id: str) -> str:
         from ray.util.state import get_actor
 
@@ -74,6 +83,8 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
         # Without the address rayfine gives, Ray's autodetection sees two clusters: the bug.
         bare = actor_state.options(runtime_env={"env_vars": {API_SERVER_ENV: ""}}).remote(actor_id)
         assert "multiple active Ray instances" in ray.get(bare)
+        # Every worker ran rayfine's setup hook and got the embedded Ray's own settings.
+        assert ray.get(worker_setup.remote()) == {"progress_warning_left": False, "preemption_watcher": "0"}
     assert other_ray.poll() is None  # the other Ray was left alone
 
 

@@ -18,14 +18,31 @@ from typing import Iterator, Optional
 WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
+# What an embedded local Ray's workers get besides WORKER_ENV. Ray Train's preemption watcher (an
+# actor per training run, polling for nodes being drained, e.g. spot instances) has nothing to
+# watch on the one node of an embedded Ray; its creation also logs a core_worker error line.
+LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+# Run by every worker process of an embedded local Ray before anything else (its runtime_env's
+# worker_process_setup_hook): the Train workers' split coordinators run their executions there.
+WORKER_SETUP_HOOK = "rayfine.runtime.quiet_worker"
+
+
+def quiet_worker() -> None:
+    """No "Progress bars disabled" warning from this process: rayfine turns Ray Data's bars off on
+    purpose (quiet_ray), and every process that runs an execution would say so once."""
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+
+
 def quiet_ray() -> None:
     """Keep the console for rayfine's own progress lines (Ray's logs stay in its session dir)."""
     from ray.data import DataContext
-    from ray.util.debug import log_once
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    log_once("ray_data_progress_manager_disabled")  # we turn the bars off on purpose; no warning
+    quiet_worker()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -114,15 +131,18 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     multiple active Ray instances", and Train then leaks the placement group of every trial ASHA
     stops, until a search hangs for lack of CPUs. So the dashboard (the State API server) gets a
     loopback port chosen here, and RAY_API_SERVER_ADDRESS names it to every worker of the session
-    (the job's runtime_env) and to this process."""
+    (the job's runtime_env) and to this process. Every worker also gets LOCAL_WORKER_ENV and runs
+    WORKER_SETUP_HOOK first, unless this process's environment or ``runtime_env`` says otherwise."""
     import ray
 
     port = free_port()  # the dashboard binds it a moment later
     url = f"http://127.0.0.1:{port}"
-    env_vars = {**runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
+    local_env = {k: v for k, v in LOCAL_WORKER_ENV.items() if k not in os.environ}  # the user's setting wins
+    env_vars = {**local_env, **runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
     init_kwargs.setdefault("_system_config", idle_worker_config(init_kwargs.get("num_cpus")))
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={**runtime_env, "env_vars": env_vars}, **init_kwargs)
+             runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, **runtime_env, "env_vars": env_vars},
+             **init_kwargs)
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = url
     try:
