@@ -19,6 +19,8 @@ resume) ``START_S`` more, under two rules:
 - ``synchronous``: successive halving with whole rungs (every trial to the first rung, then the
   top 1/eta of each complete rung): the fewest epochs halving can train, for reference.
 
+Then a sweep: every rule again at grace periods 1-2 x reduction factors 2-4 (``sweep``).
+
 The winner of each replay is picked as `rayfine tune` picks it (the best validation accuracy of
 any trial epoch that ran, ties to the earlier epoch) and scored by the recorded test accuracy of
 that epoch's checkpoint. Replayed, not measured: a real search differs in the order in which trials
@@ -209,6 +211,32 @@ def full_budget(record: dict, max_t: int) -> dict:
             "near_best_epochs": len(near), "near_best_test_min": min(near), "near_best_test_max": max(near)}
 
 
+# Settings the sweep replays besides the asha setting's own: does any rule reach the goal here?
+SWEEP_GRACE = (1, 2)
+SWEEP_ETA = (2, 3, 4)
+GOAL_COMPUTE, GOAL_GAP = 0.35, 0.005
+
+
+def sweep(records: list[dict], max_t: int) -> list[dict]:
+    """Every rule at every grace period x reduction factor of the sweep, on every seed: compute_ratio
+    and accuracy_gap (median and spread over the seeds), and whether the medians meet the goal."""
+    rows = []
+    for rule in RULES:
+        for grace in SWEEP_GRACE:
+            for eta in SWEEP_ETA:
+                ratios, gaps = [], []
+                for record in records:
+                    full = full_budget(record, max_t)
+                    r = replay_seed(record, rule, max_t, grace, eta)
+                    ratios.append(r["epochs"] / full["epochs"])
+                    gaps.append(full["best_test_accuracy"] - r["best_test_accuracy"])
+                ratio, gap = common.summary(ratios), common.summary(gaps)
+                rows.append({"rule": rule, "grace_period": grace, "reduction_factor": eta, "compute_ratio": ratio,
+                             "accuracy_gap": gap,
+                             "goal_met": ratio["median"] <= GOAL_COMPUTE and gap["median"] <= GOAL_GAP})
+    return rows
+
+
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     curves = common.read_results(args.results).get("asha_curves")
@@ -234,6 +262,10 @@ def main() -> None:
               "compared": "Ray Tune's ASHA (stopping), promotion-based ASHA and synchronous successive halving "
                           "replayed on the recorded curves of asha_curves: epochs / the full budget's, and the test "
                           "accuracy of each replay's winner against the full budget's winner (replayed, not measured)"}
+    result["sweep"] = sweep(curves["per_seed"], max_t)
+    for row in result["sweep"]:
+        common.log(f"sweep {row['rule']:9s} grace {row['grace_period']} eta {row['reduction_factor']}: compute_ratio "
+                   f"{row['compute_ratio']['values']}, gap {row['accuracy_gap']['values']}, goal met: {row['goal_met']}")
     for rule in RULES:
         for key in ("compute_ratio", "accuracy_gap", "worker_seconds_ratio"):
             result[f"{rule}_{key}"] = common.summary(row[rule][key] for row in per_seed)

@@ -39,7 +39,7 @@ REQUIRED = {
              "compute_ratio_stats.median", "accuracy_gap_stats.median"],
     "asha_curves": ["per_seed.0.fifo_best_test_accuracy", "per_seed.0.trials.0.epochs.0.test_accuracy"],
     "asha_replay": ["stopping_compute_ratio.median", "promotion_compute_ratio.median", "promotion_accuracy_gap.median",
-                    "per_seed.0.full.best_test_accuracy"],  # after asha_curves: it replays that record
+                    "per_seed.0.full.best_test_accuracy", "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median"],  # after asha_curves: it replays that record
 }
 
 
@@ -155,3 +155,11 @@ def test_replayed_schedulers_on_known_curves():
     tied = [asha_replay.Trial(0, _curves([0.5, 0.9, 0.9])["trials"][0])]
     tied[0].ran = 3
     assert asha_replay.winner(tied)[1] == 2
+    # The sweep: every rule at each grace period x reduction factor, over the seeds given.
+    rows = asha_replay.sweep([seed, seed], max_t=4)
+    assert len(rows) == 3 * len(asha_replay.SWEEP_GRACE) * len(asha_replay.SWEEP_ETA)
+    sync = next(r for r in rows if (r["rule"], r["grace_period"], r["reduction_factor"]) == ("synchronous", 1, 2))
+    assert sync["compute_ratio"]["values"] == [0.5, 0.5] and sync["accuracy_gap"]["median"] == 0.0
+    assert sync["goal_met"] is False  # half the epochs: over the goal's 0.35
+    sync4 = next(r for r in rows if (r["rule"], r["grace_period"], r["reduction_factor"]) == ("synchronous", 1, 4))
+    assert sync4["compute_ratio"]["median"] == 7 / 16  # one rung at epoch 1, then the best one to 4
