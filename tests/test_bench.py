@@ -39,7 +39,8 @@ REQUIRED = {
              "compute_ratio_stats.median", "accuracy_gap_stats.median"],
     "asha_curves": ["per_seed.0.fifo_best_test_accuracy", "per_seed.0.trials.0.epochs.0.test_accuracy"],
     "asha_replay": ["stopping_compute_ratio.median", "promotion_compute_ratio.median", "promotion_accuracy_gap.median",
-                    "per_seed.0.full.best_test_accuracy", "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median"],  # after asha_curves: it replays that record
+                    "per_seed.0.full.best_test_accuracy",  # after asha_curves: it replays that record
+                    "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median"],
 }
 
 
