@@ -220,13 +220,13 @@ GOAL_COMPUTE, GOAL_GAP = 0.35, 0.005
 def sweep(records: list[dict], max_t: int) -> list[dict]:
     """Every rule at every grace period x reduction factor of the sweep, on every seed: compute_ratio
     and accuracy_gap (median and spread over the seeds), and whether the medians meet the goal."""
+    fulls = [full_budget(record, max_t) for record in records]  # the same for every setting
     rows = []
     for rule in RULES:
         for grace in SWEEP_GRACE:
             for eta in SWEEP_ETA:
                 ratios, gaps = [], []
-                for record in records:
-                    full = full_budget(record, max_t)
+                for record, full in zip(records, fulls):
                     r = replay_seed(record, rule, max_t, grace, eta)
                     ratios.append(r["epochs"] / full["epochs"])
                     gaps.append(full["best_test_accuracy"] - r["best_test_accuracy"])
