@@ -67,9 +67,9 @@ def test_search_space_accepts_yaml_keys_and_dotted_overrides():
     ("tune.search_space.train.lr=0.1", "expected one {distribution: args} mapping"),
     ("tune.trial_overrides=[scaling.num_workers=0]", "tune.trial_overrides make an invalid trial config: scaling.num_workers"),
     ("tune.trial_overrides=[name=other]", "tune.trial_overrides: name is shared by the search and its trials"),
-    ("tune.grace_period=3", "tune.grace_period: 3 leaves ASHA nothing to stop: it must be below the trials' train.epochs (3)"),
+    ("tune.grace_period=3", "tune.grace_period: 3 leaves asha nothing to stop: it must be below the trials' train.epochs (3)"),
     ("tune.mode=min", "tune.mode: min with tune.metric val_accuracy, which is best at its max"),
-    ("tune.scheduler=hyperband", "tune.scheduler: Input should be 'asha' or 'fifo'"),
+    ("tune.scheduler=hyperband", "tune.scheduler: Input should be 'asha', 'halving' or 'fifo'"),
 ])
 def test_bad_search_settings_are_refused_naming_the_field(override, message):
     assert message in _errors(override)
@@ -77,6 +77,13 @@ def test_bad_search_settings_are_refused_naming_the_field(override, message):
 
 def test_grid_needs_the_random_searcher():
     assert "grid needs tune.searcher=random" in _errors("tune.searcher=optuna", "tune.search_space.seed={grid: [0, 1]}")
+
+
+def test_halving_needs_the_random_searcher_and_a_rung_below_max_t():
+    assert "use tune.searcher=random with tune.scheduler=halving" in _errors("tune.scheduler=halving", "tune.searcher=optuna")
+    assert ("tune.grace_period: 3 leaves halving nothing to stop: it must be below the trials' train.epochs (3)"
+            in _errors("tune.scheduler=halving", "tune.grace_period=3"))
+    assert check_search(load_config("resnet18_digits_tiny", ["tune.scheduler=halving"])) == []
 
 
 def test_a_trial_is_the_base_config_plus_its_sampled_values():
@@ -183,6 +190,24 @@ def test_live_table_redraws_in_place_unless_something_else_was_printed(monkeypat
     plain = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append)
     plain.on_trial_result(0, [trial], trial, trial.last_result)
     assert lines == ["[tune] a epoch 3/3  val_accuracy 0.8000  val_loss 0.6000"]
+
+
+def test_plain_lines_say_when_a_trial_pauses_and_resumes():
+    lines: list[str] = []
+    plain = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append)
+    trial = _Trial("a", "RUNNING", {"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.0}, {"train.lr": 0.01})
+    plain.on_step_end(0, [trial])
+    trial.status = "PAUSED"
+    plain.on_step_end(1, [trial])
+    plain.on_step_end(2, [trial])  # said once
+    trial.status = "RUNNING"
+    plain.on_trial_start(3, [trial], trial)
+    # A resumed search may bring a trial back before Tune recorded any result of it.
+    restored = _Trial("b", "PAUSED", {}, {"train.lr": 0.02})
+    plain.on_step_end(4, [restored])
+    assert lines == ["[tune] a paused after epoch 1/3; waits for the other trials to reach it",
+                     "[tune] a resumed after epoch 1/3 (train.lr=0.01)",
+                     "[tune] b paused; waits for the other trials to reach it"]
 
 
 def test_a_training_config_loads_whatever_its_search_says():

@@ -112,9 +112,13 @@ def check_search(cfg: "Config") -> list[str]:
         return errors + [f"tune.trial_overrides: {x}" for x in e.errors]
     except ValidationError as e:
         return errors + [f"tune.trial_overrides make an invalid trial config: {_describe(x)}" for x in e.errors()]
-    if t.scheduler == "asha" and t.grace_period >= trial.train.epochs:
-        errors.append(f"tune.grace_period: {t.grace_period} leaves ASHA nothing to stop: it must be below the trials' "
-                      f"train.epochs ({trial.train.epochs}), ASHA's max_t; lower it or use tune.scheduler=fifo")
+    if t.scheduler in ("asha", "halving") and t.grace_period >= trial.train.epochs:
+        errors.append(f"tune.grace_period: {t.grace_period} leaves {t.scheduler} nothing to stop: it must be below the "
+                      f"trials' train.epochs ({trial.train.epochs}), the scheduler's max_t; lower it or use "
+                      "tune.scheduler=fifo")
+    if t.scheduler == "halving" and t.searcher != "random":
+        errors.append(f"tune.searcher: {t.searcher} learns from finished trials, and halving draws every trial before "
+                      "any finishes; use tune.searcher=random with tune.scheduler=halving (or asha with optuna)")
     for key, spec in t.search_space.items():
         where = f"tune.search_space.{key}"
         if key == "train.epochs" or not (key == "seed" or key.startswith(SEARCHABLE_PREFIXES)):

@@ -258,17 +258,19 @@ class TuneConfig(_Section):
     )
     num_samples: int = Field(8, ge=1, description="Trials to run (with grid values: repeats of the whole grid).")
     metric: Literal["val_accuracy", "val_macro_f1", "val_loss", "train_loss"] = Field(
-        "val_accuracy", description="The per-epoch metric that ranks trials and that ASHA compares."
+        "val_accuracy", description="The per-epoch metric that ranks trials and that asha or halving compares."
     )
     mode: Optional[Literal["max", "min"]] = Field(
         None, description="Maximise or minimise tune.metric; unset: min for the losses, max otherwise."
     )
-    scheduler: Literal["asha", "fifo"] = Field(
-        "asha", description="asha: stop weak trials early (max_t = the trials' train.epochs); fifo: run every trial to the end."
+    scheduler: Literal["asha", "halving", "fifo"] = Field(
+        "asha", description="asha: stop weak trials early, deciding on each result as it arrives (max_t = the trials' "
+        "train.epochs); halving: synchronous successive halving, trials pause at each rung until all have reached it; "
+        "fifo: run every trial to the end."
     )
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
+    grace_period: int = Field(1, ge=1, description="asha, halving: epochs every trial runs before it may be stopped.")
     reduction_factor: float = Field(
-        2, gt=1, description="ASHA: a trial continues past a rung only when in the top 1/reduction_factor there."
+        2, gt=1, description="asha, halving: a trial continues past a rung only when in the top 1/reduction_factor there."
     )
     searcher: Literal["random", "optuna"] = Field(
         "random", description="random: independent samples (and grids); optuna: Optuna's TPE, which learns from finished trials."

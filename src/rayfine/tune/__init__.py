@@ -12,7 +12,9 @@ Modules, in the order a search runs:
 - ``trial``: the search space as Tune domains; ``run_trial``, the Tune function trainable that
   builds the trial's config and its TorchTrainer (with ``TuneReportCallback``) and fits it.
 - ``progress``: the live table of trials and the leaderboard.
-- ``search``: ``run_search`` (new or resumed Tuner, ASHA keyed on the reported epoch) and the
+- ``halving``: synchronous successive halving (``tune.scheduler: halving``), a Tune scheduler that
+  pauses trials at each rung until all have reached it, and the searcher that gives it its slots.
+- ``search``: ``run_search`` (new or resumed Tuner, ASHA or halving keyed on the reported epoch) and the
   run directory's tune/: trials.csv, summary.json, best/{checkpoint/, eval.json, config.yaml}.
 """
 

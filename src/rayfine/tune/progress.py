@@ -103,6 +103,10 @@ class SearchProgress(Callback):
     def live(self) -> bool:
         return interactive(self.log)
 
+    def _after(self, epoch: Optional[int]) -> str:
+        # A resumed search can restore a trial before Tune recorded its last result: no epoch yet.
+        return f" after epoch {epoch}/{self.epochs}" if epoch is not None else ""
+
     def _values(self, trial) -> str:
         return ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in self.keys)
 
@@ -111,8 +115,11 @@ class SearchProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.board.update(trial)
+        epoch = self.board.rows[trial.trial_id]["epoch"]
         if not self.live:
-            self.log(f"[tune] {trial.trial_id} started ({self._values(trial)})")
+            # A paused trial (tune.scheduler: halving) starts again after its last epoch.
+            how = f"resumed{self._after(epoch)}" if epoch else "started"
+            self.log(f"[tune] {trial.trial_id} {how} ({self._values(trial)})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.board.update(trial)
@@ -125,7 +132,7 @@ class SearchProgress(Callback):
         row = self.board.rows[trial.trial_id]
         if not self.live:
             # Tune marks the trial TERMINATED only after this call: tell by its epochs.
-            how = "completed" if row["epoch"] == self.epochs else f"stopped early after epoch {row['epoch']}/{self.epochs}"
+            how = "completed" if row["epoch"] == self.epochs else f"stopped early{self._after(row['epoch'])}"
             self.log(f"[tune] {trial.trial_id} {how}; best {self.metric} {_fmt(row['best'])}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -138,7 +145,12 @@ class SearchProgress(Callback):
     def on_step_end(self, iteration, trials, **info) -> None:
         # Also picks up trials a resumed search restored as already finished.
         for trial in trials:
+            was = self.board.rows.get(trial.trial_id, {}).get("status")
             self._dirty |= self.board.update(trial)
+            row = self.board.rows[trial.trial_id]
+            if not self.live and row["status"] == "paused" != was:
+                self.log(f"[tune] {trial.trial_id} paused{self._after(row['epoch'])}; "
+                         "waits for the other trials to reach it")
         if self.live and self._dirty and time.monotonic() - self._drawn_at >= self.refresh_s:
             self._draw()
 

@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +32,7 @@ from rayfine.errors import TrainingError
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import _check_continuation, _diff
+from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
 from rayfine.tune.progress import SearchProgress, trial_status
 from rayfine.tune.trial import (
@@ -102,16 +104,17 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         else:
             log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
                 f"searcher {t.searcher} -> {run_dir}")
+            scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent)
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_space(t.search_space),
                 tune_config=tune.TuneConfig(
                     metric=t.metric,
                     mode=t.metric_mode,
-                    scheduler=_scheduler(cfg, epochs),
+                    scheduler=scheduler,
                     # The searcher holds the concurrency limit (Tune ignores max_concurrent_trials
                     # for a BasicVariantGenerator instance).
-                    search_alg=_searcher(cfg, plan.concurrent),
+                    search_alg=_searcher(cfg, plan.concurrent, scheduler),
                     num_samples=t.num_samples,
                     time_budget_s=t.time_budget_s,
                     trial_dirname_creator=trial_dirname,
@@ -157,16 +160,28 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
                                f"{', '.join(changed)}); resume it with its own config"])
 
 
-def _scheduler(cfg: Config, epochs: int):
+def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int):
     t = cfg.tune
     if t.scheduler == "fifo":
         return FIFOScheduler()
     # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume.
+    if t.scheduler == "halving":
+        return SuccessiveHalving(metric=t.metric, mode=t.metric_mode, max_t=epochs, grace_period=t.grace_period,
+                                 reduction_factor=t.reduction_factor, num_trials=num_trials, slots=slots,
+                                 history=partial(_trial_history, trials_root(cfg)))
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
-def _searcher(cfg: Config, max_concurrent: int):
+def _trial_history(root: str, trial_id: str) -> list[dict]:
+    return list(read_epoch_log(epoch_log_path(root, trial_id)))
+
+
+def _searcher(cfg: Config, max_concurrent: int, scheduler=None):
     t = cfg.tune
+    if isinstance(scheduler, SuccessiveHalving):
+        # Paused trials hold no slot: the scheduler counts the trials that train (check_search
+        # keeps halving to the random searcher).
+        return SlotGatedVariants(scheduler.has_free_slot, random_state=t.seed)
     if t.searcher == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch

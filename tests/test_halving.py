@@ -1,0 +1,130 @@
+"""Synchronous successive halving (rayfine.tune.halving) driven by a stand-in Tune controller: the
+rule, the slots it holds, and rebuilding its rungs from the trials' epoch logs on a resume.
+(tests/test_tune.py runs it in a real search.)"""
+
+from __future__ import annotations
+
+from ray import tune
+from ray.tune.experiment import Experiment, Trial
+from ray.tune.schedulers import TrialScheduler
+
+from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving, rung_milestones
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status = trial_id, Trial.PENDING
+
+
+class FakeController:
+    """What the scheduler uses of Tune's controller: its trials, stop_trial and _set_trial_status."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.trials = scheduler, []
+
+    def add(self, trial_id: str) -> FakeTrial:
+        trial = FakeTrial(trial_id)
+        self.trials.append(trial)
+        self.scheduler.on_trial_add(self, trial)
+        return trial
+
+    def get_trials(self):
+        return list(self.trials)
+
+    def _set_trial_status(self, trial, status):
+        trial.status = status
+
+    def stop_trial(self, trial):
+        if trial.status in (Trial.PENDING, Trial.PAUSED):
+            self.scheduler.on_trial_remove(self, trial)
+        trial.status = Trial.TERMINATED
+
+    def report(self, trial, epoch: int, value: float) -> str:
+        result = {"epoch": epoch, self.scheduler.metric: value}
+        decision = self.scheduler.on_trial_result(self, trial, result)
+        trial.status = {TrialScheduler.PAUSE: Trial.PAUSED, TrialScheduler.STOP: Trial.TERMINATED}.get(
+            decision, trial.status)
+        return decision
+
+
+def halving(num_trials=4, slots=2, rf=2, max_t=4, history=None):
+    return SuccessiveHalving(metric="val_accuracy", mode="max", max_t=max_t, grace_period=1, reduction_factor=rf,
+                             num_trials=num_trials, slots=slots, history=history)
+
+
+def test_milestones():
+    assert rung_milestones(8, 1, 2) == [1, 2, 4]
+    assert rung_milestones(8, 1, 3) == [1, 3]
+    assert rung_milestones(3, 1, 2) == [1, 2]
+    assert rung_milestones(8, 2, 4) == [2]
+    assert rung_milestones(4, 1, 1.5) == [1, 2, 3]
+
+
+def test_whole_rungs_decide_and_paused_trials_hold_no_slot():
+    s = halving()
+    c = FakeController(s)
+    a, b = c.add("t_00000"), c.add("t_00001")
+    for t in (a, b):
+        t.status = Trial.RUNNING
+    assert not s.has_free_slot()  # two train: the searcher draws no third
+    assert c.report(a, 1, 0.9) == TrialScheduler.PAUSE
+    assert s.has_free_slot()  # a paused trial frees its slot
+    assert s.choose_trial_to_run(c) is None  # a is not promoted yet: the rung is incomplete
+    c2 = c.add("t_00002")
+    c2.status = Trial.RUNNING
+    assert c.report(b, 1, 0.2) == TrialScheduler.PAUSE
+    d = c.add("t_00003")
+    d.status = Trial.RUNNING
+    assert c.report(c2, 1, 0.5) == TrialScheduler.PAUSE
+    # The last result closes the rung: the best 4 // 2 = 2 (a and d) go on, b and c2 stop.
+    assert c.report(d, 1, 0.7) == TrialScheduler.CONTINUE
+    assert b.status == c2.status == Trial.TERMINATED and a.status == Trial.PAUSED
+    assert s.choose_trial_to_run(c) is a  # one slot is free: a resumes
+    a.status = Trial.RUNNING
+    assert s.choose_trial_to_run(c) is None  # both slots train
+    assert c.report(d, 2, 0.8) == TrialScheduler.PAUSE
+    assert c.report(a, 2, 0.8) == TrialScheduler.CONTINUE  # a tie: the earlier trial (a) goes to max_t
+    assert d.status == Trial.TERMINATED
+    assert c.report(a, 3, 0.9) == TrialScheduler.CONTINUE and c.report(a, 4, 0.95) == TrialScheduler.CONTINUE
+    assert s.allowed_epochs("t_00000") == 4 and s.allowed_epochs("t_00001") == 1 and s.allowed_epochs("t_00003") == 2
+
+
+def test_a_failed_trial_leaves_its_rung_and_min_mode_ranks_low_first():
+    s = SuccessiveHalving(metric="val_loss", mode="min", max_t=4, grace_period=1, reduction_factor=2,
+                          num_trials=3, slots=3)
+    c = FakeController(s)
+    a, b, d = c.add("t_0"), c.add("t_1"), c.add("t_2")
+    assert c.report(a, 1, 0.3) == TrialScheduler.PAUSE
+    assert c.report(b, 1, 0.1) == TrialScheduler.PAUSE
+    s.on_trial_error(c, d)  # the rung closes without it: the best 2 // 2 = 1 (b) goes on
+    d.status = Trial.ERROR
+    assert a.status == Trial.TERMINATED and s.choose_trial_to_run(c) is b
+
+
+def test_a_resumed_search_rebuilds_its_rungs_from_the_epoch_logs():
+    logs = {"t_0": [{"epoch": 1, "val_accuracy": 0.9}], "t_1": [{"epoch": 1, "val_accuracy": 0.2}],
+            "t_2": [{"epoch": 1, "val_accuracy": 0.5}], "t_3": []}
+    s = halving(history=lambda trial_id: logs[trial_id])
+    c = FakeController(s)
+    trials = [c.add(t) for t in logs]  # Tune brings unfinished trials back PENDING, all of them
+    assert s.choose_trial_to_run(c) is None
+    # t_3 never reached the rung: it trains; the others wait for it, paused; none is stopped yet.
+    assert [t.status for t in trials] == [Trial.PAUSED, Trial.PAUSED, Trial.PAUSED, Trial.PENDING]
+    trials[3].status = Trial.RUNNING
+    assert c.report(trials[3], 1, 0.1) == TrialScheduler.STOP
+    assert [t.status for t in trials[:3]] == [Trial.PAUSED, Trial.TERMINATED, Trial.PAUSED]
+    assert s.choose_trial_to_run(c) is trials[0]
+
+
+def test_the_gated_searcher_draws_only_into_free_slots_and_keeps_its_gate_on_restore():
+    open_ = [True]
+    search = SlotGatedVariants(lambda: open_[0], random_state=0)
+    search.add_configurations(Experiment("gate", run=lambda config: None, config={"x": tune.grid_search([1, 2, 3])}))
+    assert search.next_trial() is not None
+    open_[0] = False
+    assert search.next_trial() is None and not search.is_finished()
+    state = search.get_state()
+    assert "_gate" not in state
+    search.set_state(state)
+    open_[0] = True
+    assert search.next_trial() is not None
