@@ -37,6 +37,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from rayfine.tune.halving import rung_milestones  # the rungs `tune.scheduler: halving` uses
+
 SLOTS = 2
 START_S = 12.0  # a trial's start-up before its first epoch (its Ray Train worker group), and each resume's
 
@@ -82,15 +84,6 @@ def replay_stopping(trials: list[Trial], max_t: int, grace: int, eta: float, slo
         else:
             heapq.heappush(events, (now + trial.epochs[trial.ran]["epoch_s"], trial.index, trial))
     return now
-
-
-def rung_milestones(max_t: int, grace: int, eta: float) -> list[int]:
-    """Epochs at which a trial is judged: grace, grace*eta, ... below max_t."""
-    out, m = [], grace
-    while m < max_t:
-        out.append(int(m))
-        m *= eta
-    return out
 
 
 def replay_promotion(trials: list[Trial], max_t: int, grace: int, eta: float, slots: int = SLOTS,

@@ -18,7 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-ORDER = ("asha", "asha_replay", "asha_curves", "train_overhead", "ingest", "serve", "end_to_end", "memory")
+ORDER = ("asha", "halving", "halving_held_out", "asha_replay", "asha_curves", "train_overhead", "ingest", "serve", "end_to_end", "memory")
 
 # What limits each figure on this machine (2 CPUs shared by everything, Ray's own processes included).
 BOUNDS = {
@@ -242,6 +242,10 @@ def headline_rows(results: dict) -> list[list[str]]:
     rows = []
     for key, figure, stats_key in (("asha", "compute_ratio", "compute_ratio_stats"),
                                    ("asha", "accuracy_gap", "accuracy_gap_stats"),
+                                   ("halving", "compute_ratio", "compute_ratio_stats"),
+                                   ("halving", "accuracy_gap", "accuracy_gap_stats"),
+                                   ("halving_held_out", "compute_ratio", "compute_ratio_stats"),
+                                   ("halving_held_out", "accuracy_gap", "accuracy_gap_stats"),
                                    ("train_overhead", "ratio", "ratio_stats"),
                                    ("ingest", "ratio", "ratio_stats"),
                                    ("serve", "batching_gain_c32", "batching_gain_c32_stats")):
@@ -276,6 +280,27 @@ def section_asha(r: dict) -> list[str]:
             f"- wall_ratio (ASHA search wall time / FIFO's): {_spread(r['wall_ratio_stats'])}",
             f"- best_acc_asha: {_spread(r['best_acc_asha_stats'], 4)}; best_acc_full: {_spread(r['best_acc_full_stats'], 4)}",
             f"- accuracy_gap: {_spread(r['accuracy_gap_stats'], 4)}"]
+    return out
+
+
+def section_halving(r: dict) -> list[str]:
+    s = r["setting"]
+    out = [f"Setting: the asha setting ({s['configs_per_seed']} configs per seed, seeds {s['seeds']}, max "
+           f"{s['max_epochs']} epochs, {s['trial_resources']} per trial) with tune.scheduler=halving, grace "
+           f"{s['grace_period']}, reduction factor {s['reduction_factor']}.", ""]
+    rows = [[str(p["seed"]), f"{p['epochs']}/{p['epochs_fifo']}", _fmt(p["compute_ratio"]), _fmt(p["worker_seconds_ratio"]),
+             _fmt(p["best_acc_halving"], 4), _fmt(p["best_acc_full"], 4), f"{p['accuracy_gap']:+.4f}",
+             f"{p['reproduced']}/{p['epochs_compared']}", f"{p['wall_s']:.0f}", " ".join(map(str, p["stopped_after"]))]
+            for p in r["per_seed"]]
+    out += table(["seed", "epochs halving/FIFO", "compute_ratio", "worker-s ratio (two runs)", "best_acc_halving",
+                  "best_acc_full", "accuracy_gap", "epochs as recorded under FIFO", "search s", "epochs per trial"], rows)
+    out += ["", f"- compute_ratio: {_spread(r['compute_ratio_stats'])}",
+            f"- accuracy_gap: {_spread(r['accuracy_gap_stats'], 4)}",
+            f"- best_acc_halving: {_spread(r['best_acc_halving_stats'], 4)}; best_acc_full: "
+            f"{_spread(r['best_acc_full_stats'], 4)}",
+            f"- search wall time: {_spread(r['wall_s_stats'], 0)} s"]
+    if "wall_ratio_stats" in r:
+        out += [f"- wall_ratio (halving search wall time / FIFO's, same script): {_spread(r['wall_ratio_stats'])}"]
     return out
 
 
@@ -400,7 +425,7 @@ def section_asha_replay(r: dict) -> list[str]:
     return out
 
 
-SECTIONS = {"asha": section_asha, "asha_replay": section_asha_replay, "asha_curves": section_asha_curves, "train_overhead": section_train_overhead, "ingest": section_ingest,
+SECTIONS = {"asha": section_asha, "halving": section_halving, "halving_held_out": section_halving, "asha_replay": section_asha_replay, "asha_curves": section_asha_curves, "train_overhead": section_train_overhead, "ingest": section_ingest,
             "serve": section_serve, "end_to_end": section_end_to_end, "memory": section_memory}
 
 

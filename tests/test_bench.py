@@ -164,3 +164,21 @@ def test_replayed_schedulers_on_known_curves():
     assert sync["goal_met"] is False  # half the epochs: over the goal's 0.35
     sync4 = next(r for r in rows if (r["rule"], r["grace_period"], r["reduction_factor"]) == ("synchronous", 1, 4))
     assert sync4["compute_ratio"]["median"] == 7 / 16  # one rung at epoch 1, then the best one to 4
+
+
+def test_halving_compared_with_the_fifo_record():
+    """bench/halving.py: the halving search's epochs against FIFO's, epoch by epoch."""
+    import halving
+
+    keys = ["train.lr"]
+    fifo = {(0.1,): [{"epoch": 1, "val_accuracy": 0.5, "epoch_s": 2.0}, {"epoch": 2, "val_accuracy": 0.7, "epoch_s": 2.0}],
+            (0.2,): [{"epoch": 1, "val_accuracy": 0.6, "epoch_s": 2.0}, {"epoch": 2, "val_accuracy": 0.8, "epoch_s": 2.0}]}
+    record = halving.as_curves(fifo, keys)
+    assert record["trials"][0]["config"] == {"train.lr": 0.1}
+    ran = {(0.1,): fifo[(0.1,)][:1], (0.2,): [fifo[(0.2,)][0], {**fifo[(0.2,)][1], "val_accuracy": 0.79}]}
+    got = halving.compare(ran, record, keys)
+    assert (got["epochs"], got["epochs_fifo"], got["compute_ratio"]) == (3, 4, 0.75)
+    assert (got["reproduced"], got["epochs_compared"], got["stopped_after"]) == (2, 3, [1, 2])
+    assert got["worker_s"] == 6.0 and got["worker_s_fifo"] == 8.0
+    with pytest.raises(RuntimeError, match="different configs"):
+        halving.compare({(0.3,): []}, record, keys)
