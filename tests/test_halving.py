@@ -89,16 +89,26 @@ def test_whole_rungs_decide_and_paused_trials_hold_no_slot():
     assert s.allowed_epochs("t_00000") == 4 and s.allowed_epochs("t_00001") == 1 and s.allowed_epochs("t_00003") == 2
 
 
-def test_a_failed_trial_leaves_its_rung_and_min_mode_ranks_low_first():
+def test_a_failed_trial_leaves_its_rung_and_min_mode_ranks_low_first_and_nan_last():
     s = SuccessiveHalving(metric="val_loss", mode="min", max_t=4, grace_period=1, reduction_factor=2,
                           num_trials=3, slots=3)
     c = FakeController(s)
     a, b, d = c.add("t_0"), c.add("t_1"), c.add("t_2")
-    assert c.report(a, 1, 0.3) == TrialScheduler.PAUSE
+    assert c.report(a, 1, float("nan")) == TrialScheduler.PAUSE  # diverged: ranks last, whatever the mode
     assert c.report(b, 1, 0.1) == TrialScheduler.PAUSE
     s.on_trial_error(c, d)  # the rung closes without it: the best 2 // 2 = 1 (b) goes on
     d.status = Trial.ERROR
     assert a.status == Trial.TERMINATED and s.choose_trial_to_run(c) is b
+
+
+def test_a_searcher_that_ends_early_closes_the_first_rung_with_the_trials_it_drew():
+    s = halving(num_trials=4)
+    c = FakeController(s)
+    a, b = c.add("t_0"), c.add("t_1")
+    assert c.report(a, 1, 0.9) == TrialScheduler.PAUSE
+    assert c.report(b, 1, 0.1) == TrialScheduler.PAUSE  # two of four: the rung waits
+    c.search_alg = type("Finished", (), {"is_finished": lambda self: True})()
+    assert s.choose_trial_to_run(c) is a and b.status == Trial.TERMINATED
 
 
 def test_a_resumed_search_rebuilds_its_rungs_from_the_epoch_logs():

@@ -27,6 +27,7 @@ into free slots.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 from ray.tune.experiment import Trial
@@ -62,7 +63,7 @@ class SuccessiveHalving(TrialScheduler):
         self._promoted: list[Optional[set[str]]] = [None for _ in self.milestones]  # decided when complete
         self._epoch: dict[str, int] = {}  # the last epoch each trial reported
         self._trials: dict[str, Trial] = {}
-        self._ended: set[str] = set()  # errored, or stopped by Tune outside this scheduler
+        self._ended: set[str] = set()  # trials that ended: errored, or stopped (by this scheduler or by Tune)
         self._controller = None
 
     def __getstate__(self):
@@ -88,9 +89,14 @@ class SuccessiveHalving(TrialScheduler):
     def _complete(self, k: int) -> bool:
         if k > 0 and self._promoted[k - 1] is None:
             return False
-        if k == 0 and len(self._trials) < self.num_trials:
+        if k == 0 and len(self._trials) < self.num_trials and not self._search_finished():
             return False  # trials the searcher has yet to draw
         return all(t in self._values[k] or t in self._ended for t in self._members(k))
+
+    def _search_finished(self) -> bool:
+        """The searcher has drawn its last trial (fewer than num_trials, say, after a time budget)."""
+        search_alg = getattr(self._controller, "search_alg", None)
+        return bool(search_alg is not None and search_alg.is_finished())
 
     def _decide(self) -> None:
         """Close every rung that is complete: its best 1/reduction_factor go on, the rest stop."""
@@ -101,7 +107,9 @@ class SuccessiveHalving(TrialScheduler):
                 return
             values = self._values[k]
             sign = -1.0 if self._mode == "max" else 1.0
-            ranked = sorted((t for t in self._members(k) if t in values), key=lambda t: (sign * values[t], t))
+            # The best first (a NaN, from a diverged trial, last), ties in the order trials were drawn.
+            ranked = sorted((t for t in self._members(k) if t in values),
+                            key=lambda t: (math.isnan(values[t]), sign * values[t], t))
             self._promoted[k] = set(ranked[: max(1, int(len(ranked) // self.reduction_factor))])
 
     def _record(self, trial_id: str, epoch: int, value: float) -> None:
