@@ -89,11 +89,19 @@ def add_seed_arg(p) -> None:
                                    "seeds already recorded with the same setting are kept")
 
 
+def kept_seeds(old: dict, this_setting: dict, run_now: list[int], ignore: tuple[str, ...] = ()) -> list[dict]:
+    """Per-seed results of a results-file record (``old``) of this very setting (keys in ``ignore``
+    aside), minus the seeds run now: what a run of some seeds keeps of the others."""
+    def key(s):
+        return {k: v for k, v in (s or {}).items() if k not in ignore}
+
+    same = key(old.get("setting")) == key(this_setting) and not old.get("quick")
+    return [s for s in old.get("per_seed", []) if same and s["seed"] not in run_now]
+
+
 def recorded_seeds(args, size: dict, run_now: list[int]) -> list[dict]:
     """Per-seed results already in the results file for this very setting, minus the seeds run now."""
-    old = common.read_results(args.results).get("asha") or {}
-    same = old.get("setting") == setting(size) and not old.get("quick")
-    return [s for s in old.get("per_seed", []) if same and s["seed"] not in run_now]
+    return kept_seeds(common.read_results(args.results).get("asha") or {}, setting(size), run_now)
 
 
 def main() -> None:

@@ -55,8 +55,7 @@ def main() -> None:
     size = asha.QUICK if args.quick else asha.FULL
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(size["seeds"])
     old = common.read_results(args.results).get("asha_curves") or {}
-    per_seed = [s for s in old.get("per_seed", []) if old.get("setting") == asha.setting(size)
-                and not old.get("quick") and s["seed"] not in seeds] if args.seeds else []
+    per_seed = asha.kept_seeds(old, asha.setting(size), seeds) if args.seeds else []
     scratch = common.scratch_dir("asha_curves")
     try:
         from rayfine.data import build_datasets

@@ -95,9 +95,7 @@ def main() -> None:
     if curves.get("setting") != fifo_setting:
         raise SystemExit("results.json has no asha_curves record of this setting: run bench/asha_curves.py first")
     by_seed = {s["seed"]: s for s in curves["per_seed"]}
-    old = results.get("halving") or {}
-    per_seed = [s for s in old.get("per_seed", []) if old.get("setting") == asha.setting(size)
-                and not old.get("quick") and s["seed"] not in seeds] if args.seeds else []
+    per_seed = asha.kept_seeds(results.get("halving") or {}, asha.setting(size), seeds) if args.seeds else []
     scratch = common.scratch_dir("halving")
     try:
         from rayfine.runtime import ray_session
@@ -133,23 +131,21 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _without_seeds(setting) -> dict:
-    return {k: v for k, v in (setting or {}).items() if k != "seeds"}
-
-
 def held_out(args, size: dict, seeds: list[int]) -> None:
     used = set(size["seeds"])
     if used & set(seeds):
         raise SystemExit(f"--held-out: seeds {sorted(used & set(seeds))} picked the setting; choose others")
     old = common.read_results(args.results).get("halving_held_out") or {}
-    per_seed = [s for s in old.get("per_seed", []) if _without_seeds(old.get("setting")) == _without_seeds(asha.setting(size))
-                and not old.get("quick") and s["seed"] not in seeds]
+    per_seed = asha.kept_seeds(old, asha.setting(size), seeds, ignore=("seeds",))
     scratch = common.scratch_dir("halving_held_out")
     try:
         from rayfine.runtime import ray_session
         from rayfine.tune import run_search
 
-        quiet = lambda line: None if line.startswith("[tune] trial") else common.log(line)  # noqa: E731
+        def quiet(line: str) -> None:
+            if not line.startswith("[tune] trial"):
+                common.log(line)
+
         with ray_session(log=common.log):
             for seed in seeds:
                 runs = {}
