@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="ASHA hyperparameter search: every trial a Ray Train DDP run (config `tune:`)")
+    p = sub.add_parser("tune", help="hyperparameter search, ASHA by default (tune.scheduler): every trial a Ray "
+                                    "Train DDP run (config `tune:`)")
     _config_args(p)
     p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")

@@ -65,7 +65,7 @@ def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Pat
 def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, highlight: Optional[str] = None,
                          stopped: frozenset = frozenset(), epochs: Optional[int] = None) -> Path:
     """Loss and the validation metric per epoch, one line per run (trial); an x marks where a
-    trial was stopped early (ASHA)."""
+    trial was stopped early (by ASHA or halving)."""
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
     many = len(runs) > 1
