@@ -196,10 +196,7 @@ class SuccessiveHalving(TrialScheduler):
         self._stop_losers(tune_controller)
         # A resumed search brings its paused trials back as PENDING, and Tune starts every PENDING
         # trial: those that must wait, or that do not fit in the slots, wait PAUSED.
-        busy = 0
-        for trial in tune_controller.get_trials():
-            if trial.status == Trial.RUNNING:
-                busy += 1
+        busy = sum(1 for t in tune_controller.get_trials() if t.status == Trial.RUNNING)
         for trial in tune_controller.get_trials():
             if trial.status != Trial.PENDING:
                 continue
