@@ -78,6 +78,20 @@ def as_curves(rows: dict[tuple, list[dict]], keys: list[str]) -> dict:
                        for config, epochs in rows.items()]}
 
 
+def quiet(line: str) -> None:
+    """The search's log, less its per-trial lines."""
+    if not line.startswith("[tune] trial"):
+        common.log(line)
+
+
+def seed_item(seed: int, got: dict, best: dict, full_acc: float, wall_s: float) -> dict:
+    """One seed's record: compare()'s figures, the halving winner (summary["best"]) and FIFO's test accuracy."""
+    return {"seed": seed, **got, "worker_seconds_ratio": got["worker_s"] / got["worker_s_fifo"],
+            "best_acc_halving": best["test_accuracy"], "best_acc_full": full_acc,
+            "accuracy_gap": full_acc - best["test_accuracy"],
+            "best_overrides": best["overrides"], "best_epoch": best["epoch"], "wall_s": wall_s}
+
+
 def add_args(p) -> None:
     asha.add_seed_arg(p)
     p.add_argument("--held-out", help="comma-separated new seeds: FIFO runs here too (results.json['halving_held_out'])")
@@ -110,16 +124,11 @@ def main() -> None:
                 common.log(f"seed {seed}: halving (grace {size['grace']}, reduction factor {size['eta']}), "
                            f"{size['num_samples']} configs x {size['epochs']} epochs")
                 started = time.perf_counter()
-                summary = run_search(cfg, log=lambda line: None if line.startswith("[tune] trial") else common.log(line))
+                summary = run_search(cfg, log=quiet)
                 wall = time.perf_counter() - started
                 got = compare(epoch_rows(cfg.run_dir(), keys), by_seed[seed], keys)
                 full_acc = by_seed[seed]["fifo_best_test_accuracy"]
-                item = {"seed": seed, **got,
-                        "worker_seconds_ratio": got["worker_s"] / got["worker_s_fifo"],
-                        "best_acc_halving": summary["best"]["test_accuracy"], "best_acc_full": full_acc,
-                        "accuracy_gap": full_acc - summary["best"]["test_accuracy"],
-                        "best_overrides": summary["best"]["overrides"], "best_epoch": summary["best"]["epoch"],
-                        "wall_s": wall}
+                item = seed_item(seed, got, summary["best"], full_acc, wall)
                 common.log(f"  halving: {got['epochs']}/{got['epochs_fifo']} epochs, winner test accuracy "
                            f"{item['best_acc_halving']:.4f} (FIFO {full_acc:.4f}), {wall:.0f}s; "
                            f"{got['reproduced']}/{got['epochs_compared']} epochs as recorded under FIFO")
@@ -142,10 +151,6 @@ def held_out(args, size: dict, seeds: list[int]) -> None:
         from rayfine.runtime import ray_session
         from rayfine.tune import run_search
 
-        def quiet(line: str) -> None:
-            if not line.startswith("[tune] trial"):
-                common.log(line)
-
         with ray_session(log=common.log):
             for seed in seeds:
                 runs = {}
@@ -163,13 +168,10 @@ def held_out(args, size: dict, seeds: list[int]) -> None:
                     raise RuntimeError(f"seed {seed}: the FIFO search ran {fifo_epochs} epochs (interrupted?)")
                 got = compare(runs["halving"]["rows"], as_curves(runs["fifo"]["rows"], keys), keys)
                 h, f = runs["halving"]["summary"]["best"], runs["fifo"]["summary"]["best"]
-                item = {"seed": seed, **got, "worker_seconds_ratio": got["worker_s"] / got["worker_s_fifo"],
+                item = {**seed_item(seed, got, h, f["test_accuracy"], runs["halving"]["wall_s"]),
                         "wall_ratio": runs["halving"]["wall_s"] / runs["fifo"]["wall_s"],
-                        "best_acc_halving": h["test_accuracy"], "best_acc_full": f["test_accuracy"],
-                        "accuracy_gap": f["test_accuracy"] - h["test_accuracy"],
-                        "best_overrides": h["overrides"], "best_epoch": h["epoch"],
                         "fifo_best_overrides": f["overrides"], "fifo_best_epoch": f["epoch"],
-                        "wall_s": runs["halving"]["wall_s"], "fifo_wall_s": runs["fifo"]["wall_s"]}
+                        "fifo_wall_s": runs["fifo"]["wall_s"]}
                 common.log(f"  seed {seed}: halving {got['epochs']}/{got['epochs_fifo']} epochs, winner test accuracy "
                            f"{h['test_accuracy']:.4f} (FIFO {f['test_accuracy']:.4f}); {got['reproduced']}/"
                            f"{got['epochs_compared']} epochs as under FIFO")

@@ -115,9 +115,9 @@ class SearchProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.board.update(trial)
-        epoch = self.board.rows[trial.trial_id]["epoch"]
         if not self.live:
             # A paused trial (tune.scheduler: halving) starts again after its last epoch.
+            epoch = self.board.rows[trial.trial_id]["epoch"]
             how = f"resumed{self._after(epoch)}" if epoch else "started"
             self.log(f"[tune] {trial.trial_id} {how} ({self._values(trial)})")
 
