@@ -378,11 +378,13 @@ def section_serve(r: dict) -> list[str]:
     for key, label in names.items():
         for c, m in r["servers"][key].items():
             rows.append([label, c[1:], _fmt(m["rps"]["median"], 1), f"[{_fmt(m['rps']['min'], 1)}, {_fmt(m['rps']['max'], 1)}]",
-                         _fmt(m["p50_ms"], 1), _fmt(m["p99_ms"], 1), f"{m['errors']}/{m['requests']}"])
+                         _fmt(m["p50_ms"], 1), _fmt(m["p99_ms"], 1), f"{m['errors']}/{m['requests']}",
+                         _fmt(m.get("loadgen_cpu_ms_per_request", "not recorded"), 2)])
     out = [f"Setting: {r['model']['preset']} checkpoint; one PNG digit per request to /predict; {r['repeats']} runs per "
            f"cell, each at most {r['requests_per_run']} requests or {_fmt(r['run_cap_s'], 0)} s; latencies as the load "
            "generator sees them.", ""]
-    out += table(["server", "concurrency", "req/s (median)", "req/s [min, max]", "p50 ms", "p99 ms", "errors/requests"], rows)
+    out += table(["server", "concurrency", "req/s (median)", "req/s [min, max]", "p50 ms", "p99 ms", "errors/requests",
+                  "load generator CPU ms/request"], rows)
     f = r["floor"]
     out += ["", f"- floor (in-process `run_batch`, 1 thread): one item p50 {_fmt(f['p50_ms'], 2)} ms, p99 "
             f"{_fmt(f['p99_ms'], 2)} ms ({_fmt(f['items_per_s'], 0)} items/s); batches of 16: "

@@ -11,7 +11,8 @@ Servers, all answering the same POST /predict (one base64 PNG digit per request,
   and the floor: the model called in-process (``run_batch``), no HTTP at all.
 (a) and (b) are deployed side by side (1 CPU each, the whole 2-CPU cluster) under their own route
 prefixes and measured in turn, so that a repeat needs no redeploy. Load: bench/loadgen.py, an
-asyncio + httpx loop in its own process, a bounded number of requests and seconds, 127.0.0.1 only.
+asyncio + aiohttp loop in its own process, a bounded number of requests and seconds, 127.0.0.1 only;
+the CPU it spends per request is recorded with each cell (it shares the 2 CPUs with the servers).
 ``batching_gain_c32`` = (a) / (b) requests/s at concurrency 32, the median over the repeats.
 
 The checkpoint: resnet18_digits (16 px grayscale digits, ResNet-18 with the small stem) trained
@@ -229,6 +230,7 @@ def main() -> None:
                 "p99_ms": common.summary(r["p99_ms"] for r in rs)["median"],
                 "requests": sum(r["requests"] for r in rs),
                 "errors": sum(r["errors"] for r in rs),
+                "loadgen_cpu_ms_per_request": common.summary(r["cpu_ms_per_request"] for r in rs)["median"],
             }
     gains = [b["rps"] / u["rps"] for b, u in zip(runs["batched"][32], runs["unbatched"][32])]
     gain = common.summary(gains)

@@ -31,7 +31,7 @@ REQUIRED = {
                        "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median"],
     "serve": ["batching_gain_c32", "batching_gain_c32_stats.median", "floor.p50_ms", "floor.items_per_s",
               *[f"servers.{s}.c{c}.{m}" for s in ("batched", "unbatched", "plain") for c in (1, 8, 32)
-                for m in ("rps.median", "p50_ms", "p99_ms")]],
+                for m in ("rps.median", "p50_ms", "p99_ms", "loadgen_cpu_ms_per_request")]],
     "memory": [f"{run}.{m}" for run in ("digits", "rotten_tomatoes")
                for m in ("driver_peak_rss_mib", "worker_peak_rss_mib", "worker_peak_uss_mib")],
     "end_to_end": ["total_s", "ray_start_s", "search_s", "evaluation_s", "deploy_s", "test_accuracy"],
