@@ -209,10 +209,20 @@ BOUNDS = {
         "this start-up once, not per epoch.",
     ],
     "serve": [
-        "Measured on 2 Intel Xeon CPUs (goal >= 3 missed: 2.19, 2.01-2.37): at concurrency 32 the batched "
-        "deployment answers ~80 requests/s against ~37 unbatched; the plain FastAPI + uvicorn app, one image per "
-        "forward pass and no proxy hop, answers ~87.",
-        "What was improved this time (profiled: the served model ran at half the speed of the same model in a "
+        "Measured 2026-12-02 on 2 Intel Xeon CPUs (goal >= 3 missed: 2.50, 2.38-2.54): at concurrency 32 the "
+        "batched deployment answers ~90 requests/s (87-103) against ~37 unbatched (36-41); the plain FastAPI + "
+        "uvicorn app, one image per forward pass and no proxy hop, answers ~82. The in-process floor ran slower "
+        "than on 2026-12-01 (one image 13.9 ms against 10.4, batches of 16 219 images/s against 290): the same "
+        "kind of machine, on a slower day.",
+        "What changed this time: the load generator. It shares the 2 CPUs with the servers it measures, and "
+        "httpx's AsyncClient spent 3.4 ms of CPU per request (a third of a CPU at ~90 req/s, taken from a batched "
+        "server that is CPU-bound); bench/loadgen.py now uses aiohttp, 0.5-1.0 ms per request (recorded per "
+        "cell in the table). Side by side against the same two deployments, two rounds each at concurrency 32: "
+        "httpx 88.7 and 88.5 req/s batched, 40.2 and 40.2 unbatched; aiohttp 104.7 and 101.7 batched, 40.0 and "
+        "41.9 unbatched. The unbatched server, one forward pass at a time, does not gain. The 2026-12-01 figure "
+        "with httpx was 2.19 (2.01-2.37). Tried the same day, not adopted: max_batch_size 32 instead of 16 "
+        "(111.9 and 114.0 req/s, where 16 gave 136.7 and 116.2 in the same session).",
+        "Earlier (2026-12-01; profiled: the served model ran at half the speed of the same model in a "
         "test script): a served grayscale batch reached the model with channels-last strides. A 1-channel NHWC "
         "array transposed to NCHW counts as contiguous, so np.ascontiguousarray kept its strides, and from them "
         "PyTorch ran every convolution channels-last, converting the weights on each call (torch.profiler: 90 "
@@ -229,11 +239,13 @@ BOUNDS = {
         "free; at c32 the replica runs batches of 16 (batch_stats counts all concurrency levels together); 1.33 "
         "before it.",
         "What bounds it now: the in-process model runs 93 images/s one at a time and 290 in batches of 16 (405 in "
-        "batches of 32): 3.1x at most at the default max_batch_size 16. Per request at c32 (psutil, 3 x 25 s, "
-        "85-94 req/s) the batched replica uses ~10 ms of CPU, of which its share of a forward pass is ~3.4 ms: "
-        "the rest is Ray Serve's request path (the replica's ASGI wrapper, an actor call back to the proxy per "
-        "request for the body and disconnects, metrics), and the proxy uses ~5.4 ms more, on the same 2 CPUs as "
-        "the load generator. Ray's request-path settings did not move it: RAY_SERVE_USE_GRPC_BY_DEFAULT=1 "
+        "batches of 32), measured 2026-12-01: 3.1x at most at the default max_batch_size 16. Per request at c32 "
+        "(psutil, 20 s at 98 req/s with the aiohttp load generator) the batched replica uses 9.3 ms of CPU, of "
+        "which its share of a forward pass is ~3.4 ms: the rest is Ray Serve's request path (py-spy: the "
+        "replica's actor call back to the proxy for each request's body and disconnect, ASGIReceiveProxy, is "
+        "~11% of its samples; the ASGI wrapper, metrics and request logs most of the rest), and the proxy uses "
+        "5.3 ms more (its metric records ~8% of its samples, request logs ~3%), on the same 2 CPUs as the load "
+        "generator. Ray's request-path settings did not move it: RAY_SERVE_USE_GRPC_BY_DEFAULT=1 "
         "(87.5-89.4 vs 80.7-89.2 req/s, measured before the layout fix), and after it user code on the replica's main loop with buffered request logs and no logs to "
         "stderr (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000, "
         "RAY_SERVE_LOG_TO_STDERR=0: 86-96 vs 85-94 req/s, replica CPU the same); RAY_SERVE_THROUGHPUT_OPTIMIZED=1 also "
