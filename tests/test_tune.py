@@ -160,44 +160,6 @@ def test_asha_stops_weak_trials_and_the_winner_loads_and_predicts(ray_local, tmp
     assert wait_for_all_cpus(ray_local) == pytest.approx(ray_local.cluster_resources()["CPU"])
 
 
-def test_halving_pauses_trials_at_the_rung_and_resumes_only_the_best(ray_local, tmp_path):
-    # Three trials, two at a time; at the rung (epoch 1) the best 3 // 3 = 1 goes on to epoch 3.
-    # The good learning rate is drawn first, so it reaches the rung before the third trial starts
-    # and must wait there, paused, then resume from its checkpoint.
-    cfg = load_config("resnet18_digits_tiny", [
-        "name=halving", f"storage.runs_dir={tmp_path}", "tune.scheduler=halving", "tune.reduction_factor=3",
-        f"tune.search_space.train.lr={{grid: [{GOOD_LR}, {WEAK_LR}, {WEAK_LR / 10}]}}",
-        "tune.search_space.train.batch_size={choice: [32]}", "tune.num_samples=1",
-    ])
-    messages: list[str] = []
-    summary = run_search(cfg, log=messages.append)
-    rows = read_trials(tmp_path / "halving")
-    by_trial: dict[str, list[dict]] = {}
-    for r in rows:
-        by_trial.setdefault(r["trial_id"], []).append(r)
-    epochs = {float(rs[0]["train.lr"]): [int(r["epoch"]) for r in rs] for rs in by_trial.values()}
-    assert epochs == {GOOD_LR: [1, 2, 3], WEAK_LR: [1], WEAK_LR / 10: [1]}  # every epoch once, in order
-    assert {float(rs[0]["train.lr"]): rs[-1]["status"] for rs in by_trial.values()} == {
-        GOOD_LR: "completed", WEAK_LR: "stopped", WEAK_LR / 10: "stopped"}
-    assert summary["scheduler"] == "halving" and summary["epochs_run"] == 5 and summary["epochs_full_budget"] == 9
-    assert summary["best"]["overrides"]["train.lr"] == GOOD_LR
-
-    # The good trial waited at its rung and came back after epoch 1; never more than two trained.
-    good = next(tid for tid, rs in by_trial.items() if float(rs[0]["train.lr"]) == GOOD_LR)
-    text = "\n".join(messages)
-    assert f"[tune] {good} paused after epoch 1/3" in text and f"[tune] {good} resumed after epoch 1/3" in text
-    running, peak = set(), 0
-    for m in messages:
-        words = m.split()
-        if m.startswith("[tune] ") and len(words) > 2 and words[2] in ("started", "resumed"):
-            running.add(words[1])
-            peak = max(peak, len(running))
-        elif m.startswith("[tune] ") and len(words) > 2 and words[2] in ("completed;", "stopped", "failed", "paused"):
-            running.discard(words[1])
-    assert peak == 2
-    assert wait_for_all_cpus(ray_local) == pytest.approx(ray_local.cluster_resources()["CPU"])
-
-
 def test_time_budget_ends_the_search(ray_local, tmp_path):
     # One second: Ray Train alone takes longer to start a worker group, so no trial gets an epoch in.
     cfg = load_config("resnet18_digits_tiny", ["name=budget", f"storage.runs_dir={tmp_path}", "tune.time_budget_s=1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from rayfine.cli import main
 from rayfine.config import ConfigError, check_search, load_config
 from rayfine.tune.plan import count_trials, plan_resources
 from rayfine.tune.progress import Board, SearchProgress, trial_status
+from rayfine.tune.search import trial_params
 from rayfine.tune.trial import trial_config
 
 TWO_CPUS = {"CPU": 2.0}
@@ -210,6 +212,34 @@ def test_plain_lines_say_when_a_trial_pauses_and_resumes():
                      "[tune] b paused; waits for the other trials to reach it"]
 
 
+def test_a_resumed_search_shows_what_its_trials_trained_before():
+    # The driver was killed before Tune saved these trials' results: Tune restores them without
+    # any, and the progress reads the epochs each trial's epoch log holds.
+    logs = {"a": [{"epoch": 1, "val_accuracy": 0.9, "val_loss": 0.3}, {"epoch": 2, "val_accuracy": 0.8, "val_loss": 0.4}],
+            "b": [{"epoch": 1, "val_accuracy": 0.1, "val_loss": 2.3}]}
+    lines: list[str] = []
+    plain = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append,
+                           history=lambda trial_id: logs.get(trial_id, []))
+    plain.setup()
+    a = _Trial("a", "PAUSED", {}, {"train.lr": 0.01})
+    b = _Trial("b", "PAUSED", {}, {"train.lr": 1e-6})
+    fresh = _Trial("c", "PENDING", {}, {"train.lr": 0.1})
+    plain.on_step_end(0, [a, b, fresh])
+    a.status = "RUNNING"
+    plain.on_trial_start(1, [a, b, fresh], a)
+    plain.on_trial_start(1, [a, b, fresh], fresh)
+    plain.on_trial_complete(2, [a, b, fresh], b)
+    a.last_result = {"epoch": 3, "val_accuracy": 0.85, "val_loss": 0.35}
+    plain.on_trial_complete(3, [a, b, fresh], a)
+    assert lines == ["[tune] a paused after epoch 2/3; waits for the other trials to reach it",
+                     "[tune] b paused after epoch 1/3; waits for the other trials to reach it",
+                     "[tune] a resumed after epoch 2/3 (train.lr=0.01)",
+                     "[tune] c started (train.lr=0.1)",
+                     "[tune] b stopped early after epoch 1/3; best val_accuracy 0.1",
+                     "[tune] a completed; best val_accuracy 0.9"]
+    assert [row.split()[1] for row in plain.board.leaderboard().splitlines()[1:]] == ["a", "b", "c"]
+
+
 def test_a_training_config_loads_whatever_its_search_says():
     """`rayfine train --set train.epochs=1` (and the checkpoint it writes) must load, although a
     search of 1-epoch trials leaves ASHA nothing to stop; only `rayfine tune` refuses that."""
@@ -217,3 +247,21 @@ def test_a_training_config_loads_whatever_its_search_says():
     assert cfg.train.epochs == 1
     assert any("tune.grace_period" in p for p in check_search(cfg))
     assert main(["validate", "resnet18_digits_tiny", "--set", "train.epochs=1", "--set", "tune.trial_overrides=[]"]) == 0
+
+
+class _Result:
+    """What trial_params reads of a Tune Result."""
+
+    def __init__(self, config, path):
+        import pyarrow.fs
+
+        self.config, self.path, self.filesystem = config, str(path), pyarrow.fs.LocalFileSystem()
+
+
+def test_a_trial_restored_without_results_still_has_its_config(tmp_path):
+    # Tune's Result.config is the "config" of the trial's last result: None for a trial a resumed
+    # search restored without results and stopped before it reported again.
+    (tmp_path / "params.json").write_text(json.dumps({"train.lr": 1e-6, "train.batch_size": 32}))
+    assert trial_params(_Result(None, tmp_path)) == {"train.lr": 1e-6, "train.batch_size": 32}
+    assert trial_params(_Result({"train.lr": 0.1}, tmp_path)) == {"train.lr": 0.1}
+    assert trial_params(_Result(None, tmp_path / "missing")) == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,3 +136,90 @@ def test_killed_search_resumes_without_running_a_finished_trial_again(tmp_path, 
     assert summary["epochs_run"] == summary["epochs_full_budget"] == TRIALS * EPOCHS  # fifo: every trial runs to the end
     assert (run / "tune" / "best" / "checkpoint" / "model.safetensors").is_file()
     assert json.loads((run / "tune" / "best" / "eval.json").read_text())["accuracy"] == summary["best"]["test_accuracy"]
+
+
+GOOD_LR, WEAK_LR = 3.0e-3, 1.0e-6  # as in test_tune: the weak rates barely move in one epoch
+
+
+def most_training_at_once(log: str) -> int:
+    """From a driver's plain progress lines: the most trials training at the same time."""
+    running, peak = set(), 0
+    for line in log.splitlines():
+        words = line.split()
+        if len(words) > 2 and words[0] == "[tune]" and words[2] in ("started", "resumed"):
+            running.add(words[1])
+            peak = max(peak, len(running))
+        elif len(words) > 2 and words[0] == "[tune]" and words[2] in ("completed;", "stopped", "failed", "paused"):
+            running.discard(words[1])
+    return peak
+
+
+def test_killed_halving_search_resumes_at_its_rung(tmp_path, ray_tmp):
+    """tune.scheduler=halving, 3 trials, two at a time: at the rung (epoch 1) the best 3 // 3 = 1 goes
+    on to epoch 3. The good learning rate is drawn first, so it reaches the rung before the third
+    trial starts and waits there, paused. The driver is SIGKILLed then; the resumed driver rebuilds
+    the rung from the trials' epoch logs, finishes it, and resumes the good trial from its
+    checkpoint: every epoch trains once, as in a search that was never stopped."""
+    lrs = [GOOD_LR, WEAK_LR, WEAK_LR / 10]
+    args = ["resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=halving",
+            "--set", "tune.scheduler=halving", "--set", "tune.reduction_factor=3", "--set", "tune.num_samples=1",
+            "--set", f"tune.search_space.train.lr={{grid: [{', '.join(map(str, lrs))}]}}",
+            "--set", "tune.search_space.train.batch_size={choice: [32]}"]
+    run = tmp_path / "halving"
+    log_path = tmp_path / "drivers.log"
+
+    driver = start_driver(args, ray_tmp, log_path)
+    paused: list[str] = []
+    try:
+        # Kill as soon as the first two trials wait at the rung (epoch 1) for the third: Tune may
+        # not have saved their PAUSED status yet, and the resumed search must work it out from the
+        # trials' epoch logs.
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            paused = sorted(set(re.findall(r"\[tune\] (\S+) paused after epoch 1/3", log_path.read_text())))
+            if len(paused) == 2:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the search ended before it could be killed:\n" + log_path.read_text()[-3000:]
+        assert len(paused) == 2, "no two trials were seen paused at the rung:\n" + log_path.read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        stop_session(driver.pid)
+    assert not session_pids(driver.pid)
+    first_log = log_path.read_text()
+    assert all(f"[tune] {t} paused after epoch 1/3" in first_log for t in paused)
+    before = trial_epochs(run)
+
+    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
+    try:
+        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.wait()
+        stop_session(resumed.pid)
+    assert not session_pids(resumed.pid)
+    second_log = log_path.read_text()[len(first_log):]
+    assert "[tune] resuming the search in" in second_log
+    # Paused trials hold no slot, and never more than the planned two train at once.
+    assert most_training_at_once(first_log) == 2 and most_training_at_once(second_log) == 2
+
+    after = trial_epochs(run)
+    with (run / "tune" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    lr_of = {r["trial_id"]: float(r["train.lr"]) for r in rows}
+    # Each epoch once: the paused trials kept their epoch 1, the promoted one went on from its checkpoint.
+    assert {lr_of[t]: e for t, e in after.items()} == {GOOD_LR: [1, 2, 3], WEAK_LR: [1], WEAK_LR / 10: [1]}
+    assert all(after[t][: len(e)] == e for t, e in before.items())
+    good = next(t for t, lr in lr_of.items() if lr == GOOD_LR)
+    assert good in paused and f"[tune] {good} resumed after epoch 1/3" in second_log
+    assert {lr_of[r["trial_id"]]: r["status"] for r in rows} == {
+        GOOD_LR: "completed", WEAK_LR: "stopped", WEAK_LR / 10: "stopped"}
+    summary = json.loads((run / "tune" / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["scheduler"] == "halving"
+    assert summary["epochs_run"] == 5 and summary["epochs_full_budget"] == 9
+    assert summary["best"]["overrides"]["train.lr"] == GOOD_LR

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ray.tune import Callback
 
@@ -34,24 +34,40 @@ def _fmt(value: Any) -> str:
 class Board:
     """The trials' table: one row per trial, from Tune's Trial objects."""
 
-    def __init__(self, keys: list[str], metric: str, mode: str, epochs: int):
+    def __init__(self, keys: list[str], metric: str, mode: str, epochs: int,
+                 history: Optional[Callable[[str], Iterable[dict]]] = None):
         self.keys, self.metric, self.mode, self.epochs = keys, metric, mode, epochs
+        # A resumed search: trial id -> the epochs it reported before (its epoch log). Tune can
+        # restore a trial without the results it had, when the driver was killed before Tune
+        # saved them.
+        self.history = history
         self.rows: dict[str, dict[str, Any]] = {}
+
+    def _new_row(self, trial_id: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"best": None}
+        for record in self.history(trial_id) if self.history else ():
+            row.update({"epoch": record.get("epoch"), **{m: record.get(m) for m in SHOWN_METRICS}})
+            self._keep_best(row, record.get(self.metric))
+        return row
+
+    def _keep_best(self, row: dict[str, Any], value: Optional[float]) -> None:
+        if value is not None and (row["best"] is None or self._better(value, row["best"])):
+            row["best"] = value
 
     def update(self, trial) -> bool:
         """Refresh one trial's row; True when something shown changed."""
+        if trial.trial_id not in self.rows:
+            self.rows[trial.trial_id] = self._new_row(trial.trial_id)
+        row = self.rows[trial.trial_id]
         last = trial.last_result or {}
-        row = self.rows.setdefault(trial.trial_id, {"best": None})
-        epoch = last.get("epoch")
-        value = last.get(self.metric)
-        if value is not None and (row["best"] is None or self._better(value, row["best"])):
-            row["best"] = value
+        shown = last if "epoch" in last else row  # no result in this driver yet: what came before
+        self._keep_best(row, last.get(self.metric))
         new = {
             "trial": trial.trial_id,
             **{k: trial.config.get(k) for k in self.keys},
-            "status": trial_status(trial.status, epoch, self.epochs),
-            "epoch": epoch,
-            **{m: last.get(m) for m in SHOWN_METRICS},
+            "status": trial_status(trial.status, shown.get("epoch"), self.epochs),
+            "epoch": shown.get("epoch"),
+            **{m: shown.get(m) for m in SHOWN_METRICS},
         }
         changed = any(row.get(k) != v for k, v in new.items())
         row.update(new)
@@ -84,14 +100,14 @@ class SearchProgress(Callback):
     """Tune callback: the live table on a terminal, plain event lines when not a TTY."""
 
     def __init__(self, keys: list[str], metric: str, mode: str, epochs: int, log: Callable[[str], None] = print,
-                 refresh_s: float = 1.0):
+                 refresh_s: float = 1.0, history: Optional[Callable[[str], Iterable[dict]]] = None):
         self.keys, self.metric, self.mode, self.epochs = keys, metric, mode, epochs
-        self.log, self.refresh_s = log, refresh_s
+        self.log, self.refresh_s, self.history = log, refresh_s, history
         self._watch: Optional[_WriteWatch] = None
         self._reset()
 
     def _reset(self) -> None:
-        self.board = Board(self.keys, self.metric, self.mode, self.epochs)
+        self.board = Board(self.keys, self.metric, self.mode, self.epochs, self.history)
         self._drawn_lines, self._drawn_at, self._dirty = 0, 0.0, False
 
     def __reduce__(self):
@@ -104,7 +120,6 @@ class SearchProgress(Callback):
         return interactive(self.log)
 
     def _after(self, epoch: Optional[int]) -> str:
-        # A resumed search can restore a trial before Tune recorded its last result: no epoch yet.
         return f" after epoch {epoch}/{self.epochs}" if epoch is not None else ""
 
     def _values(self, trial) -> str:

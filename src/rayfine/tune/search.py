@@ -95,7 +95,8 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
                              storage_path=trials_root(cfg)),
         {"cpu": TRIAL_ACTOR_CPUS},
     )
-    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log)
+    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log,
+                              history=partial(_trial_history, trials_root(cfg)) if resume else None)
     tracking = SearchTracking(cfg, keys)
     with progress.active(), tracking.active():
         if resume:
@@ -210,12 +211,25 @@ def trial_rows(results, keys: list[str], epochs: int, trials_root: str) -> list[
         status = "error" if result.error else trial_status("TERMINATED", last_epoch, epochs)
         if not reported:
             status = "error" if result.error else "not started"
-        base = {"trial_id": trial_id, **sampled(result.config or {}, keys)}
+        base = {"trial_id": trial_id, **sampled(trial_params(result), keys)}
         for epoch in sorted(reported) or [None]:
             record = reported.get(epoch, {})
             rows.append({**base, **{k: record.get(k) for k in METRIC_KEYS}, "checkpoint_path": record.get("checkpoint_path"),
                          "status": status})
     return rows
+
+
+def trial_params(result) -> dict[str, Any]:
+    """A trial's config: Tune's ``Result.config`` comes from the trial's last result, which a
+    resumed search lacks for a trial that reported nothing after the resume (its results before a
+    killed driver were not saved yet); then the params.json Tune wrote when the trial started."""
+    if result.config:
+        return result.config
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def _isnan(x: Any) -> bool:
