@@ -221,7 +221,7 @@ def test_a_resumed_search_shows_what_its_trials_trained_before():
     plain = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append,
                            history=lambda trial_id: logs.get(trial_id, []))
     plain.setup()
-    a = _Trial("a", "PAUSED", {}, {"train.lr": 0.01})
+    a = _Trial("a", "PAUSED", {"epoch": 1, "val_accuracy": 0.9, "val_loss": 0.3}, {"train.lr": 0.01})  # saved at epoch 1
     b = _Trial("b", "PAUSED", {}, {"train.lr": 1e-6})
     fresh = _Trial("c", "PENDING", {}, {"train.lr": 0.1})
     plain.on_step_end(0, [a, b, fresh])

@@ -60,7 +60,8 @@ class Board:
             self.rows[trial.trial_id] = self._new_row(trial.trial_id)
         row = self.rows[trial.trial_id]
         last = trial.last_result or {}
-        shown = last if "epoch" in last else row  # no result in this driver yet: what came before
+        # A resumed search: Tune's last result may be missing, or older than the epoch log.
+        shown = last if last.get("epoch") is not None and last["epoch"] >= (row.get("epoch") or 0) else row
         self._keep_best(row, last.get(self.metric))
         new = {
             "trial": trial.trial_id,
