@@ -1,6 +1,7 @@
 """Synchronous successive halving (rayfine.tune.halving) driven by a stand-in Tune controller: the
-rule, the slots it holds, and rebuilding its rungs from the trials' epoch logs on a resume.
-(tests/test_tune.py runs it in a real search.)"""
+rule, the slots it holds, and rebuilding its rungs from the trials' epoch logs on a resume
+(tests/test_tune_resume.py runs it in a real search, killed and resumed); and ASHA's rungs
+rebuilt the same way (rayfine.tune.asha)."""
 
 from __future__ import annotations
 
@@ -138,3 +139,40 @@ def test_the_gated_searcher_draws_only_into_free_slots_and_keeps_its_gate_on_res
     search.set_state(state)
     open_[0] = True
     assert search.next_trial() is not None
+
+
+def test_asha_rebuilds_its_rungs_on_a_resume():
+    """rayfine.tune.asha.ResumableASHA: Tune restores a search's ASHA with empty rungs; rebuilt from
+    the epoch logs, it decides as the search that was never stopped would have."""
+    from rayfine.tune.asha import ResumableASHA
+
+    def asha(history=None):
+        scheduler = ResumableASHA(history=history, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+        scheduler.set_search_properties("val_accuracy", "max")
+        return scheduler
+
+    # Val accuracy per epoch before the driver was killed: b was stopped at the first rung, c was
+    # training its second epoch.
+    logs = {"a": [0.9, 0.92], "b": [0.5], "c": [0.7]}
+    uninterrupted = FakeController(asha())
+    for trial_id, values in logs.items():
+        trial = uninterrupted.add(trial_id)
+        for epoch, value in enumerate(values, 1):
+            uninterrupted.report(trial, epoch, value)
+
+    history = {t: [{"epoch": e, "val_accuracy": v, "checkpoint_path": "..."} for e, v in enumerate(vs, 1)]
+               for t, vs in logs.items()}
+    resumed = FakeController(asha(history=lambda trial_id: history.get(trial_id, [])))
+    for trial_id in logs:  # Tune adds every restored trial, finished or not
+        resumed.add(trial_id)
+    forgetful = FakeController(asha())  # what Tune's own ASHA has after a resume
+    for trial_id in logs:
+        forgetful.add(trial_id)
+    # A new trial at epoch 1 (0.6, below the first rung's median 0.7), and c, resumed, at epoch 2
+    # (0.65, below a's 0.92 there): both stop in the search that was never stopped.
+    for controller in (uninterrupted, resumed, forgetful):
+        controller.add("d")
+    decisions = {name: (c.report(c.trials[-1], 1, 0.6), c.report(c.trials[2], 2, 0.65))
+                 for name, c in (("uninterrupted", uninterrupted), ("resumed", resumed), ("forgetful", forgetful))}
+    assert decisions["uninterrupted"] == decisions["resumed"] == (TrialScheduler.STOP, TrialScheduler.STOP)
+    assert decisions["forgetful"] == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)

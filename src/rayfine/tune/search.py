@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayfine import checkpoints
@@ -32,6 +32,7 @@ from rayfine.errors import TrainingError
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import _check_continuation, _diff
+from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
 from rayfine.tune.progress import SearchProgress, trial_status
@@ -165,12 +166,15 @@ def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int):
     t = cfg.tune
     if t.scheduler == "fifo":
         return FIFOScheduler()
-    # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume.
+    # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume;
+    # both rebuild their rungs from the trials' epoch logs on a resume.
+    history = partial(_trial_history, trials_root(cfg))
     if t.scheduler == "halving":
         return SuccessiveHalving(metric=t.metric, mode=t.metric_mode, max_t=epochs, grace_period=t.grace_period,
                                  reduction_factor=t.reduction_factor, num_trials=num_trials, slots=slots,
-                                 history=partial(_trial_history, trials_root(cfg)))
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+                                 history=history)
+    return ResumableASHA(history=history, time_attr="epoch", max_t=epochs, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor)
 
 
 def _trial_history(root: str, trial_id: str) -> list[dict]:
