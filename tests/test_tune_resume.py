@@ -206,7 +206,7 @@ def test_killed_halving_search_resumes_at_its_rung(tmp_path, ray_tmp):
     second_log = log_path.read_text()[len(first_log):]
     assert "[tune] resuming the search in" in second_log
     # Paused trials hold no slot, and never more than the planned two train at once.
-    assert most_training_at_once(first_log) == 2 and most_training_at_once(second_log) == 2
+    assert most_training_at_once(first_log) == 2 and most_training_at_once(second_log) <= 2
 
     after = trial_epochs(run)
     with (run / "tune" / "trials.csv").open() as f:
