@@ -31,6 +31,31 @@ def start_driver(args: list[str], ray_tmp: str, log_path: Path) -> subprocess.Po
     return start_cli(["tune", *args], log_path, ray_tmp=ray_tmp)
 
 
+def sigkill(driver: subprocess.Popen) -> list[int]:
+    """SIGKILL a driver, then end what is left of its session; the pids that outlived it."""
+    try:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        left = stop_session(driver.pid)
+    assert not session_pids(driver.pid)
+    return left
+
+
+def resume_to_the_end(args: list[str], ray_tmp: str, log_path: Path) -> None:
+    """`rayfine tune ARGS --resume`, which must finish the search and exit 0."""
+    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
+    try:
+        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.wait()
+        stop_session(resumed.pid)
+    assert not session_pids(resumed.pid)
+
+
 def trial_epochs(run: Path) -> dict[str, list[int]]:
     """Epochs each trial's Train run reported, in order (its epoch log, written as each ends)."""
     return {
@@ -86,28 +111,14 @@ def test_killed_search_resumes_without_running_a_finished_trial_again(tmp_path, 
             time.sleep(0.5)
         assert driver.poll() is None, "the search ended before it could be killed:\n" + log_path.read_text()[-3000:]
         assert finished_before, "no point with a finished and a running trial was seen:\n" + log_path.read_text()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        left_running = stop_session(driver.pid)
+        left_running = sigkill(driver)
     # Seen here: the embedded Ray's DashboardAgent and RuntimeEnvAgent outlive a SIGKILLed driver.
     print(f"processes of the killed driver's session still running 5 s after the kill: {left_running}")
-    assert not session_pids(driver.pid)
     before = trial_epochs(run)
     assert len(before) < TRIALS or any(len(e) < EPOCHS for e in before.values())  # it really was mid-way
 
-    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
-    try:
-        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-            resumed.wait()
-        stop_session(resumed.pid)
-    assert not session_pids(resumed.pid)
+    resume_to_the_end(args, ray_tmp, log_path)
     log = log_path.read_text()
     assert "[tune] resuming the search in" in log
     leaderboard = log.rsplit("[tune] leaderboard", 1)[1]
@@ -182,27 +193,13 @@ def test_killed_halving_search_resumes_at_its_rung(tmp_path, ray_tmp):
             time.sleep(0.2)
         assert driver.poll() is None, "the search ended before it could be killed:\n" + log_path.read_text()[-3000:]
         assert len(paused) == 2, "no two trials were seen paused at the rung:\n" + log_path.read_text()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        stop_session(driver.pid)
-    assert not session_pids(driver.pid)
+        sigkill(driver)
     first_log = log_path.read_text()
     assert all(f"[tune] {t} paused after epoch 1/3" in first_log for t in paused)
     before = trial_epochs(run)
 
-    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
-    try:
-        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-            resumed.wait()
-        stop_session(resumed.pid)
-    assert not session_pids(resumed.pid)
+    resume_to_the_end(args, ray_tmp, log_path)
     second_log = log_path.read_text()[len(first_log):]
     assert "[tune] resuming the search in" in second_log
     # Paused trials hold no slot, and never more than the planned two train at once.
