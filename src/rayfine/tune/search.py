@@ -18,7 +18,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 from ray import tune
@@ -96,8 +96,10 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
                              storage_path=trials_root(cfg)),
         {"cpu": TRIAL_ACTOR_CPUS},
     )
-    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log,
-                              history=partial(_trial_history, trials_root(cfg)) if resume else None)
+    # Each trial's epoch log: what it trained before a resume (Tune restores its scheduler empty,
+    # and trials without the results it had not saved yet).
+    history = partial(_trial_history, trials_root(cfg))
+    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log, history=history if resume else None)
     tracking = SearchTracking(cfg, keys)
     with progress.active(), tracking.active():
         if resume:
@@ -106,7 +108,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         else:
             log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
                 f"searcher {t.searcher} -> {run_dir}")
-            scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent)
+            scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent, history)
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_space(t.search_space),
@@ -162,13 +164,12 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
                                f"{', '.join(changed)}); resume it with its own config"])
 
 
-def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int):
+def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]]):
     t = cfg.tune
     if t.scheduler == "fifo":
         return FIFOScheduler()
     # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume;
-    # both rebuild their rungs from the trials' epoch logs on a resume.
-    history = partial(_trial_history, trials_root(cfg))
+    # both rebuild their rungs from the trials' epoch logs (``history``) on a resume.
     if t.scheduler == "halving":
         return SuccessiveHalving(metric=t.metric, mode=t.metric_mode, max_t=epochs, grace_period=t.grace_period,
                                  reduction_factor=t.reduction_factor, num_trials=num_trials, slots=slots,
