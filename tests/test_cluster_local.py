@@ -123,10 +123,11 @@ def test_the_jobs_api_refuses_calls_without_the_token(cluster, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "requires a Ray auth token" in result.stderr, result.stderr
 
 
-# The pipeline job on the tiny preset: 2 one-epoch trials, each a 2-worker DDP run whose workers
-# (0.6 CPU each) cannot share a 1-CPU node, then the winner served on the cluster. ASHA has
-# nothing to stop in one epoch (tests/test_tune.py covers it), so the scheduler is fifo here.
-PIPELINE_SETS = ["--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo", "--set",
+# The pipeline job on the tiny preset: one one-epoch trial, a 2-worker DDP run whose workers
+# (0.6 CPU each) cannot share a 1-CPU node, then the winner served on the cluster. What is checked
+# here is the job on a cluster (both nodes, the shared storage, serving after the job ends); a
+# search of several trials and ASHA's stopping are tests/test_tune.py's, so one trial and fifo.
+PIPELINE_SETS = ["--set", "tune.num_samples=1", "--set", "tune.scheduler=fifo", "--set",
                  "tune.trial_overrides=[train.epochs=1, scaling.num_workers=2, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
                  "--set", "serve.cpus_per_replica=0.3"]
 
@@ -150,7 +151,7 @@ def test_submit_the_pipeline_job_with_workers_on_both_nodes(cluster, digits, tmp
     # The run directory landed on the shared storage: the search and its evaluated winner.
     run = runs / "resnet18_digits_tiny"
     summary = json.loads((run / "tune" / "summary.json").read_text())
-    assert summary["num_trials"] == 2 and summary["best"]["test_accuracy"] > 0
+    assert summary["num_trials"] == 1 and summary["best"]["test_accuracy"] > 0
     assert (run / "tune" / "best" / "checkpoint" / "model.safetensors").is_file()
     # The served endpoint answers, after the job has ended: the app lives on the cluster.
     images, _ = digits
@@ -169,7 +170,7 @@ ray_job = JobSubmissionClient(address).get_job_info({job_id!r}).job_id
 out = [(a.node_id, a.state) for a in list_actors(address=address, detail=True, limit=10000,
        filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)])]""")
     assert len(workers) >= 2, workers
-    # Every trial's training workers spread over both nodes.
+    # The trial's training workers spread over both nodes.
     assert {node for node, _ in workers} == cluster["node_ids"], (workers, cluster["node_ids"])
 
 

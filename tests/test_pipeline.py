@@ -33,8 +33,9 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
     port = free_port()
     cmd = [
         sys.executable, "-m", "rayfine.cli", "run", "resnet18_digits_tiny", "--runs-dir", str(tmp_path),
-        "--set", "tune.num_samples=2",
-        # Each trial is a distributed run: 2 DDP workers (so one trial at a time on 2 CPUs).
+        # One trial (the search itself, several trials and ASHA's stopping, is test_tune's): a
+        # distributed run of 2 DDP workers. Each trial costs ~40 s here, so one keeps the suite short.
+        "--set", "tune.num_samples=1",
         "--set", "tune.trial_overrides=[train.epochs=2, scaling.num_workers=2, scaling.cpus_per_worker=0.45, scaling.data_cpus=0.25]",
         "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
     ]
@@ -59,7 +60,7 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         # The search ran with ASHA and 2-worker trials; the winner was evaluated on the test split.
         run_dir = tmp_path / "resnet18_digits_tiny"
         summary = json.loads((run_dir / "tune" / "summary.json").read_text())
-        assert summary["num_trials"] == 2 and summary["scheduler"] == "asha"
+        assert summary["num_trials"] == 1 and summary["scheduler"] == "asha"
         best_cfg = (run_dir / "tune" / "best" / "config.yaml").read_text()
         assert "num_workers: 2" in best_cfg
         evaluation = json.loads((run_dir / "tune" / "best" / "eval.json").read_text())
