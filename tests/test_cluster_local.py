@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on this host (cluster/local/up.sh) with token auth; a training job
 submitted with `rayfine submit` whose two DDP workers must run on both nodes; the jobs commands; a
 serve job (ray_jobs/serve.py) whose model answers over HTTP; down.sh stopping exactly that
-cluster. Integration tier, about 2.5 minutes on 2 CPUs.
+cluster. Integration tier, about 2 minutes on 2 CPUs.
 
 Run it alone under the project's Ray lock (it starts Ray; no `ray_local` fixture may run meanwhile):
     flock /tmp/rayfine-ray.lock .venv/bin/pytest -q tests/test_cluster_local.py
