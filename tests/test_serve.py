@@ -176,6 +176,55 @@ def test_v2_and_predict_answer_like_the_in_process_model(server, checkpoints, di
             assert [t["label"] for t in p["top_k"]] == [labels[i] for i in order]
 
 
+def test_tritonclient_binary_and_json_tensors_answer_like_the_in_process_model(server, checkpoints, digits_png):
+    """Triton's own HTTP client, as its users call it: JSON requests carry no Content-Type, and by
+    default tensors and answers travel as binary data (the binary tensor data extension)."""
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+
+    pngs, arrays, _ = digits_png
+    expected, labels = reference(checkpoints["v1"], pngs)
+    def auth() -> dict:  # a fresh dict each call: tritonclient adds its Inference-Header-Content-Length to it
+        return dict(AUTH)
+
+    client = tc.InferenceServerClient(server.url.removeprefix("http://"), connection_timeout=30, network_timeout=60)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(NAME, headers=auth())
+        assert "binary_tensor_data" in client.get_server_metadata(headers=auth())["extensions"]
+        assert client.get_model_metadata(NAME, headers=auth())["versions"] == [server.v1]
+
+        images = tc.InferInput("image", [len(pngs)], "BYTES")
+        images.set_data_from_numpy(np.array(pngs, dtype=np.object_))  # binary_data=True: the files' bytes
+        result = client.infer(NAME, [images], request_id="t-1", headers=auth())  # every output as binary data
+        assert result.get_response()["id"] == "t-1" and result.get_response()["model_version"] == server.v1
+        assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+        assert [x.decode() for x in result.as_numpy("label")] == [labels[i] for i in expected.argmax(1)]
+        assert np.allclose(result.as_numpy("score"), expected.max(1), atol=1e-5)
+
+        pixels = tc.InferInput("pixels", list(arrays.shape), "UINT8")
+        pixels.set_data_from_numpy(arrays.astype(np.uint8), binary_data=True)
+        result = client.infer(NAME, [pixels], outputs=[tc.InferRequestedOutput("label", binary_data=False),
+                                                       tc.InferRequestedOutput("probabilities")], headers=auth())
+        assert [o["name"] for o in result.get_response()["outputs"]] == ["label", "probabilities"]
+        assert "data" in result.get_output("label") and "data" not in result.get_output("probabilities")
+        assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+
+        images.set_data_from_numpy(np.array([b64(p) for p in pngs], dtype=np.object_), binary_data=False)  # JSON: base64
+        result = client.infer(NAME, [images], outputs=[tc.InferRequestedOutput("probabilities", binary_data=False)], headers=auth())
+        assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+
+        images.set_data_from_numpy(np.array([b64(p).encode() for p in pngs], dtype=np.object_), binary_data=True)
+        with pytest.raises(InferenceServerException, match="base64 text") as refused:
+            client.infer(NAME, [images], headers=auth())
+        assert refused.value.status() == "400"
+        with pytest.raises(InferenceServerException, match="API key") as refused:
+            client.infer(NAME, [pixels])
+        assert refused.value.status() == "401"
+    finally:
+        client.close()
+
+
 def test_concurrent_requests_are_batched(server, digits_png):
     pngs, _, _ = digits_png
     before = stats(server)
@@ -229,6 +278,15 @@ def _bad_requests(server):
          415, "application/json or multipart/form-data"),
         ("malformed JSON", "POST", infer, {"data": '{"inputs": [', "headers": {**AUTH, "Content-Type": "application/json"}}, 400,
          "malformed JSON body"),
+        ("compressed body", "POST", infer, {"data": b"\x1f\x8b\x08\x00", "headers": {**AUTH, "Content-Encoding": "gzip"}}, 415,
+         "Content-Encoding gzip is not accepted"),
+        ("binary header past the body", "POST", infer,
+         {"data": b'{"inputs": []}', "headers": {**AUTH, "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "99"}},
+         400, "Inference-Header-Content-Length 99 does not fit the body of 14 bytes"),
+        ("binary data size past the body", "POST", infer,
+         {"data": b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}\x01\x00\x00\x00x',
+          "headers": {**AUTH, "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "105"}},
+         400, "binary_data_size is 9, but 5 bytes follow"),
         ("JSON that is not an object", "POST", "/predict", {"json": [1, 2]}, 400, "body"),
         ("wrong tensor shape", "POST", infer, v2("pixels", (1, 8, 8), "UINT8", [0] * 60), 400, "needs 64 elements"),
         ("wrong tensor datatype", "POST", infer, v2("pixels", (1, 8, 8), "INT64", [0] * 64), 400, "UINT8 (0-255) or FP32"),

@@ -77,7 +77,10 @@ def test_v2_bytes_pixels_and_texts_become_raw_items():
     ([{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}], "text", 400, "datatype must be BYTES"),
     ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2, "text", 400, "exactly one input tensor"),
     ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"], "parameters": {"binary_data_size": 1}}], "text", 400,
-     "binary tensor data extension"),
+     "give data or parameters.binary_data_size, not both"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 5}}], "text", 400,
+     "needs the Inference-Header-Content-Length header"),
+    ([{"name": "text", "shape": [1], "datatype": "BYTES"}], "text", 400, "data is missing"),
 ])
 def test_bad_v2_tensors_are_refused_with_the_reason(inputs, kind, status, message):
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
@@ -95,6 +98,90 @@ def test_unknown_output_and_datatype_and_malformed_json():
         protocol.parse_json(InferenceRequest, b'{"inputs": [')
     with pytest.raises(RequestError, match="inputs: required field is missing"):
         protocol.parse_json(InferenceRequest, b'{"id": "1"}')
+
+
+def triton_body(inputs, outputs=None, **kw) -> tuple[bytes, str]:
+    """A v2 request body exactly as tritonclient (Triton's HTTP client) builds it, and its
+    Inference-Header-Content-Length (None when it sent no binary data)."""
+    from tritonclient.http import InferenceServerClient
+
+    body, json_size = InferenceServerClient.generate_request_body(inputs, outputs=outputs, **kw)
+    return (body if isinstance(body, bytes) else body.encode()), (None if json_size is None else str(json_size))
+
+
+def triton_items(kind: str, inputs, outputs=None, limits=LIMITS, **kw) -> list:
+    """What the server makes of tritonclient's request (api.infer's steps, without HTTP)."""
+    body, header = triton_body(inputs, outputs, **kw)
+    head, binary = protocol.split_body(body, header)
+    return protocol.v2_items(protocol.parse_json(InferenceRequest, head), kind, limits, binary)
+
+
+def with_size(req: InferenceRequest, size: int) -> InferenceRequest:
+    """``req`` with its input's parameters.binary_data_size set to ``size``."""
+    sized = req.inputs[0].model_copy(update={"parameters": {"binary_data_size": size}})
+    return req.model_copy(update={"inputs": [sized]})
+
+
+def test_binary_tensor_data_from_tritonclient_becomes_the_same_items():
+    import tritonclient.http as tc
+
+    img = png(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    gif = png(np.zeros((8, 8), np.uint8), "GIF")  # starts with "GIF89a", base64's alphabet
+    images = tc.InferInput("image", [2], "BYTES")
+    images.set_data_from_numpy(np.array([img, gif], dtype=np.object_), binary_data=True)
+    assert triton_items("image", [images], limits=LIMITS.model_copy(update={"image_formats": ("PNG", "GIF")})) == [img, gif]
+    pixels = np.arange(18, dtype=np.uint8).reshape(2, 3, 3)
+    for dtype, datatype in ((np.uint8, "UINT8"), (np.float32, "FP32")):
+        t = tc.InferInput("pixels", [2, 3, 3], datatype)
+        t.set_data_from_numpy(pixels.astype(dtype), binary_data=True)
+        items = triton_items("image", [t])
+        assert len(items) == 2 and all(x.dtype == dtype and np.array_equal(x, p) for x, p in zip(items, pixels))
+    texts = tc.InferInput("text", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["a fine film", "héllo"], dtype=np.object_), binary_data=True)
+    assert triton_items("text", [texts]) == ["a fine film", "héllo"]
+    # tritonclient's JSON requests are the protocol's JSON (no Inference-Header-Content-Length).
+    texts.set_data_from_numpy(np.array(["a fine film", "dull"], dtype=np.object_), binary_data=False)
+    _, header = triton_body([texts])
+    assert header is None and triton_items("text", [texts]) == ["a fine film", "dull"]
+
+
+def test_bad_binary_tensor_data_is_refused_with_the_reason():
+    import tritonclient.http as tc
+
+    img = png(np.zeros((8, 8), np.uint8))
+    t = tc.InferInput("image", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b64(img).encode()], dtype=np.object_), binary_data=True)
+    with pytest.raises(RequestError, match="this is base64 text"):
+        triton_items("image", [t])
+    t.set_data_from_numpy(np.array([img], dtype=np.object_), binary_data=True)
+    body, header = triton_body([t])
+    head = body[:int(header)]
+    req = protocol.parse_json(InferenceRequest, head)
+    for binary, message in [
+        (body[int(header):-1], "binary_data_size is .*, but .* bytes follow"),
+        (body[int(header):int(header) + 2], "binary_data_size is"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            protocol.v2_items(req, "image", LIMITS, binary)
+    # BYTES elements cut short: in an element, and in its 4-byte length.
+    for cut, message in [(body[int(header):-3], "element 0 claims .* bytes"), (body[int(header):int(header) + 2], "4-byte length")]:
+        with pytest.raises(RequestError, match=message):
+            protocol.v2_items(with_size(req, len(cut)), "image", LIMITS, cut)
+    for header_value, message in [("x", "is not a number"), ("0", "does not fit"), (str(len(body) + 1), "does not fit")]:
+        with pytest.raises(RequestError, match=message):
+            protocol.split_body(body, header_value)
+    plain = v2([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(img)]}])
+    with pytest.raises(RequestError, match="no parameters.binary_data_size"):
+        protocol.v2_items(plain, "image", LIMITS, b"\x00\x01")
+    pixels = tc.InferInput("pixels", [1, 3, 3], "FP32")
+    pixels.set_data_from_numpy(np.zeros((1, 3, 3), np.float32), binary_data=True)
+    body, header = triton_body([pixels])
+    cut = body[int(header):-1]
+    with pytest.raises(RequestError, match="35 bytes of binary data are not whole FP32 elements"):
+        protocol.v2_items(with_size(protocol.parse_json(InferenceRequest, body[:int(header)]), len(cut)), "image", LIMITS, cut)
+    out = tc.InferRequestedOutput("probabilities", class_count=3)
+    with pytest.raises(RequestError, match="classification extension is not supported"):
+        triton_items("image", [pixels], outputs=[out])
 
 
 def test_image_format_limit_reads_only_the_header():
@@ -135,8 +222,40 @@ def test_responses_follow_the_protocol():
     only = protocol.v2_response("m", "v1", ["neg", "pos", "mid"], probs, v2(req.model_dump()["inputs"], outputs=[{"name": "score"}]))
     assert [o["name"] for o in only["outputs"]] == ["score"] and "id" not in only
     simple = protocol.predict_response("m", "v1", ["neg", "pos", "mid"], probs, top_k=2)
+    assert protocol.binary_outputs(req) == set()
     assert simple["predictions"][0]["label"] == "pos"
     assert [t["label"] for t in simple["predictions"][1]["top_k"]] == ["neg", "pos"]
+
+
+def test_binary_responses_read_back_with_tritonclient():
+    """Outputs asked for as binary data come after the JSON object, and Triton's own client reads them."""
+    import tritonclient.http as tc
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
+    labels = ["neg", "pos", "héllo"]
+    texts = tc.InferInput("text", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["a", "b"], dtype=np.object_))
+    for outputs, kw, binary in [
+        (None, {}, set(protocol.OUTPUTS)),  # tritonclient's default: every output as binary data
+        ([tc.InferRequestedOutput("label", binary_data=False), tc.InferRequestedOutput("probabilities")], {}, {"probabilities"}),
+        ([tc.InferRequestedOutput("score", binary_data=False)], {}, set()),
+    ]:
+        body, header = triton_body([texts], outputs, request_id="9", **kw)
+        req = protocol.parse_json(InferenceRequest, body[:int(header)] if header else body)
+        assert protocol.binary_outputs(req) == binary
+        response = protocol.v2_response("m", "v1", labels, probs, req)
+        head, tail = protocol.to_binary(response, binary)
+        result = tc.InferResult.from_response_body(head + tail, header_length=len(head) if binary else None)
+        names = [o["name"] for o in result.get_response()["outputs"]]
+        assert result.get_response()["id"] == "9" and result.get_response()["model_version"] == "v1"
+        if "label" in names:
+            assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")] == ["pos", "neg"]
+        if "score" in names:
+            assert np.allclose(result.as_numpy("score"), [0.7, 0.5])
+        if "probabilities" in names:
+            got = result.as_numpy("probabilities")
+            assert got.shape == (2, 3) and got.dtype == np.float32 and np.array_equal(got, probs)
+            assert result.get_output("probabilities")["parameters"]["labels"] == labels
 
 
 def test_serve_section_is_validated_with_dotted_names():

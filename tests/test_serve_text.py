@@ -94,6 +94,19 @@ def test_v2_and_predict_answer_like_the_in_process_model(server, checkpoint):
     assert np.allclose(np.reshape(out["probabilities"]["data"], (4, 2)), expected, atol=1e-4)
     assert out["label"]["data"] == [labels[i] for i in expected.argmax(1)]
 
+    # Triton's client: the texts as binary BYTES (UTF-8), every output back as binary data.
+    import tritonclient.http as tc
+
+    text = tc.InferInput("text", [len(TEXTS)], "BYTES")
+    text.set_data_from_numpy(np.array(TEXTS, dtype=np.object_))
+    client = tc.InferenceServerClient(server["url"].removeprefix("http://"), network_timeout=60)
+    try:
+        result = client.infer(NAME, [text], headers=dict(AUTH))
+    finally:
+        client.close()
+    assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-4)
+    assert [x.decode() for x in result.as_numpy("label")] == [labels[i] for i in expected.argmax(1)]
+
     for r in (post(server, "/predict", json={"inputs": TEXTS}),
               post(server, "/predict", files=[("inputs", (None, t)) for t in TEXTS]),
               post(server, "/predict", files=[("files", (f"{i}.txt", t.encode(), "text/plain")) for i, t in enumerate(TEXTS)])):

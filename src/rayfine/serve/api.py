@@ -6,8 +6,12 @@ and call ``server.infer(items)`` (dynamic batching: rayfine.serve.batching).
 
 Every refused request gets a 4xx and ``{"error": "..."}``, the error object of the Open Inference
 Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over
-serve.max_request_bytes (413, before it is parsed), a wrong Content-Type (415), malformed JSON or
-bad tensors (400), an unknown model name or version (404).
+serve.max_request_bytes (413, before it is parsed), a wrong Content-Type or a compressed body
+(415), malformed JSON or bad tensors (400), an unknown model name or version (404).
+
+Inference follows the Open Inference Protocol (KServe v2) with JSON tensors and Triton's binary
+tensor data extension, so that its clients work as they are: tritonclient sends JSON requests with
+no Content-Type and, by default, tensors and answers as binary data.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from rayfine.serve import protocol
@@ -26,6 +30,7 @@ from rayfine.serve.protocol import RequestError
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+BINARY = "application/octet-stream"  # a v2 body with binary tensor data
 
 
 def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -170,7 +175,7 @@ def make_api(server) -> FastAPI:
 
     @app.get("/v2", tags=["v2"], summary="Server metadata")
     async def server_metadata() -> dict:
-        return {"name": "rayfine", "version": __version__, "extensions": ["statistics"]}
+        return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "statistics"]}
 
     def metadata(name: str, version: Optional[str]) -> protocol.ModelMetadata:
         model = model_or_404(name, version)
@@ -212,15 +217,30 @@ def make_api(server) -> FastAPI:
 
     # --- Open Inference Protocol: inference ---
 
-    infer_body = {"requestBody": {"required": True, "content": {JSON: {"schema": _schema_ref(protocol.InferenceRequest)}}}}
+    infer_body = {"requestBody": {"required": True, "content": {
+        JSON: {"schema": _schema_ref(protocol.InferenceRequest)},
+        BINARY: {"schema": {"type": "string", "format": "binary", "description": (
+            f"binary tensor data extension: the JSON inference request ({protocol.BINARY_HEADER} bytes), "
+            "then the bytes of the input whose parameters.binary_data_size gives their length")}},
+    }}}
 
-    async def infer(request: Request, name: str, version: Optional[str]) -> dict:
+    async def infer(request: Request, name: str, version: Optional[str]):
         model = model_or_404(name, version)
-        _require(request, JSON)
-        req = protocol.parse_json(protocol.InferenceRequest, await request.body())
-        items = protocol.v2_items(req, model.kind, server.settings)
+        if _content_type(request):  # none is JSON: the protocol's body is JSON, and tritonclient sends no type
+            _require(request, JSON, BINARY)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise RequestError(f"Content-Encoding {encoding} is not accepted; send the body uncompressed", status=415)
+        head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
+        req = protocol.parse_json(protocol.InferenceRequest, head)
+        items = protocol.v2_items(req, model.kind, server.settings, binary)
         result = await answer(items)
-        return protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
+        response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
+        as_binary = protocol.binary_outputs(req)
+        if not as_binary:
+            return response
+        head, tail = protocol.to_binary(response, as_binary)
+        return Response(head + tail, media_type=BINARY, headers={protocol.BINARY_HEADER: str(len(head))})
 
     @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Inference", openapi_extra=infer_body,
               response_model=protocol.InferenceResponse, response_model_exclude_none=True, responses={400: {"model": protocol.ErrorResponse}})

@@ -1,8 +1,9 @@
 """The HTTP protocol of a served model: request and response models and their validation.
 
 Two APIs answer the same model:
-- the Open Inference Protocol (KServe v2) REST API, with plain JSON tensors:
-  inputs  ``image``  BYTES [N]          base64-encoded image files (image models)
+- the Open Inference Protocol (KServe v2) REST API, with JSON tensors or Triton's binary tensor
+  data extension (a tensor's bytes after the JSON object, ``Inference-Header-Content-Length``):
+  inputs  ``image``  BYTES [N]          image files (base64-encoded in JSON, as they are in binary)
           ``pixels`` UINT8|FP32 [N,H,W] or [N,H,W,C] (C 1, 3 or 4) decoded pixels (image models)
           ``text``   BYTES [N]          UTF-8 texts (text models)
   outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
@@ -20,7 +21,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
+import struct
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -32,6 +35,10 @@ DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "IN
              "FP16", "FP32", "FP64", "BYTES")
 PIXEL_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = ("label", "score", "probabilities")
+# The binary tensor data extension: little-endian, row-major; a BYTES element is a 4-byte length
+# and its bytes (https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md).
+BINARY_HEADER = "Inference-Header-Content-Length"
+NUMPY_DTYPES = {"UINT8": "<u1", "FP32": "<f4"}
 
 
 class RequestError(Exception):
@@ -54,8 +61,10 @@ class RequestInput(_Open):
     name: str = Field(description="image, pixels (image models) or text (text models).")
     shape: list[int] = Field(description="[N] for BYTES; [N, H, W] or [N, H, W, C] for pixels.")
     datatype: Literal[DATATYPES] = Field(description="BYTES, or UINT8 / FP32 for pixels.")  # type: ignore[valid-type]
-    parameters: Optional[dict[str, Any]] = None
-    data: list[Any] = Field(description="The elements in row-major order, flat or nested.")
+    parameters: Optional[dict[str, Any]] = Field(
+        None, description="binary_data_size: the tensor's bytes follow the JSON object (binary tensor data extension).")
+    data: Optional[list[Any]] = Field(None, description="The elements in row-major order, flat or nested "
+                                      "(absent when parameters.binary_data_size is given).")
 
 
 class RequestOutput(_Open):
@@ -75,7 +84,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Optional[dict[str, Any]] = None
-    data: list[Any]
+    data: Optional[list[Any]] = None  # absent for an output sent as binary data
 
 
 class InferenceResponse(BaseModel):
@@ -228,7 +237,7 @@ def check_image_format(data: bytes, limits: ServeConfig, where: str) -> None:
                            status=415)
 
 
-def _pixels(inp: RequestInput, limits: ServeConfig, where: str) -> list[np.ndarray]:
+def _pixels(inp: RequestInput, raw: Optional[bytes], limits: ServeConfig, where: str) -> list[np.ndarray]:
     shape = inp.shape
     if inp.datatype not in PIXEL_DATATYPES:
         raise RequestError(f"{where}: pixels must be UINT8 (0-255) or FP32 (0-1 or 0-255), got {inp.datatype}")
@@ -240,10 +249,16 @@ def _pixels(inp: RequestInput, limits: ServeConfig, where: str) -> list[np.ndarr
     if shape[1] * shape[2] > limits.max_image_pixels:
         raise RequestError(f"{where}: images of {shape[2]}x{shape[1]} pixels exceed the limit of "
                            f"{limits.max_image_pixels} (serve.max_image_pixels)")
-    try:
-        arr = np.asarray(inp.data, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise RequestError(f"{where}: data must be numbers in a regular (not ragged) nesting") from None
+    if raw is not None:
+        itemsize = np.dtype(NUMPY_DTYPES[inp.datatype]).itemsize
+        if len(raw) % itemsize:
+            raise RequestError(f"{where}: {len(raw)} bytes of binary data are not whole {inp.datatype} elements")
+        arr = np.frombuffer(raw, dtype=NUMPY_DTYPES[inp.datatype]).astype(np.float64)
+    else:
+        try:
+            arr = np.asarray(inp.data, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise RequestError(f"{where}: data must be numbers in a regular (not ragged) nesting") from None
     if arr.size != math.prod(shape):
         raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} elements, data has {arr.size}")
     if not np.all(np.isfinite(arr)):
@@ -259,8 +274,57 @@ def _pixels(inp: RequestInput, limits: ServeConfig, where: str) -> list[np.ndarr
     return list(arr.reshape(shape))
 
 
-def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig) -> list:
-    """The raw items of a v2 request: image bytes, pixel arrays or texts."""
+def split_body(body: bytes, header_length: Optional[str]) -> tuple[bytes, Optional[bytes]]:
+    """(JSON object, binary tensor data or None) of a v2 inference body: with the binary tensor data
+    extension the first ``Inference-Header-Content-Length`` bytes are the JSON object."""
+    if header_length is None:
+        return body, None
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise RequestError(f"{BINARY_HEADER} is not a number: {header_length[:40]!r}") from None
+    if not 0 < n <= len(body):
+        raise RequestError(f"{BINARY_HEADER} {n} does not fit the body of {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _binary_elements(raw: bytes, where: str) -> list[bytes]:
+    """BYTES elements in binary: each a 4-byte little-endian length, then that many bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise RequestError(f"{where}: binary BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise RequestError(f"{where}: binary BYTES element {len(out)} claims {n} bytes, {len(raw) - i - 4} remain")
+        out.append(raw[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def _binary_data(inp: RequestInput, binary: Optional[bytes], where: str) -> Optional[bytes]:
+    """The input's binary tensor data (its parameters.binary_data_size bytes), or None for JSON data."""
+    size = (inp.parameters or {}).get("binary_data_size")
+    if size is None:
+        if binary:
+            raise RequestError(f"{len(binary)} bytes follow the JSON object, but {where} has no parameters.binary_data_size")
+        if inp.data is None:
+            raise RequestError(f"{where}: data is missing (or give parameters.binary_data_size and send the bytes after the JSON)")
+        return None
+    if inp.data is not None:
+        raise RequestError(f"{where}: give data or parameters.binary_data_size, not both")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise RequestError(f"{where}: parameters.binary_data_size must be a whole number of bytes, got {size!r}")
+    if binary is None:
+        raise RequestError(f"{where}: parameters.binary_data_size needs the {BINARY_HEADER} header (the JSON object's length)")
+    if size != len(binary):
+        raise RequestError(f"{where}: parameters.binary_data_size is {size}, but {len(binary)} bytes follow the JSON object")
+    return binary
+
+
+def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig, binary: Optional[bytes] = None) -> list:
+    """The raw items of a v2 request: image bytes, pixel arrays or texts. ``binary`` is the body
+    after the JSON object when the request uses the binary tensor data extension."""
     if not req.inputs:
         raise RequestError("no inputs: the request needs one input tensor")
     allowed = [t.name for t in model_inputs(kind, 3)]
@@ -270,21 +334,30 @@ def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig) -> list:
     where = f"input {inp.name!r}"
     if inp.name not in allowed:
         raise RequestError(f"unknown input {inp.name!r}; this {kind} model takes one of: {', '.join(allowed)}")
-    if (inp.parameters or {}).get("binary_data_size") is not None:
-        raise RequestError(f"{where}: the binary tensor data extension is not supported; send JSON data")
-    for name in [o.name for o in req.outputs or []]:
-        if name not in OUTPUTS:
-            raise RequestError(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
+    for out in req.outputs or []:
+        if out.name not in OUTPUTS:
+            raise RequestError(f"unknown output {out.name!r}; outputs: {', '.join(OUTPUTS)}")
+        if (out.parameters or {}).get("classification"):
+            raise RequestError(f"output {out.name!r}: the classification extension is not supported; "
+                               "'probabilities' has every class's score, 'label' and 'score' the best one")
+    raw = _binary_data(inp, binary, where)
     if inp.name == "pixels":
-        return _pixels(inp, limits, where)
+        return _pixels(inp, raw, limits, where)
     if inp.datatype != "BYTES":
         raise RequestError(f"{where}: datatype must be BYTES, got {inp.datatype}")
     if len(inp.shape) not in (1, 2) or (len(inp.shape) == 2 and inp.shape[1] != 1) or min(inp.shape) < 0:
         raise RequestError(f"{where}: shape must be [N] (or [N, 1]), got {inp.shape}")
-    values = _flat_strings(inp.data, where)
+    values = _flat_strings(inp.data, where) if raw is None else _binary_elements(raw, where)
     if len(values) != inp.shape[0]:
         raise RequestError(f"{where}: shape {inp.shape} needs {inp.shape[0]} elements, data has {len(values)}")
     _check_count(len(values), limits)
+    if raw is not None:  # binary elements are the texts' UTF-8 or the image files, as they are
+        if kind == "text":
+            return _texts([_utf8(v, f"{where} element {i}") for i, v in enumerate(values)], limits, where)
+        for i, data in enumerate(values):
+            _check_raw_image(data, f"{where} element {i}")
+            check_image_format(data, limits, f"{where} element {i}")
+        return values
     if kind == "text":
         if (inp.parameters or {}).get("content_type") == "base64":
             values = [_utf8(decode_base64(v, f"{where} element {i}"), f"{where} element {i}") for i, v in enumerate(values)]
@@ -293,6 +366,16 @@ def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig) -> list:
     for i, data in enumerate(images):
         check_image_format(data, limits, f"{where} element {i}")
     return images
+
+
+def _check_raw_image(data: bytes, where: str) -> None:
+    if not data:
+        raise RequestError(f"{where}: empty image")
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return  # not base64 text: image bytes (or not an image, which the preprocessing reports)
+    raise RequestError(f"{where}: this is base64 text; binary tensor data carries the image file's bytes as they are")
 
 
 def _utf8(data: bytes, where: str) -> str:
@@ -361,6 +444,35 @@ def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, r
     if req.id is not None:
         out["id"] = req.id
     return out
+
+
+def binary_outputs(req: InferenceRequest) -> set[str]:
+    """Outputs the client asked to get as binary data: an output's parameters.binary_data, else the
+    request's parameters.binary_data_output (binary tensor data extension; JSON by default)."""
+    default = bool((req.parameters or {}).get("binary_data_output", False))
+    if not req.outputs:
+        return set(OUTPUTS) if default else set()
+    return {o.name for o in req.outputs if bool((o.parameters or {}).get("binary_data", default))}
+
+
+def to_binary(response: dict, names: set[str]) -> tuple[bytes, bytes]:
+    """(JSON object, binary tensor data) of a v2 response whose outputs in ``names`` go as binary
+    data, in the order of the outputs; their JSON gives parameters.binary_data_size instead of data."""
+    outputs, tail = [], []
+    for tensor in response["outputs"]:
+        if tensor["name"] in names:
+            data = tensor["data"]
+            if tensor["datatype"] == "BYTES":
+                encoded = [str(x).encode("utf-8") for x in data]
+                raw = b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+            else:
+                raw = np.asarray(data, dtype=NUMPY_DTYPES[tensor["datatype"]]).tobytes()
+            tensor = {k: v for k, v in tensor.items() if k != "data"}
+            tensor["parameters"] = {**tensor.get("parameters", {}), "binary_data_size": len(raw)}
+            tail.append(raw)
+        outputs.append(tensor)
+    head = json.dumps({**response, "outputs": outputs}, separators=(",", ":")).encode()
+    return head, b"".join(tail)
 
 
 def predict_response(name: str, version: str, labels: list[str], probs: np.ndarray, top_k: int) -> dict:
