@@ -125,6 +125,15 @@ def test_user_csv_trains_with_the_preset_and_the_checkpoint_serves_offline(ray_l
     probs = ckpt.predict_proba(pre(texts))
     positive = ckpt.labels.index("positive")
     assert probs[0, positive] > probs[1, positive]
+    # ... and is a Hugging Face model directory: transformers' own loaders and pipeline give the
+    # same labels and scores.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    hf_model = AutoModelForSequenceClassification.from_pretrained(str(ckpt_dir))
+    assert hf_model.config.id2label == dict(enumerate(ckpt.labels))
+    classify = pipeline("text-classification", model=hf_model, tokenizer=AutoTokenizer.from_pretrained(str(ckpt_dir)))
+    for row, answer in zip(probs.numpy(), classify(texts)):
+        assert answer["label"] == ckpt.labels[row.argmax()] and answer["score"] == pytest.approx(row.max(), abs=1e-4)
     datasets, _ = build_datasets(cfg, log=lambda *_: None)
     y, test_probs = predict_dataset(ckpt, datasets["test"])
     assert (test_probs.argmax(1) == y).mean() == pytest.approx(report["accuracy"])
