@@ -45,6 +45,17 @@ def test_weights_from_a_safetensors_file_load_where_shapes_match(tmp_path):
     assert new == {"net.fc.weight", "net.fc.bias", "net.conv1.weight"}
 
 
+def test_weights_from_a_rayfine_checkpoint_continue_its_training(tmp_path):
+    from rayfine.checkpoints import MODEL_FILE, load_checkpoint, save_checkpoint
+
+    cfg = image_cfg("data.image_size=16")
+    trained = build_model(cfg, LABELS)
+    save_checkpoint(tmp_path / "ckpt", trained, cfg, LABELS, {"epoch": 3})
+    model = build_model(image_cfg("data.image_size=16", f"model.weights={tmp_path / 'ckpt' / MODEL_FILE}"), LABELS)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert load_checkpoint(tmp_path / "ckpt").model.state_dict().keys() == model.state_dict().keys()
+
+
 def test_weights_file_that_fits_nothing_is_an_error(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(RayfineError, match="no tensor"):

@@ -92,11 +92,15 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
 
 
 def _load_partial(model: nn.Module, path: str) -> None:
-    """Load matching tensors from a safetensors file (the head and a changed stem may differ)."""
+    """Load matching tensors from a safetensors file (the head and a changed stem may differ): a
+    torchvision state dict, or a rayfine checkpoint's model.safetensors (continued fine-tuning)."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(path).expanduser()))
     own = model.state_dict()
+    if not any(k in own for k in state):
+        # A rayfine checkpoint: ImageClassifier holds the torchvision network as "net".
+        state = {k.removeprefix("net."): v for k, v in state.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise RayfineError(f"model.weights: no tensor in {path} matches {type(model).__name__}'s parameters")

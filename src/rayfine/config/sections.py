@@ -121,7 +121,8 @@ class ModelConfig(_Section):
     weights: Optional[str] = Field(
         None,
         description="torchvision only: start from these weights, a torchvision weights name (e.g. "
-        "IMAGENET1K_V1, from the local torch hub cache) or a path to a .safetensors file. Unset: random init.",
+        "IMAGENET1K_V1, from the local torch hub cache) or a path to a .safetensors file (torchvision's "
+        "parameter names, or a rayfine checkpoint's model.safetensors to continue from it). Unset: random init.",
     )
     pretrained: bool = Field(
         True, description="Hugging Face only: load pretrained weights; false builds the model from its "
