@@ -357,6 +357,36 @@ class _FlakyHandler(BaseHTTPRequestHandler):
         pass
 
 
+def test_print_config_is_a_serve_deploy_config_rays_schema_accepts(tmp_path):
+    """`rayfine serve --print-config`: the file `serve deploy` / `serve run` (and a RayService) take."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve.app import AppArgs
+
+    cfg = load_config("resnet18_digits_tiny")
+    labels = [str(d) for d in range(10)]
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(cfg, labels), cfg, labels, {"epoch": 1})
+    rayfine = str(Path(sys.executable).parent / "rayfine")
+    out = subprocess.run([rayfine, "serve", str(ckpt), "--print-config", "--name", "digits", "--port", "8123",
+                          "--set", "serve.max_batch_size=32"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    config = ServeDeploySchema.model_validate(yaml.safe_load(out.stdout))  # Ray's own schema of the file
+    assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8123)  # loopback unless told
+    (app,) = config.applications
+    assert (app.name, app.import_path) == ("digits", "rayfine.serve.app:build_app")
+    args = AppArgs.model_validate(app.args)
+    assert Path(args.checkpoint) == ckpt.resolve() and args.serve == {"max_batch_size": 32, "port": 8123}
+    (deployment,) = app.deployments
+    assert deployment.name == "Classifier" and deployment.user_config["checkpoint"] == args.checkpoint
+
+
 def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals():
     from rayfine.serve.client import ClientError, format_predictions, predict
 
