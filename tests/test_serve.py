@@ -134,6 +134,9 @@ def test_health_metadata_and_openapi(server):
     schema = get(server, "/openapi.json").json()
     assert {"/v2/models/{name}/infer", "/predict", "/v2/health/ready"} <= set(schema["paths"])
     assert "InferenceRequest" in schema["components"]["schemas"]
+    infer = schema["paths"]["/v2/models/{name}/infer"]["post"]
+    both = {"application/json", "application/octet-stream"}  # JSON, or the binary tensor data extension
+    assert set(infer["requestBody"]["content"]) == both and set(infer["responses"]["200"]["content"]) == both
 
 
 def test_v2_and_predict_answer_like_the_in_process_model(server, checkpoints, digits_png):

@@ -223,6 +223,10 @@ def test_responses_follow_the_protocol():
     assert [o["name"] for o in only["outputs"]] == ["score"] and "id" not in only
     simple = protocol.predict_response("m", "v1", ["neg", "pos", "mid"], probs, top_k=2)
     assert protocol.binary_outputs(req) == set()
+    for bad in (v2(req.model_dump()["inputs"], parameters={"binary_data_output": "yes"}),
+                v2(req.model_dump()["inputs"], outputs=[{"name": "label", "parameters": {"binary_data": 1}}])):
+        with pytest.raises(RequestError, match="binary_data(_output)? must be true or false"):
+            protocol.binary_outputs(bad)
     assert simple["predictions"][0]["label"] == "pos"
     assert [t["label"] for t in simple["predictions"][1]["top_k"]] == ["neg", "pos"]
 

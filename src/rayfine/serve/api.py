@@ -234,22 +234,29 @@ def make_api(server) -> FastAPI:
         head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
         req = protocol.parse_json(protocol.InferenceRequest, head)
         items = protocol.v2_items(req, model.kind, server.settings, binary)
+        as_binary = protocol.binary_outputs(req)
         result = await answer(items)
         response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
-        as_binary = protocol.binary_outputs(req)
         if not as_binary:
             return response
         head, tail = protocol.to_binary(response, as_binary)
         return Response(head + tail, media_type=BINARY, headers={protocol.BINARY_HEADER: str(len(head))})
 
+    infer_responses = {
+        200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary", "description": (
+            f"when outputs are asked for as binary data: the JSON inference response ({protocol.BINARY_HEADER} bytes), "
+            "then the bytes of each output whose parameters.binary_data_size gives their length")}}}},
+        400: {"model": protocol.ErrorResponse},
+    }
+
     @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Inference", openapi_extra=infer_body,
-              response_model=protocol.InferenceResponse, response_model_exclude_none=True, responses={400: {"model": protocol.ErrorResponse}})
+              response_model=protocol.InferenceResponse, response_model_exclude_none=True, responses=infer_responses)
     async def model_infer(name: str, request: Request):
         return await infer(request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], summary="Inference (a version)",
               openapi_extra=infer_body, response_model=protocol.InferenceResponse, response_model_exclude_none=True,
-              responses={400: {"model": protocol.ErrorResponse}})
+              responses=infer_responses)
     async def model_version_infer(name: str, version: str, request: Request):
         return await infer(request, name, version)
 

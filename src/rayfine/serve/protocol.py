@@ -449,10 +449,16 @@ def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, r
 def binary_outputs(req: InferenceRequest) -> set[str]:
     """Outputs the client asked to get as binary data: an output's parameters.binary_data, else the
     request's parameters.binary_data_output (binary tensor data extension; JSON by default)."""
-    default = bool((req.parameters or {}).get("binary_data_output", False))
+    def flag(parameters: Optional[dict], key: str, default: bool, where: str) -> bool:
+        value = (parameters or {}).get(key, default)
+        if not isinstance(value, bool):
+            raise RequestError(f"{where}parameters.{key} must be true or false, got {value!r}")
+        return value
+
+    default = flag(req.parameters, "binary_data_output", False, "")
     if not req.outputs:
         return set(OUTPUTS) if default else set()
-    return {o.name for o in req.outputs if bool((o.parameters or {}).get("binary_data", default))}
+    return {o.name for o in req.outputs if flag(o.parameters, "binary_data", default, f"output {o.name!r}: ")}
 
 
 def to_binary(response: dict, names: set[str]) -> tuple[bytes, bytes]:
