@@ -107,6 +107,40 @@ def test_parquet_with_bytes_and_hf_struct_columns(ray_local, tmp_path, samples):
     assert np.array_equal(y1[order1], y2[order2]) and np.allclose(x1[order1], x2[order2])
 
 
+def test_hugging_face_class_label_ids_become_their_names_in_their_order(ray_local, tmp_path, samples):
+    """Parquet written by Hugging Face datasets (Dataset.to_parquet, as the Hub's parquet files): a
+    ClassLabel column holds ids, and its names are in the schema metadata."""
+    import datasets as hf
+
+    from rayfine.data.sources import read_source
+
+    names = ["zero", "one", "seven"]  # ids 0, 1, 2; not in alphabetical order
+    ids = {"0": 0, "1": 1, "7": 2}
+    images = [{"bytes": encode(Image.fromarray(d)), "path": None} for d, _ in samples]
+    labels = [ids[label] for _, label in samples]
+    labels[0] = -1  # the datasets' "no label"
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=names)})
+    hf.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(tmp_path / "hf.parquet"))
+    with pytest.raises(DataError, match="(?s)1 bad row.*no label"):
+        build_datasets(folder_cfg(tmp_path / "hf.parquet"), log=lambda *_: None)
+    datasets, info = build_datasets(folder_cfg(tmp_path / "hf.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    assert info.labels == names and info.bad_rows == 1
+    per_name = {name: sum(info.class_counts[s][name] for s in SPLITS) for name in names}
+    assert per_name == {"zero": N_PER_CLASS - 1, "one": N_PER_CLASS, "seven": N_PER_CLASS}
+
+    texts = hf.Dataset.from_dict({"review": ["a fine film", "dull", "moving"], "sentiment": [1, 0, 1]},
+                                 features=hf.Features({"review": hf.Value("string"), "sentiment": hf.ClassLabel(names=["neg", "pos"])}))
+    texts.to_parquet(str(tmp_path / "texts.parquet"))
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'texts.parquet'}", "data.text_column=review",
+                                                      "data.label_column=sentiment"])
+    assert [(r["text"], r["label"]) for r in read_source(cfg.data).take_all()] == [("a fine film", "pos"), ("dull", "neg"), ("moving", "pos")]
+    # A plain integer column (no datasets metadata) keeps its numbers as labels.
+    pq.write_table(pa.table({"review": ["a", "b"], "sentiment": [1, 0]}), tmp_path / "plain.parquet")
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'plain.parquet'}", "data.text_column=review",
+                                                      "data.label_column=sentiment"])
+    assert [r["label"] for r in read_source(cfg.data).take_all()] == [1, 0]
+
+
 def test_missing_parquet_column_names_the_field(ray_local, tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"], "label": [1]}), tmp_path / "t.parquet")
     with pytest.raises(DataError, match="data.image_column: no column 'image'"):

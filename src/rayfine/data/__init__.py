@@ -29,7 +29,7 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_pixel_values
-from rayfine.data.sources import read_source
+from rayfine.data.sources import class_label_names, read_source
 from rayfine.errors import DataError
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
     # from it share this context). Ray Train's ingest keeps the order too (train.driver).
     pipeline.context.execution_options.preserve_order = data_cfg.preserve_order
     prepared = pipeline.materialize()
-    info = _summarize(prepared, data_cfg)
+    info = _summarize(prepared, data_cfg, class_label_names(data_cfg))
     log(
         f"[data] {sum(info.num_examples.values())} examples, {info.num_labels} labels; "
         + ", ".join(f"{s}={info.num_examples[s]}" for s in SPLITS)
@@ -291,7 +291,9 @@ def count_split_labels(prepared: ray.data.Dataset) -> dict[str, dict[str, int]]:
     return by_split
 
 
-def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig) -> DataInfo:
+def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig, class_names: Optional[list[str]] = None) -> DataInfo:
+    """Counts per split and label, the label order (data.labels, else a Hugging Face ClassLabel's
+    order, else sort_labels), and the bad rows (refused under data.on_bad_rows=error)."""
     by_split = count_split_labels(prepared)
     bad_rows = sum(by_split.pop(BAD, {}).values())
     bad_examples = []
@@ -305,7 +307,11 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig) -> DataInfo:
                 + "\n  fix or remove them, or set data.on_bad_rows=skip to train without them"
             )
     found = {label for split_counts in by_split.values() for label in split_counts}
-    labels = list(data_cfg.labels) if data_cfg.labels else sort_labels(list(found))
+    if data_cfg.labels:
+        labels = list(data_cfg.labels)
+    else:  # a ClassLabel's ids keep their order (its names are found labels; anything else after them)
+        named = [n for n in class_names or [] if n in found]
+        labels = named + sort_labels(list(found - set(named)))
     num_examples = {s: sum(by_split.get(s, {}).values()) for s in SPLITS}
     if len(labels) < 2:
         raise DataError(f"{data_cfg.source}: need at least 2 labels to classify, found {labels}")

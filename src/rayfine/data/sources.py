@@ -3,7 +3,8 @@
 Every reader of a kind yields the same columns, so one preprocessing step serves them all:
     image      encoded image bytes, or a uint8 pixel array        (images)
     text       the text, and text_pair for sentence pairs        (texts)
-    label      the label as written in the data (any type; normalized later), or None
+    label      the label as written in the data (any type; normalized later), or None; a Hugging
+               Face ClassLabel column's ids become its names (class_label_names)
     origin     where the row came from (a file path, or ``builtin:digits#17``), for error reports
 
 User data is read lazily by Ray Data on its CPU workers. The builtin datasets are small files that
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import os
 from typing import Optional
 
@@ -211,12 +213,56 @@ def read_image_folder(data_cfg: DataConfig) -> ray.data.Dataset:
     return ds.map_batches(label_from_path, batch_format="numpy", batch_size=256)
 
 
+def class_label_names(data_cfg: DataConfig) -> Optional[list[str]]:
+    """The names of ``data.label_column`` when a parquet source stores it as a Hugging Face
+    ``datasets`` ClassLabel (integer ids; ``Dataset.to_parquet`` and the Hub's parquet files keep
+    the names in the schema metadata under "huggingface"), else None. Read from the first file."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    source = data_cfg.source.rstrip("/")
+    if source.startswith("builtin:") or detect_format(data_cfg) != "parquet":
+        return None
+    try:
+        fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), os.path.abspath(source))
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                           if i.is_file and i.path.lower().endswith(".parquet"))
+            if not files:
+                return None
+            path = files[0]
+        metadata = pq.read_schema(path, filesystem=fs).metadata or {}
+        features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (OSError, ValueError, AttributeError):  # unreadable here or not the datasets layout: plain ids
+        return None
+    feature = features.get(data_cfg.label_column) if isinstance(features, dict) else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
+        return [str(name) for name in feature["names"]]
+    return None
+
+
+def _named_labels(labels: np.ndarray, names: Optional[list[str]]) -> np.ndarray:
+    """ClassLabel ids as their names; -1 (the datasets' "no label") as missing."""
+    if names is None:
+        return labels
+
+    def name(value):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)  # ids of a column with nulls arrive as floats
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return names[value] if 0 <= value < len(names) else None if value == -1 else value
+        return value
+
+    return np.array([name(v) for v in labels], dtype=object)
+
+
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     columns = [data_cfg.image_column, data_cfg.label_column]
     ds = ray.data.read_parquet(data_cfg.source, include_paths=True)
     _check_columns(ds, data_cfg, ("image_column", "label_column"))
     ds = ds.select_columns([*columns, "path"])
     image_col, label_col = data_cfg.image_column, data_cfg.label_column
+    names = class_label_names(data_cfg)
 
     def normalize(batch: dict) -> dict:
         images = batch[image_col]
@@ -224,7 +270,7 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
         images = np.array(
             [img.get("bytes") if isinstance(img, dict) else img for img in images], dtype=object
         )
-        return {"image": images, "label": batch[label_col], "origin": batch["path"]}
+        return {"image": images, "label": _named_labels(batch[label_col], names), "origin": batch["path"]}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
@@ -279,9 +325,10 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         ds = ray.data.read_parquet(source, include_paths=True)
     _check_columns(ds, data_cfg, ("text_column", "text_pair_column", "label_column"))
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
+    names = class_label_names(data_cfg) if fmt == "parquet" else None
 
     def normalize(batch: dict) -> dict:
-        out = {"text": batch[text_col], "label": batch[label_col], "origin": batch["path"]}
+        out = {"text": batch[text_col], "label": _named_labels(batch[label_col], names), "origin": batch["path"]}
         if pair_col:
             out["text_pair"] = batch[pair_col]
         return out
