@@ -123,7 +123,7 @@ def test_hugging_face_class_label_ids_become_their_names_in_their_order(ray_loca
     hf.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(tmp_path / "hf.parquet"))
     with pytest.raises(DataError, match="(?s)1 bad row.*no label"):
         build_datasets(folder_cfg(tmp_path / "hf.parquet"), log=lambda *_: None)
-    datasets, info = build_datasets(folder_cfg(tmp_path / "hf.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    _, info = build_datasets(folder_cfg(tmp_path / "hf.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
     assert info.labels == names and info.bad_rows == 1
     per_name = {name: sum(info.class_counts[s][name] for s in SPLITS) for name in names}
     assert per_name == {"zero": N_PER_CLASS - 1, "one": N_PER_CLASS, "seven": N_PER_CLASS}
