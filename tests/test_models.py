@@ -50,6 +50,9 @@ def test_weights_from_a_rayfine_checkpoint_continue_its_training(tmp_path):
 
     cfg = image_cfg("data.image_size=16")
     trained = build_model(cfg, LABELS)
+    with torch.no_grad():  # unlike any fresh initialization
+        for p in trained.parameters():
+            p.add_(1.0)
     save_checkpoint(tmp_path / "ckpt", trained, cfg, LABELS, {"epoch": 3})
     model = build_model(image_cfg("data.image_size=16", f"model.weights={tmp_path / 'ckpt' / MODEL_FILE}"), LABELS)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))

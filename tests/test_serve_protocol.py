@@ -239,18 +239,21 @@ def test_binary_responses_read_back_with_tritonclient():
     labels = ["neg", "pos", "héllo"]
     texts = tc.InferInput("text", [2], "BYTES")
     texts.set_data_from_numpy(np.array(["a", "b"], dtype=np.object_))
-    for outputs, kw, binary in [
-        (None, {}, set(protocol.OUTPUTS)),  # tritonclient's default: every output as binary data
-        ([tc.InferRequestedOutput("label", binary_data=False), tc.InferRequestedOutput("probabilities")], {}, {"probabilities"}),
-        ([tc.InferRequestedOutput("score", binary_data=False)], {}, set()),
+    for outputs, names, binary in [
+        (None, list(protocol.OUTPUTS), set(protocol.OUTPUTS)),  # tritonclient's default: every output as binary data
+        ([tc.InferRequestedOutput("label", binary_data=False), tc.InferRequestedOutput("probabilities")],
+         ["label", "probabilities"], {"probabilities"}),
+        ([tc.InferRequestedOutput("score", binary_data=False)], ["score"], set()),
     ]:
-        body, header = triton_body([texts], outputs, request_id="9", **kw)
+        body, header = triton_body([texts], outputs, request_id="9")
         req = protocol.parse_json(InferenceRequest, body[:int(header)] if header else body)
         assert protocol.binary_outputs(req) == binary
         response = protocol.v2_response("m", "v1", labels, probs, req)
         head, tail = protocol.to_binary(response, binary)
         result = tc.InferResult.from_response_body(head + tail, header_length=len(head) if binary else None)
-        names = [o["name"] for o in result.get_response()["outputs"]]
+        outputs_back = result.get_response()["outputs"]
+        assert [o["name"] for o in outputs_back] == names
+        assert {o["name"] for o in outputs_back if "data" not in o} == binary  # binary ones carry no JSON data
         assert result.get_response()["id"] == "9" and result.get_response()["model_version"] == "v1"
         if "label" in names:
             assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")] == ["pos", "neg"]
