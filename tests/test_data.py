@@ -246,12 +246,24 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
                  "_tmp/6.png", ".cache/7.png", "8.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(png)
-    ours = [path for path, _ in list_image_files(str(tmp_path))]
+    # Links, followed as pyarrow follows them: to a file, to a folder outside, and one to nowhere.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "9.png").write_bytes(png)
+    (outside / "10.jpg").write_bytes(png)
+    (tmp_path / "b" / "linked").symlink_to(outside / "d", target_is_directory=True)
+    (tmp_path / "b" / "linked.jpg").symlink_to(outside / "10.jpg")
+    (tmp_path / "b" / "broken.png").symlink_to(outside / "gone.png")
+    ours = list_image_files(str(tmp_path))
     rays = sorted(ray.data.read_binary_files(str(tmp_path), include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
                   .select_columns(["path"]).to_pandas()["path"])
-    assert ours == rays
-    assert {os.path.relpath(p, tmp_path) for p in ours} == {"a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png",
-                                                            "b/4.webp", "8.png"}
+    assert [path for path, _ in ours] == rays
+    assert {os.path.relpath(p, tmp_path) for p, _ in ours} == {
+        "a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png", "b/4.webp", "8.png", "b/linked/9.png", "b/linked.jpg"}
+    assert all(size == len(png) for _, size in ours)
+    # A link back up the tree is walked once (pyarrow would walk the cycle until the path is too long).
+    (tmp_path / "a" / "deep" / "up").symlink_to(tmp_path, target_is_directory=True)
+    assert list_image_files(str(tmp_path)) == ours
 
 
 def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, samples):
@@ -260,9 +272,15 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
         FILES_PER_BLOCK,
         MAX_READ_BLOCKS,
         list_image_files,
+        path_blocks,
         read_block_count,
         read_local_image_folder,
     )
+
+    import ray
+
+    def block_rows(ds) -> list[list[str]]:
+        return [ray.get(ref).column("path").to_pylist() for ref in ds.to_arrow_refs()]
 
     small, photo = 400, 70_000  # a digit PNG, a 500x375 JPEG photo
     assert read_block_count([small] * 20_000) == -(-20_000 // FILES_PER_BLOCK)  # tiny files: by count
@@ -278,6 +296,11 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
     assert [size for _, size in list_image_files(str(tmp_path))] == [BYTES_PER_BLOCK // 3] * 4
     ds = read_local_image_folder(str(tmp_path))
     assert ds.materialize().num_blocks() == 2 and ds.count() == 4
+    # Paths are split into blocks exactly as ray.data.from_items(..., override_num_blocks) splits them.
+    paths = [f"/data/{i}.png" for i in range(23)]
+    for blocks in (1, 4, 5, 23):
+        theirs = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+        assert block_rows(path_blocks(paths, blocks)) == block_rows(theirs)
 
 
 def test_a_file_gone_before_it_is_read_is_named(ray_local, tmp_path, samples):
@@ -299,3 +322,25 @@ def test_a_folder_without_images_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "cats" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=r"data.source: no image files \(png, jpg.*\) under"):
         read_local_image_folder(str(tmp_path))
+
+
+def test_the_format_of_a_folder_follows_its_files(tmp_path):
+    from rayfine.config import DataConfig
+    from rayfine.data.sources import detect_format
+
+    def folder(name: str, *files: str) -> str:
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_bytes(b"")
+        return str(tmp_path / name)
+
+    def image_format(source: str) -> str:
+        return detect_format(DataConfig(source=source, kind="image"))
+
+    assert image_format(folder("shards", "a.parquet", "b/c.parquet", ".DS_Store")) == "parquet"
+    assert image_format(folder("mixed", "a.parquet", "cats/1.png")) == "image_folder"
+    assert image_format(folder("classes", "cats/1.png", "dogs/2.JPG", "labels.csv")) == "image_folder"
+    assert image_format(folder("empty", ".hidden.parquet")) == "image_folder"  # refused later: no image files
+    assert detect_format(DataConfig(source=folder("csvs", "a.csv", "b.csv", "notes.txt"), kind="text")) == "csv"
+    with pytest.raises(DataError, match=r"data.format: cannot read .* as text data; set data.format to one of: csv"):
+        detect_format(DataConfig(source=folder("both", "a.csv", "b.jsonl"), kind="text"))
