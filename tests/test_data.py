@@ -267,6 +267,8 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
 
 
 def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, samples):
+    import ray
+
     from rayfine.data.sources import (
         BYTES_PER_BLOCK,
         FILES_PER_BLOCK,
@@ -276,8 +278,6 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
         read_block_count,
         read_local_image_folder,
     )
-
-    import ray
 
     def block_rows(ds) -> list[list[str]]:
         return [ray.get(ref).column("path").to_pylist() for ref in ds.to_arrow_refs()]
