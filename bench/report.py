@@ -168,12 +168,14 @@ BOUNDS = {
         "Priority is not what the workers lose.",
     ],
     "ingest": [
-        "Measured on 2 Intel Xeon CPUs (goal >= 1.0 missed on the headline digits folder: 0.65, 0.60-0.68; met on "
-        "photos: 1.06, 0.76-1.09, whose DataLoader passes ranged 286-417 images/s). Digits: ~6,900 images/s through "
-        "Ray Data against ~10,900 with a 2-worker DataLoader, 20,000 28x28 PNGs of a few hundred bytes each. Photos: "
-        "~328 and ~330 images/s (2,000 500x375 JPEGs to 224 px RGB), where decoding and resizing (~7 ms of CPU per "
-        "photo) dominate, as they do for a user's photos. The previous record, the day before on the same kind of "
-        "machine with read blocks of 1,000 files: 0.48 (0.41-0.54) and 1.05.",
+        "Measured 2026-12-03 on 2 AMD EPYC CPUs (goal >= 1.0 missed on the headline digits folder: 0.69, "
+        "0.66-0.73; met on photos: 1.04). Digits: ~9,700 images/s through Ray Data (9,100-10,400) against ~13,600 "
+        "with a 2-worker DataLoader (12,400-15,200), 20,000 28x28 PNGs of a few hundred bytes each. The same "
+        "DataLoader script ran at ~10,900 images/s on 2026-12-02 and at 16,500-18,400 in a run an hour before this "
+        "one (ratio 0.49 that time): on this machine the baseline itself moves by half from hour to hour, so only "
+        "side-by-side figures tell a change apart. Photos: 2,000 500x375 JPEGs to 224 px RGB, where decoding and "
+        "resizing (~7 ms of CPU per photo) dominate, as they do for a user's photos. Earlier records: 0.65 "
+        "(0.60-0.68) on 2026-12-02, 0.48 the day before with read blocks of 1,000 files.",
         "What was improved, in order: (1) `read_binary_files` made one block per file before merging them, ~250 us "
         "of task CPU per file against ~10 us to open and read such a file and ~87 us to decode and resize it; rayfine "
         "now lists a local folder on the driver (exactly as read_binary_files lists it) and reads the files inside "
@@ -190,23 +192,40 @@ BOUNDS = {
         "next 0.1 s tick (ray-project/ray#42377, #45934, open): with ~0.15-0.2 s tasks of 1,000 digits a CPU idled "
         "about a third of the time. Side by side in one script, 20,000 digits, passes alternating: 1,000 files per "
         "block 4,500-5,600 images/s, 2,500 5,900-7,100, 5,000 6,500-8,000. The block count depends only on the "
-        "files (never on the cluster), since the seeded global shuffle depends on it.",
-        "What bounds the digits figure (profiled, Ray timeline and the executor instrumented, 5,000-file blocks): a "
-        "pass of ~3.0 s is ~0.5 s before the first task (listing 20,000 files on the driver ~0.16-0.22 s, "
-        "from_items ~0.05 s, planning and starting the execution), then one task alone for ~1 s, two at a time "
-        "after that, and the last task alone again. For about its first second an execution may run one task only: "
-        "Ray 2.60's resource manager takes its limits from the reservation of Ray Data's cluster autoscaler (an "
-        "actor), whose reply has not arrived at the first call, and caches them for 1 s "
-        "(GLOBAL_LIMITS_UPDATE_INTERVAL_S, a class constant): instrumented, 0 CPU and 0 bytes until ~1.0 s after "
-        "the execution starts. Patching that constant to 0.1 s (tried, not adopted: a private constant) gave the "
+        "files (never on the cluster), since the seeded global shuffle depends on it. (5) 2026-12-03: the driver's "
+        "work before the first task. pyarrow's recursive listing built a FileInfo for every entry (20,000 files "
+        "0.2 s, 80,000 0.83 s), from_items added the paths one dict at a time (0.06 s and 0.25-0.29 s), and "
+        "data.format=auto walked the whole folder again to see whether it held only parquet (0.06 s and 0.26 s). "
+        "rayfine now lists with os.scandir (80,000 files 0.35 s), builds the path blocks as Arrow tables split "
+        "where from_items splits them (0.02 s and 0.08-0.12 s), and stops the format walk at the first image. "
+        "A/B in one script, the old and new reader alternating, 5 passes each: the reader built in 0.27-0.44 -> "
+        "0.10-0.16 s (20,000 files) and 1.10-1.79 -> 0.38-0.90 s (80,000); images/s 8,397 -> 9,073 (x1.08) and "
+        "11,283 -> 11,222 (x0.99, within the spread).",
+        "What bounds the digits figure (profiled 2026-12-03: Ray timeline, executor and iterator instrumented, "
+        "5,000-file blocks): a pass of ~2.0-2.3 s is ~0.13-0.16 s before the first task, then one task alone for "
+        "~1 s, two at a time after that, and the last task alone again. For about its first second an execution "
+        "may run one task only: Ray 2.60's resource manager takes its limits from the reservation of Ray Data's "
+        "cluster autoscaler (an actor), whose reply has not arrived at the first call, and caches them for 1 s "
+        "(GLOBAL_LIMITS_UPDATE_INTERVAL_S, a class constant): instrumented, 0 CPU and 0 bytes until 1.0-1.05 s "
+        "after the execution starts. Setting resource_limits does not help: the limits are the minimum of those "
+        "and the reservation. Patching that constant to 0.1 s (tried, not adopted: a private constant) gave the "
         "limits within 0.12 s and +5% on the passes, within their spread. With Ray's resource reservation switched "
         "off (DataContext.op_resource_reservation_enabled=False, a kill-switch Ray marks for removal) 1,000-file "
-        "passes ran at ~8,400 images/s here (12,000-14,700 in the earlier profile, whose machine and block size "
-        "were not recorded with it); rayfine keeps Ray's default, "
-        "which bounds the object store during training. Each task does ~150 us of work per digit (read, decode, "
-        "resize, uint8 model inputs); the DataLoader spends at most ~180 us of CPU per digit (2 CPUs, ~10,900 digits/s). In "
-        "training the folder is read once per run (rayfine.data.build_datasets materializes it), so a user pays "
-        "this start-up once, not per epoch.",
+        "passes ran at ~8,400 images/s (2026-12-02); rayfine keeps Ray's default, which bounds the object store "
+        "during training. Per image the two pipelines do the same work: in one process, rayfine's fused read + "
+        "prepare_batch + model_inputs_batch on a 5,000-file block takes 106-108 us of CPU per digit, the "
+        "DataLoader's read + prepare_image 101-104 us; Ray Data's stats give 106 us of remote CPU per digit in its "
+        "tasks (528 ms per 5,000), which ran at ~88% of a CPU. The gap grows with the folder, but slower than "
+        "it: the same day, with the reader before (5), 5,000, 20,000 and 80,000 files gave ratios 0.55, 0.70 and "
+        "0.77 (DataLoader 10,600, 12,700 and 13,400 images/s; Ray Data 5,800, 8,800 and 10,300), Ray Data "
+        "0.39, 0.69 and 1.83 s slower: ~0.3 s a pass plus ~19 us a digit, where the DataLoader takes ~75-95 us a "
+        "digit. The driver consuming the pass (iter_torch_batches, model_batch) used 1.45 s of CPU for 80,000 "
+        "digits (~18 us each) on the same 2 CPUs as the tasks. Also seen, not "
+        "a cost here: Ray Data's iterator hands a block to the consumer only once the next block is ready "
+        "(prefetch_batches_locally refills its window before yielding), so the first batch of a streaming pass "
+        "waits for two 5,000-file tasks; consuming a block takes ~30 ms, so the pass ends within ~0.1 s of its "
+        "last task. In training the folder is read once per run (rayfine.data.build_datasets materializes it), so "
+        "a user pays this start-up once, not per epoch.",
     ],
     "serve": [
         "Measured 2026-12-02 on 2 Intel Xeon CPUs (goal >= 3 missed: 2.50, 2.38-2.54): at concurrency 32 the "
@@ -489,8 +508,9 @@ def render(results: dict) -> str:
              f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model') or 'unknown model'}), {m.get('memory_gib')} GiB "
              f"memory, {m.get('os')}; Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}. "
              f"Written {m.get('date')}. This is the machine of the latest script run; each section ends with the "
-             "date it was measured, and sections measured before 2026-12-01 ran on an earlier machine of the same "
-             "size (2 AMD EPYC CPUs, 23.5 GiB).", ""]
+             "date it was measured. The machines have been of the same size but not the same kind: sections measured "
+             "before 2026-12-01 ran on 2 AMD EPYC CPUs (23.5 GiB), those of 2026-12-01 and 2026-12-02 on 2 Intel "
+             "Xeon CPUs (23.6 GiB), and those of 2026-12-03 on 2 AMD EPYC CPUs again.", ""]
     quick = sorted(k for k, v in results.items() if isinstance(v, dict) and v.get("quick"))
     if quick:
         lines += [f"**Tiny (--quick) settings, not meaningful figures: {', '.join(quick)}.**", ""]
