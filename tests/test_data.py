@@ -141,6 +141,40 @@ def test_hugging_face_class_label_ids_become_their_names_in_their_order(ray_loca
     assert [r["label"] for r in read_source(cfg.data).take_all()] == [1, 0]
 
 
+def test_hugging_face_images_stored_by_path_are_read_from_their_files(ray_local, tmp_path, samples, monkeypatch):
+    """datasets' Image feature made from files and saved with Dataset.to_parquet keeps only each
+    file's path (bytes null); datasets reads a relative path from the working directory."""
+    import datasets as hf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pics").mkdir()
+    paths, labels = [], []
+    for i, (digit, label) in enumerate(samples):
+        (tmp_path / "pics" / f"{i}.png").write_bytes(encode(Image.fromarray(digit)))
+        paths.append(f"pics/{i}.png" if i % 2 else str(tmp_path / "pics" / f"{i}.png"))  # relative and absolute
+        labels.append(label)
+    features = hf.Features({"image": hf.Image(), "label": hf.Value("string")})
+    by_path = hf.Dataset.from_dict({"image": paths + [None], "label": labels + ["7"]}, features=features)
+    by_path.to_parquet(str(tmp_path / "by_path.parquet"))
+    stored = pq.read_table(tmp_path / "by_path.parquet").column("image").to_pylist()
+    assert stored[1] == {"bytes": None, "path": "pics/1.png"} and stored[-1] is None  # what this test is about
+    embedded = [{"bytes": (tmp_path / "pics" / f"{i}.png").read_bytes(), "path": None} for i in range(len(samples))]
+    hf.Dataset.from_dict({"image": embedded, "label": labels}, features=features).to_parquet(str(tmp_path / "embedded.parquet"))
+
+    with pytest.raises(DataError, match="(?s)1 bad row.*no image"):  # the null image
+        build_datasets(folder_cfg(tmp_path / "by_path.parquet"), log=lambda *_: None)
+    from_paths, info = build_datasets(folder_cfg(tmp_path / "by_path.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    from_bytes, info2 = build_datasets(folder_cfg(tmp_path / "embedded.parquet"), log=lambda *_: None)
+    assert info.bad_rows == 1 and info.num_examples == info2.num_examples and info.class_counts == info2.class_counts
+    for split in SPLITS:
+        (x1, y1), (x2, y2) = rows(from_paths[split]), rows(from_bytes[split])
+        assert np.array_equal(np.sort(y1), np.sort(y2)) and np.array_equal(np.sort(x1, axis=0), np.sort(x2, axis=0))
+
+    (tmp_path / "pics" / "3.png").unlink()
+    with pytest.raises(Exception, match=r"data.source: cannot read pics/3.png, an image column 'image' names"):
+        build_datasets(folder_cfg(tmp_path / "by_path.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+
+
 def test_missing_parquet_column_names_the_field(ray_local, tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"], "label": [1]}), tmp_path / "t.parquet")
     with pytest.raises(DataError, match="data.image_column: no column 'image'"):

@@ -37,8 +37,9 @@ class DataConfig(_Section):
         "auto", description="How to read a non-builtin source; auto: by file extension."
     )
     image_column: str = Field(
-        "image", description="Parquet: column of encoded image bytes (or a {bytes, path} struct, "
-        "as Hugging Face datasets write it)."
+        "image", description="Parquet: column of encoded image bytes, or of {bytes, path} structs as "
+        "Hugging Face datasets write them (a struct with only a path is read from that file; a relative "
+        "path from the working directory, as datasets reads it)."
     )
     label_column: str = Field("label", description="Parquet, CSV, JSONL: column holding the label.")
     text_column: str = Field("text", description="Texts: column holding the text.")

@@ -87,6 +87,8 @@ def sort_labels(labels: list[str]) -> list[str]:
 
 
 def _content_bytes(item: Any) -> bytes:
+    if item is None:
+        return b""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, str):

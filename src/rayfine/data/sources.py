@@ -297,6 +297,26 @@ def _named_labels(labels: np.ndarray, names: Optional[list[str]]) -> np.ndarray:
     return np.array([name(v) for v in labels], dtype=object)
 
 
+def _struct_image(image, column: str, workdir: str):
+    """A parquet image cell as bytes. Hugging Face datasets store images as {"bytes", "path"}
+    structs, and ``Dataset.to_parquet`` of images made from files keeps only the path (bytes null):
+    such a file is read here, a relative path from ``workdir``, as ``datasets.Image`` reads it."""
+    if not isinstance(image, dict):
+        return image
+    if image.get("bytes") is not None or not image.get("path"):
+        return image.get("bytes")
+    path = image["path"]
+    if "://" in path:
+        raise DataError(f"data.source: column {column!r} names image {path} by its path only, and it is not a "
+                        "local file; write the dataset with its images embedded (datasets' embed_external_files)")
+    try:
+        with open(os.path.join(workdir, path), "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"data.source: cannot read {path}, an image column {column!r} names by its path "
+                        f"only: {e.strerror}") from None
+
+
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     columns = [data_cfg.image_column, data_cfg.label_column]
     ds = ray.data.read_parquet(data_cfg.source, include_paths=True)
@@ -304,13 +324,10 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     ds = ds.select_columns([*columns, "path"])
     image_col, label_col = data_cfg.image_column, data_cfg.label_column
     names = class_label_names(data_cfg)
+    workdir = os.getcwd()  # where `rayfine` runs: Hugging Face reads a relative image path from there
 
     def normalize(batch: dict) -> dict:
-        images = batch[image_col]
-        # Hugging Face datasets store images as {"bytes": ..., "path": ...} structs.
-        images = np.array(
-            [img.get("bytes") if isinstance(img, dict) else img for img in images], dtype=object
-        )
+        images = np.array([_struct_image(img, image_col, workdir) for img in batch[image_col]], dtype=object)
         return {"image": images, "label": _named_labels(batch[label_col], names), "origin": batch["path"]}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
