@@ -356,6 +356,10 @@ def test_a_folder_without_images_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "cats" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=r"data.source: no image files \(png, jpg.*\) under"):
         read_local_image_folder(str(tmp_path))
+    with pytest.raises(DataError, match=r"data.source: .*/gone does not exist; images are read from a folder"):
+        read_local_image_folder(str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=r"data.source: .*/notes.txt is a file, not a folder; images"):
+        read_local_image_folder(str(tmp_path / "cats" / "notes.txt"))
 
 
 def test_the_format_of_a_folder_follows_its_files(tmp_path):

@@ -214,7 +214,14 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
     block's files in the map task costs ~10 us a file and fuses with the preprocessing after it.
     Blocks are sized by file count and bytes (``read_block_count``)."""
     local_root = os.path.abspath(root.removeprefix("file://"))
-    files = list_image_files(local_root)
+    if not os.path.isdir(local_root):
+        what = "is a file, not a folder" if os.path.exists(local_root) else "does not exist"
+        raise DataError(f"data.source: {root} {what}; images are read from a folder of class subfolders "
+                        "(cats/001.jpg, dogs/002.png) or from parquet")
+    try:
+        files = list_image_files(local_root)
+    except OSError as e:
+        raise DataError(f"data.source: cannot list {e.filename or root}: {e.strerror}") from None
     if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     paths = [path for path, _ in files]
