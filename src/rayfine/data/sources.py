@@ -157,9 +157,9 @@ def list_image_files(root: str) -> list[tuple[str, int]]:
     none whose path relative to the root starts with "." or "_". A folder reached twice through
     links is listed once (pyarrow's listing would walk a link cycle until the path is too long).
 
-    ``os.scandir`` gives each entry's type from the directory itself, so only image files are
-    stat'ed (for their size); pyarrow's recursive listing builds a FileInfo for every entry, 2-3x
-    slower on a folder of small images (bench/RESULTS.md, ingest)."""
+    ``os.scandir`` gives each entry's type from the directory itself, so only folders, links and
+    image files are stat'ed (images for their size); pyarrow's recursive listing builds a FileInfo
+    for every entry, 2-3x slower on a folder of small images (bench/RESULTS.md, ingest)."""
     root = os.path.abspath(root.removeprefix("file://"))
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
     files: list[tuple[str, int]] = []
@@ -201,6 +201,7 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
 
     import pyarrow as pa
 
+    blocks = max(1, min(blocks, len(paths)))  # as from_items: no empty blocks
     size, extra = divmod(len(paths), blocks)
     bounds = [i * size + min(i, extra) for i in range(blocks + 1)]
     return ray.data.from_arrow([pa.table({"path": paths[a:b]}) for a, b in itertools.pairwise(bounds)])
@@ -239,7 +240,8 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
                 "label": np.array([_label_of(p, local_root) for p in batch["path"]], dtype=object),
                 "origin": batch["path"]}
 
-    return path_blocks(paths, blocks).map_batches(read_files, batch_format="numpy", batch_size=None)  # one read task per block
+    # One read task per block.
+    return path_blocks(paths, blocks).map_batches(read_files, batch_format="numpy", batch_size=None)
 
 
 def _is_local(source: str) -> bool:
