@@ -170,9 +170,12 @@ def test_hugging_face_images_stored_by_path_are_read_from_their_files(ray_local,
         (x1, y1), (x2, y2) = rows(from_paths[split]), rows(from_bytes[split])
         assert np.array_equal(np.sort(y1), np.sort(y2)) and np.array_equal(np.sort(x1, axis=0), np.sort(x2, axis=0))
 
+    # A file that is gone is a bad row, reported under its own path.
     (tmp_path / "pics" / "3.png").unlink()
-    with pytest.raises(Exception, match=r"data.source: cannot read pics/3.png, an image column 'image' names"):
-        build_datasets(folder_cfg(tmp_path / "by_path.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    with pytest.raises(DataError, match=r"(?s)2 bad row.*pics/3.png: no image \(empty, or its file is missing"):
+        build_datasets(folder_cfg(tmp_path / "by_path.parquet"), log=lambda *_: None)
+    _, info = build_datasets(folder_cfg(tmp_path / "by_path.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    assert info.bad_rows == 2 and sum(info.num_examples.values()) == len(samples) - 1
 
 
 def test_missing_parquet_column_names_the_field(ray_local, tmp_path):

@@ -116,7 +116,7 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
 def prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
     """Encoded bytes or a pixel array -> uint8 HxWxC of the configured size and color mode."""
     if item is None:
-        raise ImageError("no image (empty or missing)")
+        raise ImageError("no image (empty, or its file is missing or unreadable)")
     if isinstance(item, (bytes, bytearray, memoryview)):
         img = decode_image(bytes(item), data_cfg.max_image_pixels)
     elif isinstance(item, Image.Image):

@@ -306,24 +306,26 @@ def _named_labels(labels: np.ndarray, names: Optional[list[str]]) -> np.ndarray:
     return np.array([name(v) for v in labels], dtype=object)
 
 
-def _struct_image(image, column: str, workdir: str):
-    """A parquet image cell as bytes. Hugging Face datasets store images as {"bytes", "path"}
-    structs, and ``Dataset.to_parquet`` of images made from files keeps only the path (bytes null):
-    such a file is read here, a relative path from ``workdir``, as ``datasets.Image`` reads it."""
+def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[str]]:
+    """A parquet image cell -> (its bytes or pixels, None when empty; the image file it names, if any).
+
+    Hugging Face datasets store images as {"bytes", "path"} structs, and ``Dataset.to_parquet`` of
+    images made from files keeps only the path (bytes null): that file is read here, a relative path
+    from ``workdir``, as ``datasets.Image`` reads it. A file that cannot be read gives no image: a bad
+    row, reported under the file's path."""
     if not isinstance(image, dict):
-        return image
-    if image.get("bytes") is not None or not image.get("path"):
-        return image.get("bytes")
-    path = image["path"]
+        return image, None
+    path = image.get("path")
+    if image.get("bytes") is not None or not path:
+        return image.get("bytes"), None
     if "://" in path:
         raise DataError(f"data.source: column {column!r} names image {path} by its path only, and it is not a "
                         "local file; write the dataset with its images embedded (datasets' embed_external_files)")
     try:
         with open(os.path.join(workdir, path), "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"data.source: cannot read {path}, an image column {column!r} names by its path "
-                        f"only: {e.strerror}") from None
+            return f.read(), path
+    except OSError:
+        return None, path
 
 
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
@@ -336,8 +338,10 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     workdir = os.getcwd()  # where `rayfine` runs: Hugging Face reads a relative image path from there
 
     def normalize(batch: dict) -> dict:
-        images = np.array([_struct_image(img, image_col, workdir) for img in batch[image_col]], dtype=object)
-        return {"image": images, "label": _named_labels(batch[label_col], names), "origin": batch["path"]}
+        cells = [_struct_image(img, image_col, workdir) for img in batch[image_col]]
+        return {"image": np.array([image for image, _ in cells], dtype=object),
+                "label": _named_labels(batch[label_col], names),
+                "origin": np.array([file or parquet for (_, file), parquet in zip(cells, batch["path"])], dtype=object)}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
