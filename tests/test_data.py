@@ -385,3 +385,14 @@ def test_the_format_of_a_folder_follows_its_files(tmp_path):
     assert detect_format(DataConfig(source=folder("csvs", "a.csv", "b.csv", "notes.txt"), kind="text")) == "csv"
     with pytest.raises(DataError, match=r"data.format: cannot read .* as text data; set data.format to one of: csv"):
         detect_format(DataConfig(source=folder("both", "a.csv", "b.jsonl"), kind="text"))
+
+
+def test_an_image_is_labelled_by_the_folder_it_sits_in():
+    """As Hugging Face's imagefolder labels it (the README says so); torchvision's ImageFolder would
+    take the top folder."""
+    from rayfine.data.sources import _label_of
+
+    assert _label_of("/data/pets/train/cats/001.jpg", "/data/pets") == "cats"
+    assert _label_of("/data/pets/cats/indoor/002.jpg", "/data/pets") == "indoor"
+    assert _label_of("/data/pets/003.jpg", "/data/pets") is None  # outside any class folder: a bad row
+    assert _label_of("bucket/pets/dogs/004.png", "s3://bucket/pets") == "dogs"  # Ray lists s3 paths without the scheme
