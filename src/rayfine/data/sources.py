@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 from typing import Optional
@@ -197,8 +198,6 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     """A dataset of one "path" column in ``blocks`` blocks, split as ``ray.data.from_items(...,
     override_num_blocks=blocks)`` splits it (the first ``len % blocks`` blocks one row longer), but
     built as Arrow tables: from_items adds rows one dict at a time, ~3 us a path on the driver."""
-    import itertools
-
     import pyarrow as pa
 
     blocks = max(1, min(blocks, len(paths)))  # as from_items: no empty blocks
