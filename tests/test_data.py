@@ -127,13 +127,28 @@ def test_hugging_face_class_label_ids_become_their_names_in_their_order(ray_loca
     assert info.labels == names and info.bad_rows == 1
     per_name = {name: sum(info.class_counts[s][name] for s in SPLITS) for name in names}
     assert per_name == {"zero": N_PER_CLASS - 1, "one": N_PER_CLASS, "seven": N_PER_CLASS}
+    # An id outside the names (datasets itself refuses to load such a column) is a bad row, not a new
+    # class "3". pyarrow keeps the schema's datasets metadata when the column is replaced.
+    table = pq.read_table(tmp_path / "hf.parquet")
+    table = table.set_column(1, "label", pa.array([3, -2] + labels[2:], pa.int64()))  # replaces the -1
+    pq.write_table(table, tmp_path / "out_of_range.parquet")
+    with pytest.raises(DataError, match=r"(?s)2 bad row.*: label id -?[23] in ClassLabel column 'label' is not one of its 3 names \(ids 0-2"):
+        build_datasets(folder_cfg(tmp_path / "out_of_range.parquet"), log=lambda *_: None)
+    _, info = build_datasets(folder_cfg(tmp_path / "out_of_range.parquet", "data.on_bad_rows=skip"), log=lambda *_: None)
+    assert info.labels == names and info.bad_rows == 2
 
     texts = hf.Dataset.from_dict({"review": ["a fine film", "dull", "moving"], "sentiment": [1, 0, 1]},
                                  features=hf.Features({"review": hf.Value("string"), "sentiment": hf.ClassLabel(names=["neg", "pos"])}))
     texts.to_parquet(str(tmp_path / "texts.parquet"))
     cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'texts.parquet'}", "data.text_column=review",
                                                       "data.label_column=sentiment"])
-    assert [(r["text"], r["label"]) for r in read_source(cfg.data).take_all()] == [("a fine film", "pos"), ("dull", "neg"), ("moving", "pos")]
+    assert [(r["text"], r["label"], r["error"]) for r in read_source(cfg.data).take_all()] == [
+        ("a fine film", "pos", ""), ("dull", "neg", ""), ("moving", "pos", "")]
+    table = pq.read_table(tmp_path / "texts.parquet")
+    pq.write_table(table.set_column(1, "sentiment", pa.array([1, 2, -1], pa.int64())), tmp_path / "texts.parquet")
+    assert [(r["label"], r["error"]) for r in read_source(cfg.data).take_all()] == [
+        ("pos", ""), (None, "label id 2 in ClassLabel column 'sentiment' is not one of its 2 names (ids 0-1; -1 is no label)"),
+        (None, "")]
     # A plain integer column (no datasets metadata) keeps its numbers as labels.
     pq.write_table(pa.table({"review": ["a", "b"], "sentiment": [1, 0]}), tmp_path / "plain.parquet")
     cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path / 'plain.parquet'}", "data.text_column=review",

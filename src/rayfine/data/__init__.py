@@ -18,6 +18,7 @@ and identical images always land in the same split (no train/test leakage throug
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -115,12 +116,16 @@ def assign_split(content: bytes, data_cfg: DataConfig) -> Optional[str]:
     return "train"
 
 
-def _split_and_label(content: bytes, raw_label: Any, data_cfg: DataConfig, known: Optional[set]) -> tuple[Optional[str], str, str]:
-    """(split or None when subsampled out, label text, error) for one raw row."""
+def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg: DataConfig,
+                     known: Optional[set]) -> tuple[Optional[str], str, str]:
+    """(split or None when subsampled out, label text, error) for one raw row; ``source_error`` is
+    the reader's reason the row is unusable ("" when it is not)."""
     split = assign_split(content, data_cfg)
     label = label_text(raw_label)
     if split is None:
         return None, "", ""
+    if source_error:
+        return BAD, "", source_error
     if label is None:
         where = "images must sit in class subfolders, or" if data_cfg.kind == "image" else ""
         return BAD, "", f"no label ({where} the label is empty)".replace("( ", "(")
@@ -138,13 +143,14 @@ def prepare_batch(batch: dict, cfg_json: str) -> dict:
     is_image = data_cfg.kind == "image"
     items = batch["image"] if is_image else batch["text"]
     pairs = batch.get("text_pair") if not is_image else None
+    source_errors = batch.get("error", itertools.repeat(""))
     rows = []  # (index, split, label, error)
-    for i, (item, raw_label) in enumerate(zip(items, batch["label"])):
+    for i, (item, raw_label, source_error) in enumerate(zip(items, batch["label"], source_errors)):
         if is_image:
             content = _content_bytes(item)
         else:
             content = _content_bytes(f"{item}\x00{pairs[i]}" if pairs is not None else str(item))
-        split, label, error = _split_and_label(content, raw_label, data_cfg, known)
+        split, label, error = _split_and_label(content, raw_label, source_error, data_cfg, known)
         if split is not None:
             rows.append([i, split, label, error])
     out = (_prepare_images if is_image else _prepare_texts)(batch, rows, cfg)

