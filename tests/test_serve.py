@@ -194,7 +194,7 @@ def test_tritonclient_binary_and_json_tensors_answer_like_the_in_process_model(s
     try:
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready(NAME, headers=auth())
-        assert "binary_tensor_data" in client.get_server_metadata(headers=auth())["extensions"]
+        assert {"binary_tensor_data", "classification"} <= set(client.get_server_metadata(headers=auth())["extensions"])
         assert client.get_model_metadata(NAME, headers=auth())["versions"] == [server.v1]
 
         images = tc.InferInput("image", [len(pngs)], "BYTES")
@@ -212,6 +212,16 @@ def test_tritonclient_binary_and_json_tensors_answer_like_the_in_process_model(s
         assert [o["name"] for o in result.get_response()["outputs"]] == ["label", "probabilities"]
         assert "data" in result.get_output("label") and "data" not in result.get_output("probabilities")
         assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+
+        # The classification extension: each digit's 3 most probable classes, "value:index:label".
+        result = client.infer(NAME, [pixels], outputs=[tc.InferRequestedOutput("probabilities", class_count=3)], headers=auth())
+        top3 = [[x.decode().split(":") for x in row] for row in result.as_numpy("probabilities")]
+        assert len(top3) == len(pngs) and all(len(row) == 3 for row in top3)
+        for row, probs in zip(top3, expected):
+            values, indices = [float(v) for v, _, _ in row], [int(i) for _, i, _ in row]
+            assert indices[0] == probs.argmax() and values == sorted(values, reverse=True)
+            assert [label for _, _, label in row] == [labels[i] for i in indices]
+            assert np.allclose(values, probs[indices], atol=2e-5)  # printed with 6 decimals
 
         images.set_data_from_numpy(np.array([b64(p) for p in pngs], dtype=np.object_), binary_data=False)  # JSON: base64
         result = client.infer(NAME, [images], outputs=[tc.InferRequestedOutput("probabilities", binary_data=False)], headers=auth())

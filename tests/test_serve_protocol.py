@@ -179,9 +179,13 @@ def test_bad_binary_tensor_data_is_refused_with_the_reason():
     cut = body[int(header):-1]
     with pytest.raises(RequestError, match="35 bytes of binary data are not whole FP32 elements"):
         protocol.v2_items(with_size(protocol.parse_json(InferenceRequest, body[:int(header)]), len(cut)), "image", LIMITS, cut)
-    out = tc.InferRequestedOutput("probabilities", class_count=3)
-    with pytest.raises(RequestError, match="classification extension is not supported"):
-        triton_items("image", [pixels], outputs=[out])
+    with pytest.raises(RequestError, match="'label': classification needs a numeric output"):
+        triton_items("image", [pixels], outputs=[tc.InferRequestedOutput("label", class_count=3)])
+    for count in (-1, 2.5, "3", True):
+        bad = v2([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [0] * 9}],
+                 outputs=[{"name": "score", "parameters": {"classification": count}}])
+        with pytest.raises(RequestError, match="'score': parameters.classification must be a whole number >= 0"):
+            protocol.v2_items(bad, "image", LIMITS)
 
 
 def test_image_format_limit_reads_only_the_header():
@@ -263,6 +267,42 @@ def test_binary_responses_read_back_with_tritonclient():
             got = result.as_numpy("probabilities")
             assert got.shape == (2, 3) and got.dtype == np.float32 and np.array_equal(got, probs)
             assert result.get_output("probabilities")["parameters"]["labels"] == labels
+
+
+def test_classification_extension_as_triton_returns_it():
+    """parameters.classification K (tritonclient's class_count) turns an output into its K highest
+    values per item, BYTES [N, min(K, M)] of "value:index[:label]" (std::to_string's %f), highest
+    first, whether the answer travels as JSON or as binary data; 0 leaves the tensor as it is."""
+    import tritonclient.http as tc
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
+    labels = ["neg", "pos", "mid:dle"]
+    texts = tc.InferInput("text", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["a", "b"], dtype=np.object_), binary_data=False)
+    for binary in (False, True):
+        outputs = [tc.InferRequestedOutput("probabilities", binary_data=binary, class_count=2),
+                   tc.InferRequestedOutput("score", binary_data=binary, class_count=5),
+                   tc.InferRequestedOutput("label", binary_data=binary, class_count=0)]
+        body, header = triton_body([texts], outputs)
+        req = protocol.parse_json(InferenceRequest, body[:int(header)] if header else body)
+        assert len(protocol.v2_items(req, "text", LIMITS)) == 2
+        names = protocol.binary_outputs(req)
+        head, tail = protocol.to_binary(protocol.v2_response("m", "v1", labels, probs, req), names)
+        result = tc.InferResult.from_response_body(head + tail, header_length=len(head) if names else None)
+        classes = result.as_numpy("probabilities")
+        assert classes.shape == (2, 2) and result.get_output("probabilities")["datatype"] == "BYTES"
+        assert [[x.decode() if isinstance(x, bytes) else x for x in row] for row in classes] == [
+            ["0.700000:1:pos", "0.200000:2:mid:dle"], ["0.500000:0:neg", "0.300000:1:pos"]]
+        scores = result.as_numpy("score")
+        assert scores.shape == (2, 1)  # one value per item: index 0, no label
+        assert [x.decode() if isinstance(x, bytes) else x for x in scores.reshape(-1)] == ["0.700000:0", "0.500000:0"]
+        assert [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")] == ["pos", "neg"]
+    # Ties keep the lower index first; a count above the classes gives them all.
+    tied = protocol.v2_response("m", "v1", ["a", "b"], np.array([[0.5, 0.5]], np.float32),
+                                v2([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
+                                   outputs=[{"name": "probabilities", "parameters": {"classification": 9}}]))
+    assert tied["outputs"] == [{"name": "probabilities", "shape": [1, 2], "datatype": "BYTES",
+                                "data": ["0.500000:0:a", "0.500000:1:b"]}]
 
 
 def test_serve_section_is_validated_with_dotted_names():

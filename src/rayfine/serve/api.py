@@ -175,7 +175,7 @@ def make_api(server) -> FastAPI:
 
     @app.get("/v2", tags=["v2"], summary="Server metadata")
     async def server_metadata() -> dict:
-        return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "statistics"]}
+        return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "classification", "statistics"]}
 
     def metadata(name: str, version: Optional[str]) -> protocol.ModelMetadata:
         model = model_or_404(name, version)

@@ -7,7 +7,9 @@ Two APIs answer the same model:
           ``pixels`` UINT8|FP32 [N,H,W] or [N,H,W,C] (C 1, 3 or 4) decoded pixels (image models)
           ``text``   BYTES [N]          UTF-8 texts (text models)
   outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
-  (its ``parameters.labels`` names the columns); errors are ``{"error": "..."}``.
+  (its ``parameters.labels`` names the columns), or, with an output's ``parameters.classification``
+  K (Triton's classification extension), its top K as BYTES [N, K] "value:index[:label]";
+  errors are ``{"error": "..."}``.
 - a simple JSON API: ``{"inputs": [text or base64 image, ...], "top_k": 5}``
   -> ``{"model_name", "model_version", "predictions": [{"label", "score", "top_k": [...]}]}``.
 
@@ -68,8 +70,10 @@ class RequestInput(_Open):
 
 
 class RequestOutput(_Open):
-    name: str
-    parameters: Optional[dict[str, Any]] = None
+    name: str = Field(description="label, score or probabilities.")
+    parameters: Optional[dict[str, Any]] = Field(
+        None, description="binary_data: true sends this output as binary data (binary tensor data extension); "
+        "classification: K returns its K highest values as BYTES \"value:index[:label]\" (classification extension).")
 
 
 class InferenceRequest(_Open):
@@ -337,9 +341,7 @@ def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig, binary: Opti
     for out in req.outputs or []:
         if out.name not in OUTPUTS:
             raise RequestError(f"unknown output {out.name!r}; outputs: {', '.join(OUTPUTS)}")
-        if (out.parameters or {}).get("classification"):
-            raise RequestError(f"output {out.name!r}: the classification extension is not supported; "
-                               "'probabilities' has every class's score, 'label' and 'score' the best one")
+        classification_count(out)  # refused now, before the model runs
     raw = _binary_data(inp, binary, where)
     if inp.name == "pixels":
         return _pixels(inp, raw, limits, where)
@@ -430,8 +432,36 @@ def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, li
 # --- responses ------------------------------------------------------------------------------------
 
 
+def classification_count(out: RequestOutput) -> int:
+    """The output's parameters.classification (Triton's classification extension): how many of its
+    highest values to return as "value:index[:label]" strings; 0 (or absent) returns the tensor."""
+    count = (out.parameters or {}).get("classification", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise RequestError(f"output {out.name!r}: parameters.classification must be a whole number >= 0, got {count!r}")
+    if count and out.name == "label":
+        raise RequestError("output 'label': classification needs a numeric output (BYTES has no order); "
+                           "ask for it on 'probabilities'")
+    return count
+
+
+def classify(tensor: dict, count: int, labels: Optional[list[str]]) -> dict:
+    """A v2 output tensor ([N] or [N, M], batch first) as its ``count`` highest values per item,
+    as Triton's classification extension returns them: BYTES [N, min(count, M)] of
+    "<value>:<index>[:<label>]", highest first, the value printed as C's %f (std::to_string)."""
+    n = tensor["shape"][0]
+    rows = np.asarray(tensor["data"], dtype=np.float32).reshape(n, -1)
+    k = min(count, rows.shape[1])
+    data = []
+    for row in rows:
+        for i in np.argsort(-row, kind="stable")[:k]:
+            data.append(f"{float(row[i]):f}:{i}" + (f":{labels[i]}" if labels else ""))
+    return {"name": tensor["name"], "shape": [n, k], "datatype": "BYTES", "data": data}
+
+
 def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, req: InferenceRequest) -> dict:
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    """The v2 inference response: the outputs asked for (all by default), each classified when its
+    parameters.classification asks (the labels name the columns of 'probabilities' only)."""
+    requested = req.outputs or [RequestOutput(name=o) for o in OUTPUTS]
     best = probs.argmax(axis=1)
     n = len(probs)
     tensors = {
@@ -440,7 +470,12 @@ def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, r
         "probabilities": {"name": "probabilities", "shape": [n, len(labels)], "datatype": "FP32",
                           "parameters": {"labels": list(labels)}, "data": [float(x) for x in probs.reshape(-1)]},
     }
-    out = {"model_name": name, "model_version": version, "outputs": [tensors[w] for w in wanted]}
+    outputs = []
+    for o in requested:
+        count = classification_count(o)
+        tensor = tensors[o.name]
+        outputs.append(classify(tensor, count, labels if o.name == "probabilities" else None) if count else tensor)
+    out = {"model_name": name, "model_version": version, "outputs": outputs}
     if req.id is not None:
         out["id"] = req.id
     return out
