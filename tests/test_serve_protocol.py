@@ -305,6 +305,46 @@ def test_classification_extension_as_triton_returns_it():
                                 "data": ["0.500000:0:a", "0.500000:1:b"]}]
 
 
+def test_compressed_bodies_are_decoded_as_they_arrive_and_within_the_limit():
+    """Content-Encoding gzip and deflate (zlib's format, or raw deflate as some clients send it),
+    fed whole or a byte at a time; a bomb stops at the limit, broken data is a 400."""
+    import gzip
+    import zlib
+
+    from rayfine.serve.api import BadBody, BodyDecoder, BodyTooLarge
+
+    body = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]}' * 20
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    encoded = [("gzip", gzip.compress(body)), ("x-gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+               ("deflate", raw.compress(body) + raw.flush())]
+    for coding, data in encoded:
+        assert BodyDecoder(coding, len(body)).feed(data, last=True) == body
+        decoder = BodyDecoder(coding, len(body))
+        assert b"".join(decoder.feed(data[i:i + 1], last=i == len(data) - 1) for i in range(len(data))) == body
+        with pytest.raises(BodyTooLarge, match=f"decompressed request body exceeds the limit of {len(body) - 1} bytes"):
+            BodyDecoder(coding, len(body) - 1).feed(data, last=True)
+        with pytest.raises(BadBody, match=f"the body ends before its {coding} data does"):
+            BodyDecoder(coding, len(body)).feed(data[:-8], last=True)
+        with pytest.raises(BadBody, match=f"data after the end of its {coding} stream"):
+            BodyDecoder(coding, 10 * len(body)).feed(data + data, last=True)
+    with pytest.raises(BodyTooLarge):  # 100 MB of spaces in ~100 KB: stopped at the limit, never inflated
+        BodyDecoder("gzip", 1 << 20).feed(gzip.compress(b" " * 100_000_000), last=True)
+    for coding, data in [("gzip", b"not gzip at all"), ("deflate", b"\x78\x9c not deflate")]:
+        with pytest.raises(BadBody, match=f"not valid {coding} data"):
+            BodyDecoder(coding, 1000).feed(data, last=True)
+    with pytest.raises(BadBody, match="ends before"):
+        BodyDecoder("deflate", 1000).feed(b"", last=True)
+
+
+def test_answers_are_compressed_as_accept_encoding_asks():
+    from rayfine.serve.api import response_coding
+
+    for header, coding in [(None, None), ("", None), ("identity", None), ("br", None), ("gzip, deflate", "gzip"),
+                           ("deflate", "deflate"), ("gzip;q=0, deflate", "deflate"), ("GZIP ; q=0.5", "gzip"),
+                           ("*", "gzip"), ("*;q=0", None), ("gzip;q=0, *", "deflate"), ("gzip;q=x", None)]:
+        assert response_coding(header) == coding, header
+
+
 def test_serve_section_is_validated_with_dotted_names():
     cfg = load_config("resnet18_digits_tiny")
     assert cfg.serve.host == "127.0.0.1"

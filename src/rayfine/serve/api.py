@@ -6,8 +6,9 @@ and call ``server.infer(items)`` (dynamic batching: rayfine.serve.batching).
 
 Every refused request gets a 4xx and ``{"error": "..."}``, the error object of the Open Inference
 Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over
-serve.max_request_bytes (413, before it is parsed), a wrong Content-Type or a compressed body
-(415), malformed JSON or bad tensors (400), an unknown model name or version (404).
+serve.max_request_bytes (413, before it is parsed; for a gzip or deflate body, decompressed too), a
+wrong Content-Type or Content-Encoding (415), malformed JSON, bad tensors or a corrupt compressed
+body (400), an unknown model name or version (404).
 
 Inference follows the Open Inference Protocol (KServe v2) with JSON tensors and Triton's binary
 tensor data extension, so that its clients work as they are: tritonclient sends JSON requests with
@@ -16,7 +17,10 @@ no Content-Type and, by default, tensors and answers as binary data.
 
 from __future__ import annotations
 
+import gzip
 import hmac
+import json
+import zlib
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -38,13 +42,82 @@ def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResp
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body exceeds the limit of {limit} bytes (serve.max_request_bytes)")
+    def __init__(self, limit: int, decompressed: bool = False):
+        what = "decompressed request body" if decompressed else "request body"
+        super().__init__(413, f"{what} exceeds the limit of {limit} bytes (serve.max_request_bytes)")
+
+
+class BadBody(HTTPException):
+    def __init__(self, message: str):
+        super().__init__(400, message)
+
+
+def response_coding(accept: Optional[str]) -> Optional[str]:
+    """gzip (else deflate) when the Accept-Encoding header accepts it (q > 0), else None."""
+    weights = {}
+    for part in (accept or "").split(","):
+        coding, *params = [p.strip() for p in part.split(";")]
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if coding:
+            weights[coding.lower()] = weight
+    for coding in ("gzip", "deflate"):
+        if weights.get(coding, weights.get("*", 0.0)) > 0:
+            return coding
+    return None
+
+
+def compress(data: bytes, coding: str) -> bytes:
+    """gzip, or deflate as RFC 9110 defines it (zlib's format, as tritonclient reads it)."""
+    return gzip.compress(data, compresslevel=6) if coding == "gzip" else zlib.compress(data, 6)
+
+
+class BodyDecoder:
+    """Decompresses a request body as it arrives (Content-Encoding gzip, or deflate: zlib's format
+    as RFC 9110 defines it, or raw deflate as some clients send it), and refuses more than
+    ``limit`` bytes once decompressed: a small compressed body cannot become a large one here."""
+
+    CODINGS = ("gzip", "x-gzip", "deflate")
+
+    def __init__(self, coding: str, limit: int):
+        self.coding, self.limit, self.size, self.start = coding, limit, 0, b""
+        self.inflate: Optional[Any] = zlib.decompressobj(16 + zlib.MAX_WBITS) if "gzip" in coding else None
+
+    def feed(self, chunk: bytes, last: bool) -> bytes:
+        if self.inflate is None:  # deflate: a zlib header (RFC 1950) or raw deflate data; look at 2 bytes
+            chunk, self.start = self.start + chunk, b""
+            if len(chunk) < 2 and not last:
+                self.start = chunk
+                return b""
+            zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+            self.inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        out = b""
+        if chunk:
+            try:
+                out = self.inflate.decompress(chunk, self.limit - self.size + 1)
+            except zlib.error as e:
+                raise BadBody(f"the body is not valid {self.coding} data ({e})") from None
+            self.size += len(out)
+            if self.size > self.limit or self.inflate.unconsumed_tail:
+                raise BodyTooLarge(self.limit, decompressed=True)
+            if self.inflate.unused_data:
+                raise BadBody(f"the body has data after the end of its {self.coding} stream")
+        if last and not self.inflate.eof:
+            raise BadBody(f"the body ends before its {self.coding} data does (truncated)")
+        return out
 
 
 class Guard:
     """ASGI middleware in front of every route: the API key, then the body-size limit, which it
-    enforces on Content-Length and on the bytes actually received (chunked bodies too)."""
+    enforces on Content-Length and on the bytes actually received (chunked bodies too), and the
+    body's Content-Encoding: gzip and deflate bodies reach the routes decompressed, within the
+    same limit."""
 
     def __init__(self, app, server):
         self.app = app
@@ -76,15 +149,28 @@ class Guard:
                 return await error(400, "Content-Length is not a number")(scope, receive, send)
             if too_big:
                 return await error(413, BodyTooLarge(limit).detail)(scope, receive, send)
+        coding = headers.get("content-encoding", b"identity").decode("latin-1").strip().lower()
+        decoder = None
+        if coding not in ("identity", ""):
+            if coding not in BodyDecoder.CODINGS:
+                return await error(415, f"Content-Encoding {coding} is not accepted; accepted: gzip, deflate, "
+                                   "identity")(scope, receive, send)
+            decoder = BodyDecoder(coding, limit)
+            # The routes see the decompressed body, so its encoding and wire length are gone.
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", [])
+                                          if k.lower() not in (b"content-encoding", b"content-length")]}
         received = 0
 
         async def limited_receive():
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                received += len(body)
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if decoder is not None:
+                    message = {**message, "body": decoder.feed(body, last=not message.get("more_body", False))}
             return message
 
         started = False
@@ -96,9 +182,9 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as e:
+        except (BodyTooLarge, BadBody) as e:
             if not started:
-                await error(413, e.detail)(scope, receive, send)
+                await error(e.status_code, e.detail)(scope, receive, send)
 
 
 def _content_type(request: Request) -> str:
@@ -228,19 +314,23 @@ def make_api(server) -> FastAPI:
         model = model_or_404(name, version)
         if _content_type(request):  # none is JSON: the protocol's body is JSON, and tritonclient sends no type
             _require(request, JSON, BINARY)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
-            raise RequestError(f"Content-Encoding {encoding} is not accepted; send the body uncompressed", status=415)
         head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
         req = protocol.parse_json(protocol.InferenceRequest, head)
         items = protocol.v2_items(req, model.kind, server.settings, binary)
         as_binary = protocol.binary_outputs(req)
         result = await answer(items)
         response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
-        if not as_binary:
+        coding = response_coding(request.headers.get("accept-encoding"))
+        if not as_binary and coding is None:
             return response
-        head, tail = protocol.to_binary(response, as_binary)
-        return Response(head + tail, media_type=BINARY, headers={protocol.BINARY_HEADER: str(len(head))})
+        if as_binary:
+            head, tail = protocol.to_binary(response, as_binary)
+            body, media_type, headers = head + tail, BINARY, {protocol.BINARY_HEADER: str(len(head))}
+        else:
+            body, media_type, headers = json.dumps(response, separators=(",", ":")).encode(), JSON, {}
+        if coding is not None:  # as Triton: the header length counts the JSON before compression
+            body, headers = compress(body, coding), {**headers, "Content-Encoding": coding, "Vary": "Accept-Encoding"}
+        return Response(body, media_type=media_type, headers=headers)
 
     infer_responses = {
         200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary", "description": (
