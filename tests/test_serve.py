@@ -244,6 +244,8 @@ def test_tritonclient_binary_and_json_tensors_answer_like_the_in_process_model(s
             result = client.infer(NAME, [images], headers=auth(), request_compression_algorithm=sent,
                                   response_compression_algorithm=asked)
             assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+        model_stats = client.get_inference_statistics(NAME, headers=auth())["model_stats"][0]
+        assert model_stats["inference_stats"]["success"]["count"] >= 4 and model_stats["version"] == server.v1
 
         images.set_data_from_numpy(np.array([b64(p) for p in pngs], dtype=np.object_), binary_data=False)  # JSON: base64
         result = client.infer(NAME, [images], outputs=[tc.InferRequestedOutput("probabilities", binary_data=False)], headers=auth())
@@ -286,6 +288,22 @@ def test_concurrent_requests_are_batched(server, digits_png):
     assert max(ran) > 1, ran  # the replica ran batches of several requests
     assert max(ran) <= LIMITS["max_batch_size"]
     print(f"\nbatch sizes under 6 concurrent clients: {dict(sorted(ran.items()))}")
+
+    # Triton's statistics extension, every field of its schema: per request, each of the 48 was
+    # answered, waited once and ran in one pass; its time covers its wait and its pass.
+    per_request = after["inference_stats"]
+    assert set(per_request) == {"success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit"}
+    grew = {k: {f: per_request[k][f] - before["inference_stats"][k][f] for f in ("count", "ns")} for k in per_request}
+    assert {k: v["count"] for k, v in grew.items()} == {"success": 48, "fail": 0, "queue": 48, "compute_input": 48,
+                                                        "compute_infer": 48, "compute_output": 48, "cache_hit": 0}
+    phases = ("compute_input", "compute_infer", "compute_output")
+    assert grew["success"]["ns"] >= grew["queue"]["ns"] + sum(grew[k]["ns"] for k in phases) > 0
+    assert all(b[k]["count"] == b["compute_infer"]["count"] and b[k]["ns"] > 0 for b in after["batch_stats"] for k in phases)
+    for path in ("/v2/models/stats", f"/v2/models/{NAME}/versions/{after['version']}/stats"):
+        r = get(server, path)
+        assert r.status_code == 200 and r.json()["model_stats"][0]["inference_count"] == after["inference_count"], r.text
+    r = get(server, f"/v2/models/{NAME}/versions/nope/stats")
+    assert r.status_code == 404 and "has no version 'nope'" in r.json()["error"]
 
 
 def _bad_requests(server):
@@ -399,6 +417,8 @@ def test_a_bad_request_in_a_batch_does_not_fail_the_others(server, digits_png):
     assert all(code == 200 and body["predictions"][0]["label"] == good_answer for bad, code, body in results if not bad)
     after = stats(server)
     assert after["inference_count"] - before["inference_count"] == 18  # only the good items reached the model
+    grew = {k: after["inference_stats"][k]["count"] - before["inference_stats"][k]["count"] for k in ("success", "fail")}
+    assert grew == {"success": 18, "fail": 18}  # statistics count the refused requests as failed
 
 
 def test_hot_swap_under_load_fails_nothing_and_changes_the_version(server, checkpoints, digits_png):

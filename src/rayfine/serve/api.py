@@ -263,6 +263,22 @@ def make_api(server) -> FastAPI:
     async def server_metadata() -> dict:
         return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "classification", "statistics"]}
 
+    def model_stats(name: Optional[str] = None, version: Optional[str] = None) -> dict:
+        model = model_or_404(server.name if name is None else name, version)
+        s = model.stats
+        return {"model_stats": [{
+            "name": server.name, "version": model.version, "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count, "execution_count": s.execution_count,
+            "inference_stats": s.inference_stats(), "batch_stats": s.batch_stats(), "replica": server.replica_id,
+        }]}
+
+    stats_summary = "Model statistics (Triton's statistics extension), of the replica that answers"
+
+    # Before /v2/models/{name}, which would take "stats" for a model's name.
+    @app.get("/v2/models/stats", tags=["v2"], summary=f"{stats_summary}: every model")
+    async def all_models_stats() -> dict:
+        return model_stats()
+
     def metadata(name: str, version: Optional[str]) -> protocol.ModelMetadata:
         model = model_or_404(name, version)
         return protocol.ModelMetadata(
@@ -290,16 +306,13 @@ def make_api(server) -> FastAPI:
         model_or_404(name, version)
         return {"name": name, "ready": True}
 
-    @app.get("/v2/models/{name}/stats", tags=["v2"], summary="Model statistics (Triton's statistics extension): "
-             "items per forward pass in this replica")
-    async def model_stats(name: str) -> dict:
-        model = model_or_404(name)
-        s = model.stats
-        return {"model_stats": [{
-            "name": server.name, "version": model.version, "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count, "execution_count": s.execution_count,
-            "batch_stats": s.batch_stats(), "replica": server.replica_id,
-        }]}
+    @app.get("/v2/models/{name}/stats", tags=["v2"], summary=stats_summary)
+    async def one_model_stats(name: str) -> dict:
+        return model_stats(name)
+
+    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["v2"], summary=f"{stats_summary} (a version)")
+    async def model_version_stats(name: str, version: str) -> dict:
+        return model_stats(name, version)
 
     # --- Open Inference Protocol: inference ---
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,7 +134,18 @@ class Classifier:
 
     async def infer(self, items: list) -> Answer:
         """One request's items; concurrent requests share forward passes (rayfine.serve.batching)."""
-        return await self.batcher.submit(items)
+        arrived = time.perf_counter_ns()
+        try:
+            answer = await self.batcher.submit(items)
+        except Exception:  # its forward pass failed (a cancelled request is not a failed one)
+            if self.model is not None:
+                self.model.stats.record_request(False, time.perf_counter_ns() - arrived, None, None)
+            raise
+        model = self.model  # statistics are per version: a version swapped out meanwhile keeps none
+        if model is not None and model.version == answer.version:
+            queued = None if answer.started_ns is None else max(0, answer.started_ns - arrived)
+            model.stats.record_request(answer.error is None, time.perf_counter_ns() - arrived, queued, answer.phases_ns)
+        return answer
 
     async def _run_batch(self, requests: list[list]) -> list[Answer]:
         """Items of concurrent requests -> one forward pass (sizes from the serve: section)."""

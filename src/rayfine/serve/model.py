@@ -42,26 +42,57 @@ def serving_config(cfg: Config, limits: ServeConfig) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_image_pixels": pixels})})
 
 
+COMPUTE_PHASES = ("compute_input", "compute_infer", "compute_output")
+
+
+def _duration(count: int = 0, ns: int = 0) -> dict[str, int]:
+    return {"count": count, "ns": ns}
+
+
 @dataclass
 class BatchStats:
-    """Per model version: how many items each forward pass held (Triton's statistics extension)."""
+    """Per model version, since it was loaded in this replica: Triton's statistics extension.
+
+    Per request: success and fail (count and time from arrival at the replica's batcher to the
+    answer), queue (waiting for a forward pass), and the compute phases of the pass that answered
+    it. Per batch size: how many forward passes held that many items and their compute phases:
+    compute_input (preprocessing, to the device), compute_infer (the forward pass),
+    compute_output (back to host memory, split per request)."""
 
     started: float = field(default_factory=time.time)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
+    requests: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {k: _duration() for k in ("success", "fail", "queue", *COMPUTE_PHASES)})
     by_size: Counter = field(default_factory=Counter)
-    ns_by_size: Counter = field(default_factory=Counter)
+    ns_by_size: dict[int, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, size: int, ns: int) -> None:
+    def record(self, size: int, phases_ns: tuple[int, int, int]) -> None:
+        """One forward pass of ``size`` items; ``phases_ns``: compute input, infer and output."""
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
         self.by_size[size] += 1
-        self.ns_by_size[size] += ns
+        totals = self.ns_by_size.setdefault(size, dict.fromkeys(COMPUTE_PHASES, 0))
+        for phase, ns in zip(COMPUTE_PHASES, phases_ns):
+            totals[phase] += ns
+
+    def record_request(self, ok: bool, total_ns: int, queue_ns: Optional[int],
+                       phases_ns: Optional[tuple[int, int, int]]) -> None:
+        """One request's answer: its outcome and time, its wait and (when it ran) its pass's phases."""
+        for key, ns in [("success" if ok else "fail", total_ns), ("queue", queue_ns),
+                        *zip(COMPUTE_PHASES, phases_ns or (None,) * 3)]:
+            if ns is not None:
+                self.requests[key]["count"] += 1
+                self.requests[key]["ns"] += ns
+
+    def inference_stats(self) -> dict[str, dict[str, int]]:
+        return {**{k: dict(v) for k, v in self.requests.items()}, "cache_hit": _duration()}  # no response cache
 
     def batch_stats(self) -> list[dict[str, Any]]:
-        return [{"batch_size": size, "compute_infer": {"count": self.by_size[size], "ns": self.ns_by_size[size]}}
+        return [{"batch_size": size, **{phase: _duration(self.by_size[size], self.ns_by_size[size][phase])
+                                        for phase in COMPUTE_PHASES}}
                 for size in sorted(self.by_size)]
 
 
@@ -112,6 +143,8 @@ class Answer:
     labels: list[str]
     probs: Optional[np.ndarray] = None
     error: Optional[str] = None
+    started_ns: Optional[int] = None  # time.perf_counter_ns() when its batch started
+    phases_ns: Optional[tuple[int, int, int]] = None  # its forward pass's compute input, infer, output
 
 
 def _preprocess(served: ServedModel, items: list) -> dict:
@@ -125,6 +158,7 @@ def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
     their answers: the batch is preprocessed whole, and only when that fails, request by request."""
     import torch
 
+    started = time.perf_counter_ns()
     errors: dict[int, str] = {}
     good = list(range(len(requests)))
     try:
@@ -140,18 +174,22 @@ def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
             except Exception as e:  # an input the decoders choke on is still the input's fault
                 errors[i] = f"input could not be preprocessed: {type(e).__name__}: {e}"
         inputs = _preprocess(served, [item for i in good for item in requests[i]]) if good else None
-    answers = [Answer(served.version, served.labels, error=errors.get(i)) for i in range(len(requests))]
+    answers = [Answer(served.version, served.labels, error=errors.get(i), started_ns=started) for i in range(len(requests))]
     if inputs is None:
         return answers
-    start = time.perf_counter_ns()
     tensors = {k: v.to(served.device) for k, v in inputs.items()}
+    inferring = time.perf_counter_ns()
     with torch.inference_mode():
-        probs = served.checkpoint.predict_proba(tensors).cpu().numpy()
-    size = len(probs)
-    served.stats.record(size, time.perf_counter_ns() - start)
+        out = served.checkpoint.predict_proba(tensors)
+    outputting = time.perf_counter_ns()  # on a GPU the pass may still run: .cpu() waits for it below
+    probs = out.cpu().numpy()
     offset = 0
     for i in good:
         n = len(requests[i])
         answers[i].probs = probs[offset:offset + n]
         offset += n
+    phases = (inferring - started, outputting - inferring, time.perf_counter_ns() - outputting)
+    served.stats.record(len(probs), phases)
+    for i in good:
+        answers[i].phases_ns = phases
     return answers
