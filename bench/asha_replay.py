@@ -115,8 +115,8 @@ def replay_promotion(trials: list[Trial], max_t: int, grace: int, eta: float, sl
                 # The trial that has just reached the rung goes on without a restart.
                 run(trial, now, target, resume=trial is not just_paused)
                 return True
-        if queue:
-            run(queue.pop(0), now, milestones[0], resume=True)  # a new trial pays the start-up a resume pays
+        if queue:  # a new trial pays the start-up a resume pays; with no rung below max_t, it runs to the end
+            run(queue.pop(0), now, milestones[0] if milestones else max_t, resume=True)
             return True
         return False
 

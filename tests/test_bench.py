@@ -149,6 +149,10 @@ def test_replayed_schedulers_on_known_curves():
     synchronous = asha_replay.replay_seed(seed, "synchronous", max_t=4, grace=1, eta=2)
     assert synchronous["stopped_after"] == [1, 1, 2, 4] and synchronous["winner"] == "t3"
     assert asha_replay.rung_milestones(8, 1, 2) == [1, 2, 4]
+    # A grace period at max_t leaves no rung: every rule runs every trial to the end (the sweep's
+    # grace 2 on the tiny setting's 2 epochs).
+    for rule in asha_replay.RULES:
+        assert asha_replay.replay_seed(seed, rule, max_t=4, grace=4, eta=2, slots=1, start_s=0)["stopped_after"] == [4] * 4
     # The full budget's winner, and the epochs within one validation image of it (steps of 0.01 here).
     full = asha_replay.full_budget(seed, max_t=4)
     assert (full["winner"], full["epochs"], full["near_best_epochs"], full["near_best_test_min"]) == ("t3", 16, 2, 0.96)
