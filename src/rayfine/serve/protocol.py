@@ -8,7 +8,7 @@ Two APIs answer the same model:
           ``text``   BYTES [N]          UTF-8 texts (text models)
   outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
   (its ``parameters.labels`` names the columns), or, with an output's ``parameters.classification``
-  K (Triton's classification extension), its top K as BYTES [N, K] "value:index[:label]";
+  K (Triton's classification extension), its top K as BYTES [N, min(K, M)] "value:index[:label]";
   errors are ``{"error": "..."}``.
 - a simple JSON API: ``{"inputs": [text or base64 image, ...], "top_k": 5}``
   -> ``{"model_name", "model_version", "predictions": [{"label", "score", "top_k": [...]}]}``.
@@ -444,6 +444,12 @@ def classification_count(out: RequestOutput) -> int:
     return count
 
 
+def top_indices(row: np.ndarray, k: int) -> np.ndarray:
+    """The indices of a row's ``k`` highest values, highest first, ties to the lower index: the one
+    ranking of /predict's top_k and the v2 classification extension."""
+    return np.argsort(-row, kind="stable")[:k]
+
+
 def classify(tensor: dict, count: int, labels: Optional[list[str]]) -> dict:
     """A v2 output tensor ([N] or [N, M], batch first) as its ``count`` highest values per item,
     as Triton's classification extension returns them: BYTES [N, min(count, M)] of
@@ -453,7 +459,7 @@ def classify(tensor: dict, count: int, labels: Optional[list[str]]) -> dict:
     k = min(count, rows.shape[1])
     data = []
     for row in rows:
-        for i in np.argsort(-row, kind="stable")[:k]:
+        for i in top_indices(row, k):
             data.append(f"{float(row[i]):f}:{i}" + (f":{labels[i]}" if labels else ""))
     return {"name": tensor["name"], "shape": [n, k], "datatype": "BYTES", "data": data}
 
@@ -520,7 +526,7 @@ def predict_response(name: str, version: str, labels: list[str], probs: np.ndarr
     k = min(top_k, len(labels))
     predictions = []
     for row in probs:
-        order = np.argsort(-row, kind="stable")[:k]
+        order = top_indices(row, k)
         top = [{"label": labels[i], "score": float(row[i])} for i in order]
         predictions.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
     return {"model_name": name, "model_version": version, "predictions": predictions}
