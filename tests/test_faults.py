@@ -103,8 +103,11 @@ def test_killed_train_driver_continues_when_the_same_command_runs_again(tmp_path
                 first.wait()
             left_behind = stop_session(first.pid)
         assert not session_pids(first.pid)
+        # The embedded Ray does not die with its driver at once: its workers may still finish
+        # epoch 2 (seen: 2.5 s epochs, killed 0.5 s in). Ray Train registers an epoch's checkpoint
+        # before the callback writes its metrics line, so a logged epoch is one to continue after.
         before = [m["epoch"] for m in metrics_lines(run)]
-        assert before == [1]
+        assert before in ([1], [1, 2]), before
 
         t0 = time.monotonic()
         second = start_cli(args, log, ray_tmp)
@@ -120,9 +123,9 @@ def test_killed_train_driver_continues_when_the_same_command_runs_again(tmp_path
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log.read_text()
     assert code == 0, text[-3000:]
-    assert f"[train] continuing {run} after 1 finished epoch(s)" in text
+    assert f"[train] continuing {run} after {len(before)} finished epoch(s)" in text
     lines = metrics_lines(run)
-    # Epoch 1 was not trained again: the second run started from its checkpoint.
+    # No logged epoch was trained again: the second run started from the last one's checkpoint.
     assert [m["epoch"] for m in lines] == list(range(1, EPOCHS + 1))
     assert (run / "train" / "checkpoint" / "model.safetensors").is_file()
     assert json.loads((run / "train" / "eval.json").read_text())["num_samples"] > 0
@@ -132,7 +135,7 @@ def test_killed_train_driver_continues_when_the_same_command_runs_again(tmp_path
         "killed_s_into_epoch_2": round(into_epoch, 2),
         "processes_left_5s_after_kill": len(left_behind),
         "epochs_logged_before": before,
-        "epochs_redone": 1,  # the partial epoch 2; epoch 1 was not trained again (asserted above)
+        "epochs_redone": int(before == [1]),  # the partial epoch 2, unless Ray finished it after the kill
         "rerun_wall_s": round(rerun_s, 1),
         "final_val_accuracy": lines[-1]["val_accuracy"],
     })

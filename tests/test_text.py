@@ -142,7 +142,7 @@ def test_user_csv_trains_with_the_preset_and_the_checkpoint_serves_offline(ray_l
 @pytest.mark.ray
 def test_freeze_then_unfreeze_with_class_weights_and_label_smoothing(ray_local, tmp_path):
     cfg = load_config("minilm_rotten_tomatoes_tiny", [
-        "name=frozen", f"storage.runs_dir={tmp_path}", "data.subsample=0.05", "train.epochs=2",
+        "name=frozen", f"storage.runs_dir={tmp_path}", "data.subsample=0.02", "train.epochs=2",
         "train.freeze_epochs=1", "train.class_weights=balanced", "train.label_smoothing=0.1",
     ])
     fit(cfg, log=lambda *_: None)
