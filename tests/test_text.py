@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from rayfine.checkpoints import load_checkpoint
 from rayfine.config import load_config
 from rayfine.data import Preprocessor, build_datasets
+from rayfine.data.images import hf_image_processor_config
 from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
 from rayfine.errors import DataError, InputError
 from rayfine.evaluate import predict_dataset
@@ -161,15 +162,44 @@ def test_freeze_then_unfreeze_with_class_weights_and_label_smoothing(ray_local, 
 
 
 @pytest.mark.ray
-def test_hugging_face_image_classifier_trains_on_real_digits(ray_local, tmp_path):
+def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pipeline_loads_it(ray_local, tmp_path, digits):
     cfg = load_config("resnet18_digits_tiny", [
-        f"storage.runs_dir={tmp_path}", "name=hf_image", "train.epochs=2", "data.image_size=16",
+        f"storage.runs_dir={tmp_path}", "name=hf_image", "train.epochs=2", "data.image_size=16", "data.color_mode=RGB",
         "model.name=resnet", "model.pretrained=false",
         "model.config_overrides={embedding_size: 16, hidden_sizes: [32, 64], depths: [1, 1]}",
     ])
     fit(cfg, log=lambda *_: None)
     lines = [json.loads(x) for x in (tmp_path / "hf_image" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["train_loss"] < lines[0]["train_loss"]
-    ckpt = load_checkpoint(tmp_path / "hf_image" / "train" / "checkpoint")
+    ckpt_dir = tmp_path / "hf_image" / "train" / "checkpoint"
+    ckpt = load_checkpoint(ckpt_dir)
     assert type(ckpt.model).__name__ == "ResNetForImageClassification"
     assert ckpt.model.config.id2label[3] == "3"
+
+    # The checkpoint is a Hugging Face image model directory: its preprocessor_config.json gives
+    # transformers' processor rayfine's preprocessing, so pipeline("image-classification") answers
+    # as rayfine does. With the PIL backend the pixel values are rayfine's exactly.
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    images = [Image.fromarray(digit) for digit in digits[0][:24]]  # 8x8 grayscale, as a user has them
+    inputs = Preprocessor(ckpt.cfg, str(ckpt_dir))([np.asarray(img) for img in images])
+    ours = ckpt.predict_proba(inputs).numpy()
+    pil_processor = AutoImageProcessor.from_pretrained(str(ckpt_dir), backend="pil")
+    assert torch.allclose(pil_processor(images, return_tensors="pt")["pixel_values"], inputs["pixel_values"], atol=1e-6)
+    # A photo-sized image reduced 9x: rayfine's reducing_gap makes a few levels of difference.
+    photo = Image.fromarray(digits[0][5]).convert("RGB").resize((200, 150), Image.Resampling.BICUBIC)
+    levels = (pil_processor(photo, return_tensors="pt")["pixel_values"] - Preprocessor(ckpt.cfg)([np.asarray(photo)])["pixel_values"]) \
+        * torch.tensor(pil_processor.image_std).view(1, 3, 1, 1) * 255
+    assert 0 < levels.abs().max() <= 4, levels.abs().max()
+    pipelines = {
+        "pil": (pipeline("image-classification", model=str(ckpt_dir), image_processor=pil_processor), 1e-5),
+        # As a user would load it; the default (torchvision) backend resizes with its own kernel.
+        "default": (pipeline("image-classification", model=str(ckpt_dir)), 0.05),
+    }
+    for backend, (classify, tolerance) in pipelines.items():
+        answers = classify(images, top_k=10)
+        probs = np.array([[next(a["score"] for a in answer if a["label"] == label) for label in ckpt.labels] for answer in answers])
+        assert np.abs(probs - ours).max() < tolerance, (backend, np.abs(probs - ours).max())
+    # Grayscale models get none: transformers' processors never convert to one channel.
+    assert hf_image_processor_config(cfg.data.model_copy(update={"color_mode": "L"})) is None

@@ -4,9 +4,9 @@
     config.yaml           the resolved experiment config
     labels.json           label names in id order
     metrics.json          the epoch's metrics (and data facts)
-  Hugging Face models add their config.json and, for texts, the tokenizer files: the directory
-  is then also a standard Hugging Face model directory (``from_pretrained`` loads it), and a
-  checkpoint alone serves with no network.
+  Hugging Face models add their config.json and, for texts, the tokenizer files (for RGB images,
+  preprocessor_config.json): the directory is then also a standard Hugging Face model directory
+  (``from_pretrained`` and ``pipeline`` load it), and a checkpoint alone serves with no network.
   And, in the per-epoch checkpoints Ray Train keeps for resuming:
     optimizer.safetensors optimizer tensors, flattened
     train_state.json      epoch, optimizer param groups, scheduler state
@@ -40,6 +40,7 @@ LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 INFERENCE_FILES = (MODEL_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE)
 
 
@@ -57,7 +58,9 @@ def save_checkpoint(
     tokenizer=None,
 ) -> Path:
     """Write the checkpoint files; a Hugging Face model adds its config.json (and the tokenizer
-    files), which makes the directory loadable by ``AutoModelFor*.from_pretrained`` as well."""
+    files, or an RGB image model's preprocessor_config.json), which makes the directory loadable
+    by ``AutoModelFor*.from_pretrained`` and ``pipeline`` as well."""
+    from rayfine.data.images import hf_image_processor_config
     from rayfine.models import is_hugging_face
 
     directory = Path(directory)
@@ -65,6 +68,9 @@ def save_checkpoint(
     save_file(_tensors(model.state_dict()), str(directory / MODEL_FILE), metadata={"format": "pt"})
     if is_hugging_face(model):
         model.config.save_pretrained(str(directory))
+        processor = hf_image_processor_config(cfg.data) if cfg.data.kind == "image" else None
+        if processor is not None:
+            (directory / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())

@@ -137,6 +137,38 @@ def normalization(data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
+def hf_image_processor_config(data_cfg: DataConfig) -> dict | None:
+    """``prepare_image`` and ``to_model_input`` as a transformers image processor config
+    (preprocessor_config.json), so that ``AutoImageProcessor`` and ``pipeline("image-classification")``
+    load an RGB checkpoint directory: CLIPImageProcessor's steps are rayfine's (resize the shorter
+    side bilinearly, center-crop a square, scale to [0, 1], normalize). Measured: transformers' PIL
+    backend gives rayfine's pixel values exactly for an image resized by less than 3x; a larger
+    reduction, which ``resize_square`` speeds up with PIL's reducing_gap, differs by up to ~3 of 255
+    levels, and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
+    (transformers also truncates the resized long side where rayfine rounds it, and does not
+    handle alpha and EXIF orientation as ``convert_mode`` does.) None for grayscale models:
+    transformers' processors convert to RGB or keep the input's mode, never to L."""
+    if data_cfg.color_mode != "RGB":
+        return None
+    mean, std = normalization(data_cfg)
+    size = data_cfg.image_size
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": int(Image.Resampling.BILINEAR),
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        # The float32 values rayfine normalizes with, written as the decimals they came from.
+        "image_mean": [float(f"{v:.7g}") for v in mean],
+        "image_std": [float(f"{v:.7g}") for v in std],
+    }
+
+
 def to_model_input(images: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     """uint8 NxHxWxC -> float32 NxCxHxW, normalized, in NCHW strides (as ``to_pixel_values``)."""
     x = images.astype(np.float32) / 255.0
