@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayfine.checkpoints import load_checkpoint
+from rayfine.checkpoints import load_checkpoint, save_checkpoint
 from rayfine.config import load_config
 from rayfine.data import Preprocessor, build_datasets
-from rayfine.data.images import hf_image_processor_config
 from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
 from rayfine.errors import DataError, InputError
 from rayfine.evaluate import predict_dataset
-from rayfine.models import resolve_model_source
+from rayfine.models import build_model, logits_of, resolve_model_source
 from rayfine.train import fit
 
 
@@ -201,5 +200,9 @@ def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pi
         answers = classify(images, top_k=10)
         probs = np.array([[next(a["score"] for a in answer if a["label"] == label) for label in ckpt.labels] for answer in answers])
         assert np.abs(probs - ours).max() < tolerance, (backend, np.abs(probs - ours).max())
-    # Grayscale models get none: transformers' processors never convert to one channel.
-    assert hf_image_processor_config(cfg.data.model_copy(update={"color_mode": "L"})) is None
+    # A grayscale model (num_channels 1) gets none: transformers' processors never convert to one channel.
+    gray = cfg.with_overrides(["data.color_mode=L"])
+    model = build_model(gray, ckpt.labels)
+    assert logits_of(model(pixel_values=torch.zeros(2, 1, 16, 16))).shape == (2, 10)
+    save_checkpoint(tmp_path / "gray", model, gray, ckpt.labels, {})
+    assert (tmp_path / "gray" / "config.json").is_file() and not (tmp_path / "gray" / "preprocessor_config.json").exists()
