@@ -68,7 +68,7 @@ def save_checkpoint(
     save_file(_tensors(model.state_dict()), str(directory / MODEL_FILE), metadata={"format": "pt"})
     if is_hugging_face(model):
         model.config.save_pretrained(str(directory))
-        processor = hf_image_processor_config(cfg.data) if cfg.data.kind == "image" else None
+        processor = hf_image_processor_config(cfg.data)
         if processor is not None:
             (directory / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     if tokenizer is not None:

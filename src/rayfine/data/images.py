@@ -147,8 +147,8 @@ def hf_image_processor_config(data_cfg: DataConfig) -> dict | None:
     levels, and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
     (transformers also truncates the resized long side where rayfine rounds it, and does not
     handle alpha and EXIF orientation as ``convert_mode`` does.) None for grayscale models:
-    transformers' processors convert to RGB or keep the input's mode, never to L."""
-    if data_cfg.color_mode != "RGB":
+    transformers' processors convert to RGB or keep the input's mode, never to L (and for texts)."""
+    if data_cfg.kind != "image" or data_cfg.color_mode != "RGB":
         return None
     mean, std = normalization(data_cfg)
     size = data_cfg.image_size
