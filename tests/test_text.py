@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayfine.checkpoints import load_checkpoint, save_checkpoint
+from rayfine.checkpoints import PREPROCESSOR_FILE, load_checkpoint, save_checkpoint
 from rayfine.config import load_config
 from rayfine.data import Preprocessor, build_datasets
 from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
@@ -172,6 +172,7 @@ def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pi
     assert lines[1]["train_loss"] < lines[0]["train_loss"]
     ckpt_dir = tmp_path / "hf_image" / "train" / "checkpoint"
     ckpt = load_checkpoint(ckpt_dir)
+    assert (ckpt_dir / PREPROCESSOR_FILE).is_file()
     assert type(ckpt.model).__name__ == "ResNetForImageClassification"
     assert ckpt.model.config.id2label[3] == "3"
 
@@ -205,4 +206,4 @@ def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pi
     model = build_model(gray, ckpt.labels)
     assert logits_of(model(pixel_values=torch.zeros(2, 1, 16, 16))).shape == (2, 10)
     save_checkpoint(tmp_path / "gray", model, gray, ckpt.labels, {})
-    assert (tmp_path / "gray" / "config.json").is_file() and not (tmp_path / "gray" / "preprocessor_config.json").exists()
+    assert (tmp_path / "gray" / "config.json").is_file() and not (tmp_path / "gray" / PREPROCESSOR_FILE).exists()

@@ -146,8 +146,8 @@ def hf_image_processor_config(data_cfg: DataConfig) -> dict | None:
     reduction, which ``resize_square`` speeds up with PIL's reducing_gap, differs by up to ~3 of 255
     levels, and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
     (transformers also truncates the resized long side where rayfine rounds it, and does not
-    handle alpha and EXIF orientation as ``convert_mode`` does.) None for grayscale models:
-    transformers' processors convert to RGB or keep the input's mode, never to L (and for texts)."""
+    handle alpha and EXIF orientation as ``convert_mode`` does.) None for texts, and for grayscale
+    models: transformers' processors convert to RGB or keep the input's mode, never to L."""
     if data_cfg.kind != "image" or data_cfg.color_mode != "RGB":
         return None
     mean, std = normalization(data_cfg)
