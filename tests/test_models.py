@@ -108,3 +108,39 @@ def test_unknown_hub_model_offline_is_a_clear_error():
     cfg = load_config("minilm_rotten_tomatoes_tiny", ["model.name=nobody/no-such-model"])
     with pytest.raises(RayfineError, match="model.name: cannot load 'nobody/no-such-model'"):
         build_model(cfg, ["a", "b"])
+
+
+def test_unset_normalization_comes_from_a_pretrained_hugging_face_image_models_processor(tmp_path):
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    from rayfine.models import with_pretrained_normalization
+
+    base = tmp_path / "vit_like"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(base)
+    plain = tmp_path / "no_processor"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(plain)
+    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 0.75]).save_pretrained(base)
+
+    def resolved(*overrides):
+        lines = []
+        cfg = with_pretrained_normalization(image_cfg(f"model.name={base}", *overrides), log=lines.append)
+        return cfg.data.mean, cfg.data.std, lines
+
+    mean, std, (line,) = resolved("data.color_mode=RGB")
+    assert (mean, std) == ((0.5, 0.5, 0.5), (0.25, 0.5, 0.75))
+    assert "normalizing as" in line and "data.std [0.25, 0.5, 0.75]" in line
+    assert resolved()[:2] == ((0.5,), (0.5,))  # grayscale: the channels' average, as for ImageNet's
+    # What the user set wins, field by field.
+    assert resolved("data.color_mode=RGB", "data.mean=[0.1, 0.2, 0.3]")[:2] == ((0.1, 0.2, 0.3), (0.25, 0.5, 0.75))
+    assert resolved("data.mean=[0.1]", "data.std=[0.2]") == ((0.1,), (0.2,), [])
+    # Random weights, torchvision and texts have no pretrained normalization to follow.
+    for cfg in (image_cfg(f"model.name={base}", "model.pretrained=false"), image_cfg(),
+                load_config("minilm_rotten_tomatoes_tiny")):
+        assert with_pretrained_normalization(cfg) == cfg
+    # No processor: ImageNet's, and the log says so.
+    lines = []
+    assert with_pretrained_normalization(image_cfg(f"model.name={plain}"), log=lines.append).data.mean is None
+    assert "no image processor" in lines[0]
+    # do_normalize false: the model takes [0, 1] pixels.
+    ConvNextImageProcessor(do_normalize=False).save_pretrained(base)
+    assert resolved("data.color_mode=RGB")[:2] == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -161,12 +161,20 @@ def test_freeze_then_unfreeze_with_class_weights_and_label_smoothing(ray_local, 
 
 
 @pytest.mark.ray
-def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pipeline_loads_it(ray_local, tmp_path, digits):
+def test_hugging_face_image_classifier_fine_tunes_with_its_processors_normalization_and_pipeline_loads_it(ray_local, tmp_path, digits):
+    # The base model, as a user's Hugging Face model directory: weights, config.json and an image
+    # processor whose normalization is not ImageNet's (ViT's 0.5), which fine-tuning must follow.
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    base = tmp_path / "base_model"
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1])).save_pretrained(base)
+    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(base)
     cfg = load_config("resnet18_digits_tiny", [
         f"storage.runs_dir={tmp_path}", "name=hf_image", "train.epochs=2", "data.image_size=16", "data.color_mode=RGB",
-        "model.name=resnet", "model.pretrained=false",
-        "model.config_overrides={embedding_size: 16, hidden_sizes: [32, 64], depths: [1, 1]}",
+        f"model.name={base}",
     ])
+    assert cfg.data.mean is None and cfg.model.pretrained
     fit(cfg, log=lambda *_: None)
     lines = [json.loads(x) for x in (tmp_path / "hf_image" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["train_loss"] < lines[0]["train_loss"]
@@ -175,6 +183,10 @@ def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pi
     assert (ckpt_dir / PREPROCESSOR_FILE).is_file()
     assert type(ckpt.model).__name__ == "ResNetForImageClassification"
     assert ckpt.model.config.id2label[3] == "3"
+    # Trained, evaluated and saved with the base model's normalization.
+    assert (ckpt.cfg.data.mean, ckpt.cfg.data.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    processor_file = json.loads((ckpt_dir / PREPROCESSOR_FILE).read_text())
+    assert processor_file["image_mean"] == processor_file["image_std"] == [0.5, 0.5, 0.5]
 
     # The checkpoint is a Hugging Face image model directory: its preprocessor_config.json gives
     # transformers' processor rayfine's preprocessing, so pipeline("image-classification") answers
@@ -201,7 +213,8 @@ def test_hugging_face_image_classifier_trains_on_real_digits_and_transformers_pi
         answers = classify(images, top_k=10)
         probs = np.array([[next(a["score"] for a in answer if a["label"] == label) for label in ckpt.labels] for answer in answers])
         assert np.abs(probs - ours).max() < tolerance, (backend, np.abs(probs - ours).max())
-    # A grayscale model (num_channels 1) gets none: transformers' processors never convert to one channel.
+    # A grayscale model (num_channels 1, from the RGB base) gets none: transformers' processors
+    # never convert to one channel.
     gray = cfg.with_overrides(["data.color_mode=L"])
     model = build_model(gray, ckpt.labels)
     assert logits_of(model(pixel_values=torch.zeros(2, 1, 16, 16))).shape == (2, 10)

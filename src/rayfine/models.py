@@ -185,6 +185,56 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     return model
 
 
+def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None = None) -> Config:
+    """``cfg`` with unset ``data.mean``/``data.std`` taken from a pretrained Hugging Face image
+    model's own image processor (its preprocessor_config.json, as ``AutoImageProcessor`` loads
+    it): the model learnt on inputs normalized that way, e.g. ViT's mean and std 0.5, not
+    ImageNet's. The values then travel in the checkpoint's config to evaluation, serving and its
+    preprocessor_config.json. A grayscale model takes the channels' average, as with ImageNet's;
+    ``do_normalize: false`` means mean 0 and std 1. Set values, torchvision models, models with
+    random weights and base models without an image processor are left as they are (ImageNet's)."""
+    d = cfg.data
+    if (d.kind != "image" or cfg.model.name in MODEL_BUILDERS or not cfg.model.pretrained
+            or (d.mean is not None and d.std is not None)):
+        return cfg
+    import transformers
+
+    quiet_transformers()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name))
+    except (OSError, ValueError):  # no preprocessor_config.json, or one transformers cannot use
+        if log:
+            log(f"[data] {cfg.model.name} has no image processor; data.mean/std unset: ImageNet's")
+        return cfg
+    if getattr(processor, "do_normalize", True):
+        found = {"mean": getattr(processor, "image_mean", None), "std": getattr(processor, "image_std", None)}
+    else:
+        found = {"mean": 0.0, "std": 1.0}
+    update = {}
+    for field, value in found.items():
+        values = _per_channel(value, d.channels)
+        if getattr(d, field) is None and values is not None:
+            update[field] = values
+    if not update:
+        return cfg
+    if log:
+        log(f"[data] normalizing as {cfg.model.name}'s image processor does: "
+            + ", ".join(f"data.{k} {list(v)}" for k, v in update.items()))
+    return cfg.with_overrides([f"data.{k}=[{', '.join(repr(x) for x in v)}]" for k, v in update.items()])
+
+
+def _per_channel(value: Any, channels: int) -> tuple[float, ...] | None:
+    """A processor's mean or std (a number or a list) for ``channels`` channels; None if unusable."""
+    if value is None:
+        return None
+    values = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
+    if len(values) not in (1, 3):
+        return None
+    if len(values) == channels:
+        return tuple(values)
+    return (sum(values) / len(values),) if channels == 1 else (values[0],) * channels
+
+
 Builder = Callable[[Config, list], nn.Module]
 MODEL_BUILDERS: dict[str, Builder] = {name: _resnet for name in TORCHVISION_MODELS}
 

@@ -60,9 +60,12 @@ class DataConfig(_Section):
         "RGB", description="L (1 channel) or RGB (3). Transparent images are composited on black."
     )
     mean: Optional[tuple[float, ...]] = Field(
-        None, description="Per-channel normalization mean; unset: ImageNet's (its average for L)."
+        None, description="Per-channel normalization mean; unset: a pretrained Hugging Face image model's "
+        "own (its image processor's image_mean), else ImageNet's (the channels' average for L)."
     )
-    std: Optional[tuple[float, ...]] = Field(None, description="Per-channel std; unset: ImageNet's.")
+    std: Optional[tuple[float, ...]] = Field(
+        None, description="Per-channel std; unset: as mean, from the image processor's image_std or ImageNet's."
+    )
     augment: bool = Field(False, description="Train-time random shifts and brightness/contrast jitter.")
     hflip: bool = Field(False, description="With augment: random horizontal flips (not for digits).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of examples in the val split.")

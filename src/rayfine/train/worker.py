@@ -30,7 +30,7 @@ from rayfine.config import Config
 from rayfine.data import batch_collate, model_batch, tokenizer_source
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
-from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
+from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of, with_pretrained_normalization
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
@@ -114,6 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
+    # Normalize as the pretrained model learnt; the checkpoint's config carries the values on.
+    cfg = with_pretrained_normalization(cfg, log=print if rank == 0 else None)
 
     model = build_model(cfg, labels)
     start_epoch = 1
