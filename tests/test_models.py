@@ -144,3 +144,22 @@ def test_unset_normalization_comes_from_a_pretrained_hugging_face_image_models_p
     # do_normalize false: the model takes [0, 1] pixels.
     ConvNextImageProcessor(do_normalize=False).save_pretrained(base)
     assert resolved("data.color_mode=RGB")[:2] == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_and_one_that_can_is_not(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = tmp_path / "vit"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32)).save_pretrained(vit)
+    with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
+        build_model(image_cfg(f"model.name={vit}", "data.image_size=16", "data.color_mode=RGB"), LABELS)
+    model = build_model(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
+    assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
+    # A convolutional model pretrained at 224 px takes any size: no error.
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    convnext = tmp_path / "convnext"
+    ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(convnext)
+    model = build_model(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"), LABELS)
+    assert model.config.image_size == 224 and logits_of(model(pixel_values=torch.randn(2, 3, 16, 16))).shape == (2, 7)

@@ -181,8 +181,31 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
             f"model.name: cannot load {cfg.model.name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
             "give a local directory, 'minilm', or a hub id that is in the local Hugging Face cache"
         ) from None
+    if cfg.data.kind == "image":
+        _check_image_size(model, cfg)
     setattr(model, NEW_PARAMS_ATTR, frozenset(new))
     return model
+
+
+def _check_image_size(model: nn.Module, cfg: Config) -> None:
+    """A model pretrained at another size that cannot take ``data.image_size`` (ViT's position
+    embeddings, say) is a config error, named here rather than at the first training batch."""
+    pretrained_size = getattr(model.config, "image_size", None)
+    size = cfg.data.image_size
+    if pretrained_size in (None, size, [size, size], (size, size)):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(pixel_values=torch.zeros(1, cfg.data.channels, size, size))
+    except (ValueError, RuntimeError) as e:
+        raise RayfineError(
+            f"data.image_size: {cfg.model.name} takes {pretrained_size} px images, not {size} "
+            f"({str(e).splitlines()[0]}); set data.image_size={pretrained_size}"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None = None) -> Config:
