@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from rayfine.config import load_config
 from rayfine.errors import RayfineError
-from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of
+from rayfine.models import NEW_PARAMS_ATTR, build_model, check_image_size, logits_of
 
 LABELS = [str(d) for d in range(7)]
 
@@ -152,8 +152,11 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
     vit = tmp_path / "vit"
     ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=32)).save_pretrained(vit)
-    with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
-        build_model(image_cfg(f"model.name={vit}", "data.image_size=16", "data.color_mode=RGB"), LABELS)
+    wrong = image_cfg(f"model.name={vit}", "data.image_size=16", "data.color_mode=RGB")
+    for check in (lambda: build_model(wrong, LABELS), lambda: check_image_size(wrong)):  # in workers; on the driver
+        with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
+            check()
+    check_image_size(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"))
     model = build_model(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
     assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
     # A convolutional model pretrained at 224 px takes any size: no error.
@@ -163,3 +166,4 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
     ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(convnext)
     model = build_model(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"), LABELS)
     assert model.config.image_size == 224 and logits_of(model(pixel_values=torch.randn(2, 3, 16, 16))).shape == (2, 7)
+    check_image_size(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"))

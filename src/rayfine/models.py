@@ -187,6 +187,26 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     return model
 
 
+def check_image_size(cfg: Config) -> None:
+    """``_check_image_size`` on the driver, before the data is prepared and the workers start (and
+    retry): the model is built from its config.json alone, with random weights, and only when its
+    pretrained size differs from ``data.image_size``."""
+    if cfg.data.kind != "image" or cfg.model.name in MODEL_BUILDERS or not cfg.model.pretrained:
+        return
+    import transformers
+
+    quiet_transformers()
+    source = resolve_model_source(cfg.model.name)
+    kwargs = _hf_label_kwargs(cfg, ["0", "1"])
+    kwargs.pop("image_size", None)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return  # build_model names what is wrong with the model itself
+    if getattr(config, "image_size", None) not in (None, cfg.data.image_size):
+        _check_image_size(_hf_auto_class(cfg).from_config(config, dtype=torch.float32), cfg)
+
+
 def _check_image_size(model: nn.Module, cfg: Config) -> None:
     """A model pretrained at another size that cannot take ``data.image_size`` (ViT's position
     embeddings, say) is a config error, named here rather than at the first training batch."""
