@@ -191,7 +191,7 @@ def check_image_size(cfg: Config) -> None:
     """``_check_image_size`` on the driver, before the data is prepared and the workers start (and
     retry): the model is built from its config.json alone, with random weights, and only when its
     pretrained size differs from ``data.image_size``."""
-    if cfg.data.kind != "image" or cfg.model.name in MODEL_BUILDERS or not cfg.model.pretrained:
+    if not _pretrained_hf_image(cfg):
         return
     import transformers
 
@@ -203,17 +203,26 @@ def check_image_size(cfg: Config) -> None:
         config = transformers.AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError):
         return  # build_model names what is wrong with the model itself
-    if getattr(config, "image_size", None) not in (None, cfg.data.image_size):
+    if _other_size(config, cfg):
         _check_image_size(_hf_auto_class(cfg).from_config(config, dtype=torch.float32), cfg)
+
+
+def _pretrained_hf_image(cfg: Config) -> bool:
+    return cfg.data.kind == "image" and cfg.model.name not in MODEL_BUILDERS and cfg.model.pretrained
+
+
+def _other_size(config: Any, cfg: Config) -> bool:
+    """Whether a model config's image_size (an int or a pair, when it has one) is not ``data.image_size``."""
+    size = cfg.data.image_size
+    return getattr(config, "image_size", None) not in (None, size, [size, size], (size, size))
 
 
 def _check_image_size(model: nn.Module, cfg: Config) -> None:
     """A model pretrained at another size that cannot take ``data.image_size`` (ViT's position
     embeddings, say) is a config error, named here rather than at the first training batch."""
-    pretrained_size = getattr(model.config, "image_size", None)
-    size = cfg.data.image_size
-    if pretrained_size in (None, size, [size, size], (size, size)):
+    if not _other_size(model.config, cfg):
         return
+    pretrained_size, size = model.config.image_size, cfg.data.image_size
     was_training = model.training
     model.eval()
     try:
@@ -237,8 +246,7 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
     ``do_normalize: false`` means mean 0 and std 1. Set values, torchvision models, models with
     random weights and base models without an image processor are left as they are (ImageNet's)."""
     d = cfg.data
-    if (d.kind != "image" or cfg.model.name in MODEL_BUILDERS or not cfg.model.pretrained
-            or (d.mean is not None and d.std is not None)):
+    if not _pretrained_hf_image(cfg) or (d.mean is not None and d.std is not None):
         return cfg
     import transformers
 
