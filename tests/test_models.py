@@ -167,3 +167,30 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
     model = build_model(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"), LABELS)
     assert model.config.image_size == 224 and logits_of(model(pixel_values=torch.randn(2, 3, 16, 16))).shape == (2, 7)
     check_image_size(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"))
+
+
+def test_a_grayscale_model_from_rgb_weights_keeps_its_pretrained_input_convolution(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel, ViTConfig, ViTModel
+
+    small = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    bases = {  # directory -> (the model's stem parameter, its name in the base's weights)
+        "resnet_classifier": (ResNetForImageClassification(small), "resnet.embedder.embedder.convolution.weight"),
+        "resnet_body": (ResNetModel(small), "embedder.embedder.convolution.weight"),  # no head, no "resnet." prefix
+        "vit_body": (ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32)), "embeddings.patch_embeddings.projection.weight"),
+    }
+    for directory, (base, stored) in bases.items():
+        # The classifier's weights in shards, as large models are stored (model.safetensors.index.json).
+        base.save_pretrained(tmp_path / directory, max_shard_size="4KB" if directory == "resnet_classifier" else "5GB")
+        rgb_stem = base.state_dict()[stored]
+        gray = build_model(image_cfg(f"model.name={tmp_path / directory}", "data.image_size=16"), LABELS)
+        key = next(k for k in dict(gray.named_parameters()) if k.endswith(stored.removeprefix("resnet.")))
+        stem = dict(gray.named_parameters())[key]
+        assert stem.shape[1] == 1 and torch.allclose(stem, rgb_stem.sum(dim=1, keepdim=True)), directory
+        assert key not in getattr(gray, NEW_PARAMS_ATTR), directory  # pretrained: not trained as a new head
+        assert logits_of(gray(pixel_values=torch.randn(2, 1, 16, 16))).shape == (2, 7)
+    # RGB models load the stem as it is.
+    rgb = build_model(image_cfg(f"model.name={tmp_path / 'resnet_body'}", "data.color_mode=RGB", "data.image_size=16"), LABELS)
+    assert torch.equal(rgb.resnet.embedder.embedder.convolution.weight,
+                       load_file(str(tmp_path / "resnet_body" / "model.safetensors"))["embedder.embedder.convolution.weight"])

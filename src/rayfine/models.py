@@ -20,6 +20,7 @@ Every builder records which parameters are new (not loaded from pretrained weigh
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -175,7 +176,9 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
             model, info = auto.from_pretrained(
                 source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
             )
-            new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
+            mismatched = info.get("mismatched_keys", [])
+            adapted = _adapt_input_convs(model, source, mismatched) if cfg.data.kind == "image" else set()
+            new = set(info["missing_keys"]) | {k for k, *_ in mismatched if k not in adapted}
     except OSError as e:
         raise RayfineError(
             f"model.name: cannot load {cfg.model.name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
@@ -185,6 +188,48 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
         _check_image_size(model, cfg)
     setattr(model, NEW_PARAMS_ATTR, frozenset(new))
     return model
+
+
+def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
+    """A grayscale model from RGB weights keeps its pretrained input convolution, summed over the
+    colour channels (timm's ``adapt_input_conv``: a gray image gives the response its RGB copy
+    did), where transformers' ``ignore_mismatched_sizes`` would draw it at random. Reads only those
+    tensors from the source's safetensors files; returns the parameter names adapted."""
+    wanted = {key: tuple(old) for key, old, now in mismatched
+              if len(old) == 4 and len(now) == 4 and old[1] == 3 and now[1] == 1
+              and old[0] == now[0] and tuple(old[2:]) == tuple(now[2:])}
+    if not wanted:
+        return set()
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def resolve(name: str) -> str | None:
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    index = resolve("model.safetensors.index.json")  # sharded weights
+    if index:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        file_of = lambda name: resolve(weight_map[name]) if name in weight_map else None
+    else:
+        single = resolve("model.safetensors")  # None for .bin weights, never unpickled: stays random
+        file_of = lambda name: single
+    params, adapted = dict(model.named_parameters()), set()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for key, shape in wanted.items():
+        for name in (key, key.removeprefix(prefix)):  # a base model's checkpoint has no head prefix
+            path = file_of(name)
+            if path is None:
+                continue
+            with safe_open(path, "pt") as f:
+                if name not in f.keys() or tuple(f.get_slice(name).get_shape()) != shape:
+                    continue
+                with torch.no_grad():
+                    params[key].copy_(f.get_tensor(name).sum(dim=1, keepdim=True))
+            adapted.add(key)
+            break
+    return adapted
 
 
 def check_image_size(cfg: Config) -> None:
