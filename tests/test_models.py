@@ -43,6 +43,11 @@ def test_weights_from_a_safetensors_file_load_where_shapes_match(tmp_path):
     # ...and they are what counts as new (head_lr, freeze_epochs).
     new = getattr(model, NEW_PARAMS_ATTR)
     assert new == {"net.fc.weight", "net.fc.bias", "net.conv1.weight"}
+    # A grayscale model with the ImageNet stem keeps the RGB stem, summed over the colour channels.
+    gray = build_model(image_cfg("data.image_size=64", f"model.weights={tmp_path / 'w.safetensors'}"), LABELS)
+    assert gray.net.conv1.weight.shape == (64, 1, 7, 7)
+    assert torch.allclose(gray.net.conv1.weight, donor.net.conv1.weight.sum(dim=1, keepdim=True))
+    assert getattr(gray, NEW_PARAMS_ATTR) == {"net.fc.weight", "net.fc.bias"}
 
 
 def test_weights_from_a_rayfine_checkpoint_continue_its_training(tmp_path):

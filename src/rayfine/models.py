@@ -75,14 +75,13 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
         pretrained = net.conv1.weight.detach()
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         if weights is not None:
-            # Grayscale from RGB weights: the mean over colour channels (same response to gray).
-            with torch.no_grad():
-                net.conv1.weight.copy_(pretrained.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1))
-        else:
+            with torch.no_grad():  # grayscale from RGB weights
+                net.conv1.weight.copy_(_summed_over_colours(pretrained))
+        elif not m.weights:
             new.add("conv1.")
     net.fc = nn.Linear(net.fc.in_features, len(labels))
-    if m.weights and m.weights.endswith(".safetensors"):
-        _load_partial(net, m.weights)
+    if m.weights and m.weights.endswith(".safetensors") and "conv1.weight" not in _load_partial(net, m.weights):
+        new.add("conv1.")  # a stem the file has no tensor of this shape for
     model = ImageClassifier(net)
     pretrained_body = bool(m.weights)
     setattr(model, NEW_PARAMS_ATTR, frozenset(
@@ -92,9 +91,10 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
     return model
 
 
-def _load_partial(model: nn.Module, path: str) -> None:
+def _load_partial(model: nn.Module, path: str) -> set[str]:
     """Load matching tensors from a safetensors file (the head and a changed stem may differ): a
-    torchvision state dict, or a rayfine checkpoint's model.safetensors (continued fine-tuning)."""
+    torchvision state dict, or a rayfine checkpoint's model.safetensors (continued fine-tuning).
+    Returns the names loaded."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(path).expanduser()))
@@ -102,10 +102,24 @@ def _load_partial(model: nn.Module, path: str) -> None:
     if not any(k in own for k in state):
         # A rayfine checkpoint: ImageClassifier holds the torchvision network as "net".
         state = {k.removeprefix("net."): v for k, v in state.items()}
+    # An RGB stem for a grayscale one: summed over the colour channels, as with named weights.
+    state = {k: _summed_over_colours(v) if k in own and _gray_of_rgb(own[k].shape, v.shape) else v
+             for k, v in state.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise RayfineError(f"model.weights: no tensor in {path} matches {type(model).__name__}'s parameters")
     model.load_state_dict(usable, strict=False)
+    return set(usable)
+
+
+def _gray_of_rgb(gray: tuple, rgb: tuple) -> bool:
+    """Whether a convolution weight of shape ``gray`` is one of shape ``rgb`` with 1 input channel, not 3."""
+    return len(gray) == len(rgb) == 4 and gray[1] == 1 and rgb[1] == 3 and gray[0] == rgb[0] and gray[2:] == rgb[2:]
+
+
+def _summed_over_colours(weight: torch.Tensor) -> torch.Tensor:
+    """timm's ``adapt_input_conv`` for one channel: a gray image gives the response its RGB copy did."""
+    return weight.sum(dim=1, keepdim=True)
 
 
 # --- Hugging Face -----------------------------------------------------------------------------
@@ -195,9 +209,7 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
     colour channels (timm's ``adapt_input_conv``: a gray image gives the response its RGB copy
     did), where transformers' ``ignore_mismatched_sizes`` would draw it at random. Reads only those
     tensors from the source's safetensors files; returns the parameter names adapted."""
-    wanted = {key: tuple(old) for key, old, now in mismatched
-              if len(old) == 4 and len(now) == 4 and old[1] == 3 and now[1] == 1
-              and old[0] == now[0] and tuple(old[2:]) == tuple(now[2:])}
+    wanted = {key: tuple(old) for key, old, now in mismatched if _gray_of_rgb(tuple(now), tuple(old))}
     if not wanted:
         return set()
     from safetensors import safe_open
@@ -226,7 +238,7 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
                 if name not in f.keys() or tuple(f.get_slice(name).get_shape()) != shape:
                     continue
                 with torch.no_grad():
-                    params[key].copy_(f.get_tensor(name).sum(dim=1, keepdim=True))
+                    params[key].copy_(_summed_over_colours(f.get_tensor(name)))
             adapted.add(key)
             break
     return adapted
