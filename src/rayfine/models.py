@@ -209,7 +209,8 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
     colour channels (timm's ``adapt_input_conv``: a gray image gives the response its RGB copy
     did), where transformers' ``ignore_mismatched_sizes`` would draw it at random. Reads only those
     tensors from the source's safetensors files; returns the parameter names adapted."""
-    wanted = {key: tuple(old) for key, old, now in mismatched if _gray_of_rgb(tuple(now), tuple(old))}
+    params = dict(model.named_parameters())
+    wanted = {key: tuple(old) for key, old, now in mismatched if key in params and _gray_of_rgb(tuple(now), tuple(old))}
     if not wanted:
         return set()
     from safetensors import safe_open
@@ -227,7 +228,7 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
     else:
         single = resolve("model.safetensors")  # None for .bin weights, never unpickled: stays random
         file_of = lambda name: single
-    params, adapted = dict(model.named_parameters()), set()
+    adapted = set()
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     for key, shape in wanted.items():
         for name in (key, key.removeprefix(prefix)):  # a base model's checkpoint has no head prefix
