@@ -77,13 +77,11 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
         if weights is not None:
             with torch.no_grad():  # grayscale from RGB weights
                 net.conv1.weight.copy_(_summed_over_colours(pretrained))
-        elif not m.weights:
-            new.add("conv1.")
     net.fc = nn.Linear(net.fc.in_features, len(labels))
     if m.weights and m.weights.endswith(".safetensors") and "conv1.weight" not in _load_partial(net, m.weights):
         new.add("conv1.")  # a stem the file has no tensor of this shape for
     model = ImageClassifier(net)
-    pretrained_body = bool(m.weights)
+    pretrained_body = bool(m.weights)  # without weights every parameter is new
     setattr(model, NEW_PARAMS_ATTR, frozenset(
         name for name, _ in model.named_parameters()
         if not pretrained_body or any(name.startswith("net." + p) for p in new)
