@@ -166,6 +166,23 @@ BOUNDS = {
         "Ray, checked with psutil), A/B in one script, 3 rounds alternating with the plain script, steady samples/s: "
         "nice 15 (Ray's default) 93.9, 93.8, 91.6; nice 0 93.8, 76.4, 86.1; plain DDP 104.7, 91.4, 109.6. "
         "Priority is not what the workers lose.",
+        "Start-up, profiled 2026-12-03 on 2 AMD EPYC CPUs (outside the ratio, which counts steady epochs): "
+        "`rayfine train resnet18_digits_tiny` (2 workers, 8 px, 2 epochs) takes 56-65 s (80 s in the first run after the test suite, cold), of which epoch 2 is ~3 s. "
+        "From trainer.fit() to the end of epoch 1: 29-33 s (44 s cold). Instrumented (timestamps in the training loop, psutil "
+        "every 0.5-1 s, py-spy at 50 Hz on both workers): 11.7 s until the loop starts, while Ray Train starts its "
+        "controller, the two workers, a synchronization actor, a dataset manager and a placement-group cleaner, each "
+        "a new process (26.8 CPU-seconds of the 36 the window had: workers 7.7 and 7.0, controller 4.7, the others "
+        "1.8-2.2 each); 3-4 s to build the model (resnet18 itself 0.18 s; importing torchvision pulls in "
+        "torch._dynamo, 1.5 s, which DDP imports anyway); 7.0-7.4 s from the first iter_torch_batches call to the "
+        "first batch, the workers idle: rank 0's first get_dataset_shard makes each split's SplitCoordinator actor "
+        "(a new process, ~3 s to start), and then the equal split's last step, a _split_single_block task that "
+        "evens out the ranks' rows, waits for one more new worker process (~3.5 s): the Train actors and the "
+        "coordinators took the idle ones. The first one or two steps then take 2.8-4.7 s against ~0.3 s later "
+        "(py-spy: the first backward and AdamW's first-step state set-up), where the same first step in one plain "
+        "process with gloo DDP takes 0.34 s; the cause was not found. Tried, not adopted: asking for the shards at "
+        "the top of the training loop, so that the coordinators start while the model is built. A/B alternating, "
+        "trainer.fit() to the end of epoch 1: 31.5 and 29.1 s before, 32.5 and 30.5 s after; on 2 CPUs the "
+        "coordinators' start competes with the model build for the same CPUs.",
     ],
     "ingest": [
         "Measured 2026-12-03 on 2 AMD EPYC CPUs (goal >= 1.0 missed on the headline digits folder: 0.69, "
