@@ -213,7 +213,7 @@ def fit(
     check_resources(cfg, strict=strict_resources, log=log)
 
     trainer = build_trainer(cfg, datasets, info, callbacks=[MetricsLog(str(metrics_path))], train_loop=train_loop)
-    log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} -> {run_dir}")
+    log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epoch(s) -> {run_dir}")
     tracker = _open_tracker(cfg, train_dir, continuing)
     done = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
     progress = Progress(total=cfg.train.epochs, desc="epochs", log=log, initial=min(done, cfg.train.epochs))
