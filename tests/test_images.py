@@ -64,6 +64,33 @@ def test_transparent_pixels_are_composited_on_black():
     assert out[:5].min() == 255 and out[5:].max() == 0
 
 
+def test_a_transparent_colour_in_a_grayscale_png_is_composited_on_black():
+    gray = np.full((10, 10), 200, np.uint8)
+    gray[5:] = 17  # the colour marked transparent (PNG's tRNS chunk)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG", transparency=17)
+    out = prepare_image(buf.getvalue(), cfg(image_size=10))
+    assert out[:5].min() == 200 and out[5:].max() == 0
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_is_applied_in_every_format_that_carries_it(fmt):
+    """Orientation 6 (what a phone held upright writes): the stored pixels are shown turned 90
+    degrees clockwise. MPO is what Pillow opens a phone's JPEG with a gain or depth map as."""
+    stored = np.zeros((8, 16), np.uint8)  # wide as stored: four vertical stripes
+    stored[:, :4], stored[:, 4:8], stored[:, 8:12] = 255, 170, 85
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ExifTags.Base.Orientation
+    buf = io.BytesIO()
+    options = {"JPEG": {"quality": 100}, "WEBP": {"lossless": True},
+               "MPO": {"quality": 100, "save_all": True, "append_images": [Image.fromarray(stored)]}}.get(fmt, {})
+    Image.fromarray(stored).save(buf, format=fmt, exif=exif, **options)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == fmt
+    out = prepare_image(buf.getvalue(), cfg(image_size=8))[..., 0].astype(int)
+    upright = np.rot90(stored, k=-1)[4:12].astype(int)  # turned clockwise (16x8), center-cropped to 8x8
+    assert np.abs(out - upright).max() <= 8  # JPEG's rounding; unturned, rows would differ by 255
+
+
 def test_resize_keeps_aspect_by_center_crop():
     img = Image.new("L", (40, 20))
     img.paste(255, (10, 0, 30, 20))  # a bright square in the middle

@@ -18,7 +18,7 @@ import io
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from rayfine.config import DataConfig
 from rayfine.errors import InputError
@@ -82,11 +82,15 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
 
 
 def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
-    """To L or RGB; alpha (RGBA, LA, palette transparency) is composited on black."""
-    img = ImageOps.exif_transpose(img) if img.format == "JPEG" else img
+    """Upright, to L or RGB; alpha (RGBA, LA, a palette's or a PNG's transparent colour) is
+    composited on black."""
+    # EXIF orientation, in any format that carries it: JPEG, MPO (phone photos with a gain or
+    # depth map), PNG, WebP (TIFF's is applied by Pillow as it loads).
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (exif_transpose copies even when upright)
+        img = ImageOps.exif_transpose(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
