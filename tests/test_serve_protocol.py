@@ -69,6 +69,7 @@ def test_v2_bytes_pixels_and_texts_become_raw_items():
     ([{"name": "pixels", "shape": [1, 3], "datatype": "UINT8", "data": [0] * 3}], "image", 400, "[N, H, W]"),
     ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [300] * 9}], "image", 400, "integers in [0, 255]"),
     ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [[1, 2, 3], [4, 5], [6]]}], "image", 400, "ragged"),
+    ([{"name": "pixels", "shape": [1, 1, 1], "datatype": "UINT8", "data": [10 ** 400]}], "image", 400, "must be numbers"),
     ([{"name": "pixels", "shape": [1, 200, 200], "datatype": "UINT8", "data": [0]}], "image", 400, "exceed the limit of 10000"),
     ([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "image", 400, "unknown input 'text'"),
     ([{"name": "pixels", "shape": [1, 3, 3], "datatype": "UINT8", "data": [0] * 9}], "text", 400, "unknown input 'pixels'"),
@@ -488,6 +489,11 @@ def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals(
             assert result["predictions"][0]["label"] == "pos"
             assert _FlakyHandler.calls == ["/predict", "/predict"], first  # failed once, retried once
         assert "a fine film\tpos\t0.9000" in format_predictions(["a fine film"], result)
+        # A text longer than a file name may be (255 bytes) is a text, not an error.
+        long_text = "a gripping film, " * 20
+        _FlakyHandler.calls, _FlakyHandler.script = [], []
+        assert predict(url, [long_text])["predictions"][0]["label"] == "pos"
+        assert format_predictions([long_text], result).splitlines()[1].startswith(long_text[:37] + "...")
         # Only one retry; and a request refused for itself (4xx) is not sent again.
         _FlakyHandler.calls, _FlakyHandler.script = [], [500, 500]
         with pytest.raises(ClientError, match="500 from .*Internal Server Error"):

@@ -67,16 +67,24 @@ def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kw
     return body
 
 
+def _is_file(x: str) -> bool:
+    """Whether ``x`` names an existing file; a text too long or odd for a path is not one."""
+    try:
+        return Path(x).is_file()
+    except (OSError, ValueError):  # ENAMETOOLONG; an embedded NUL
+        return False
+
+
 def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k: int = 5,
             timeout_s: float = 60, retries: int = 1) -> dict:
     """POST /predict: ``inputs`` are all existing files (uploaded) or all texts."""
     if not inputs:
         raise ClientError("give at least one input (files or texts)")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    files = [Path(x) for x in inputs if Path(x).is_file()]
+    files = [Path(x) for x in inputs if _is_file(x)]
     endpoint = url.rstrip("/") + "/predict"
     if files and len(files) != len(inputs):
-        missing = [x for x in inputs if not Path(x).is_file()]
+        missing = [x for x in inputs if not _is_file(x)]
         raise ClientError(f"give either files or texts, not both; not files: {missing[:3]}")
     if files:
         parts = [("files", (f.name, f.read_bytes())) for f in files]
@@ -90,7 +98,7 @@ def format_predictions(inputs: list[str], result: dict) -> str:
     """One line per input (a file by its name, a text by its start): label, score, runners-up."""
     lines = [f"# model {result.get('model_name')} version {result.get('model_version')}"]
     for item, p in zip(inputs, result["predictions"]):
-        shown = Path(item).name if Path(item).is_file() else item if len(item) <= 40 else item[:37] + "..."
+        shown = Path(item).name if _is_file(item) else item if len(item) <= 40 else item[:37] + "..."
         others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"][1:])
         lines.append(f"{shown}\t{p['label']}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
     return "\n".join(lines)

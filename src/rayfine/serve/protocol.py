@@ -261,7 +261,7 @@ def _pixels(inp: RequestInput, raw: Optional[bytes], limits: ServeConfig, where:
     else:
         try:
             arr = np.asarray(inp.data, dtype=np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float64
             raise RequestError(f"{where}: data must be numbers in a regular (not ragged) nesting") from None
     if arr.size != math.prod(shape):
         raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} elements, data has {arr.size}")
