@@ -99,6 +99,25 @@ def test_csv_jsonl_parquet_give_the_same_examples_and_serving_tokenizes_identica
 
 
 @pytest.mark.ray
+def test_labels_and_texts_are_read_as_the_strings_the_file_holds(ray_local, tmp_path, reviews):
+    """Zero-padded class codes stay codes (pyarrow's CSV reader and pandas' JSON reader would make
+    "007" the number 7), quoted CSV texts may span lines in a file larger than pyarrow's 1 MiB
+    read block, and a JSONL file may start with a byte-order mark."""
+    texts = [t + "\n" + t for t in reviews["text"].iloc[:400]] * 12  # ~1.3 MB of CSV
+    codes = ["007" if y == "positive" else "010" for y in reviews["label"].iloc[:400]] * 12
+    import pandas as pd
+
+    pd.DataFrame({"text": texts, "label": codes}).to_csv(tmp_path / "codes.csv", index=False)
+    assert (tmp_path / "codes.csv").stat().st_size > 1 << 20
+    lines = [json.dumps({"text": t, "label": y}) for t, y in zip(texts[:400], codes[:400])]
+    (tmp_path / "codes.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    for name, count in (("codes.csv", 4800), ("codes.jsonl", 400)):
+        datasets, info = build_datasets(text_cfg(tmp_path / name, "data.labels=['007', '010']"), log=lambda *_: None)
+        assert info.labels == ["007", "010"] and sum(info.num_examples.values()) == count, name
+        assert info.bad_rows == 0, name
+
+
+@pytest.mark.ray
 def test_empty_texts_and_labels_are_bad_rows(ray_local, tmp_path, reviews):
     sample = reviews.iloc[:40].copy()
     sample.loc[3, "text"] = ""

@@ -23,6 +23,8 @@ import os
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray.data
 
 from rayfine.config import DataConfig
@@ -200,8 +202,6 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     """A dataset of one "path" column in ``blocks`` blocks, split as ``ray.data.from_items(...,
     override_num_blocks=blocks)`` splits it (the first ``len % blocks`` blocks one row longer), but
     built as Arrow tables: from_items adds rows one dict at a time, ~3 us a path on the driver."""
-    import pyarrow as pa
-
     blocks = max(1, min(blocks, len(paths)))  # as from_items: no empty blocks
     size, extra = divmod(len(paths), blocks)
     bounds = [i * size + min(i, extra) for i in range(blocks + 1)]
@@ -398,10 +398,18 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         return read_builtin_texts(data_cfg.source.removeprefix("builtin:"))
     fmt = detect_format(data_cfg)
     source = data_cfg.source
+    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column) if c]
     if fmt == "csv":
-        ds = ray.data.read_csv(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["csv"]))
+        # Texts and labels stay the strings the file holds (pyarrow would make "007" the number 7,
+        # "true" a bool); quoted values may span lines in files of any size.
+        ds = ray.data.read_csv(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["csv"]),
+                               parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
     elif fmt == "jsonl":
-        ds = ray.data.read_json(source, lines=True, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["jsonl"]))
+        # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
+        # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
+        # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
+        ds = ray.data.read_json(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["jsonl"]))
     else:
         ds = ray.data.read_parquet(source, include_paths=True)
     _check_columns(ds, data_cfg, ("text_column", "text_pair_column", "label_column"))
