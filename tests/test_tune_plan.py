@@ -77,6 +77,14 @@ def test_bad_search_settings_are_refused_naming_the_field(override, message):
     assert message in _errors(override)
 
 
+def test_a_text_search_cannot_vary_the_model_whose_tokenizer_made_its_datasets():
+    """The datasets are tokenized once for all trials, with model.name's tokenizer."""
+    override = "tune.search_space.model.name={choice: [minilm, bert-base-uncased]}"
+    assert "model.name: cannot vary for text data" in _errors(override, name="minilm_rotten_tomatoes")
+    # Images are prepared the same for every model (each trial normalizes as its model learnt).
+    assert check_search(load_config("resnet18_digits_tiny", ["tune.search_space.model.name={choice: [resnet18, resnet34]}"])) == []
+
+
 def test_grid_needs_the_random_searcher():
     assert "grid needs tune.searcher=random" in _errors("tune.searcher=optuna", "tune.search_space.seed={grid: [0, 1]}")
 

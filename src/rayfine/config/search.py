@@ -125,6 +125,10 @@ def check_search(cfg: "Config") -> list[str]:
             errors.append(f"{where}: cannot vary between trials; searchable: train.* (except train.epochs, ASHA's max_t), "
                           "model.*, seed (settings for all trials go in tune.trial_overrides)")
             continue
+        if key == "model.name" and trial.data.kind == "text":
+            errors.append(f"{where}: cannot vary for text data: the search tokenizes the texts once, with the "
+                          f"tokenizer of model.name ({trial.model.name}); run one search per model instead")
+            continue
         try:
             kind, args = parse_search_spec(spec)
         except ValueError as e:
