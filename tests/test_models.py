@@ -199,3 +199,31 @@ def test_a_grayscale_model_from_rgb_weights_keeps_its_pretrained_input_convoluti
     rgb = build_model(image_cfg(f"model.name={tmp_path / 'resnet_body'}", "data.color_mode=RGB", "data.image_size=16"), LABELS)
     assert torch.equal(rgb.resnet.embedder.embedder.convolution.weight,
                        load_file(str(tmp_path / "resnet_body" / "model.safetensors"))["embedder.embedder.convolution.weight"])
+
+
+def test_a_decoder_only_text_classifier_gets_the_tokenizers_pad_id(tmp_path):
+    """GPT-2-style models classify from each text's last token, found by the config's pad id:
+    without it they refuse batches of more than one text, and with another id they would classify
+    from a padding position. A padded text must get the logits it gets alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    from rayfine.config import validate
+    from rayfine.data.text import TextCollate, load_tokenizer, tokenize
+
+    vocab = {"<eos>": 0, "<unk>": 1, "good": 2, "bad": 3, "film": 4, "very": 5, "<pad>": 6}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+
+    cfg = validate({"name": "gpt", "data": {"kind": "text", "source": "x.csv"}, "model": {"name": str(tmp_path)}})
+    model = build_model(cfg, ["bad", "good"]).eval()
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 6
+    collate = TextCollate(cfg.data, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        both = logits_of(model(**collate(tokenize(["very good film", "bad"], None, cfg.data, tokenizer))))
+        alone = logits_of(model(**collate(tokenize(["bad"], None, cfg.data, tokenizer))))
+    assert torch.allclose(both[1], alone[0], atol=1e-5)

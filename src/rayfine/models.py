@@ -164,6 +164,12 @@ def _hf_label_kwargs(cfg: Config, labels: list[str]) -> dict[str, Any]:
     if cfg.data.kind == "image":
         kwargs["num_channels"] = cfg.data.channels
         kwargs["image_size"] = cfg.data.image_size
+    else:
+        # The model finds each text's last token by the tokenizer's pad id (decoder-only models such
+        # as GPT-2 or Qwen2 classify from it, and refuse batches without one), so the two must agree.
+        from rayfine.data.text import load_tokenizer
+
+        kwargs["pad_token_id"] = load_tokenizer(resolve_model_source(cfg.model.name)).pad_token_id
     return {**kwargs, **dict(cfg.model.config_overrides)}
 
 
@@ -173,8 +179,8 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     quiet_transformers()
     source = resolve_model_source(cfg.model.name)
     auto = _hf_auto_class(cfg)
-    kwargs = _hf_label_kwargs(cfg, labels)
     try:
+        kwargs = _hf_label_kwargs(cfg, labels)
         if not cfg.model.pretrained:
             if source in transformers.CONFIG_MAPPING:
                 config = transformers.AutoConfig.for_model(source, **kwargs)
