@@ -122,6 +122,13 @@ def test_health_metadata_and_openapi(server):
     assert requests.get(server.url + "/v2/health/live", timeout=30).json() == {"live": True}  # no key needed
     assert requests.get(server.url + "/v2/health/ready", timeout=30).json() == {"ready": True}
     assert get(server, f"/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
+    # HEAD answers as GET does, without the body (health checkers and load balancers send it).
+    head = requests.head(server.url + "/v2/health/ready", timeout=30)
+    full = requests.get(server.url + "/v2/health/ready", timeout=30)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == full.headers["content-length"] == str(len(full.content))
+    assert requests.head(server.url + f"/v2/models/{NAME}", timeout=30).status_code == 401  # the key is still asked for
+    assert requests.head(server.url + f"/v2/models/{NAME}", headers=AUTH, timeout=30).status_code == 200
     meta = get(server, f"/v2/models/{NAME}").json()
     assert meta == {
         "name": NAME, "versions": [server.v1], "platform": "pytorch",

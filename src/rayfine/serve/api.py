@@ -113,6 +113,17 @@ class BodyDecoder:
         return out
 
 
+def _without_body(send):
+    """``send`` for a HEAD request: the GET answer's status and headers (Content-Length included), no body."""
+
+    async def head_send(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_send
+
+
 class Guard:
     """ASGI middleware in front of every route: the API key, then the body-size limit, which it
     enforces on Content-Length and on the bytes actually received (chunked bodies too), and the
@@ -126,6 +137,10 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 9.3.2): health checkers and load balancers
+            # send it; FastAPI's routes answer GET only.
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         path, root = scope.get("path", "/"), scope.get("root_path", "")
         route = path[len(root):] if root and path.startswith(root) else path
