@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rayfine.config import load_config
+from rayfine.config import ConfigError, load_config
 from rayfine.errors import RayfineError
-from rayfine.models import NEW_PARAMS_ATTR, build_model, check_image_size, logits_of
+from rayfine.models import NEW_PARAMS_ATTR, build_model, check_image_size, check_model, logits_of
 
 LABELS = [str(d) for d in range(7)]
 
@@ -227,3 +227,18 @@ def test_a_decoder_only_text_classifier_gets_the_tokenizers_pad_id(tmp_path):
         both = logits_of(model(**collate(tokenize(["very good film", "bad"], None, cfg.data, tokenizer))))
         alone = logits_of(model(**collate(tokenize(["bad"], None, cfg.data, tokenizer))))
     assert torch.allclose(both[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.max_length=1024"], "data.max_length: 1024 is more than minilm takes (512 tokens); allowed: 2 to 512"),
+    (["model.name=resnet18", "data.kind=image", "data.source=builtin:digits", "model.weights=IMAGENET1K_V3"],
+     "model.weights: 'IMAGENET1K_V3' is not a weights name of resnet18; allowed: IMAGENET1K_V1, DEFAULT, or a .safetensors file"),
+    (["model.name=resnet18", "data.kind=image", "data.source=builtin:digits", "model.weights=/nowhere/w.safetensors"],
+     "model.weights: no file /nowhere/w.safetensors"),
+])
+def test_what_workers_would_fail_on_is_a_config_error_on_the_driver(overrides, message):
+    """Checked before any worker starts (a worker's error is retried train.max_failures times)."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        check_model(load_config("minilm_rotten_tomatoes_tiny", overrides))
+    check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=512"]))  # the model's own limit is fine
+    check_model(load_config("resnet18_digits_tiny", ["model.weights=IMAGENET1K_V1", "model.stem=small"]))  # a name: not loaded

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rayfine.config import TORCHVISION_MODELS, Config
+from rayfine.config import TORCHVISION_MODELS, Config, ConfigError
 from rayfine.errors import CheckpointError, RayfineError
 
 NEW_PARAMS_ATTR = "rayfine_new_params"
@@ -247,6 +247,47 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
             adapted.add(key)
             break
     return adapted
+
+
+def check_model(cfg: Config) -> None:
+    """What the workers would find out only at their first batch (and retry train.max_failures
+    times), checked on the driver: model.weights, data.max_length, data.image_size."""
+    m = cfg.model
+    if m.is_torchvision and m.weights:
+        if m.weights.endswith(".safetensors"):
+            if not Path(m.weights).expanduser().is_file():
+                raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
+        else:
+            import torchvision
+
+            names = list(torchvision.models.get_model_weights(m.name).__members__)
+            if m.weights not in names:
+                raise ConfigError([f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
+                                   f"{', '.join(names)}, or a .safetensors file"])
+    if cfg.data.kind == "text":
+        most = max_tokens(resolve_model_source(m.name))
+        if most is not None and cfg.data.max_length > most:
+            raise ConfigError([f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
+                               f"tokens); allowed: 2 to {most}"])
+    check_image_size(cfg)
+
+
+def max_tokens(source: str) -> Any:
+    """The most tokens a text model takes: its tokenizer's model_max_length, else its config's
+    max_position_embeddings; None when neither says (or the model cannot be read: build_model
+    names what is wrong with it)."""
+    import transformers
+
+    from rayfine.data.text import load_tokenizer
+
+    quiet_transformers()
+    try:
+        most = load_tokenizer(source).model_max_length
+        if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+            most = getattr(transformers.AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None
+    return most
 
 
 def check_image_size(cfg: Config) -> None:

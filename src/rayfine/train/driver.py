@@ -22,7 +22,7 @@ from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.errors import TrainingError
-from rayfine.models import check_image_size
+from rayfine.models import check_model
 from rayfine.progress import Progress
 from rayfine.tracking import RunTracker
 from rayfine.train.worker import METRIC_KEYS, train_loop_per_worker
@@ -199,7 +199,7 @@ def fit(
     from rayfine.evaluate import evaluate_checkpoint
 
     run_dir, started = cfg.run_dir(), time.time()
-    check_image_size(cfg)
+    check_model(cfg)
     train_dir = run_dir / "train"
     continuing = _check_continuation(run_dir, cfg)
     train_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
-from rayfine.models import check_image_size
+from rayfine.models import check_model
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import _check_continuation, _diff
@@ -81,7 +81,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     run_dir, path = cfg.run_dir(), experiment_path(cfg)
     _check_previous_search(cfg, path, resume)
     base = cfg.with_overrides(list(t.trial_overrides))
-    check_image_size(base)
+    check_model(base)
     epochs = base.train.epochs
     keys = list(t.search_space)
     num_trials = count_trials(t)
