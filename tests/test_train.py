@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from report_checks import check_report
 
 from rayfine.checkpoints import INFERENCE_FILES, load_checkpoint
@@ -16,7 +17,7 @@ from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
 from rayfine.evaluate import predict_dataset
 from rayfine.train import METRIC_KEYS, fit, train_loop_per_worker
-from rayfine.train.worker import train_batches
+from rayfine.train.worker import seed_epoch, train_batches
 
 pytestmark = pytest.mark.ray
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,6 +40,22 @@ def test_train_batches_leave_out_only_a_lone_last_example():
     assert train_batches(238, 34) == 7
     assert train_batches(35, 34) == 1
     assert train_batches(1, 34) == 1  # the only example is not left out
+
+
+def test_an_epochs_dropout_depends_on_seed_epoch_and_rank_alone():
+    """What a resumed epoch draws (dropout masks) is what it drew before the failure, however much
+    the process drew before it; ranks and epochs draw differently."""
+    dropout = torch.nn.Dropout(0.5)
+    ones = torch.ones(64)
+
+    def mask(seed, epoch, rank, drawn_before):
+        torch.rand(drawn_before)  # the epochs before, a model's initialization
+        seed_epoch(seed, epoch, rank)
+        return dropout(ones) > 0
+
+    assert torch.equal(mask(0, 2, 0, drawn_before=0), mask(0, 2, 0, drawn_before=1000))
+    assert not torch.equal(mask(0, 2, 0, 0), mask(0, 2, 1, 0))
+    assert not torch.equal(mask(0, 2, 0, 0), mask(0, 3, 0, 0))
 
 
 def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, digits_run):

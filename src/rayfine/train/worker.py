@@ -77,6 +77,15 @@ def train_batches(rows: int, batch_size: int) -> int:
     return max(1, full + (rest > 1))
 
 
+def seed_epoch(seed: int, epoch: int, rank: int) -> int:
+    """Seed torch's generators (CPU and every GPU: dropout masks) for one epoch of one rank, and
+    return that seed, so that what an epoch draws depends on (seed, epoch, rank) alone, not on what
+    the process drew before it (the epochs before a restart, a pretrained model's loading)."""
+    epoch_seed = seed * 100_003 + epoch * 1_009 + rank
+    torch.manual_seed(epoch_seed)
+    return epoch_seed
+
+
 def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
     it = iter(items)
     try:
@@ -172,9 +181,9 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         model.train()
         loss_sum, seen, micro = 0.0, 0, 0
-        # One seed per (run seed, epoch, rank) for the shuffle buffer and the augmentation: a
-        # resumed epoch draws exactly what it drew before the failure.
-        epoch_seed = cfg.seed * 100_003 + epoch * 1_009 + rank
+        # One seed per (run seed, epoch, rank) for the shuffle buffer, the augmentation and torch's
+        # own generators (dropout): a resumed epoch draws exactly what it drew before the failure.
+        epoch_seed = seed_epoch(cfg.seed, epoch, rank)
         augment = torch.Generator().manual_seed(epoch_seed) if augment_images else None
         batches = train_shard.iter_torch_batches(
             batch_size=t.batch_size,
