@@ -242,3 +242,26 @@ def test_what_workers_would_fail_on_is_a_config_error_on_the_driver(overrides, m
         check_model(load_config("minilm_rotten_tomatoes_tiny", overrides))
     check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=512"]))  # the model's own limit is fine
     check_model(load_config("resnet18_digits_tiny", ["model.weights=IMAGENET1K_V1", "model.stem=small"]))  # a name: not loaded
+
+
+def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_shape_fits(tmp_path):
+    """An SST-2 model (or a rayfine checkpoint) has a head of the right shape already: it is still
+    the part train.freeze_epochs leaves trainable and train.head_lr trains (frozen with the body,
+    nothing would train and DDP refuses the model)."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rayfine.models import resolve_model_source
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})).save_pretrained(tmp_path)
+    minilm = resolve_model_source("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", tmp_path)
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}", "train.freeze_epochs=1"])
+    model = build_model(cfg, ["negative", "positive"])
+    assert getattr(model, NEW_PARAMS_ATTR) == {"classifier.weight", "classifier.bias"}
+    assert model.config.id2label == {0: "negative", 1: "positive"}

@@ -197,6 +197,12 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
             mismatched = info.get("mismatched_keys", [])
             adapted = _adapt_input_convs(model, source, mismatched) if cfg.data.kind == "image" else set()
             new = set(info["missing_keys"]) | {k for k, *_ in mismatched if k not in adapted}
+            # The head outside the base model classifies into rayfine's labels, so it is new even
+            # when a pretrained classifier's head has the right shape (an SST-2 model, a rayfine
+            # checkpoint): train.freeze_epochs must not freeze it, and train.head_lr applies to it.
+            prefix = getattr(model, "base_model_prefix", "")
+            if prefix and hasattr(model, prefix):
+                new |= {name for name, _ in model.named_parameters() if not name.startswith(prefix + ".")}
     except OSError as e:
         raise RayfineError(
             f"model.name: cannot load {cfg.model.name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
