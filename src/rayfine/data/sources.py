@@ -230,16 +230,18 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
     blocks = read_block_count([size for _, size in files])
 
     def read_files(batch: dict) -> dict:
-        images = []
+        images, errors = [], []
         for path in batch["path"]:
             try:
                 with open(path, "rb") as f:
                     images.append(f.read())
-            except OSError as e:
-                raise DataError(f"data.source: cannot read {path}: {e.strerror}") from None
+                errors.append("")
+            except OSError as e:  # no permission, gone since the listing: a bad row (data.on_bad_rows)
+                images.append(b"")
+                errors.append(f"cannot read {path}: {e.strerror}")
         return {"image": np.array(images, dtype=object),
                 "label": np.array([_label_of(p, local_root) for p in batch["path"]], dtype=object),
-                "origin": batch["path"]}
+                "origin": batch["path"], "error": np.array(errors, dtype=object)}
 
     # One read task per block.
     return path_blocks(paths, blocks).map_batches(read_files, batch_format="numpy", batch_size=None)
