@@ -29,3 +29,23 @@ def test_summed_shards_equal_the_whole():
     whole = metrics.confusion(y_true, y_pred, 4)
     parts = metrics.confusion(y_true[:37], y_pred[:37], 4) + metrics.confusion(y_true[37:], y_pred[37:], 4)
     assert np.array_equal(whole, parts)
+
+
+def test_label_names_are_plotted_as_text_not_mathtext(tmp_path):
+    """Price tiers "$" .. "$$$$" are labels, not matplotlib mathtext (which raised on them)."""
+    from rayfine.report import plot_confusion_matrix
+
+    labels = ["$", "$$", "$$$", "$$$$"]
+    path = plot_confusion_matrix(np.eye(4, dtype=np.int64) * 3, labels, tmp_path / "cm.png")
+    assert path.stat().st_size > 0
+
+
+def test_trial_ids_read_back_as_written(tmp_path):
+    """Tune's ids are 5 hex digits and a counter; float() reads "12345_00001" as a number."""
+    from rayfine.report import read_trials
+
+    (tmp_path / "trials.csv").write_text("trial_id,status,epoch,val_accuracy\n12345_00001,completed,2,0.5\n"
+                                         "1e234_00002,stopped,1,0.25\n")
+    rows = read_trials(tmp_path / "trials.csv")
+    assert [(r["trial_id"], r["status"], r["epoch"], r["val_accuracy"]) for r in rows] == [
+        ("12345_00001", "completed", 2, 0.5), ("1e234_00002", "stopped", 1, 0.25)]

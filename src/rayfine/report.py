@@ -50,8 +50,9 @@ def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Pat
                 if counts[i, j]:
                     ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
                             color="white" if shares[i, j] > 0.5 else "black")
-        ax.set_xticks(range(n), labels, rotation=90 if max(map(len, labels)) > 3 else 0)
-        ax.set_yticks(range(n), labels)
+        # parse_math=False: labels are the user's text ("$", "$$" price tiers are not mathtext).
+        ax.set_xticks(range(n), labels, rotation=90 if max(map(len, labels)) > 3 else 0, parse_math=False)
+        ax.set_yticks(range(n), labels, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
@@ -115,7 +116,7 @@ def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, 
         else:
             categories = sorted({str(v) for v in values})
             xs = np.array([categories.index(str(v)) for v in values], dtype=float) + rng.uniform(-0.15, 0.15, len(values))
-            ax.set_xticks(range(len(categories)), categories)
+            ax.set_xticks(range(len(categories)), categories, parse_math=False)
         points = ax.scatter(xs, scores, c=ran, cmap="viridis", vmin=0, vmax=epochs, s=40, edgecolors="black", linewidths=0.4)
         if highlight in trials:
             i = list(trials).index(highlight)
@@ -142,9 +143,12 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
+TEXT_COLUMNS = ("trial_id", "status")  # Tune's ids look like numbers to float() ("12345_00001": underscores)
+
+
 def read_trials(path: Path) -> list[dict[str, Any]]:
     with path.open() as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _read_json(path: Path) -> Optional[dict]:
