@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,25 @@ def test_a_trial_restored_without_results_still_has_its_config(tmp_path):
     assert trial_params(_Result(None, tmp_path)) == {"train.lr": 1e-6, "train.batch_size": 32}
     assert trial_params(_Result({"train.lr": 0.1}, tmp_path)) == {"train.lr": 0.1}
     assert trial_params(_Result(None, tmp_path / "missing")) == {}
+
+
+def test_resume_refuses_a_changed_config_but_not_where_it_runs(tmp_path):
+    """A resumed search's trials continue from their checkpoints: changing what they train (data,
+    model, train.*) or the search (tune.*) is refused; where and how it runs (scaling, storage,
+    tracking, serve, train.max_failures) may change."""
+    from rayfine.tune.search import _check_previous_search, experiment_path
+
+    def cfg(*extra):
+        return load_config("resnet18_digits_tiny", ["name=s", f"storage.runs_dir={tmp_path}", *extra])
+
+    first = cfg()
+    first.run_dir().mkdir(parents=True)
+    (first.run_dir() / "config.yaml").write_text(first.to_yaml())
+    Path(experiment_path(first)).mkdir(parents=True)
+    (Path(experiment_path(first)) / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+
+    _check_previous_search(cfg("scaling.num_workers=1", "train.max_failures=3", "tracking.tensorboard=false"),
+                           experiment_path(first), resume=True)
+    for change in ("train.lr=0.5", "data.source=builtin:mnist5k", "model.name=resnet34", "tune.num_samples=99"):
+        with pytest.raises(ConfigError, match=rf"--resume: .* ran with another config \(changed: {change.split('=')[0]}\)"):
+            _check_previous_search(cfg(change), experiment_path(first), resume=True)

@@ -140,17 +140,23 @@ def _check_continuation(run_dir: Path, cfg: Config) -> bool:
     previous_path = run_dir / "config.yaml"
     if not (run_dir / "train" / "metrics.jsonl").is_file() or not previous_path.is_file():
         return False
-    try:  # validated, so fields added to rayfine since that run compare as their defaults
-        previous = validate(yaml.safe_load(previous_path.read_text())).to_dict()
-    except ConfigError:
-        previous = yaml.safe_load(previous_path.read_text())
-    changed = [k for k in _diff(previous, cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
+    changed = changes_since(previous_path, cfg, RESUMABLE_CHANGES)
     if changed:
         raise ConfigError(
             [f"{run_dir} holds a run of a different config (changed: {', '.join(changed)}); "
              "choose another `name` (or --set name=...) or remove that directory"]
         )
     return True
+
+
+def changes_since(previous_path: Path, cfg: Config, allowed: tuple[str, ...]) -> list[str]:
+    """The dotted keys in which ``cfg`` differs from the config saved at ``previous_path``, apart
+    from those under the ``allowed`` prefixes."""
+    try:  # validated, so fields added to rayfine since that run compare as their defaults
+        previous = validate(yaml.safe_load(previous_path.read_text())).to_dict()
+    except ConfigError:
+        previous = yaml.safe_load(previous_path.read_text())
+    return [k for k in _diff(previous, cfg.to_dict()) if not k.startswith(allowed)]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -32,7 +32,7 @@ from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
-from rayfine.train.driver import _check_continuation, _diff
+from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
@@ -158,12 +158,14 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
     _check_continuation(cfg.run_dir(), cfg)  # refuses a different experiment under this name
     previous = cfg.run_dir() / "config.yaml"
     if resume and previous.is_file():
-        import yaml
-
-        changed = [k for k in _diff(yaml.safe_load(previous.read_text()), cfg.to_dict()) if k.startswith("tune.")]
+        # Its trials continue from their checkpoints: what they train, and the search itself, must
+        # not change (tune.* included, unlike a training run's continuation).
+        allowed = tuple(p for p in RESUMABLE_CHANGES if p != "tune.")
+        changed = changes_since(previous, cfg, allowed)
         if changed:
-            raise ConfigError([f"--resume: the search in {cfg.run_dir()} ran with other tune settings (changed: "
-                               f"{', '.join(changed)}); resume it with its own config"])
+            raise ConfigError([f"--resume: the search in {cfg.run_dir()} ran with another config (changed: "
+                               f"{', '.join(changed)}); resume it with its own config (only "
+                               f"{', '.join(p.rstrip('.') for p in allowed)} may change)"])
 
 
 def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]]):
