@@ -296,3 +296,12 @@ def test_resume_refuses_a_changed_config_but_not_where_it_runs(tmp_path):
     for change in ("train.lr=0.5", "data.source=builtin:mnist5k", "model.name=resnet34", "tune.num_samples=99"):
         with pytest.raises(ConfigError, match=rf"--resume: .* ran with another config \(changed: {change.split('=')[0]}\)"):
             _check_previous_search(cfg(change), experiment_path(first), resume=True)
+
+
+def test_trials_keep_their_checkpoints_by_the_metric_that_ranks_the_search():
+    from rayfine.tune.search import trial_base
+
+    assert trial_base(load_config("resnet18_digits_tiny", ["tune.metric=val_loss"])).train.metric == "val_loss"
+    assert trial_base(load_config("resnet18_digits_tiny", ["tune.metric=val_macro_f1", "train.metric=val_loss"])).train.metric == "val_macro_f1"
+    assert trial_base(load_config("resnet18_digits_tiny", ["tune.metric=train_loss"])).train.metric == "val_accuracy"
+    assert trial_base(load_config("resnet18_digits_tiny", ["tune.trial_overrides=[train.lr=0.5]"])).train.lr == 0.5

@@ -53,6 +53,16 @@ BEST_SUFFIX = "-best"
 EXPERIMENT_NAME = "tune"
 
 
+def trial_base(cfg: Config) -> Config:
+    """The config every trial starts from: tune.trial_overrides applied, and train.metric set to
+    tune.metric (a trial keeps its train.keep_checkpoints best epochs by train.metric, and the
+    winning epoch's checkpoint must be one of them; train_loss is no train.metric)."""
+    base = cfg.with_overrides(list(cfg.tune.trial_overrides))
+    if cfg.tune.metric != "train_loss" and base.train.metric != cfg.tune.metric:
+        base = base.with_overrides([f"train.metric={cfg.tune.metric}"])
+    return base
+
+
 def experiment_path(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path()}/{EXPERIMENT_NAME}"
 
@@ -80,7 +90,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         raise ConfigError(problems)
     run_dir, path = cfg.run_dir(), experiment_path(cfg)
     _check_previous_search(cfg, path, resume)
-    base = cfg.with_overrides(list(t.trial_overrides))
+    base = trial_base(cfg)
     check_model(base)
     epochs = base.train.epochs
     keys = list(t.search_space)
