@@ -219,8 +219,13 @@ def train_report(run_dir: Path) -> Path:
     lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if not lines:
         raise RayfineError(f"{train_dir / 'metrics.jsonl'} has no epochs yet; nothing to report")
-    metric = _metric_of(run_dir / "config.yaml")
-    best = max(lines, key=lambda m: m[metric] * (-1 if metric == "val_loss" else 1))
+    metric = _metric_of(run_dir / "config.yaml", "train")
+    # The exported checkpoint's epoch; before the export (a run stopped part-way), the best so far
+    # by train.metric, ties to the later epoch, as rayfine.train.driver picks it.
+    exported = _read_json(train_dir / "checkpoint" / "metrics.json") or {}
+    sign = -1 if metric.endswith("loss") else 1
+    best = next((m for m in lines if m["epoch"] == exported.get("epoch")), None) or max(
+        lines, key=lambda m: (sign * m[metric], m["epoch"]))
     curves = plot_learning_curves({"run": lines}, train_dir / "learning_curves.png", metric)
     evaluation = _read_json(train_dir / "eval.json")
     sections = [
@@ -236,13 +241,14 @@ def train_report(run_dir: Path) -> Path:
     return out
 
 
-def _metric_of(config_path: Path) -> str:
+def _metric_of(config_path: Path, section: str) -> str:
+    """The config's ``train.metric`` (what picks a training run's epoch) or ``tune.metric`` (what
+    ranks a search's trials)."""
     import yaml
 
     if config_path.is_file():
         raw = yaml.safe_load(config_path.read_text()) or {}
-        tune_metric = (raw.get("tune") or {}).get("metric")
-        return tune_metric or (raw.get("train") or {}).get("metric") or "val_accuracy"
+        return (raw.get(section) or {}).get("metric") or "val_accuracy"
     return "val_accuracy"
 
 
@@ -251,7 +257,7 @@ def tune_report(run_dir: Path) -> Path:
     tune_dir = run_dir / "tune"
     rows = read_trials(tune_dir / "trials.csv")
     summary = _read_json(tune_dir / "summary.json") or {}
-    metric = summary.get("metric") or _metric_of(run_dir / "config.yaml")
+    metric = summary.get("metric") or _metric_of(run_dir / "config.yaml", "tune")
     sign = -1 if (summary.get("mode") == "min" or metric == "val_loss") else 1
     fixed = set(METRIC_COLUMNS) | {"trial_id", "status", "checkpoint_path"}
     keys = [k for k in (rows[0] if rows else {}) if k not in fixed]
