@@ -1,4 +1,4 @@
-"""A search whose driver is SIGKILLed mid-way, then resumed with `rayfine tune --resume`
+"""A search stopped mid-way (Ctrl-C, or its driver SIGKILLed), then resumed with `rayfine tune --resume`
 (integration tier: real `rayfine tune` processes, each with its own embedded Ray).
 
 Each driver runs in a session of its own (start_new_session) with its own Ray temp dir, so the
@@ -41,6 +41,20 @@ def sigkill(driver: subprocess.Popen) -> list[int]:
         left = stop_session(driver.pid)
     assert not session_pids(driver.pid)
     return left
+
+
+def ctrl_c(driver: subprocess.Popen, log_path: Path) -> None:
+    """SIGINT to the driver alone, as Ctrl-C in its terminal: it must stop the search, save it and
+    exit 130 without a winner; then end what is left of its session."""
+    try:
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, log_path.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        stop_session(driver.pid)
+    assert not session_pids(driver.pid)
 
 
 def resume_to_the_end(args: list[str], ray_tmp: str, log_path: Path) -> None:
@@ -88,7 +102,9 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_killed_search_resumes_without_running_a_finished_trial_again(tmp_path, ray_tmp):
+def test_interrupted_search_resumes_without_running_a_finished_trial_again(tmp_path, ray_tmp):
+    """Ctrl-C part-way: Tune stops its loop without raising; rayfine must not take the best trial
+    so far for the search's result (no leaderboard, summary or winner, nothing to deploy)."""
     args = ["resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=killed",
             "--set", "tune.scheduler=fifo", "--set", "tune.searcher=optuna", "--set", f"tune.num_samples={TRIALS}"]
     run = tmp_path / "killed"
@@ -112,9 +128,11 @@ def test_killed_search_resumes_without_running_a_finished_trial_again(tmp_path, 
         assert driver.poll() is None, "the search ended before it could be killed:\n" + log_path.read_text()[-3000:]
         assert finished_before, "no point with a finished and a running trial was seen:\n" + log_path.read_text()[-3000:]
     finally:
-        left_running = sigkill(driver)
-    # Seen here: the embedded Ray's DashboardAgent and RuntimeEnvAgent outlive a SIGKILLed driver.
-    print(f"processes of the killed driver's session still running 5 s after the kill: {left_running}")
+        ctrl_c(driver, log_path)
+    interrupted = log_path.read_text()
+    assert re.search(r"\[tune\] interrupted; the search is saved in .*: continue it with --resume", interrupted), interrupted[-3000:]
+    assert "[tune] leaderboard" not in interrupted and "interrupted" in interrupted.splitlines()  # the CLI's last word
+    assert not (run / "tune" / "summary.json").exists() and not (run / "tune" / "best").exists()
     before = trial_epochs(run)
     assert len(before) < TRIALS or any(len(e) < EPOCHS for e in before.values())  # it really was mid-way
 

@@ -14,7 +14,9 @@ import csv
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -113,40 +115,47 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     history = partial(_trial_history, trials_root(cfg))
     progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log, history=history if resume else None)
     tracking = SearchTracking(cfg, keys)
-    with progress.active(), tracking.active():
-        if resume:
-            log(f"[tune] resuming the search in {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        else:
-            log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
-                f"searcher {t.searcher} -> {run_dir}")
-            scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent, history)
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_space(t.search_space),
-                tune_config=tune.TuneConfig(
-                    metric=t.metric,
-                    mode=t.metric_mode,
-                    scheduler=scheduler,
-                    # The searcher holds the concurrency limit (Tune ignores max_concurrent_trials
-                    # for a BasicVariantGenerator instance).
-                    search_alg=_searcher(cfg, plan.concurrent, scheduler),
-                    num_samples=t.num_samples,
-                    time_budget_s=t.time_budget_s,
-                    trial_dirname_creator=trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT_NAME,
-                    storage_path=cfg.resolved_storage_path(),
-                    callbacks=[progress, tracking],
-                    # A trial that fails as a whole (its Train controller lost with a node, say)
-                    # runs again; its Train run, named after the trial, continues from its last
-                    # checkpoint. Worker failures inside a trial are train.max_failures' business.
-                    failure_config=tune.FailureConfig(max_failures=base.train.max_failures),
-                    verbose=0,
-                ),
-            )
-        results = tuner.fit()
+    try:
+        with progress.active(), tracking.active():
+            if resume:
+                log(f"[tune] resuming the search in {path}")
+                tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            else:
+                log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
+                    f"searcher {t.searcher} -> {run_dir}")
+                scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent, history)
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=tune_space(t.search_space),
+                    tune_config=tune.TuneConfig(
+                        metric=t.metric,
+                        mode=t.metric_mode,
+                        scheduler=scheduler,
+                        # The searcher holds the concurrency limit (Tune ignores max_concurrent_trials
+                        # for a BasicVariantGenerator instance).
+                        search_alg=_searcher(cfg, plan.concurrent, scheduler),
+                        num_samples=t.num_samples,
+                        time_budget_s=t.time_budget_s,
+                        trial_dirname_creator=trial_dirname,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=EXPERIMENT_NAME,
+                        storage_path=cfg.resolved_storage_path(),
+                        callbacks=[progress, tracking],
+                        # A trial that fails as a whole (its Train controller lost with a node, say)
+                        # runs again; its Train run, named after the trial, continues from its last
+                        # checkpoint. Worker failures inside a trial are train.max_failures' business.
+                        failure_config=tune.FailureConfig(max_failures=base.train.max_failures),
+                        verbose=0,
+                    ),
+                )
+            results, interrupted = _fit(tuner)
+        if interrupted:
+            log(f"[tune] interrupted; the search is saved in {path}: continue it with --resume")
+            raise KeyboardInterrupt
+    except BaseException as e:  # the search's MLflow runs and TensorBoard writers end too
+        tracking.finish(None, None, None, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     log("[tune] leaderboard\n" + progress.board.leaderboard())
     summary = None
     try:
@@ -156,6 +165,26 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         evaluation = json.loads((best_dir / "eval.json").read_text()) if summary and summary.get("best") else None
         tracking.finish(summary, evaluation, best_dir / "checkpoint" if evaluation else None)
     return summary
+
+
+def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether a SIGINT (Ctrl-C) or SIGUSR1 stopped it part-way.
+
+    Tune stops its loop on those signals without raising: it saves the experiment and stops the
+    trials as if they had finished, so the results alone cannot tell. For the loop it installs its
+    own SIGINT handler, which it replaces with the previous one when such a signal arrives and
+    otherwise leaves installed (it would swallow the next Ctrl-C). So: the previous handler back
+    means the search was interrupted; either way the previous handler is put back."""
+    previous = signal.getsignal(signal.SIGINT)
+    tune_handles = (threading.current_thread() is threading.main_thread()
+                    and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))
+    try:
+        results = tuner.fit()
+    finally:
+        interrupted = tune_handles and signal.getsignal(signal.SIGINT) is previous
+        if tune_handles:
+            signal.signal(signal.SIGINT, previous)
+    return results, interrupted
 
 
 def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
