@@ -58,6 +58,21 @@ def test_an_epochs_dropout_depends_on_seed_epoch_and_rank_alone():
     assert not torch.equal(mask(0, 2, 0, 0), mask(0, 3, 0, 0))
 
 
+def test_mlflow_params_take_label_names_mlflow_would_refuse_as_keys(tmp_path):
+    """class_weights is keyed by the user's labels ("R&B"): one JSON param, not a param per label."""
+    from mlflow.tracking import MlflowClient
+
+    from rayfine.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config("resnet18_digits_tiny", ["train.class_weights={'R&B': 2.0, 'pop?': 1.0}",
+                                               f"tracking.mlflow.tracking_uri={uri}"])
+    tracker = RunTracker.open(cfg, name="train", tensorboard_dir=None)
+    tracker.finish()
+    params = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.params
+    assert json.loads(params["train.class_weights"]) == {"R&B": 2.0, "pop?": 1.0}
+
+
 def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, digits_run):
     # conftest's digits_run: 3 epochs on 2 workers, batch 34 (a lone last example per worker).
     cfg, summary, run = digits_run.cfg, digits_run.summary, digits_run.dir

@@ -31,7 +31,9 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"} (MLflow params are strings)."""
     out: dict[str, str] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v and k != "search_space":
+        # Dicts keyed by the user's data (labels in class_weights, search_space's distributions)
+        # stay one JSON value: MLflow refuses param names with characters such as "&" or "?".
+        if isinstance(v, dict) and v and k not in ("search_space", "class_weights"):
             out.update(flat_params(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
@@ -199,8 +201,10 @@ class SearchTracking(Callback):
         self._tracker(trial).finish("FAILED")
         self.trials.pop(trial.trial_id, None)
 
-    def finish(self, summary: Optional[dict], evaluation: Optional[dict], checkpoint: Optional[Path]) -> None:
-        """After the search: the parent gets the summary, the winner's test evaluation and checkpoint."""
+    def finish(self, summary: Optional[dict], evaluation: Optional[dict], checkpoint: Optional[Path],
+               status: Optional[str] = None) -> None:
+        """After the search: the parent gets the summary, the winner's test evaluation and checkpoint
+        (``status``: how a search that ended without them ended, KILLED or FAILED)."""
         for tracker in self.trials.values():
             tracker.finish("KILLED")
         if summary:
@@ -214,7 +218,7 @@ class SearchTracking(Callback):
             self.parent.log_evaluation(evaluation)
         if checkpoint:
             self.parent.log_checkpoint(checkpoint)
-        self.parent.finish("FINISHED" if summary and summary.get("best") else "FAILED")
+        self.parent.finish(status or ("FINISHED" if summary and summary.get("best") else "FAILED"))
 
 
 _ACTIVE: Optional[SearchTracking] = None
