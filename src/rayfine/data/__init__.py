@@ -255,7 +255,8 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
     log(
         f"[data] {sum(info.num_examples.values())} examples, {info.num_labels} labels; "
         + ", ".join(f"{s}={info.num_examples[s]}" for s in SPLITS)
-        + (f"; skipped {info.bad_rows} bad rows" if info.bad_rows else "")
+        + (f"; skipped {info.bad_rows} bad rows (data.on_bad_rows=skip), e.g.\n    " + "\n    ".join(info.bad_examples)
+           if info.bad_rows else "")
     )
     label_ids = {label: i for i, label in enumerate(info.labels)}
     # Small tasks, within the CPUs a run leaves Ray Data beside its workers (scaling.data_cpus):
