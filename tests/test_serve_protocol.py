@@ -511,3 +511,5 @@ def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals(
         free = s.getsockname()[1]
     with pytest.raises(ClientError, match="cannot reach .* tried 2 times"):
         predict(f"http://127.0.0.1:{free}", ["x"])
+    with pytest.raises(ClientError, match=f"give the server's URL with its scheme, e.g. http://127.0.0.1:{free}$"):
+        predict(f"127.0.0.1:{free}", ["x"])

@@ -44,6 +44,8 @@ def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kw
 
     import requests
 
+    if not url.startswith(("http://", "https://")):
+        raise ClientError(f"{url.split('/')[0]}: give the server's URL with its scheme, e.g. http://{url.split('/')[0]}")
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(RETRY_DELAY_S)
