@@ -151,7 +151,8 @@ def config_reference() -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"`{field.default!r}`".replace("|", "\\|")
+            value = field.get_default(call_default_factory=True)  # a default_factory's value too
+            default = "required" if field.is_required() else f"`{value!r}`".replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', chr(92) + '|')} |")
 
     walk(Config, "")
