@@ -136,8 +136,8 @@ def _keep_serving(name: str, local: bool, detach: bool) -> int:
     def _stop(*_):
         raise KeyboardInterrupt
 
-    # Ray Tune leaves its own SIGINT handler installed after a search (it would swallow Ctrl-C
-    # here, in `rayfine run`): both signals end the serving loop.
+    # Both signals end the serving loop, whatever handler an earlier stage left installed (Ray
+    # Tune leaves its own after a search; rayfine.tune.search._fit puts the previous one back).
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:

@@ -133,7 +133,8 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
     for field in fields:
         column = getattr(data_cfg, field)
         if column is not None and column not in available:
-            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {available}")
+            listed = [c for c in available if c != "path"]  # "path" is the reader's (include_paths)
+            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}")
 
 
 # A local image folder's read tasks: at most this many files, and at most this many encoded bytes,
