@@ -7,6 +7,7 @@ test can find and stop exactly the processes it started: everything in that sess
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -43,12 +44,10 @@ def sigkill(driver: subprocess.Popen) -> list[int]:
     return left
 
 
-def ctrl_c(driver: subprocess.Popen, log_path: Path) -> None:
-    """SIGINT to the driver alone, as Ctrl-C in its terminal: it must stop the search, save it and
-    exit 130 without a winner; then end what is left of its session."""
+def expect_exit(driver: subprocess.Popen, code: int, timeout_s: float, log_path: Path) -> None:
+    """Wait for the driver to exit with ``code`` (killed if it does not), then end what is left of its session."""
     try:
-        os.kill(driver.pid, signal.SIGINT)
-        assert driver.wait(timeout=180) == 130, log_path.read_text()[-3000:]
+        assert driver.wait(timeout=timeout_s) == code, log_path.read_text()[-3000:]
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -57,17 +56,17 @@ def ctrl_c(driver: subprocess.Popen, log_path: Path) -> None:
     assert not session_pids(driver.pid)
 
 
+def ctrl_c(driver: subprocess.Popen, log_path: Path) -> None:
+    """SIGINT to the driver alone, as Ctrl-C in its terminal: it must stop the search, save it and
+    exit 130 without a winner."""
+    with contextlib.suppress(ProcessLookupError):  # gone already: its exit code tells
+        os.kill(driver.pid, signal.SIGINT)
+    expect_exit(driver, 130, 180, log_path)
+
+
 def resume_to_the_end(args: list[str], ray_tmp: str, log_path: Path) -> None:
     """`rayfine tune ARGS --resume`, which must finish the search and exit 0."""
-    resumed = start_driver([*args, "--resume"], ray_tmp, log_path)
-    try:
-        assert resumed.wait(timeout=900) == 0, log_path.read_text()[-3000:]
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-            resumed.wait()
-        stop_session(resumed.pid)
-    assert not session_pids(resumed.pid)
+    expect_exit(start_driver([*args, "--resume"], ray_tmp, log_path), 0, 900, log_path)
 
 
 def trial_epochs(run: Path) -> dict[str, list[int]]:
