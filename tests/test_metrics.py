@@ -62,8 +62,8 @@ def test_a_training_reports_best_epoch_is_the_exported_checkpoints(tmp_path):
     run = tmp_path / "run"
     (run / "train").mkdir(parents=True)
     (run / "config.yaml").write_text(load_config("resnet18_digits_tiny", ["train.metric=val_loss"]).to_yaml())
-    epochs = [dict(epoch=e, train_loss=1.0, val_loss=loss, val_accuracy=acc, val_macro_f1=acc, samples_per_s=10.0, epoch_s=1.0)
-              for e, loss, acc in ((1, 0.30, 0.90), (2, 0.20, 0.80), (3, 0.20, 0.70))]
+    epochs = [{"epoch": e, "train_loss": 1.0, "val_loss": loss, "val_accuracy": acc, "val_macro_f1": acc,
+               "samples_per_s": 10.0, "epoch_s": 1.0} for e, loss, acc in ((1, 0.30, 0.90), (2, 0.20, 0.80), (3, 0.20, 0.70))]
     (run / "train" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in epochs))
     assert "epoch 3 of 3: val_loss <b>0.2000</b>" in train_report(run).read_text()  # not val_accuracy's epoch 1
     (run / "train" / "checkpoint").mkdir()

@@ -112,7 +112,7 @@ def test_labels_and_texts_are_read_as_the_strings_the_file_holds(ray_local, tmp_
     lines = [json.dumps({"text": t, "label": y}) for t, y in zip(texts[:400], codes[:400])]
     (tmp_path / "codes.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     for name, count in (("codes.csv", 4800), ("codes.jsonl", 400)):
-        datasets, info = build_datasets(text_cfg(tmp_path / name, "data.labels=['007', '010']"), log=lambda *_: None)
+        _, info = build_datasets(text_cfg(tmp_path / name, "data.labels=['007', '010']"), log=lambda *_: None)
         assert info.labels == ["007", "010"] and sum(info.num_examples.values()) == count, name
         assert info.bad_rows == 0, name
 

@@ -268,13 +268,13 @@ def check_model(cfg: Config) -> None:
 
             names = list(torchvision.models.get_model_weights(m.name).__members__)
             if m.weights not in names:
-                raise ConfigError([f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
-                                   f"{', '.join(names)}, or a .safetensors file"])
+                raise ConfigError([(f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
+                                    f"{', '.join(names)}, or a .safetensors file")])
     if cfg.data.kind == "text":
         most = max_tokens(resolve_model_source(m.name))
         if most is not None and cfg.data.max_length > most:
-            raise ConfigError([f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
-                               f"tokens); allowed: 2 to {most}"])
+            raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
+                                f"tokens); allowed: 2 to {most}")])
     check_image_size(cfg)
 
 
