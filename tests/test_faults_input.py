@@ -106,3 +106,64 @@ def test_the_cli_names_the_field_and_exits_2():
     for field in ("serve.port:", "storage.storage_path:", "tune.grace_period:"):
         assert field in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# What the commands refuse before Ray starts (train.driver.preflight, tune.search.preflight): the
+# run directory is left as it was and no embedded Ray is started for a config that cannot run.
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "rayfine.cli", *args], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("no/such/folder", "data.source: no/such/folder does not exist (from "),
+    ("file:///no/such/folder", "data.source: file:///no/such/folder does not exist;"),
+    ("builtin:mnist", "data.source: unknown builtin image dataset builtin:mnist; allowed: builtin:digits, builtin:mnist5k"),
+])
+def test_a_missing_source_is_refused_by_its_name(tmp_path, source, expected):
+    from rayfine.data.sources import check_source
+
+    with pytest.raises(ConfigError) as info:
+        check_source(load_config(PRESET, [f"data.source={source}"]).data)
+    assert info.value.errors[0].startswith(expected), info.value.errors
+
+
+def test_a_source_in_a_format_of_another_kind_is_refused_by_data_format(tmp_path):
+    from rayfine.data.sources import check_source
+
+    (tmp_path / "texts.csv").write_text("text,label\nhello,a\n")
+    with pytest.raises(ConfigError) as info:
+        check_source(load_config(PRESET, [f"data.source={tmp_path / 'texts.csv'}"]).data)
+    assert info.value.errors[0].startswith("data.format: cannot read") and "image_folder, parquet" in info.value.errors[0]
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "run"])
+def test_every_command_refuses_a_missing_source_before_ray_starts(tmp_path, command):
+    result = _cli(command, PRESET, "--runs-dir", str(tmp_path / "runs"), "--set", "data.source=missing_folder",
+                  cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"  - data.source: missing_folder does not exist (from {tmp_path})" in result.stderr
+    assert "[ray]" not in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # no empty run directory left behind
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_another_config_under_a_runs_name_is_refused_before_ray_starts(tmp_path, command):
+    """A run directory as `rayfine train` leaves it (config.yaml, train/metrics.jsonl) under the
+    preset's name; the same name with another learning rate must not continue it."""
+    runs = tmp_path / "runs"
+    earlier = load_config(PRESET, [f"storage.runs_dir={runs}", "train.lr=0.001"])
+    run_dir = earlier.run_dir()
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(earlier.to_yaml())
+    (run_dir / "train" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    result = _cli(command, PRESET, "--runs-dir", str(runs), "--set", "train.lr=0.002")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"  - {run_dir} holds a run of a different config (changed: train.lr)" in result.stderr
+    assert "[ray]" not in result.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -59,7 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from rayfine.runtime import ray_session
     from rayfine.train import fit
+    from rayfine.train.driver import preflight
 
+    preflight(cfg)  # a wrong config is refused before Ray starts
     with ray_session(args.address) as local:
         summary = fit(cfg, strict_resources=local)
     print(f"[done] test accuracy {summary['eval']['accuracy']:.4f} in {summary['wall_s']:.0f}s; run directory {summary['run_dir']}")
@@ -70,7 +72,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _load(args, search=True)
     from rayfine.runtime import ray_session
     from rayfine.tune import run_search
+    from rayfine.tune.search import preflight
 
+    preflight(cfg, resume=args.resume)  # a wrong config is refused before Ray starts
     with ray_session(args.address) as local:
         summary = run_search(cfg, resume=args.resume, strict_resources=local)
     best = summary["best"]
@@ -179,7 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from rayfine.pipeline import run_pipeline
     from rayfine.runtime import ray_session
+    from rayfine.tune.search import preflight
 
+    preflight(cfg, resume=args.resume)  # a wrong config is refused before Ray starts
     started = time.perf_counter()
     with ray_session(args.address) as local:
         ray_start = {"ray start": time.perf_counter() - started}

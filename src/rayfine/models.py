@@ -255,9 +255,20 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
     return adapted
 
 
+_MODELS_CHECKED: set[str] = set()  # the CLI checks before Ray starts, and train/tune again
+
+
 def check_model(cfg: Config) -> None:
     """What the workers would find out only at their first batch (and retry train.max_failures
-    times), checked on the driver: model.weights, data.max_length, data.image_size."""
+    times), checked on the driver: model.weights, data.max_length, data.image_size. A config that
+    passed is not checked again in this process (the check may build a model)."""
+    key = cfg.model.model_dump_json() + cfg.data.model_dump_json()
+    if key not in _MODELS_CHECKED:
+        _check_model(cfg)
+        _MODELS_CHECKED.add(key)
+
+
+def _check_model(cfg: Config) -> None:
     m = cfg.model
     if m.is_torchvision and m.weights:
         if m.weights.endswith(".safetensors"):

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray.data
 
-from rayfine.config import DataConfig
+from rayfine.config import ConfigError, DataConfig
 from rayfine.data.images import IMAGE_EXTENSIONS
 from rayfine.errors import DataError
 
@@ -427,6 +427,29 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         return out
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=1024)
+
+
+def check_source(data_cfg: DataConfig) -> None:
+    """What can be told about ``data.source`` without reading it, before Ray starts: a builtin
+    dataset's name, whether a local path exists, and the format. Raises ConfigError naming the field
+    (the CLI exits 2); the readers find the rest (no image files, missing columns) as DataError."""
+    source = data_cfg.source
+    if source.startswith("builtin:"):
+        known = BUILTIN_IMAGE_DATASETS if data_cfg.kind == "image" else BUILTIN_TEXT_DATASETS
+        if source.removeprefix("builtin:") not in known:
+            raise ConfigError([f"data.source: unknown builtin {data_cfg.kind} dataset {source}; "
+                               f"allowed: {', '.join('builtin:' + n for n in known)}"])
+        return
+    if _is_local(source):
+        path = source.removeprefix("file://")
+        if not os.path.exists(path):
+            where = f" (from {os.getcwd()})" if not os.path.isabs(path) else ""
+            raise ConfigError([f"data.source: {source} does not exist{where}; give a file or folder on this "
+                               "machine, a URL (s3://, gs://...) or a builtin dataset"])
+    try:
+        detect_format(data_cfg)
+    except DataError as e:
+        raise ConfigError([str(e)]) from None
 
 
 def read_source(data_cfg: DataConfig) -> ray.data.Dataset:

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, validate
 from rayfine.data import DataInfo, build_datasets
+from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.progress import Progress
@@ -132,6 +133,15 @@ def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
         log(f"[warning] {p} (waiting for the cluster to scale up)")
 
 
+def preflight(cfg: Config) -> bool:
+    """What `rayfine train` refuses before Ray starts and before the run directory is touched: a
+    data.source that does not exist, a model the workers could not build, and another config under
+    this run's name. True when the run continues an earlier one (``_check_continuation``)."""
+    check_source(cfg.data)
+    check_model(cfg)
+    return _check_continuation(cfg.run_dir(), cfg)
+
+
 RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", "tune.", "serve.")  # tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them
 
 
@@ -205,9 +215,8 @@ def fit(
     from rayfine.evaluate import evaluate_checkpoint
 
     run_dir, started = cfg.run_dir(), time.time()
-    check_model(cfg)
+    continuing = preflight(cfg)
     train_dir = run_dir / "train"
-    continuing = _check_continuation(run_dir, cfg)
     train_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_path = train_dir / "metrics.jsonl"

@@ -30,6 +30,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
+from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.tracking import SearchTracking
@@ -74,6 +75,24 @@ def trials_root(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path()}/trials"
 
 
+def preflight(cfg: Config, resume: bool = False) -> Config:
+    """What `rayfine tune` and `rayfine run` refuse before Ray starts and before the run directory
+    is touched: a search that cannot run, a search already there (or none to resume), a changed
+    config under this run's name, a data.source that does not exist, a model the trials' workers
+    could not build. Returns the trials' base config (``trial_base``)."""
+    if not cfg.tune.search_space:
+        raise ConfigError(["tune.search_space is empty: give at least one dimension, e.g. "
+                           "--set 'tune.search_space.train.lr={loguniform: [1.0e-4, 1.0e-2]}'"])
+    problems = check_search(cfg)
+    if problems:
+        raise ConfigError(problems)
+    _check_previous_search(cfg, experiment_path(cfg), resume)
+    base = trial_base(cfg)
+    check_source(base.data)
+    check_model(base)
+    return base
+
+
 def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = True, log=print) -> dict[str, Any]:
     """Run the search of ``cfg.tune`` (or continue it: ``resume``); returns summary.json's content.
 
@@ -84,16 +103,8 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     # Tune's own console output (a header, its periodic tables) would interleave with the live
     # table; the legacy reporter at verbose=0 prints nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if not t.search_space:
-        raise ConfigError(["tune.search_space is empty: give at least one dimension, e.g. "
-                           "--set 'tune.search_space.train.lr={loguniform: [1.0e-4, 1.0e-2]}'"])
-    problems = check_search(cfg)
-    if problems:
-        raise ConfigError(problems)
+    base = preflight(cfg, resume)
     run_dir, path = cfg.run_dir(), experiment_path(cfg)
-    _check_previous_search(cfg, path, resume)
-    base = trial_base(cfg)
-    check_model(base)
     epochs = base.train.epochs
     keys = list(t.search_space)
     num_trials = count_trials(t)
