@@ -69,3 +69,23 @@ def test_a_training_reports_best_epoch_is_the_exported_checkpoints(tmp_path):
     (run / "train" / "checkpoint").mkdir()
     (run / "train" / "checkpoint" / "metrics.json").write_text(json.dumps(epochs[1]))
     assert "epoch 2 of 3: val_loss <b>0.2000</b>" in train_report(run).read_text()
+
+
+def test_the_classification_reports_macro_average_is_eval_jsons(tmp_path):
+    """A class the test split lacks and the model never predicts is left out of both averages
+    (scikit-learn's f1_score default), and named under the report."""
+    from rayfine.evaluate import classification_report_text, evaluation_report
+
+    labels = ["ant", "bee", "cat", "dog"]
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 2])
+    probs = np.eye(4, dtype=np.float32)[y_pred] * 0.9 + 0.025
+    report = evaluation_report(y_true, probs, labels, "test")
+    text = classification_report_text(y_true, y_pred, labels, "test")
+    macro = next(line for line in text.splitlines() if line.strip().startswith("macro avg")).split()
+    assert float(macro[4]) == pytest.approx(report["macro_f1"], abs=5e-5)
+    assert report["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert "dog" not in text.split("not in the test split")[0]
+    assert text.rstrip().endswith("not in the test split and never predicted (left out of the averages): dog")
+    # A class that is predicted but not in the split stays in the table (its precision is 0).
+    assert " dog " in classification_report_text(y_true, np.where(y_pred == 2, 3, y_pred), labels, "test")

@@ -59,10 +59,23 @@ def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], 
     }
 
 
-def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_dir: str | Path, split: str = "test",
-                        log=print, num_samples: Optional[int] = None) -> dict[str, Any]:
+def classification_report_text(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], split: str) -> str:
+    """scikit-learn's classification report over the classes in the split or predicted, the classes
+    eval.json's macro_f1 averages; the others are named below the table."""
     from sklearn.metrics import classification_report
 
+    seen = set(y_true.tolist()) | set(y_pred.tolist())
+    present = [i for i in range(len(labels)) if i in seen] or list(range(len(labels)))
+    text = classification_report(y_true, y_pred, labels=present, target_names=[labels[i] for i in present],
+                                 digits=4, zero_division=0)
+    absent = [label for i, label in enumerate(labels) if i not in present]
+    if absent:
+        text += f"\nnot in the {split} split and never predicted (left out of the averages): {', '.join(absent)}\n"
+    return text
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_dir: str | Path, split: str = "test",
+                        log=print, num_samples: Optional[int] = None) -> dict[str, Any]:
     from rayfine.report import plot_confusion_matrix
 
     ckpt = load_checkpoint(checkpoint_dir)
@@ -72,9 +85,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
-    text = classification_report(
-        y_true, probs.argmax(axis=1), labels=list(range(len(ckpt.labels))), target_names=ckpt.labels, digits=4, zero_division=0
-    )
+    text = classification_report_text(y_true, probs.argmax(axis=1), ckpt.labels, split)
     (out_dir / "classification_report.txt").write_text(f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
     plot_confusion_matrix(np.asarray(report["confusion_matrix"]), ckpt.labels, out_dir / "confusion_matrix.png", title=f"{ckpt.cfg.name}: {split}")
     log(f"[eval] {split}: accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  loss {report['loss']:.4f}  ({report['num_samples']} examples)")
