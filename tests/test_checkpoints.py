@@ -113,3 +113,20 @@ def test_export_leaves_out_the_optimizer(saved, tmp_path, cfg):
     exported = checkpoints.export_checkpoint(directory, tmp_path / "export")
     assert sorted(p.name for p in exported.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
     checkpoints.load_checkpoint(exported)
+
+
+@pytest.mark.parametrize("preset,overrides,labels", [
+    ("minilm_rotten_tomatoes_tiny", [], ["negative", "positive"]),
+    ("resnet18_digits", ["model.name=resnet", "model.pretrained=false", "data.image_size=16",
+                         "model.config_overrides={embedding_size: 16, hidden_sizes: [16, 32], depths: [1, 1]}"], LABELS),
+])
+def test_a_hugging_face_checkpoints_config_json_is_what_save_pretrained_writes(tmp_path, preset, overrides, labels):
+    import json
+
+    cfg = load_config(preset, overrides)
+    model = build_model(cfg, labels)
+    ours = checkpoints.save_checkpoint(tmp_path / "ours", model, cfg, labels, {"epoch": 1})
+    model.save_pretrained(str(tmp_path / "theirs"))
+    config = json.loads((ours / "config.json").read_text())
+    assert config == json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__] and type(model).__name__.endswith("Classification")

@@ -67,6 +67,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(model.state_dict()), str(directory / MODEL_FILE), metadata={"format": "pt"})
     if is_hugging_face(model):
+        # As model.save_pretrained writes it: `architectures` names the classifier class, which
+        # tools that read config.json (sentence-transformers' CrossEncoder, the Hub) go by.
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(str(directory))
         processor = hf_image_processor_config(cfg.data)
         if processor is not None:
