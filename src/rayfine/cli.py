@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--detach", action="store_true", help="on a cluster: deploy and return (default: serve until Ctrl-C)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the `serve deploy` config and exit (as a RayService serveConfigV2, without its "
+                   help="print the `serve deploy` config and exit (for a RayService serveConfigV2, drop its "
                         "http_options: a proxy bound to the pod's 127.0.0.1 is out of its Service's reach)")
     p.set_defaults(func=cmd_serve)
 

@@ -266,7 +266,7 @@ class TuneConfig(_Section):
         "val_accuracy", description="The per-epoch metric that ranks trials and that asha or halving compares."
     )
     mode: Optional[Literal["max", "min"]] = Field(
-        None, description="Maximise or minimise tune.metric; unset: min for the losses, max otherwise."
+        None, description="Must agree with tune.metric when set: min for the losses, max otherwise (the default)."
     )
     scheduler: Literal["asha", "halving", "fifo"] = Field(
         "asha", description="asha: stop weak trials early, deciding on each result as it arrives (max_t = the trials' "
