@@ -437,15 +437,15 @@ def check_source(data_cfg: DataConfig) -> None:
     if source.startswith("builtin:"):
         known = BUILTIN_IMAGE_DATASETS if data_cfg.kind == "image" else BUILTIN_TEXT_DATASETS
         if source.removeprefix("builtin:") not in known:
-            raise ConfigError([f"data.source: unknown builtin {data_cfg.kind} dataset {source}; "
-                               f"allowed: {', '.join('builtin:' + n for n in known)}"])
+            raise ConfigError([(f"data.source: unknown builtin {data_cfg.kind} dataset {source}; "
+                                f"allowed: {', '.join('builtin:' + n for n in known)}")])
         return
     if _is_local(source):
         path = source.removeprefix("file://")
         if not os.path.exists(path):
             where = f" (from {os.getcwd()})" if not os.path.isabs(path) else ""
-            raise ConfigError([f"data.source: {source} does not exist{where}; give a file or folder on this "
-                               "machine, a URL (s3://, gs://...) or a builtin dataset"])
+            raise ConfigError([(f"data.source: {source} does not exist{where}; give a file or folder on this "
+                                "machine, a URL (s3://, gs://...) or a builtin dataset")])
     try:
         detect_format(data_cfg)
     except DataError as e:
