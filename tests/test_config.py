@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from rayfine.cli import main
 from rayfine.config import ConfigError, load_config, preset_names
@@ -50,7 +51,7 @@ def test_config_file_and_preset_agree(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config("resnet18_digits")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 

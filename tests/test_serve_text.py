@@ -67,7 +67,7 @@ def reference(checkpoint_dir, texts):
     return ckpt.predict_proba(Preprocessor(ckpt.cfg, str(checkpoint_dir))(texts)).numpy(), ckpt.labels
 
 
-def test_metadata_and_autoscaling(server):
+def test_metadata_and_autoscaling_config(server):
     from ray.serve.context import _get_global_client
 
     meta = requests.get(f"{server['url']}/v2/models/{NAME}", headers=AUTH, timeout=30).json()

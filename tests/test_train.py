@@ -12,7 +12,7 @@ import torch
 from report_checks import check_report
 
 from rayfine.checkpoints import INFERENCE_FILES, load_checkpoint
-from rayfine.config import load_config
+from rayfine.config import ConfigError, load_config
 from rayfine.data import build_datasets
 from rayfine.errors import TrainingError
 from rayfine.evaluate import predict_dataset
@@ -168,6 +168,6 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     assert any("continuing" in m and "after 1 finished epoch" in m for m in messages)
 
     # A different experiment under the same name is refused rather than mixed in.
-    with pytest.raises(Exception, match="changed: train.lr"):
+    with pytest.raises(ConfigError, match="changed: train.lr"):
         fit(cfg.with_overrides(["train.lr=0.1"]), datasets=datasets, info=info, log=lambda *_: None)
     assert np.isfinite(json.loads((tmp_path / "again" / "train" / "eval.json").read_text())["loss"])
