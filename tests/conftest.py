@@ -85,7 +85,8 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """One real 3-epoch run of resnet18_digits_tiny on 2 DDP workers, tracked in MLflow:
-    test_train checks what it wrote, test_serve serves its epoch-2 and epoch-3 checkpoints.
+    test_train checks what it wrote, test_serve serves its epoch-2 and epoch-3 checkpoints (all
+    three are kept: which two are the best by validation accuracy differs between CPU kinds).
     Batch 34: each worker's 239 rows end in a batch of one example, which BatchNorm cannot train
     on (the ResNet's last feature map is 1x1 at 8 px); it is left out (train_batches)."""
     from rayfine.config import load_config
@@ -95,7 +96,7 @@ def digits_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits_run")
     mlflow_uri = f"sqlite:///{root}/mlflow.db"
     cfg = load_config("resnet18_digits_tiny", ["name=digits", f"storage.runs_dir={root}", "train.epochs=3",
-                                               "train.batch_size=34", f"tracking.mlflow.tracking_uri={mlflow_uri}"])
+                                               "train.keep_checkpoints=3", "train.batch_size=34", f"tracking.mlflow.tracking_uri={mlflow_uri}"])
     summary = fit(cfg, log=lambda *_: None)
     return SimpleNamespace(cfg=cfg, summary=summary, dir=root / "digits", mlflow_uri=mlflow_uri)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -18,6 +20,20 @@ def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, fmt)
     return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb); its pixel
+    data is 64 bytes, so decoding it fails: a refusal that names the size came from the header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def bomb_gif(width: int, height: int) -> bytes:
+    """A GIF header that claims width x height pixels (at most 65535 each), then garbage."""
+    return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + png(np.zeros((8, 8), np.uint8), "GIF")[13:40] + b"\xff" * 50
 
 
 def b64(data: bytes) -> str:

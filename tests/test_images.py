@@ -128,9 +128,15 @@ def test_truncated_png_is_refused(digit):
 
 
 def test_pixel_limit_refuses_before_decoding():
+    from net_tools import bomb_png
+
     big = encode(Image.new("L", (300, 300)))
     with pytest.raises(ImageError, match="more than the limit of 10000"):
         prepare_image(big, cfg(max_image_pixels=10_000))
+    # A header that claims 300x300 over 64 bytes of pixels: decoding would fail on the data, so
+    # the limit's message shows that the header alone was read.
+    with pytest.raises(ImageError, match="300x300 pixels, more than the limit of 10000"):
+        prepare_image(bomb_png(300, 300), cfg(max_image_pixels=10_000))
 
 
 def test_normalization_and_layout():

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
-from net_tools import b64, png
+from net_tools import b64, bomb_gif, png
 
 from rayfine.config import SERVE_IMAGE_FORMATS, ConfigError, ServeConfig, load_config
 from rayfine.data.images import ACCEPTED_FORMATS
@@ -194,7 +194,10 @@ def test_image_format_limit_reads_only_the_header():
     with pytest.raises(RequestError, match="image format GIF is not accepted; accepted: PNG, JPEG") as e:
         protocol.predict_items(PredictRequest(inputs=[b64(gif)]), "image", LIMITS)
     assert e.value.status == 415
-    # A bomb's header is read, never its pixels: refused by format before anything is decoded.
+    # A GIF header over garbage (claiming 3000x3000): refused by its format from the header alone.
+    with pytest.raises(RequestError, match="image format GIF is not accepted") as e:
+        protocol.predict_items(PredictRequest(inputs=[b64(bomb_gif(3000, 3000))]), "image", LIMITS)
+    assert e.value.status == 415
     ok = protocol.predict_items(PredictRequest(inputs=[b64(png(np.zeros((8, 8), np.uint8), "JPEG"))]), "image", LIMITS)
     assert len(ok) == 1
     # Not an image at all: left to the preprocessing, which names the problem.
