@@ -38,6 +38,8 @@ REQUIRED = {
     "asha": ["compute_ratio", "worker_seconds_ratio", "best_acc_asha", "best_acc_full", "accuracy_gap",
              "compute_ratio_stats.median", "accuracy_gap_stats.median"],
     "asha_curves": ["per_seed.0.fifo_best_test_accuracy", "per_seed.0.trials.0.epochs.0.test_accuracy"],
+    "halving": ["compute_ratio", "accuracy_gap", "compute_ratio_stats.median", "accuracy_gap_stats.median",
+                "per_seed.0.best_acc_halving", "per_seed.0.epochs_compared"],  # after asha_curves: its FIFO side
     "asha_replay": ["stopping_compute_ratio.median", "promotion_compute_ratio.median", "promotion_accuracy_gap.median",
                     "per_seed.0.full.best_test_accuracy",  # after asha_curves: it replays that record
                     "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median"],
@@ -117,6 +119,8 @@ def test_every_bench_script_runs_in_its_tiny_setting(tmp_path):
     assert all(data["serve"]["servers"][s][f"c{c}"]["errors"] == 0 for s in ("batched", "unbatched", "plain")
                for c in (1, 8, 32))
     assert data["asha"]["per_seed"][0]["fifo"]["epochs"] == data["asha"]["per_seed"][0]["fifo"]["epochs_full_budget"]
+    halving = data["halving"]["per_seed"][0]  # every epoch it trained is the one FIFO trained
+    assert halving["epochs_compared"] == halving["epochs"] and halving["reproduced"] == halving["epochs"]
     assert data["end_to_end"]["exit_code"] == 0 and data["end_to_end"]["first_answer"]["label"] in [str(d) for d in range(10)]
     page = report.render(data)
     for heading in ("## Headline figures", *(f"## {k}" for k in REQUIRED), "## reliability"):

@@ -234,10 +234,25 @@ def test_unknown_labels_are_bad_rows(ray_local, image_folder):
 
 
 def test_builtin_split_is_deterministic_and_disjoint(ray_local):
+    from rayfine.data import assign_split, hash_unit
+
     cfg = load_config("resnet18_digits", ["data.image_size=8"])
-    _, a = build_datasets(cfg, log=lambda *_: None)
-    _, b = build_datasets(cfg, log=lambda *_: None)
+    first, a = build_datasets(cfg, log=lambda *_: None)
+    second, b = build_datasets(cfg, log=lambda *_: None)
     assert a == b
+
+    def members(datasets, split):
+        return sorted(row["image"].tobytes() + bytes([row["y"]]) for row in datasets[split].take_all())
+
+    splits = {split: members(first, split) for split in ("train", "val", "test")}
+    # The same examples in each split on a second build, and no example in two splits.
+    assert all(members(second, split) == rows for split, rows in splits.items())
+    assert not set(splits["train"]) & set(splits["val"]) and not set(splits["train"]) & set(splits["test"])
+    assert not set(splits["val"]) & set(splits["test"])
+    # The split is a function of the content alone, the same in every process and on every machine.
+    assert hash_unit(b"rayfine", "split:0") == 0.48601408612252184
+    assert [assign_split(bytes([i]), cfg.data) for i in range(8)] == [
+        "val", "train", "train", "train", "test", "train", "test", "train"]
     assert sum(a.num_examples.values()) == 1797
     assert a.num_examples["test"] == pytest.approx(0.2 * 1797, abs=60)
     # Every class is in every split in roughly the configured share.

@@ -178,14 +178,15 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
     with log_path.open("w") as log:
         job = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(PYTHONUNBUFFERED="1"))
     try:
-        # Wait for a trial that has reported an epoch (so it has a checkpoint) and has not finished,
-        # and find the worker node its training worker runs on.
+        # Wait until both trials have reported an epoch (so each has a checkpoint) and neither has
+        # finished, and find a worker node their training workers run on: whichever node is
+        # stopped, the trial on it must continue from its checkpoint.
         victim = None
         deadline = time.monotonic() + 600
         while victim is None and time.monotonic() < deadline and job.poll() is None:
             epochs = _trial_epochs(run)
             partway = [t for t, e in epochs.items() if 1 <= len(e) < TRIAL_EPOCHS]
-            if partway:
+            if len(partway) == 2:
                 alive = _state_api(cluster["dashboard"], "out = [a.node_id for a in list_actors(address=address, detail=True, "
                                    "filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])]")
                 on_workers = [nodes[n] for n in alive if nodes.get(n, "").startswith("rayfine_worker")]
@@ -193,7 +194,7 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
                     victim = max(set(on_workers), key=on_workers.count).removeprefix("rayfine_")
                     break
             time.sleep(0.5)
-        assert victim, "no trial was seen part-way on a worker node:\n" + log_path.read_text()[-3000:]
+        assert victim, "no two trials were seen part-way on the worker nodes:\n" + log_path.read_text()[-3000:]
         before = _trial_epochs(run)
         killed_at = time.monotonic()
         killed = _kill_node(cluster["state"], victim)
@@ -219,6 +220,7 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
 
     after = _trial_epochs(run)
     assert len(after) == 2
+    assert hit and sorted(recovered) == sorted(hit), (hit, recovered)  # each part-way trial went on
     for trial_id, epochs in after.items():
         # Every trial trained every epoch, each reported once: those hit by the lost node continued
         # from their last checkpoint (a restart from scratch would report epoch 1 again).

@@ -73,8 +73,17 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         reply = requests.post(f"{url}/predict", files={"files": ("seven.png", png.getvalue(), "image/png")}, timeout=60)
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        assert len(body["predictions"]) == 1 and body["predictions"][0]["label"] in [str(d) for d in range(10)]
-        assert body["model_version"] in output
+        assert len(body["predictions"]) == 1 and body["model_version"] in output
+        # ... exactly as the winner's checkpoint answers it in this process.
+        from rayfine.checkpoints import load_checkpoint
+        from rayfine.data import Preprocessor
+
+        best = run_dir / "tune" / "best" / "checkpoint"
+        ckpt = load_checkpoint(best)
+        probs = ckpt.predict_proba(Preprocessor(ckpt.cfg, str(best))([png.getvalue()])).numpy()[0]
+        answer = body["predictions"][0]
+        assert answer["label"] == ckpt.labels[int(probs.argmax())], (answer, probs)
+        assert answer["score"] == pytest.approx(float(probs.max()), abs=1e-5)
 
         # Only rayfine's lines and Ray's warnings that matter: no warning about Ray Data's progress
         # bars (rayfine turns them off on purpose) from the trials' split coordinators, no core_worker
