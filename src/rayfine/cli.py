@@ -24,17 +24,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, search: bool = False):
-    """The command's config; ``search``: also check that its tune section can run (tune, run)."""
-    from rayfine.config import ConfigError, check_search, load_config
+def _load(args: argparse.Namespace):
+    """The command's config (tune and run check its search in their preflight)."""
+    from rayfine.config import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "runs_dir", None):
         overrides.append(f"storage.runs_dir={args.runs_dir}")
-    cfg = load_config(args.config, overrides)
-    if search and (errors := check_search(cfg)):
-        raise ConfigError(errors)
-    return cfg
+    return load_config(args.config, overrides)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -69,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    cfg = _load(args, search=True)
+    cfg = _load(args)
     from rayfine.runtime import ray_session
     from rayfine.tune import run_search
     from rayfine.tune.search import preflight
@@ -178,7 +175,7 @@ def curl_example(url: str, name: str, kind: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args, search=True)
+    cfg = _load(args)
     import time
 
     from rayfine.pipeline import run_pipeline
