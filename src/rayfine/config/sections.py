@@ -174,7 +174,7 @@ class TrainConfig(_Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast (on a CPU only with native bfloat16, AVX512-BF16 or AMX: emulated it is many times slower; rank 0 warns).")
     max_failures: int = Field(
         2, ge=-1, description="Restarts from the last checkpoint after a failure: of the worker group "
         "(a run), and of a whole trial (a search); -1: unlimited."

@@ -110,6 +110,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively, as oneDNN (which CPU autocast runs on) reports
+    it; True when torch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One DDP worker: config = {"cfg": <Config JSON>, "labels": [...], "num_train": int,
     "class_weights": [...] or None}."""
@@ -157,6 +166,10 @@ def train_loop_per_worker(config: dict) -> None:
     class_weights = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     collate = batch_collate(cfg)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    if t.precision == "bf16" and device.type == "cpu" and rank == 0 and not cpu_has_native_bf16():
+        print("[rank 0] warning: train.precision=bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): "
+              "autocast emulates it, many times slower than fp32 (a ResNet step: 13.9 s against 0.29 s); "
+              "set train.precision=fp32")
     augment_images = cfg.data.kind == "image" and cfg.data.augment
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
