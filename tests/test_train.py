@@ -156,9 +156,10 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     # Ship this module's failing loop to the workers by value (they cannot import test files).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # bf16 autocast and gradient accumulation ride along: their code paths run for real here. A
-    # tenth of the digits: on a CPU without native bfloat16 a step takes ~50x as long as in fp32.
+    # twentieth of the digits in batches of 8: on a CPU without native bfloat16 a ResNet's backward
+    # pass takes ~40x as long as in fp32, in proportion to the images.
     cfg = tiny(tmp_path, "again", "train.epochs=2", "train.max_failures=0", "train.precision=bf16", "train.grad_accum_steps=2",
-               "data.subsample=0.1")
+               "data.subsample=0.05", "train.batch_size=8")
     datasets, info = build_datasets(cfg, log=lambda *_: None)
     with pytest.raises(TrainingError, match="injected failure after epoch 1"):
         fit(cfg, datasets=datasets, info=info, train_loop=_fails_once_after_epoch_1, log=lambda *_: None)
@@ -173,6 +174,18 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     with pytest.raises(ConfigError, match="changed: train.lr"):
         fit(cfg.with_overrides(["train.lr=0.1"]), datasets=datasets, info=info, log=lambda *_: None)
     assert np.isfinite(json.loads((tmp_path / "again" / "train" / "eval.json").read_text())["loss"])
+
+
+def test_bf16_warns_only_on_a_cpu_that_would_emulate_it(monkeypatch):
+    from rayfine.train import worker
+
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: False)
+    warning = worker.precision_warning("bf16", torch.device("cpu"))
+    assert warning and "without native bfloat16" in warning and "set train.precision=fp32" in warning
+    assert worker.precision_warning("fp32", torch.device("cpu")) is None
+    assert worker.precision_warning("bf16", torch.device("cuda", 0)) is None  # GPUs: bf16 is what they are for
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: True)
+    assert worker.precision_warning("bf16", torch.device("cpu")) is None
 
 
 def test_bf16_support_is_what_onednn_reports_and_assumed_when_torch_cannot_say(monkeypatch):
