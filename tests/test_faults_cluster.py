@@ -173,7 +173,8 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
     assert sorted(nodes.values()) == ["rayfine_head", "rayfine_worker1", "rayfine_worker2"], nodes
     log_path = cluster["state"] / "job.log"
     args = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=nodeloss",
-            "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo", "--runs-dir", str(runs),
+            "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo", "--set", "data.subsample=0.2",
+            "--set", "tune.search_space.train.batch_size={choice: [32]}", "--runs-dir", str(runs),
             "--address", cluster["dashboard"], "--follow"]
     with log_path.open("w") as log:
         job = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(PYTHONUNBUFFERED="1"))

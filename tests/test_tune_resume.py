@@ -26,6 +26,9 @@ pytestmark = pytest.mark.integration
 
 EPOCHS = 3
 TRIALS = 3  # two run at once: one finishes while another is part-way
+# Half the tiny preset's data (240 training images) in batches of 32: these tests are about what
+# the search does across a stop and a resume, and 2 CPUs pay for every epoch twice over.
+SMALL = ["--set", "data.subsample=0.2", "--set", "tune.search_space.train.batch_size={choice: [32]}"]
 
 
 def start_driver(args: list[str], ray_tmp: str, log_path: Path) -> subprocess.Popen:
@@ -105,7 +108,7 @@ def test_interrupted_search_resumes_without_running_a_finished_trial_again(tmp_p
     """Ctrl-C part-way: Tune stops its loop without raising; rayfine must not take the best trial
     so far for the search's result (no leaderboard, summary or winner, nothing to deploy)."""
     args = ["resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=killed",
-            "--set", "tune.scheduler=fifo", "--set", "tune.searcher=optuna", "--set", f"tune.num_samples={TRIALS}"]
+            "--set", "tune.scheduler=fifo", "--set", "tune.searcher=optuna", "--set", f"tune.num_samples={TRIALS}", *SMALL]
     run = tmp_path / "killed"
     experiment = run / "ray" / "tune"
     log_path = tmp_path / "drivers.log"
@@ -191,8 +194,7 @@ def test_killed_halving_search_resumes_at_its_rung(tmp_path, ray_tmp):
     lrs = [GOOD_LR, WEAK_LR, WEAK_LR / 10]
     args = ["resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=halving",
             "--set", "tune.scheduler=halving", "--set", "tune.reduction_factor=3", "--set", "tune.num_samples=1",
-            "--set", f"tune.search_space.train.lr={{grid: [{', '.join(map(str, lrs))}]}}",
-            "--set", "tune.search_space.train.batch_size={choice: [32]}"]
+            "--set", f"tune.search_space.train.lr={{grid: [{', '.join(map(str, lrs))}]}}", *SMALL]
     run = tmp_path / "halving"
     log_path = tmp_path / "drivers.log"
 
