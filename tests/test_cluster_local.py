@@ -163,6 +163,17 @@ def test_submit_the_pipeline_job_with_workers_on_both_nodes(cluster, digits, tmp
     assert answer.returncode == 0, answer.stderr
     predictions = json.loads(answer.stdout)
     assert predictions["model_name"] == "resnet18_digits_tiny" and len(predictions["predictions"]) == 3
+    # ... each digit as the winner's checkpoint on the shared storage answers it in this process.
+    from rayfine.checkpoints import load_checkpoint
+    from rayfine.data import Preprocessor
+
+    best = run / "tune" / "best" / "checkpoint"
+    ckpt = load_checkpoint(best)
+    probs = ckpt.predict_proba(Preprocessor(ckpt.cfg, str(best))([p.read_bytes() for p in paths])).numpy()
+    for served, p in zip(predictions["predictions"], probs):
+        assert served["label"] == ckpt.labels[int(p.argmax())], (served, p)
+        assert served["score"] == pytest.approx(float(p.max()), abs=1e-5)
+    cluster["served"] = predictions  # what the serve job below must leave as it is
     # Ray's state API: the job's training workers (RayTrainWorker actors) ran on both nodes.
     workers = _state_api(cluster["dashboard"], f"""
 from ray.job_submission import JobSubmissionClient
@@ -221,7 +232,11 @@ def test_the_serve_job_on_a_served_run_changes_nothing(cluster, tmp_path, digits
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["model_name"] == "resnet18_digits_tiny" and len(answer["predictions"]) == 3
-    assert all(p["label"] in {str(d) for d in range(10)} for p in answer["predictions"])
+    # The same version answers the same digits as before the job.
+    before = cluster["served"]
+    assert answer["model_version"] == before["model_version"]
+    assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in before["predictions"]]
+    assert [p["score"] for p in answer["predictions"]] == pytest.approx([p["score"] for p in before["predictions"]], abs=1e-6)
 
 
 def test_down_stops_exactly_the_cluster(cluster):
