@@ -1,5 +1,5 @@
 """Small helpers the HTTP tests share: a free loopback port, images as encoded files, base64, waiting
-for a condition, a Serve app's running replicas."""
+for a condition, a Serve app's running replicas, served answers checked against their checkpoint."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import io
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from rayfine.runtime import free_port  # noqa: F401  (the tests' free loopback port)
@@ -59,3 +61,17 @@ def running_replicas(app: str) -> int:
     if status is None or status.status != "RUNNING":
         return 0
     return status.deployments["Classifier"].replica_states.get("RUNNING", 0)
+
+
+def check_served_as_checkpoint(served: list[dict], checkpoint_dir: Path, files: list[bytes]) -> None:
+    """Each served prediction (``{"label", "score", ...}``, one per file) is what the checkpoint
+    itself answers for the same file in this process: the same label, the same score to 1e-5."""
+    from rayfine.checkpoints import load_checkpoint
+    from rayfine.data import Preprocessor
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    probs = ckpt.predict_proba(Preprocessor(ckpt.cfg, str(checkpoint_dir))(files)).numpy()
+    assert len(served) == len(files) == len(probs)
+    for answer, p in zip(served, probs):
+        assert answer["label"] == ckpt.labels[int(p.argmax())], (answer, p)
+        assert answer["score"] == pytest.approx(float(p.max()), abs=1e-5)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from net_tools import check_served_as_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -164,15 +165,7 @@ def test_submit_the_pipeline_job_with_workers_on_both_nodes(cluster, digits, tmp
     predictions = json.loads(answer.stdout)
     assert predictions["model_name"] == "resnet18_digits_tiny" and len(predictions["predictions"]) == 3
     # ... each digit as the winner's checkpoint on the shared storage answers it in this process.
-    from rayfine.checkpoints import load_checkpoint
-    from rayfine.data import Preprocessor
-
-    best = run / "tune" / "best" / "checkpoint"
-    ckpt = load_checkpoint(best)
-    probs = ckpt.predict_proba(Preprocessor(ckpt.cfg, str(best))([p.read_bytes() for p in paths])).numpy()
-    for served, p in zip(predictions["predictions"], probs):
-        assert served["label"] == ckpt.labels[int(p.argmax())], (served, p)
-        assert served["score"] == pytest.approx(float(p.max()), abs=1e-5)
+    check_served_as_checkpoint(predictions["predictions"], run / "tune" / "best" / "checkpoint", [p.read_bytes() for p in paths])
     cluster["served"] = predictions  # what the serve job below must leave as it is
     # Ray's state API: the job's training workers (RayTrainWorker actors) ran on both nodes.
     workers = _state_api(cluster["dashboard"], f"""

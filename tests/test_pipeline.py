@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from net_tools import check_served_as_checkpoint
 from PIL import Image
 
 pytestmark = pytest.mark.integration
@@ -75,15 +76,7 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         body = reply.json()
         assert len(body["predictions"]) == 1 and body["model_version"] in output
         # ... exactly as the winner's checkpoint answers it in this process.
-        from rayfine.checkpoints import load_checkpoint
-        from rayfine.data import Preprocessor
-
-        best = run_dir / "tune" / "best" / "checkpoint"
-        ckpt = load_checkpoint(best)
-        probs = ckpt.predict_proba(Preprocessor(ckpt.cfg, str(best))([png.getvalue()])).numpy()[0]
-        answer = body["predictions"][0]
-        assert answer["label"] == ckpt.labels[int(probs.argmax())], (answer, probs)
-        assert answer["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+        check_served_as_checkpoint(body["predictions"], run_dir / "tune" / "best" / "checkpoint", [png.getvalue()])
 
         # Only rayfine's lines and Ray's warnings that matter: no warning about Ray Data's progress
         # bars (rayfine turns them off on purpose) from the trials' split coordinators, no core_worker
