@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from fault_tools import session_pids, start_cli, stop_session
+from net_tools import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,14 @@ def test_interrupted_search_resumes_without_running_a_finished_trial_again(tmp_p
     driver = start_driver(args, ray_tmp, log_path)
     finished_before: dict[str, list[int]] = {}
     try:
+        # A --resume while the search still runs is refused before its Ray starts (rayfine.rundir):
+        # the two drivers would run the same trials from the same checkpoints.
+        wait_for(lambda: trial_statuses(experiment) or driver.poll() is not None, 300, 0.5, "the search's first save")
+        assert driver.poll() is None, log_path.read_text()[-3000:]
+        early_log = tmp_path / "early_resume.log"
+        expect_exit(start_driver([*args, "--resume"], ray_tmp, early_log), 1, 120, early_log)
+        assert f"error: {run} is in use by another rayfine train, tune or run command" in early_log.read_text()
+        assert "[ray]" not in early_log.read_text() and driver.poll() is None
         # Kill once Tune has recorded a finished trial while another one is part-way through.
         deadline = time.time() + 600
         while time.time() < deadline and driver.poll() is None:

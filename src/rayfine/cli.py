@@ -54,12 +54,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.train import fit
     from rayfine.train.driver import preflight
 
     preflight(cfg)  # a wrong config is refused before Ray starts
-    with ray_session(args.address) as local:
+    with RunDirLock(cfg.run_dir(), "train"), ray_session(args.address) as local:
         summary = fit(cfg, strict_resources=local)
     print(f"[done] test accuracy {summary['eval']['accuracy']:.4f} in {summary['wall_s']:.0f}s; run directory {summary['run_dir']}")
     return 0
@@ -67,12 +68,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.tune import run_search
     from rayfine.tune.search import preflight
 
     preflight(cfg, resume=args.resume)  # a wrong config is refused before Ray starts
-    with ray_session(args.address) as local:
+    with RunDirLock(cfg.run_dir(), "tune"), ray_session(args.address) as local:
         summary = run_search(cfg, resume=args.resume, strict_resources=local)
     best = summary["best"]
     print(f"[done] best trial {best['trial_id']}: test accuracy {best['test_accuracy']:.4f}; "
@@ -179,14 +181,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from rayfine.pipeline import run_pipeline
+    from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.tune.search import preflight
 
     preflight(cfg, resume=args.resume)  # a wrong config is refused before Ray starts
     started = time.perf_counter()
-    with ray_session(args.address) as local:
+    with RunDirLock(cfg.run_dir(), "run") as lock, ray_session(args.address) as local:
         ray_start = {"ray start": time.perf_counter() - started}
-        result = run_pipeline(cfg, resume=args.resume, strict_resources=local)
+        try:
+            result = run_pipeline(cfg, resume=args.resume, strict_resources=local)
+        finally:
+            lock.release()  # serving reads the winner's checkpoint only: another run may continue this one
         served = result["serve"]
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in {**ray_start, **result["timings_s"]}.items())
         print(f"[run] winner test accuracy {result['eval']['accuracy']:.4f}; {timings}")
