@@ -20,11 +20,11 @@ from rayfine.cli import main
 from rayfine.rundir import RunDirBusy, RunDirLock
 
 HOLDER = """
-import sys, time
+import sys
 from rayfine.rundir import RunDirLock
 lock = RunDirLock(sys.argv[1], "train").acquire()
 print("held", flush=True)
-time.sleep(600)
+sys.stdin.read()  # until the test kills it
 """
 
 
@@ -42,7 +42,7 @@ def test_a_second_holder_is_refused_until_the_first_lets_go(tmp_path):
 
 def test_a_killed_holder_leaves_the_run_directory_free(tmp_path):
     run = tmp_path / "digits"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirBusy):
@@ -54,6 +54,8 @@ def test_a_killed_holder_leaves_the_run_directory_free(tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
 
 
 @pytest.mark.parametrize("command", [["train"], ["tune"], ["run", "--detach"]])
