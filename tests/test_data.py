@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -11,11 +12,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from net_tools import wait_for
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
 
 from rayfine.config import load_config
-from rayfine.data import SPLITS, assign_split, build_datasets, label_text, sort_labels
+from rayfine.data import (
+    NO_CPUS_WARNING,
+    SPLITS,
+    assign_split,
+    build_datasets,
+    label_text,
+    no_false_cpu_alarm,
+    sort_labels,
+)
 from rayfine.data.images import IMAGE_EXTENSIONS
 from rayfine.errors import DataError
 
@@ -433,3 +443,69 @@ def test_an_image_is_labelled_by_the_folder_it_sits_in():
     assert _label_of("/data/pets/cats/indoor/002.jpg", "/data/pets") == "indoor"
     assert _label_of("/data/pets/003.jpg", "/data/pets") is None  # outside any class folder: a bad row
     assert _label_of("bucket/pets/dogs/004.png", "s3://bucket/pets") == "dogs"  # Ray lists s3 paths without the scheme
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def ray_data_warnings():
+    """Ray Data's warnings (logger ray.data.dataset), with its once-per-process "no CPUs" one re-armed."""
+    from ray.util import debug
+
+    debug._logged.discard("cpu_warning")  # Ray's log_once key for it (private; it fires once per process)
+    handler = _Records()
+    logger = logging.getLogger("ray.data.dataset")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+    debug._logged.discard("cpu_warning")
+
+
+def test_building_datasets_raises_no_false_alarm_about_cpus(ray_local, ray_data_warnings):
+    # Ray 2.60's materialize() warns that "the Dataset job will hang" right after its own tasks ran on
+    # every CPU (the resource view still counts them): seen on every `rayfine train` on 2 CPUs.
+    wait_for(lambda: ray_local.available_resources().get("CPU") == 2, 30, 0.2, "every CPU free")
+    build_datasets(load_config("resnet18_digits_tiny"), log=lambda *_: None)
+    assert not [m for m in ray_data_warnings if NO_CPUS_WARNING in m]
+
+
+def test_the_cpu_warning_is_dropped_only_when_the_cpus_were_free_as_the_block_began(ray_local, ray_data_warnings):
+    import ray
+    from ray.util import debug
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    def materialize_with_the_cpus_held(entered_free: bool):
+        """Materialize data made on the driver (it needs no task, so no CPU) while an actor holds every CPU."""
+        holder = Holder.remote() if not entered_free else None
+        try:
+            if holder:
+                ray.get(holder.ready.remote())
+                wait_for(lambda: not ray.available_resources().get("CPU"), 30, 0.2, "the CPUs taken")
+            with no_false_cpu_alarm():
+                if entered_free:  # the CPUs are taken inside the block: Ray's check sees none free
+                    holder = Holder.remote()
+                    ray.get(holder.ready.remote())
+                    wait_for(lambda: not ray.available_resources().get("CPU"), 30, 0.2, "the CPUs taken")
+                ray.data.from_items([{"x": 1}]).materialize()
+        finally:
+            ray.kill(holder)
+            wait_for(lambda: ray.available_resources().get("CPU") == 2, 30, 0.2, "every CPU free")
+
+    # Free when the block began (a data build's own tasks then took them): Ray warned, and it was dropped.
+    materialize_with_the_cpus_held(entered_free=True)
+    assert "cpu_warning" in debug._logged and not [m for m in ray_data_warnings if NO_CPUS_WARNING in m]
+    # Taken before it began: other work holds them and the data may really wait; the warning goes through.
+    debug._logged.discard("cpu_warning")
+    materialize_with_the_cpus_held(entered_free=False)
+    assert [m for m in ray_data_warnings if NO_CPUS_WARNING in m]

@@ -17,10 +17,13 @@ and identical images always land in the same split (no train/test leakage throug
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -235,6 +238,46 @@ def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
     """Read, prepare and split ``cfg.data``; returns per-split datasets of model inputs."""
+    with no_false_cpu_alarm():
+        return _build_datasets(cfg, log)
+
+
+NO_CPUS_WARNING = "does not have any available CPUs"  # in Ray Data's "... The Dataset job will hang" warning
+
+
+class _DropWarning(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_false_cpu_alarm() -> Iterator[None]:
+    """Ray Data's warning that "the Ray cluster currently does not have any available CPUs. The
+    Dataset job will hang ..." is dropped inside, when CPUs are free as it starts.
+
+    Ray 2.60's ``materialize()`` runs the dataset, then reads its own output back through
+    ``Dataset._execute``, which warns when ``ray.available_resources()`` shows no free CPU; right
+    after an execution that used every CPU the cluster's resource view still counts its tasks. On 2
+    CPUs every ``rayfine train`` printed it, and nothing hung. Where the CPUs are already taken when
+    the block starts (other work holds them; the data may really wait), Ray's warning goes through.
+    """
+    if not ray.available_resources().get("CPU"):
+        yield
+        return
+    logger = logging.getLogger("ray.data.dataset")
+    drop = _DropWarning(NO_CPUS_WARNING)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
     data_cfg = cfg.data
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
