@@ -23,8 +23,9 @@ class FakeController:
     def __init__(self, scheduler):
         self.scheduler, self.trials = scheduler, []
 
-    def add(self, trial_id: str) -> FakeTrial:
+    def add(self, trial_id: str, status: str = Trial.PENDING) -> FakeTrial:
         trial = FakeTrial(trial_id)
+        trial.status = status
         self.trials.append(trial)
         self.scheduler.on_trial_add(self, trial)
         return trial
@@ -125,6 +126,23 @@ def test_a_resumed_search_rebuilds_its_rungs_from_the_epoch_logs():
     assert c.report(trials[3], 1, 0.1) == TrialScheduler.STOP
     assert [t.status for t in trials[:3]] == [Trial.PAUSED, Trial.TERMINATED, Trial.PAUSED]
     assert s.choose_trial_to_run(c) is trials[0]
+
+
+def test_a_resumed_search_decides_its_rungs_only_once_every_trial_is_back():
+    """Tune restores the searcher first (here it had drawn every trial), then adds the trials one at
+    a time, in the order its saved state lists them: the first one alone is no complete rung."""
+    logs = {"t_1": [{"epoch": 1, "val_accuracy": 0.125}], "t_0": [{"epoch": 1, "val_accuracy": 0.125}],
+            "t_2": [{"epoch": 1, "val_accuracy": 0.125}]}
+    s = halving(num_trials=3, rf=3, max_t=3, history=lambda trial_id: logs[trial_id])
+    c = FakeController(s)
+    c.search_alg = type("Finished", (), {"is_finished": lambda self: True})()
+    # Interrupted after the rung had stopped t_2 and promoted t_0 (a three-way tie: the earliest
+    # drawn goes on), before t_1's stop was saved.
+    t_1, t_0, t_2 = c.add("t_1"), c.add("t_0"), c.add("t_2", Trial.TERMINATED)
+    s.choose_trial_to_run(c)
+    # t_0 goes on (left PENDING: Tune starts it), t_1 stops.
+    assert t_0.status == Trial.PENDING and t_1.status == Trial.TERMINATED
+    assert s.allowed_epochs("t_0") == 3 and s.allowed_epochs("t_1") == 1
 
 
 def test_the_gated_searcher_draws_only_into_free_slots_and_keeps_its_gate_on_restore():

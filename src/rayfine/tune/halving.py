@@ -138,12 +138,17 @@ class SuccessiveHalving(TrialScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         self._controller = tune_controller
         self._trials[trial.trial_id] = trial
-        self._ended.discard(trial.trial_id)  # a failed trial Tune runs again
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a resumed search's finished trial
+            self._ended.add(trial.trial_id)
+        else:
+            self._ended.discard(trial.trial_id)  # a failed trial Tune runs again
         if self._history is not None:  # a resumed search: what the trial trained before
             for record in self._history(trial.trial_id):
                 if self._metric in record and self._time_attr in record:
                     self._record(trial.trial_id, int(record[self._time_attr]), record[self._metric])
-        self._decide()
+        # No rung is decided here: a resumed search adds its trials one at a time after restoring
+        # its searcher, which may have drawn them all; a rung closed then would leave out the
+        # trials not added yet (choose_trial_to_run decides, once Tune has added them all).
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self._controller = tune_controller
