@@ -132,13 +132,15 @@ def test_a_resumed_search_decides_its_rungs_only_once_every_trial_is_back():
     """Tune restores the searcher first (here it had drawn every trial), then adds the trials one at
     a time, in the order its saved state lists them: the first one alone is no complete rung."""
     logs = {"t_1": [{"epoch": 1, "val_accuracy": 0.125}], "t_0": [{"epoch": 1, "val_accuracy": 0.125}],
-            "t_2": [{"epoch": 1, "val_accuracy": 0.125}]}
-    s = halving(num_trials=3, rf=3, max_t=3, history=lambda trial_id: logs[trial_id])
+            "t_2": [{"epoch": 1, "val_accuracy": 0.125}], "t_3": []}
+    s = halving(num_trials=4, rf=3, max_t=3, history=lambda trial_id: logs[trial_id])
     c = FakeController(s)
     c.search_alg = type("Finished", (), {"is_finished": lambda self: True})()
     # Interrupted after the rung had stopped t_2 and promoted t_0 (a three-way tie: the earliest
-    # drawn goes on), before t_1's stop was saved.
-    t_1, t_0, t_2 = c.add("t_1"), c.add("t_0"), c.add("t_2", Trial.TERMINATED)
+    # drawn goes on), before t_1's stop was saved; t_3 had ended before its first epoch (Tune
+    # brings finished trials back TERMINATED: the rung does not wait for them).
+    t_1, t_0 = c.add("t_1"), c.add("t_0")
+    c.add("t_2", Trial.TERMINATED), c.add("t_3", Trial.TERMINATED)
     s.choose_trial_to_run(c)
     # t_0 goes on (left PENDING: Tune starts it), t_1 stops.
     assert t_0.status == Trial.PENDING and t_1.status == Trial.TERMINATED

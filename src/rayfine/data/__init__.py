@@ -245,15 +245,6 @@ def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset],
 NO_CPUS_WARNING = "does not have any available CPUs"  # in Ray Data's "... The Dataset job will hang" warning
 
 
-class _DropWarning(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 @contextlib.contextmanager
 def no_false_cpu_alarm() -> Iterator[None]:
     """Ray Data's warning that "the Ray cluster currently does not have any available CPUs. The
@@ -269,7 +260,10 @@ def no_false_cpu_alarm() -> Iterator[None]:
         yield
         return
     logger = logging.getLogger("ray.data.dataset")
-    drop = _DropWarning(NO_CPUS_WARNING)
+
+    def drop(record: logging.LogRecord) -> bool:
+        return NO_CPUS_WARNING not in record.getMessage()
+
     logger.addFilter(drop)
     try:
         yield
