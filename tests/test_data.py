@@ -485,27 +485,31 @@ def test_the_cpu_warning_is_dropped_only_when_the_cpus_were_free_as_the_block_be
         def ready(self):
             return True
 
-    def materialize_with_the_cpus_held(entered_free: bool):
-        """Materialize data made on the driver (it needs no task, so no CPU) while an actor holds every CPU."""
-        holder = Holder.remote() if not entered_free else None
-        try:
-            if holder:
-                ray.get(holder.ready.remote())
-                wait_for(lambda: not ray.available_resources().get("CPU"), 30, 0.2, "the CPUs taken")
-            with no_false_cpu_alarm():
-                if entered_free:  # the CPUs are taken inside the block: Ray's check sees none free
-                    holder = Holder.remote()
-                    ray.get(holder.ready.remote())
-                    wait_for(lambda: not ray.available_resources().get("CPU"), 30, 0.2, "the CPUs taken")
-                ray.data.from_items([{"x": 1}]).materialize()
-        finally:
-            ray.kill(holder)
-            wait_for(lambda: ray.available_resources().get("CPU") == 2, 30, 0.2, "every CPU free")
+    def take_the_cpus():
+        holder = Holder.remote()
+        ray.get(holder.ready.remote())
+        wait_for(lambda: not ray.available_resources().get("CPU"), 30, 0.2, "the CPUs taken")
+        return holder
 
-    # Free when the block began (a data build's own tasks then took them): Ray warned, and it was dropped.
-    materialize_with_the_cpus_held(entered_free=True)
+    def give_them_back(holder):
+        ray.kill(holder)
+        wait_for(lambda: ray.available_resources().get("CPU") == 2, 30, 0.2, "every CPU free")
+
+    # Data made on the driver: materializing it needs no task, so no CPU, and Ray's check sees none free.
+    # Free when the block began (as when a data build's own tasks take them): Ray warned, and it was dropped.
+    with no_false_cpu_alarm():
+        holder = take_the_cpus()
+        try:
+            ray.data.from_items([{"x": 1}]).materialize()
+        finally:
+            give_them_back(holder)
     assert "cpu_warning" in debug._logged and not [m for m in ray_data_warnings if NO_CPUS_WARNING in m]
     # Taken before it began: other work holds them and the data may really wait; the warning goes through.
     debug._logged.discard("cpu_warning")
-    materialize_with_the_cpus_held(entered_free=False)
+    holder = take_the_cpus()
+    try:
+        with no_false_cpu_alarm():
+            ray.data.from_items([{"x": 1}]).materialize()
+    finally:
+        give_them_back(holder)
     assert [m for m in ray_data_warnings if NO_CPUS_WARNING in m]

@@ -140,7 +140,8 @@ def test_a_resumed_search_decides_its_rungs_only_once_every_trial_is_back():
     # drawn goes on), before t_1's stop was saved; t_3 had ended before its first epoch (Tune
     # brings finished trials back TERMINATED: the rung does not wait for them).
     t_1, t_0 = c.add("t_1"), c.add("t_0")
-    c.add("t_2", Trial.TERMINATED), c.add("t_3", Trial.TERMINATED)
+    c.add("t_2", Trial.TERMINATED)
+    c.add("t_3", Trial.TERMINATED)
     s.choose_trial_to_run(c)
     # t_0 goes on (left PENDING: Tune starts it), t_1 stops.
     assert t_0.status == Trial.PENDING and t_1.status == Trial.TERMINATED
