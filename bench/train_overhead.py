@@ -107,7 +107,7 @@ def rayfine_run(cfg, scratch: Path, repeat: int, tensors: Path) -> dict:
     startup = epochs[0]["t"] - epochs[0]["epoch_s"] - fit_started
     # Whole epochs: from one report to the next (training, validation, checkpoint, report).
     walls = [b["t"] - a["t"] for a, b in zip(epochs, epochs[1:])]
-    # streaming_split(equal=True): every worker gets num_train // workers rows.
+    # Equal shards (rayfine.train.ShardedIngest): every worker gets num_train // workers rows.
     seen = info.num_examples["train"] // cfg.scaling.num_workers * cfg.scaling.num_workers
     return {
         "ray_init_s": ray_init_s, "data_s": data_s, "startup_s": startup, "fit_s": fit_s, "cluster_cpus": threads,

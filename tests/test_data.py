@@ -270,22 +270,55 @@ def test_builtin_split_is_deterministic_and_disjoint(ray_local):
         assert a.class_counts["test"][label] > 15 and a.class_counts["val"][label] > 5
 
 
+def shard_rows(iterator) -> list[bytes]:
+    return [img.tobytes() + bytes([y]) for batch in iterator.iter_batches(batch_size=None, batch_format="numpy")
+            for img, y in zip(batch["image"], batch["y"])]
+
+
+def test_each_worker_reads_its_own_equal_shard_in_the_same_order_every_time(ray_local, image_folder):
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    from rayfine.train.driver import ShardedIngest, split_for_workers
+
+    cfg = folder_cfg(image_folder, "scaling.num_workers=2")
+    datasets, _ = build_datasets(cfg, log=lambda *_: None)
+    ingest = ShardedIngest(cfg, split_for_workers(cfg, datasets))
+    sizes = []
+    for split in ("train", "val"):
+        whole = shard_rows(datasets[split].iterator())
+        # What Ray Train asks of it for each dataset and worker group (DataConfig.configure).
+        first = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, 2, None, None)]
+        again = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, 2, None, None)]
+        # Rank 0 the first half of the split's rows, rank 1 the second, in the dataset's order; the
+        # odd last row left out (DDP ranks must take as many steps); the same again for a restarted group.
+        half = len(whole) // 2
+        assert half > 0 and first == [whole[:half], whole[half:2 * half]] and again == first
+        sizes.append(len(whole))
+    assert sorted(n % 2 for n in sizes) == [0, 1], sizes  # one split with a row to leave out, one without
+    # A world size it was not split for (none in rayfine, whose workers never change in number
+    # during a run) gets Ray Train's own streaming split.
+    other = ingest.configure({"train": datasets["train"]}, 3, None, None)
+    assert all(isinstance(out["train"], StreamSplitDataIterator) for out in other)
+
+
 def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder):
     from ray.train import DataConfig
 
-    from rayfine.train.driver import ingest_config
+    from rayfine.train.driver import ShardedIngest, split_for_workers
 
     ordered_cfg = folder_cfg(image_folder)
     unordered_cfg = folder_cfg(image_folder, "data.preserve_order=false")
     ordered, _ = build_datasets(ordered_cfg, log=lambda *_: None)
     unordered, _ = build_datasets(unordered_cfg, log=lambda *_: None)
+    # Unordered: no shards of rayfine's, so Ray Train streams blocks to workers as they ask.
+    assert split_for_workers(unordered_cfg, unordered) == {}
     for cfg, datasets in ((ordered_cfg, ordered), (unordered_cfg, unordered)):
         assert datasets["train"].context.execution_options.preserve_order is cfg.data.preserve_order
         # What Ray Train applies to the dataset of each worker group (DataConfig.configure): Ray's
         # default ingest options but the order, built without Ray's deprecation warning.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            options = ingest_config(cfg)._resolve_execution_options("train")
+            options = ShardedIngest(cfg, {})._resolve_execution_options("train")
         assert [str(w.message) for w in caught] == []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray's own method warns: the reference, not under test

@@ -81,7 +81,7 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         check_served_as_checkpoint(body["predictions"], run_dir / "tune" / "best" / "checkpoint", [png.getvalue()])
 
         # Only rayfine's lines and Ray's warnings that matter: no warning about Ray Data's progress
-        # bars (rayfine turns them off on purpose) from the trials' split coordinators, no core_worker
+        # bars (rayfine turns them off on purpose) from the trials' data readers, no core_worker
         # error line from Ray Train's preemption watcher (nothing to watch on an embedded Ray), no
         # false alarm that the data "will hang" for want of CPUs (rayfine.data.no_false_cpu_alarm).
         assert "Progress bars disabled" not in output and "PreemptionWatcher" not in output, output[-4000:]

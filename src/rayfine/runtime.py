@@ -24,7 +24,8 @@ WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # Run by every worker process of an embedded local Ray before anything else (its runtime_env's
-# worker_process_setup_hook): the Train workers' split coordinators run their executions there.
+# worker_process_setup_hook): Train workers reading their shards (and Ray Train's split coordinators,
+# with data.preserve_order false) run Ray Data executions there.
 WORKER_SETUP_HOOK = "rayfine.runtime.quiet_worker"
 
 

@@ -14,15 +14,17 @@ Named by where the code runs (``worker.py``, ``driver.py``):
 from rayfine.train.driver import (
     RESUMABLE_CHANGES,
     MetricsLog,
+    ShardedIngest,
     build_trainer,
     check_resources,
     class_weight_vector,
     fit,
     format_epoch,
+    split_for_workers,
 )
 from rayfine.train.worker import METRIC_KEYS, make_optimizer, make_scheduler, train_loop_per_worker
 
 __all__ = [
-    "METRIC_KEYS", "MetricsLog", "RESUMABLE_CHANGES", "build_trainer", "check_resources", "class_weight_vector",
-    "fit", "format_epoch", "make_optimizer", "make_scheduler", "train_loop_per_worker",
+    "METRIC_KEYS", "MetricsLog", "RESUMABLE_CHANGES", "ShardedIngest", "build_trainer", "check_resources", "class_weight_vector",
+    "fit", "format_epoch", "make_optimizer", "make_scheduler", "split_for_workers", "train_loop_per_worker",
 ]

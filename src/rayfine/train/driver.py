@@ -56,23 +56,57 @@ class MetricsLog(UserCallback):
             f.write(json.dumps(line) + "\n")
 
 
-def ingest_config(cfg: Config) -> DataConfig:
-    """Ray Train's default ingest; with ``data.preserve_order`` blocks keep their order, and
-    ``streaming_split`` hands each worker the same rows in the same order on every run (Ray then
-    drops its locality hints), so that with the seeded shuffle buffer and augmentation a seed
-    reproduces a run, and a run resumed from a checkpoint trains exactly as one that never stopped.
+def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dict[str, list]:
+    """The train and val splits, each in ``cfg.scaling.num_workers`` shards of equal size (the
+    first ``n // num_workers`` rows, the next, ...; up to ``num_workers - 1`` last rows are left out,
+    as Ray Train's own equal split leaves them), one per DDP rank. No shards (``{}``) with
+    ``data.preserve_order: false``: Ray Train then hands blocks out as workers ask for them.
+
+    Run on the driver before a run starts, while the CPUs are free: ``Dataset.split`` cuts a block
+    that straddles two shards in a Ray task of one CPU, which could wait for a CPU a running run holds.
+    """
+    if not cfg.data.preserve_order:
+        return {}
+    return {name: datasets[name].split(cfg.scaling.num_workers, equal=True) for name in ("train", "val")}
+
+
+class ShardedIngest(DataConfig):
+    """Ray Train's ingest for the shards of ``split_for_workers``: rank i iterates shard i, the
+    same rows in the same order on every run and every epoch, so that with the seeded shuffle
+    buffer and augmentation a seed reproduces a run, and a run resumed from a checkpoint trains
+    exactly as one that never stopped.
+
+    Ray Train's default ``streaming_split`` gives the same guarantee with ``preserve_order``, but it
+    starts a split-coordinator actor per dataset (a new process) and a new Ray Data execution every
+    epoch, whose equalizing step waits for a task; the data are materialized already
+    (``rayfine.data.build_datasets``), so each worker reads its own blocks instead. A dataset without
+    shards for this world size goes through the default ``streaming_split``.
 
     The options are ``DataConfig.default_ingest_options()``'s, built here: in Ray 2.60 that method
     passes ``exclude_resources`` even when it is unset, and every trial's process then warned that
     the argument is deprecated. An ``exclude_resources`` set on the DataContext is still carried."""
-    from ray.data import DataContext, ExecutionOptions
 
-    current = DataContext.get_current().execution_options
-    options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=cfg.data.preserve_order,
-                               verbose_progress=current.verbose_progress)
-    if not current.exclude_resources.is_zero():
-        options.exclude_resources = current.exclude_resources
-    return DataConfig(execution_options=options)
+    def __init__(self, cfg: Config, shards: dict[str, list]):
+        from ray.data import DataContext, ExecutionOptions
+
+        current = DataContext.get_current().execution_options
+        options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=cfg.data.preserve_order,
+                                   verbose_progress=current.verbose_progress)
+        if not current.exclude_resources.is_zero():
+            options.exclude_resources = current.exclude_resources
+        super().__init__(execution_options=options)
+        self.options, self.shards = options, shards
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        sharded = {name: self.shards[name] for name in datasets if len(self.shards.get(name, ())) == world_size}
+        rest = {name: ds for name, ds in datasets.items() if name not in sharded}
+        output = (super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest
+                  else [{} for _ in range(world_size)])
+        for name, shards in sharded.items():
+            for rank, shard in enumerate(shards):
+                shard.context.execution_options = self.options
+                output[rank][name] = shard.iterator()
+        return output
 
 
 def build_trainer(
@@ -84,8 +118,10 @@ def build_trainer(
     storage_path: Optional[str] = None,
     callbacks: Iterable[UserCallback] = (),
     train_loop: Callable[[dict], None] = train_loop_per_worker,
+    shards: dict[str, list] | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for one training run of ``cfg``; the same for `train` and every Tune trial."""
+    """The TorchTrainer for one training run of ``cfg``; the same for `train` and every Tune trial.
+    ``shards``: ``split_for_workers(cfg, datasets)``, split here when not given."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     return TorchTrainer(
@@ -110,7 +146,7 @@ def build_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
-        dataset_config=ingest_config(cfg),
+        dataset_config=ShardedIngest(cfg, split_for_workers(cfg, datasets) if shards is None else shards),
     )
 
 

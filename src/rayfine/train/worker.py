@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
             model.load_state_dict(load_file(str(Path(d) / checkpoints.MODEL_FILE)))
 
     t = cfg.train
-    rows_per_worker = config["num_train"] // world  # streaming_split(equal=True) gives each the same
+    rows_per_worker = config["num_train"] // world  # equal shards (train.driver.ShardedIngest)
     batches_per_epoch = train_batches(rows_per_worker, t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
     optimizer = make_optimizer(model, cfg)

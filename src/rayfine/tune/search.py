@@ -35,7 +35,7 @@ from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
-from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since
+from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, split_for_workers
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
@@ -118,7 +118,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_json=base.model_dump_json(), datasets=datasets, info=info,
-                             storage_path=trials_root(cfg)),
+                             shards=split_for_workers(base, datasets), storage_path=trials_root(cfg)),
         {"cpu": TRIAL_ACTOR_CPUS},
     )
     # Each trial's epoch log: what it trained before a resume (Tune restores its scheduler empty,

@@ -102,8 +102,10 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def run_trial(config: dict, *, base_json: str, datasets: dict, info, storage_path: str) -> None:
-    """The Tune function trainable (runs in the trial actor): one Ray Train run of this trial."""
+def run_trial(config: dict, *, base_json: str, datasets: dict, info, shards: dict, storage_path: str) -> None:
+    """The Tune function trainable (runs in the trial actor): one Ray Train run of this trial, on
+    the workers' shards split once for all trials on the search's driver (``split_for_workers``:
+    every trial has the base config's workers)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -114,6 +116,7 @@ def run_trial(config: dict, *, base_json: str, datasets: dict, info, storage_pat
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
         cfg, datasets, info,
+        shards=shards,
         name=trial_run_name(trial_id),
         storage_path=storage_path,
         callbacks=[EpochLog(epoch_log_path(storage_path, trial_id)), TuneReportCallback()],  # in this order
