@@ -174,6 +174,11 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     with pytest.raises(ConfigError, match="changed: train.lr"):
         fit(cfg.with_overrides(["train.lr=0.1"]), datasets=datasets, info=info, log=lambda *_: None)
     assert np.isfinite(json.loads((tmp_path / "again" / "train" / "eval.json").read_text())["loss"])
+    # Each worker read its own shard (rayfine.train.ShardedIngest): Ray Train started no split
+    # coordinator for any of these runs (the state API lists dead actors too).
+    from ray.util.state import list_actors
+
+    assert list_actors(filters=[("class_name", "=", "SplitCoordinator")]) == []
 
 
 def test_bf16_warns_only_on_a_cpu_that_would_emulate_it(monkeypatch):

@@ -158,6 +158,10 @@ def test_asha_stops_weak_trials_and_the_winner_loads_and_predicts(ray_local, tmp
 
     # Trials that ASHA stopped released their workers' CPUs: everything is free again.
     assert wait_for_all_cpus(ray_local) == pytest.approx(ray_local.cluster_resources()["CPU"])
+    # Every trial's workers read the shards split once on the search's driver: no split coordinator.
+    from ray.util.state import list_actors
+
+    assert list_actors(filters=[("class_name", "=", "SplitCoordinator")]) == []
 
 
 def test_time_budget_ends_the_search(ray_local, tmp_path):
