@@ -40,7 +40,7 @@ import requests
 from fault_tools import descendants, listeners, record, session_pids, start_cli, stop_session
 from net_tools import free_port, png, running_replicas, wait_for
 
-from rayfine.config import load_config
+from rayfine.config import Config, load_config
 from rayfine.train import fit, train_loop_per_worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.integration,
@@ -156,19 +156,36 @@ def baseline(ray_local, tmp_path_factory):
                            checkpoint=Path(summary["checkpoint"]), wall_s=time.monotonic() - t0)
 
 
+def _wait_until_logged(run_dir: Path, epochs: int) -> None:
+    """Until ``run_dir``'s metrics.jsonl holds ``epochs`` lines, or a minute has passed (in a Train
+    worker: net_tools.wait_for, in a test file, is not importable there). Ray Train's controller
+    takes reports in every 2 s (its health-check interval), so on a fast machine the workers can be
+    a whole epoch ahead of the log that the kills below are timed by."""
+    deadline = time.monotonic() + 60
+    while len(metrics_lines(run_dir)) < epochs and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class _BatchLog:
     """A worker's train shard that appends {"pid", "rank", "pass", "batch"} to a file as it hands
     each batch to the loop (pass: how many times this worker has iterated it), so a test can act
-    at a given point of an epoch whatever the machine's speed."""
+    at a given point of an epoch whatever the machine's speed.
 
-    def __init__(self, shard, path: str, rank: int):
-        self.shard, self.path, self.rank, self.passes = shard, path, rank, 0
+    Half-way through its second pass it waits until ``run_dir`` has logged epoch 1, so that the
+    kill meant for the middle of epoch 2 finds epoch 1 logged and epoch 2 not over."""
+
+    def __init__(self, shard, path: str, rank: int, run_dir: Path):
+        self.shard, self.path, self.rank, self.run_dir = shard, path, rank, run_dir
+        self.passes, self.first_pass_batches = 0, 0
 
     def iter_torch_batches(self, *args, **kwargs):
         self.passes += 1
         for i, batch in enumerate(self.shard.iter_torch_batches(*args, **kwargs)):
             with open(self.path, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "rank": self.rank, "pass": self.passes, "batch": i}) + "\n")
+            self.first_pass_batches += self.passes == 1
+            if self.passes == 2 and i == self.first_pass_batches // 2:
+                _wait_until_logged(self.run_dir, 1)
             yield batch
 
     def __getattr__(self, name):
@@ -179,7 +196,8 @@ def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_b
     """The real train loop, plus: each worker records where it started from (its pid, rank and
     the checkpoint it resumed from) and every train batch it takes (_BatchLog); and, once, rank 0
     adds a large file to the checkpoint of ``pad_epoch`` so that copying it into storage takes long
-    enough to be interrupted."""
+    enough to be interrupted, once the epoch before it is logged (the kill waits for that log, then
+    for the new checkpoint's directory)."""
     import ray.train
 
     from rayfine import checkpoints
@@ -198,10 +216,13 @@ def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_b
 
     real_save = checkpoints.save_train_state
     marker = Path(attempts_log).with_name("padded")
+    run_dir = Config.model_validate_json(config["cfg"]).run_dir()
 
     def save_train_state(directory, optimizer, scheduler, epoch):
         real_save(directory, optimizer, scheduler, epoch)
         if epoch == pad_epoch and not marker.exists():
+            _wait_until_logged(run_dir, pad_epoch - 1)
+            time.sleep(1.0)  # the killer lists the checkpoint directories once it sees that log
             marker.write_text(str(directory))
             with open(Path(directory) / "padding.bin", "wb") as f:
                 f.truncate(pad_bytes)
@@ -209,7 +230,7 @@ def _instrumented_loop(config: dict, *, attempts_log: str, pad_epoch: int, pad_b
     checkpoints.save_train_state = save_train_state
     real_shard = ray.train.get_dataset_shard
     batches_log = str(Path(attempts_log).with_name("batches.jsonl"))
-    ray.train.get_dataset_shard = lambda name: (_BatchLog(real_shard(name), batches_log, rank) if name == "train"
+    ray.train.get_dataset_shard = lambda name: (_BatchLog(real_shard(name), batches_log, rank, run_dir) if name == "train"
                                                 else real_shard(name))
     try:
         train_loop_per_worker(config)
