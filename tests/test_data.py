@@ -275,43 +275,65 @@ def shard_rows(iterator) -> list[bytes]:
             for img, y in zip(batch["image"], batch["y"])]
 
 
-def test_each_worker_reads_its_own_equal_shard_in_the_same_order_every_time(ray_local, image_folder):
-    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+@pytest.mark.parametrize("workers", [2, 3])
+def test_each_worker_reads_its_own_shard_in_the_same_order_every_time(ray_local, image_folder, monkeypatch, workers):
+    from ray.train import DataConfig
 
     from rayfine.train.driver import ShardedIngest, split_for_workers
 
-    cfg = folder_cfg(image_folder, "scaling.num_workers=2")
+    # 23 train and 11 val images: rows left over for 2 workers and for 3.
+    cfg = folder_cfg(image_folder, f"scaling.num_workers={workers}", "data.val_fraction=0.25", "data.test_fraction=0.1")
     datasets, _ = build_datasets(cfg, log=lambda *_: None)
     ingest = ShardedIngest(cfg, split_for_workers(cfg, datasets))
-    sizes = []
+    shards, remainders = {}, {}
     for split in ("train", "val"):
         whole = shard_rows(datasets[split].iterator())
         # What Ray Train asks of it for each dataset and worker group (DataConfig.configure).
-        first = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, 2, None, None)]
-        again = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, 2, None, None)]
-        # Rank 0 the first half of the split's rows, rank 1 the second, in the dataset's order; the
-        # odd last row left out (DDP ranks must take as many steps); the same again for a restarted group.
-        half = len(whole) // 2
-        assert half > 0 and first == [whole[:half], whole[half:2 * half]] and again == first
-        sizes.append(len(whole))
-    assert sorted(n % 2 for n in sizes) == [0, 1], sizes  # one split with a row to leave out, one without
+        first = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, workers, None, None)]
+        again = [shard_rows(out[split]) for out in ingest.configure({split: datasets[split]}, workers, None, None)]
+        assert again == first  # the same rows in the same order for a restarted group
+        shards[split], remainders[split] = (whole, first), len(whole) % workers
+    # train: rank i the i-th run of n // workers rows, in the dataset's order; the last rows left
+    # out (DDP ranks must take as many steps).
+    whole, got = shards["train"]
+    size = len(whole) // workers
+    assert size > 0 and got == [whole[i * size:(i + 1) * size] for i in range(workers)]
+    # val: every row, the first shards one row longer where the rows do not divide evenly, so the
+    # validation metrics are the whole split's.
+    whole, got = shards["val"]
+    assert [row for shard in got for row in shard] == whole
+    assert [len(s) for s in got] == sorted((len(s) for s in got), reverse=True)
+    assert max(map(len, got)) - min(map(len, got)) == (remainders["val"] > 0)
+    assert remainders["train"] and remainders["val"], remainders  # rows left over in both: the rules differ
     # A world size it was not split for (none in rayfine, whose workers never change in number
-    # during a run) gets Ray Train's own streaming split.
-    other = ingest.configure({"train": datasets["train"]}, 3, None, None)
-    assert all(isinstance(out["train"], StreamSplitDataIterator) for out in other)
+    # during a run) goes to Ray Train's own ingest.
+    calls = []
+    monkeypatch.setattr(DataConfig, "configure",
+                        lambda self, datasets, world_size, *a, **k: calls.append((sorted(datasets), world_size)) or [{} for _ in range(world_size)])
+    assert ingest.configure({"train": datasets["train"], "val": datasets["val"]}, workers + 1, None, None) == [{}] * (workers + 1)
+    assert calls == [(["train", "val"], workers + 1)]
 
 
-def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder):
+def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder, monkeypatch):
     from ray.train import DataConfig
 
     from rayfine.train.driver import ShardedIngest, split_for_workers
 
     ordered_cfg = folder_cfg(image_folder)
-    unordered_cfg = folder_cfg(image_folder, "data.preserve_order=false")
+    unordered_cfg = folder_cfg(image_folder, "data.preserve_order=false", "scaling.num_workers=2")
     ordered, _ = build_datasets(ordered_cfg, log=lambda *_: None)
     unordered, _ = build_datasets(unordered_cfg, log=lambda *_: None)
-    # Unordered: no shards of rayfine's, so Ray Train streams blocks to workers as they ask.
-    assert split_for_workers(unordered_cfg, unordered) == {}
+    # Unordered: no train shards of rayfine's, so Ray Train streams the train blocks to workers as
+    # they ask; val is still split whole, one shard per worker.
+    shards = split_for_workers(unordered_cfg, unordered)
+    assert list(shards) == ["val"] and len(shards["val"]) == 2
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(DataConfig, "configure",
+                  lambda self, datasets, world_size, *a, **k: calls.append(sorted(datasets)) or [{"train": "ray's"} for _ in range(world_size)])
+        out = ShardedIngest(unordered_cfg, shards).configure({s: unordered[s] for s in ("train", "val")}, 2, None, None)
+    assert calls == [["train"]] and [o["train"] for o in out] == ["ray's", "ray's"]
+    assert [shard_rows(o["val"]) for o in out] == [shard_rows(s.iterator()) for s in shards["val"]]
     for cfg, datasets in ((ordered_cfg, ordered), (unordered_cfg, unordered)):
         assert datasets["train"].context.execution_options.preserve_order is cfg.data.preserve_order
         # What Ray Train applies to the dataset of each worker group (DataConfig.configure): Ray's

@@ -106,6 +106,14 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, digits_ru
     assert (probs.argmax(1) == y).mean() == pytest.approx(report["accuracy"])
     best = max(lines, key=lambda m: m["val_accuracy"])
     assert ckpt.metrics["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    # Each epoch's validation figures, reported from two ranks' shards, are those of the epoch's
+    # checkpoint (rank 0's weights and BatchNorm statistics) over the whole val split.
+    stored = {json.loads((d / "metrics.json").read_text())["epoch"]: d for d in (run / "ray").glob("*/checkpoint_*") if d.is_dir()}
+    assert sorted(stored) == [1, 2, 3]
+    for line in lines:
+        y, probs = predict_dataset(load_checkpoint(stored[line["epoch"]]), datasets["val"])
+        assert (probs.argmax(1) == y).mean() == pytest.approx(line["val_accuracy"])
+        assert -np.log(probs[np.arange(len(y)), y]).mean() == pytest.approx(line["val_loss"], rel=1e-4)
     assert summary["eval"]["accuracy"] == report["accuracy"]
 
     # Tracking: one MLflow run with a point per epoch, the test figures and the checkpoint;

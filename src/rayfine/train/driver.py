@@ -5,6 +5,7 @@ the run directory (DESIGN.md's contract), with tracking and progress as it goes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -57,17 +58,28 @@ class MetricsLog(UserCallback):
 
 
 def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dict[str, list]:
-    """The train and val splits, each in ``cfg.scaling.num_workers`` shards of equal size (the
-    first ``n // num_workers`` rows, the next, ...; up to ``num_workers - 1`` last rows are left out,
-    as Ray Train's own equal split leaves them), one per DDP rank. No shards (``{}``) with
-    ``data.preserve_order: false``: Ray Train then hands blocks out as workers ask for them.
+    """One shard per DDP rank (``cfg.scaling.num_workers``) of the train and val splits, each shard
+    the next rows in the dataset's order.
 
-    Run on the driver before a run starts, while the CPUs are free: ``Dataset.split`` cuts a block
-    that straddles two shards in a Ray task of one CPU, which could wait for a CPU a running run holds.
+    - train: shards of equal size (``n // num_workers`` rows each; up to ``num_workers - 1`` last
+      rows are left out, as Ray Train's own equal split leaves them): every rank must take as many
+      optimizer steps. None with ``data.preserve_order: false``: Ray Train then hands blocks out
+      as workers ask for them.
+    - val: every row, in shards whose sizes differ by at most one, so the validation metrics are
+      those of the whole split whatever the number of workers (the loop validates each rank's
+      shard without a collective per batch; see ``train_loop_per_worker``).
+
+    Run on the driver before a run starts, while the CPUs are free: a split cuts a block that
+    straddles two shards in a Ray task of one CPU, which could wait for a CPU a running run holds.
     """
-    if not cfg.data.preserve_order:
-        return {}
-    return {name: datasets[name].split(cfg.scaling.num_workers, equal=True) for name in ("train", "val")}
+    n = cfg.scaling.num_workers
+    val = datasets["val"]
+    size, extra = divmod(val.count(), n)
+    ends = list(itertools.accumulate([size + 1] * extra + [size] * (n - extra)))
+    shards = {"val": val.split_at_indices(ends[:-1]) if n > 1 else [val.split(1)[0]]}
+    if cfg.data.preserve_order:
+        shards["train"] = datasets["train"].split(n, equal=True)
+    return shards
 
 
 class ShardedIngest(DataConfig):
@@ -80,7 +92,8 @@ class ShardedIngest(DataConfig):
     starts a split-coordinator actor per dataset (a new process) and a new Ray Data execution every
     epoch, whose equalizing step waits for a task; the data are materialized already
     (``rayfine.data.build_datasets``), so each worker reads its own blocks instead. A dataset without
-    shards for this world size goes through the default ``streaming_split``.
+    shards for this world size (train with ``data.preserve_order: false``) goes through the default
+    ``streaming_split``.
 
     The options are ``DataConfig.default_ingest_options()``'s, built here: in Ray 2.60 that method
     passes ``exclude_resources`` even when it is unset, and every trial's process then warned that

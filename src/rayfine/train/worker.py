@@ -106,6 +106,14 @@ def _all_reduce_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, as DDP's forward broadcasts
+    them before each training step (``broadcast_buffers``)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -234,7 +242,12 @@ def train_loop_per_worker(config: dict) -> None:
             seen += len(y)
         train_s = time.perf_counter() - started
 
-        model.eval()
+        # Each rank validates its own val shard, and the shards differ in size by up to one row, so
+        # no collective may run per batch: the module itself, not DDP's forward (which broadcasts
+        # buffers on its first call). It scores with rank 0's buffers, the model rank 0 saves.
+        net = _unwrap(model)
+        _broadcast_buffers(net)
+        net.eval()
         counts = np.zeros((num_labels, num_labels), np.int64)
         val_loss_sum = 0.0
         with torch.inference_mode():
@@ -242,7 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = model_batch(to_device(batch), cfg.data)
                 y = batch.pop("y")
                 with autocast:
-                    logits = logits_of(model(**batch)).float()
+                    logits = logits_of(net(**batch)).float()
                 val_loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 counts += metrics.confusion(y.cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_labels)
         # Global figures: sum counts over ranks before dividing.
