@@ -70,3 +70,40 @@ def test_cli_commands_stop_before_ray_starts_when_the_run_directory_is_held(comm
     assert err.startswith(f"error: {run} is in use by another rayfine train, tune or run command"), err
     assert f"`rayfine {command[0]}` continues this run" in err
     assert [p.name for p in run.iterdir()] == ["config.yaml"] and (run / "config.yaml").read_text() == "kept: as it was\n"
+
+
+@pytest.mark.parametrize("api", ["rayfine.train.driver.fit", "rayfine.tune.search.run_search"])
+def test_fit_and_run_search_from_python_hold_the_run_directory_as_the_commands_do(api, tmp_path):
+    import importlib
+    import threading
+
+    from rayfine.config import load_config
+
+    module_name, name = api.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    call = getattr(module, name)
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=busy"])
+    run = cfg.run_dir()
+    # Another process holds it: refused at once, before Ray is needed, and nothing is written.
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match="is in use by another rayfine train, tune or run command"):
+            call(cfg)
+        assert list(run.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+    # The body (which needs Ray) stubbed: what is checked is who may run it.
+    with mock.patch.object(module, f"_{name}", return_value="ran"):
+        assert call(cfg) == "ran"  # takes the directory and lets it go
+        with RunDirLock(run, "train"):  # as the `rayfine` command around it holds it
+            assert call(cfg) == "ran"
+            refused = []
+            other = threading.Thread(target=lambda: refused.append(pytest.raises(RunDirBusy, call, cfg)))
+            other.start()
+            other.join()
+            assert len(refused) == 1  # another thread of this process is refused
+        RunDirLock(run, "train").acquire().release()  # free again

@@ -9,15 +9,22 @@ added to it) while it writes there; a second one stops at once, before Ray start
 nothing. The kernel drops the lock when its holder exits, however it ends (SIGKILL included), so
 a killed run can be resumed right away.
 
+``rayfine.train.fit`` and ``rayfine.tune.run_search`` hold the lock too (``holding``), so Python
+callers are guarded as the commands are; inside a command, which holds it already from before Ray
+starts, they go on under the command's lock.
+
 On a filesystem without ``flock`` (some network or FUSE mounts) the commands run unguarded, as
 before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,13 +38,19 @@ class RunDirBusy(RayfineError):
     """Another rayfine command is writing to this run directory."""
 
 
+# The run directories this process holds, each with the thread that took it (for ``holding``).
+_HELD: dict[Path, int] = {}
+
+
 class RunDirLock:
     """``with RunDirLock(run_dir):`` holds ``run_dir`` (created if missing) for this process, or
-    raises RunDirBusy at once. ``release()`` lets it go before the block ends."""
+    raises RunDirBusy at once, also when this process holds it already. ``release()`` lets it go
+    before the block ends."""
 
     def __init__(self, run_dir: Path, command: str):
         self.run_dir, self.command = Path(run_dir), command
         self._fd: int | None = None
+        self._held: Path | None = None
 
     def acquire(self) -> Self:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,16 +65,29 @@ class RunDirLock:
                     f"(or stop it) before `rayfine {self.command}` continues this run, or give this one another "
                     "name (--set name=...) or --runs-dir") from None
             return self  # no flock on this filesystem: unguarded
-        self._fd = fd
+        self._fd, self._held = fd, self.run_dir.resolve()
+        _HELD[self._held] = threading.get_ident()
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.pop(self._held, None)
             os.close(self._fd)  # closing the only descriptor drops the lock
-            self._fd = None
+            self._fd = self._held = None
 
     def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold ``run_dir`` for the block (``RunDirLock``), unless this thread holds it already: the
+    ``rayfine`` command around ``fit`` or ``run_search`` took it before Ray started."""
+    if _HELD.get(Path(run_dir).resolve()) == threading.get_ident():
+        yield
+        return
+    with RunDirLock(run_dir, command):
+        yield

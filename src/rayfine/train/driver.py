@@ -26,6 +26,7 @@ from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.progress import Progress
+from rayfine.rundir import holding
 from rayfine.tracking import RunTracker
 from rayfine.train.worker import METRIC_KEYS, train_loop_per_worker
 
@@ -259,12 +260,20 @@ def fit(
     """Train ``cfg`` and write its run directory; returns {"best": metrics, "eval": test metrics, ...}.
 
     Needs a connected Ray (``rayfine.runtime.ray_session``). Running it again with the same
-    ``name`` continues the run from its last checkpoint.
+    ``name`` continues the run from its last checkpoint. It holds the run directory while it runs
+    (``rayfine.rundir``): another ``fit``, `rayfine train`, `tune` or `run` on it raises RunDirBusy.
     """
+    continuing = preflight(cfg)
+    with holding(cfg.run_dir(), "train"):
+        return _fit(cfg, continuing, datasets=datasets, info=info, train_loop=train_loop,
+                    strict_resources=strict_resources, log=log)
+
+
+def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset] | None, info: DataInfo | None,
+         train_loop: Callable[[dict], None], strict_resources: bool, log) -> dict[str, Any]:
     from rayfine.evaluate import evaluate_checkpoint
 
     run_dir, started = cfg.run_dir(), time.time()
-    continuing = preflight(cfg)
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -33,6 +33,7 @@ from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
+from rayfine.rundir import holding
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, split_for_workers
@@ -96,14 +97,21 @@ def preflight(cfg: Config, resume: bool = False) -> Config:
 def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = True, log=print) -> dict[str, Any]:
     """Run the search of ``cfg.tune`` (or continue it: ``resume``); returns summary.json's content.
 
-    Needs a connected Ray (``rayfine.runtime.ray_session``).
+    Needs a connected Ray (``rayfine.runtime.ray_session``). It holds the run directory while it
+    runs (``rayfine.rundir``): another search, ``fit``, `rayfine train`, `tune` or `run` on it
+    raises RunDirBusy.
     """
+    base = preflight(cfg, resume)
+    with holding(cfg.run_dir(), "tune"):
+        return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
+
+
+def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bool, log) -> dict[str, Any]:
     started = time.time()
     t = cfg.tune
     # Tune's own console output (a header, its periodic tables) would interleave with the live
     # table; the legacy reporter at verbose=0 prints nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    base = preflight(cfg, resume)
     run_dir, path = cfg.run_dir(), experiment_path(cfg)
     epochs = base.train.epochs
     keys = list(t.search_space)
