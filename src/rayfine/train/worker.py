@@ -108,10 +108,13 @@ def _all_reduce_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
 
 def _broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm's running statistics) on every rank, as DDP's forward broadcasts
-    them before each training step (``broadcast_buffers``)."""
+    them before each training step (``broadcast_buffers``). A buffer that is not contiguous (a view
+    expanded along a dimension) cannot be broadcast in place; such views are constants that no
+    forward pass changes, the same on every rank, and are left as they are."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+            if buffer.is_contiguous():
+                dist.broadcast(buffer, src=0)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
