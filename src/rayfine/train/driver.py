@@ -77,7 +77,7 @@ def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dic
     val = datasets["val"]
     size, extra = divmod(val.count(), n)
     ends = list(itertools.accumulate([size + 1] * extra + [size] * (n - extra)))
-    shards = {"val": val.split_at_indices(ends[:-1]) if n > 1 else [val.split(1)[0]]}
+    shards = {"val": val.split_at_indices(ends[:-1]) if n > 1 else val.split(1)}
     if cfg.data.preserve_order:
         shards["train"] = datasets["train"].split(n, equal=True)
     return shards
