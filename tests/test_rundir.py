@@ -40,6 +40,20 @@ def test_a_second_holder_is_refused_until_the_first_lets_go(tmp_path):
         RunDirLock(run, "run").acquire().release()  # and release() lets go before it
 
 
+def test_a_run_directory_the_lock_made_goes_again_if_nothing_was_written_to_it(tmp_path):
+    # As when a command is refused after taking it (a search plan the cluster cannot run).
+    made, written, there = tmp_path / "made", tmp_path / "written", tmp_path / "there"
+    there.mkdir()
+    for run in (made, written, there):
+        with RunDirLock(run, "tune"):
+            assert run.is_dir()
+            if run is written:
+                (run / "config.yaml").write_text("name: written\n")
+    assert not made.exists()
+    assert [p.name for p in written.iterdir()] == ["config.yaml"]
+    assert there.is_dir()  # not made by the lock: kept, empty or not
+
+
 def test_a_killed_holder_leaves_the_run_directory_free(tmp_path):
     run = tmp_path / "digits"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

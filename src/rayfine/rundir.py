@@ -43,16 +43,18 @@ _HELD: dict[Path, int] = {}
 
 
 class RunDirLock:
-    """``with RunDirLock(run_dir):`` holds ``run_dir`` (created if missing) for this process, or
-    raises RunDirBusy at once, also when this process holds it already. ``release()`` lets it go
-    before the block ends."""
+    """``with RunDirLock(run_dir):`` holds ``run_dir`` (created if missing, and removed again on
+    release if it is still empty) for this process, or raises RunDirBusy at once, also when this
+    process holds it already. ``release()`` lets it go before the block ends."""
 
     def __init__(self, run_dir: Path, command: str):
         self.run_dir, self.command = Path(run_dir), command
         self._fd: int | None = None
         self._held: Path | None = None
+        self._created = False
 
     def acquire(self) -> Self:
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by child processes
         try:
@@ -65,13 +67,16 @@ class RunDirLock:
                     f"(or stop it) before `rayfine {self.command}` continues this run, or give this one another "
                     "name (--set name=...) or --runs-dir") from None
             return self  # no flock on this filesystem: unguarded
-        self._fd, self._held = fd, self.run_dir.resolve()
+        self._fd, self._held, self._created = fd, self.run_dir.resolve(), created
         _HELD[self._held] = threading.get_ident()
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             _HELD.pop(self._held, None)
+            if self._created:  # a directory made for a command that then wrote nothing (it was refused) goes
+                with contextlib.suppress(OSError):  # not empty: kept
+                    os.rmdir(self.run_dir)
             os.close(self._fd)  # closing the only descriptor drops the lock
             self._fd = self._held = None
 
