@@ -109,7 +109,7 @@ class ShardedIngest(DataConfig):
         if not current.exclude_resources.is_zero():
             options.exclude_resources = current.exclude_resources
         super().__init__(execution_options=options)
-        self.options, self.shards = options, shards
+        self.shards = shards
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         sharded = {name: self.shards[name] for name in datasets if len(self.shards.get(name, ())) == world_size}
@@ -118,7 +118,7 @@ class ShardedIngest(DataConfig):
                   else [{} for _ in range(world_size)])
         for name, shards in sharded.items():
             for rank, shard in enumerate(shards):
-                shard.context.execution_options = self.options
+                shard.context.execution_options = self._resolve_execution_options(name)  # as Ray's configure sets them
                 output[rank][name] = shard.iterator()
         return output
 
