@@ -89,12 +89,13 @@ def machine_info() -> dict[str, Any]:
     import ray
     import torch
 
-    cpu_model = ""
+    cpuinfo: dict[str, str] = {}  # the first processor's fields
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
+            if not line.strip():
                 break
+            name, _, value = line.partition(":")
+            cpuinfo[name.strip()] = value.strip()
     mem_gib = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -103,7 +104,11 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpuinfo.get("model name", ""),
+        # A virtual machine's model name may say only "AMD EPYC": family and model tell its generation
+        # apart, and torch's kernels (AVX2 or AVX512) set how much a batch of images saves over one.
+        "cpu_family_model": f"{cpuinfo.get('cpu family', '?')}/{cpuinfo.get('model', '?')}",
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "memory_gib": mem_gib,
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -112,6 +117,13 @@ def machine_info() -> dict[str, Any]:
         "torch_threads_default": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def measured_on(machine: dict[str, Any]) -> str:
+    """One line naming the machine a section ran on (each section keeps its own)."""
+    return (f"{machine.get('cpus')} CPUs ({machine.get('cpu_model') or 'unknown model'}, family/model "
+            f"{machine.get('cpu_family_model')}, torch {machine.get('torch_cpu_capability')}), "
+            f"{machine.get('memory_gib')} GiB")
 
 
 # --- the results file -------------------------------------------------------------------------
@@ -142,7 +154,9 @@ def _finite(value: Any, where: str) -> None:
 def write_result(path: Path, key: str, value: dict[str, Any], quick: bool) -> dict[str, Any]:
     """Merge ``{key: value}`` (and the machine block) into the results file; other keys are kept."""
     _finite(value, key)
-    value = {**value, "quick": quick, "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    machine = machine_info()
+    value = {**value, "quick": quick, "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "measured_on": measured_on(machine)}
     with _locked(path):
         data: dict[str, Any] = {}
         if path.is_file():
@@ -151,7 +165,7 @@ def write_result(path: Path, key: str, value: dict[str, Any], quick: bool) -> di
             except json.JSONDecodeError:
                 data = {}
         data[key] = value
-        data.setdefault("machine", {}).update(machine_info())
+        data.setdefault("machine", {}).update(machine)
         tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp")
         with tmp:
             json.dump(data, tmp, indent=1, sort_keys=False)
