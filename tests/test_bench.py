@@ -81,11 +81,15 @@ def test_results_file_merges_and_keeps_other_keys(tmp_path):
     assert data["ingest"]["ratio"] == 1.25 and data["ingest"]["quick"] is True
     assert data["ingest"]["ratio_stats"]["median"] == 1.25 and data["ingest"]["ratio_stats"]["n"] == 3
     assert data["machine"]["cpus"] >= 1 and data["machine"]["ray"] and data["machine"]["torch"]
+    # Each section names the machine it ran on; the page shows it under the section.
+    assert data["ingest"]["measured_on"] == common.measured_on(data["machine"])
+    assert data["machine"]["torch_cpu_capability"] and "/" in data["machine"]["cpu_family_model"]
     with pytest.raises(ValueError, match="not a finite number"):
         common.write_result(path, "ingest", {"ratio": float("nan")}, quick=True)
     assert _strict_json(path.read_text())["ingest"]["ratio"] == 1.25  # a bad figure is never written
     page = report.render(data)
     assert "## reliability" in page and "Machine: " in page
+    assert f"UTC on {data['ingest']['measured_on']}_" in page
 
 
 def test_statistics():
