@@ -23,6 +23,18 @@ ORDER = ("asha", "halving", "halving_held_out", "asha_replay", "asha_curves", "t
 # What limits each figure on this machine (2 CPUs shared by everything, Ray's own processes included).
 BOUNDS = {
     "asha": [
+        ("Measured again 2026-12-05 00:24-01:13 on 2 AMD EPYC CPUs of family 26, model 2 (torch's AVX512 kernels) "
+        "with the current code, seed 0 and then seeds 1 and 2 in two runs of the script, nothing else on the "
+        "machine (goal missed on compute; the accuracy gap within it on the median): compute_ratio 0.469 (0.430, "
+        "0.531, 0.469), accuracy_gap +0.0027 (+0.0027, +0.0246, 0.0000); worker-seconds 0.54 (0.46-0.55), wall "
+        "0.61 (0.59-0.64); a seed took ~16 min (ASHA ~6, FIFO ~10). Seed 0's winners are those of the 2026-11-29 "
+        "record (ASHA 0.9863, FIFO 0.9891 on test, tied at 195/196 on validation), with 55 epochs where that "
+        "record had 49: which trials ASHA stops depends on the order they reach a rung. Seed 2: both searches "
+        "picked the same configuration (lr 1.1e-3, batch 16) at the same epoch (5, 196/196 on validation): gap 0. "
+        "Seed 1: FIFO's winner is again a high learning rate with batch 16 (lr 1.7e-3, 0.9973 at epoch 7), and "
+        "ASHA's (lr 5.2e-4, batch 32) scored 0.9727: gap +0.025. 4-6 of the 16 trials ran all 8 epochs on each "
+        "seed, as the asha_replay section predicts for asynchronous ASHA with 16 configurations: it does not "
+        "reach 0.35. The bullets below are the earlier record (2026-11-29)."),
         "Measured over 3 seeds with reproducible trials (goal missed on both figures): compute_ratio 0.430 (0.383, "
         "0.445, 0.430) with accuracy_gap +0.0219 (+0.0027, +0.0219, +0.0273). Every trial is now reproducible: the "
         "49 and 57 trial-epochs ASHA ran on seeds 0 and 1 have exactly the per-epoch metrics of the same configs "
