@@ -120,10 +120,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def measured_on(machine: dict[str, Any]) -> str:
-    """One line naming the machine a section ran on (each section keeps its own)."""
-    return (f"{machine.get('cpus')} CPUs ({machine.get('cpu_model') or 'unknown model'}, family/model "
-            f"{machine.get('cpu_family_model')}, torch {machine.get('torch_cpu_capability')}), "
-            f"{machine.get('memory_gib')} GiB")
+    """One line naming the machine a section ran on (each section keeps its own); a machine block
+    written before family/model and torch's capability were recorded names what it has."""
+    cpu = [machine.get("cpu_model") or "unknown model"]
+    if machine.get("cpu_family_model"):
+        cpu.append(f"family/model {machine['cpu_family_model']}")
+    if machine.get("torch_cpu_capability"):
+        cpu.append(f"torch {machine['torch_cpu_capability']}")
+    return f"{machine.get('cpus')} CPUs ({', '.join(cpu)}), {machine.get('memory_gib')} GiB"
 
 
 # --- the results file -------------------------------------------------------------------------

@@ -90,6 +90,8 @@ def test_results_file_merges_and_keeps_other_keys(tmp_path):
     page = report.render(data)
     assert "## reliability" in page and "Machine: " in page
     assert f"UTC on {data['ingest']['measured_on']}_" in page
+    older = {"cpus": 2, "cpu_model": "AMD EPYC", "memory_gib": 23.5}  # a machine block of an earlier results file
+    assert common.measured_on(older) == "2 CPUs (AMD EPYC), 23.5 GiB"
 
 
 def test_statistics():
