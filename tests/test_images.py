@@ -13,6 +13,8 @@ from rayfine.config import DataConfig
 from rayfine.data.images import (
     ImageError,
     augment_batch,
+    convert_mode,
+    decode_image,
     normalization,
     prepare_image,
     preprocess_for_model,
@@ -137,6 +139,35 @@ def test_pixel_limit_refuses_before_decoding():
     # the limit's message shows that the header alone was read.
     with pytest.raises(ImageError, match="300x300 pixels, more than the limit of 10000"):
         prepare_image(bomb_png(300, 300), cfg(max_image_pixels=10_000))
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A smooth RGB picture with detail at every scale (upsampled noise plus fine noise)."""
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    fine = rng.integers(-20, 21, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, int) + fine, 0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_pixels():
+    """A JPEG many times the model's size decodes at 1/8 scale (PIL's draft mode) and still gives
+    what decoding it whole gives, to within two levels of 255; other formats and small JPEGs decode whole."""
+    jpeg = encode(photo(2400, 1800), "JPEG")
+    data_cfg = cfg(image_size=64, color_mode="RGB")
+    # 2400x1800 at 1/8 is 300x225: both sides at least 3 x 64, as 1/16 would not be.
+    assert decode_image(jpeg, data_cfg.max_image_pixels, min_side=64).size == (300, 225)
+    assert decode_image(jpeg, data_cfg.max_image_pixels).size == (2400, 1800)
+    whole = resize_square(convert_mode(decode_image(jpeg, data_cfg.max_image_pixels), "RGB"), 64)
+    out = prepare_image(jpeg, data_cfg)
+    assert out.shape == (64, 64, 3)
+    diff = np.abs(out.astype(int) - np.asarray(whole, int))
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())
+    assert decode_image(jpeg, data_cfg.max_image_pixels, min_side=400).size == (2400, 1800)  # 1/2 would leave 900 < 1200
+    png = encode(photo(600, 450))
+    assert decode_image(png, data_cfg.max_image_pixels, min_side=64).size == (600, 450)
+    # The pixel limit is the image's own size, not the reduced one.
+    with pytest.raises(ImageError, match="2400x1800 pixels, more than the limit of 1000000"):
+        prepare_image(jpeg, cfg(image_size=64, color_mode="RGB", max_image_pixels=1_000_000))
 
 
 def test_normalization_and_layout():
