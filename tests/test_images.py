@@ -170,6 +170,31 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_pixels():
         prepare_image(jpeg, cfg(image_size=64, color_mode="RGB", max_image_pixels=1_000_000))
 
 
+def test_transformers_image_processor_crops_the_same_pixels(tmp_path):
+    """The preprocessor_config.json an RGB checkpoint carries, loaded by transformers (PIL backend),
+    gives rayfine's pixel values: the same resized sizes (the long side truncated, 4:3 photos
+    included) and crop offsets: exactly below a 3x reduction, and within the few levels of 255 that
+    reducing_gap and reduced-scale JPEG decoding make above it."""
+    import json
+
+    from transformers import AutoImageProcessor
+
+    from rayfine.data.images import hf_image_processor_config, to_model_input
+
+    def levels(image: Image.Image, data_cfg: DataConfig) -> float:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf_image_processor_config(data_cfg)))
+        processor = AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil")
+        data = encode(image, "JPEG")
+        theirs = processor(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"]
+        ours = to_model_input(prepare_image(data, data_cfg)[None], data_cfg)
+        assert theirs.shape == ours.shape
+        return float(np.abs(theirs - ours).max() * max(processor.image_std) * 255)
+
+    for size, image_size in (((640, 480), 224), ((480, 640), 224), ((160, 120), 50), ((300, 169), 100)):
+        assert levels(photo(*size), cfg(image_size=image_size, color_mode="RGB")) < 1e-3, size
+    assert levels(photo(2400, 1800), cfg(image_size=64, color_mode="RGB")) <= 4.01
+
+
 def test_normalization_and_layout():
     data_cfg = cfg(color_mode="RGB", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     images = np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)])

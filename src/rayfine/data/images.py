@@ -121,10 +121,16 @@ def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` and center-crop to ``size`` x ``size``."""
+    """Resize the shorter side to ``size`` and center-crop to ``size`` x ``size``.
+
+    The longer side becomes ``int(size * long / short)`` and the crop starts at half the excess,
+    rounded down: the sizes and offsets of transformers' ``shortest_edge`` resize and
+    ``center_crop`` (torchvision's ``Resize(size)`` truncates the same way), so that the image
+    processor a checkpoint's ``preprocessor_config.json`` describes crops the same pixels."""
     width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     left, top = (new_w - size) // 2, (new_h - size) // 2
@@ -159,14 +165,13 @@ def hf_image_processor_config(data_cfg: DataConfig) -> dict | None:
     """``prepare_image`` and ``to_model_input`` as a transformers image processor config
     (preprocessor_config.json), so that ``AutoImageProcessor`` and ``pipeline("image-classification")``
     load an RGB checkpoint directory: CLIPImageProcessor's steps are rayfine's (resize the shorter
-    side bilinearly, center-crop a square, scale to [0, 1], normalize). Measured: transformers' PIL
-    backend gives rayfine's pixel values exactly for an image resized by less than 3x; a larger
-    reduction, which rayfine speeds up with PIL's reducing_gap (and, for a JPEG over 6x, by decoding
-    at reduced scale), differs by up to ~3 of 255
+    side bilinearly, center-crop a square, scale to [0, 1], normalize), with the same sizes and crop
+    offsets. Measured: transformers' PIL backend gives rayfine's pixel values exactly for an image
+    resized by less than 3x; a larger reduction, which rayfine speeds up with PIL's
+    reducing_gap (and, for a JPEG over 6x, by decoding at reduced scale), differs by up to ~3
     levels, and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
-    (transformers also truncates the resized long side where rayfine rounds it, and does not
-    handle alpha and EXIF orientation as ``convert_mode`` does.) None for texts, and for grayscale
-    models: transformers' processors convert to RGB or keep the input's mode, never to L."""
+    (transformers does not handle alpha and EXIF orientation as ``convert_mode`` does.) None for
+    texts, and for grayscale models: transformers' processors convert to RGB or keep the input's mode, never to L."""
     if data_cfg.kind != "image" or data_cfg.color_mode != "RGB":
         return None
     mean, std = normalization(data_cfg)
