@@ -11,6 +11,14 @@ Two folders, in class subfolders (the layout `data.source: <folder>` reads):
   scikit-learn's two sample photographs, 224 px, RGB: the size and decoding cost of a user's
   photos, where decoding and resizing dominate.
 
+And, in this process alone (no Ray, no DataLoader), ``phone_photos``: 4032x3024 JPEGs (a phone
+camera's 12 megapixels: the sample photographs enlarged, with sensor-like noise) to 224 px RGB,
+bytes in memory, passes alternating between (a) ``prepare_image`` as rayfine runs it, which decodes
+a JPEG this large at reduced scale (``decode_image``'s ``min_side``), (b) the same steps decoding
+the file whole (rayfine before that change) and (c) what a torchvision user writes:
+``Image.open(...).convert("RGB")`` then ``Resize(224)`` and ``CenterCrop(224)``.
+``phone_photos.ratio`` is (a)/(c) images/s, ``ratio_vs_whole_decode`` (a)/(b).
+
 - rayfine: ``read_source`` (the folder listed, files read in the first map task, labels from the
   class folders) -> the ``prepare_batch`` map_batches (decode, color mode, resize + center-crop)
   -> the ``model_inputs_batch`` map_batches (uint8 images, label ids) -> ``iter_torch_batches(256)``
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import shutil
 import sys
@@ -45,8 +54,9 @@ import common
 IMAGE_SIZE = 20  # the resnet18_mnist5k preset's
 PHOTO_SIZE = 224  # ImageNet models'
 BATCH = 256
-FULL = {"images": 5000, "copies": 4, "photos": 2000, "repeats": 5}
-QUICK = {"images": 200, "copies": 1, "photos": 40, "repeats": 1}
+FULL = {"images": 5000, "copies": 4, "photos": 2000, "repeats": 5, "phone_photos": 16}
+QUICK = {"images": 200, "copies": 1, "photos": 40, "repeats": 1, "phone_photos": 2}
+PHONE = (4032, 3024)
 
 
 def write_folder(root: Path, n: int, copies: int) -> int:
@@ -87,6 +97,62 @@ def write_photos(root: Path, n: int, seed: int = 0) -> int:
         (root / name).mkdir(parents=True, exist_ok=True)
         crop.save(root / name / f"{i:05d}.jpg", quality=int(rng.integers(85, 96)))
     return n
+
+
+def phone_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` 4032x3024 JPEGs (quality 90): scikit-learn's sample photographs enlarged, plus
+    Gaussian noise (sigma 4 levels), as a camera sensor adds; the enlarged picture alone would be
+    smoother, and cheaper to decode, than a real photo."""
+    from PIL import Image
+    from sklearn import datasets
+
+    rng = np.random.default_rng(seed)
+    folder = Path(datasets.__file__).parent / "images"
+    out = []
+    for i in range(n):
+        photo = Image.open(folder / f"{('china', 'flower')[i % 2]}.jpg").convert("RGB")
+        big = np.asarray(photo.resize(PHONE, Image.Resampling.BICUBIC), dtype=np.float32)
+        big = np.clip(big + rng.normal(0, 4, big.shape).astype(np.float32), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(big).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def phone_photo_passes(jpegs: list[bytes], repeats: int) -> dict:
+    """Images/s of the three decoders of the module docstring over the same bytes, passes alternating."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from rayfine.data.images import convert_mode, decode_image, prepare_image, resize_square
+
+    cfg = data_config(Path("."), PHOTO_SIZE, "RGB").data
+    torchvision_steps = transforms.Compose([transforms.Resize(PHOTO_SIZE), transforms.CenterCrop(PHOTO_SIZE)])
+    ways = {
+        "rayfine": lambda data: prepare_image(data, cfg),
+        "whole_decode": lambda data: np.asarray(resize_square(
+            convert_mode(decode_image(data, cfg.max_image_pixels), "RGB"), PHOTO_SIZE)),
+        "torchvision": lambda data: np.asarray(torchvision_steps(Image.open(io.BytesIO(data)).convert("RGB"))),
+    }
+    levels = max(int(np.abs(ways["rayfine"](d).astype(int) - ways["whole_decode"](d).astype(int)).max()) for d in jpegs)
+    runs = {name: [] for name in ways}
+    for i in range(repeats):
+        for name, way in ways.items():
+            started = time.perf_counter()
+            for data in jpegs:
+                assert way(data).shape == (PHOTO_SIZE, PHOTO_SIZE, 3)
+            runs[name].append(len(jpegs) / (time.perf_counter() - started))
+        common.log(f"  phone photos pass {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " images/s")
+    ratio = [a / c for a, c in zip(runs["rayfine"], runs["torchvision"])]
+    vs_whole = [a / b for a, b in zip(runs["rayfine"], runs["whole_decode"])]
+    return {"ratio": common.summary(ratio)["median"], "ratio_stats": common.summary(ratio),
+            "ratio_vs_whole_decode": common.summary(vs_whole)["median"], "ratio_vs_whole_decode_stats": common.summary(vs_whole),
+            **{f"{name}_images_per_s": common.summary(v) for name, v in runs.items()},
+            "max_level_difference_vs_whole_decode": levels, "images": len(jpegs), "image_size": PHOTO_SIZE,
+            "files": f"{PHONE[0]}x{PHONE[1]} JPEGs (quality 90): scikit-learn's sample photographs enlarged, noise sigma 4",
+            "compared": ("images/s, one process, bytes in memory: rayfine's prepare_image (a large JPEG decoded at "
+                         "reduced scale) / PIL open + convert('RGB') + torchvision Resize + CenterCrop (ratio), and / "
+                         "the same steps as rayfine's decoding the file whole (ratio_vs_whole_decode)")}
 
 
 def data_config(root: Path, size: int = IMAGE_SIZE, color_mode: str = "L"):
@@ -229,6 +295,8 @@ def main() -> None:
                     common.log(f"  {name}: Ray Data pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    common.log(f"phone photos: {size['phone_photos']} JPEGs of {PHONE[0]}x{PHONE[1]} -> {PHOTO_SIZE} px, one process")
+    phone = phone_photo_passes(phone_jpegs(size["phone_photos"]), size["repeats"])
 
     digits = summarize(ray_runs["digits"], loader_runs["digits"], workloads["digits"][1])
     photos = summarize(ray_runs["photos"], loader_runs["photos"], workloads["photos"][1])
@@ -246,10 +314,12 @@ def main() -> None:
         "photos": {**photos, "image_size": PHOTO_SIZE,
                    "files": "500x375 JPEG crops of scikit-learn's china.jpg and flower.jpg, quality 85-95",
                    "compared": f"the same two pipelines over {photos['images']} JPEG photos -> {PHOTO_SIZE} px, RGB"},
+        "phone_photos": phone,
     }
     common.write_result(args.results, "ingest", result, args.quick)
     common.log(f"ingest ratio {result['ratio']:.3f} on digits, {photos['ratio']:.3f} on photos "
-               "(rayfine / DataLoader images/s)")
+               f"(rayfine / DataLoader images/s); phone photos {phone['ratio']:.2f}x torchvision's transforms, "
+               f"{phone['ratio_vs_whole_decode']:.2f}x decoding whole")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ import report  # noqa: E402
 # The figures each script must write (dotted paths into its results key).
 REQUIRED = {
     "ingest": ["ratio", "ratio_stats.median", "rayfine_images_per_s.median", "dataloader_images_per_s.median", "images",
-               "photos.ratio", "photos.rayfine_images_per_s.median", "photos.dataloader_images_per_s.median"],
+               "photos.ratio", "photos.rayfine_images_per_s.median", "photos.dataloader_images_per_s.median",
+               "phone_photos.ratio", "phone_photos.ratio_vs_whole_decode", "phone_photos.torchvision_images_per_s.median",
+               "phone_photos.max_level_difference_vs_whole_decode"],
     "train_overhead": ["ratio", "ratio_stats.median", "epoch_ratio", "rayfine_samples_per_s.median",
                        "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median"],
     "serve": ["batching_gain_c32", "batching_gain_c32_stats.median", "floor.p50_ms", "floor.items_per_s",
@@ -128,8 +130,9 @@ def test_every_bench_script_runs_in_its_tiny_setting(tmp_path):
     halving = data["halving"]["per_seed"][0]  # every epoch it trained is the one FIFO trained
     assert halving["epochs_compared"] == halving["epochs"] and halving["reproduced"] == halving["epochs"]
     assert data["end_to_end"]["exit_code"] == 0 and data["end_to_end"]["first_answer"]["label"] in [str(d) for d in range(10)]
+    assert data["ingest"]["phone_photos"]["max_level_difference_vs_whole_decode"] <= 2
     page = report.render(data)
-    for heading in ("## Headline figures", *(f"## {k}" for k in REQUIRED), "## reliability"):
+    for heading in ("## Headline figures", *(f"## {k}" for k in REQUIRED), "## reliability", "Phone photos:"):
         assert heading in page, heading
 
 
