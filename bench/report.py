@@ -444,7 +444,14 @@ BOUNDS = {
                    "trials reached ASHA's rungs in another order and ASHA stopped different ones (25 epochs, "
                    "test accuracy 0.9918). The search dominates and is bounded by each trial's start-up (~15-20 s for "
                    "its Ray Train worker group) and 2 CPUs."],
-    "memory": ["RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
+    "memory": [
+        ("Measured again 2026-12-05 03:38-03:40 on 2 AMD EPYC CPUs of family 26, model 2, with the current code: "
+         "every figure lower than the 2026-12-04 record and close to the 2026-12-01 one (Intel Xeon): digits driver "
+         "1,149 MiB (1,462 on 2026-12-04, 1,155 on 2026-12-01), workers 1,231 and 1,214 (1,509; 1,221), worker USS 789 "
+         "(819; 807), the Train controller 689 (932; 686); rotten tomatoes driver 1,260 (1,640), workers 2,084 and 2,022 "
+         "(2,596 and 2,368 in two runs), USS 1,609 (1,804 and 1,599). The workers' own memory (USS) moved least; the "
+         "shared pages counted in RSS moved with the machine, as the code of 2026-12-01 showed on 2026-12-04 (below). "
+         "Since that record the workers read their own shards (no split-coordinator actors). One run each."),"RSS counts shared pages (torch libraries, Ray object-store pages) in every process that maps them; USS "
                "is the worker's own memory.",
                "Measured 2026-12-04 on 2 AMD EPYC CPUs: every figure higher than the 2026-12-01 record (Intel Xeon): "
                "digits driver 1,462 MiB against 1,155, workers 1,509 against 1,221 (USS 819 against 807), the Train "
