@@ -154,7 +154,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_pixels():
     what decoding it whole gives, to within two levels of 255; other formats and small JPEGs decode whole."""
     jpeg = encode(photo(2400, 1800), "JPEG")
     data_cfg = cfg(image_size=64, color_mode="RGB")
-    # 2400x1800 at 1/8 is 300x225: both sides at least 3 x 64, as 1/16 would not be.
+    # 1/8, PIL's smallest scale, leaves 300x225: both sides still at least 3 x 64.
     assert decode_image(jpeg, data_cfg.max_image_pixels, min_side=64).size == (300, 225)
     assert decode_image(jpeg, data_cfg.max_image_pixels).size == (2400, 1800)
     whole = resize_square(convert_mode(decode_image(jpeg, data_cfg.max_image_pixels), "RGB"), 64)
