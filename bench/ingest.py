@@ -124,14 +124,13 @@ def phone_photo_passes(jpegs: list[bytes], repeats: int) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from rayfine.data.images import convert_mode, decode_image, prepare_image, resize_square
+    from rayfine.data.images import decode_image, prepare_image
 
     cfg = data_config(Path("."), PHOTO_SIZE, "RGB").data
     torchvision_steps = transforms.Compose([transforms.Resize(PHOTO_SIZE), transforms.CenterCrop(PHOTO_SIZE)])
     ways = {
         "rayfine": lambda data: prepare_image(data, cfg),
-        "whole_decode": lambda data: np.asarray(resize_square(
-            convert_mode(decode_image(data, cfg.max_image_pixels), "RGB"), PHOTO_SIZE)),
+        "whole_decode": lambda data: prepare_image(decode_image(data, cfg.max_image_pixels), cfg),  # no min_side
         "torchvision": lambda data: np.asarray(torchvision_steps(Image.open(io.BytesIO(data)).convert("RGB"))),
     }
     levels = max(int(np.abs(ways["rayfine"](d).astype(int) - ways["whole_decode"](d).astype(int)).max()) for d in jpegs)
