@@ -178,6 +178,17 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     assert epochs_logged(tmp_path / "again") == [1, 2]
     assert any("continuing" in m and "after 1 finished epoch" in m for m in messages)
 
+    # A driver killed after Ray Train registered epoch 2's checkpoint but before MetricsLog wrote its
+    # line: run again, the run resumes after epoch 2, and its workers replay that epoch's report
+    # from the checkpoint (trained again, epoch_s and samples_per_s would differ).
+    metrics_path = tmp_path / "again" / "train" / "metrics.jsonl"
+    lines = metrics_path.read_text().splitlines()
+    metrics_path.write_text(lines[0] + "\n")
+    messages.clear()
+    fit(cfg, datasets=datasets, info=info, log=messages.append)
+    assert any("after 1 finished epoch" in m for m in messages)
+    assert metrics_path.read_text().splitlines() == lines
+
     # A different experiment under the same name is refused rather than mixed in.
     with pytest.raises(ConfigError, match="changed: train.lr"):
         fit(cfg.with_overrides(["train.lr=0.1"]), datasets=datasets, info=info, log=lambda *_: None)

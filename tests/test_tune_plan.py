@@ -305,3 +305,41 @@ def test_trials_keep_their_checkpoints_by_the_metric_that_ranks_the_search():
     assert trial_base(load_config("resnet18_digits_tiny", ["tune.metric=val_macro_f1", "train.metric=val_loss"])).train.metric == "val_macro_f1"
     assert trial_base(load_config("resnet18_digits_tiny", ["tune.metric=train_loss"])).train.metric == "val_accuracy"
     assert trial_base(load_config("resnet18_digits_tiny", ["tune.trial_overrides=[train.lr=0.5]"])).train.lr == 0.5
+
+
+def test_an_epoch_a_resumed_run_replays_is_logged_and_sent_on_only_if_its_log_lacks_it(tmp_path):
+    """Ray Train registers an epoch's checkpoint before the report callbacks run; a trial whose node
+    died in between resumes after an epoch its log never saw, and its workers report that epoch
+    again (REPLAYED_FROM). The trials' EpochLog and `rayfine train`'s MetricsLog add it only then,
+    and EpochLog hands Tune only what it added, with the checkpoint's path."""
+    from ray.train import Checkpoint, UserCallback
+
+    from rayfine.train import MetricsLog
+    from rayfine.train.worker import REPLAYED_FROM
+    from rayfine.tune.trial import EpochLog, read_epoch_log
+
+    class ToTune(UserCallback):
+        def __init__(self):
+            self.sent = []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            assert checkpoint is None  # the path travels in the metrics, as TuneReportCallback sends it
+            self.sent.append(metrics[0])
+
+    (tmp_path / "c1").mkdir()
+    first = Checkpoint.from_directory(str(tmp_path / "c1"))
+    epoch = {1: {"epoch": 1, "val_accuracy": 0.5}, 2: {"epoch": 2, "val_accuracy": 0.75}}
+    to_tune = ToTune()
+    trial_log, train_log = EpochLog(str(tmp_path / "trial" / "epochs.jsonl"), then=to_tune), MetricsLog(str(tmp_path / "metrics.jsonl"))
+    reports = [
+        ([epoch[1]], first),  # as trained
+        ([{**epoch[1], REPLAYED_FROM: first.path}], None),  # a resumed run replays an epoch it logged
+        ([{**epoch[2], REPLAYED_FROM: "/storage/c2"}], None),  # ... and one whose callbacks never ran
+    ]
+    for metrics, checkpoint in reports:
+        trial_log.after_report(None, metrics, checkpoint)
+        train_log.after_report(None, metrics, checkpoint)
+    expected = [{**epoch[1], "checkpoint_path": first.path}, {**epoch[2], "checkpoint_path": "/storage/c2"}]
+    assert list(read_epoch_log(trial_log.path)) == expected
+    assert to_tune.sent == expected
+    assert [json.loads(x) for x in Path(train_log.path).read_text().splitlines()] == [epoch[1], epoch[2]]

@@ -28,7 +28,7 @@ from rayfine.models import check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding
 from rayfine.tracking import RunTracker
-from rayfine.train.worker import METRIC_KEYS, train_loop_per_worker
+from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
 
 def class_weight_vector(cfg: Config, info: DataInfo) -> Optional[list[float]]:
@@ -47,15 +47,25 @@ def class_weight_vector(cfg: Config, info: DataInfo) -> Optional[list[float]]:
 
 class MetricsLog(UserCallback):
     """Appends rank 0's metrics of every epoch to metrics.jsonl (runs on the Train controller,
-    which Ray places on the driver's node)."""
+    which Ray places on the driver's node). An epoch a resumed run replays (``REPLAYED_FROM``) is
+    added only if the file lacks it."""
 
     def __init__(self, path: str):
         self.path = path
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         line = {k: metrics[0][k] for k in METRIC_KEYS if k in metrics[0]}
+        if REPLAYED_FROM in metrics[0] and line["epoch"] in self._logged_epochs():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def _logged_epochs(self) -> set[int]:
+        try:
+            text = Path(self.path).read_text()
+        except FileNotFoundError:
+            return set()
+        return {json.loads(x)["epoch"] for x in text.splitlines() if x.strip()}
 
 
 def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dict[str, list]:

@@ -33,6 +33,11 @@ from rayfine.data.text import load_tokenizer
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of, with_pretrained_normalization
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+# Marks a report that repeats the epoch of the checkpoint a run resumed from; its value is that
+# checkpoint's path. Ray Train registers an epoch's checkpoint before the report callbacks log the
+# epoch, so a run that died between the two resumes after an epoch its logs never saw. The logs
+# (``MetricsLog``, the trials' ``EpochLog``) add a replayed epoch only when they lack it.
+REPLAYED_FROM = "replayed_from_checkpoint"
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW or SGD over every parameter, in groups: the new head may have its own learning rate
@@ -173,7 +178,9 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             start_epoch = checkpoints.load_train_state(d, optimizer, scheduler) + 1
+            resumed_report = checkpoints.read_json(Path(d) / checkpoints.METRICS_FILE, "checkpoint metrics")
         print(f"[rank {rank}] resuming from the checkpoint of epoch {start_epoch - 1}")
+        ray.train.report({**resumed_report, REPLAYED_FROM: checkpoint.path})  # every rank reports
 
     # Frozen parameters must be frozen before DDP wraps the model (DDP syncs exactly the
     # parameters that require grad at wrap time), so unfreezing re-wraps it.

@@ -2,11 +2,12 @@
 
 ``run_trial`` runs in the Tune trial actor (0.01 CPU). It builds the trial's config (the search's
 base config plus its sampled dotted overrides, validated like any config), then a TorchTrainer
-whose ``TuneReportCallback`` forwards every epoch's rank-0 report (and its ``checkpoint_path``)
-to Tune, so ASHA sees one result per epoch and can stop the trial. Its Ray Train run is named
-after the trial id under the search's storage, so a run launched again for the same trial (after
-``rayfine tune --resume``) continues from its last checkpoint instead of starting over. Next to
-that run's checkpoints, ``EpochLog`` keeps epochs.jsonl: every epoch the trial trained, once.
+whose ``EpochLog`` records every epoch's rank-0 report (and its ``checkpoint_path``) in the
+trial's epochs.jsonl, next to its Train run's checkpoints (every epoch the trial trained, once),
+and then has ``TuneReportCallback`` forward it to Tune, so ASHA sees one result per epoch and can
+stop the trial. The Train run is named after the trial id under the search's storage, so a run
+launched again for the same trial (after a lost node or ``rayfine tune --resume``) continues from
+its last checkpoint instead of starting over.
 """
 
 from __future__ import annotations
@@ -75,26 +76,41 @@ def read_epoch_log(path: str) -> Iterator[dict]:
 
 class EpochLog(UserCallback):
     """Runs on the trial's Train controller: records each epoch's rank-0 report and the path of its
-    checkpoint before TuneReportCallback forwards them, so the record survives a driver killed at
-    any moment (Tune's own result files lag behind, and start afresh on a resume)."""
+    checkpoint, then hands the epoch on to ``then`` (the trial's ``TuneReportCallback``), so the
+    record survives a driver killed at any moment (Tune's own result files lag behind, and start
+    afresh on a resume).
 
-    def __init__(self, path: str):
+    An epoch a resumed run replays (``REPLAYED_FROM``: its checkpoint was registered but the run
+    died before this callback ran) is recorded and handed on only if the log lacks it."""
+
+    def __init__(self, path: str, then: UserCallback | None = None):
         self.path = path
+        self.then = then
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         import pyarrow.fs
 
-        line = json.dumps({**metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None}, default=float)
+        from rayfine.train.worker import REPLAYED_FROM
+
+        record = dict(metrics[0])
+        replayed = record.pop(REPLAYED_FROM, None)
+        if replayed is not None and record["epoch"] in {r["epoch"] for r in read_epoch_log(self.path)}:
+            return
+        record["checkpoint_path"] = checkpoint.path if checkpoint else replayed
+        line = json.dumps(record, default=float)
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(self.path)
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             os.makedirs(os.path.dirname(fs_path), exist_ok=True)
             with open(fs_path, "a") as f:
                 f.write(line + "\n")
-            return
-        # Object stores cannot append: rewrite the (few-line) file.
-        previous = "".join(json.dumps(r) + "\n" for r in read_epoch_log(self.path))
-        with fs.open_output_stream(fs_path) as f:
-            f.write((previous + line + "\n").encode())
+        else:  # object stores cannot append: rewrite the (few-line) file
+            previous = "".join(json.dumps(r) + "\n" for r in read_epoch_log(self.path))
+            with fs.open_output_stream(fs_path) as f:
+                f.write((previous + line + "\n").encode())
+        if self.then is not None:
+            # With the path in the metrics, as TuneReportCallback passes a checkpoint's on to Tune.
+            forwarded = record if record["checkpoint_path"] else {k: v for k, v in record.items() if k != "checkpoint_path"}
+            self.then.after_report(run_context, [forwarded], None)
 
 
 def trial_dirname(trial) -> str:
@@ -119,6 +135,6 @@ def run_trial(config: dict, *, base_json: str, datasets: dict, info, shards: dic
         shards=shards,
         name=trial_run_name(trial_id),
         storage_path=storage_path,
-        callbacks=[EpochLog(epoch_log_path(storage_path, trial_id)), TuneReportCallback()],  # in this order
+        callbacks=[EpochLog(epoch_log_path(storage_path, trial_id), then=TuneReportCallback())],
     )
     trainer.fit()
