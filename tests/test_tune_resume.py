@@ -166,13 +166,17 @@ def test_a_search_killed_then_interrupted_resumes_each_time_and_trains_every_epo
     finally:
         sigkill(driver)
     first_log = log_path.read_text()
+    # Tune pauses a trial by stopping its actor, which takes a moment: a trial marked paused at the
+    # rung may finish the epoch it had begun (epoch 2 here) before its processes end, as may the
+    # killed driver's Ray in the seconds it lingers. That epoch is kept: a promoted trial goes on
+    # after it, and a stopped one keeps it; the rung judges every trial by its epoch 1.
     killed = trial_epochs(run)
-    assert sorted(killed) == paused and all(e == [1] for e in killed.values()), killed
+    assert sorted(killed) == paused and all(e in ([1], [1, 2]) for e in killed.values()), killed
 
     # 2. Resumed; Ctrl-C once the rung has decided and the good trial has started again.
     driver = start_driver([*args, "--resume"], ray_tmp, log_path)
     try:
-        wait_for(lambda: re.search(r"\[tune\] \S+ resumed after epoch 1/3", log_path.read_text()[len(first_log):])
+        wait_for(lambda: re.search(r"\[tune\] \S+ resumed after epoch [12]/3", log_path.read_text()[len(first_log):])
                  or driver.poll() is not None, 600, 0.2, "the rung's winner resumed")
         assert driver.poll() is None, "the search ended before it could be interrupted:\n" + log_path.read_text()[-3000:]
     finally:
@@ -198,12 +202,13 @@ def test_a_search_killed_then_interrupted_resumes_each_time_and_trains_every_epo
     with (run / "tune" / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
     lr_of = {r["trial_id"]: float(r["train.lr"]) for r in rows}
-    # Each epoch once: the weak trials kept their epoch 1, the promoted one went on from its checkpoint
-    # after each stop (a restart from scratch would report epoch 1 again).
-    assert {lr_of[t]: e for t, e in after.items()} == {GOOD_LR: [1, 2, 3], WEAK_LR: [1], WEAK_LR / 10: [1]}
-    assert all(after[t][: len(e)] == e for t, e in (*killed.items(), *interrupted.items()))
+    # Each epoch once: the weak trials kept the epochs they had, the promoted one went on from its
+    # checkpoint after each stop (a restart from scratch would report epoch 1 again).
     good = next(t for t, lr in lr_of.items() if lr == GOOD_LR)
-    assert good in paused and f"[tune] {good} resumed after epoch 1/3" in second_log
+    expected = {t: [1, 2, 3] if t == good else killed.get(t, [1]) for t in after}
+    assert after == expected and sorted(lr_of[t] for t in after) == sorted(lrs)
+    assert all(after[t][: len(e)] == e for t, e in (*killed.items(), *interrupted.items()))
+    assert good in paused and f"[tune] {good} resumed after epoch {len(killed[good])}/3" in second_log
     assert re.search(rf"\[tune\] {good} resumed after epoch [12]/3", third_log), third_log[-3000:]
     # The trials the rung stopped before the Ctrl-C were not started again (Tune would give them a
     # fresh result.json), and the leaderboard still has them.
@@ -217,7 +222,7 @@ def test_a_search_killed_then_interrupted_resumes_each_time_and_trains_every_epo
         GOOD_LR: "completed", WEAK_LR: "stopped", WEAK_LR / 10: "stopped"}
     summary = json.loads((run / "tune" / "summary.json").read_text())
     assert summary["resumed"] is True and summary["scheduler"] == "halving" and summary["num_trials"] == TRIALS
-    assert summary["epochs_run"] == 5 and summary["epochs_full_budget"] == 9
+    assert summary["epochs_run"] == sum(map(len, expected.values())) and summary["epochs_full_budget"] == 9
     assert summary["best"]["overrides"]["train.lr"] == GOOD_LR
     assert (run / "tune" / "best" / "checkpoint" / "model.safetensors").is_file()
     assert json.loads((run / "tune" / "best" / "eval.json").read_text())["accuracy"] == summary["best"]["test_accuracy"]
