@@ -19,7 +19,10 @@ resume) ``START_S`` more, under two rules:
 - ``synchronous``: successive halving with whole rungs (every trial to the first rung, then the
   top 1/eta of each complete rung): the fewest epochs halving can train, for reference.
 
-Then a sweep: every rule again at grace periods 1-2 x reduction factors 2-4 (``sweep``).
+Then a sweep: every rule again at grace periods 1-2 x reduction factors 2-4 (``sweep``), and more
+configurations per search (``pooled``): searches of 16 up to all of the recorded configurations,
+drawn from every seed's curves together (the seeds draw from the same search space and train on
+the same splits), at the asha setting's grace period and reduction factor.
 
 The winner of each replay is picked as `rayfine tune` picks it (the best validation accuracy of
 any trial epoch that ran, ties to the earlier epoch) and scored by the recorded test accuracy of
@@ -30,6 +33,7 @@ reach their rungs (start-up and epoch times vary), which the stopping rule is se
 from __future__ import annotations
 
 import heapq
+import random
 import sys
 from pathlib import Path
 from typing import Optional
@@ -230,6 +234,35 @@ def sweep(records: list[dict], max_t: int) -> list[dict]:
     return rows
 
 
+POOLED_DRAWS = 60  # searches drawn per size
+
+
+def pooled(records: list[dict], max_t: int, grace: int, eta: float, draws: int = POOLED_DRAWS, seed: int = 0) -> list[dict]:
+    """More configurations per search: ``n`` configurations drawn (in a random order, without
+    replacement, ``draws`` times) from every record's trials together, for n = one seed's count,
+    1.5x, 2x and all of them; each draw replayed under every rule and compared with its own full
+    budget. compute_ratio and accuracy_gap over the draws, and whether their medians meet the goal."""
+    pool = [t for record in records for t in record["trials"]]
+    rows_val = val_rows(records[0])
+    n0 = len(records[0]["trials"])
+    rng = random.Random(seed)
+    rows = []
+    for n in sorted({n0, n0 * 3 // 2, 2 * n0, len(pool)}):
+        if n > len(pool):
+            continue
+        samples = [rng.sample(pool, n) for _ in range(draws)]  # all of them: in a new order each time
+        searches = [{"trials": [{**t, "trial": f"{k:04d}"} for k, t in enumerate(sample)], "val_rows": rows_val}
+                    for sample in samples]  # ids in the order drawn: the order the replay starts them
+        fulls = [full_budget(search, max_t) for search in searches]
+        for rule in RULES:
+            replays = [replay_seed(search, rule, max_t, grace, eta) for search in searches]
+            ratio = common.summary(r["epochs"] / f["epochs"] for r, f in zip(replays, fulls))
+            gap = common.summary(f["best_test_accuracy"] - r["best_test_accuracy"] for r, f in zip(replays, fulls))
+            rows.append({"configs": n, "rule": rule, "draws": len(searches), "compute_ratio": ratio, "accuracy_gap": gap,
+                         "goal_met": ratio["median"] <= GOAL_COMPUTE and gap["median"] <= GOAL_GAP})
+    return rows
+
+
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     curves = common.read_results(args.results).get("asha_curves")
@@ -259,6 +292,10 @@ def main() -> None:
     for row in result["sweep"]:
         common.log(f"sweep {row['rule']:9s} grace {row['grace_period']} eta {row['reduction_factor']}: compute_ratio "
                    f"{row['compute_ratio']['values']}, gap {row['accuracy_gap']['values']}, goal met: {row['goal_met']}")
+    result["pooled"] = pooled(curves["per_seed"], max_t, grace, eta)
+    for row in result["pooled"]:
+        common.log(f"pooled {row['configs']} configs {row['rule']:9s}: compute_ratio median {row['compute_ratio']['median']:.3f}, "
+                   f"gap median {row['accuracy_gap']['median']:+.4f} over {row['draws']} draw(s), goal met: {row['goal_met']}")
     for rule in RULES:
         for key in ("compute_ratio", "accuracy_gap", "worker_seconds_ratio"):
             result[f"{rule}_{key}"] = common.summary(row[rule][key] for row in per_seed)

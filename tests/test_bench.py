@@ -44,7 +44,7 @@ REQUIRED = {
                 "per_seed.0.best_acc_halving", "per_seed.0.epochs_compared"],  # after asha_curves: its FIFO side
     "asha_replay": ["stopping_compute_ratio.median", "promotion_compute_ratio.median", "promotion_accuracy_gap.median",
                     "per_seed.0.full.best_test_accuracy",  # after asha_curves: it replays that record
-                    "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median"],
+                    "sweep.0.compute_ratio.median", "sweep.0.accuracy_gap.median", "pooled.0.compute_ratio.median"],
 }
 
 
@@ -181,6 +181,14 @@ def test_replayed_schedulers_on_known_curves():
     assert sync["goal_met"] is False  # half the epochs: over the goal's 0.35
     sync4 = next(r for r in rows if (r["rule"], r["grace_period"], r["reduction_factor"]) == ("synchronous", 1, 4))
     assert sync4["compute_ratio"]["median"] == 7 / 16  # one rung at epoch 1, then the best one to 4
+    # More configurations: draws from both seeds' trials together, 4, 6 and all 8 of them. With all
+    # 8 (t3 and t1 twice), whole rungs take 8 to epoch 1, t3 and t1 twice to 2, t3 twice to 4: 16 of
+    # 32 epochs, and the winner is the full budget's.
+    pooled = asha_replay.pooled([seed, seed], max_t=4, grace=1, eta=2, draws=3)
+    assert [(r["configs"], r["rule"], r["draws"]) for r in pooled] == [
+        (n, rule, 3) for n in (4, 6, 8) for rule in asha_replay.RULES]
+    all8 = next(r for r in pooled if (r["configs"], r["rule"]) == (8, "synchronous"))
+    assert all8["compute_ratio"]["values"] == [0.5] * 3 and all8["accuracy_gap"]["values"] == [0.0] * 3
 
 
 def test_halving_compared_with_the_fifo_record():
