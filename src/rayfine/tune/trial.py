@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from ray.train import UserCallback
 
 from rayfine.config import Config, parse_search_spec
+from rayfine.train.worker import REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
 
 EPOCH_LOG = "epochs.jsonl"
 
@@ -89,8 +90,6 @@ class EpochLog(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         import pyarrow.fs
-
-        from rayfine.train.worker import REPLAYED_FROM
 
         record = dict(metrics[0])
         replayed = record.pop(REPLAYED_FROM, None)
