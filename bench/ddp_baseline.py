@@ -9,6 +9,8 @@ config, wraps it in ``DistributedDataParallel`` and trains with the same optimiz
 (AdamW, no decay on biases and norms, linear warmup + cosine, gradient clipping), batch size and
 loss. Every epoch ends with a validation pass whose counts are all-reduced, as rayfine's does.
 Rank 0 writes, per epoch, the training-phase time and the samples trained by both ranks.
+With ``world`` 1 the one process trains the model without the DDP wrapper, as a user's single-process
+script does and as Ray Train's ``prepare_model`` leaves a one-worker run.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def worker(rank: int, world: int, data_path: str, cfg_json: str, out_path: str, 
     data = np.load(data_path)
     labels = [str(x) for x in data["labels"]]
     torch.manual_seed(cfg.seed)
-    model = DistributedDataParallel(build_model(cfg, labels))
+    model = build_model(cfg, labels)
+    if world > 1:  # one process trains the bare model, as Ray Train's prepare_model leaves it at one worker
+        model = DistributedDataParallel(model)
     train = TensorDataset(torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"]))
     val = TensorDataset(torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"]))
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)

@@ -20,6 +20,11 @@ warm-up: allocator, gloo buckets, Ray Data's first blocks), as rayfine's metrics
 (samples of all ranks / rank 0's training time); the baseline measures the same thing. Reported
 apart: start-up (from fit()/spawn to the start of epoch 1) and whole-epoch throughput (training,
 validation and, for rayfine, its per-epoch checkpoint and report).
+
+``one_worker``: the same pair at one worker against one plain process (no DDP on either side), run
+right after each two-worker pair. On a 2-CPU machine two workers leave Ray's own processes no CPU
+of their own; one worker leaves them one, so the two ratios together tell the cost of rayfine's
+loop under Ray Train from the cost of sharing the CPUs with Ray.
 """
 
 from __future__ import annotations
@@ -38,14 +43,15 @@ import ddp_baseline
 
 FULL = {"preset": "resnet18_digits", "epochs": 6, "repeats": 3, "extra": []}
 QUICK = {"preset": "resnet18_digits_tiny", "epochs": 2, "repeats": 1, "extra": ["data.subsample=0.2"]}
+WORKERS = (2, 1)  # the headline pair, then one_worker
 
 
-def make_config(size: dict, runs_dir: Path):
+def make_config(size: dict, runs_dir: Path, workers: int = 2):
     from rayfine.config import load_config
 
     return load_config(size["preset"], [
         "name=overhead", f"storage.runs_dir={runs_dir}", f"train.epochs={size['epochs']}", "data.augment=false",
-        "scaling.num_workers=2", "tracking.tensorboard=false", *size["extra"],
+        f"scaling.num_workers={workers}", "tracking.tensorboard=false", *size["extra"],
     ])
 
 
@@ -93,8 +99,9 @@ def rayfine_run(cfg, scratch: Path, repeat: int, tensors: Path) -> dict:
         data_s = time.perf_counter() - t1
         if not tensors.exists():
             save_tensors(datasets, info, cfg, tensors)
-        stamps = scratch / f"stamps-{repeat}.jsonl"
-        trainer = build_trainer(cfg, datasets, info, name=f"overhead-{repeat}", storage_path=str(scratch / "ray"),
+        stamps = scratch / f"stamps-{cfg.scaling.num_workers}w-{repeat}.jsonl"
+        trainer = build_trainer(cfg, datasets, info, name=f"overhead-{cfg.scaling.num_workers}w-{repeat}",
+                                storage_path=str(scratch / "ray"),
                                 callbacks=[stamp_callback(str(stamps))])
         fit_started = time.time()
         result = trainer.fit()
@@ -119,8 +126,9 @@ def rayfine_run(cfg, scratch: Path, repeat: int, tensors: Path) -> dict:
 
 
 def baseline_run(cfg, tensors: Path, scratch: Path, repeat: int) -> dict:
-    out = scratch / f"ddp-{repeat}.json"
-    record = ddp_baseline.run(str(tensors), cfg.model_dump_json(), str(out), cfg.train.epochs, world=2)
+    world = cfg.scaling.num_workers
+    out = scratch / f"ddp-{world}w-{repeat}.json"
+    record = ddp_baseline.run(str(tensors), cfg.model_dump_json(), str(out), cfg.train.epochs, world=world)
     epochs = record["epochs"]
     return {
         "startup_s": epochs[0]["started_at"] - record["spawned_at"],
@@ -132,29 +140,24 @@ def baseline_run(cfg, tensors: Path, scratch: Path, repeat: int) -> dict:
     }
 
 
-def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
-    size = QUICK if args.quick else FULL
-    scratch = common.scratch_dir("train_overhead")
-    cfg = make_config(size, scratch / "runs")
-    tensors = scratch / "tensors.npz"
-    runs = []
-    try:
-        for repeat in range(size["repeats"]):
-            common.log(f"repeat {repeat + 1}/{size['repeats']}: rayfine (Ray Train, 2 workers)")
-            ours = rayfine_run(cfg, scratch, repeat, tensors)
-            common.log(f"  rayfine: {ours['steady_samples_per_s']:.0f} samples/s steady, start-up {ours['startup_s']:.1f}s")
-            common.log("  plain PyTorch DDP (2 gloo processes)")
-            theirs = baseline_run(cfg, tensors, scratch, repeat)
-            common.log(f"  DDP: {theirs['steady_samples_per_s']:.0f} samples/s steady, start-up {theirs['startup_s']:.1f}s")
-            runs.append({"rayfine": ours, "ddp": theirs,
-                         "ratio": ours["steady_samples_per_s"] / theirs["steady_samples_per_s"],
-                         "epoch_ratio": ours["steady_epoch_samples_per_s"] / theirs["steady_epoch_samples_per_s"]})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def pair(cfg, tensors: Path, scratch: Path, repeat: int) -> dict:
+    """One rayfine run and one plain run of the same config, back to back."""
+    workers = cfg.scaling.num_workers
+    common.log(f"  rayfine (Ray Train, {workers} worker{'s' if workers > 1 else ''})")
+    ours = rayfine_run(cfg, scratch, repeat, tensors)
+    common.log(f"    rayfine: {ours['steady_samples_per_s']:.0f} samples/s steady, start-up {ours['startup_s']:.1f}s")
+    common.log(f"  plain PyTorch ({f'DDP, {workers} gloo processes' if workers > 1 else 'one process'})")
+    theirs = baseline_run(cfg, tensors, scratch, repeat)
+    common.log(f"    plain: {theirs['steady_samples_per_s']:.0f} samples/s steady, start-up {theirs['startup_s']:.1f}s")
+    return {"rayfine": ours, "ddp": theirs,
+            "ratio": ours["steady_samples_per_s"] / theirs["steady_samples_per_s"],
+            "epoch_ratio": ours["steady_epoch_samples_per_s"] / theirs["steady_epoch_samples_per_s"]}
 
+
+def figures(runs: list[dict]) -> dict:
+    """The ratios and both sides' rates of a list of pairs (median and spread)."""
     ratios = common.summary(r["ratio"] for r in runs)
-    result = {
+    return {
         "ratio": ratios["median"],
         "ratio_stats": ratios,
         "epoch_ratio": common.summary(r["epoch_ratio"] for r in runs)["median"],
@@ -166,19 +169,46 @@ def main() -> None:
         "rayfine_ray_init_s": common.summary(r["rayfine"]["ray_init_s"] for r in runs),
         "rayfine_data_s": common.summary(r["rayfine"]["data_s"] for r in runs),
         "runs": runs,
+    }
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    size = QUICK if args.quick else FULL
+    scratch = common.scratch_dir("train_overhead")
+    configs = {w: make_config(size, scratch / "runs", w) for w in WORKERS}
+    tensors = scratch / "tensors.npz"
+    runs: dict[int, list[dict]] = {w: [] for w in WORKERS}
+    try:
+        for repeat in range(size["repeats"]):
+            for w in WORKERS:
+                common.log(f"repeat {repeat + 1}/{size['repeats']}, {w} worker{'s' if w > 1 else ''}")
+                runs[w].append(pair(configs[w], tensors, scratch, repeat))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    cfg, two = configs[2], figures(runs[2])
+    result = {
+        **two,
         "config": {"preset": size["preset"], "epochs": cfg.train.epochs, "steady_epochs": cfg.train.epochs - 1,
                    "batch_size_per_worker": cfg.train.batch_size, "workers": 2, "image_size": cfg.data.image_size,
                    "augment": False},
         "repeats": size["repeats"],
         "goal": ">= 0.95",
-        "goal_met": ratios["median"] >= 0.95,
+        "goal_met": two["ratio"] >= 0.95,
         "compared": ("steady-state training samples/s (epochs 2..N, training phase) of rayfine's train_loop_per_worker "
                      "under Ray Train with 2 workers / a plain PyTorch DDP script with 2 gloo processes "
                      f"(torch.multiprocessing), same model ({cfg.model.name}, build_model), same prepared digits tensors, "
                      f"batch {cfg.train.batch_size} per worker"),
+        "one_worker": {
+            **figures(runs[1]),
+            "compared": ("the same at 1 worker / 1 plain process (no DDP on either side), run right after each "
+                         "2-worker pair: Ray's own processes have a CPU of their own"),
+        },
     }
     common.write_result(args.results, "train_overhead", result, args.quick)
-    common.log(f"train_overhead ratio {result['ratio']:.3f}, whole-epoch ratio {result['epoch_ratio']:.3f}")
+    common.log(f"train_overhead ratio {result['ratio']:.3f}, whole-epoch ratio {result['epoch_ratio']:.3f}; "
+               f"one worker {result['one_worker']['ratio']:.3f}")
 
 
 if __name__ == "__main__":

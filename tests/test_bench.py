@@ -30,7 +30,8 @@ REQUIRED = {
                "phone_photos.ratio", "phone_photos.ratio_vs_whole_decode", "phone_photos.torchvision_images_per_s.median",
                "phone_photos.max_level_difference_vs_whole_decode"],
     "train_overhead": ["ratio", "ratio_stats.median", "epoch_ratio", "rayfine_samples_per_s.median",
-                       "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median"],
+                       "ddp_samples_per_s.median", "rayfine_startup_s.median", "ddp_startup_s.median",
+                       "one_worker.ratio", "one_worker.rayfine_samples_per_s.median", "one_worker.ddp_samples_per_s.median"],
     "serve": ["batching_gain_c32", "batching_gain_c32_stats.median", "floor.p50_ms", "floor.items_per_s",
               *[f"servers.{s}.c{c}.{m}" for s in ("batched", "unbatched", "plain") for c in (1, 8, 32)
                 for m in ("rps.median", "p50_ms", "p99_ms", "loadgen_cpu_ms_per_request")]],
