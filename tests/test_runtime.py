@@ -55,12 +55,22 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
 
     @ray.remote(num_cpus=0)
     def worker_setup() -> dict:
+        import logging
         import os
 
         from ray.util.debug import log_once
 
+        # Ray Train's placement-group cleaner logs through this logger in a worker process like this one.
+        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+
+        def shown(message: str) -> bool:
+            return bool(cleaner.filter(cleaner.makeRecord(cleaner.name, logging.WARNING, "cleaner.py", 1, message, None, None)))
+
         return {"progress_warning_left": log_once("ray_data_progress_manager_disabled"),  # False once said
-                "preemption_watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+                "preemption_watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+                "cleanup_notice": shown("Detected that the Ray Train controller actor (0a1b) is dead. Cleaning up "
+                                        "placement group = [PlacementGroupID(2c3d)] created by this run."),
+                "cleanup_failure": shown("Failed to clean up placement group: the GCS is unreachable")}
 
     @ray.remote(num_cpus=0)
     def actor_state(actor_id: str) -> str:
@@ -83,8 +93,10 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
         # Without the address rayfine gives, Ray's autodetection sees two clusters: the bug.
         bare = actor_state.options(runtime_env={"env_vars": {API_SERVER_ENV: ""}}).remote(actor_id)
         assert "multiple active Ray instances" in ray.get(bare)
-        # Every worker ran rayfine's setup hook and got the embedded Ray's own settings.
-        assert ray.get(worker_setup.remote()) == {"progress_warning_left": False, "preemption_watcher": "0"}
+        # Every worker ran rayfine's setup hook and got the embedded Ray's own settings: the routine
+        # cleanup notice is dropped, a failed cleanup is still reported.
+        assert ray.get(worker_setup.remote()) == {"progress_warning_left": False, "preemption_watcher": "0",
+                                                  "cleanup_notice": False, "cleanup_failure": True}
     assert other_ray.poll() is None  # the other Ray was left alone
 
 

@@ -29,12 +29,35 @@ LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 WORKER_SETUP_HOOK = "rayfine.runtime.quiet_worker"
 
 
+# The logger of Ray Train's placement-group cleaner, and the start of its routine announcement.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PG_CLEANUP_NOTICE = "Detected that the Ray Train controller actor"
+
+
+class RoutineCleanupFilter(logging.Filter):
+    """Drops the cleaner's notice that it removed a dead training run's placement group.
+
+    Ray Train starts a detached cleaner beside every run's controller; when the controller dies
+    before removing its placement group, the cleaner removes it and says so at WARNING. In a search
+    that is every trial ASHA stops (Tune ends the trial, and its controller with it) and, racing the
+    controller's own removal, some trials that finished, each announced on the console in the
+    middle of rayfine's trial lines. The removal still happens; a failed one is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(PG_CLEANUP_NOTICE)
+
+
+_ROUTINE_CLEANUP_FILTER = RoutineCleanupFilter()
+
+
 def quiet_worker() -> None:
     """No "Progress bars disabled" warning from this process: rayfine turns Ray Data's bars off on
-    purpose (quiet_ray), and every process that runs an execution would say so once."""
+    purpose (quiet_ray), and every process that runs an execution would say so once. No routine
+    placement-group cleanup notice either (RoutineCleanupFilter)."""
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")
+    logging.getLogger(PG_CLEANER_LOGGER).addFilter(_ROUTINE_CLEANUP_FILTER)  # once: addFilter skips a repeat
 
 
 def quiet_ray() -> None:
