@@ -39,6 +39,7 @@ METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"
 # (``MetricsLog``, the trials' ``EpochLog``) add a replayed epoch only when they lack it.
 REPLAYED_FROM = "replayed_from_checkpoint"
 
+
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW or SGD over every parameter, in groups: the new head may have its own learning rate
     (train.head_lr), and biases and norm weights get no weight decay (usual fine-tuning practice)."""
