@@ -102,12 +102,17 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
 
 def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
     """Ray keeps idle workers only up to the CPUs nothing holds; rayfine's embedded Ray keeps one
-    per CPU, so a data task after a pause (each epoch's, each evaluation's) reuses its process."""
+    per CPU, so a data task after a pause (each epoch's, each evaluation's) reuses its process.
+    And its workers run at the driver's priority (niceness 0), not Ray's 15."""
     import os
 
     import ray
 
-    from rayfine.runtime import WORKER_ENV, idle_worker_config, local_ray
+    from rayfine.runtime import WORKER_ENV, idle_worker_config, local_ray, local_system_config, worker_niceness_config
+
+    assert worker_niceness_config(environ={}) == {"worker_niceness": 0}
+    assert worker_niceness_config(environ={"RAY_worker_niceness": "15"}) == {}  # the user's wins
+    assert local_system_config(2, environ={}) == {"num_workers_soft_limit": 2, "worker_niceness": 0}
 
     assert idle_worker_config(2, environ={}) == {"num_workers_soft_limit": 2}
     assert idle_worker_config(2, environ={"RAY_num_workers_soft_limit": "0"}) == {}  # the user's wins
@@ -125,6 +130,9 @@ def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
         def ready(self) -> bool:
             return True
 
+        def niceness(self) -> int:
+            return os.nice(0)
+
     @ray.remote(num_cpus=0.1)
     def data_task() -> int:
         return os.getpid()
@@ -132,6 +140,7 @@ def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
     with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=2, logging_level="WARNING"):
         trainer = Trainer.remote()
         assert ray.get(trainer.ready.remote())
+        assert ray.get(trainer.niceness.remote()) == os.nice(0)  # the driver's, as plain PyTorch runs
         first = ray.get(data_task.remote())
         time.sleep(2.5)  # Ray kills a surplus idle worker after 1 s (idle_worker_killing_time_threshold_ms)
         assert ray.get(data_task.remote()) == first
