@@ -157,8 +157,8 @@ def worker_niceness_config(environ: dict | None = None) -> dict:
     training workers are what the user waits for, and at 15 each wakeup of a daemon takes the CPU
     from a DDP rank at once; the other rank then waits for it at the next all-reduce. Measured on
     2 CPUs (resnet18_digits, 2 workers, steady training samples/s, runs alternating): 146, 184 and
-    190 at 15; 184, 199 and 196 at 0; plain PyTorch DDP 205, 213 and 199. Ray's own job supervisor
-    sets niceness 0 for a Ray Job's driver for the same reason.
+    190 at 15; 184, 199 and 196 at 0; plain PyTorch DDP 205, 213 and 199. (Ray's job manager, too,
+    starts a Ray Job's driver, its supervisor actor, at niceness 0.)
     An explicit RAY_worker_niceness in the environment wins (nothing is set here then)."""
     env = os.environ if environ is None else environ
     if "RAY_worker_niceness" in env:
