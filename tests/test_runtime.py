@@ -100,7 +100,7 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
     assert other_ray.poll() is None  # the other Ray was left alone
 
 
-def test_an_idle_worker_outlives_a_pause_while_training_holds_the_cpus():
+def test_workers_keep_an_idle_process_through_a_pause_and_run_at_the_drivers_priority():
     """Ray keeps idle workers only up to the CPUs nothing holds; rayfine's embedded Ray keeps one
     per CPU, so a data task after a pause (each epoch's, each evaluation's) reuses its process.
     And its workers run at the driver's priority (Ray's worker_niceness 0), not 15 below it."""
