@@ -150,6 +150,28 @@ BOUNDS = {
         "configurations, but the two CPUs round differently and the per-epoch figures drift apart.",
     ],
     "train_overhead": [
+        ("Profiled 2026-12-05 13:00-13:35 on the same machine, with the code of the record above (no new record): "
+         "where the CPUs go, psutil over 25 s of steady epochs of 6-epoch runs (the bench's rayfine_run, then its "
+         "plain script), one run at a time. rayfine, 7 runs: the two ranks 0.73-0.89 CPU each, 1.61-1.69 together; "
+         "every other process 0.17-0.20 together; the machine idle 0.13-0.19 of its 2 CPUs. Plain DDP, 2 runs: the "
+         "ranks 0.90-0.95 each, 1.85-1.87 together; every other process 0.01 (the machine's own, there under rayfine "
+         "too); idle 0.11-0.13. The ranks' CPU ratio, ~0.89, is the throughput ratio of these runs (rayfine 160-192 "
+         "samples/s, plain 188 and 213): per CPU-second rayfine's loop trains as fast as the plain one, and what it "
+         "loses is the CPU that Ray's own processes take, each CPU-second of it paid by both ranks at the next "
+         "all-reduce. Ray's part is spread over ~20 processes: the stats actor 0.017-0.020, the dashboard "
+         "0.012-0.017 and its agent 0.011-0.013, the Train controller, the placement-group cleaner and Ray Data's "
+         "autoscaling coordinator ~0.011 each, the synchronization actor, the dataset manager, the two idle workers, "
+         "GCS and the raylet 0.007-0.010 each, the dashboard's module processes 0.001-0.005 each. Most of an idle Ray "
+         "worker's share is fixed by Ray: strace on an idle actor's main thread showed a wakeup every 10 ms (493 "
+         "epoll_wait returns and 986 timerfd_settime calls in 5 s), the core worker's signal check, whose period is "
+         "a constant in Ray's C++ code, not a setting; per thread (/proc/<pid>/task), the idle workers spent 0.0065 "
+         "of their 0.007 CPU on that main thread. Ray settings tried (rayfine's _system_config), Ray's other "
+         "processes together: task_events_report_interval_ms 10000 (Ray's default 1000) 0.178 and 0.199; "
+         "enable_metrics_collection false 0.188; both 0.180; neither 0.170 and 0.189 (a second run of the two "
+         "middle ones shared the machine with another script of mine and is left out): no effect, not adopted. "
+         "Four rayfine runs back to back in one driver process trained at 173, 196, 181 and 197 samples/s, and after "
+         "each no process of the finished session was still busy: the third pair's low figures in the two bench "
+         "runs above were chance, not something accumulating in the driver."),
         ("Measured again 2026-12-05 10:36-11:15 on the same machine (family 26, model 2), after the embedded Ray began "
          "to run its workers at niceness 0 (goal >= 0.95 met in one of two runs: 0.959 (0.959, 0.975, 0.810), then "
          "0.943 (0.991, 0.943, 0.797)). What changed: Ray starts every worker process at niceness 15, so that its "
