@@ -1,10 +1,17 @@
-"""Real Ray Train runs: 2 DDP workers on real digits, a failed run continued (ray tier). A worker
-SIGKILLed mid-epoch and while a checkpoint is written: tests/test_faults.py."""
+"""Real Ray Train runs: 2 DDP workers on real digits, a failed run continued, a worker ended with
+SIGTERM mid-epoch (ray tier). A worker SIGKILLed mid-epoch and while a checkpoint is written:
+tests/test_faults.py."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +230,103 @@ def test_bf16_support_is_what_onednn_reports_and_assumed_when_torch_cannot_say(m
 
     monkeypatch.setattr(torch.ops, "mkldnn", NoOps())
     assert worker.cpu_has_native_bf16() is True
+
+
+# A daemon thread training a small model while the main thread returns, as in a Ray Train worker
+# that Ray ends gracefully (its SIGTERM handler raises SystemExit in the main thread). {guard}
+# is "ExitGuard()" or "contextlib.nullcontext()"; {check} what the loop calls before each step.
+EXITING_PROCESS = """
+import contextlib, threading, time
+import torch
+from rayfine.train.worker import ExitGuard, ProcessExiting
+
+torch.set_num_threads(1)
+started = threading.Event()
+
+def loop():
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+    x = torch.randn(64, 1024)
+    with {guard} as guard:
+        try:
+            while True:
+                {check}
+                model(x).sum().backward()
+                started.set()
+        except ProcessExiting:
+            print("stopped at a step boundary", flush=True)
+
+threading.Thread(target=loop, daemon=True).start()
+started.wait()
+time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_a_worker_process_that_exits_mid_step_ends_its_training_thread_first(tmp_path, guarded):
+    """Without the guard, CPython finalizes while the training thread is in torch's backward
+    (without the GIL); taking the GIL back ends the thread with pthread_exit, whose unwinding
+    through torch's C++ frames aborts the process (exit status 134, "terminate called without an
+    active exception"). The unguarded case shows the abort that ExitGuard prevents."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_PROCESS.format(guard="ExitGuard()" if guarded else "contextlib.nullcontext()",
+                                             check="guard.check()" if guarded else "pass"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    if guarded:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "stopped at a step boundary"
+        assert "terminate called" not in done.stderr and "Fatal Python error" not in done.stderr
+    else:
+        assert done.returncode != 0 and "terminate called" in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+def _pid_logging_loop(config: dict, *, pids_log: str) -> None:
+    """The real train loop; each worker first appends its rank and pid to ``pids_log``."""
+    import ray.train
+
+    with open(pids_log, "a") as f:
+        f.write(json.dumps({"rank": ray.train.get_context().get_world_rank(), "pid": os.getpid()}) + "\n")
+    train_loop_per_worker(config)
+
+
+def test_a_worker_ended_with_sigterm_mid_run_exits_cleanly_and_the_run_resumes(ray_local, tmp_path):
+    """SIGTERM is how Ray ends a worker gracefully (the raylet's kill of a stopped trial's actors)
+    and how a machine's owner or Kubernetes ends a process: Ray's handler raises SystemExit, and the
+    process exits while its training thread runs. The worker's log must hold no abort (ExitGuard),
+    and the run goes on from its last checkpoint."""
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test files
+    cfg = tiny(tmp_path, "sigterm", "train.epochs=5", "train.max_failures=1")
+    run_dir, pids_log = tmp_path / "sigterm", tmp_path / "pids.jsonl"
+    victim, errors = {}, []
+
+    def killer():
+        try:
+            deadline = time.monotonic() + 300
+            while not epochs_logged(run_dir) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert epochs_logged(run_dir), "epoch 1 was never logged"
+            victim.update([json.loads(line) for line in pids_log.read_text().splitlines()
+                           if json.loads(line)["rank"] == 1][-1])
+            os.kill(victim["pid"], signal.SIGTERM)
+        except BaseException as e:  # noqa: BLE001 (surfaced below)
+            errors.append(e)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = fit(cfg, train_loop=functools.partial(_pid_logging_loop, pids_log=str(pids_log)), log=lambda *_: None)
+    thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    assert epochs_logged(run_dir) == [1, 2, 3, 4, 5]
+    starts = [json.loads(line) for line in pids_log.read_text().splitlines()]
+    assert [s["rank"] for s in starts].count(0) == 2, starts  # the worker group started again once
+    assert summary["eval"]["accuracy"] > 0.5
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    (err,) = logs.glob(f"worker-*-{victim['pid']}.err")
+    text = err.read_text()
+    assert "Fatal Python error" not in text and "terminate called" not in text, text[-3000:]

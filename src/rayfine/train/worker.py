@@ -8,13 +8,15 @@ failure it resumes from ``ray.train.get_checkpoint()`` at the next epoch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Self
 
 import numpy as np
 import ray.train
@@ -147,9 +149,55 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
     return None
 
 
+class ProcessExiting(RuntimeError):
+    """Raised in the training thread when its process has begun to exit (``ExitGuard``)."""
+
+
+class ExitGuard:
+    """Stops the training loop at its next batch once the worker's process begins to exit, before
+    the interpreter shuts down under it.
+
+    Ray Train runs ``train_loop_per_worker`` in a daemon thread of the worker process. When Ray ends
+    a worker gracefully (the raylet's SIGTERM, as when a search stops a trial; Ray's handler raises
+    SystemExit in the main thread), CPython finalizes while that thread is inside torch's C++ code
+    (backward, the optimizer step) without the GIL. When the thread takes the GIL back, CPython 3.11
+    ends it with ``pthread_exit``, whose unwinding through torch's C++ frames calls std::terminate:
+    "Fatal Python error: Aborted" and a C++ stack in the worker's log, on the console. atexit
+    handlers run before finalization: this one asks the loop to stop (``check`` raises
+    ``ProcessExiting`` at the next batch) and waits up to ``timeout_s`` for the thread to end,
+    less than the 5 s after which the raylet follows its SIGTERM with SIGKILL
+    (``kill_worker_timeout_milliseconds``)."""
+
+    def __init__(self, timeout_s: float = 4.0):
+        self.timeout_s = timeout_s
+        self.exiting = threading.Event()
+        self.thread = threading.current_thread()
+
+    def __enter__(self) -> Self:
+        atexit.register(self._on_exit)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        atexit.unregister(self._on_exit)
+
+    def _on_exit(self) -> None:
+        self.exiting.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(self.timeout_s)
+
+    def check(self) -> None:
+        if self.exiting.is_set():
+            raise ProcessExiting("this worker's process is exiting; training stopped at a batch boundary")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One DDP worker: config = {"cfg": <Config JSON>, "labels": [...], "num_train": int,
     "class_weights": [...] or None}."""
+    with ExitGuard() as guard:
+        _train(config, guard)
+
+
+def _train(config: dict, guard: ExitGuard) -> None:
     cfg = Config.model_validate_json(config["cfg"])
     # Ray sets the worker's root logger to INFO; its per-report lines would drown our epoch lines.
     logging.getLogger().setLevel(logging.WARNING)
@@ -233,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=epoch_seed if t.shuffle_buffer else None,
         )
         for batch, last in _with_last(batches):
+            guard.check()
             if last and micro == batches_per_epoch and len(batch["y"]) == 1:
                 continue  # the lone last example (train_batches); the batch before it was the last step
             batch = model_batch(to_device(batch), cfg.data)
@@ -263,6 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_loss_sum = 0.0
         with torch.inference_mode():
             for batch in val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate):
+                guard.check()
                 batch = model_batch(to_device(batch), cfg.data)
                 y = batch.pop("y")
                 with autocast:
