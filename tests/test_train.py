@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -265,11 +266,8 @@ time.sleep(0.5)
 def test_a_worker_process_that_exits_mid_step_ends_its_training_thread_first(tmp_path, guarded):
     """Without the guard, CPython finalizes while the training thread is in torch's backward
     (without the GIL); taking the GIL back ends the thread with pthread_exit, whose unwinding
-    through torch's C++ frames aborts the process (exit status 134, "terminate called without an
-    active exception"). The unguarded case shows the abort that ExitGuard prevents."""
-    import subprocess
-    import sys
-
+    through torch's C++ frames aborts the process (SIGABRT, "terminate called without an active
+    exception"). The unguarded case shows the abort that ExitGuard prevents."""
     script = tmp_path / "exiting.py"
     script.write_text(EXITING_PROCESS.format(guard="ExitGuard()" if guarded else "contextlib.nullcontext()",
                                              check="guard.check()" if guarded else "pass"))
@@ -292,9 +290,9 @@ def _pid_logging_loop(config: dict, *, pids_log: str) -> None:
 
 
 def test_a_worker_ended_with_sigterm_mid_run_exits_cleanly_and_the_run_resumes(ray_local, tmp_path):
-    """SIGTERM is how Ray ends a worker gracefully (the raylet's kill of a stopped trial's actors)
-    and how a machine's owner or Kubernetes ends a process: Ray's handler raises SystemExit, and the
-    process exits while its training thread runs. The worker's log must hold no abort (ExitGuard),
+    """SIGTERM is how a process is ended gracefully (`kill`, Kubernetes evicting a pod; a stopped
+    trial's worker was seen to exit the same way): Ray's handler raises SystemExit, and the process
+    exits while its training thread runs. The worker's log must hold no abort (ExitGuard),
     and the run goes on from its last checkpoint."""
     import ray
     from ray import cloudpickle

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Self
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import ray.train
@@ -33,6 +33,9 @@ from rayfine.data import batch_collate, model_batch, tokenizer_source
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of, with_pretrained_normalization
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time here
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 # Marks a report that repeats the epoch of the checkpoint a run resumed from; its value is that
@@ -157,10 +160,10 @@ class ExitGuard:
     """Stops the training loop at its next batch once the worker's process begins to exit, before
     the interpreter shuts down under it.
 
-    Ray Train runs ``train_loop_per_worker`` in a daemon thread of the worker process. When Ray ends
-    a worker gracefully (the raylet's SIGTERM, as when a search stops a trial; Ray's handler raises
-    SystemExit in the main thread), CPython finalizes while that thread is inside torch's C++ code
-    (backward, the optimizer step) without the GIL. When the thread takes the GIL back, CPython 3.11
+    Ray Train runs ``train_loop_per_worker`` in a daemon thread of the worker process. When the
+    process is ended gracefully (SIGTERM: Ray's handler raises SystemExit in the main thread; a
+    worker of a trial that ASHA stopped was seen to exit this way), CPython finalizes while that
+    thread is inside torch's C++ code (backward, the optimizer step) without the GIL. When the thread takes the GIL back, CPython 3.11
     ends it with ``pthread_exit``, whose unwinding through torch's C++ frames calls std::terminate:
     "Fatal Python error: Aborted" and a C++ stack in the worker's log, on the console. atexit
     handlers run before finalization: this one asks the loop to stop (``check`` raises
