@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from net_tools import wait_for
 from report_checks import check_report
 
 from rayfine.checkpoints import INFERENCE_FILES, load_checkpoint
@@ -304,12 +305,9 @@ def test_a_worker_ended_with_sigterm_mid_run_exits_cleanly_and_the_run_resumes(r
 
     def killer():
         try:
-            deadline = time.monotonic() + 300
-            while not epochs_logged(run_dir) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert epochs_logged(run_dir), "epoch 1 was never logged"
-            victim.update([json.loads(line) for line in pids_log.read_text().splitlines()
-                           if json.loads(line)["rank"] == 1][-1])
+            wait_for(lambda: epochs_logged(run_dir), 300, 0.05, "epoch 1")
+            starts = [json.loads(line) for line in pids_log.read_text().splitlines()]
+            victim.update([s for s in starts if s["rank"] == 1][-1])
             os.kill(victim["pid"], signal.SIGTERM)
         except BaseException as e:  # noqa: BLE001 (surfaced below)
             errors.append(e)

@@ -163,13 +163,13 @@ class ExitGuard:
     Ray Train runs ``train_loop_per_worker`` in a daemon thread of the worker process. When the
     process is ended gracefully (SIGTERM: Ray's handler raises SystemExit in the main thread; a
     worker of a trial that ASHA stopped was seen to exit this way), CPython finalizes while that
-    thread is inside torch's C++ code (backward, the optimizer step) without the GIL. When the thread takes the GIL back, CPython 3.11
-    ends it with ``pthread_exit``, whose unwinding through torch's C++ frames calls std::terminate:
-    "Fatal Python error: Aborted" and a C++ stack in the worker's log, on the console. atexit
-    handlers run before finalization: this one asks the loop to stop (``check`` raises
-    ``ProcessExiting`` at the next batch) and waits up to ``timeout_s`` for the thread to end,
-    less than the 5 s after which the raylet follows its SIGTERM with SIGKILL
-    (``kill_worker_timeout_milliseconds``)."""
+    thread is inside torch's C++ code (backward, the optimizer step) without the GIL. When the
+    thread takes the GIL back, CPython 3.11 ends it with ``pthread_exit``, whose unwinding through
+    torch's C++ frames calls std::terminate: "Fatal Python error: Aborted" and a C++ stack in the
+    worker's log, on the console. atexit handlers run before finalization: this one asks the loop
+    to stop (``check`` raises ``ProcessExiting`` at the next batch) and waits up to ``timeout_s``
+    for the thread to end, less than the 5 s after which the raylet follows its SIGTERM with
+    SIGKILL (``kill_worker_timeout_milliseconds``)."""
 
     def __init__(self, timeout_s: float = 4.0):
         self.timeout_s = timeout_s
