@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from rayfine.cli import main
-from rayfine.config import ConfigError, load_config, preset_names
+from rayfine.config import ConfigError, ServeConfig, TrainConfig, load_config, loading, preset_names
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -167,3 +167,96 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
     assert section == config_reference()
+
+
+def test_seeds_are_refused_outside_what_numpy_and_tune_take():
+    errors = _errors(["seed=-1", "data.split_seed=-5", f"tune.seed={2**32}"])
+    assert sorted(e.split(":")[0] for e in errors) == ["data.split_seed", "seed", "tune.seed"]
+    assert any("4294967295" in e for e in errors)
+    cfg = load_config("resnet18_digits", [f"seed={2**32 - 1}", f"tune.seed={2**32 - 1}", "data.split_seed=0"])
+    assert cfg.seed == cfg.tune.seed == 2**32 - 1
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\ndata: {source: builtin:digits}\ntrain:\n  lr: 0.1\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [f"{path}: line 5: key 'train' is given twice (first on line 3); give it once"]
+    (err,) = _errors(["train={lr: 0.1, lr: 0.2}"])
+    assert "key 'lr' is given twice" in err
+    # A merge key's values may still be overridden after it: that is what `<<` is for.
+    path.write_text("base: &base {source: builtin:digits, image_size: 8}\n")
+    raw = yaml.load(path.read_text() + "data:\n  <<: *base\n  image_size: 12\nname: x\n", Loader=loading._Loader)
+    assert raw["data"] == {"source": "builtin:digits", "image_size": 12}
+
+
+def test_numbers_read_the_same_from_a_file_and_an_override(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: exp\ndata: {kind: text, source: builtin:rotten_tomatoes}\nmodel:\n  name: minilm\n"
+                    "  config_overrides: {layer_norm_eps: 1e-5, hidden_dropout_prob: 2E-1}\n"
+                    "tune:\n  search_space:\n    train.lr: {loguniform: [1e-5, 1e-3]}\n")
+    cfg = load_config(path)
+    assert cfg.model.config_overrides == {"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.2}
+    assert cfg.tune.search_space == {"train.lr": {"loguniform": [1e-5, 1e-3]}}
+    assert load_config(path, ["model.config_overrides.layer_norm_eps=1e-5"]) == cfg
+
+
+def test_text_fields_keep_numbers_as_written(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: 2024.10\ndata:\n  source: builtin:digits\n  labels: [01, 1.50, 1e5, cat]\n"
+                    "train: {class_weights: {01: 2, 1.50: 1}}\n")
+    cfg = load_config(path)
+    assert cfg.name == "2024.10"
+    assert cfg.data.labels == ("01", "1.50", "1e5", "cat")
+    assert cfg.train.class_weights == {"01": 2.0, "1.50": 1.0}
+    assert load_config("resnet18_digits", ["name=010", "data.labels=[007, 8]"]).name == "010"
+    assert load_config("resnet18_digits", ["data.labels=[007, 8]"]).data.labels == ("007", "8")
+    # Numbers stay numbers elsewhere, and the resolved config is plain YAML.
+    assert load_config(path, ["train.epochs=010"]).train.epochs == 8  # YAML 1.1 octal, as yaml.safe_load reads it
+    assert yaml.safe_load(cfg.to_yaml())["name"] == "2024.10"
+
+
+def test_runs_dir_flag_is_a_path_not_yaml():
+    from rayfine.cli import _load, build_parser
+
+    for path in ("/tmp/my runs #2", "/tmp/runs: old", "*runs", "~/runs 'a' \"b\" é"):
+        args = build_parser().parse_args(["train", "resnet18_digits", "--runs-dir", path])
+        assert _load(args).storage.runs_dir == path
+
+
+def test_a_config_file_that_is_not_utf8_text_exits_2(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\ndata: {source: builtin:digits}\n".encode("latin-1"))
+    assert main(["validate", str(path)]) == 2
+    assert f"{path}: not a UTF-8 text file (byte 9 is 0xe9)" in capsys.readouterr().err
+
+
+def test_booleans_and_infinities_are_not_numbers():
+    errors = _errors(["train.epochs=true", "scaling.num_workers=yes", "train.lr=on", "scaling.cpus_per_worker=.inf",
+                      "train.weight_decay=.nan", "tune.reduction_factor=.inf"])
+    assert sorted(e.split(":")[0] for e in errors) == [
+        "scaling.cpus_per_worker", "scaling.num_workers", "train.epochs", "train.lr", "train.weight_decay",
+        "tune.reduction_factor"]
+    assert "train.epochs: must be a number, not true/false (got True)" in errors
+
+
+def test_errors_name_the_allowed_fields_under_optional_sections_and_unions():
+    (err,) = _errors(["tracking.mlflow.tracking_uri=x", "tracking.mlflow.experimnt=y"])
+    assert err == "tracking.mlflow.experimnt: unknown field; allowed here: tracking_uri, experiment, artifact_location"
+    (err,) = _errors(["train.class_weights=balance"])
+    assert err.startswith("train.class_weights: ") and "'balanced'" in err and "dictionary" in err
+    assert "literal" not in err and "dict[" not in err
+    (err,) = _errors(["train.lr={a: 1}"])
+    assert err == "train.lr: Input should be a valid number (got {'a': 1})"
+
+
+def test_a_section_left_empty_takes_its_defaults(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\ndata:\n  source: builtin:digits\ntrain:\n  # lr: 0.1\nserve:\n")
+    cfg = load_config(path)
+    assert cfg.train == TrainConfig() and cfg.serve == ServeConfig()
+    path.write_text("name: x\ndata:\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == ["data.source: required field is missing"]

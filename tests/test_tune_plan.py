@@ -67,6 +67,8 @@ def test_search_space_accepts_yaml_keys_and_dotted_overrides():
     ("tune.search_space.data.augment={choice: [true, false]}", "tune.search_space.data.augment: cannot vary between trials"),
     ("tune.search_space.train.epochs={choice: [2, 4]}", "tune.search_space.train.epochs: cannot vary between trials"),
     ("tune.search_space.train.lr={choice: []}", "choice needs a non-empty list"),
+    ("tune.search_space.train={lr: [0.1, 0.2]}", ("tune.search_space.train: {'lr': [0.1, 0.2]} is not a search spec; "
+                                                  "give train.lr a distribution, e.g. train.lr: {choice: [0.1, 0.2]}")),
     ("tune.search_space.train.lr=0.1", "expected one {distribution: args} mapping"),
     ("tune.trial_overrides=[scaling.num_workers=0]", "tune.trial_overrides make an invalid trial config: scaling.num_workers"),
     ("tune.trial_overrides=[name=other]", "tune.trial_overrides: name is shared by the search and its trials"),

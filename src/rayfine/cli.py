@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 the work failed (one readable line says why), 2 a bad c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Optional
 
@@ -29,8 +30,8 @@ def _load(args: argparse.Namespace):
     from rayfine.config import load_config
 
     overrides = list(args.overrides)
-    if getattr(args, "runs_dir", None):
-        overrides.append(f"storage.runs_dir={args.runs_dir}")
+    if getattr(args, "runs_dir", None):  # a path, not YAML: quoted, so "runs #2" or "a: b" stay as given
+        overrides.append(f"storage.runs_dir={json.dumps(args.runs_dir, ensure_ascii=False)}")
     return load_config(args.config, overrides)
 
 
@@ -84,8 +85,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import json
-
     from rayfine.config import ConfigError, apply_overrides
 
     raw = apply_overrides({}, list(args.overrides))
@@ -205,7 +204,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from rayfine.serve.client import format_predictions, predict

@@ -3,11 +3,11 @@ that name the dotted field, the bad value and what is allowed."""
 
 from __future__ import annotations
 
-import math
 import re
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -28,10 +28,132 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("rayfine.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+class _Int(int):
+    """A YAML integer that remembers how it was written (``text``)."""
+
+    text: str
+
+
+class _Float(float):
+    """A YAML float that remembers how it was written (``text``)."""
+
+    text: str
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s schema, for config files and ``--set`` values alike, with three changes:
+    - 1e-5, 3E4 and 1.0e5 are floats, as YAML 1.2 and Python read them (YAML 1.1 wants a dot and a
+      signed exponent, and reads the rest as strings);
+    - a key given twice in one mapping is an error (YAML 1.1 loaders keep the last one, silently);
+    - numbers remember their text (``_Int``, ``_Float``), so that a text field keeps what was
+      written: ``name: 2024.10`` stays "2024.10", not "2024.1" (``_plain`` makes them plain)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden after it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(None, None, f"key {str(_plain(key))!r} is given twice (first on line "
+                                        f"{first.line + 1}); give it once", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> _Int:
+        number = _Int(super().construct_yaml_int(node))
+        number.text = node.value
+        return number
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> _Float:
+        number = _Float(super().construct_yaml_float(node))
+        number.text = node.value
+        return number
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section an annotation holds (``Optional[MLflowConfig]`` holds one), if any."""
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    return annotation is str or (get_origin(annotation) in (Union, types.UnionType) and str in get_args(annotation))
+
+
+def _plain(value: Any, annotation: Any = Any) -> Any:
+    """A loaded YAML tree with plain ints and floats, but the text of numbers (and of mapping
+    keys, always names) where ``annotation`` (a field's type, followed down the config tree) is
+    text."""
+    if isinstance(value, dict):
+        model = _model_in(annotation)
+        if model is not None:
+            fields = model.model_fields
+            return {_key(k): _plain(v, fields[_key(k)].annotation if _key(k) in fields else Any) for k, v in value.items()}
+        args = _container_args(annotation, dict)
+        return {_key(k): _plain(v, args[1] if args else Any) for k, v in value.items()}
+    if isinstance(value, list):
+        args = _container_args(annotation, tuple, list)
+        return [_plain(v, args[0] if args else Any) for v in value]
+    if isinstance(value, (_Int, _Float)):
+        return value.text if _is_text(annotation) else (int if isinstance(value, int) else float)(value)
+    return value
+
+
+def _container_args(annotation: Any, *origins: type) -> tuple:
+    """The type arguments of the container an annotation is, or holds (``Optional[tuple[str, ...]]``)."""
+    for t in (annotation, *get_args(annotation)):
+        if get_origin(t) in origins:
+            return get_args(t)
+    return ()
+
+
+def _key(key: Any) -> Any:
+    return key.text if isinstance(key, (_Int, _Float)) else key
+
+
+def _annotation_at(parts: list[str]) -> Any:
+    """The type of the field at a dotted path of the config, or Any where it is not a field."""
+    annotation: Any = Config
+    for part in parts:
+        model = _model_in(annotation)
+        if model is not None:
+            field = model.model_fields.get(part)
+            if field is None:
+                return Any
+            annotation = field.annotation
+        elif args := _container_args(annotation, dict):
+            annotation = args[1]
+        else:
+            return Any
+    return annotation
+
+
 def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
     path = Path(path_or_name).expanduser()
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"{path_or_name}: not a UTF-8 text file (byte {e.start} is {e.object[e.start]:#04x})"]) from None
+        except OSError as e:
+            raise ConfigError([f"{path_or_name}: cannot read it: {e.strerror}"]) from None
     else:
         name = str(path_or_name).removesuffix(".yaml")
         preset = resources.files("rayfine.configs") / f"{name}.yaml"
@@ -41,12 +163,14 @@ def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
             )
         text = preset.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as e:
+        raise ConfigError([f"{path_or_name}: line {e.problem_mark.line + 1}: {e.problem}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path_or_name}: not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path_or_name}: the top level must be a mapping, got {type(raw).__name__}"])
-    return raw
+        raise ConfigError([f"{path_or_name}: the top level must be a mapping, got {type(_plain(raw)).__name__}"])
+    return _plain(raw, Config)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -59,13 +183,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or any(not part for part in key.split(".")):
             errors.append(f"override {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
             continue
+        parts = key.split(".")
         try:
-            value = _parse_scalar(text)
+            value = _plain(_parse_scalar(text), _annotation_at(parts))
+        except DuplicateKeyError as e:
+            errors.append(f"override {item!r}: {e.problem}")
+            continue
         except yaml.YAMLError as e:
             errors.append(f"override {item!r}: value is not valid YAML: {e}")
             continue
         node = raw
-        parts = key.split(".")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -82,16 +209,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _parse_scalar(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
-    # YAML 1.1 reads 3e-4 as a string; users mean a number.
-    if isinstance(value, str):
-        try:
-            number = float(value)
-            if math.isfinite(number) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-                return number
-        except ValueError:
-            pass
-    return value
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
 
 
 def _deep_copy(obj: Any) -> Any:
@@ -107,32 +225,46 @@ def validate(raw: dict[str, Any]) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err) for err in e.errors()]) from None
+        raise ConfigError(describe_all(e.errors())) from None
     return cfg
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def describe_all(errors: list[dict[str, Any]]) -> list[str]:
+    """One readable line per field: "dotted.field: what is wrong (got value)". A value that fits
+    none of a field's alternatives (a union, such as train.class_weights: balanced or
+    {label: weight}) fails each of them; they share its line."""
+    lines: dict[str, list[str]] = {}
+    for err in errors:
+        loc, text = _describe(err)
+        lines.setdefault(loc, []).append(text)
+    return [f"{loc}: {' or '.join(dict.fromkeys(texts))}" if loc else "; ".join(texts) for loc, texts in lines.items()]
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    """(dotted field, or "" for a check across sections; what is wrong)."""
+    # pydantic adds each union alternative it tried to the location (literal['balanced'], dict[str,float]).
+    path = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    loc = ".".join(str(p) for p in path)
     kind = err["type"]
     if kind == "extra_forbidden":
-        section = _section_at(err["loc"][:-1])
-        allowed = ", ".join(section.model_fields) if section else "?"
-        return f"{loc}: unknown field; allowed here: {allowed}"
+        section = _section_at(path[:-1])
+        return loc, f"unknown field; allowed here: {', '.join(section.model_fields) if section else '?'}"
     if kind == "missing":
-        return f"{loc}: required field is missing"
+        return loc, "required field is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if isinstance(err.get("input"), dict):  # a cross-field check: the message names the values
-        return f"{loc}: {msg}" if err["loc"] else msg
-    return f"{loc}: {msg} (got {err.get('input')!r})"
+    if kind == "value_error" and isinstance(err.get("input"), dict):  # a section's cross-field check names the values
+        return loc, msg
+    given = repr(err.get("input"))
+    return loc or "(top level)", f"{msg} (got {given if len(given) <= 80 else given[:77] + '...'})"
 
 
 def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
     model: Any = Config
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
             return None
-        model = field.annotation
     return model
 
 

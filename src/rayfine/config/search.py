@@ -93,7 +93,7 @@ def check_search(cfg: "Config") -> list[str]:
     Returns the problems, one readable line each (empty: the search can run)."""
     from pydantic import ValidationError
 
-    from rayfine.config.loading import ConfigError, _describe, apply_overrides
+    from rayfine.config.loading import ConfigError, apply_overrides, describe_all
     from rayfine.config.sections import Config
 
     t, errors = cfg.tune, []
@@ -111,7 +111,7 @@ def check_search(cfg: "Config") -> list[str]:
     except ConfigError as e:
         return errors + [f"tune.trial_overrides: {x}" for x in e.errors]
     except ValidationError as e:
-        return errors + [f"tune.trial_overrides make an invalid trial config: {_describe(x)}" for x in e.errors()]
+        return errors + [f"tune.trial_overrides make an invalid trial config: {x}" for x in describe_all(e.errors())]
     if t.scheduler in ("asha", "halving") and t.grace_period >= trial.train.epochs:
         errors.append(f"tune.grace_period: {t.grace_period} leaves {t.scheduler} nothing to stop: it must be below the "
                       f"trials' train.epochs ({trial.train.epochs}), the scheduler's max_t; lower it or use "
@@ -121,6 +121,12 @@ def check_search(cfg: "Config") -> list[str]:
                       "any finishes; use tune.searcher=random with tune.scheduler=halving (or asha with optuna)")
     for key, spec in t.search_space.items():
         where = f"tune.search_space.{key}"
+        sub = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
+        if f"{key}." in SEARCHABLE_PREFIXES and isinstance(sub, str) and sub not in SEARCH_DISTRIBUTIONS:
+            # {train: {lr: [0.1, 0.2]}}: a field with values, not a distribution (a list nests no further).
+            errors.append(f"{where}: {spec!r} is not a search spec; give {key}.{sub} a distribution, e.g. "
+                          f"{key}.{sub}: {{choice: {spec[sub]!r}}} (distributions: {', '.join(SEARCH_DISTRIBUTIONS)})")
+            continue
         if key == "train.epochs" or not (key == "seed" or key.startswith(SEARCHABLE_PREFIXES)):
             errors.append(f"{where}: cannot vary between trials; searchable: train.* (except train.epochs, ASHA's max_t), "
                           "model.*, seed (settings for all trials go in tune.trial_overrides)")
@@ -140,7 +146,7 @@ def check_search(cfg: "Config") -> list[str]:
             try:
                 Config.model_validate(_set_dotted(raw, key, value))
             except ValueError as e:  # pydantic's ValidationError is a ValueError
-                problems = [_describe(x) for x in e.errors()] if isinstance(e, ValidationError) else [str(e)]
+                problems = describe_all(e.errors()) if isinstance(e, ValidationError) else [str(e)]
                 hint = "; uniform/loguniform sample floats, use randint or choice" if kind.endswith("uniform") else ""
                 errors.extend(f"{where}: the value {value!r} makes an invalid trial config: {p}"
                               + (hint if "integer" in p else "") for p in problems)

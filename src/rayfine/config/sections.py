@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from rayfine.config.search import SEARCH_DISTRIBUTIONS, parse_search_spec
 
@@ -20,8 +20,21 @@ TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
 HF_MODEL_PRESETS = ("minilm",)
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic would read true as 1 (epochs: true trains one epoch); YAML's yes/on are true too.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")  # noqa: TRY004 (pydantic reports ValueErrors only)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+SEED_MAX = 2**32 - 1  # numpy's and Ray Tune's samplers take seeds below 2**32
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    # Numbers fit for text fields (name: 2024); .inf and .nan are no setting's value.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -46,7 +59,7 @@ class DataConfig(_Section):
     text_pair_column: Optional[str] = Field(
         None, description="Texts: a second text column for sentence-pair tasks (tokenized as a pair)."
     )
-    max_length: int = Field(128, ge=2, le=8192, description="Texts: tokens per example after truncation.")
+    max_length: Int = Field(128, ge=2, le=8192, description="Texts: tokens per example after truncation.")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="Texts: pad each batch to its longest example, or always to max_length."
     )
@@ -55,26 +68,26 @@ class DataConfig(_Section):
         description="The label names in id order. Unset: every label found in the data, sorted "
         "(numerically when all are integers). Set: a row with any other label is a bad row.",
     )
-    image_size: int = Field(32, ge=4, le=1024, description="Images are resized to this square size.")
+    image_size: Int = Field(32, ge=4, le=1024, description="Images are resized to this square size.")
     color_mode: Literal["L", "RGB"] = Field(
         "RGB", description="L (1 channel) or RGB (3). Transparent images are composited on black."
     )
-    mean: Optional[tuple[float, ...]] = Field(
+    mean: Optional[tuple[Float, ...]] = Field(
         None, description="Per-channel normalization mean; unset: a pretrained Hugging Face image model's "
         "own (its image processor's image_mean), else ImageNet's (the channels' average for L)."
     )
-    std: Optional[tuple[float, ...]] = Field(
+    std: Optional[tuple[Float, ...]] = Field(
         None, description="Per-channel std; unset: as mean, from the image processor's image_std or ImageNet's."
     )
     augment: bool = Field(False, description="Train-time random shifts and brightness/contrast jitter.")
     hflip: bool = Field(False, description="With augment: random horizontal flips (not for digits).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of examples in the val split.")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of examples in the test split.")
-    split_seed: int = Field(
-        0, description="Seed of the content hash that assigns each example to a split; kept apart "
+    val_fraction: Float = Field(0.1, gt=0, lt=1, description="Share of examples in the val split.")
+    test_fraction: Float = Field(0.1, gt=0, lt=1, description="Share of examples in the test split.")
+    split_seed: Int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the content hash that assigns each example to a split; kept apart "
         "from `seed` so that changing the training seed never changes the test set."
     )
-    subsample: float = Field(
+    subsample: Float = Field(
         1.0, gt=0, le=1, description="Keep this share of the examples (seeded, by content hash)."
     )
     preserve_order: bool = Field(
@@ -86,7 +99,7 @@ class DataConfig(_Section):
         "error", description="Unreadable images or unknown labels: stop with a report (error) or "
         "leave them out and report their count and examples (skip)."
     )
-    max_image_pixels: int = Field(
+    max_image_pixels: Int = Field(
         40_000_000, ge=1, description="Images with more pixels are bad rows (decompression bombs)."
     )
 
@@ -161,39 +174,39 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation, per DDP worker."""
 
-    epochs: int = Field(10, ge=1, description="Passes over the training split.")
-    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate (after warmup).")
-    batch_size: int = Field(64, ge=1, description="Examples per step on each worker.")
-    eval_batch_size: int = Field(256, ge=1, description="Examples per step when evaluating.")
+    epochs: Int = Field(10, ge=1, description="Passes over the training split.")
+    lr: Float = Field(1e-3, gt=0, le=10, description="Peak learning rate (after warmup).")
+    batch_size: Int = Field(64, ge=1, description="Examples per step on each worker.")
+    eval_batch_size: Int = Field(256, ge=1, description="Examples per step when evaluating.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW or SGD with momentum.")
-    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    weight_decay: Float = Field(0.01, ge=0, description="Decoupled weight decay.")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="After linear warmup: cosine decay to zero, or constant."
     )
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
+    warmup_fraction: Float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    grad_accum_steps: Int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_clip: Optional[Float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast (on a CPU only with native bfloat16, AVX512-BF16 or AMX: emulated it is many times slower; rank 0 warns).")
-    max_failures: int = Field(
+    max_failures: Int = Field(
         2, ge=-1, description="Restarts from the last checkpoint after a failure: of the worker group "
         "(a run), and of a whole trial (a search); -1: unlimited."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Best N epoch checkpoints kept (plus the latest).")
+    keep_checkpoints: Int = Field(2, ge=1, description="Best N epoch checkpoints kept (plus the latest).")
     metric: Literal["val_accuracy", "val_macro_f1", "val_loss"] = Field(
         "val_accuracy", description="Picks the best epoch; val_loss is minimised, the others maximised."
     )
-    shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    class_weights: Union[Literal["balanced"], dict[str, float], None] = Field(
+    shuffle_buffer: Int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer.")
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Union[Literal["balanced"], dict[str, Float], None] = Field(
         None, description="Weigh the training loss per class: balanced (inverse class frequency in the "
         "train split) or {label: weight}. Unset: equal weights."
     )
-    freeze_epochs: int = Field(
+    freeze_epochs: Int = Field(
         0, ge=-1, description="Train only the new head (parameters not loaded from pretrained weights) "
         "for this many epochs, then everything; -1: the whole run (a linear probe)."
     )
-    head_lr: Optional[float] = Field(
+    head_lr: Optional[Float] = Field(
         None, gt=0, le=10, description="Learning rate of the new head; unset: train.lr."
     )
 
@@ -205,10 +218,10 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     """How many DDP workers and what each one holds."""
 
-    num_workers: int = Field(2, ge=1, description="DDP training workers (one process each).")
+    num_workers: Int = Field(2, ge=1, description="DDP training workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker and the NCCL backend; else CPU and gloo.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker.")
-    data_cpus: float = Field(
+    cpus_per_worker: Float = Field(1.0, gt=0, description="CPUs reserved by each training worker.")
+    data_cpus: Float = Field(
         0.5, gt=0, description="CPUs left free for Ray Data while training (preprocessing tasks)."
     )
 
@@ -261,7 +274,7 @@ class TuneConfig(_Section):
         description="Dotted overrides applied to every trial before its sampled values, e.g. "
         "[train.epochs=8, scaling.num_workers=1]: smaller, shorter runs so several trials fit at once.",
     )
-    num_samples: int = Field(8, ge=1, description="Trials to run (with grid values: repeats of the whole grid).")
+    num_samples: Int = Field(8, ge=1, description="Trials to run (with grid values: repeats of the whole grid).")
     metric: Literal["val_accuracy", "val_macro_f1", "val_loss", "train_loss"] = Field(
         "val_accuracy", description="The per-epoch metric that ranks trials and that asha or halving compares."
     )
@@ -273,20 +286,20 @@ class TuneConfig(_Section):
         "train.epochs); halving: synchronous successive halving, trials pause at each rung until all have reached it; "
         "fifo: run every trial to the end."
     )
-    grace_period: int = Field(1, ge=1, description="asha, halving: epochs every trial runs before it may be stopped.")
-    reduction_factor: float = Field(
+    grace_period: Int = Field(1, ge=1, description="asha, halving: epochs every trial runs before it may be stopped.")
+    reduction_factor: Float = Field(
         2, gt=1, description="asha, halving: a trial continues past a rung only when in the top 1/reduction_factor there."
     )
     searcher: Literal["random", "optuna"] = Field(
         "random", description="random: independent samples (and grids); optuna: Optuna's TPE, which learns from finished trials."
     )
-    max_concurrent_trials: Optional[int] = Field(
+    max_concurrent_trials: Optional[Int] = Field(
         None, ge=1, description="Trials running at once; unset or too many: as many as the cluster fits."
     )
-    time_budget_s: Optional[float] = Field(
+    time_budget_s: Optional[Float] = Field(
         None, gt=0, description="Stop the whole search after this many seconds (running trials end early)."
     )
-    seed: int = Field(0, description="Seeds the sampling of trials (random and Optuna).")
+    seed: Int = Field(0, ge=0, le=SEED_MAX, description="Seeds the sampling of trials (random and Optuna).")
 
     @field_validator("search_space", mode="before")
     @classmethod
@@ -334,57 +347,57 @@ class ServeConfig(_Section):
         "127.0.0.1", min_length=1, description="Address the Serve HTTP proxy binds when Serve starts. Loopback by "
         "default; any other address exposes the API to the network: set an API key (api_key_env / api_key_file)."
     )
-    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy when Serve starts.")
+    port: Int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy when Serve starts.")
     route_prefix: str = Field(
         "/", description="URL prefix of the app (/ or e.g. /digits): several apps share one Serve proxy by prefix.",
     )
-    num_replicas: int = Field(1, ge=1, description="Fixed number of replicas (when autoscaling is false).")
+    num_replicas: Int = Field(1, ge=1, description="Fixed number of replicas (when autoscaling is false).")
     autoscaling: bool = Field(
         False, description="Scale replicas between min_replicas and max_replicas on ongoing requests per replica."
     )
-    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 scales to zero when idle).")
-    max_replicas: int = Field(2, ge=1, description="Autoscaling: most replicas.")
-    target_ongoing_requests: float = Field(
+    min_replicas: Int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 scales to zero when idle).")
+    max_replicas: Int = Field(2, ge=1, description="Autoscaling: most replicas.")
+    target_ongoing_requests: Float = Field(
         8, gt=0, description="Autoscaling: ongoing requests per replica to aim for (batching wants several)."
     )
-    upscale_delay_s: float = Field(
+    upscale_delay_s: Float = Field(
         30.0, ge=0, description="Autoscaling: how long the load must call for more replicas before they are added "
         "(Ray Serve's upscale_delay_s)."
     )
-    downscale_delay_s: float = Field(
+    downscale_delay_s: Float = Field(
         600.0, ge=0, description="Autoscaling: how long the load must call for fewer replicas before they are "
         "removed (Ray Serve's downscale_delay_s)."
     )
-    look_back_period_s: float = Field(
+    look_back_period_s: Float = Field(
         30.0, gt=10, description="Autoscaling: the window over which ongoing requests are averaged (Ray Serve's "
         "look_back_period_s; longer than its 10 s metrics interval)."
     )
-    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
-    max_batch_size: int = Field(
+    cpus_per_replica: Float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
+    gpus_per_replica: Float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
+    max_batch_size: Int = Field(
         16, ge=1, description="Dynamic batching: most items in one forward pass."
     )
-    batch_wait_timeout_s: float = Field(
+    batch_wait_timeout_s: Float = Field(
         0.01, ge=0, le=10, description="Dynamic batching: longest wait for a batch to fill after its first request."
     )
-    max_ongoing_requests: int = Field(
+    max_ongoing_requests: Int = Field(
         32, ge=1, description="Requests a replica works on at once; at least max_batch_size, or batches never fill."
     )
-    max_queued_requests: int = Field(
+    max_queued_requests: Int = Field(
         256, ge=-1, description="Requests waiting for a replica beyond that; more are refused with 503 (-1: no limit)."
     )
-    max_request_bytes: int = Field(
+    max_request_bytes: Int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are parsed."
     )
-    max_items: int = Field(16, ge=1, description="Most inputs in one request (at most max_batch_size).")
-    max_image_pixels: int = Field(
+    max_items: Int = Field(16, ge=1, description="Most inputs in one request (at most max_batch_size).")
+    max_image_pixels: Int = Field(
         4_000_000, ge=1, description="Images with more pixels (width x height) are refused before decoding "
         "(decompression bombs); data.max_image_pixels applies too."
     )
     image_formats: tuple[Literal[SERVE_IMAGE_FORMATS], ...] = Field(  # type: ignore[valid-type]
         SERVE_IMAGE_FORMATS, min_length=1, description="Encoded image formats accepted (PIL format names)."
     )
-    max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted, in characters.")
+    max_text_chars: Int = Field(10_000, ge=1, description="Longest text accepted, in characters.")
     api_key_env: str = Field(
         "RAYFINE_API_KEY", min_length=1, description="Environment variable (of the replicas' processes) holding "
         "the API key; unset or empty there and no api_key_file: the API is open. The key is never in the config."
@@ -417,8 +430,8 @@ class Config(_Section):
     """One experiment."""
 
     name: str = Field(description="Experiment name: the run directory and the served model's name.")
-    seed: int = Field(
-        0,
+    seed: Int = Field(
+        0, ge=0, le=SEED_MAX,
         description="Seeds model init, shuffling and augmentation: the same seed, data, config and worker count "
         "give the same run, epoch by epoch (CPU; GPU kernels may differ in the last bits).",
     )
@@ -430,6 +443,16 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        # `train:` with every line under it commented out is YAML's null: that section's defaults.
+        if not isinstance(raw, dict):
+            return raw
+        sections = {name for name, f in cls.model_fields.items() if isinstance(f.annotation, type)
+                    and issubclass(f.annotation, BaseModel)}
+        return {k: {} if v is None and k in sections else v for k, v in raw.items()}
 
     @field_validator("name")
     @classmethod

@@ -210,7 +210,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)  # numpy takes seeds below 2**32; cfg.seed may be 2**32 - 1
     # Normalize as the pretrained model learnt; the checkpoint's config carries the values on.
     cfg = with_pretrained_normalization(cfg, log=print if rank == 0 else None)
 
