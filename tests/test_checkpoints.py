@@ -130,3 +130,42 @@ def test_a_hugging_face_checkpoints_config_json_is_what_save_pretrained_writes(t
     config = json.loads((ours / "config.json").read_text())
     assert config == json.loads((tmp_path / "theirs" / "config.json").read_text())
     assert config["architectures"] == [type(model).__name__] and type(model).__name__.endswith("Classification")
+
+
+def test_labels_and_metrics_of_the_wrong_kind_are_refused(saved):
+    import json
+
+    _, directory = saved
+    (directory / checkpoints.LABELS_FILE).write_text(json.dumps(["a"] * 10))
+    with pytest.raises(CheckpointError, match="distinct label names"):
+        checkpoints.load_checkpoint(directory)
+    (directory / checkpoints.LABELS_FILE).write_text(json.dumps(LABELS))
+    (directory / checkpoints.METRICS_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object of metrics"):
+        checkpoints.load_checkpoint(directory)
+
+
+HF_IMAGE = ["model.name=resnet", "model.pretrained=false", "data.image_size=16",
+            "model.config_overrides={embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1]}"]
+
+
+def test_a_hugging_face_checkpoint_whose_labels_disagree_with_its_config_json_is_refused(tmp_path):
+    import json
+
+    cfg = load_config("resnet18_digits", HF_IMAGE)
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", build_model(cfg, ["cat", "dog", "emu"]), cfg,
+                                            ["cat", "dog", "emu"], {})
+    assert checkpoints.load_checkpoint(directory).labels == ["cat", "dog", "emu"]
+    for labels in (["cat", "dog"], ["x", "y", "z"]):  # fewer than the head's classes, or other names
+        (directory / checkpoints.LABELS_FILE).write_text(json.dumps(labels))
+        with pytest.raises(CheckpointError, match="config.json's id2label .* is not labels.json's"):
+            checkpoints.load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("config_json", ["{not json", '{"model_type": "nosuchmodel"}', "[1, 2]"])
+def test_a_hugging_face_checkpoint_with_a_broken_config_json_is_a_checkpoint_error(tmp_path, config_json):
+    cfg = load_config("resnet18_digits", HF_IMAGE)
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", build_model(cfg, LABELS), cfg, LABELS, {})
+    (directory / "config.json").write_text(config_json)
+    with pytest.raises(CheckpointError, match="config.json: cannot build the model it describes"):
+        checkpoints.load_checkpoint(directory)

@@ -68,6 +68,28 @@ def test_weights_file_that_fits_nothing_is_an_error(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(RayfineError, match="no tensor"):
         build_model(image_cfg(f"model.weights={tmp_path / 'w.safetensors'}"), LABELS)
+    with pytest.raises(ConfigError, match="no tensor"):  # named on the driver, before workers retry it
+        check_model(image_cfg(f"model.weights={tmp_path / 'w.safetensors'}", "model.stem=imagenet"))
+
+
+def test_a_weights_file_that_is_not_safetensors_is_named_on_the_driver_and_never_unpickled(tmp_path):
+    path = tmp_path / "w.safetensors"
+    torch.save({"conv1.weight": torch.zeros(64, 1, 3, 3)}, str(path))  # a pickle with the right name
+    with pytest.raises(RayfineError, match=r"model.weights: .*w\.safetensors is not a readable safetensors file"):
+        build_model(image_cfg(f"model.weights={path}"), LABELS)
+    with pytest.raises(ConfigError, match="is not a readable safetensors file"):
+        check_model(image_cfg(f"model.weights={path}", "data.image_size=24"))
+
+
+def test_a_hugging_face_model_with_pickled_weights_only_is_refused(tmp_path):
+    """A model directory holding pytorch_model.bin (a pickle) and no safetensors weights."""
+    cfg = load_config("resnet18_digits", ["model.name=resnet", "model.pretrained=false", "data.image_size=16",
+                                          "model.config_overrides={embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1]}"])
+    model = build_model(cfg, LABELS)
+    model.config.save_pretrained(str(tmp_path / "m"))
+    torch.save(model.state_dict(), str(tmp_path / "m" / "pytorch_model.bin"))  # as older transformers saved weights
+    with pytest.raises(RayfineError, match="never loads pickled .bin weights"):
+        build_model(load_config("resnet18_digits", [f"model.name={tmp_path / 'm'}", "data.image_size=16"]), LABELS)
 
 
 def test_minilm_text_classifier_loads_offline_with_a_new_head():

@@ -172,15 +172,21 @@ def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> Load
         raise CheckpointError(f"{directory} is not a directory")
     cfg = read_config(directory)
     labels = read_json(directory / LABELS_FILE, "labels")
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise CheckpointError(f"{directory / LABELS_FILE}: expected a list of label names")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+        raise CheckpointError(f"{directory / LABELS_FILE}: expected a list of distinct label names")
     metrics = read_json(directory / METRICS_FILE, "metrics") if (directory / METRICS_FILE).is_file() else {}
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{directory / METRICS_FILE}: expected a JSON object of metrics")
     state = _safe_load(directory / MODEL_FILE)
     model = model_from_checkpoint(directory, cfg, labels)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory / MODEL_FILE} does not fit {cfg.model.name}: {e}") from None
+    config = getattr(model, "config", None)  # a Hugging Face model's config.json names its classes too
+    if config is not None and [config.id2label.get(i) for i in range(config.num_labels)] != labels:
+        raise CheckpointError(f"{directory}: config.json's id2label {config.id2label} is not {LABELS_FILE}'s "
+                              f"{labels}; the two must name the same classes in the same order")
     model.eval().to(device or "cpu")
     return LoadedCheckpoint(directory, cfg, labels, metrics, model)
 

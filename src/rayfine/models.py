@@ -93,9 +93,13 @@ def _load_partial(model: nn.Module, path: str) -> set[str]:
     """Load matching tensors from a safetensors file (the head and a changed stem may differ): a
     torchvision state dict, or a rayfine checkpoint's model.safetensors (continued fine-tuning).
     Returns the names loaded."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(path).expanduser()))
+    try:
+        state = load_file(str(Path(path).expanduser()))
+    except (SafetensorError, OSError) as e:
+        raise RayfineError(f"model.weights: {path} is not a readable safetensors file ({e})") from None
     own = model.state_dict()
     if not any(k in own for k in state):
         # A rayfine checkpoint: ImageClassifier holds the torchvision network as "net".
@@ -191,8 +195,9 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
         else:
             if cfg.data.kind == "image":
                 kwargs.pop("image_size", None)
-            model, info = auto.from_pretrained(
-                source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            model, info = auto.from_pretrained(  # safetensors weights only: a pytorch_model.bin is a pickle
+                source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True,
+                use_safetensors=True, **kwargs
             )
             mismatched = info.get("mismatched_keys", [])
             adapted = _adapt_input_convs(model, source, mismatched) if cfg.data.kind == "image" else set()
@@ -206,7 +211,8 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     except OSError as e:
         raise RayfineError(
             f"model.name: cannot load {cfg.model.name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
-            "give a local directory, 'minilm', or a hub id that is in the local Hugging Face cache"
+            "give a local directory, 'minilm', or a hub id that is in the local Hugging Face cache, with "
+            "safetensors weights (rayfine never loads pickled .bin weights)"
         ) from None
     if cfg.data.kind == "image":
         _check_image_size(model, cfg)
@@ -274,6 +280,10 @@ def _check_model(cfg: Config) -> None:
         if m.weights.endswith(".safetensors"):
             if not Path(m.weights).expanduser().is_file():
                 raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
+            try:  # read as the workers will: a broken or unrelated file is named here, not retried there
+                build_model(cfg, ["0", "1"])
+            except RayfineError as e:
+                raise ConfigError([str(e)]) from None
         else:
             import torchvision
 
@@ -435,5 +445,9 @@ def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn
     quiet_transformers()
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} holds a Hugging Face model but no config.json")
-    config = transformers.AutoConfig.from_pretrained(str(directory))
-    return _hf_auto_class(cfg).from_config(config, dtype=torch.float32)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+        return _hf_auto_class(cfg).from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, or not a model of data.kind
+        raise CheckpointError(f"{directory / 'config.json'}: cannot build the model it describes "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
