@@ -24,6 +24,7 @@ from rayfine.data import (
     build_datasets,
     label_text,
     no_false_cpu_alarm,
+    prepare_batch,
     sort_labels,
 )
 from rayfine.data.images import IMAGE_EXTENSIONS
@@ -370,6 +371,35 @@ def test_split_assignment_and_label_helpers():
     assert assign_split(b"same", cfg) == assign_split(b"same", cfg)
     assert [label_text(v) for v in (3, 3.0, "3", b"3", np.int64(3), None, float("nan"), " ")] == ["3"] * 5 + [None] * 3
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+
+
+def test_labels_that_tie_as_integers_have_one_order_whatever_order_they_are_found_in():
+    """The labels found in the data come from a set, whose order changes with PYTHONHASHSEED: "1"
+    and "01" (one integer) must still sort the same way in every process, or label ids differ."""
+    import itertools
+
+    for labels in itertools.permutations(["1", "01", "10", "2", "002"]):
+        assert sort_labels(list(labels)) == ["01", "1", "002", "2", "10"]
+
+
+def test_an_image_that_cannot_be_prepared_is_a_bad_row_not_a_failed_task(digits):
+    """prepare_batch is Ray Data's map_batches function (called here without Ray): an image that
+    cannot be prepared is a bad row that says why; an exception would fail the whole run."""
+    images, _ = digits
+    malformed_exif = io.BytesIO()
+    Image.fromarray(images[1]).save(malformed_exif, "PNG", exif=b"Exif\x00\x00XX\x00*garbage")
+    batch = {
+        "image": np.array([encode(Image.fromarray(images[0])), malformed_exif.getvalue(),
+                           encode(Image.new("L", (1, 1000)))], dtype=object),  # 16x16000 when resized
+        "label": np.array(["0", "1", "7"], dtype=object),
+        "origin": np.array(["good.png", "exif.png", "long.png"], dtype=object),
+    }
+    cfg = folder_cfg("builtin:digits", "data.max_image_pixels=100000")
+    out = prepare_batch(batch, cfg.model_dump_json())
+    errors = dict(zip(out["origin"], out["error"]))
+    assert errors["good.png"] == "" and errors["exif.png"] == ""  # its EXIF ignored, its pixels fine
+    assert "1x1000 pixels would be resized to 16x16000" in errors["long.png"]
+    assert list(out["split"]).count("bad") == 1
 
 
 def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_path, samples):

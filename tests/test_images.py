@@ -170,6 +170,24 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_pixels():
         prepare_image(jpeg, cfg(image_size=64, color_mode="RGB", max_image_pixels=1_000_000))
 
 
+def test_a_jpeg_is_decoded_at_reduced_scale_only_at_a_scale_that_divides_its_sides():
+    """At a scale that does not divide a side, PIL's draft decodes a last row or column that stands
+    for a partial block, and every resized pixel moves: up to 48 levels of 255 off decoding whole.
+    Such a JPEG decodes at the largest smaller scale that divides both sides, or whole."""
+    data_cfg = cfg(image_size=64, color_mode="RGB")
+    # (size, what it decodes at for 64 px: 3 x 64 = 192 px a side at least)
+    for size, decoded in (((2401, 1800), (2401, 1800)), ((2400, 1801), (2400, 1801)),
+                          ((2404, 1802), (1202, 901))):  # 1/8 and 1/4 leave a partial block; 1/2 does not
+        jpeg = encode(photo(*size), "JPEG")
+        assert decode_image(jpeg, data_cfg.max_image_pixels, min_side=64).size == decoded, size
+        whole = prepare_image(decode_image(jpeg, data_cfg.max_image_pixels), data_cfg)
+        diff = np.abs(prepare_image(jpeg, data_cfg).astype(int) - whole.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.3, (size, diff.max(), diff.mean())
+    # A phone photo's sides are multiples of 8: it keeps the fast path (bench/ingest.py's phone_photos).
+    phone = encode(Image.new("RGB", (4032, 3024), (90, 120, 150)), "JPEG")
+    assert decode_image(phone, data_cfg.max_image_pixels, min_side=224).size == (1008, 756)
+
+
 def test_transformers_image_processor_crops_the_same_pixels(tmp_path):
     """The preprocessor_config.json an RGB checkpoint carries, loaded by transformers (PIL backend),
     gives rayfine's pixel values: the same resized sizes (the long side truncated, 4:3 photos
@@ -266,3 +284,81 @@ def test_serving_batches_have_training_strides_and_convolutions_stay_nchw(digit,
     with torch.inference_mode():
         out = conv(served)
     assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("size", [(1, 1000), (1000, 1)])
+def test_a_tiny_long_image_is_refused_before_its_resize_outgrows_the_pixel_limit(size):
+    """A 1x1000 image passes the pixel limit (1,000 pixels), but resized to 16 px on its short side
+    it would have 16x16000: the limit applies to that too, checked before resizing (a 100-byte
+    1x20000 PNG at 224 px would need a gigabyte, a 1x20,000,000 one more than PIL can allocate)."""
+    width, height = size
+    resized = f"{16 * width}x{16 * height}"
+    with pytest.raises(ImageError, match=f"{width}x{height} pixels would be resized to {resized} .* limit of 100000"):
+        prepare_image(encode(Image.new("L", size, 255)), cfg(max_image_pixels=100_000))
+    with pytest.raises(ImageError, match=f"resized to {resized} .* limit of 100000"):  # pixel arrays too
+        prepare_image(np.zeros((height, width), np.uint8), cfg(max_image_pixels=100_000))
+    assert prepare_image(encode(Image.new("L", size, 255)), cfg(max_image_pixels=256_000)).min() == 255  # within it
+
+
+def test_an_image_too_long_for_pil_to_resize_is_refused_not_an_overflow():
+    wide = encode(Image.new("L", (20_000_000, 1)))  # 19 kB
+    with pytest.raises(ImageError, match="20000000x1 pixels would be resized to 4480000000x224 before the center crop"):
+        prepare_image(wide, cfg(image_size=224))
+
+
+def test_a_float_image_is_read_as_the_same_values_given_as_a_pixel_array():
+    """A float32 TIFF (PIL's mode F) in [0, 1] or [0, 255] gives what the same array gives
+    (``array_to_image``), and one with NaN is refused as that array is."""
+    values = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    for scaled in (values, values * 255):
+        tiff = encode(Image.fromarray(scaled, "F"), "TIFF")
+        assert Image.open(io.BytesIO(tiff)).mode == "F"
+        out = prepare_image(tiff, cfg(image_size=10))
+        assert np.array_equal(out, prepare_image(scaled, cfg(image_size=10))) and out.max() == 255
+    values[3, 3] = np.nan
+    with pytest.raises(ImageError, match="finite"):
+        prepare_image(encode(Image.fromarray(values, "F"), "TIFF"), cfg(image_size=10))
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_an_unreadable_exif_block_is_ignored(digit, fmt, options):
+    """PIL parses a PNG's or WebP's EXIF only when asked (``getexif``), and raises on a malformed
+    one; the pixels are fine, so it is ignored, as PIL's JPEG reader ignores a malformed one."""
+    img = Image.fromarray(digit)
+    buf, plain = io.BytesIO(), io.BytesIO()
+    img.save(buf, fmt, exif=b"Exif\x00\x00XX\x00*garbage", **options)
+    img.save(plain, fmt, **options)
+    with pytest.raises(SyntaxError):
+        Image.open(io.BytesIO(buf.getvalue())).getexif()
+    assert np.array_equal(prepare_image(buf.getvalue(), cfg()), prepare_image(plain.getvalue(), cfg()))
+
+
+@pytest.mark.parametrize("item, message", [
+    ([[1, 2], [3]], "ValueError: setting an array element with a sequence"),  # ragged nested lists
+    (Image.new("La", (4, 4)), "ValueError: conversion from La to L not supported"),
+])
+def test_any_failure_on_an_input_is_an_image_error_that_names_it(item, message):
+    """Whatever numpy or PIL raise on an input is the input's fault: an ImageError (a bad row in
+    training, a 400 in serving), never an exception that ends a Ray Data task or answers 500."""
+    with pytest.raises(ImageError, match=f"image could not be prepared: {message}"):
+        prepare_image(item, cfg())
+
+
+def test_serving_applies_its_own_pixel_limit_to_the_resized_image():
+    """Serving prepares images with the checkpoint's data config under serve.max_image_pixels
+    (``serving_config``, then ``Preprocessor``). A 1x100 image at 224 px would be resized to
+    224x22400, 5.0 M pixels: within training's limit (40 M), over serving's (4 M). Refused with an
+    InputError, as is any input that fails, so that the request gets a 400 that says why."""
+    from rayfine.config import ServeConfig, load_config
+    from rayfine.data import Preprocessor
+    from rayfine.errors import InputError
+    from rayfine.serve.model import serving_config
+
+    trained = load_config("resnet18_digits", ["data.image_size=224"])
+    data = encode(Image.new("L", (1, 100)))
+    assert prepare_image(data, trained.data).shape[:2] == (224, 224)
+    serve = Preprocessor(serving_config(trained, ServeConfig()))
+    with pytest.raises(InputError, match="1x100 pixels would be resized to 224x22400 .* limit of 4000000"):
+        serve([data])
+    with pytest.raises(InputError, match="ValueError"):
+        serve([[[1, 2], [3]]])

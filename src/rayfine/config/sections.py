@@ -100,7 +100,8 @@ class DataConfig(_Section):
         "leave them out and report their count and examples (skip)."
     )
     max_image_pixels: Int = Field(
-        40_000_000, ge=1, description="Images with more pixels are bad rows (decompression bombs)."
+        40_000_000, ge=1, description="Images with more pixels are bad rows (decompression bombs), as are "
+        "images that would have more once resized to image_size on their shorter side (a 1x20000 strip)."
     )
 
     @model_validator(mode="after")
@@ -392,7 +393,8 @@ class ServeConfig(_Section):
     max_items: Int = Field(16, ge=1, description="Most inputs in one request (at most max_batch_size).")
     max_image_pixels: Int = Field(
         4_000_000, ge=1, description="Images with more pixels (width x height) are refused before decoding "
-        "(decompression bombs); data.max_image_pixels applies too."
+        "(decompression bombs), and so are images that would have more once resized to image_size on their "
+        "shorter side; data.max_image_pixels applies too."
     )
     image_formats: tuple[Literal[SERVE_IMAGE_FORMATS], ...] = Field(  # type: ignore[valid-type]
         SERVE_IMAGE_FORMATS, min_length=1, description="Encoded image formats accepted (PIL format names)."

@@ -85,7 +85,9 @@ def label_text(value: Any) -> Optional[str]:
 def sort_labels(labels: list[str]) -> list[str]:
     """Numeric order when every label is an integer ("2" before "10"), else lexicographic."""
     try:
-        return sorted(labels, key=int)
+        # Ties ("1" and "01") by their text: the labels come from a set, whose order differs
+        # between processes (PYTHONHASHSEED), and label ids must not.
+        return sorted(labels, key=lambda s: (int(s), s))
     except ValueError:
         return sorted(labels)
 

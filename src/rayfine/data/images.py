@@ -53,9 +53,12 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> I
     With ``min_side``, a JPEG whose sides both exceed ``REDUCING_GAP * min_side`` at least twice
     over is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode: the decoder drops the higher
     frequencies), keeping both sides at least ``REDUCING_GAP * min_side``, as ``Image.thumbnail``
-    does: a 12-megapixel phone photo is prepared at 224 px 2-4x faster (bench/ingest.py's
-    phone_photos), and the resized pixels differ from those of decoding it whole by at most 2
-    levels of 255 (~0.1-0.25 on average).
+    does, at the largest of those scales that divides both sides (``draft_scale``; none: decoded
+    whole): a 12-megapixel phone photo (4032x3024) is prepared at 224 px 2-4x faster
+    (bench/ingest.py's phone_photos). The resized pixels differ from those of decoding it whole
+    (the decoder's reduced DCT is not quite each block's average): for phone photos at 224 px by at
+    most 2 levels of 255; measured over sizes, scales and image sizes, by 0.1-0.45 levels on
+    average and up to ~10 at single pixels of detailed photos.
     ``max_pixels`` applies to the image's own size."""
     try:
         img = Image.open(io.BytesIO(data), formats=openable_formats())
@@ -66,14 +69,28 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> I
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
-    if min_side is not None:
-        side = round(REDUCING_GAP * min_side)
-        img.draft(None, (side, side))  # a no-op but for JPEG (and MPO) files
+    scale = draft_scale(width, height, round(REDUCING_GAP * min_side)) if min_side is not None else 1
+    if scale > 1:
+        # PIL's draft picks the largest of 8, 4, 2, 1 at most min(width // w, height // h) for a
+        # requested (w, h): asking for exactly 1/scale of both sides makes it pick ``scale``.
+        img.draft(None, (width // scale, height // scale))  # a no-op but for JPEG (and MPO) files
     try:
         img.load()
     except Exception as e:
         raise ImageError(f"corrupt image data: {type(e).__name__}: {e}") from None
     return img
+
+
+def draft_scale(width: int, height: int, side: int) -> int:
+    """The reduced scale to decode a JPEG of ``width`` x ``height`` at: the largest of 8, 4 and 2
+    that leaves both sides at least ``side`` and divides both sides, else 1 (decode whole).
+
+    Divides, because at a scale that does not, PIL's draft decodes ceil(width / scale) x
+    ceil(height / scale) pixels whose last column and row stand for a partial block, so that the
+    resize maps every pixel a fraction of a pixel off where decoding whole puts it: measured up to
+    ~30 levels of 255 (1.5 on average) on a 4000x3001 photo at 224 px."""
+    fits = min(width // side, height // side)
+    return next((s for s in (8, 4, 2) if s <= fits and width % s == 0 and height % s == 0), 1)
 
 
 def array_to_image(arr: np.ndarray) -> Image.Image:
@@ -95,12 +112,24 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1, upright, when it has none or it cannot be read).
+
+    An unreadable EXIF block is ignored, as PIL's JPEG reader itself ignores one: the pixels are
+    fine without it. (PIL parses a PNG's or WebP's EXIF only when asked, and ``getexif()`` raises
+    SyntaxError, struct.error, ... on a malformed one.)"""
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 (any parse failure means: no orientation we can trust)
+        return 1
+
+
 def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
     """Upright, to L or RGB; alpha (RGBA, LA, a palette's or a PNG's transparent colour) is
     composited on black."""
     # EXIF orientation, in any format that carries it: JPEG, MPO (phone photos with a gain or
     # depth map), PNG, WebP (TIFF's is applied by Pillow as it loads).
-    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (exif_transpose copies even when upright)
+    if exif_orientation(img) != 1:  # (exif_transpose copies even when upright)
         img = ImageOps.exif_transpose(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -108,29 +137,40 @@ def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode == "F":
+        # Float grayscale (a float32 TIFF) is read as the same values given as a pixel array are:
+        # [0, 1] (scaled by 255) or [0, 255], and finite. Floats have no bit depth to scale by.
+        img = array_to_image(np.asarray(img))
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale by the bit depth to 8 bits (PIL would clip at 255).
         arr = np.asarray(img, dtype=np.float64)
         peak = arr.max() if arr.size else 0.0
         if img.mode.startswith("I;16"):
             scale = 255.0 / 65535.0
-        else:  # 32-bit int or float: the depth is not recorded, so infer it from the values
+        else:  # 32-bit int: the depth is not recorded, so infer it from the values
             scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
         img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
     return img.convert(color_mode)
 
 
-def resize_square(img: Image.Image, size: int) -> Image.Image:
+def resize_square(img: Image.Image, size: int, max_pixels: int | None = None) -> Image.Image:
     """Resize the shorter side to ``size`` and center-crop to ``size`` x ``size``.
 
     The longer side becomes ``int(size * long / short)`` and the crop starts at half the excess,
     rounded down: the sizes and offsets of transformers' ``shortest_edge`` resize and
     ``center_crop`` (torchvision's ``Resize(size)`` truncates the same way), so that the image
-    processor a checkpoint's ``preprocessor_config.json`` describes crops the same pixels."""
+    processor a checkpoint's ``preprocessor_config.json`` describes crops the same pixels.
+
+    With ``max_pixels``, an image whose resized size (before the crop) has more pixels is refused
+    before resizing: a tiny, very long image (a 1x20000 PNG is ~100 bytes) would otherwise become
+    a ``size`` x ``size * 20000`` one, gigabytes, though its own size passed the pixel limit."""
     width, height = img.size
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    if max_pixels is not None and new_w * new_h > max_pixels:
+        raise ImageError(f"image of {width}x{height} pixels would be resized to {new_w}x{new_h} before the "
+                         f"center crop, more than the limit of {max_pixels} pixels (too long and thin)")
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     left, top = (new_w - size) // 2, (new_h - size) // 2
@@ -138,7 +178,22 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
 
 
 def prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
-    """Encoded bytes or a pixel array -> uint8 HxWxC of the configured size and color mode."""
+    """Encoded bytes or a pixel array -> uint8 HxWxC of the configured size and color mode.
+
+    An input that cannot become one raises ``ImageError``, whatever failed on it (a decoder's or
+    PIL's conversion's own error included, named in the message): training makes it a bad row,
+    serving a 400, where any other exception would end the Ray Data task or answer 500.
+    MemoryError passes through: the pixel limits (the image's own size, and its size resized)
+    refuse an input before it could need that much."""
+    try:
+        return _prepare_image(item, data_cfg)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # whatever a decoder or conversion raises on it, the input is to blame
+        raise ImageError(f"image could not be prepared: {type(e).__name__}: {e}") from e
+
+
+def _prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
     if item is None:
         raise ImageError("no image (empty, or its file is missing or unreadable)")
     if isinstance(item, (bytes, bytearray, memoryview)):
@@ -150,7 +205,7 @@ def prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
         if arr.shape[:2] and arr.ndim >= 2 and arr.shape[0] * arr.shape[1] > data_cfg.max_image_pixels:
             raise ImageError(f"pixel array of shape {list(arr.shape)} exceeds {data_cfg.max_image_pixels} pixels")
         img = array_to_image(arr)
-    img = resize_square(convert_mode(img, data_cfg.color_mode), data_cfg.image_size)
+    img = resize_square(convert_mode(img, data_cfg.color_mode), data_cfg.image_size, data_cfg.max_image_pixels)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -168,8 +223,10 @@ def hf_image_processor_config(data_cfg: DataConfig) -> dict | None:
     side bilinearly, center-crop a square, scale to [0, 1], normalize), with the same sizes and crop
     offsets. Measured: transformers' PIL backend gives rayfine's pixel values exactly for an image
     resized by less than 3x; a larger reduction, which rayfine speeds up with PIL's
-    reducing_gap (and, for a JPEG over 6x, by decoding at reduced scale), differs by up to ~3
-    levels, and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
+    reducing_gap (and, for a JPEG over 6x whose sides the scale divides, by decoding at reduced
+    scale), differs by up to ~3 levels, more along the edges where the reduction factor does not
+    divide a side (PIL's reduce averages a partial block there: up to 7-14 levels in our checks),
+    and the default torchvision backend, with its own resize kernel, by ~1 level otherwise.
     (transformers does not handle alpha and EXIF orientation as ``convert_mode`` does.) None for
     texts, and for grayscale models: transformers' processors convert to RGB or keep the input's mode, never to L."""
     if data_cfg.kind != "image" or data_cfg.color_mode != "RGB":
