@@ -35,6 +35,7 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 BINARY = "application/octet-stream"  # a v2 body with binary tensor data
+DECODED_CODINGS = "gzip, deflate"  # the request Content-Encodings BodyDecoder reads (x-gzip is gzip)
 
 
 def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -87,7 +88,9 @@ class BodyDecoder:
 
     def __init__(self, coding: str, limit: int):
         self.coding, self.limit, self.size, self.start = coding, limit, 0, b""
-        self.inflate: Optional[Any] = zlib.decompressobj(16 + zlib.MAX_WBITS) if "gzip" in coding else None
+        self.gzip = "gzip" in coding
+        self.members = 1  # gzip members begun
+        self.inflate: Optional[Any] = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzip else None
 
     def feed(self, chunk: bytes, last: bool) -> bytes:
         if self.inflate is None:  # deflate: a zlib header (RFC 1950) or raw deflate data; look at 2 bytes
@@ -97,20 +100,28 @@ class BodyDecoder:
                 return b""
             zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
             self.inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
-        out = b""
-        if chunk:
+        out = []
+        while chunk:
+            if self.inflate.eof:
+                # A gzip body is a series of members (RFC 1952 2.2), as `cat a.gz b.gz` or a
+                # streaming compressor makes it; a zlib or raw deflate stream is one, then nothing.
+                if not self.gzip:
+                    raise BadBody(f"the body has data after the end of its {self.coding} stream")
+                self.inflate, self.members = zlib.decompressobj(16 + zlib.MAX_WBITS), self.members + 1
             try:
-                out = self.inflate.decompress(chunk, self.limit - self.size + 1)
+                piece = self.inflate.decompress(chunk, self.limit - self.size + 1)
             except zlib.error as e:
+                if self.members > 1:
+                    raise BadBody(f"the body's data after gzip member {self.members - 1} is not a gzip member ({e})") from None
                 raise BadBody(f"the body is not valid {self.coding} data ({e})") from None
-            self.size += len(out)
+            self.size += len(piece)  # over every member: the limit is on the whole body
             if self.size > self.limit or self.inflate.unconsumed_tail:
                 raise BodyTooLarge(self.limit, decompressed=True)
-            if self.inflate.unused_data:
-                raise BadBody(f"the body has data after the end of its {self.coding} stream")
+            out.append(piece)
+            chunk = self.inflate.unused_data
         if last and not self.inflate.eof:
             raise BadBody(f"the body ends before its {self.coding} data does (truncated)")
-        return out
+        return b"".join(out)
 
 
 def _without_body(send):
@@ -146,9 +157,10 @@ class Guard:
         route = path[len(root):] if root and path.startswith(root) else path
         key: Optional[bytes] = self.server.api_key
         if key is not None and route not in HEALTH_PATHS:
-            given = headers.get("x-api-key")
+            given = headers.get("x-api-key", b"").strip()
             auth = headers.get("authorization", b"")
-            if given is None and auth[:7].lower() == b"bearer ":
+            # An empty X-API-Key (a client template's unset variable) is no key, not a wrong one.
+            if not given and auth[:7].lower() == b"bearer ":
                 given = auth[7:].strip()
             if not given:
                 return await error(401, "missing API key: send the header 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
@@ -168,8 +180,9 @@ class Guard:
         decoder = None
         if coding not in ("identity", ""):
             if coding not in BodyDecoder.CODINGS:
-                return await error(415, f"Content-Encoding {coding} is not accepted; accepted: gzip, deflate, "
-                                   "identity")(scope, receive, send)
+                # RFC 9110 15.5.16: a 415 for a content coding names the accepted ones in Accept-Encoding.
+                return await error(415, f"Content-Encoding {coding} is not accepted; accepted: {DECODED_CODINGS}, "
+                                   "identity", {"Accept-Encoding": DECODED_CODINGS})(scope, receive, send)
             decoder = BodyDecoder(coding, limit)
             # The routes see the decompressed body, so its encoding and wire length are gone.
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", [])
@@ -237,7 +250,14 @@ def make_api(server) -> FastAPI:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such route; see /docs (OpenAPI: /openapi.json)"
-        return error(exc.status_code, detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            # Allow lists every method the route answers (RFC 9110 10.2.1); Guard answers HEAD
+            # wherever GET is, which the router does not know.
+            methods = [m.strip() for m in headers["Allow"].split(",")]
+            if "GET" in methods and "HEAD" not in methods:
+                headers = {**headers, "Allow": ", ".join([*methods, "HEAD"])}
+        return error(exc.status_code, detail, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):  # a bug: say so without details
@@ -298,7 +318,7 @@ def make_api(server) -> FastAPI:
         model = model_or_404(name, version)
         return protocol.ModelMetadata(
             name=server.name, versions=[model.version], platform="pytorch",
-            inputs=protocol.model_inputs(model.kind, model.cfg.data.channels),
+            inputs=protocol.model_inputs(model.kind, model.cfg.data.channels, model.pairs),
             outputs=protocol.model_outputs(len(model.labels)),
         )
 
@@ -344,7 +364,7 @@ def make_api(server) -> FastAPI:
             _require(request, JSON, BINARY)
         head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
         req = protocol.parse_json(protocol.InferenceRequest, head)
-        items = protocol.v2_items(req, model.kind, server.settings, binary)
+        items = protocol.v2_items(req, model.kind, server.settings, binary, pairs=model.pairs)
         as_binary = protocol.binary_outputs(req)
         result = await answer(items)
         response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
@@ -385,7 +405,8 @@ def make_api(server) -> FastAPI:
         MULTIPART: {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                       "description": "image files (image models) or UTF-8 text files (text models)"},
-            "inputs": {"type": "array", "items": {"type": "string"}, "description": "texts (text models)"},
+            "inputs": {"type": "array", "items": {"type": "string"},
+                       "description": "texts (text models; a model trained on text pairs takes them as JSON only)"},
         }}},
     }}}
 
@@ -396,9 +417,9 @@ def make_api(server) -> FastAPI:
         ctype = _require(request, JSON, MULTIPART)
         if ctype == JSON:
             req = protocol.parse_json(protocol.PredictRequest, await request.body())
-            items, k = protocol.predict_items(req, model.kind, server.settings), req.top_k
+            items, k = protocol.predict_items(req, model.kind, server.settings, pairs=model.pairs), req.top_k
         else:
-            items, k = await _multipart_items(request, model.kind, server.settings), 5
+            items, k = await _multipart_items(request, model.kind, server.settings, model.pairs), 5
         if top_k is not None:
             k = top_k
         if k < 1:
@@ -425,7 +446,7 @@ def make_api(server) -> FastAPI:
     return app
 
 
-async def _multipart_items(request: Request, kind: str, limits) -> list:
+async def _multipart_items(request: Request, kind: str, limits, pairs: bool) -> list:
     try:
         form = await request.form(max_files=limits.max_items, max_fields=limits.max_items + 8)
     except HTTPException:
@@ -443,4 +464,4 @@ async def _multipart_items(request: Request, kind: str, limits) -> list:
                 raise RequestError(f"unknown form field {key!r}: send files, or texts in fields named 'inputs'")
     finally:
         await form.close()
-    return protocol.upload_items(files, texts, kind, limits)
+    return protocol.upload_items(files, texts, kind, limits, pairs)

@@ -84,6 +84,10 @@ def is_better(new: dict, served: dict) -> tuple[bool, str]:
 def _url(details: dict, route_prefix: str) -> str:
     http = details.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    if ":" in host and not host.startswith("["):
+        # An IPv6 address is bracketed in a URL, or its colons read as the port's (RFC 3986
+        # 3.2.2), and a zone's "%" is written %25 (RFC 6874).
+        host = "[" + host.replace("%", "%25") + "]"
     return f"http://{host}:{port}{'' if route_prefix == '/' else route_prefix}"
 
 

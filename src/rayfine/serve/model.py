@@ -112,6 +112,11 @@ class ServedModel:
     def kind(self) -> str:
         return self.cfg.data.kind
 
+    @property
+    def pairs(self) -> bool:
+        """Whether it takes [text, pair] inputs: a text model trained with data.text_pair_column."""
+        return self.kind == "text" and bool(self.cfg.data.text_pair_column)
+
     def describe(self) -> dict[str, Any]:
         """What `rayfine serve --if-better` compares, and what a handle's ``info`` returns."""
         return {"checkpoint": self.path, "version": self.version, "kind": self.kind, "labels": self.labels,

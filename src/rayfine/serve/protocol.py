@@ -6,11 +6,12 @@ Two APIs answer the same model:
   inputs  ``image``  BYTES [N]          image files (base64-encoded in JSON, as they are in binary)
           ``pixels`` UINT8|FP32 [N,H,W] or [N,H,W,C] (C 1, 3 or 4) decoded pixels (image models)
           ``text``   BYTES [N]          UTF-8 texts (text models)
+                     BYTES [N,2]        a text and its pair per row (models trained on text pairs)
   outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
   (its ``parameters.labels`` names the columns), or, with an output's ``parameters.classification``
   K (Triton's classification extension), its top K as BYTES [N, min(K, M)] "value:index[:label]";
   errors are ``{"error": "..."}``.
-- a simple JSON API: ``{"inputs": [text or base64 image, ...], "top_k": 5}``
+- a simple JSON API: ``{"inputs": [text, [text, pair] or base64 image, ...], "top_k": 5}``
   -> ``{"model_name", "model_version", "predictions": [{"label", "score", "top_k": [...]}]}``.
 
 Nothing here imports torch or Ray: the functions turn a parsed request into the raw items that
@@ -29,7 +30,7 @@ import struct
 from typing import Any, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from rayfine.config import ServeConfig
 
@@ -61,7 +62,9 @@ class _Open(BaseModel):
 
 class RequestInput(_Open):
     name: str = Field(description="image, pixels (image models) or text (text models).")
-    shape: list[int] = Field(description="[N] for BYTES; [N, H, W] or [N, H, W, C] for pixels.")
+    # Strict: JSON gives integers; "1", 1.0 or true is a client's mistake, not a dimension.
+    shape: list[StrictInt] = Field(description="[N] for BYTES ([N, 2] for a text-pair model's texts); "
+                                   "[N, H, W] or [N, H, W, C] for pixels.")
     datatype: Literal[DATATYPES] = Field(description="BYTES, or UINT8 / FP32 for pixels.")  # type: ignore[valid-type]
     parameters: Optional[dict[str, Any]] = Field(
         None, description="binary_data_size: the tensor's bytes follow the JSON object (binary tensor data extension).")
@@ -123,8 +126,9 @@ class ErrorResponse(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[Any] = Field(description="Texts (text models) or base64-encoded image files (image models).")
-    top_k: int = Field(5, ge=1, description="Most probable labels listed per input.")
+    inputs: list[Any] = Field(description="Texts (text models), [text, pair] lists (models trained on text pairs) "
+                              "or base64-encoded image files (image models).")
+    top_k: StrictInt = Field(5, ge=1, description="Most probable labels listed per input.")
 
 
 class LabelScore(BaseModel):
@@ -171,10 +175,11 @@ def describe_validation(errors: list[dict]) -> str:
     return "; ".join(parts) + more
 
 
-def model_inputs(kind: str, channels: int) -> list[MetadataTensor]:
-    """The v2 input tensors a model of this kind takes (a request sends one of them)."""
+def model_inputs(kind: str, channels: int, pairs: bool = False) -> list[MetadataTensor]:
+    """The v2 input tensors a model of this kind takes (a request sends one of them); ``pairs``:
+    a text model trained on text pairs, which takes a text and its pair per row."""
     if kind == "text":
-        return [MetadataTensor(name="text", datatype="BYTES", shape=[-1])]
+        return [MetadataTensor(name="text", datatype="BYTES", shape=[-1, 2] if pairs else [-1])]
     return [MetadataTensor(name="image", datatype="BYTES", shape=[-1]),
             MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, -1, -1, channels])]
 
@@ -192,8 +197,9 @@ def _check_count(n: int, limits: ServeConfig) -> None:
         raise RequestError(f"too many items: {n} in one request, the limit is {limits.max_items} (serve.max_items)")
 
 
-def _flat_strings(data: list, where: str) -> list[str]:
-    out: list[str] = []
+def _leaves(data: list, where: str) -> list:
+    """The elements of nested JSON lists, in row-major order."""
+    out: list = []
     stack = [iter(data)]
     while stack:
         for value in stack[-1]:
@@ -202,12 +208,25 @@ def _flat_strings(data: list, where: str) -> list[str]:
                     raise RequestError(f"{where}: data is nested too deeply")
                 stack.append(iter(value))
                 break
-            if not isinstance(value, str):
-                raise RequestError(f"{where}: BYTES elements must be JSON strings, got {type(value).__name__}")
             out.append(value)
         else:
             stack.pop()
     return out
+
+
+def _flat_strings(data: list, where: str) -> list[str]:
+    out = _leaves(data, where)
+    for value in out:
+        if not isinstance(value, str):
+            raise RequestError(f"{where}: BYTES elements must be JSON strings, got {type(value).__name__}")
+    return out
+
+
+def _check_numbers(data: list, where: str) -> None:
+    # numpy would read "5" as 5.0 and true as 1.0: a client's mistake would pass as pixels.
+    for value in _leaves(data, where):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"{where}: data elements must be JSON numbers, got {type(value).__name__} {value!r:.20}")
 
 
 def decode_base64(text: str, where: str) -> bytes:
@@ -259,6 +278,7 @@ def _pixels(inp: RequestInput, raw: Optional[bytes], limits: ServeConfig, where:
             raise RequestError(f"{where}: {len(raw)} bytes of binary data are not whole {inp.datatype} elements")
         arr = np.frombuffer(raw, dtype=NUMPY_DTYPES[inp.datatype]).astype(np.float64)
     else:
+        _check_numbers(inp.data, where)
         try:
             arr = np.asarray(inp.data, dtype=np.float64)
         except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float64
@@ -326,9 +346,11 @@ def _binary_data(inp: RequestInput, binary: Optional[bytes], where: str) -> Opti
     return binary
 
 
-def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig, binary: Optional[bytes] = None) -> list:
-    """The raw items of a v2 request: image bytes, pixel arrays or texts. ``binary`` is the body
-    after the JSON object when the request uses the binary tensor data extension."""
+def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig, binary: Optional[bytes] = None,
+             pairs: bool = False) -> list:
+    """The raw items of a v2 request: image bytes, pixel arrays, texts, or [text, pair] lists when
+    ``pairs`` (a text model trained on text pairs: BYTES [N, 2], a text and its pair per row).
+    ``binary`` is the body after the JSON object when the request uses the binary tensor data extension."""
     if not req.inputs:
         raise RequestError("no inputs: the request needs one input tensor")
     allowed = [t.name for t in model_inputs(kind, 3)]
@@ -347,23 +369,31 @@ def v2_items(req: InferenceRequest, kind: str, limits: ServeConfig, binary: Opti
         return _pixels(inp, raw, limits, where)
     if inp.datatype != "BYTES":
         raise RequestError(f"{where}: datatype must be BYTES, got {inp.datatype}")
-    if len(inp.shape) not in (1, 2) or (len(inp.shape) == 2 and inp.shape[1] != 1) or min(inp.shape) < 0:
-        raise RequestError(f"{where}: shape must be [N] (or [N, 1]), got {inp.shape}")
+    pairs = pairs and kind == "text"
+    shape, width = inp.shape, 2 if pairs else 1
+    if pairs:
+        shape_ok, expected = len(shape) == 2 and shape[1] == 2, "[N, 2] (a text and its pair per row)"
+    else:
+        shape_ok, expected = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1), "[N] (or [N, 1])"
+    if not shape_ok or min(shape) < 0:
+        raise RequestError(f"{where}: shape must be {expected}, got {shape}")
     values = _flat_strings(inp.data, where) if raw is None else _binary_elements(raw, where)
-    if len(values) != inp.shape[0]:
-        raise RequestError(f"{where}: shape {inp.shape} needs {inp.shape[0]} elements, data has {len(values)}")
-    _check_count(len(values), limits)
-    if raw is not None:  # binary elements are the texts' UTF-8 or the image files, as they are
-        if kind == "text":
-            return _texts([_utf8(v, f"{where} element {i}") for i, v in enumerate(values)], limits, where)
+    if len(values) != shape[0] * width:
+        raise RequestError(f"{where}: shape {shape} needs {shape[0] * width} elements, data has {len(values)}")
+    _check_count(shape[0], limits)
+    if kind == "text":
+        if raw is not None:  # binary elements are the texts' UTF-8, as they are
+            values = [_utf8(v, f"{where} element {i}") for i, v in enumerate(values)]
+        elif (inp.parameters or {}).get("content_type") == "base64":
+            values = [_utf8(decode_base64(v, f"{where} element {i}"), f"{where} element {i}") for i, v in enumerate(values)]
+        if pairs:  # row-major: each row is a text and its pair
+            values = [values[i:i + 2] for i in range(0, len(values), 2)]
+        return _texts(values, limits, where, pairs)
+    if raw is not None:  # binary elements are the image files, as they are
         for i, data in enumerate(values):
             _check_raw_image(data, f"{where} element {i}")
             check_image_format(data, limits, f"{where} element {i}")
         return values
-    if kind == "text":
-        if (inp.parameters or {}).get("content_type") == "base64":
-            values = [_utf8(decode_base64(v, f"{where} element {i}"), f"{where} element {i}") for i, v in enumerate(values)]
-        return _texts(values, limits, where)
     images = [decode_base64(v, f"{where} element {i}") for i, v in enumerate(values)]
     for i, data in enumerate(images):
         check_image_format(data, limits, f"{where} element {i}")
@@ -387,23 +417,41 @@ def _utf8(data: bytes, where: str) -> str:
         raise RequestError(f"{where}: not UTF-8 text") from None
 
 
-def _texts(values: list, limits: ServeConfig, where: str) -> list[str]:
-    for i, text in enumerate(values):
-        if not isinstance(text, str):
-            raise RequestError(f"{where} {i}: expected a string, got {type(text).__name__}")
-        if not text.strip():
-            raise RequestError(f"{where} {i}: empty text")
-        if len(text) > limits.max_text_chars:
-            raise RequestError(f"{where} {i}: text of {len(text)} characters exceeds the limit of "
-                               f"{limits.max_text_chars} (serve.max_text_chars)")
-    return list(values)
+def _text(text: Any, limits: ServeConfig, where: str) -> str:
+    if not isinstance(text, str):
+        raise RequestError(f"{where}: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RequestError(f"{where}: empty text")
+    if len(text) > limits.max_text_chars:
+        raise RequestError(f"{where}: text of {len(text)} characters exceeds the limit of "
+                           f"{limits.max_text_chars} (serve.max_text_chars)")
+    return text
 
 
-def predict_items(req: PredictRequest, kind: str, limits: ServeConfig) -> list:
-    """The raw items of a /predict JSON request."""
+def _texts(values: list, limits: ServeConfig, where: str, pairs: bool = False) -> list:
+    """Texts, or for a model trained on text pairs [text, pair] lists (what
+    ``rayfine.data.text.check_texts`` takes), each text within the serving limits."""
+    items: list = []
+    for i, value in enumerate(values):
+        if pairs:
+            if not (isinstance(value, list) and len(value) == 2):
+                got = f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+                raise RequestError(f"{where} {i}: this model takes text pairs, [text, pair]; got {got}")
+            items.append([_text(value[0], limits, f"{where} {i} text"), _text(value[1], limits, f"{where} {i} pair")])
+        elif isinstance(value, list):
+            raise RequestError(f"{where} {i}: this model takes single texts, not lists "
+                               "([text, pair] is for models trained on text pairs)")
+        else:
+            items.append(_text(value, limits, f"{where} {i}"))
+    return items
+
+
+def predict_items(req: PredictRequest, kind: str, limits: ServeConfig, pairs: bool = False) -> list:
+    """The raw items of a /predict JSON request; ``pairs``: a text model trained on text pairs,
+    whose inputs are [text, pair] lists."""
     _check_count(len(req.inputs), limits)
     if kind == "text":
-        return _texts(req.inputs, limits, "input")
+        return _texts(req.inputs, limits, "input", pairs)
     items = []
     for i, value in enumerate(req.inputs):
         if not isinstance(value, str):
@@ -414,11 +462,16 @@ def predict_items(req: PredictRequest, kind: str, limits: ServeConfig) -> list:
     return items
 
 
-def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, limits: ServeConfig) -> list:
+def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, limits: ServeConfig,
+                 pairs: bool = False) -> list:
     """The raw items of a multipart /predict request: uploaded files (images, or UTF-8 texts for
-    text models) and, for text models, form fields named ``inputs``."""
+    text models) and, for text models, form fields named ``inputs``. A model trained on text
+    pairs takes none: a part carries one text, and pairing parts by their order would be a guess."""
     if kind == "image" and texts:
         raise RequestError("this image model takes uploaded files, not text fields")
+    if kind == "text" and pairs:
+        raise RequestError('this model takes text pairs: send them as JSON, {"inputs": [[text, pair], ...]} '
+                           "(a multipart part carries one text)")
     _check_count(len(files) + len(texts), limits)
     if kind == "text":
         return _texts([_utf8(data, f"file {name!r}") for name, data in files] + texts, limits, "input")
