@@ -252,7 +252,11 @@ def test_a_decoder_only_text_classifier_gets_the_tokenizers_pad_id(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.max_length=1024"], "data.max_length: 1024 is more than minilm takes (512 tokens); allowed: 2 to 512"),
+    (["data.max_length=1024"], "data.max_length: 1024 is more than minilm takes (512 tokens); allowed: 3 to 512"),
+    (["data.max_length=2"], "data.max_length: 2 leaves no room for text: minilm adds 2 special tokens to a text; "
+                            "allowed: 3 to 512"),
+    (["data.max_length=3", "data.text_pair_column=hypothesis"],
+     "data.max_length: 3 leaves no room for text: minilm adds 3 special tokens to a text pair; allowed: 4 to 512"),
     (["model.name=resnet18", "data.kind=image", "data.source=builtin:digits", "model.weights=IMAGENET1K_V3"],
      "model.weights: 'IMAGENET1K_V3' is not a weights name of resnet18; allowed: IMAGENET1K_V1, DEFAULT, or a .safetensors file"),
     (["model.name=resnet18", "data.kind=image", "data.source=builtin:digits", "model.weights=/nowhere/w.safetensors"],
@@ -263,6 +267,7 @@ def test_what_workers_would_fail_on_is_a_config_error_on_the_driver(overrides, m
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         check_model(load_config("minilm_rotten_tomatoes_tiny", overrides))
     check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=512"]))  # the model's own limit is fine
+    check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=4", "data.text_pair_column=b"]))
     check_model(load_config("resnet18_digits_tiny", ["model.weights=IMAGENET1K_V1", "model.stem=small"]))  # a name: not loaded
 
 

@@ -293,10 +293,28 @@ def _check_model(cfg: Config) -> None:
                                     f"{', '.join(names)}, or a .safetensors file")])
     if cfg.data.kind == "text":
         most = max_tokens(resolve_model_source(m.name))
+        fewest = special_tokens(resolve_model_source(m.name), pair=bool(cfg.data.text_pair_column)) + 1
+        allowed = f"allowed: {fewest} to {most}" if most is not None else f"allowed: {fewest} or more"
         if most is not None and cfg.data.max_length > most:
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
-                                f"tokens); allowed: 2 to {most}")])
+                                f"tokens); {allowed}")])
+        if cfg.data.max_length < fewest:
+            # The tokenizer cannot truncate below its special tokens: it logs an error and returns
+            # the whole text, longer than the model's positions.
+            what = "a text pair" if cfg.data.text_pair_column else "a text"
+            raise ConfigError([(f"data.max_length: {cfg.data.max_length} leaves no room for text: {m.name} adds "
+                                f"{fewest - 1} special tokens to {what}; {allowed}")])
     check_image_size(cfg)
+
+
+def special_tokens(source: str, pair: bool) -> int:
+    """The tokens a text model's tokenizer adds to a text (or a text pair): [CLS] and [SEP]s."""
+    from rayfine.data.text import load_tokenizer
+
+    try:
+        return load_tokenizer(source).num_special_tokens_to_add(pair=pair)
+    except (OSError, ValueError):  # build_model names what is wrong with the model
+        return 0
 
 
 def max_tokens(source: str) -> Any:
