@@ -12,6 +12,7 @@ reject fails, and the negative tests prove that the checks can fail.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import re
 import shlex
@@ -216,6 +217,36 @@ def test_the_rayservice_serves_through_rayfines_app_builder():
         assert any(app_args.checkpoint.startswith(m + "/") for m in mounts), "the checkpoint is not on a mounted volume"
 
 
+def test_the_rayservice_rolls_out_new_weights_through_user_config():
+    """KubeRay resubmits serveConfigV2 when its text changes, but Serve compares the parsed config:
+    only a changed deployment user_config reaches the running replicas (reconfigure). The manifest
+    must carry the Classifier's user_config, as `rayfine serve --print-config` writes it, for its
+    documented roll-out (change `version`) to do anything."""
+    from rayfine.serve.app import DEPLOYMENT_NAME
+
+    (service,) = [d for _, d in _manifests() if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == DEPLOYMENT_NAME
+    user_config = deployment["user_config"]
+    assert user_config["checkpoint"] == app["args"]["checkpoint"] and isinstance(user_config["version"], str)
+    assert "rollout" not in service["spec"]["serveConfigV2"].split("applications:")[0]  # no comment-only roll-out
+
+
+def _rsync_excluded(path: str, pattern: str) -> bool:
+    """Whether rsync's ``--exclude pattern`` drops ``path`` (relative to the transfer's root), after
+    rsync(1)'s INCLUDE/EXCLUDE PATTERN RULES: a leading / anchors it at the root; a pattern with
+    another / is matched against the end of the path; one without matches any path component."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]  # every directory above it, and itself
+    pattern = pattern.rstrip("/")
+    if pattern.startswith("/"):
+        return any(fnmatch.fnmatchcase(p, pattern[1:]) for p in prefixes)
+    if "/" in pattern:
+        return any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, "*/" + pattern) for p in prefixes)
+    return any(fnmatch.fnmatchcase(part, pattern) for part in parts)
+
+
 # --- the launcher YAML -------------------------------------------------------------------------
 
 
@@ -236,6 +267,21 @@ def test_the_launcher_yaml_passes_rays_own_validation_and_names_existing_files()
     assert "--dashboard-host=127.0.0.1" in head
     assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in config["available_node_types"].values())
+
+
+def test_the_launcher_ships_every_project_file_and_leaves_out_the_local_ones():
+    """`ray up` rsyncs the project with ``rsync_exclude`` as ``--exclude`` patterns: an unanchored
+    "data" drops src/rayfine/data too, and `pip install -e` on the nodes gets a package without it."""
+    assert _rsync_excluded("src/rayfine/data/__init__.py", "data")  # the rule the check relies on
+    excludes = _launcher()["rsync_exclude"]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert any(p.startswith("src/rayfine/data/") for p in tracked)
+    for path in tracked:
+        dropped = [e for e in excludes if _rsync_excluded(path, e)]
+        assert not dropped, f"{path} is left out by rsync_exclude {dropped}"
+    for local in (".venv/bin/python", "runs/x/config.yaml", "data/cats/1.png", ".git/HEAD", "bench/out/x.json",
+                  "src/rayfine/__pycache__/cli.cpython-311.pyc"):
+        assert any(_rsync_excluded(local, e) for e in excludes), local
 
 
 def test_a_broken_launcher_yaml_is_rejected():

@@ -724,3 +724,39 @@ def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals(
         predict(f"http://127.0.0.1:{free}", ["x"])
     with pytest.raises(ClientError, match=f"give the server's URL with its scheme, e.g. http://127.0.0.1:{free}$"):
         predict(f"127.0.0.1:{free}", ["x"])
+
+
+def test_a_replica_reloads_the_checkpoint_of_a_run_directory_when_its_user_config_changes(tmp_path):
+    """A RayService names the run directory the pipeline writes again; rolling out new weights is a
+    new user_config (its version changed) for the same directory: reconfigure must find the
+    checkpoint in it (tune/best/checkpoint, as build_app's args do) and load what is there now."""
+    import asyncio
+
+    import torch
+
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.errors import CheckpointError
+    from rayfine.models import build_model
+    from rayfine.serve.app import Classifier
+    from rayfine.serve.model import weights_version
+
+    cfg = load_config("resnet18_digits_tiny")
+    labels = [str(d) for d in range(10)]
+    best = tmp_path / "run" / "tune" / "best" / "checkpoint"
+    threads = torch.get_num_threads()
+    try:
+        replica = Classifier.func_or_class.__bases__[0]("digits", LIMITS.model_dump_json())
+        torch.manual_seed(0)
+        save_checkpoint(best, build_model(cfg, labels), cfg, labels, {"epoch": 1})
+        first = weights_version(best)
+        asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path / "run"), "version": "rollout-1"}))
+        assert (replica.model.path, replica.model.version) == (str(best.resolve()), first)
+        torch.manual_seed(1)
+        save_checkpoint(best, build_model(cfg, labels), cfg, labels, {"epoch": 2})  # a later run's winner
+        asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path / "run"), "version": "rollout-2"}))
+        assert replica.model.version == weights_version(best) != first
+        with pytest.raises(CheckpointError, match="holds no checkpoint"):
+            asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path), "version": "rollout-3"}))
+        assert replica.model.version == weights_version(best)  # the model served before stays
+    finally:
+        torch.set_num_threads(threads)

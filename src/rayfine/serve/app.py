@@ -116,10 +116,13 @@ class Classifier:
             self.replica_id = "local"
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Load the checkpoint of ``user_config`` and swap it in (a hot swap when already serving)."""
+        """Load the checkpoint of ``user_config`` and swap it in (a hot swap when already serving).
+        ``checkpoint`` may name a run directory, as build_app's args may (a RayService's
+        serveConfigV2 names the run directory the pipeline writes again)."""
         path = (user_config or {}).get("checkpoint")
         if not path:
             raise CheckpointError("user_config needs {checkpoint: <directory>}")
+        path = str(resolve_checkpoint(path))
         async with self._swap_lock:
             current = self.model
             if current is not None and current.path == str(Path(path).resolve()) and current.version == user_config.get("version"):
