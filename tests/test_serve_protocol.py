@@ -726,6 +726,53 @@ def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals(
         predict(f"127.0.0.1:{free}", ["x"])
 
 
+class _RecordingHandler(BaseHTTPRequestHandler):
+    """Keeps each request's JSON body and answers one prediction per input."""
+
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.bodies.append(body)
+        answer = json.dumps({"model_name": "nli", "model_version": "v", "predictions": [
+            {"label": "entailment", "score": 0.75, "top_k": [{"label": "entailment", "score": 0.75}]}
+            for _ in body["inputs"]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
+    """`rayfine predict --pairs A B C D` asks a text-pair model about [A, B] and [C, D], as
+    /predict takes them (test_a_text_pair_model_answers_pairs_over_http serves such a request)."""
+    from rayfine.cli import main
+
+    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        _RecordingHandler.bodies = []
+        assert main(["predict", url, "--pairs", "A man sleeps.", "A person rests.", "A dog runs.", "It sits."]) == 0
+        assert _RecordingHandler.bodies == [{"inputs": [["A man sleeps.", "A person rests."], ["A dog runs.", "It sits."]],
+                                             "top_k": 3}]
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1:] == ["A man sleeps. | A person rests.\tentailment\t0.7500", "A dog runs. | It sits.\tentailment\t0.7500"]
+        assert main(["predict", url, "--pairs", "A man sleeps.", "A person rests.", "A dog runs."]) == 1
+        assert "--pairs takes texts two at a time, a text and its pair; got 3 texts" in capsys.readouterr().err
+        assert len(_RecordingHandler.bodies) == 1  # refused before sending
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_replica_reloads_the_checkpoint_of_a_run_directory_when_its_user_config_changes(tmp_path):
     """A RayService names the run directory the pipeline writes again; rolling out new weights is a
     new user_config (its version changed) for the same directory: reconfigure must find the

@@ -78,13 +78,19 @@ def _is_file(x: str) -> bool:
 
 
 def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k: int = 5,
-            timeout_s: float = 60, retries: int = 1) -> dict:
-    """POST /predict: ``inputs`` are all existing files (uploaded) or all texts."""
+            timeout_s: float = 60, retries: int = 1, pairs: bool = False) -> dict:
+    """POST /predict: ``inputs`` are all existing files (uploaded) or all texts; with ``pairs``,
+    texts taken two at a time, a text and its pair (for a model trained on text pairs)."""
     if not inputs:
         raise ClientError("give at least one input (files or texts)")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    files = [Path(x) for x in inputs if _is_file(x)]
     endpoint = url.rstrip("/") + "/predict"
+    if pairs:
+        if len(inputs) % 2:
+            raise ClientError(f"--pairs takes texts two at a time, a text and its pair; got {len(inputs)} texts")
+        return call("POST", endpoint, json={"inputs": text_pairs(inputs), "top_k": top_k},
+                    headers=_headers(api_key), timeout_s=timeout_s, retries=retries)
+    files = [Path(x) for x in inputs if _is_file(x)]
     if files and len(files) != len(inputs):
         missing = [x for x in inputs if not _is_file(x)]
         raise ClientError(f"give either files or texts, not both; not files: {missing[:3]}")
@@ -96,11 +102,18 @@ def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k
                 timeout_s=timeout_s, retries=retries)
 
 
-def format_predictions(inputs: list[str], result: dict) -> str:
-    """One line per input (a file by its name, a text by its start): label, score, runners-up."""
+def text_pairs(texts: list[str]) -> list[list[str]]:
+    """[a, b, c, d] -> [[a, b], [c, d]]: the /predict inputs of a model trained on text pairs."""
+    return [list(texts[i:i + 2]) for i in range(0, len(texts), 2)]
+
+
+def format_predictions(inputs: list[str], result: dict, pairs: bool = False) -> str:
+    """One line per input (a file by its name, a text or a text pair by its start): label, score,
+    runners-up."""
     lines = [f"# model {result.get('model_name')} version {result.get('model_version')}"]
-    for item, p in zip(inputs, result["predictions"]):
-        shown = Path(item).name if _is_file(item) else item if len(item) <= 40 else item[:37] + "..."
+    shown_inputs = [" | ".join(pair) for pair in text_pairs(inputs)] if pairs else inputs
+    for item, p in zip(shown_inputs, result["predictions"]):
+        shown = Path(item).name if not pairs and _is_file(item) else item if len(item) <= 40 else item[:37] + "..."
         others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"][1:])
         lines.append(f"{shown}\t{p['label']}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
     return "\n".join(lines)
