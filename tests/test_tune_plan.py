@@ -261,12 +261,13 @@ def test_a_training_config_loads_whatever_its_search_says():
 
 
 class _Result:
-    """What trial_params reads of a Tune Result."""
+    """What trial_params and trial_rows read of a Tune Result."""
 
-    def __init__(self, config, path):
+    def __init__(self, config, path, metrics=None):
         import pyarrow.fs
 
         self.config, self.path, self.filesystem = config, str(path), pyarrow.fs.LocalFileSystem()
+        self.metrics, self.error = metrics or {}, None
 
 
 def test_a_trial_restored_without_results_still_has_its_config(tmp_path):
@@ -345,3 +346,70 @@ def test_an_epoch_a_resumed_run_replays_is_logged_and_sent_on_only_if_its_log_la
     assert list(read_epoch_log(trial_log.path)) == expected
     assert to_tune.sent == expected
     assert [json.loads(x) for x in Path(train_log.path).read_text().splitlines()] == [epoch[1], epoch[2]]
+
+
+def test_ties_go_to_the_earlier_epoch_then_the_lower_trial_id_in_any_order(tmp_path):
+    """A resumed search gets its results back from Tune in another order: the winner, the
+    leaderboard and trials.csv's rows must not depend on it."""
+    import itertools
+
+    from rayfine.tune.search import pick_best
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    rows = [{"trial_id": t, "epoch": e, "val_accuracy": v, "checkpoint_path": str(ckpt)}
+            for t, e, v in (("00002", 3, 0.98), ("00001", 3, 0.98), ("00003", 2, 0.98), ("00000", 3, 0.97))]
+    for order in itertools.permutations(rows):
+        assert pick_best(list(order), "val_accuracy", "max")["trial_id"] == "00003"  # the earlier epoch
+        same_epoch = [r for r in order if r["epoch"] == 3]
+        assert pick_best(same_epoch, "val_accuracy", "max")["trial_id"] == "00001"  # then the lower id
+    for order in itertools.permutations(["b", "a", "c"]):
+        board = Board(["train.lr"], "val_accuracy", "max", epochs=3)
+        for trial in order:
+            board.update(_Trial(trial, "TERMINATED", {"epoch": 3, "val_accuracy": 0.9 if trial != "c" else 0.95,
+                                                      "val_loss": 0.3}, {"train.lr": 0.01}))
+        assert [line.split()[1] for line in board.leaderboard().splitlines()[1:]] == ["c", "a", "b"]
+
+
+def test_trials_csv_rows_are_in_trial_and_epoch_order_whatever_order_tune_returns(tmp_path):
+    from rayfine.tune.search import trial_rows
+    from rayfine.tune.trial import epoch_log_path
+
+    results = []
+    for trial_id in ("00002", "00000", "00001"):
+        log = Path(epoch_log_path(str(tmp_path), trial_id))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"epoch": e, "val_accuracy": 0.5}) + "\n" for e in (2, 1)))
+        results.append(_Result({"train.lr": 0.1}, tmp_path / trial_id, metrics={"trial_id": trial_id}))
+    rows = trial_rows(results, ["train.lr"], 2, str(tmp_path))
+    assert [(r["trial_id"], r["epoch"]) for r in rows] == [(t, e) for t in ("00000", "00001", "00002") for e in (1, 2)]
+
+
+def test_a_training_run_and_a_search_under_one_name_each_keep_the_config_they_are_checked_against(tmp_path):
+    """`rayfine train` and `rayfine tune` share a run directory: each keeps its config in its own
+    folder (config.yaml at the top is the last one's), so a training run that changed tune.* does not
+    make the search's --resume refuse, nor a changed search section the report's config."""
+    from rayfine.report import _config_section
+    from rayfine.rundir import save_config, saved_config
+    from rayfine.train.driver import _check_continuation
+    from rayfine.tune.search import _check_previous_search, experiment_path
+
+    def cfg(*extra):
+        return load_config("resnet18_digits_tiny", ["name=s", f"storage.runs_dir={tmp_path}", *extra])
+
+    search, run_dir = cfg("tune.num_samples=4"), cfg().run_dir()
+    save_config(run_dir, "tune", search.to_yaml())
+    Path(experiment_path(search)).mkdir(parents=True)
+    (Path(experiment_path(search)) / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    training = cfg("tune.num_samples=8")  # tune.* may change for a training run
+    assert not _check_continuation(run_dir, training)
+    # One name, one experiment: a training run that changes what is trained is refused beside a search too.
+    with pytest.raises(ConfigError, match=r"holds a search of a different config \(changed: train.lr\)"):
+        _check_continuation(run_dir, cfg("train.lr=0.5", "tune.num_samples=8"))
+    save_config(run_dir, "train", training.to_yaml())
+    (run_dir / "train" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert (run_dir / "config.yaml").read_text() == training.to_yaml()
+    _check_previous_search(search, experiment_path(search), resume=True)  # against the search's own config
+    with pytest.raises(ConfigError, match=r"ran with another config \(changed: tune.num_samples\)"):
+        _check_previous_search(training, experiment_path(search), resume=True)
+    assert "num_samples: 4" in _config_section(run_dir, saved_config(run_dir, "tune"))

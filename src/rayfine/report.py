@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from rayfine.errors import RayfineError
+from rayfine.rundir import saved_config
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
@@ -219,7 +220,7 @@ def train_report(run_dir: Path) -> Path:
     lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if not lines:
         raise RayfineError(f"{train_dir / 'metrics.jsonl'} has no epochs yet; nothing to report")
-    metric = _metric_of(run_dir / "config.yaml", "train")
+    metric = _metric_of(saved_config(run_dir, "train"), "train")
     # The exported checkpoint's epoch; before the export (a run stopped part-way), the best so far
     # by train.metric, ties to the later epoch, as rayfine.train.driver picks it.
     exported = _read_json(train_dir / "checkpoint" / "metrics.json") or {}
@@ -234,7 +235,7 @@ def train_report(run_dir: Path) -> Path:
         "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves")
         + _table(lines, list(METRIC_COLUMNS)) + "</section>",
         _evaluation_section(evaluation, train_dir / "confusion_matrix.png"),
-        _config_section(run_dir, run_dir / "config.yaml"),
+        _config_section(run_dir, saved_config(run_dir, "train")),
     ]
     out = train_dir / "report.html"
     out.write_text(_page(f"{run_dir.name}: training run", f"{run_dir}", sections))
@@ -257,7 +258,7 @@ def tune_report(run_dir: Path) -> Path:
     tune_dir = run_dir / "tune"
     rows = read_trials(tune_dir / "trials.csv")
     summary = _read_json(tune_dir / "summary.json") or {}
-    metric = summary.get("metric") or _metric_of(run_dir / "config.yaml", "tune")
+    metric = summary.get("metric") or _metric_of(saved_config(run_dir, "tune"), "tune")
     sign = -1 if (summary.get("mode") == "min" or metric == "val_loss") else 1
     fixed = set(METRIC_COLUMNS) | {"trial_id", "status", "checkpoint_path"}
     keys = [k for k in (rows[0] if rows else {}) if k not in fixed]
@@ -300,7 +301,7 @@ def tune_report(run_dir: Path) -> Path:
         "<section id='search'><h2>Hyperparameters against the metric</h2>" + _img(overview, "search overview")
         + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",
         _evaluation_section(_read_json(tune_dir / "best" / "eval.json"), tune_dir / "best" / "confusion_matrix.png"),
-        _config_section(run_dir, run_dir / "config.yaml"),
+        _config_section(run_dir, saved_config(run_dir, "tune")),
     ]
     out = tune_dir / "report.html"
     out.write_text(_page(f"{run_dir.name}: hyperparameter search", f"{run_dir}", sections))

@@ -26,7 +26,7 @@ from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.progress import Progress
-from rayfine.rundir import holding
+from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import RunTracker
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
@@ -206,17 +206,18 @@ RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", 
 
 
 def _check_continuation(run_dir: Path, cfg: Config) -> bool:
-    """True when this run continues an earlier one; refuse if its config changed what it trains."""
-    previous_path = run_dir / "config.yaml"
-    if not (run_dir / "train" / "metrics.jsonl").is_file() or not previous_path.is_file():
-        return False
-    changed = changes_since(previous_path, cfg, RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            [f"{run_dir} holds a run of a different config (changed: {', '.join(changed)}); "
-             "choose another `name` (or --set name=...) or remove that directory"]
-        )
-    return True
+    """True when this run continues an earlier training run. Refuse a config that changed what
+    is trained from the training run's or the search's in ``run_dir`` (one name, one experiment)."""
+    done = {"train": (run_dir / "train" / "metrics.jsonl").is_file(), "tune": (run_dir / "tune" / "config.yaml").is_file()}
+    for command, what in (("train", "run"), ("tune", "search")):
+        previous = saved_config(run_dir, command)
+        changed = changes_since(previous, cfg, RESUMABLE_CHANGES) if done[command] and previous.is_file() else []
+        if changed:
+            raise ConfigError(
+                [f"{run_dir} holds a {what} of a different config (changed: {', '.join(changed)}); "
+                 "choose another `name` (or --set name=...) or remove that directory"]
+            )
+    return done["train"] and saved_config(run_dir, "train").is_file()
 
 
 def changes_since(previous_path: Path, cfg: Config, allowed: tuple[str, ...]) -> list[str]:
@@ -286,7 +287,7 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
     run_dir, started = cfg.run_dir(), time.time()
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_config(run_dir, "train", cfg.to_yaml())
     metrics_path = train_dir / "metrics.jsonl"
     if continuing and metrics_path.exists():
         done = len(metrics_path.read_text().splitlines())

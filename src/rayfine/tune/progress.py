@@ -93,7 +93,8 @@ class Board:
 
     def leaderboard(self) -> str:
         sign = -1 if self.mode == "max" else 1
-        ranked = sorted(self.rows.values(), key=lambda r: (r["best"] is None, sign * (r["best"] or 0.0)))
+        ranked = sorted(self.rows.items(), key=lambda kv: (kv[1]["best"] is None, sign * (kv[1]["best"] or 0.0), kv[0]))
+        ranked = [row for _, row in ranked]  # ties by trial id: the same order after a resume
         return self.table(ranked, rank=True)
 
 

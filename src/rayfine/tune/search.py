@@ -33,7 +33,7 @@ from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.models import check_model
-from rayfine.rundir import holding
+from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, split_for_workers
@@ -120,8 +120,7 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     for note in plan.notes:
         log(note)
     log(plan.describe())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_config(run_dir, "tune", cfg.to_yaml())
     datasets, info = build_datasets(base, log=log)
 
     trainable = tune.with_resources(
@@ -214,7 +213,7 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
         raise ConfigError([f"{cfg.run_dir()} already holds a search: add --resume to continue it, or choose another "
                            "`name` (--set name=...) or remove that directory"])
     _check_continuation(cfg.run_dir(), cfg)  # refuses a different experiment under this name
-    previous = cfg.run_dir() / "config.yaml"
+    previous = saved_config(cfg.run_dir(), "tune")
     if resume and previous.is_file():
         # Its trials continue from their checkpoints: what they train, and the search itself, must
         # not change (tune.* included, unlike a training run's continuation).
@@ -283,7 +282,8 @@ def trial_rows(results, keys: list[str], epochs: int, trials_root: str) -> list[
             record = reported.get(epoch, {})
             rows.append({**base, **{k: record.get(k) for k in METRIC_KEYS}, "checkpoint_path": record.get("checkpoint_path"),
                          "status": status})
-    return rows
+    # By trial and epoch: Tune returns the trials in another order after a resume.
+    return sorted(rows, key=lambda r: (str(r["trial_id"]), r["epoch"] is not None, r["epoch"] or 0))
 
 
 def trial_params(result) -> dict[str, Any]:
@@ -304,10 +304,12 @@ def _isnan(x: Any) -> bool:
 
 
 def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
-    """The best epoch of any trial whose checkpoint is still kept."""
+    """The best epoch of any trial whose checkpoint is still kept; ties to the earlier epoch, then
+    the lower trial id: the same results pick the same winner in any order (a resumed search's
+    results come back in another)."""
     sign = 1 if mode == "max" else -1
     usable = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric]) and _checkpoint_exists(r.get("checkpoint_path"))]
-    return max(usable, key=lambda r: (sign * r[metric], -r["epoch"])) if usable else None
+    return min(usable, key=lambda r: (-sign * r[metric], r["epoch"], str(r["trial_id"]))) if usable else None
 
 
 def _checkpoint_exists(path: Any) -> bool:
