@@ -514,6 +514,8 @@ def test_the_format_of_a_folder_follows_its_files(tmp_path):
     assert image_format(folder("mixed", "a.parquet", "cats/1.png")) == "image_folder"
     assert image_format(folder("classes", "cats/1.png", "dogs/2.JPG", "labels.csv")) == "image_folder"
     assert image_format(folder("empty", ".hidden.parquet")) == "image_folder"  # refused later: no image files
+    # A Hugging Face dataset's snapshot: its card beside the parquet shards.
+    assert image_format(folder("hub", "README.md", ".gitattributes", "data/train-00000-of-00001.parquet")) == "parquet"
     assert detect_format(DataConfig(source=folder("csvs", "a.csv", "b.csv", "notes.txt"), kind="text")) == "csv"
     with pytest.raises(DataError, match=r"data.format: cannot read .* as text data; set data.format to one of: csv"):
         detect_format(DataConfig(source=folder("both", "a.csv", "b.jsonl"), kind="text"))

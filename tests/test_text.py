@@ -118,6 +118,36 @@ def test_labels_and_texts_are_read_as_the_strings_the_file_holds(ray_local, tmp_
 
 
 @pytest.mark.ray
+def test_files_that_cannot_be_read_are_named_with_the_readers_reason(ray_local, tmp_path, reviews):
+    """What fails in Ray Data's read tasks reaches the user as one DataError line naming the file
+    and pyarrow's reason (Ray's own error names the file only, behind its task traceback)."""
+    good = reviews.iloc[:60]
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncafé good,positive\n".encode("latin-1"))
+    (tmp_path / "ragged.csv").write_text("text,label\na,positive\nb,negative,extra\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": "zero"}\n')
+    (tmp_path / "two").mkdir()
+    good.to_csv(tmp_path / "two" / "a.csv", index=False)
+    good.rename(columns={"text": "body"}).to_csv(tmp_path / "two" / "b.csv", index=False)
+    for source, message in [
+        ("latin1.csv", "data.source: cannot read {d}/latin1.csv: In CSV column #0: CSV conversion error to string: invalid UTF8 data"),
+        ("ragged.csv", "data.source: cannot read {d}/ragged.csv: CSV parse error: Expected 2 columns, got 3: b,negative,extra"),
+        ("empty.csv", "data.source: cannot read {d}/empty.csv: Empty CSV file"),
+        ("header.csv", "data.source: {d}/header.csv holds no rows"),
+        ("mixed.jsonl", "data.source: cannot read {d}/mixed.jsonl: JSON parse error: Column(/label) changed from number to string in row 1"),
+        ("two", "data.text_column: no column 'text' in {d}/two/b.csv; columns: ['body', 'label']"),
+    ]:
+        with pytest.raises(DataError) as info:
+            build_datasets(text_cfg(tmp_path / source), log=lambda *_: None)
+        assert str(info.value) == message.format(d=tmp_path), source
+    # A file named as the source is read as data.format says, whatever its extension.
+    good.to_csv(tmp_path / "reviews.txt", index=False)
+    _, info = build_datasets(text_cfg(tmp_path / "reviews.txt", "data.format=csv"), log=lambda *_: None)
+    assert sum(info.num_examples.values()) == len(good)
+
+
+@pytest.mark.ray
 def test_empty_texts_and_labels_are_bad_rows(ray_local, tmp_path, reviews):
     sample = reviews.iloc[:40].copy()
     sample.loc[3, "text"] = ""

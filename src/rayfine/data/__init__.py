@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,8 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_pixel_values
-from rayfine.data.sources import class_label_names, read_source
-from rayfine.errors import DataError
+from rayfine.data.sources import class_label_names, read_failure, read_source
+from rayfine.errors import DataError, RayfineError
 
 if TYPE_CHECKING:
     import torch
@@ -240,8 +241,37 @@ def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
     """Read, prepare and split ``cfg.data``; returns per-split datasets of model inputs."""
-    with no_false_cpu_alarm():
+    with no_false_cpu_alarm(), read_errors(cfg.data):
         return _build_datasets(cfg, log)
+
+
+# An exception's line in a traceback: "pyarrow.lib.ArrowInvalid: CSV parse error: ...".
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Invalid)): (.+)$")
+
+
+@contextlib.contextmanager
+def read_errors(data_cfg: DataConfig) -> Iterator[None]:
+    """What fails in Ray Data's tasks while they read and prepare ``data.source`` (a file that is
+    not the format it claims, a row with too many fields, a column missing from one file of a
+    folder), as the one line the command prints, not Ray's task traceback: rayfine's own error
+    as it was raised in the task, else a DataError naming the source with the reader's reasons."""
+    try:
+        yield
+    except ray.exceptions.RayError as e:
+        # A task's exception reaches the driver pickled, without its chain (__cause__): the
+        # traceback Ray carries has every exception of the chain, innermost first.
+        text = "\n".join(str(getattr(x, "traceback_str", "") or x) for x in (e, getattr(e, "cause", None)) if x)
+        found = [m.groups() for m in map(_ERROR_LINE.match, map(str.strip, text.splitlines())) if m]
+        for kind, message in found:
+            if kind.startswith("rayfine."):
+                raise (DataError if kind.endswith("DataError") else RayfineError)(message) from None
+        failure = read_failure(data_cfg)  # "<file>: <reason>", the reader's own, which Ray's error lost
+        if failure:
+            raise DataError(f"data.source: cannot read {failure}") from None
+        reasons = [f"{kind.rsplit('.', 1)[-1]}: {message[:300]}" for kind, message in found
+                   if not kind.startswith("ray.") and "RayTaskError" not in kind and "UserCodeException" not in kind]
+        raise DataError(f"data.source: cannot read {data_cfg.source}: "
+                        + ("; ".join(dict.fromkeys(reasons)) or str(e).splitlines()[0])) from None
 
 
 NO_CPUS_WARNING = "does not have any available CPUs"  # in Ray Data's "... The Dataset job will hang" warning

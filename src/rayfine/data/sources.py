@@ -89,15 +89,16 @@ def _format_of(name: str) -> Optional[str]:
     return None
 
 
-def _only_parquet(names) -> bool:
-    """Whether there are names and every one is a parquet file. Stops at the first other name, so
-    a folder of 100,000 images is decided by the first file the walk meets, not by all of them."""
-    seen = False
+def _parquet_without_images(names) -> bool:
+    """Whether there are parquet files and no image files among ``names``: a folder of parquet
+    files, or a Hugging Face dataset's snapshot (README.md, data/train-*.parquet). Stops at the
+    first image, so a folder of 100,000 images is decided by the first one the walk meets."""
+    parquet = False
     for name in names:
-        if _format_of(name) != "parquet":
+        if name.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
             return False
-        seen = True
-    return seen
+        parquet = parquet or _format_of(name) == "parquet"
+    return parquet
 
 
 def detect_format(data_cfg: DataConfig) -> str:
@@ -112,8 +113,8 @@ def detect_format(data_cfg: DataConfig) -> str:
                 raise DataError(f"data.source: {data_cfg.source!r} does not exist")
             names = (n for _, _, files in os.walk(source) for n in files if not n.startswith("."))
             if data_cfg.kind == "image":
-                # Parquet only when the folder holds nothing else; a stray CSV beside images is fine.
-                fmt = "parquet" if _only_parquet(names) else "image_folder"
+                # Parquet when the folder holds parquet and no images; a stray CSV beside images is fine.
+                fmt = "parquet" if _parquet_without_images(names) else "image_folder"
             else:
                 kinds = {_format_of(n) for n in names} - {None}
                 fmt = kinds.pop() if len(kinds) == 1 else None
@@ -129,7 +130,10 @@ def detect_format(data_cfg: DataConfig) -> str:
 
 
 def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...]) -> None:
-    available = ds.schema().names
+    schema = ds.schema()
+    if schema is None:  # no file held a row (a CSV of its header alone, an empty JSONL file)
+        raise DataError(f"data.source: {data_cfg.source} holds no rows")
+    available = schema.names
     for field in fields:
         column = getattr(data_cfg, field)
         if column is not None and column not in available:
@@ -402,17 +406,22 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     fmt = detect_format(data_cfg)
     source = data_cfg.source
     columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column) if c]
+    # A file named as the source is read as data.format says, whatever its extension (reviews.txt
+    # with data.format csv); in a folder, only the files with the format's extensions.
+    named_file = data_cfg.format != "auto" and _is_local(source) and os.path.isfile(source.removeprefix("file://"))
     if fmt == "csv":
         # Texts and labels stay the strings the file holds (pyarrow would make "007" the number 7,
         # "true" a bool); quoted values may span lines in files of any size.
-        ds = ray.data.read_csv(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["csv"]),
+        ds = ray.data.read_csv(source, include_paths=True,
+                               file_extensions=None if named_file else list(FORMAT_EXTENSIONS["csv"]),
                                parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
     elif fmt == "jsonl":
         # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
         # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
         # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
-        ds = ray.data.read_json(source, include_paths=True, file_extensions=list(FORMAT_EXTENSIONS["jsonl"]))
+        ds = ray.data.read_json(source, include_paths=True,
+                                file_extensions=None if named_file else list(FORMAT_EXTENSIONS["jsonl"]))
     else:
         ds = ray.data.read_parquet(source, include_paths=True)
     _check_columns(ds, data_cfg, ("text_column", "text_pair_column", "label_column"))
@@ -420,6 +429,12 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
     def normalize(batch: dict) -> dict:
+        # The columns were checked in the first file; a folder's other files may lack them.
+        for field in ("text_column", "text_pair_column", "label_column"):
+            column = getattr(data_cfg, field)
+            if column is not None and column not in batch:
+                raise DataError(f"data.{field}: no column {column!r} in {batch['path'][0]}; columns: "
+                                f"{[c for c in batch if c != 'path']}")
         labels, errors = _named_labels(batch[label_col], names, label_col)
         out = {"text": batch[text_col], "label": labels, "origin": batch["path"], "error": errors}
         if pair_col:
@@ -427,6 +442,37 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         return out
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=1024)
+
+
+def read_failure(data_cfg: DataConfig) -> str | None:
+    """Why pyarrow cannot read a local CSV or JSON Lines source: "<file>: <pyarrow's reason>" for the
+    first file that fails, or None. Ray Data's readers name the file but drop pyarrow's reason ("CSV
+    parse error: Expected 2 columns, got 3", "invalid UTF8 data", "Empty CSV file") before the error
+    reaches the driver, so the driver reads the files again, only after a read failed."""
+    import pyarrow.json as pajson
+
+    source = data_cfg.source.removeprefix("file://")
+    if data_cfg.source.startswith("builtin:") or not _is_local(data_cfg.source) or not os.path.exists(source):
+        return None
+    try:
+        fmt = detect_format(data_cfg)
+    except DataError:
+        return None
+    if fmt not in ("csv", "jsonl"):
+        return None
+    files = [source] if os.path.isfile(source) else sorted(
+        os.path.join(d, n) for d, _, names in os.walk(source) for n in names if _format_of(n) == fmt)
+    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column) if c]
+    for path in files:
+        try:
+            if fmt == "csv":
+                pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+            else:
+                pajson.read_json(path)
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+            return f"{path}: {str(e).splitlines()[0][:300]}"
+    return None
 
 
 def check_source(data_cfg: DataConfig) -> None:
