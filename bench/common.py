@@ -119,7 +119,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def measured_on(machine: dict[str, Any]) -> str:
+def measured_on(machine: dict[str, Any], versions: bool = True) -> str:
     """One line naming the machine a section ran on (each section keeps its own); a machine block
     written before family/model and torch's capability were recorded names what it has."""
     cpu = [machine.get("cpu_model") or "unknown model"]
@@ -127,7 +127,8 @@ def measured_on(machine: dict[str, Any]) -> str:
         cpu.append(f"family/model {machine['cpu_family_model']}")
     if machine.get("torch_cpu_capability"):
         cpu.append(f"torch {machine['torch_cpu_capability']}")
-    return f"{machine.get('cpus')} CPUs ({', '.join(cpu)}), {machine.get('memory_gib')} GiB"
+    named = ", ".join(f"{k} {machine[k]}" for k in ("ray", "torch") if machine.get(k)) if versions else ""
+    return f"{machine.get('cpus')} CPUs ({', '.join(cpu)}), {machine.get('memory_gib')} GiB" + (f"; {named}" if named else "")
 
 
 # --- the results file -------------------------------------------------------------------------

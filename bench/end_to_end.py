@@ -116,7 +116,7 @@ def main() -> None:
         "search": {k: summary[k] for k in ("num_trials", "epochs_run", "epochs_full_budget", "budget_fraction",
                                            "concurrent_trials", "trials")},
         "first_answer": answer,
-        "command": " ".join(["rayfine", *cmd[1:3], *[c for c in cmd[3:] if not c.startswith(str(scratch))]]),
+        "command": " ".join(["rayfine", *cmd[1:3], *[c for c in cmd[3:] if c != "--runs-dir" and not c.startswith(str(scratch))]]),
         "repeats": 1,
         "compared": ("wall time of one `rayfine run` from launch to serving, split by the stage timings the "
                      "command prints (cli_and_rest_s: Python start-up, imports, config, and what no stage covers)"),

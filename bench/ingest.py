@@ -30,9 +30,11 @@ the file whole (rayfine before that change) and (c) what a torchvision user writ
   normalizes with ``to_model_input`` (the same transforms), batches of 256.
 
 Both count every image that reaches the consumer as a torch tensor, timed from building the
-pipeline (listing the files included) to the last batch. One untimed pass of each warms the page
-cache and Ray's worker processes; then REPEATS passes of each. The DataLoader passes run while no
-Ray is up (a user of plain PyTorch has none), the Ray Data passes right after.
+pipeline (listing the files included) to the last batch. One untimed DataLoader pass warms the page
+cache. Then REPEATS pairs, side by side: the DataLoader's passes, each in a fresh Python process
+while no Ray is up (as a user of plain PyTorch runs it), then, on a fresh embedded Ray, an untimed
+warm-up pass (Ray's worker processes import rayfine) and the timed Ray Data pass of each folder.
+Each ratio is one pair's.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -207,6 +211,24 @@ def list_folder(root: Path, labels: list[str]) -> list[tuple[str, int]]:
     return sorted(items)
 
 
+def dataloader_pass_in_own_process(root: Path, size: int, color_mode: str, labels: list[str], workers: int) -> tuple[int, float]:
+    """``dataloader_pass`` in a fresh Python process, as a plain PyTorch user runs it, not in this
+    one, which has run an embedded Ray and Ray Data: passes in it were slower once Ray had run
+    there (2026-12-05, digits: 0.97 s before any Ray, 1.27-1.42 s in the four repeats after)."""
+    # What the user's script imports at its top: the DataLoader's workers, forked from it, have
+    # the transforms' modules already (imported in each worker instead, a digits pass took
+    # 1.69-1.78 s, not 0.94-1.08: 2026-12-05, two runs of this script).
+    code = ("import json, sys; import torch, torch.utils.data; import rayfine.config, rayfine.data.images; "
+            "sys.path.insert(0, sys.argv[1]); import ingest; from pathlib import Path; "
+            "root = Path(sys.argv[2]); cfg = ingest.data_config(root, int(sys.argv[3]), sys.argv[4]); "
+            "print(json.dumps(ingest.dataloader_pass(root, cfg, json.loads(sys.argv[5]), int(sys.argv[6]))))")
+    out = subprocess.run([common.PYTHON, "-c", code, str(Path(__file__).parent), str(root), str(size), color_mode,
+                          json.dumps(labels), str(workers)], capture_output=True, text=True, check=True,
+                         env=common.env_for_children())
+    n, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+    return n, seconds
+
+
 def dataloader_pass(root: Path, cfg, labels: list[str], workers: int) -> tuple[int, float]:
     import torch
 
@@ -262,36 +284,37 @@ def main() -> None:
     scratch = common.scratch_dir("ingest")
     try:
         common.log(f"writing {size['images']} mnist5k PNGs x {size['copies']} and {size['photos']} JPEG photos to {scratch}")
-        workloads = {  # name: (folder, files, config, labels)
+        workloads = {  # name: (folder, files, config, labels, (image size, color mode))
             "digits": (scratch / "images", write_folder(scratch / "images", size["images"], size["copies"]),
-                       data_config(scratch / "images"), [str(d) for d in range(10)]),
+                       data_config(scratch / "images"), [str(d) for d in range(10)], (IMAGE_SIZE, "L")),
             "photos": (scratch / "photos", write_photos(scratch / "photos", size["photos"]),
-                       data_config(scratch / "photos", PHOTO_SIZE, "RGB"), ["china", "flower"]),
+                       data_config(scratch / "photos", PHOTO_SIZE, "RGB"), ["china", "flower"], (PHOTO_SIZE, "RGB")),
         }
         loader_runs, ray_runs = {name: [] for name in workloads}, {name: [] for name in workloads}
-
-        common.log(f"torch DataLoader, {cpus} workers (no Ray running)")
-        for name, (root, files, cfg, labels) in workloads.items():
-            if not args.quick:
-                dataloader_pass(root, cfg, labels, cpus)  # warm-up: page cache
-            for i in range(size["repeats"]):
-                n, seconds = dataloader_pass(root, cfg, labels, cpus)
-                assert n == files, f"DataLoader saw {n} of {files} {name} images"
-                loader_runs[name].append(seconds)
-                common.log(f"  {name}: DataLoader pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
-
         from rayfine.runtime import ray_session
 
-        with ray_session(log=common.log):
-            common.log("Ray Data pipeline")
-            for name, (root, files, cfg, labels) in workloads.items():
-                if not args.quick:
-                    ray_pass(cfg, labels)  # warm-up: Ray's worker processes import rayfine
-                for i in range(size["repeats"]):
+        if not args.quick:
+            for root, _, cfg, labels, _ in workloads.values():
+                dataloader_pass(root, cfg, labels, cpus)  # warm-up: the page cache
+        for i in range(size["repeats"]):
+            # One pair per repeat, side by side: the DataLoader's passes, each in a fresh process
+            # while no Ray runs (as a user of plain PyTorch runs it), then a fresh embedded Ray's,
+            # after an untimed warm-up pass of each folder (Ray's worker processes import rayfine).
+            common.log(f"repeat {i + 1}: torch DataLoader, {cpus} workers, its own process (no Ray running)")
+            for name, (root, files, cfg, labels, (image_size, mode)) in workloads.items():
+                n, seconds = dataloader_pass_in_own_process(root, image_size, mode, labels, cpus)
+                assert n == files, f"DataLoader saw {n} of {files} {name} images"
+                loader_runs[name].append(seconds)
+                common.log(f"  {name}: DataLoader pass: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+            with ray_session(log=common.log):
+                common.log(f"repeat {i + 1}: Ray Data pipeline")
+                for name, (root, files, cfg, labels, _) in workloads.items():
+                    if not args.quick:
+                        ray_pass(cfg, labels)  # warm-up
                     n, seconds = ray_pass(cfg, labels)
                     assert n == files, f"Ray Data saw {n} of {files} {name} images"
                     ray_runs[name].append(seconds)
-                    common.log(f"  {name}: Ray Data pass {i + 1}: {n / seconds:.0f} images/s ({seconds:.2f}s)")
+                    common.log(f"  {name}: Ray Data pass: {n / seconds:.0f} images/s ({seconds:.2f}s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     common.log(f"phone photos: {size['phone_photos']} JPEGs of {PHONE[0]}x{PHONE[1]} -> {PHOTO_SIZE} px, one process")
@@ -304,6 +327,7 @@ def main() -> None:
         "image_size": IMAGE_SIZE,
         "cpus": cpus,
         "repeats": size["repeats"],
+        "paired": True,  # each repeat: a DataLoader pass, then a Ray Data pass on a fresh Ray
         "goal": ">= 1.0",
         "goal_met": digits["ratio"] >= 1.0,
         "compared": (f"images/s of rayfine's Ray Data pipeline (folder listing -> read + prepare_batch -> "

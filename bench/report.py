@@ -23,6 +23,12 @@ ORDER = ("asha", "halving", "halving_held_out", "asha_replay", "asha_curves", "t
 # What limits each figure on this machine (2 CPUs shared by everything, Ray's own processes included).
 BOUNDS = {
     "asha": [
+        ("Worker-seconds (2026-12-05, a review of the record, nothing re-run): they sum the trials' epochs "
+         "(training + validation) and leave out each trial's start (its Ray Train worker group, ~10-20 s on 2 CPUs), "
+         "which every trial pays, stopped early or not, so they flatter ASHA. Estimated, not measured: with 10, 15 "
+         "or 20 s per trial added on both sides (16 trials each), the three seeds' worker-seconds ratios would be "
+         "0.55, 0.62, 0.62; 0.59, 0.65, 0.65; 0.62, 0.68, 0.68 (recorded 0.46, 0.54, 0.55). wall_ratio (0.59-0.64) "
+         "includes the starts. compute_ratio counts epochs and is not affected."),
         ("Measured again 2026-12-05 00:24-01:13 on 2 AMD EPYC CPUs of family 26, model 2 (torch's AVX512 kernels) "
         "with the current code, seed 0 and then seeds 1 and 2 in two runs of the script, nothing else on the "
         "machine (goal missed on compute; the accuracy gap within it on the median): compute_ratio 0.469 (0.430, "
@@ -332,6 +338,20 @@ BOUNDS = {
         "71.6 and 80.4 s after (two A/B pairs an hour apart).",
     ],
     "ingest": [
+        ("Measured again 2026-12-05 16:12-16:15, for the first time in pairs side by side, on another machine: 2 AMD "
+         "EPYC CPUs of family 25, model 17 (torch's AVX512 kernels), where the records below ran on family 26 "
+         "(goal >= 1.0 missed on the digits, 0.547, 0.52-0.65; met on the photos, 1.095, 0.97-1.15). Each of the "
+         "five repeats now runs the DataLoader's passes in a fresh Python process with no Ray running, then starts "
+         "an embedded Ray, makes an untimed warm-up pass of each folder and the timed pass, and stops it; each ratio "
+         "is that pair's. Before, the five DataLoader passes ran first and Ray Data's five after, and pass i was "
+         "divided by pass i (a review found the photo figure within the DataLoader's own drift: its passes spanned "
+         "282-687 images/s). Digits: DataLoader 18,558-21,303 images/s (0.94-1.08 s a pass), Ray Data "
+         "10,516-12,150 (1.65-1.90 s); photos 424-487 and 452-490. Two designs tried the same hour and dropped, both "
+         "unfair to the DataLoader: its passes in this script's process after Ray had run there (20,700 images/s "
+         "before any Ray, 14,080-15,788 after; ratio 0.76), and in a fresh process that imported rayfine's transforms "
+         "only in its workers, after the fork (11,355-11,854 images/s, 1.69-1.76 s a pass; ratio 0.99), where a "
+         "user's script imports them at its top. What bounds the digits figure is as below: Ray Data's start of each "
+         "execution."),
         ("Measured again 2026-12-05 10:50-10:52 on the same machine (family 26, model 2), after the embedded Ray began "
          "to run its workers at niceness 0 instead of Ray's 15 (the train_overhead section; goal >= 1.0 missed on the "
          "digits, 0.506, 0.421-0.517; met on the photos, 1.149, 0.847-2.157). Digits: Ray Data 12,171 images/s "
@@ -564,6 +584,13 @@ BOUNDS = {
                    "test accuracy 0.9918). The search dominates and is bounded by each trial's start-up (~15-20 s for "
                    "its Ray Train worker group) and 2 CPUs."],
     "memory": [
+        ("Measured again 2026-12-05 16:16-16:18 on another machine, 2 AMD EPYC CPUs of family 25, model 17, after the "
+         "driver's figure became its own VmHWM (sampled with the workers'): before, it was wait4's ru_maxrss, which "
+         "Linux fills with the larger of the driver's peak and every reaped descendant's (a review found it). The two "
+         "differ on digits: driver 1,192 MiB, ru_maxrss 1,232 (a descendant of the driver's, reaped, peaked higher); "
+         "on rotten tomatoes both 1,327. Workers 1,306 and 1,309 MiB (USS 799), Train controller 774; rotten tomatoes "
+         "workers 2,226 and 2,143 (USS 1,614), controller 772. The workers' USS is within 2% of the family-26 record "
+         "below (789 and 1,609); RSS, which counts shared pages, 6-7% above it. One run each."),
         ("Measured again 2026-12-05 03:38-03:40 on 2 AMD EPYC CPUs of family 26, model 2, with the current code: "
          "every figure lower than the 2026-12-04 record and close to the 2026-12-01 one (Intel Xeon): digits driver "
          "1,149 MiB (1,462 on 2026-12-04, 1,155 on 2026-12-01), workers 1,231 and 1,214 (1,509; 1,221), worker USS 789 "
@@ -612,7 +639,9 @@ def headline_rows(results: dict) -> list[list[str]]:
         if not r or figure not in r or stats_key not in r:
             continue
         stats = r[stats_key]
-        rows.append([f"`{key}.{figure}`", _fmt(r[figure]), f"[{_fmt(stats['min'])}, {_fmt(stats['max'])}]",
+        # halving's FIFO side is asha_curves' record (another run, another day), not run beside it.
+        against = " (against the asha_curves FIFO record)" if key == "halving" else ""
+        rows.append([f"`{key}.{figure}`{against}", _fmt(r[figure]), f"[{_fmt(stats['min'])}, {_fmt(stats['max'])}]",
                      str(stats["n"]), r.get("goal", ""), _fmt(r.get("goal_met", ""))])
     return rows
 
@@ -688,8 +717,12 @@ def section_train_overhead(r: dict) -> list[str]:
 
 
 def section_ingest(r: dict) -> list[str]:
-    out = [f"Setting (digits, the headline ratio): {r['images']} PNG files, {r['cpus']} CPUs, {r['repeats']} timed passes of each (after one untimed "
-           "warm-up pass each).", ""]
+    paired = r.get("paired", False)
+    out = [f"Setting (digits, the headline ratio): {r['images']} PNG files, {r['cpus']} CPUs, " + (
+        f"{r['repeats']} pairs of passes side by side (each: the DataLoader's pass in a fresh process with no Ray "
+        "running, then a fresh embedded Ray's untimed warm-up and timed pass); each ratio is one pair's." if paired else
+        f"{r['repeats']} timed passes of each (after one untimed warm-up pass each): the DataLoader's five, "
+        "then Ray Data's five."), ""]
     out += table(["", "images/s"], [["rayfine (Ray Data)", _spread(r["rayfine_images_per_s"], 0)],
                                     ["torch DataLoader", _spread(r["dataloader_images_per_s"], 0)]])
     out += ["", f"- ratio: {_spread(r['ratio_stats'])}"]
@@ -757,11 +790,15 @@ def section_memory(r: dict) -> list[str]:
         m = r.get(key)
         if not m:
             continue
-        rows.append([f"{m['preset']} ({', '.join(m['overrides'])})", _fmt(m["driver_peak_rss_mib"], 0),
+        # Before the driver's own VmHWM was sampled, its figure was wait4's ru_maxrss (the driver's or a
+        # reaped descendant's peak, whichever is larger).
+        own = "driver_or_reaped_peak_rss_mib" in m
+        rows.append([f"{m['preset']} ({', '.join(m['overrides'])})", _fmt(m["driver_peak_rss_mib"], 0) + ("" if own else " (ru_maxrss)"),
+                     _fmt(m["driver_or_reaped_peak_rss_mib"], 0) if own else "-",
                      ", ".join(_fmt(x, 0) for x in m["workers_peak_rss_mib"]), _fmt(m["worker_peak_uss_mib"], 0),
                      _fmt(m["controller_peak_rss_mib"], 0), _fmt(m["wall_s"], 0)])
-    return table(["run", "driver peak RSS MiB", "training workers peak RSS MiB", "worker peak USS MiB",
-                  "Train controller peak RSS MiB", "wall s"], rows)
+    return table(["run", "driver peak RSS MiB (its VmHWM)", "driver or a reaped descendant (wait4 ru_maxrss) MiB",
+                  "training workers peak RSS MiB", "worker peak USS MiB", "Train controller peak RSS MiB", "wall s"], rows)
 
 
 def section_asha_curves(r: dict) -> list[str]:
@@ -826,13 +863,15 @@ def render(results: dict) -> str:
              "Generated by `make bench` (`bench/run.py`, then `bench/report.py`) from `bench/results.json`. Each headline "
              "figure is a ratio of two things run side by side in the same script, repeated; the median is reported "
              "with its spread, because absolute times on a shared 2-CPU machine drift.", "",
-             f"Machine: {common.measured_on(m)} memory, {m.get('os')}; Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}. "
+             f"Machine: {common.measured_on(m, versions=False)} memory, {m.get('os')}; Python {m.get('python')}, Ray {m.get('ray')}, torch {m.get('torch')}. "
              f"Written {m.get('date')}. This is the machine of the latest script run; each section ends with the "
              "date it was measured. The machines have been of the same size but not the same kind: sections measured "
              "before 2026-12-01 ran on 2 AMD EPYC CPUs (23.5 GiB), those of 2026-12-01 and 2026-12-02 on 2 Intel "
              "Xeon CPUs (23.6 GiB), and those of 2026-12-03 and 2026-12-04 on 2 AMD EPYC CPUs again. Sections "
              "measured from 2026-12-04 23:00 on also name the CPU family and model and torch's CPU capability "
-             "(the model name alone did not tell AMD machines apart).", ""]
+             "(the model name alone did not tell AMD machines apart): family 26, model 2 until 2026-12-05 14:00; "
+             "ingest and memory of 2026-12-05 16:15-16:18 on family 25, model 17. Sections measured from then on "
+             "name the Ray and torch versions too.", ""]
     quick = sorted(k for k, v in results.items() if isinstance(v, dict) and v.get("quick"))
     if quick:
         lines += [f"**Tiny (--quick) settings, not meaningful figures: {', '.join(quick)}.**", ""]

@@ -36,7 +36,7 @@ REQUIRED = {
               *[f"servers.{s}.c{c}.{m}" for s in ("batched", "unbatched", "plain") for c in (1, 8, 32)
                 for m in ("rps.median", "p50_ms", "p99_ms", "loadgen_cpu_ms_per_request")]],
     "memory": [f"{run}.{m}" for run in ("digits", "rotten_tomatoes")
-               for m in ("driver_peak_rss_mib", "worker_peak_rss_mib", "worker_peak_uss_mib")],
+               for m in ("driver_peak_rss_mib", "driver_or_reaped_peak_rss_mib", "worker_peak_rss_mib", "worker_peak_uss_mib")],
     "end_to_end": ["total_s", "ray_start_s", "search_s", "evaluation_s", "deploy_s", "test_accuracy"],
     "asha": ["compute_ratio", "worker_seconds_ratio", "best_acc_asha", "best_acc_full", "accuracy_gap",
              "compute_ratio_stats.median", "accuracy_gap_stats.median"],
