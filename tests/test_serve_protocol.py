@@ -625,6 +625,15 @@ def test_405_allows_head_where_get_is_answered(nli):
     assert nli.client.head("/predict").status_code == 405
 
 
+def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """Send ``body`` (JSON when it looks like it, else text) with ``status``."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json" if body.startswith(b"{") else "text/plain")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _FlakyHandler(BaseHTTPRequestHandler):
     """Answers call i as ``script[i]`` says: "drop" (the connection, no answer), or a status code
     (200: a prediction; other: a body like the one Serve's proxy sends for a dead replica)."""
@@ -646,11 +655,7 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             body = b'{"error": "too many inputs"}'
         else:
             body = b"Internal Server Error"
-        self.send_response(action)
-        self.send_header("Content-Type", "application/json" if body.startswith(b"{") else "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer(self, action, body)
 
     def log_message(self, *args):
         pass
@@ -739,11 +744,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         answer = json.dumps({"model_name": "nli", "model_version": "v", "predictions": [
             {"label": "entailment", "score": 0.75, "top_k": [{"label": "entailment", "score": 0.75}]}
             for _ in body["inputs"]]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
+        _answer(self, 200, answer)
 
     def log_message(self, *args):
         pass

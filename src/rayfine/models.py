@@ -292,8 +292,7 @@ def _check_model(cfg: Config) -> None:
                 raise ConfigError([(f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
                                     f"{', '.join(names)}, or a .safetensors file")])
     if cfg.data.kind == "text":
-        most = max_tokens(resolve_model_source(m.name))
-        fewest = special_tokens(resolve_model_source(m.name), pair=bool(cfg.data.text_pair_column)) + 1
+        fewest, most = token_limits(resolve_model_source(m.name), pair=bool(cfg.data.text_pair_column))
         allowed = f"allowed: {fewest} to {most}" if most is not None else f"allowed: {fewest} or more"
         if most is not None and cfg.data.max_length > most:
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
@@ -307,32 +306,24 @@ def _check_model(cfg: Config) -> None:
     check_image_size(cfg)
 
 
-def special_tokens(source: str, pair: bool) -> int:
-    """The tokens a text model's tokenizer adds to a text (or a text pair): [CLS] and [SEP]s."""
-    from rayfine.data.text import load_tokenizer
-
-    try:
-        return load_tokenizer(source).num_special_tokens_to_add(pair=pair)
-    except (OSError, ValueError):  # build_model names what is wrong with the model
-        return 0
-
-
-def max_tokens(source: str) -> Any:
-    """The most tokens a text model takes: its tokenizer's model_max_length, else its config's
-    max_position_embeddings; None when neither says (or the model cannot be read: build_model
-    names what is wrong with it)."""
+def token_limits(source: str, pair: bool) -> tuple[int, Any]:
+    """The fewest and the most tokens ``data.max_length`` may be for a text model: one more than
+    the special tokens its tokenizer adds to a text (or a text pair: [CLS] and [SEP]s), and its
+    tokenizer's model_max_length, else its config's max_position_embeddings, None when neither says.
+    (2, None) when the model cannot be read: build_model names what is wrong with it."""
     import transformers
 
     from rayfine.data.text import load_tokenizer
 
     quiet_transformers()
     try:
-        most = load_tokenizer(source).model_max_length
+        tokenizer = load_tokenizer(source)
+        most = tokenizer.model_max_length
         if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
             most = getattr(transformers.AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+        return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
     except (OSError, ValueError):
-        return None
-    return most
+        return 2, None
 
 
 def check_image_size(cfg: Config) -> None:

@@ -22,7 +22,7 @@ SEARCHABLE_PREFIXES = ("train.", "model.")
 
 
 def _sci_float(value: Any) -> Any:
-    # YAML 1.1 reads 1e-4 as a string; users mean a number.
+    # A quoted "1e-4" (config files and --set read 1e-4 as a number already); users mean a number.
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
         return float(value)
     return value
