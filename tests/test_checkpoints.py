@@ -169,3 +169,22 @@ def test_a_hugging_face_checkpoint_with_a_broken_config_json_is_a_checkpoint_err
     (directory / "config.json").write_text(config_json)
     with pytest.raises(CheckpointError, match="config.json: cannot build the model it describes"):
         checkpoints.load_checkpoint(directory)
+
+
+def test_a_resumed_optimizers_state_is_on_the_device_of_the_model_it_steps(tmp_path, cfg):
+    """Optimizer.load_state_dict puts each state tensor on its parameter's device at load time;
+    the model must be on its device by then, or a run resumed on a GPU steps with CPU moments.
+    The meta device stands in for CUDA here: a tensor left on the CPU stays visibly so."""
+    from rayfine.train.worker import model_and_optimizer
+
+    model, optimizer, scheduler, done = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)
+    assert done == 0
+    model(pixel_values=torch.randn(4, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    checkpoints.save_checkpoint(tmp_path / "ckpt", model, cfg, LABELS, {"epoch": 1})
+    checkpoints.save_train_state(tmp_path / "ckpt", optimizer, scheduler, epoch=1)
+
+    model, optimizer, _, done = model_and_optimizer(cfg, LABELS, torch.device("meta"), 10, str(tmp_path / "ckpt"))
+    assert done == 1 and all(p.device.type == "meta" for p in model.parameters())
+    moments = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    assert moments and all(v.device.type == "meta" for v in moments)

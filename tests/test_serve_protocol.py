@@ -808,3 +808,24 @@ def test_a_replica_reloads_the_checkpoint_of_a_run_directory_when_its_user_confi
         assert replica.model.version == weights_version(best)  # the model served before stays
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_replica_that_reserved_a_gpu_it_cannot_use_refuses_to_serve_on_the_cpu(tmp_path):
+    """serve.gpus_per_replica > 0 means inference on CUDA; a replica whose torch sees no CUDA device
+    (this CI machine; a CPU-only torch build on a GPU node) says so instead of serving on the CPU."""
+    import torch
+
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.errors import RayfineError
+    from rayfine.models import build_model
+    from rayfine.serve.model import load_served
+
+    cfg = load_config("resnet18_digits_tiny")
+    labels = [str(d) for d in range(10)]
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(cfg, labels), cfg, labels, {"epoch": 1})
+    if torch.cuda.is_available():
+        assert load_served(ckpt, LIMITS.model_copy(update={"gpus_per_replica": 1.0})).device == "cuda"
+    else:
+        with pytest.raises(RayfineError, match="serve.gpus_per_replica is 1.0, but this replica's torch .* sees no CUDA"):
+            load_served(ckpt, LIMITS.model_copy(update={"gpus_per_replica": 1.0}))
+    assert load_served(ckpt, LIMITS).device == "cpu"

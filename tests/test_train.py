@@ -216,9 +216,21 @@ def test_bf16_warns_only_on_a_cpu_that_would_emulate_it(monkeypatch):
     warning = worker.precision_warning("bf16", torch.device("cpu"))
     assert warning and "without native bfloat16" in warning and "set train.precision=fp32" in warning
     assert worker.precision_warning("fp32", torch.device("cpu")) is None
-    assert worker.precision_warning("bf16", torch.device("cuda", 0)) is None  # GPUs: bf16 is what they are for
     monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: True)
     assert worker.precision_warning("bf16", torch.device("cpu")) is None
+
+
+def test_bf16_warns_on_a_gpu_that_emulates_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on GPUs before Ampere (T4, V100), which emulate
+    bfloat16; only including_emulation=False tells them apart (stood in for here: no GPU in CI)."""
+    from rayfine.train import worker
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert worker.precision_warning("bf16", torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a T4
+    warning = worker.precision_warning("bf16", torch.device("cuda", 0))
+    assert warning and "GPU without native bfloat16" in warning and "set train.precision=fp32" in warning
+    assert worker.precision_warning("fp32", torch.device("cuda", 0)) is None
 
 
 def test_bf16_support_is_what_onednn_reports_and_assumed_when_torch_cannot_say(monkeypatch):

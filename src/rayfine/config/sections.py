@@ -188,7 +188,7 @@ class TrainConfig(_Section):
     warmup_fraction: Float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     grad_accum_steps: Int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     grad_clip: Optional[Float] = Field(1.0, gt=0, description="Max gradient norm; unset: no clipping.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast (on a CPU only with native bfloat16, AVX512-BF16 or AMX: emulated it is many times slower; rank 0 warns).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast (on a CPU only with native bfloat16, AVX512-BF16 or AMX, on a GPU from compute capability 8.0: emulated it is slower; rank 0 warns).")
     max_failures: Int = Field(
         2, ge=-1, description="Restarts from the last checkpoint after a failure: of the worker group "
         "(a run), and of a whole trial (a search); -1: unlimited."
@@ -374,7 +374,7 @@ class ServeConfig(_Section):
         "look_back_period_s; longer than its 10 s metrics interval)."
     )
     cpus_per_replica: Float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
-    gpus_per_replica: Float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA.")
+    gpus_per_replica: Float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA (a replica whose torch sees no CUDA device refuses to start).")
     max_batch_size: Int = Field(
         16, ge=1, description="Dynamic batching: most items in one forward pass."
     )

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from rayfine.config import Config, ServeConfig
-from rayfine.errors import InputError
+from rayfine.errors import InputError, RayfineError
 
 MODEL_FILE = "model.safetensors"
 
@@ -132,7 +132,11 @@ def load_served(path: Union[str, Path], limits: ServeConfig, device: Optional[st
     if device is None:
         import torch
 
-        device = "cuda" if limits.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+        if limits.gpus_per_replica > 0 and not torch.cuda.is_available():
+            # A replica that reserved a GPU serving on the CPU would be silently many times slower.
+            raise RayfineError(f"serve.gpus_per_replica is {limits.gpus_per_replica}, but this replica's torch "
+                               f"{torch.__version__} sees no CUDA device; set serve.gpus_per_replica=0 to serve on the CPU")
+        device = "cuda" if limits.gpus_per_replica > 0 else "cpu"
     ckpt = load_checkpoint(path, device=device)
     cfg = serving_config(ckpt.cfg, limits)
     pre = Preprocessor(cfg, str(ckpt.path), max_text_chars=limits.max_text_chars)

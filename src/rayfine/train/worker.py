@@ -149,6 +149,10 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         return ("warning: train.precision=bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): "
                 "autocast emulates it, many times slower than fp32; set train.precision=fp32")
+    # is_bf16_supported() alone says True on GPUs before Ampere (T4, V100), which emulate bfloat16.
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return ("warning: train.precision=bf16 on a GPU without native bfloat16 (before compute capability 8.0): "
+                "it is emulated, slower than fp32; set train.precision=fp32")
     return None
 
 
@@ -193,6 +197,26 @@ class ExitGuard:
             raise ProcessExiting("this worker's process is exiting; training stopped at a batch boundary")
 
 
+def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, total_steps: int,
+                        checkpoint_dir: str | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
+    """The model on ``device``, its optimizer and LR scheduler, restored from ``checkpoint_dir``
+    when given; and the epoch that checkpoint finished (0 without one).
+
+    The model moves to its device before its optimizer exists: ``Optimizer.load_state_dict`` puts
+    each state tensor (AdamW's moments, SGD's momentum) on its parameter's device at that moment,
+    and a later ``Module.to`` moves the parameters but not the state, so a run resumed on a GPU
+    would step with CPU moments for CUDA parameters (PyTorch: move a model before constructing
+    its optimizer)."""
+    model = build_model(cfg, labels)
+    if checkpoint_dir is not None:
+        model.load_state_dict(load_file(str(Path(checkpoint_dir) / checkpoints.MODEL_FILE)))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    done = checkpoints.load_train_state(checkpoint_dir, optimizer, scheduler) if checkpoint_dir is not None else 0
+    return model, optimizer, scheduler, done
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One DDP worker: config = {"cfg": <Config JSON>, "labels": [...], "num_train": int,
     "class_weights": [...] or None}."""
@@ -214,24 +238,18 @@ def _train(config: dict, guard: ExitGuard) -> None:
     # Normalize as the pretrained model learnt; the checkpoint's config carries the values on.
     cfg = with_pretrained_normalization(cfg, log=print if rank == 0 else None)
 
-    model = build_model(cfg, labels)
-    start_epoch = 1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / checkpoints.MODEL_FILE)))
-
     t = cfg.train
     rows_per_worker = config["num_train"] // world  # equal shards (train.driver.ShardedIngest)
     batches_per_epoch = train_batches(rows_per_worker, t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * t.epochs)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start_epoch = checkpoints.load_train_state(d, optimizer, scheduler) + 1
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        model, optimizer, scheduler, done = model_and_optimizer(cfg, labels, device, steps_per_epoch * t.epochs, d)
+        if checkpoint:
             resumed_report = checkpoints.read_json(Path(d) / checkpoints.METRICS_FILE, "checkpoint metrics")
-        print(f"[rank {rank}] resuming from the checkpoint of epoch {start_epoch - 1}")
+    start_epoch = done + 1
+    if checkpoint:
+        print(f"[rank {rank}] resuming from the checkpoint of epoch {done}")
         ray.train.report({**resumed_report, REPLAYED_FROM: checkpoint.path})  # every rank reports
 
     # Frozen parameters must be frozen before DDP wraps the model (DDP syncs exactly the
