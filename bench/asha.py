@@ -20,6 +20,7 @@ Reported: the median and spread over SEEDS seeds (asynchronous ASHA depends on t
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 import time
@@ -61,6 +62,20 @@ def read_trials(run_dir: Path, keys: list[str]) -> dict[str, dict]:
     return trials
 
 
+def held_seconds(cfg) -> float:
+    """Seconds the trials held their resources, each from its start to its last result (Tune's
+    ``time_total_s`` in the trial's result.json), summed: each trial's Ray Train worker group start
+    included, which every trial pays, stopped early or not."""
+    from rayfine.tune.search import experiment_path
+
+    total = 0.0
+    for path in Path(experiment_path(cfg)).glob("*/result.json"):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            total += float(json.loads(lines[-1]).get("time_total_s") or 0.0)
+    return total
+
+
 def one_search(size: dict, scheduler: str, seed: int, runs_dir: Path) -> dict:
     from rayfine.tune import run_search
 
@@ -73,6 +88,7 @@ def one_search(size: dict, scheduler: str, seed: int, runs_dir: Path) -> dict:
         "epochs": sum(t["epochs"] for t in trials.values()),
         "epochs_full_budget": summary["epochs_full_budget"],
         "worker_s": sum(t["epoch_s"] for t in trials.values()) * WORKERS,
+        "held_worker_s": held_seconds(cfg) * WORKERS,
         "best_test_accuracy": summary["best"]["test_accuracy"],
         "best_val_accuracy": summary["best"]["val_accuracy"],
         "best_overrides": summary["best"]["overrides"],
@@ -139,6 +155,7 @@ def main() -> None:
                     "seed": seed,
                     "compute_ratio": asha["epochs"] / fifo["epochs"],
                     "worker_seconds_ratio": asha["worker_s"] / fifo["worker_s"],
+                    "held_worker_seconds_ratio": asha["held_worker_s"] / fifo["held_worker_s"],
                     "wall_ratio": asha["wall_s"] / fifo["wall_s"],
                     "best_acc_asha": asha["best_test_accuracy"],
                     "best_acc_full": fifo["best_test_accuracy"],
@@ -172,6 +189,9 @@ def write(args, size: dict, per_seed: list[dict]) -> None:
     result.update({
         **{f"{k}_stats": stat(k) for k in ("compute_ratio", "worker_seconds_ratio", "wall_ratio", "best_acc_asha",
                                            "best_acc_full", "accuracy_gap")},
+        # Recorded since 2026-12-05 16:30 (a seed recorded before has none).
+        **({"held_worker_seconds_ratio_stats": stat("held_worker_seconds_ratio")}
+           if all("held_worker_seconds_ratio" in s for s in per_seed) else {}),
         "per_seed": per_seed,
         "setting": setting(size),
         "repeats": len(per_seed),

@@ -39,7 +39,8 @@ REQUIRED = {
                for m in ("driver_peak_rss_mib", "driver_or_reaped_peak_rss_mib", "worker_peak_rss_mib", "worker_peak_uss_mib")],
     "end_to_end": ["total_s", "ray_start_s", "search_s", "evaluation_s", "deploy_s", "test_accuracy"],
     "asha": ["compute_ratio", "worker_seconds_ratio", "best_acc_asha", "best_acc_full", "accuracy_gap",
-             "compute_ratio_stats.median", "accuracy_gap_stats.median"],
+             "compute_ratio_stats.median", "accuracy_gap_stats.median", "held_worker_seconds_ratio_stats.median",
+             "per_seed.0.asha.held_worker_s", "per_seed.0.fifo.held_worker_s"],
     "asha_curves": ["per_seed.0.fifo_best_test_accuracy", "per_seed.0.trials.0.epochs.0.test_accuracy"],
     "halving": ["compute_ratio", "accuracy_gap", "compute_ratio_stats.median", "accuracy_gap_stats.median",
                 "per_seed.0.best_acc_halving", "per_seed.0.epochs_compared"],  # after asha_curves: its FIFO side
