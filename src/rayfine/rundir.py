@@ -15,6 +15,8 @@ starts, they go on under the command's lock.
 
 On a filesystem without ``flock`` (some network or FUSE mounts) the commands run unguarded, as
 before.
+
+Also here: where each command keeps the config it ran with (``save_config``, ``saved_config``).
 """
 
 from __future__ import annotations

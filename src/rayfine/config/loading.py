@@ -247,7 +247,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     loc = ".".join(str(p) for p in path)
     kind = err["type"]
     if kind == "extra_forbidden":
-        section = _section_at(path[:-1])
+        section = _model_in(_annotation_at([str(p) for p in path[:-1]]))  # the section holding the key
         return loc, f"unknown field; allowed here: {', '.join(section.model_fields) if section else '?'}"
     if kind == "missing":
         return loc, "required field is missing"
@@ -258,14 +258,6 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     return loc or "(top level)", f"{msg} (got {given if len(given) <= 80 else given[:77] + '...'})"
 
 
-def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
-    model: Any = Config
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        model = _model_in(field.annotation) if field is not None else None
-        if model is None:
-            return None
-    return model
 
 
 def load_config(path_or_name: str | Path, overrides: Optional[list[str]] = None) -> Config:
