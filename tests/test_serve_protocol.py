@@ -213,6 +213,8 @@ def test_predict_and_upload_items():
     with pytest.raises(RequestError, match="no inputs"):
         protocol.predict_items(PredictRequest(inputs=[]), "text", LIMITS)
     assert protocol.upload_items([("a.txt", "fine".encode())], ["dull"], "text", LIMITS) == ["fine", "dull"]
+    # A file saved with a byte-order mark: the mark is not part of the text (only a file's first).
+    assert protocol.upload_items([("w.txt", "\ufefffine \ufeff".encode())], [], "text", LIMITS) == ["fine \ufeff"]
     with pytest.raises(RequestError, match="not UTF-8"):
         protocol.upload_items([("a.bin", b"\xff\xfe\xfa")], [], "text", LIMITS)
     with pytest.raises(RequestError, match="takes uploaded files, not text fields"):

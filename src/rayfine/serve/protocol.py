@@ -410,9 +410,9 @@ def _check_raw_image(data: bytes, where: str) -> None:
     raise RequestError(f"{where}: this is base64 text; binary tensor data carries the image file's bytes as they are")
 
 
-def _utf8(data: bytes, where: str) -> str:
+def _utf8(data: bytes, where: str, encoding: str = "utf-8") -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError:
         raise RequestError(f"{where}: not UTF-8 text") from None
 
@@ -474,7 +474,9 @@ def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, li
                            "(a multipart part carries one text)")
     _check_count(len(files) + len(texts), limits)
     if kind == "text":
-        return _texts([_utf8(data, f"file {name!r}") for name, data in files] + texts, limits, "input")
+        # An uploaded file may start with a byte-order mark (Windows editors write one); it is not
+        # text, and the training readers drop it too ("utf-8-sig" decodes either).
+        return _texts([_utf8(data, f"file {name!r}", "utf-8-sig") for name, data in files] + texts, limits, "input")
     for name, data in files:
         if not data:
             raise RequestError(f"file {name!r}: empty upload")
