@@ -518,6 +518,31 @@ def test_rayfine_predict_prints_labels_and_scores(server, digits_png, tmp_path):
     assert texts.returncode == 1 and "not valid base64" in texts.stderr
 
 
+def test_the_printed_curl_command_answers_with_the_key_where_the_app_reads_it(server, digits_png, tmp_path, monkeypatch):
+    """`rayfine run` prints a curl command: pasted into a shell, it must pass the app's API key
+    check wherever the key comes from (serve.api_key_env is not RAYFINE_API_KEY here; a file)."""
+    from rayfine.cli import curl_example
+    from rayfine.config import ServeConfig
+
+    (tmp_path / "image.png").write_bytes(digits_png[0][0])
+    expected = post(server, "/predict?top_k=3", json={"inputs": [b64(digits_png[0][0])]}).json()["predictions"]
+    key_file = tmp_path / "api key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv(KEY_ENV, KEY)  # the driver's environment, which an embedded Ray's replicas inherit
+    for settings in (ServeConfig(api_key_env=KEY_ENV), ServeConfig(api_key_env=KEY_ENV, api_key_file=str(key_file))):
+        command = curl_example(server.url, "image", settings)
+        assert KEY not in command  # the shell reads the key; the console never shows it
+        out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**os.environ, KEY_ENV: KEY},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout).get("predictions") == expected, (command, out.stdout)
+    # No key anywhere: no header, and the request is refused as the app refuses it.
+    command = curl_example(server.url, "image", ServeConfig(api_key_env="RAYFINE_TEST_UNSET_KEY"))
+    assert "Authorization" not in command
+    out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout)["error"].startswith("missing API key"), out.stdout
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, checkpoints, digits_png):
     """A second app with serve.autoscaling and short Serve delays from the serve: section: under
     load a second replica starts and answers requests; when the load stops it goes; no request fails."""

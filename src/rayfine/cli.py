@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from rayfine.config import ServeConfig
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -162,16 +165,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def curl_example(url: str, name: str, kind: str) -> str:
-    """A ready-to-paste request for the served model (the API key header only when one is set)."""
+def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -> str:
+    """A ready-to-paste request for the served model, with the API key header when the replicas
+    have a key (serve.api_key_file, else the variable serve.api_key_env): the shell reads the key
+    where the app does, so the key itself is never printed."""
     import os
+    import re
+    import shlex
 
-    from rayfine.serve.client import API_KEY_ENV
-
-    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if os.environ.get(API_KEY_ENV) else ""
+    if serve.api_key_file:
+        key = f"$(cat {shlex.quote(serve.api_key_file)})"
+    elif os.environ.get(serve.api_key_env, "").strip():
+        name = serve.api_key_env
+        key = f"${{{name}}}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"$(printenv {shlex.quote(name)})"
+    else:
+        key = ""
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
     if kind == "text":
-        return (f"curl -s{auth} -H 'Content-Type: application/json' {url}/predict "
-                "-d '{\"inputs\": [\"a gripping, beautifully acted film\"]}'")
+        example = '[["who wrote it?", "the film was written by its director"]]' if pairs else \
+            '["a gripping, beautifully acted film"]'
+        return f"curl -s{auth} -H 'Content-Type: application/json' {url}/predict -d '{{\"inputs\": {example}}}'"
     return f"curl -s{auth} -F files=@image.png '{url}/predict?top_k=3'"
 
 
@@ -199,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"[run] {served['name']} keeps serving version {served['version']}: {served['reason']}")
         else:
             print(f"[run] {served['name']} {served['action']}: version {served['version']} at {served['url']}")
-        print(f"[run] try it:\n  {curl_example(served['url'], served['name'], cfg.data.kind)}", flush=True)
+        print(f"[run] try it:\n  {curl_example(served['url'], cfg.data.kind, cfg.serve, pairs=bool(cfg.data.text_pair_column))}", flush=True)
         return _keep_serving(served["name"], local, args.detach)
 
 
