@@ -532,14 +532,14 @@ def test_the_printed_curl_command_answers_with_the_key_where_the_app_reads_it(se
     for settings in (ServeConfig(api_key_env=KEY_ENV), ServeConfig(api_key_env=KEY_ENV, api_key_file=str(key_file))):
         command = curl_example(server.url, "image", settings)
         assert KEY not in command  # the shell reads the key; the console never shows it
-        out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**os.environ, KEY_ENV: KEY},
+        out = subprocess.run(["bash", "-c", command], check=False, cwd=tmp_path, env={**os.environ, KEY_ENV: KEY},
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout).get("predictions") == expected, (command, out.stdout)
     # No key anywhere: no header, and the request is refused as the app refuses it.
     command = curl_example(server.url, "image", ServeConfig(api_key_env="RAYFINE_TEST_UNSET_KEY"))
     assert "Authorization" not in command
-    out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["bash", "-c", command], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert json.loads(out.stdout)["error"].startswith("missing API key"), out.stdout
 
 
