@@ -9,14 +9,24 @@ with MLflow's own ``mlflow.parentRunId`` tag (``SearchTracking``, a Ray Tune cal
 driver). Everything is logged from the driver through ``MlflowClient`` with explicit run ids, never
 through MLflow's process-global "active run", so trials running at the same time cannot log into
 each other's runs (the trap Ray's own MLflow callback falls into when trials share a process).
+
+Tracking never stops the work it tracks: every MLflow call goes through a ``_Guard``, which on the
+first error prints one warning line and turns MLflow off for the rest of the run (a search's
+parent and trials share one), while TensorBoard goes on; ``finish`` never raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
+import numbers
+import os
+import re
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -25,6 +35,54 @@ from ray.tune import Callback
 from rayfine.config import Config
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+
+
+def _warn(text: str) -> None:
+    print(f"[tracking] warning: {text}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = _redact(f"{type(e).__name__}: {text[0]}" if text else type(e).__name__)
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+class _Guard:
+    """Calls into one tracking backend (MLflow at ``where``, or a TensorBoard directory): the first
+    that raises prints one warning line and turns the backend off for the rest of the run, so an
+    unreachable server or a broken store never ends a search or a training run, never kills the
+    thread that follows the epochs, and never replaces the error a failed run is raising."""
+
+    def __init__(self, backend: str, where: str):
+        self.backend, self.where, self.off = backend, where, False
+        self._lock = threading.Lock()
+
+    def call(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``, or None when the backend is off or the call fails."""
+        if self.off:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any error of a tracking backend turns it off
+            self.fail(what, e)
+            return None
+
+    def fail(self, what: str, e: BaseException) -> None:
+        with self._lock:
+            if self.off:
+                return
+            self.off = True
+        _warn(f"{self.backend}: {what} failed at {self.where}: {_first_line(e)} -- {self.backend} "
+              "logging is off for the rest of this run; training continues.")
+
+
+def _note(text: str) -> None:
+    print(f"[tracking] {text}", file=sys.stderr, flush=True)
+
+
+def _redact(text: str) -> str:
+    """``text`` without the passwords of URLs in it (http://user:secret@host -> http://user:***@host)."""
+    return re.sub(r"//([^/:@\s]+):[^/@\s]+@", r"//\1:***@", text)
 
 
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -40,7 +98,63 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def mlflow_target(cfg: Config) -> dict[str, str]:
+    """Where ``cfg`` logs to MLflow, as saved beside run ids in tracking.json ({} without MLflow)."""
+    m = cfg.tracking.mlflow
+    return {} if m is None else {"tracking_uri": m.tracking_uri, "experiment": m.experiment or cfg.name}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A tracking.json: {} when there is none, or (with a warning) when it cannot be read."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict):
+            return state
+        problem = "not a JSON object"
+    except (OSError, ValueError) as e:
+        problem = _first_line(e)
+    _warn(f"cannot read {path} ({problem}): ignoring it; MLflow logging starts a new run.")
+    return {}
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a tracking.json whole or not at all: a temporary file beside it, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def reusable_run_id(cfg: Config, state: dict[str, Any], key: str) -> str | None:
+    """The run id ``state[key]`` when it was saved for ``cfg``'s MLflow tracking URI and experiment
+    (a tracking.json from before they were saved counts as theirs: ``RunTracker.open`` still checks
+    that the run is there); else None, with one line saying a new run starts."""
+    run_id = state.get(key)
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    target = mlflow_target(cfg)
+    if not target:
+        return None
+    changed = [k for k, v in target.items() if k in state and state[k] != v]
+    if changed:
+        was = ", ".join(f"{k} {_redact(str(state[k]))}" for k in changed)
+        _note(f"MLflow run {run_id} was logged with {was}: starting a new run.")
+        return None
+    return run_id
+
+
 def _mlflow_client(cfg: Config):
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     m = cfg.tracking.mlflow
@@ -52,79 +166,138 @@ def _mlflow_client(cfg: Config):
     location = m.artifact_location
     if location is None and m.tracking_uri.startswith("sqlite:///"):
         location = str(Path(m.tracking_uri.removeprefix("sqlite:///")).expanduser().resolve().parent / "mlartifacts")
-    return client, client.create_experiment(name, artifact_location=location)
+    try:
+        return client, client.create_experiment(name, artifact_location=location)
+    except MlflowException as e:
+        # Another command (a training run beside a search) created it since the lookup above.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return client, experiment.experiment_id
+
+
+def _why_not_reuse(client, run_id: str, experiment_id: str) -> str | None:
+    """Why the MLflow run ``run_id`` cannot be continued in ``experiment_id`` (None: it can)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return "is not in this tracking store"
+        raise
+    if info.lifecycle_stage != "active":
+        return "was deleted"
+    if info.experiment_id != experiment_id:
+        return f"belongs to another experiment (id {info.experiment_id})"
+    return None
+
+
+def _start_run(cfg: Config, client, experiment_id: str, *, name: str, params: dict | None,
+               parent_run_id: str | None, run_id: str | None, tags: dict | None) -> str:
+    if run_id is not None:
+        why = _why_not_reuse(client, run_id, experiment_id)
+        if why is None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        _note(f"MLflow run {run_id} {why} ({_redact(cfg.tracking.mlflow.tracking_uri)}): starting a new run.")
+    all_tags = {"rayfine.name": cfg.name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+    _log_params(client, run_id, params if params is not None else flat_params(cfg.to_dict()))
+    return run_id
 
 
 class RunTracker:
-    """One run in MLflow (when configured) and one TensorBoard event directory (when enabled)."""
+    """One run in MLflow (when configured) and one TensorBoard event directory (when enabled).
 
-    def __init__(self, client=None, run_id: Optional[str] = None, writer=None):
+    No method raises for a tracking error: the first one turns that backend off (``_Guard``)."""
+
+    def __init__(self, client=None, run_id: Optional[str] = None, writer=None, guard: _Guard | None = None,
+                 tensorboard: _Guard | None = None):
         self.client, self.run_id, self.writer = client, run_id, writer
+        self.guard = guard or _Guard("MLflow", _redact(str(getattr(client, "tracking_uri", "?"))))
+        self.tensorboard = tensorboard or _Guard("TensorBoard", str(getattr(writer, "logdir", "?")))
 
     @classmethod
     def open(cls, cfg: Config, *, name: str, tensorboard_dir: Optional[Path], params: Optional[dict] = None,
-             parent_run_id: Optional[str] = None, run_id: Optional[str] = None, tags: Optional[dict] = None) -> "RunTracker":
-        """Start a run (or reopen ``run_id``, after a resume)."""
+             parent_run_id: Optional[str] = None, run_id: Optional[str] = None, tags: Optional[dict] = None,
+             guard: _Guard | None = None) -> "RunTracker":
+        """Start a run (or reopen ``run_id``, after a resume, when that run is in this tracking
+        store and experiment; else a new one). ``guard``: shared by the runs of one search, so that
+        MLflow's first error turns it off for all of them."""
         client = writer = None
+        tensorboard = _Guard("TensorBoard", str(tensorboard_dir))
         if cfg.tracking.mlflow is not None:
-            client, experiment_id = _mlflow_client(cfg)
-            if run_id is None:
-                all_tags = {"rayfine.name": cfg.name, **(tags or {})}
-                if parent_run_id:
-                    all_tags["mlflow.parentRunId"] = parent_run_id
-                run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
-                _log_params(client, run_id, params if params is not None else flat_params(cfg.to_dict()))
-            else:
-                client.update_run(run_id, status="RUNNING")
+            guard = guard or _Guard("MLflow", _redact(cfg.tracking.mlflow.tracking_uri))
+            opened = guard.call("opening the experiment", _mlflow_client, cfg)
+            if opened is not None:
+                client, experiment_id = opened
+                run_id = guard.call("starting the run", _start_run, cfg, client, experiment_id, name=name,
+                                    params=params, parent_run_id=parent_run_id, run_id=run_id, tags=tags)
+            if run_id is None or guard.off:
+                client, run_id = None, None
         if cfg.tracking.tensorboard and tensorboard_dir is not None:
             from tensorboardX import SummaryWriter
 
-            writer = SummaryWriter(logdir=str(tensorboard_dir), flush_secs=5)
-        return cls(client, run_id, writer)
+            writer = tensorboard.call("opening the event file", SummaryWriter, logdir=str(tensorboard_dir), flush_secs=5)
+        return cls(client, run_id, writer, guard, tensorboard)
+
+    def _mlflow(self, what: str, method: str, *args, **kwargs) -> None:
+        if self.client is not None and self.run_id is not None:
+            self.guard.call(what, lambda: getattr(self.client, method)(self.run_id, *args, **kwargs))
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None and values:
+            def write():
+                for k, v in values.items():
+                    self.writer.add_scalar(k, v, step)
+                self.writer.flush()
+
+            self.tensorboard.call("writing scalars", write)
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         epoch = int(metrics["epoch"])
-        values = {k: float(metrics[k]) for k in EPOCH_METRICS if _finite(metrics.get(k))}
-        if self.client:
+        # NaN and inf too (a diverged epoch shows): MLflow takes them (its SQL stores keep inf as
+        # the largest float), TensorBoard too.
+        values = {k: float(metrics[k]) for k in EPOCH_METRICS if _number(metrics.get(k))}
+        if self.client is not None and values:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
-        if self.writer:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, epoch)
-            self.writer.flush()
+            self._mlflow(f"logging epoch {epoch}", "log_batch", metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+        self._scalars(values, epoch)
 
     def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
-        values = {prefix + k: float(v) for k, v in metrics.items() if _finite(v)}
-        if self.client:
-            for k, v in values.items():
-                self.client.log_metric(self.run_id, k, v)
-        if self.writer:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, 0)
-            self.writer.flush()
+        values = {prefix + k: float(v) for k, v in metrics.items() if _number(v)}
+        for k, v in values.items():
+            self._mlflow(f"logging {k}", "log_metric", k, v)
+        self._scalars(values, 0)
 
     def log_evaluation(self, evaluation: dict[str, Any]) -> None:
         """The test evaluation: its headline figures as metrics, eval.json as an artifact."""
         split = evaluation.get("split", "test")
-        self.log_metrics({k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")}, prefix=f"{split}_")
-        if self.client:
-            self.client.log_dict(self.run_id, evaluation, "eval.json")
+        self.log_metrics({k: evaluation[k] for k in ("accuracy", "macro_f1", "loss") if k in evaluation}, prefix=f"{split}_")
+        self._mlflow("logging eval.json", "log_dict", evaluation, "eval.json")
 
     def log_checkpoint(self, directory: Path) -> None:
-        if self.client:
-            self.client.log_artifacts(self.run_id, str(directory), artifact_path="checkpoint")
+        self._mlflow("logging the checkpoint", "log_artifacts", str(directory), artifact_path="checkpoint")
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._mlflow(f"setting tag {key}", "set_tag", key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.client:
-            self.client.set_terminated(self.run_id, status=status)
-        if self.writer:
-            self.writer.close()
+        """End the run as ``status``; never raises (it runs while a failed run raises its error)."""
+        self._mlflow(f"ending the run as {status}", "set_terminated", status=status)
+        if self.writer is not None:
+            self.tensorboard.call("closing the event file", self.writer.close)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -138,8 +311,9 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
 class SearchTracking(Callback):
     """Ray Tune callback (on the driver): a parent run for the search, a nested child per trial.
 
-    The run ids are kept in <run>/tune/tracking.json, so a resumed search (``--resume``) logs into
-    the same parent and child runs instead of starting new ones.
+    The run ids are kept in <run>/tune/tracking.json with the tracking URI and experiment they were
+    logged to, so a resumed search (``--resume``) logs into the same parent and child runs instead
+    of starting new ones (new ones when tracking.mlflow changed or the runs are gone).
     """
 
     def __init__(self, cfg: Config, keys: list[str]):
@@ -147,10 +321,18 @@ class SearchTracking(Callback):
         self.tune_dir = cfg.run_dir() / "tune"
         self.state_path = self.tune_dir / "tracking.json"
         self.trials: dict[str, RunTracker] = {}
-        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
-        self.run_ids: dict[str, str] = state.get("trials", {})
-        self.parent = RunTracker.open(cfg, name="search", tensorboard_dir=None, run_id=state.get("parent"),
-                                      tags={"rayfine.kind": "search"})
+        m = cfg.tracking.mlflow
+        self.guard = _Guard("MLflow", _redact(m.tracking_uri)) if m is not None else None
+        state = read_state(self.state_path)
+        parent = reusable_run_id(cfg, state, "parent")
+        trials = state.get("trials") if parent else None
+        self.run_ids: dict[str, str] = {}
+        if isinstance(trials, dict):
+            self.run_ids = {k: v for k, v in trials.items() if isinstance(v, str)}
+        self.parent = RunTracker.open(cfg, name="search", tensorboard_dir=None, run_id=parent,
+                                      tags={"rayfine.kind": "search"}, guard=self.guard)
+        if self.parent.run_id != parent:  # a new parent run: its trials are new runs too
+            self.run_ids = {}
         self._save()
 
     def __reduce__(self):
@@ -169,8 +351,11 @@ class SearchTracking(Callback):
 
     def _save(self) -> None:
         if self.parent.run_id:
-            self.tune_dir.mkdir(parents=True, exist_ok=True)
-            self.state_path.write_text(json.dumps({"parent": self.parent.run_id, "trials": self.run_ids}))
+            state = {**mlflow_target(self.cfg), "parent": self.parent.run_id, "trials": self.run_ids}
+            try:
+                write_state(self.state_path, state)
+            except OSError as e:  # a resumed search would start new runs; this one goes on
+                _warn(f"cannot write {self.state_path}: {_first_line(e)}")
 
     def _tracker(self, trial) -> RunTracker:
         tid = trial.trial_id
@@ -180,8 +365,9 @@ class SearchTracking(Callback):
                 self.cfg, name=f"trial_{tid}", tensorboard_dir=self.tune_dir / "tensorboard" / tid,
                 params={**flat_params(sampled), "trial_id": tid}, parent_run_id=self.parent.run_id,
                 run_id=self.run_ids.get(tid), tags={"rayfine.kind": "trial", "rayfine.trial_id": tid},
+                guard=self.guard,
             )
-            if self.trials[tid].run_id:
+            if self.trials[tid].run_id and self.run_ids.get(tid) != self.trials[tid].run_id:
                 self.run_ids[tid] = self.trials[tid].run_id
                 self._save()
         return self.trials[tid]
@@ -212,8 +398,7 @@ class SearchTracking(Callback):
             self.parent.log_metrics(figures)
             if summary.get("best"):
                 self.parent.log_metrics({k: v for k, v in summary["best"].items() if k.startswith("val_")}, prefix="best_")
-                if self.parent.client:
-                    self.parent.client.set_tag(self.parent.run_id, "rayfine.best_trial", summary["best"]["trial_id"])
+                self.parent.set_tag("rayfine.best_trial", summary["best"]["trial_id"])
         if evaluation:
             self.parent.log_evaluation(evaluation)
         if checkpoint:
