@@ -188,3 +188,52 @@ def test_a_resumed_optimizers_state_is_on_the_device_of_the_model_it_steps(tmp_p
     assert done == 1 and all(p.device.type == "meta" for p in model.parameters())
     moments = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
     assert moments and all(v.device.type == "meta" for v in moments)
+
+
+def _export_of(saved, tmp_path, epoch: int) -> tuple:
+    model, _ = saved
+    cfg = load_config("resnet18_digits_tiny")
+    source = checkpoints.save_checkpoint(tmp_path / f"epoch_{epoch}", model, cfg, LABELS, {"epoch": epoch})
+    return source, tmp_path / "run" / "checkpoint"
+
+
+def test_export_replaces_an_earlier_export_whole_and_leaves_nothing_beside_it(saved, tmp_path):
+    source, destination = _export_of(saved, tmp_path, 1)
+    checkpoints.export_checkpoint(source, destination)
+    (destination / "stale.txt").write_text("a file only the old export had")
+    newer, _ = _export_of(saved, tmp_path, 2)
+    assert checkpoints.export_checkpoint(newer, destination) == destination
+    assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 2
+    assert sorted(p.name for p in destination.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["checkpoint"]
+
+
+def test_an_export_that_dies_while_removing_the_old_one_leaves_a_whole_checkpoint(saved, tmp_path, monkeypatch):
+    """The old export is removed only once the new one is in its place: a crash while it is removed
+    leaves the new checkpoint, not none."""
+    import shutil
+    from pathlib import Path
+
+    source, destination = _export_of(saved, tmp_path, 1)
+    checkpoints.export_checkpoint(source, destination)
+    newer, _ = _export_of(saved, tmp_path, 2)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_then_crash(path, *args, **kwargs):  # dies once it has removed a checkpoint
+        removes = Path(path).is_dir() and Path(path).name != "checkpoint.tmp"
+        real_rmtree(path, *args, **kwargs)
+        if removes:
+            raise KeyboardInterrupt("the process dies here")
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.export_checkpoint(newer, destination)
+    assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 2
+
+    # An export that died between its two renames left the old one aside: the next one puts it
+    # back first, and then replaces it.
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    destination.rename(destination.with_name("checkpoint.old"))
+    assert checkpoints.export_checkpoint(source, destination) == destination
+    assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 1
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["checkpoint"]

@@ -195,14 +195,21 @@ def export_checkpoint(source: str | Path, destination: str | Path) -> Path:
     """Copy the inference files of a checkpoint (not the optimizer state) to ``destination``."""
     source, destination = Path(source), Path(destination)
     staging = destination.with_name(destination.name + ".tmp")
+    previous = destination.with_name(destination.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
+    if previous.exists() and not destination.exists():
+        previous.rename(destination)  # an export that stopped between its two renames below
+    shutil.rmtree(previous, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in sorted(p.name for p in source.iterdir()):
         if name not in (OPTIMIZER_FILE, TRAIN_STATE_FILE):
             src = source / name
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, staging / name)
-    # Swap in whole: a reader never sees a half-written checkpoint.
+    # Swap in whole: a reader never sees a half-written checkpoint, and a crash leaves a whole one at
+    # ``destination``, the old or the new; only between the two renames is the old one aside, as
+    # <name>.old, where the next export puts it back from.
     if destination.exists():
-        shutil.rmtree(destination)
+        destination.rename(previous)
     staging.rename(destination)
+    shutil.rmtree(previous, ignore_errors=True)
     return destination

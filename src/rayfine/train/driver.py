@@ -27,7 +27,7 @@ from rayfine.errors import TrainingError
 from rayfine.models import check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
-from rayfine.tracking import RunTracker
+from rayfine.tracking import RunTracker, mlflow_target, read_state, reusable_run_id, write_state
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
 
@@ -199,10 +199,16 @@ def preflight(cfg: Config) -> bool:
     this run's name. True when the run continues an earlier one (``_check_continuation``)."""
     check_source(cfg.data)
     check_model(cfg)
-    return _check_continuation(cfg.run_dir(), cfg)
+    continuing = _check_continuation(cfg.run_dir(), cfg)
+    if continuing:
+        _check_same_storage(cfg.run_dir(), cfg)
+    return continuing
 
 
-RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", "tune.", "serve.")  # tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them
+# tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them. scaling.num_workers changes the
+# steps per epoch: the worker continues the LR schedule by epoch (``model_and_optimizer``).
+# storage.storage_path may not change under a training run that continues (``_check_same_storage``).
+RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", "tune.", "serve.")
 
 
 def _check_continuation(run_dir: Path, cfg: Config) -> bool:
@@ -218,6 +224,31 @@ def _check_continuation(run_dir: Path, cfg: Config) -> bool:
                  "choose another `name` (or --set name=...) or remove that directory"]
             )
     return done["train"] and saved_config(run_dir, "train").is_file()
+
+
+def _storage_of(storage_path: str | None, run_dir: Path) -> str:
+    """Where a training run under ``run_dir`` keeps Ray Train's state with this storage.storage_path
+    (``Config.resolved_storage_path``, for a config whose run directory is ``run_dir``)."""
+    if not storage_path:
+        return str(run_dir / "ray")
+    return storage_path.rstrip("/") if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def _check_same_storage(run_dir: Path, cfg: Config) -> None:
+    """Refuse to continue the training run in ``run_dir`` with another storage.storage_path: Ray
+    Train resumes from the checkpoints under the storage path, so under a new one the run would
+    start again from epoch 1 while its metrics.jsonl already holds the epochs trained before."""
+    previous = yaml.safe_load(saved_config(run_dir, "train").read_text()) or {}
+    old = ((previous.get("storage") or {}) if isinstance(previous, dict) else {}).get("storage_path")
+    new = cfg.storage.storage_path
+    if _storage_of(old, run_dir) != _storage_of(new, run_dir):
+        back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
+        raise ConfigError([(
+            f"storage.storage_path changed from {old!r} to {new!r}: {run_dir} holds a training run whose "
+            f"checkpoints are under {_storage_of(old, run_dir)}, and under {_storage_of(new, run_dir)} it would "
+            f"start again from epoch 1. To continue it, {back}; to train with the new storage, choose another "
+            "`name` (or --set name=...) or remove that directory"
+        )])
 
 
 def changes_since(previous_path: Path, cfg: Config, allowed: tuple[str, ...]) -> list[str]:
@@ -285,6 +316,9 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
     from rayfine.evaluate import evaluate_checkpoint
 
     run_dir, started = cfg.run_dir(), time.time()
+    # Up front: a plan that does not fit is refused before the data are read and prepared and
+    # before the run directory is written to.
+    check_resources(cfg, strict=strict_resources, log=log)
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_dir, "train", cfg.to_yaml())
@@ -294,7 +328,6 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
         log(f"[train] continuing {run_dir} after {done} finished epoch(s)")
     if datasets is None or info is None:
         datasets, info = build_datasets(cfg, log=log)
-    check_resources(cfg, strict=strict_resources, log=log)
 
     trainer = build_trainer(cfg, datasets, info, callbacks=[MetricsLog(str(metrics_path))], train_loop=train_loop)
     log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epoch(s) -> {run_dir}")
@@ -323,7 +356,7 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
             raise TrainingError(f"training failed: {_first_line(result.error)}")
 
         best_ckpt, best_metrics = _best(result, cfg)
-        exported = checkpoints.export_checkpoint(best_ckpt.path, train_dir / "checkpoint")
+        exported = export_best(best_ckpt, train_dir / "checkpoint")
         log(f"[train] best epoch {best_metrics['epoch']} ({cfg.train.metric} {best_metrics[cfg.train.metric]:.4f}) -> {exported}")
         evaluation = evaluate_checkpoint(exported, datasets["test"], train_dir, log=log,
                                          num_samples=info.num_examples["test"])
@@ -349,12 +382,21 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
 def _open_tracker(cfg: Config, train_dir: Path, continuing: bool) -> RunTracker:
     """The run's MLflow run (the same one again when the run continues) and TensorBoard events."""
     state = train_dir / "tracking.json"
-    run_id = json.loads(state.read_text()).get("run_id") if continuing and state.is_file() else None
+    run_id = reusable_run_id(cfg, read_state(state), "run_id") if continuing else None
     tracker = RunTracker.open(cfg, name="train", tensorboard_dir=train_dir / "tensorboard", run_id=run_id,
                               tags={"rayfine.kind": "train"})
     if tracker.run_id:
-        state.write_text(json.dumps({"run_id": tracker.run_id}))
+        write_state(state, {**mlflow_target(cfg), "run_id": tracker.run_id})
     return tracker
+
+
+def export_best(checkpoint: Checkpoint, destination: Path) -> Path:
+    """Export a Ray Train checkpoint's inference files to ``destination``. With remote storage
+    (storage.storage_path s3://...), ``checkpoint.path`` is a path inside that filesystem, not a
+    local one: ``as_directory`` gives the local directory itself or downloads the checkpoint to a
+    temporary one, removed afterwards."""
+    with checkpoint.as_directory() as local:
+        return checkpoints.export_checkpoint(local, destination)
 
 
 def _best(result, cfg: Config) -> tuple[Checkpoint, dict]:

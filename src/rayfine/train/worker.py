@@ -78,6 +78,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def position_schedule(scheduler, step: int) -> None:
+    """Put ``make_scheduler``'s schedule where it is after ``step`` optimizer steps: its step counter
+    and its groups' learning rates, as its own ``step()`` would have left them."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() answers
+
+
+def accumulation_group_size(micro: int, batches_per_epoch: int, grad_accum_steps: int) -> int:
+    """How many micro-batches the gradient-accumulation group of micro-batch ``micro`` (counted from
+    1 in its epoch) holds: ``grad_accum_steps``, but the epoch's last group holds what is left. Each
+    micro-batch's loss is divided by it, so an optimizer step follows the mean over its group."""
+    start = (micro - 1) // grad_accum_steps * grad_accum_steps
+    return max(1, min(grad_accum_steps, batches_per_epoch - start))
+
+
 def train_batches(rows: int, batch_size: int) -> int:
     """Training steps per epoch of a worker's ``rows``: every batch, but a last batch of a single
     example when there are others. BatchNorm cannot train on one example ("Expected more than 1
@@ -198,9 +216,17 @@ class ExitGuard:
 
 
 def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, total_steps: int,
-                        checkpoint_dir: str | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
+                        checkpoint_dir: str | None = None, steps_per_epoch: int | None = None,
+                        log=None) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
     """The model on ``device``, its optimizer and LR scheduler, restored from ``checkpoint_dir``
     when given; and the epoch that checkpoint finished (0 without one).
+
+    With ``steps_per_epoch`` (this run's optimizer steps per epoch), a restored schedule continues
+    from the epoch the checkpoint finished, not from its step count: a run continued with another
+    ``scaling.num_workers`` takes another number of steps per epoch (each worker's shard is
+    ``num_train // num_workers`` rows), and its ``total_steps`` are counted in the new steps, so the
+    old count would put the schedule elsewhere (past its end with more workers: a learning rate of
+    0 for the epochs left).
 
     The model moves to its device before its optimizer exists: ``Optimizer.load_state_dict`` puts
     each state tensor (AdamW's moments, SGD's momentum) on its parameter's device at that moment,
@@ -214,6 +240,11 @@ def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, to
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     done = checkpoints.load_train_state(checkpoint_dir, optimizer, scheduler) if checkpoint_dir is not None else 0
+    if done and steps_per_epoch and scheduler.last_epoch != done * steps_per_epoch:
+        if log is not None:
+            log(f"optimizer steps per epoch changed from {scheduler.last_epoch / done:g} to {steps_per_epoch} "
+                f"(another scaling.num_workers or data size); the learning-rate schedule continues after epoch {done}")
+        position_schedule(scheduler, done * steps_per_epoch)
     return model, optimizer, scheduler, done
 
 
@@ -244,7 +275,9 @@ def _train(config: dict, guard: ExitGuard) -> None:
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
-        model, optimizer, scheduler, done = model_and_optimizer(cfg, labels, device, steps_per_epoch * t.epochs, d)
+        model, optimizer, scheduler, done = model_and_optimizer(
+            cfg, labels, device, steps_per_epoch * t.epochs, d, steps_per_epoch=steps_per_epoch,
+            log=(lambda m: print(f"[rank 0] {m}")) if rank == 0 else None)
         if checkpoint:
             resumed_report = checkpoints.read_json(Path(d) / checkpoints.METRICS_FILE, "checkpoint metrics")
     start_epoch = done + 1
@@ -316,7 +349,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
                 with autocast:
                     logits = logits_of(model(**batch))
                 loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=t.label_smoothing)
-                (loss / t.grad_accum_steps).backward()
+                (loss / accumulation_group_size(micro, batches_per_epoch, t.grad_accum_steps)).backward()
             if sync:
                 optimizer_step()
             loss_sum += loss.item() * len(y)

@@ -1,0 +1,234 @@
+"""The training path's driver and schedule, without Ray: a run continued with another number of
+workers or another storage path, gradient accumulation's last group, the best checkpoint's export
+from storage that is not local, and a plan refused before the data are read (unit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.fs
+import pytest
+import torch
+from ray.train import Checkpoint
+
+from rayfine import checkpoints
+from rayfine.config import ConfigError, load_config
+from rayfine.rundir import save_config
+from rayfine.train import driver
+from rayfine.train.worker import accumulation_group_size, make_scheduler, model_and_optimizer
+
+LABELS = [str(i) for i in range(10)]
+EPOCHS = 4
+
+
+def _cfg(*extra):
+    return load_config("resnet18_digits_tiny", [f"train.epochs={EPOCHS}", "train.schedule=cosine",
+                                                "train.warmup_fraction=0.1", *extra])
+
+
+def _lrs(optimizer) -> list[float]:
+    return [g["lr"] for g in optimizer.param_groups]
+
+
+def _expected_lrs(cfg, steps_per_epoch: int, epochs_done: int) -> list[float]:
+    """The learning rates of a run that trained ``epochs_done`` epochs of ``steps_per_epoch`` steps
+    from the start: a fresh schedule stepped there."""
+    _, optimizer, scheduler, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), steps_per_epoch * EPOCHS)
+    for _ in range(epochs_done * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    return _lrs(optimizer)
+
+
+def _checkpoint_after(tmp_path: Path, cfg, steps_per_epoch: int, epochs_done: int) -> tuple[str, list[float]]:
+    """A per-epoch checkpoint of a run with ``steps_per_epoch`` after ``epochs_done`` epochs."""
+    model, optimizer, scheduler, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), steps_per_epoch * EPOCHS)
+    for _ in range(epochs_done * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    directory = tmp_path / f"ckpt_{steps_per_epoch}"
+    checkpoints.save_checkpoint(directory, model, cfg, LABELS, {"epoch": epochs_done})
+    checkpoints.save_train_state(directory, optimizer, scheduler, epoch=epochs_done)
+    return str(directory), _lrs(optimizer)
+
+
+@pytest.mark.parametrize("old_steps,new_steps", [(10, 5), (5, 10)], ids=["1->2 workers", "2->1 workers"])
+def test_a_run_continued_with_another_number_of_workers_continues_its_schedule_by_epoch(tmp_path, old_steps, new_steps):
+    """Each worker's shard is num_train // num_workers rows, so another scaling.num_workers changes
+    the steps per epoch and the total the schedule is built for. The restored schedule must stand
+    where a run of the new size stands after the same epochs, not at the old step count (with twice
+    the workers: past its end, a learning rate of 0 for every epoch left)."""
+    cfg = _cfg()
+    done = 2
+    directory, _ = _checkpoint_after(tmp_path, cfg, old_steps, done)
+    messages: list[str] = []
+    _, optimizer, scheduler, epoch = model_and_optimizer(cfg, LABELS, torch.device("cpu"), new_steps * EPOCHS,
+                                                         directory, steps_per_epoch=new_steps, log=messages.append)
+    assert epoch == done
+    assert scheduler.last_epoch == done * new_steps
+    expected = _expected_lrs(cfg, new_steps, done)
+    assert _lrs(optimizer) == pytest.approx(expected) and scheduler.get_last_lr() == pytest.approx(expected)
+    assert min(_lrs(optimizer)) > 0  # half-way through the cosine, not at its end
+    assert messages and f"from {old_steps:g} to {new_steps}" in messages[0] and f"after epoch {done}" in messages[0]
+    # The epochs left follow the new run's schedule step by step.
+    reference = make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, new_steps * EPOCHS)
+    for step in range(done * new_steps + 1, EPOCHS * new_steps + 1):
+        optimizer.step()
+        scheduler.step()
+        factor = reference.lr_lambdas[0](step)
+        assert _lrs(optimizer) == pytest.approx([base * factor for base in scheduler.base_lrs])
+
+
+def test_a_run_continued_with_the_same_workers_restores_its_schedule_exactly(tmp_path):
+    """The same steps per epoch: the learning rates are the checkpoint's own, bit for bit (a resumed
+    run trains exactly as one that never stopped)."""
+    cfg = _cfg()
+    directory, saved = _checkpoint_after(tmp_path, cfg, 7, 3)
+    messages: list[str] = []
+    _, optimizer, scheduler, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 7 * EPOCHS, directory,
+                                                     steps_per_epoch=7, log=messages.append)
+    assert scheduler.last_epoch == 21 and _lrs(optimizer) == saved and not messages
+
+
+def test_the_last_partial_accumulation_group_is_averaged_over_its_own_size():
+    """grad_accum_steps 4 and 5 micro-batches: the fifth is a group of one, whose gradient is its
+    own, not a quarter of it."""
+    assert [accumulation_group_size(m, 5, 4) for m in range(1, 6)] == [4, 4, 4, 4, 1]
+    assert [accumulation_group_size(m, 7, 3) for m in range(1, 8)] == [3, 3, 3, 3, 3, 3, 1]
+    assert [accumulation_group_size(m, 8, 4) for m in range(1, 9)] == [4] * 8
+    assert [accumulation_group_size(m, 3, 1) for m in range(1, 4)] == [1, 1, 1]
+    assert [accumulation_group_size(m, 2, 4) for m in range(1, 3)] == [2, 2]  # an epoch shorter than a group
+
+    # Accumulated as the loop does, each step's gradient is the mean of its group's micro-batch gradients.
+    w = torch.nn.Parameter(torch.zeros(3))
+    xs = [torch.randn(3) for _ in range(5)]
+    grads = []
+    for micro, x in enumerate(xs, start=1):
+        ((w * x).sum() / accumulation_group_size(micro, len(xs), 4)).backward()
+        if micro % 4 == 0 or micro == len(xs):
+            grads.append(w.grad.clone())
+            w.grad = None
+    assert torch.allclose(grads[0], torch.stack(xs[:4]).mean(0)) and torch.allclose(grads[1], xs[4])
+
+
+# --- storage.storage_path on a continued run ---------------------------------------------------------
+
+def _finished_run(tmp_path: Path, *extra) -> Path:
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", *extra])
+    save_config(cfg.run_dir(), "train", cfg.to_yaml())
+    (cfg.run_dir() / "train" / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    return cfg.run_dir()
+
+
+@pytest.fixture
+def no_source_or_model_checks(monkeypatch):
+    monkeypatch.setattr(driver, "check_source", lambda data: None)
+    monkeypatch.setattr(driver, "check_model", lambda cfg: None)
+
+
+def test_continuing_a_run_with_another_storage_path_is_refused(tmp_path, no_source_or_model_checks):
+    """Ray Train resumes from the checkpoints under storage.storage_path: under another one the
+    run would start again from epoch 1 while the logs say it continues."""
+    run_dir = _finished_run(tmp_path)
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run",
+                                               "storage.storage_path=s3://bucket/rayfine"])
+    with pytest.raises(ConfigError) as refused:
+        driver.preflight(cfg)
+    message = str(refused.value)
+    assert "storage.storage_path changed from None to 's3://bucket/rayfine'" in message and str(run_dir / "ray") in message
+    assert "unset storage.storage_path again" in message and "choose another `name`" in message
+
+    # Back to the run's own storage, or the same place spelt out: it continues.
+    assert driver.preflight(cfg.with_overrides(["storage.storage_path=null"])) is True
+    assert driver.preflight(cfg.with_overrides([f"storage.storage_path={run_dir / 'ray'}"])) is True
+    # A search beside the training run keeps its own storage: only continuing the run is refused.
+    assert driver._check_continuation(run_dir, cfg) is True
+
+
+def test_a_run_on_remote_storage_continues_only_on_that_storage(tmp_path, no_source_or_model_checks):
+    _finished_run(tmp_path, "storage.storage_path=s3://bucket/a")
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", "storage.storage_path=s3://bucket/a/"])
+    assert driver.preflight(cfg) is True
+    with pytest.raises(ConfigError, match=r"set storage.storage_path back to 's3://bucket/a'"):
+        driver.preflight(cfg.with_overrides(["storage.storage_path=s3://bucket/b"]))
+
+
+# --- the driver's _fit with a fake trainer ------------------------------------------------------------
+
+class _Tracker:
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def fake_driver(monkeypatch, tmp_path):
+    """``_fit`` around a trainer whose result is given, with no Ray: records what it calls."""
+    calls: list[str] = []
+    state = SimpleNamespace(calls=calls, result=None, cpus=2.0)
+
+    class Trainer:
+        def fit(self):
+            calls.append("fit")
+            return state.result
+
+    def build_datasets(cfg, log):
+        calls.append("build_datasets")
+        return {"train": None, "val": None, "test": None}, SimpleNamespace(num_examples={"test": 1}, to_dict=dict)
+
+    def evaluate_checkpoint(path, dataset, out_dir, log, num_samples):
+        calls.append(f"evaluate {path}")
+        checkpoints.load_checkpoint(path)  # a whole checkpoint was exported
+        return {"accuracy": 1.0, "macro_f1": 1.0}
+
+    import rayfine.evaluate
+    import rayfine.report
+
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": state.cpus})
+    monkeypatch.setattr(driver, "build_datasets", build_datasets)
+    monkeypatch.setattr(driver, "build_trainer", lambda *args, **kwargs: Trainer())
+    monkeypatch.setattr(driver, "_open_tracker", lambda *args: _Tracker())
+    monkeypatch.setattr(rayfine.evaluate, "evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr(rayfine.report, "train_report", lambda run_dir: "report.html")
+    return state
+
+
+def test_the_best_checkpoint_is_exported_from_storage_that_is_not_a_local_path(tmp_path, fake_driver):
+    """With storage.storage_path s3://..., Ray Train's Checkpoint.path is a path inside the remote
+    filesystem (no scheme), not a local one. A filesystem rooted elsewhere stands in for S3 here."""
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path / 'runs'}", "name=remote"])
+    bucket = tmp_path / "bucket"
+    model, _, _, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)
+    checkpoints.save_checkpoint(bucket / "remote" / "train" / "checkpoint_000000", model, cfg, LABELS,
+                                {"epoch": 1, "val_accuracy": 0.5})
+    fs = pyarrow.fs.SubTreeFileSystem(str(bucket), pyarrow.fs.LocalFileSystem())
+    remote = Checkpoint("/remote/train/checkpoint_000000", filesystem=fs)
+    assert not Path(remote.path).exists()
+    fake_driver.result = SimpleNamespace(error=None, best_checkpoints=[(remote, {"epoch": 1, "val_accuracy": 0.5})])
+
+    summary = driver._fit(cfg, False, datasets=None, info=None, train_loop=None, strict_resources=True,
+                          log=lambda *_: None)
+    exported = Path(summary["checkpoint"])
+    assert exported == cfg.run_dir() / "train" / "checkpoint"
+    assert sorted(p.name for p in exported.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
+    assert fake_driver.calls == ["build_datasets", "fit", f"evaluate {exported}"]
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_the_data_are_read(tmp_path, fake_driver):
+    """README: on an embedded local Ray a plan that does not fit is refused up front."""
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=big", "scaling.num_workers=4"])
+    fake_driver.cpus = 2.0
+    with pytest.raises(ConfigError, match="needs 3.5 CPUs"):
+        driver._fit(cfg, False, datasets=None, info=None, train_loop=None, strict_resources=True, log=lambda *_: None)
+    assert fake_driver.calls == []
+    assert not (cfg.run_dir() / "train" / "config.yaml").exists()
+
+    # On a cluster that may scale up it is a warning, and the run goes on.
+    messages: list[str] = []
+    fake_driver.result = SimpleNamespace(error="stop here", best_checkpoints=[])
+    with pytest.raises(driver.TrainingError, match="stop here"):
+        driver._fit(cfg, False, datasets=None, info=None, train_loop=None, strict_resources=False, log=messages.append)
+    assert messages[0].startswith("[warning] needs 3.5 CPUs") and fake_driver.calls == ["build_datasets", "fit"]
