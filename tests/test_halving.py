@@ -13,8 +13,12 @@ from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving, rung_mile
 
 
 class FakeTrial:
-    def __init__(self, trial_id: str):
+    def __init__(self, trial_id: str, max_failures: int = 0):
         self.trial_id, self.status = trial_id, Trial.PENDING
+        self.max_failures, self.num_failures = max_failures, 0
+
+    def should_recover(self) -> bool:  # as Tune's Trial.should_recover
+        return self.num_failures <= self.max_failures or self.max_failures < 0
 
 
 class FakeController:
@@ -40,6 +44,21 @@ class FakeController:
         if trial.status in (Trial.PENDING, Trial.PAUSED):
             self.scheduler.on_trial_remove(self, trial)
         trial.status = Trial.TERMINATED
+
+    def fail(self, trial) -> None:
+        """As Tune's TuneController._process_trial_failure: a trial it recovers is stopped (ERROR),
+        the scheduler hears on_trial_error, and the trial comes back PENDING (on_trial_add)."""
+        trial.num_failures += 1
+        if trial.status == Trial.RUNNING and trial.should_recover():
+            trial.status = Trial.ERROR  # _try_recover -> _schedule_trial_stop
+            self.scheduler.on_trial_error(self, trial)  # _requeue_trial
+            trial.status = Trial.PENDING
+            self.trials.remove(trial)
+            self.trials.append(trial)
+            self.scheduler.on_trial_add(self, trial)
+        else:
+            self.scheduler.on_trial_error(self, trial)
+            trial.status = Trial.ERROR
 
     def report(self, trial, epoch: int, value: float) -> str:
         result = {"epoch": epoch, self.scheduler.metric: value}
@@ -101,6 +120,29 @@ def test_a_failed_trial_leaves_its_rung_and_min_mode_ranks_low_first_and_nan_las
     s.on_trial_error(c, d)  # the rung closes without it: the best 2 // 2 = 1 (b) goes on
     d.status = Trial.ERROR
     assert a.status == Trial.TERMINATED and s.choose_trial_to_run(c) is b
+
+
+def test_a_trial_that_tune_runs_again_keeps_its_place_in_its_rung_and_goes_on_on_merit():
+    """With train.max_failures, Tune retries a failed trial: on_trial_error, then on_trial_add. The
+    rung waits for it (it is not closed with the others), and its result ranks like any other;
+    only its last allowed failure ends it."""
+    s = halving(num_trials=4, slots=4)
+    c = FakeController(s)
+    a, b, d, e = (c.add(f"t_{i}") for i in range(4))
+    for t in (a, b, d, e):
+        t.max_failures, t.status = 1, Trial.RUNNING
+    assert c.report(a, 1, 0.5) == c.report(b, 1, 0.4) == c.report(d, 1, 0.3) == TrialScheduler.PAUSE
+    c.fail(e)  # retried: the rung still waits for it
+    assert e.status == Trial.PENDING and s._promoted[0] is None
+    assert [t.status for t in (a, b, d)] == [Trial.PAUSED] * 3
+    e.status = Trial.RUNNING
+    # Its epoch 1 is the best: it and a (4 // 2 = 2) go on, b and d stop.
+    assert c.report(e, 1, 0.9) == TrialScheduler.CONTINUE
+    assert b.status == d.status == Trial.TERMINATED and s.choose_trial_to_run(c) is a
+    a.status = Trial.RUNNING
+    assert c.report(a, 2, 0.6) == TrialScheduler.PAUSE
+    c.fail(e)  # its second failure is its last: the rung closes without it, and a goes on to max_t
+    assert e.status == Trial.ERROR and s.choose_trial_to_run(c) is a and s.allowed_epochs(a.trial_id) == 4
 
 
 def test_a_searcher_that_ends_early_closes_the_first_rung_with_the_trials_it_drew():
@@ -197,3 +239,30 @@ def test_asha_rebuilds_its_rungs_on_a_resume():
                  for name, c in (("uninterrupted", uninterrupted), ("resumed", resumed), ("forgetful", forgetful))}
     assert decisions["uninterrupted"] == decisions["resumed"] == (TrialScheduler.STOP, TrialScheduler.STOP)
     assert decisions["forgetful"] == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)
+
+
+def test_trials_a_resumed_search_brings_back_beyond_its_slots_wait_paused():
+    """A resumed search brings back every unfinished trial PENDING and Tune starts every PENDING
+    trial: with fewer slots than before (bigger trials, a smaller cluster), those beyond wait
+    PAUSED and run when a slot is free (ASHA and FIFO; halving does so in its own rule)."""
+    from rayfine.tune.asha import ResumableASHA
+    from rayfine.tune.limits import LimitedFIFO
+
+    asha = ResumableASHA(slots=1, max_failures=2, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("val_accuracy", "max")
+    for scheduler in (asha, LimitedFIFO(slots=1, max_failures=2)):
+        c = FakeController(scheduler)
+        a, b = c.add("t_0"), c.add("t_1")
+        assert a.max_failures == b.max_failures == 2
+        # a stays PENDING (Tune starts it), b waits.
+        assert scheduler.choose_trial_to_run(c) is None and (a.status, b.status) == (Trial.PENDING, Trial.PAUSED)
+        a.status = Trial.RUNNING
+        assert scheduler.choose_trial_to_run(c) is None and b.status == Trial.PAUSED
+        a.status = Trial.TERMINATED
+        assert scheduler.choose_trial_to_run(c) is b
+
+
+def test_halving_gives_every_trial_the_searchs_max_failures():
+    s = SuccessiveHalving(metric="val_accuracy", mode="max", max_t=4, grace_period=1, reduction_factor=2,
+                          num_trials=2, slots=2, max_failures=3)
+    assert FakeController(s).add("t_0").max_failures == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -413,3 +414,86 @@ def test_a_training_run_and_a_search_under_one_name_each_keep_the_config_they_ar
     with pytest.raises(ConfigError, match=r"ran with another config \(changed: tune.num_samples\)"):
         _check_previous_search(training, experiment_path(search), resume=True)
     assert "num_samples: 4" in _config_section(run_dir, saved_config(run_dir, "tune"))
+
+
+def test_the_winner_is_an_epoch_whose_checkpoint_remote_storage_still_has(tmp_path):
+    """Ray Train keeps the later of equal scores and deletes the other checkpoints; pick_best ties to
+    the earlier epoch, so it must see, in the storage's own filesystem (s3://...: paths relative
+    to it), which checkpoints are left."""
+    import pyarrow.fs
+
+    from rayfine.tune.search import pick_best
+
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
+    remote.create_dir("bucket/trials/t0/checkpoint_000001")  # epoch 2's; epoch 1's (the same score) was deleted
+    rows = [{"trial_id": "t0", "epoch": e, "val_accuracy": 0.9, "checkpoint_path": f"bucket/trials/t0/checkpoint_00000{e - 1}"}
+            for e in (1, 2)]
+    assert pick_best(rows, "val_accuracy", "max", remote)["epoch"] == 2
+    remote.delete_dir("bucket/trials/t0/checkpoint_000001")
+    assert pick_best(rows, "val_accuracy", "max", remote) is None
+
+
+def test_the_leaderboard_ranks_as_the_winner_is_picked_and_a_nan_epoch_is_no_best(tmp_path):
+    """The leaderboard's #1 is the trial `[tune] best:` names: equal best values go to the earlier
+    epoch before the lower trial id; a diverged (NaN) epoch is never a trial's best, on the board
+    or in report.html's leaderboard."""
+    from rayfine.tune.search import pick_best
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    curves = {"t0": [0.5, 0.9], "t1": [0.9, 0.7], "t2": [float("nan"), 0.6]}
+    board = Board([], "val_accuracy", "max", epochs=2)
+    rows = []
+    for trial_id, values in curves.items():
+        for epoch, value in enumerate(values, 1):
+            board.update(_Trial(trial_id, "RUNNING", {"epoch": epoch, "val_accuracy": value}, {}))
+            rows.append({"trial_id": trial_id, "epoch": epoch, "val_accuracy": value, "checkpoint_path": str(ckpt)})
+    ranked = [line.split()[1] for line in board.leaderboard().splitlines()[1:]]
+    assert ranked[0] == pick_best(rows, "val_accuracy", "max")["trial_id"] == "t1"  # 0.9 at epoch 1
+    assert ranked == ["t1", "t0", "t2"] and board.rows["t2"]["best"] == 0.6
+
+
+def test_the_report_takes_no_nan_epoch_for_a_trials_best():
+    from rayfine.report import _best_value
+
+    assert _best_value([float("nan"), 0.6, None], 1) == 0.6 and _best_value([float("nan"), 0.2], -1) == 0.2
+    assert math.isnan(_best_value([float("nan")], 1))
+
+
+def _noop_trial(config):
+    pass
+
+
+@pytest.mark.parametrize("scheduler,searcher", [("fifo", "random"), ("asha", "random"), ("halving", "random"),
+                                                ("asha", "optuna")])
+def test_a_resumed_search_runs_as_many_trials_at_once_as_its_new_plan_says(tmp_path, scheduler, searcher):
+    """Tuner.restore gives back the searcher and scheduler pickled when the search was created (and
+    sets the searcher's saved state over it): with bigger trials or a smaller cluster the first
+    driver's plan would start more trials than fit. They take the resuming driver's plan, and its
+    train.max_failures (Tune's retries of a failed trial)."""
+    from ray import tune
+
+    from rayfine.tune.limits import RunLimits, resuming
+    from rayfine.tune.search import _scheduler, _searcher
+
+    cfg = load_config("resnet18_digits_tiny", [f"tune.scheduler={scheduler}", f"tune.searcher={searcher}"])
+    first = _scheduler(cfg, 4, 4, 2, history=lambda trial_id: [], max_failures=0)
+    trainable = tune.with_resources(_noop_trial, {"cpu": 0.01})
+    tune.Tuner(trainable, param_space={"x": tune.uniform(0, 1)},
+               tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=first,
+                                           search_alg=_searcher(cfg, 2, first), num_samples=4),
+               run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path)))
+    with resuming(RunLimits(concurrent=1, max_failures=3)):
+        restored = tune.Tuner.restore(str(tmp_path / "tune"), trainable=trainable)
+    tune_config = restored._local_tuner._tune_config
+    search_alg, limits = tune_config.search_alg, tune_config.scheduler
+    assert limits.slots == 1 and limits.max_failures == 3
+    if scheduler != "halving":  # halving's searcher asks the scheduler (slots) for each trial
+        saved = search_alg.get_state()  # Tune sets the searcher's saved state when the search starts
+        saved["max_concurrent"] = 2
+        search_alg.set_state(saved)
+        assert search_alg.max_concurrent == 1
+    trial = type("T", (), {"trial_id": "t_0", "status": "PENDING", "max_failures": 0})()
+    limits.set_search_properties("val_accuracy", "max")  # as tune.run does
+    limits.on_trial_add(None, trial)
+    assert trial.max_failures == 3  # what Tune's Trial.should_recover reads

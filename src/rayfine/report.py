@@ -253,6 +253,13 @@ def _metric_of(config_path: Path, section: str) -> str:
     return "val_accuracy"
 
 
+def _best_value(values: list[Any], sign: int) -> float:
+    """A trial's best epoch value (``sign`` -1 when lower is better); a NaN (a diverged epoch) is
+    no best, NaN only when the trial has nothing else."""
+    kept = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return max(v * sign for v in kept) * sign if kept else math.nan
+
+
 def tune_report(run_dir: Path) -> Path:
     """<run>/tune/report.html from trials.csv, summary.json and the winner's evaluation."""
     tune_dir = run_dir / "tune"
@@ -270,7 +277,7 @@ def tune_report(run_dir: Path) -> Path:
     trials = {
         tid: {
             "params": {k: trial_rows[0].get(k) for k in keys},
-            "best": max(r[metric] * sign for r in trial_rows if r.get(metric) is not None) * sign,
+            "best": _best_value([r.get(metric) for r in trial_rows], sign),
             "epochs": max(r["epoch"] for r in trial_rows),
             "status": trial_rows[-1].get("status"),
         }
@@ -284,7 +291,7 @@ def tune_report(run_dir: Path) -> Path:
     leaderboard = sorted(
         ({"trial_id": t, **info["params"], f"best {metric}": info["best"], "epochs run": info["epochs"], "status": info["status"]}
          for t, info in trials.items()),
-        key=lambda r: -sign * r[f"best {metric}"],
+        key=lambda r: (math.isnan(r[f"best {metric}"]), -sign * r[f"best {metric}"]),
     )
     best = summary.get("best") or {}
     budget = (f"{summary.get('epochs_run')} of {summary.get('epochs_full_budget')} epochs "

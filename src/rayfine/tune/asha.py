@@ -19,13 +19,18 @@ from typing import Callable, Iterable, Optional
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
+from rayfine.tune.limits import SlotLimits
 
-class ResumableASHA(ASHAScheduler):
-    """``ASHAScheduler`` whose rungs include what each trial reported before a resume."""
 
-    def __init__(self, *, history: Optional[Callable[[str], Iterable[dict]]] = None, **asha):
+class ResumableASHA(SlotLimits, ASHAScheduler):
+    """``ASHAScheduler`` whose rungs include what each trial reported before a resume, with the
+    search's limits (``rayfine.tune.limits.SlotLimits``)."""
+
+    def __init__(self, *, history: Optional[Callable[[str], Iterable[dict]]] = None, slots: int | None = None,
+                 max_failures: int | None = None, **asha):
         super().__init__(**asha)
         self._history = history
+        self._set_limits(slots, max_failures)
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)

@@ -34,6 +34,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from rayfine.tune.limits import resumed_limits
+
 
 def rung_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
     """The epochs at which trials are compared: grace, grace*rf, ... below max_t."""
@@ -50,7 +52,7 @@ class SuccessiveHalving(TrialScheduler):
 
     def __init__(self, *, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float,
                  num_trials: int, slots: int, time_attr: str = "epoch",
-                 history: Optional[Callable[[str], Iterable[dict]]] = None):
+                 history: Optional[Callable[[str], Iterable[dict]]] = None, max_failures: int | None = None):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be max or min, not {mode!r}")
@@ -58,6 +60,7 @@ class SuccessiveHalving(TrialScheduler):
         self.max_t, self.reduction_factor = max_t, reduction_factor
         self.milestones = rung_milestones(max_t, grace_period, reduction_factor)
         self.num_trials, self.slots = num_trials, slots
+        self.max_failures = max_failures  # given to every trial Tune adds (rayfine.tune.limits)
         self._history = history
         self._values: list[dict[str, float]] = [{} for _ in self.milestones]  # rung -> {trial id: metric}
         self._promoted: list[Optional[set[str]]] = [None for _ in self.milestones]  # decided when complete
@@ -71,6 +74,15 @@ class SuccessiveHalving(TrialScheduler):
         state["_controller"] = None  # Tune pickles the scheduler with the Tuner; the controller is per run
         state["_trials"] = {}
         return state
+
+    def __setstate__(self, state):
+        # Tuner.restore unpickles the scheduler the search was created with: a resumed search runs
+        # with the resuming driver's limits (rayfine.tune.limits).
+        self.__dict__.update(state)
+        limits = resumed_limits()
+        self.max_failures = limits.max_failures if limits else state.get("max_failures")
+        if limits:
+            self.slots = limits.concurrent
 
     # --- the rule -------------------------------------------------------------------------------
 
@@ -138,6 +150,8 @@ class SuccessiveHalving(TrialScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         self._controller = tune_controller
         self._trials[trial.trial_id] = trial
+        if self.max_failures is not None:
+            trial.max_failures = self.max_failures
         if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a resumed search's finished trial
             self._ended.add(trial.trial_id)
         else:
@@ -170,6 +184,13 @@ class SuccessiveHalving(TrialScheduler):
         self._end(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        # Tune calls this for a trial it will run again (train.max_failures) too, and only then
+        # adds it back (on_trial_add): it has already stopped that trial (ERROR) and still wants
+        # to recover it (TuneController._try_recover). Its rung waits for it; only a trial that
+        # failed for good (Tune calls this while the trial is still RUNNING or PENDING) leaves.
+        if trial.status == Trial.ERROR and trial.should_recover():
+            self._controller = tune_controller
+            return
         self._end(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:

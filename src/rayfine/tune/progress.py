@@ -7,6 +7,7 @@ Runs on the driver as a Ray Tune ``Callback``; Tune's own console reporter is tu
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -23,6 +24,12 @@ def trial_status(status: str, last_epoch: Optional[int], epochs: int) -> str:
     if status == "TERMINATED":
         return "completed" if last_epoch == epochs else "stopped"
     return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(status, status.lower())
+
+
+def rank_key(value: float, epoch: Any, trial_id: Any, mode: str) -> tuple:
+    """How a search ranks an epoch of a trial, the best first: by the metric, ties to the earlier
+    epoch, then the lower trial id (the winner, ``search.pick_best``, and the leaderboard)."""
+    return (-value if mode == "max" else value, epoch if epoch is not None else math.inf, str(trial_id))
 
 
 def _fmt(value: Any) -> str:
@@ -44,15 +51,20 @@ class Board:
         self.rows: dict[str, dict[str, Any]] = {}
 
     def _new_row(self, trial_id: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"best": None}
+        row: dict[str, Any] = {"best": None, "best_epoch": None}
         for record in self.history(trial_id) if self.history else ():
             row.update({"epoch": record.get("epoch"), **{m: record.get(m) for m in SHOWN_METRICS}})
-            self._keep_best(row, record.get(self.metric))
+            self._keep_best(row, trial_id, record.get(self.metric), record.get("epoch"))
         return row
 
-    def _keep_best(self, row: dict[str, Any], value: Optional[float]) -> None:
-        if value is not None and (row["best"] is None or self._better(value, row["best"])):
-            row["best"] = value
+    def _keep_best(self, row: dict[str, Any], trial_id: str, value: Optional[float], epoch: Any) -> None:
+        """The trial's best epoch as the winner is picked: a NaN (a diverged epoch) is none, equal
+        values keep the earlier epoch."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        if row["best"] is None or (rank_key(value, epoch, trial_id, self.mode)
+                                   < rank_key(row["best"], row["best_epoch"], trial_id, self.mode)):
+            row["best"], row["best_epoch"] = value, epoch
 
     def update(self, trial) -> bool:
         """Refresh one trial's row; True when something shown changed."""
@@ -62,7 +74,7 @@ class Board:
         last = trial.last_result or {}
         # A resumed search: Tune's last result may be missing, or older than the epoch log.
         shown = last if last.get("epoch") is not None and last["epoch"] >= (row.get("epoch") or 0) else row
-        self._keep_best(row, last.get(self.metric))
+        self._keep_best(row, trial.trial_id, last.get(self.metric), last.get("epoch"))
         new = {
             "trial": trial.trial_id,
             **{k: trial.config.get(k) for k in self.keys},
@@ -73,9 +85,6 @@ class Board:
         changed = any(row.get(k) != v for k, v in new.items())
         row.update(new)
         return changed
-
-    def _better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
 
     def table(self, rows: Optional[list[dict]] = None, rank: bool = False) -> str:
         rows = list(self.rows.values()) if rows is None else rows
@@ -92,10 +101,11 @@ class Board:
         return "\n".join(lines)
 
     def leaderboard(self) -> str:
-        sign = -1 if self.mode == "max" else 1
-        ranked = sorted(self.rows.items(), key=lambda kv: (kv[1]["best"] is None, sign * (kv[1]["best"] or 0.0), kv[0]))
-        ranked = [row for _, row in ranked]  # ties by trial id: the same order after a resume
-        return self.table(ranked, rank=True)
+        # Ranked as the winner is picked (search.pick_best): ties to the earlier best epoch, then
+        # the lower trial id (the same order after a resume); trials without a result last.
+        ranked = sorted(self.rows.items(), key=lambda kv: (
+            kv[1]["best"] is None, rank_key(kv[1]["best"] or 0.0, kv[1]["best_epoch"], kv[0], self.mode)))
+        return self.table([row for _, row in ranked], rank=True)
 
 
 class SearchProgress(Callback):

@@ -24,8 +24,6 @@ from typing import Any, Callable, Optional
 
 import ray
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
@@ -39,8 +37,9 @@ from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, split_for_workers
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
+from rayfine.tune.limits import LimitedConcurrency, LimitedFIFO, LimitedVariants, RunLimits, resuming
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
-from rayfine.tune.progress import SearchProgress, trial_status
+from rayfine.tune.progress import SearchProgress, rank_key, trial_status
 from rayfine.tune.trial import (
     epoch_log_path,
     read_epoch_log,
@@ -137,11 +136,14 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
         with progress.active(), tracking.active():
             if resume:
                 log(f"[tune] resuming the search in {path}")
-                tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+                # Tune restores the searcher and scheduler the search was created with: they take
+                # this plan (trials at a time) and train.max_failures instead (rayfine.tune.limits).
+                with resuming(RunLimits(concurrent=plan.concurrent, max_failures=base.train.max_failures)):
+                    tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
             else:
                 log(f"[tune] {num_trials} trial(s) of {epochs} epoch(s), scheduler {t.scheduler}, "
                     f"searcher {t.searcher} -> {run_dir}")
-                scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent, history)
+                scheduler = _scheduler(cfg, epochs, num_trials, plan.concurrent, history, base.train.max_failures)
                 tuner = tune.Tuner(
                     trainable,
                     param_space=tune_space(t.search_space),
@@ -225,18 +227,19 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
                                f"{', '.join(p.rstrip('.') for p in allowed)} may change)"])
 
 
-def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]]):
+def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]],
+               max_failures: int = 0):
     t = cfg.tune
     if t.scheduler == "fifo":
-        return FIFOScheduler()
+        return LimitedFIFO(slots=slots, max_failures=max_failures)
     # Keyed on the reported epoch, not Tune's training_iteration, which restarts after a resume;
     # both rebuild their rungs from the trials' epoch logs (``history``) on a resume.
     if t.scheduler == "halving":
         return SuccessiveHalving(metric=t.metric, mode=t.metric_mode, max_t=epochs, grace_period=t.grace_period,
                                  reduction_factor=t.reduction_factor, num_trials=num_trials, slots=slots,
-                                 history=history)
-    return ResumableASHA(history=history, time_attr="epoch", max_t=epochs, grace_period=t.grace_period,
-                         reduction_factor=t.reduction_factor)
+                                 history=history, max_failures=max_failures)
+    return ResumableASHA(history=history, slots=slots, max_failures=max_failures, time_attr="epoch", max_t=epochs,
+                         grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
 def _trial_history(root: str, trial_id: str) -> list[dict]:
@@ -250,11 +253,10 @@ def _searcher(cfg: Config, max_concurrent: int, scheduler=None):
         # keeps halving to the random searcher).
         return SlotGatedVariants(scheduler.has_free_slot, random_state=t.seed)
     if t.searcher == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=max_concurrent)
-    return BasicVariantGenerator(random_state=t.seed, max_concurrent=max_concurrent)
+        return LimitedConcurrency(OptunaSearch(seed=t.seed), max_concurrent=max_concurrent)
+    return LimitedVariants(random_state=t.seed, max_concurrent=max_concurrent)
 
 
 # --- outputs: tune/trials.csv, tune/summary.json, tune/best/ ------------------------------------
@@ -303,20 +305,35 @@ def _isnan(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
 
 
-def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
+def pick_best(rows: list[dict], metric: str, mode: str, filesystem=None) -> Optional[dict]:
     """The best epoch of any trial whose checkpoint is still kept; ties to the earlier epoch, then
     the lower trial id: the same results pick the same winner in any order (a resumed search's
-    results come back in another)."""
-    sign = 1 if mode == "max" else -1
-    usable = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric]) and _checkpoint_exists(r.get("checkpoint_path"))]
-    return min(usable, key=lambda r: (-sign * r[metric], r["epoch"], str(r["trial_id"]))) if usable else None
+    results come back in another). ``filesystem``: the storage's pyarrow filesystem when it is not
+    local (s3://...), where the reported checkpoint paths live."""
+    usable = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric])
+              and _checkpoint_exists(r.get("checkpoint_path"), filesystem)]
+    return min(usable, key=lambda r: rank_key(r[metric], r["epoch"], r["trial_id"], mode)) if usable else None
 
 
-def _checkpoint_exists(path: Any) -> bool:
-    # Train keeps only the best train.keep_checkpoints of each run; a local path can be checked.
+def _checkpoint_exists(path: Any, filesystem=None) -> bool:
+    # Train keeps only the best train.keep_checkpoints of each run and deletes the others.
     if not isinstance(path, str) or not path:
         return False
+    if filesystem is not None:  # remote storage: the path is inside its filesystem
+        import pyarrow.fs
+
+        return filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory
     return not Path(path).is_absolute() or Path(path).is_dir()
+
+
+def storage_filesystem(cfg: Config):
+    """The pyarrow filesystem of a remote ``storage.storage_path`` (s3://...); None for local storage."""
+    storage = cfg.resolved_storage_path()
+    if "://" not in storage:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(storage)[0]
 
 
 def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int, started: float, resumed: bool,
@@ -353,7 +370,7 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
         "trials": {s: sum(1 for v in trials.values() if v == s) for s in sorted(set(trials.values()))},
         "best": None,
     }
-    best = pick_best(rows, t.metric, t.metric_mode)
+    best = pick_best(rows, t.metric, t.metric_mode, storage_filesystem(cfg))
     if best is None:
         (tune_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
@@ -394,13 +411,10 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
 
 
 def _export(checkpoint_path: str, cfg: Config, destination: Path) -> Path:
-    storage = cfg.resolved_storage_path()
-    if "://" not in storage:
+    fs = storage_filesystem(cfg)
+    if fs is None:
         return checkpoints.export_checkpoint(checkpoint_path, destination)
     # Remote storage (s3://...): Tune reports the path inside the storage filesystem.
-    import pyarrow.fs
-
-    fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
     with tempfile.TemporaryDirectory() as tmp:
         ray.train.Checkpoint(checkpoint_path, filesystem=fs).to_directory(tmp)
         return checkpoints.export_checkpoint(tmp, destination)
