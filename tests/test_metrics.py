@@ -71,6 +71,41 @@ def test_a_training_reports_best_epoch_is_the_exported_checkpoints(tmp_path):
     assert "epoch 2 of 3: val_loss <b>0.2000</b>" in train_report(run).read_text()
 
 
+def test_reports_rank_a_nan_epoch_last_and_read_the_searchs_mode_and_survive_a_search_without_epochs(tmp_path):
+    """A diverged (NaN) first epoch is never a training run's best; a search report without
+    summary.json (its export failed) ranks train_loss lowest-first as tune.metric_mode does; a
+    search whose trials all failed before an epoch still gets its report."""
+    import json
+
+    from rayfine.config import load_config
+    from rayfine.report import train_report, tune_report
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config("resnet18_digits_tiny", ["train.metric=val_loss"]).to_yaml())
+    epochs = [{"epoch": e, "train_loss": 1.0, "val_loss": loss, "val_accuracy": 0.5, "val_macro_f1": 0.5,
+               "samples_per_s": 10.0, "epoch_s": 1.0} for e, loss in ((1, float("nan")), (2, 0.4), (3, 0.3))]
+    (run / "train" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in epochs))
+    assert "epoch 3 of 3: val_loss <b>0.3000</b>" in train_report(run).read_text()
+
+    search = tmp_path / "search"
+    (search / "tune").mkdir(parents=True)
+    (search / "config.yaml").write_text(load_config("resnet18_digits_tiny", ["tune.metric=train_loss"]).to_yaml())
+    (search / "tune" / "trials.csv").write_text(
+        "trial_id,status,train.lr,epoch,train_loss,val_accuracy\n"
+        "a_00000,completed,0.001,1,0.9,0.5\na_00000,completed,0.001,2,0.2,0.6\n"
+        "a_00001,completed,0.01,1,0.8,0.5\na_00001,completed,0.01,2,0.5,0.9\n")
+    page = tune_report(search).read_text()
+    board = page[page.index("id='search'"):]
+    assert board.index("a_00000") < board.index("a_00001")  # train_loss 0.2 beats 0.5
+
+    (search / "tune" / "trials.csv").write_text("trial_id,status,train.lr,epoch,train_loss,val_accuracy\n"
+                                                "a_00000,error,0.001,,,\n")
+    (search / "tune" / "summary.json").write_text(json.dumps({"metric": "val_accuracy", "mode": "max", "num_trials": 1}))
+    page = tune_report(search).read_text()
+    assert "No trial finished an epoch." in page and "No winner" in page
+
+
 def test_the_classification_reports_macro_average_is_eval_jsons(tmp_path):
     """A class the test split lacks and the model never predicts is left out of both averages
     (scikit-learn's f1_score default), and named under the report."""

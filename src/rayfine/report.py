@@ -226,7 +226,7 @@ def train_report(run_dir: Path) -> Path:
     exported = _read_json(train_dir / "checkpoint" / "metrics.json") or {}
     sign = -1 if metric.endswith("loss") else 1
     best = next((m for m in lines if m["epoch"] == exported.get("epoch")), None) or max(
-        lines, key=lambda m: (sign * m[metric], m["epoch"]))
+        lines, key=lambda m: (_ranked(m.get(metric), sign), m["epoch"]))
     curves = plot_learning_curves({"run": lines}, train_dir / "learning_curves.png", metric)
     evaluation = _read_json(train_dir / "eval.json")
     sections = [
@@ -245,12 +245,24 @@ def train_report(run_dir: Path) -> Path:
 def _metric_of(config_path: Path, section: str) -> str:
     """The config's ``train.metric`` (what picks a training run's epoch) or ``tune.metric`` (what
     ranks a search's trials)."""
+    return _section_of(config_path, section).get("metric") or "val_accuracy"
+
+
+def _section_of(config_path: Path, section: str) -> dict:
     import yaml
 
-    if config_path.is_file():
-        raw = yaml.safe_load(config_path.read_text()) or {}
-        return (raw.get(section) or {}).get("metric") or "val_accuracy"
-    return "val_accuracy"
+    raw = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    return raw.get(section) or {}
+
+
+def _ranked(value: Any, sign: int) -> float:
+    """``value`` made larger-is-better by ``sign``; a NaN or missing value ranks below every number."""
+    number = _finite_or_nan(value)
+    return -math.inf if math.isnan(number) else sign * number
+
+
+def _finite_or_nan(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _best_value(values: list[Any], sign: int) -> float:
@@ -266,7 +278,10 @@ def tune_report(run_dir: Path) -> Path:
     rows = read_trials(tune_dir / "trials.csv")
     summary = _read_json(tune_dir / "summary.json") or {}
     metric = summary.get("metric") or _metric_of(saved_config(run_dir, "tune"), "tune")
-    sign = -1 if (summary.get("mode") == "min" or metric == "val_loss") else 1
+    # summary.json's mode, else the config's tune.mode, else tune.metric_mode's default.
+    mode = summary.get("mode") or _section_of(saved_config(run_dir, "tune"), "tune").get("mode") or (
+        "min" if metric.endswith("loss") else "max")
+    sign = -1 if mode == "min" else 1
     fixed = set(METRIC_COLUMNS) | {"trial_id", "status", "checkpoint_path"}
     keys = [k for k in (rows[0] if rows else {}) if k not in fixed]
     by_trial: dict[str, list[dict]] = {}
@@ -285,9 +300,13 @@ def tune_report(run_dir: Path) -> Path:
     }
     winner = str((summary.get("best") or {}).get("trial_id")) if summary.get("best") else None
     stopped = frozenset(t for t, info in trials.items() if info["status"] == "stopped")
-    curves = plot_learning_curves(by_trial, tune_dir / "learning_curves.png", metric, highlight=winner,
-                                  stopped=stopped, epochs=epochs)
-    overview = plot_search_overview(trials, keys, metric, tune_dir / "search_overview.png", epochs, highlight=winner)
+    if trials:
+        curves = _img(plot_learning_curves(by_trial, tune_dir / "learning_curves.png", metric, highlight=winner,
+                                           stopped=stopped, epochs=epochs), "learning curves per trial")
+        overview = _img(plot_search_overview(trials, keys, metric, tune_dir / "search_overview.png", epochs,
+                                             highlight=winner), "search overview")
+    else:  # every trial failed before its first epoch: nothing to plot
+        curves = overview = "<p>No trial finished an epoch.</p>"
     leaderboard = sorted(
         ({"trial_id": t, **info["params"], f"best {metric}": info["best"], "epochs run": info["epochs"], "status": info["status"]}
          for t, info in trials.items()),
@@ -304,8 +323,8 @@ def tune_report(run_dir: Path) -> Path:
            if best else "<p>No winner: no trial produced a usable checkpoint.</p>")
         + f"<p>{summary.get('num_trials', len(trials))} trials, scheduler {html.escape(str(summary.get('scheduler')))}, "
           f"searcher {html.escape(str(summary.get('searcher')))}; {budget}.</p></section>",
-        "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves per trial") + "</section>",
-        "<section id='search'><h2>Hyperparameters against the metric</h2>" + _img(overview, "search overview")
+        "<section id='curves'><h2>Learning curves</h2>" + curves + "</section>",
+        "<section id='search'><h2>Hyperparameters against the metric</h2>" + overview
         + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",
         _evaluation_section(_read_json(tune_dir / "best" / "eval.json"), tune_dir / "best" / "confusion_matrix.png"),
         _config_section(run_dir, saved_config(run_dir, "tune")),
