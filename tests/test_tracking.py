@@ -219,6 +219,15 @@ def test_a_resumed_search_starts_new_runs_when_tracking_mlflow_changed(tmp_path,
     resumed = SearchTracking(_cfg(tmp_path, uri1), ["train.lr"])  # unchanged: the same runs
     assert resumed.parent.run_id == first.parent.run_id and resumed.run_ids == first.run_ids
     resumed.finish(None, None, None, status="KILLED")
+    # A new search over the same run directory (its Tune state gone, not --resume): new runs, and
+    # the earlier parent is left as it ended.
+    fresh = SearchTracking(_cfg(tmp_path, uri1), ["train.lr"], resume=False)
+    fresh.finish(None, None, None, status="KILLED")
+    assert fresh.parent.run_id != first.parent.run_id and fresh.run_ids == {}
+    assert MlflowClient(tracking_uri=uri1).get_run(first.parent.run_id).info.status == "KILLED"
+    resumed = SearchTracking(_cfg(tmp_path, uri1), ["train.lr"])  # the fresh search's runs now
+    assert resumed.parent.run_id == fresh.parent.run_id
+    resumed.finish(None, None, None, status="KILLED")
 
     moved = SearchTracking(_cfg(tmp_path, uri2), ["train.lr"])
     assert "starting a new run" in capsys.readouterr().err

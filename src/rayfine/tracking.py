@@ -313,17 +313,18 @@ class SearchTracking(Callback):
 
     The run ids are kept in <run>/tune/tracking.json with the tracking URI and experiment they were
     logged to, so a resumed search (``--resume``) logs into the same parent and child runs instead
-    of starting new ones (new ones when tracking.mlflow changed or the runs are gone).
+    of starting new ones (new ones when tracking.mlflow changed or the runs are gone). A new search
+    (``resume`` false) starts new runs whatever an earlier search's tracking.json says.
     """
 
-    def __init__(self, cfg: Config, keys: list[str]):
+    def __init__(self, cfg: Config, keys: list[str], resume: bool = True):
         self.cfg, self.keys = cfg, keys
         self.tune_dir = cfg.run_dir() / "tune"
         self.state_path = self.tune_dir / "tracking.json"
         self.trials: dict[str, RunTracker] = {}
         m = cfg.tracking.mlflow
         self.guard = _Guard("MLflow", _redact(m.tracking_uri)) if m is not None else None
-        state = read_state(self.state_path)
+        state = read_state(self.state_path) if resume else {}
         parent = reusable_run_id(cfg, state, "parent")
         trials = state.get("trials") if parent else None
         self.run_ids: dict[str, str] = {}

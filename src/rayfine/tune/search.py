@@ -131,7 +131,7 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     # and trials without the results it had not saved yet).
     history = partial(_trial_history, trials_root(cfg))
     progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log, history=history if resume else None)
-    tracking = SearchTracking(cfg, keys)
+    tracking = SearchTracking(cfg, keys, resume=resume)
     try:
         with progress.active(), tracking.active():
             if resume:
