@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from rayfine.checkpoints import PREPROCESSOR_FILE, load_checkpoint, save_checkpoint
 from rayfine.config import load_config
-from rayfine.data import Preprocessor, build_datasets
+from rayfine.data import Preprocessor, build_datasets, prepare_batch
+from rayfine.data.sources import read_failure, read_source
 from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
 from rayfine.errors import DataError, InputError
 from rayfine.evaluate import predict_dataset
@@ -54,6 +55,38 @@ def test_request_texts_are_checked():
     assert check_texts([["a", "b"]], pair_cfg) == (["a"], ["b"])
     with pytest.raises(InputError, match="text pairs"):
         check_texts(["a"], pair_cfg)
+
+
+def test_an_empty_pair_text_is_a_bad_row_as_serving_refuses_it():
+    """Serving answers 400 "empty text" for [["q", ""]]; training holds the pair text to the same rule."""
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["data.text_pair_column=hypothesis", "data.subsample=1.0"])
+    batch = {"text": np.array(["a question", "a question", ""], dtype=object),
+             "text_pair": np.array(["an answer", " ", "an answer"], dtype=object),
+             "label": np.array(["positive", "negative", "positive"], dtype=object),
+             "origin": np.array(["f#0", "f#1", "f#2"], dtype=object)}
+    out = prepare_batch(batch, cfg.model_dump_json())
+    assert out["split"][0] != "bad" and len(out["input_ids"][0]) > 0
+    assert out["split"][1:].tolist() == ["bad", "bad"]
+    assert out["error"][1:].tolist() == ["empty or missing pair text", "empty or missing text"]
+
+
+def test_a_tokenizer_directory_replaced_at_the_same_path_loads_anew(tmp_path):
+    """A replica that reloads a checkpoint directory saved again at the same path gets its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(resolve_model_source("minilm"))
+    ckpt = tmp_path / "checkpoint"
+    base.save_pretrained(ckpt)
+    assert load_tokenizer(str(ckpt)).model_max_length == base.model_max_length
+    shutil.rmtree(ckpt)
+    other = AutoTokenizer.from_pretrained(resolve_model_source("minilm"), model_max_length=77)
+    other.add_tokens(["rayfinetoken"])
+    other.save_pretrained(ckpt)
+    reloaded = load_tokenizer(str(ckpt))
+    assert reloaded.model_max_length == 77 and "rayfinetoken" in reloaded.get_vocab()
+    assert load_tokenizer(str(ckpt)) is reloaded  # unchanged files: the cached one
 
 
 # --- ray tier -------------------------------------------------------------------------------------
@@ -130,6 +163,9 @@ def test_files_that_cannot_be_read_are_named_with_the_readers_reason(ray_local, 
     (tmp_path / "two").mkdir()
     good.to_csv(tmp_path / "two" / "a.csv", index=False)
     good.rename(columns={"text": "body"}).to_csv(tmp_path / "two" / "b.csv", index=False)
+    (tmp_path / "twoj").mkdir()  # JSON Lines reads the configured fields only: a file without one is named too
+    good.to_json(tmp_path / "twoj" / "a.jsonl", orient="records", lines=True)
+    good.rename(columns={"text": "body"}).to_json(tmp_path / "twoj" / "b.jsonl", orient="records", lines=True)
     for source, message in [
         ("latin1.csv", "data.source: cannot read {d}/latin1.csv: In CSV column #0: CSV conversion error to string: invalid UTF8 data"),
         ("ragged.csv", "data.source: cannot read {d}/ragged.csv: CSV parse error: Expected 2 columns, got 3: b,negative,extra"),
@@ -137,6 +173,7 @@ def test_files_that_cannot_be_read_are_named_with_the_readers_reason(ray_local, 
         ("header.csv", "data.source: {d}/header.csv holds no rows"),
         ("mixed.jsonl", "data.source: cannot read {d}/mixed.jsonl: JSON parse error: Column(/label) changed from number to string in row 1"),
         ("two", "data.text_column: no column 'text' in {d}/two/b.csv; columns: ['body', 'label']"),
+        ("twoj", "data.text_column: no column 'text' in {d}/twoj/b.jsonl; columns: ['body', 'label']"),
     ]:
         with pytest.raises(DataError) as info:
             build_datasets(text_cfg(tmp_path / source), log=lambda *_: None)
@@ -145,6 +182,50 @@ def test_files_that_cannot_be_read_are_named_with_the_readers_reason(ray_local, 
     good.to_csv(tmp_path / "reviews.txt", index=False)
     _, info = build_datasets(text_cfg(tmp_path / "reviews.txt", "data.format=csv"), log=lambda *_: None)
     assert sum(info.num_examples.values()) == len(good)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", ["extra.csv", "extra.jsonl"])
+def test_unused_columns_are_not_read_so_their_types_cannot_break_a_file(ray_local, tmp_path, reviews, name):
+    """Only the configured columns are read: an unused column whose values change type after
+    pyarrow's first 1 MiB (CSV: an "id" of numbers then "a17", "notes" empty then filled; JSON
+    Lines: "id": 1 then "id": "a7") does not make the file unreadable. A label column whose type
+    changes is still refused (test_files_that_cannot_be_read_are_named_with_the_readers_reason)."""
+    import pandas as pd
+
+    texts = list(reviews["text"]) * 8
+    labels = list(reviews["label"]) * 8
+    n = len(texts)
+    late = n - 50  # past the first MiB
+    frame = pd.DataFrame({"id": [str(i) if i < late else f"a{i}" for i in range(n)], "text": texts,
+                          "notes": ["" if i < late else "checked" for i in range(n)], "label": labels})
+    frame.to_csv(tmp_path / "extra.csv", index=False)
+    lines = [json.dumps({"id": i if i < late else f"a{i}", "text": t, "label": y, "score": 1 if i < late else "high"})
+             for i, (t, y) in enumerate(zip(texts, labels))]
+    (tmp_path / "extra.jsonl").write_text("\n".join(lines) + "\n")
+    path = tmp_path / name
+    assert path.stat().st_size > 1 << 20 and len(path.read_bytes().split(b"\n", late + 1)[-1]) < 1 << 20
+    cfg = text_cfg(path)
+    assert read_failure(cfg.data) is None  # the driver's re-read reads as the reader does
+    _, info = build_datasets(cfg, log=lambda *_: None)
+    assert sum(info.num_examples.values()) == n and info.bad_rows == 0
+
+
+@pytest.mark.ray
+def test_a_column_named_path_is_the_users_not_the_readers_file_names(ray_local, tmp_path, reviews):
+    """Ray Data's include_paths column is named "path": a configured column of that name keeps its
+    own values (the rows' origin is then the source)."""
+    sample = reviews.iloc[:30]
+    sample.rename(columns={"text": "path"}).to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": t, "path": t[::-1], "label": y}) + "\n"
+                                              for t, y in zip(sample["text"], sample["label"])))
+    rows = read_source(text_cfg(tmp_path / "p.csv", "data.text_column=path").data).take_all()
+    assert sorted(r["text"] for r in rows) == sorted(sample["text"])
+    assert {r["origin"] for r in rows} == {str(tmp_path / "p.csv")}
+    rows = read_source(text_cfg(tmp_path / "p.jsonl", "data.text_pair_column=path").data).take_all()
+    assert sorted((r["text"], r["text_pair"]) for r in rows) == sorted((t, t[::-1]) for t in sample["text"])
+    rows = read_source(text_cfg(tmp_path / "p.csv", "data.text_column=path", "data.label_column=path").data).take_all()
+    assert sorted(r["label"] for r in rows) == sorted(sample["text"])
 
 
 @pytest.mark.ray

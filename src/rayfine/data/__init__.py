@@ -188,10 +188,14 @@ def _prepare_texts(batch: dict, rows: list, cfg: Config) -> dict:
     from rayfine.models import resolve_model_source
 
     for row in rows:
-        text = batch["text"][row[0]]
-        pair = batch["text_pair"][row[0]] if "text_pair" in batch else ""
-        if row[1] != BAD and not (isinstance(text, str) and text.strip() and isinstance(pair, str)):
-            row[1], row[3] = BAD, "empty or missing text"
+        # A pair text is held to the rule of the main text (and of serving, which refuses both
+        # empty): an empty or missing one makes the row bad.
+        texts = {"text": batch["text"][row[0]]}
+        if "text_pair" in batch:
+            texts["pair text"] = batch["text_pair"][row[0]]
+        empty = [name for name, text in texts.items() if not (isinstance(text, str) and text.strip())]
+        if row[1] != BAD and empty:
+            row[1], row[3] = BAD, f"empty or missing {empty[0]}"
     good = [j for j, row in enumerate(rows) if row[1] != BAD]
     tokenizer = load_tokenizer(resolve_model_source(cfg.model.name))
     texts = [batch["text"][rows[j][0]] for j in good]

@@ -15,6 +15,7 @@ pip packages carry (see DESIGN.md, "Data without a network"); they are loaded on
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import itertools
@@ -129,7 +130,8 @@ def detect_format(data_cfg: DataConfig) -> str:
     return fmt
 
 
-def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...]) -> None:
+def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...],
+                   with_paths: bool = True) -> None:
     schema = ds.schema()
     if schema is None:  # no file held a row (a CSV of its header alone, an empty JSONL file)
         raise DataError(f"data.source: {data_cfg.source} holds no rows")
@@ -137,8 +139,16 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
     for field in fields:
         column = getattr(data_cfg, field)
         if column is not None and column not in available:
-            listed = [c for c in available if c != "path"]  # "path" is the reader's (include_paths)
+            # "path" is the reader's (include_paths), unless the reader was asked for no paths
+            listed = [c for c in available if c != "path" or not with_paths]
             raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}")
+
+
+def _reads_paths(columns: list[str]) -> bool:
+    """Whether a reader may add Ray Data's "path" column (include_paths): not when a configured
+    column is named "path", which Ray's column would overwrite with file names. The rows' origin is
+    then the source itself."""
+    return "path" not in columns
 
 
 # A local image folder's read tasks: at most this many files, and at most this many encoded bytes,
@@ -346,9 +356,11 @@ def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[st
 
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     columns = [data_cfg.image_column, data_cfg.label_column]
-    ds = ray.data.read_parquet(data_cfg.source, include_paths=True)
-    _check_columns(ds, data_cfg, ("image_column", "label_column"))
-    ds = ds.select_columns([*columns, "path"])
+    with_paths = _reads_paths(columns)
+    ds = ray.data.read_parquet(data_cfg.source, include_paths=with_paths)
+    _check_columns(ds, data_cfg, ("image_column", "label_column"), with_paths)
+    ds = ds.select_columns(list(dict.fromkeys([*columns, "path"] if with_paths else columns)))
+    source = data_cfg.source
     image_col, label_col = data_cfg.image_column, data_cfg.label_column
     names = class_label_names(data_cfg)
     workdir = os.getcwd()  # where `rayfine` runs: Hugging Face reads a relative image path from there
@@ -356,8 +368,9 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     def normalize(batch: dict) -> dict:
         cells = [_struct_image(img, image_col, workdir) for img in batch[image_col]]
         labels, errors = _named_labels(batch[label_col], names, label_col)
+        files = batch["path"] if with_paths else itertools.repeat(source)
         return {"image": np.array([image for image, _ in cells], dtype=object), "label": labels,
-                "origin": np.array([file or parquet for (_, file), parquet in zip(cells, batch["path"])], dtype=object),
+                "origin": np.array([file or parquet for (_, file), parquet in zip(cells, files)], dtype=object),
                 "error": errors}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
@@ -398,6 +411,129 @@ def read_builtin_texts(name: str) -> ray.data.Dataset:
     return ray.data.from_items(rows, override_num_blocks=8)
 
 
+TEXT_FIELDS = ("text_column", "text_pair_column", "label_column")
+
+
+def _text_columns(data_cfg: DataConfig) -> list[str]:
+    return list(dict.fromkeys(c for c in (getattr(data_cfg, f) for f in TEXT_FIELDS) if c))
+
+
+def _csv_convert_options(columns: list[str]) -> pacsv.ConvertOptions:
+    """Only the configured columns, as the strings the file holds (pyarrow would make "007" the
+    number 7, "true" a bool). The other columns are not read at all: pyarrow's streaming reader,
+    which Ray Data uses, infers each column's type from a file's first 1 MiB and then refuses a
+    later value that does not fit (an unused "id" column of numbers, then "a17"). A configured
+    column that a file lacks comes back as nulls (a present string column has none: empty cells are
+    ""), which the reader reports as the missing column."""
+    return pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
+                                include_missing_columns=True)
+
+
+CSV_PARSE_OPTIONS = {"newlines_in_values": True}  # quoted values may span lines in files of any size
+JSON_SNIFF_BYTES = 1 << 20
+
+
+def _filesystem(source: str):
+    """The pyarrow filesystem of ``source`` and how its paths are written there."""
+    import pyarrow.fs as pafs
+
+    if _is_local(source):
+        return pafs.LocalFileSystem(), os.path.abspath(source.removeprefix("file://"))
+    return pafs.FileSystem.from_uri(source)
+
+
+def _source_files(source: str, fmt: str, named_file: bool) -> list[str]:
+    """The files of ``source`` in format ``fmt``, sorted, as paths on its filesystem."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(source.rstrip("/"))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path] if named_file or _format_of(path) == fmt else []
+    if info.type != pafs.FileType.Directory:
+        return []
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if i.is_file and _format_of(i.path) == fmt and not os.path.basename(i.path).startswith("."))
+
+
+def _json_type(value) -> pa.DataType | None:
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, (int, float)):
+        return pa.float64()  # integers too: a label column of 1, 2, 2.5 reads as pyarrow infers it
+    return None
+
+
+def _json_parse_options(source: str, files: list[str], columns: list[str]):
+    """pyarrow JSON parse options that read only the configured fields, typed as the first file's
+    first values of them show (a string, a number, a bool): pyarrow then neither reads nor infers
+    the other fields, which could change type between lines (an unused "id": 1, then "id": "a7") and
+    make it refuse the whole file. A configured field whose type changes (labels 1, then "zero") is
+    still refused. None, and pyarrow infers every field as before, when the first MiB of the first
+    file does not show every configured field with a value of such a type (a JSON array file, a
+    missing column, which the column check then names)."""
+    import pyarrow.json as pajson
+
+    if not files:
+        return None
+    fs, _ = _filesystem(source)
+    try:
+        with fs.open_input_stream(files[0]) as f:  # compression detected from the extension
+            data = f.read(JSON_SNIFF_BYTES)
+    except (OSError, ValueError):
+        return None
+    lines = data.decode("utf-8-sig", "replace").splitlines()
+    if len(data) == JSON_SNIFF_BYTES:
+        lines = lines[:-1]  # cut by the size
+    types: dict[str, pa.DataType] = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        for column in columns:
+            if column not in types and row.get(column) is not None:
+                kind = _json_type(row[column])
+                if kind is None:
+                    return None
+                types[column] = kind
+        if len(types) == len(columns):
+            return pajson.ParseOptions(explicit_schema=pa.schema([(c, types[c]) for c in columns]),
+                                       unexpected_field_behavior="ignore")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_columns(source: str, path: str, fmt: str) -> list[str] | None:
+    """The columns of one CSV file (its header) or JSON Lines file (every field of its lines), or
+    None when it cannot be read. Only when a configured column came back empty for all of a file's
+    rows in a batch: whether the file has the column at all."""
+    fs, root = _filesystem(source)
+    try:
+        with fs.open_input_stream(root if path == source else path) as f:
+            if fmt == "csv":
+                return pacsv.open_csv(f, parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS)).schema.names
+            names: dict[str, None] = {}
+            for line in f.read().decode("utf-8-sig", "replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    names.update(dict.fromkeys(row))
+            return list(names)
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return None
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and bool(np.isnan(value)))
+
+
 def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     if data_cfg.source.startswith("builtin:"):
         if data_cfg.text_pair_column:
@@ -405,38 +541,58 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         return read_builtin_texts(data_cfg.source.removeprefix("builtin:"))
     fmt = detect_format(data_cfg)
     source = data_cfg.source
-    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column) if c]
+    columns = _text_columns(data_cfg)
+    with_paths = _reads_paths(columns)
     # A file named as the source is read as data.format says, whatever its extension (reviews.txt
     # with data.format csv); in a folder, only the files with the format's extensions.
     named_file = data_cfg.format != "auto" and _is_local(source) and os.path.isfile(source.removeprefix("file://"))
+    file_extensions = None if named_file or fmt == "parquet" else list(FORMAT_EXTENSIONS[fmt])
     if fmt == "csv":
-        # Texts and labels stay the strings the file holds (pyarrow would make "007" the number 7,
-        # "true" a bool); quoted values may span lines in files of any size.
-        ds = ray.data.read_csv(source, include_paths=True,
-                               file_extensions=None if named_file else list(FORMAT_EXTENSIONS["csv"]),
-                               parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+        ds = ray.data.read_csv(source, include_paths=with_paths, file_extensions=file_extensions,
+                               parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+                               convert_options=_csv_convert_options(columns))
     elif fmt == "jsonl":
         # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
         # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
         # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
-        ds = ray.data.read_json(source, include_paths=True,
-                                file_extensions=None if named_file else list(FORMAT_EXTENSIONS["jsonl"]))
+        parse_options = _json_parse_options(source, _source_files(source, fmt, named_file), columns)
+        ds = ray.data.read_json(source, include_paths=with_paths, file_extensions=file_extensions,
+                                **({"parse_options": parse_options} if parse_options else {}))
     else:
-        ds = ray.data.read_parquet(source, include_paths=True)
-    _check_columns(ds, data_cfg, ("text_column", "text_pair_column", "label_column"))
+        ds = ray.data.read_parquet(source, include_paths=with_paths)
+    _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
+    def missing(column: str, paths: np.ndarray, values) -> tuple[str, list[str] | None] | None:
+        """(file, its columns) for a file whose rows here all lack ``column``, else None: read with
+        the configured columns only, CSV and JSON Lines give a column a file lacks as nulls."""
+        if fmt == "parquet":
+            return None
+        null = np.array([_is_null(v) for v in values], dtype=bool)
+        for path in dict.fromkeys(paths[null]):
+            if not null[paths == path].all():
+                continue
+            found = None if not with_paths and os.path.isdir(path) else _file_columns(source, path, fmt)
+            if (found is None and fmt == "csv") or (found is not None and column not in found):
+                return path, found
+        return None
+
     def normalize(batch: dict) -> dict:
+        paths = np.asarray(batch["path"] if with_paths else [source] * len(next(iter(batch.values()))), dtype=object)
         # The columns were checked in the first file; a folder's other files may lack them.
-        for field in ("text_column", "text_pair_column", "label_column"):
+        for field in TEXT_FIELDS:
             column = getattr(data_cfg, field)
-            if column is not None and column not in batch:
-                raise DataError(f"data.{field}: no column {column!r} in {batch['path'][0]}; columns: "
-                                f"{[c for c in batch if c != 'path']}")
+            if column is None:
+                continue
+            lacking = (paths[0], [c for c in batch if c != "path" or not with_paths]) if column not in batch \
+                else missing(column, paths, batch[column])
+            if lacking:
+                file, found = lacking
+                raise DataError(f"data.{field}: no column {column!r} in {file}"
+                                + (f"; columns: {found}" if found is not None else ""))
         labels, errors = _named_labels(batch[label_col], names, label_col)
-        out = {"text": batch[text_col], "label": labels, "origin": batch["path"], "error": errors}
+        out = {"text": batch[text_col], "label": labels, "origin": paths, "error": errors}
         if pair_col:
             out["text_pair"] = batch[pair_col]
         return out
@@ -448,7 +604,8 @@ def read_failure(data_cfg: DataConfig) -> str | None:
     """Why pyarrow cannot read a local CSV or JSON Lines source: "<file>: <pyarrow's reason>" for the
     first file that fails, or None. Ray Data's readers name the file but drop pyarrow's reason ("CSV
     parse error: Expected 2 columns, got 3", "invalid UTF8 data", "Empty CSV file") before the error
-    reaches the driver, so the driver reads the files again, only after a read failed."""
+    reaches the driver, so the driver reads the files again, only after a read failed, with the
+    options the reader used."""
     import pyarrow.json as pajson
 
     source = data_cfg.source.removeprefix("file://")
@@ -462,14 +619,18 @@ def read_failure(data_cfg: DataConfig) -> str | None:
         return None
     files = [source] if os.path.isfile(source) else sorted(
         os.path.join(d, n) for d, _, names in os.walk(source) for n in names if _format_of(n) == fmt)
-    columns = [c for c in (data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column) if c]
+    columns = _text_columns(data_cfg)
+    named_file = data_cfg.format != "auto" and os.path.isfile(source)
+    parse_options = None
+    if fmt == "jsonl":
+        parse_options = _json_parse_options(data_cfg.source, _source_files(data_cfg.source, fmt, named_file), columns)
     for path in files:
         try:
             if fmt == "csv":
-                pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+                pacsv.read_csv(path, parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+                               convert_options=_csv_convert_options(columns))
             else:
-                pajson.read_json(path)
+                pajson.read_json(path, parse_options=parse_options)
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
             return f"{path}: {str(e).splitlines()[0][:300]}"
     return None

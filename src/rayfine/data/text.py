@@ -13,6 +13,7 @@ carries the tokenizer files) when serving, so a checkpoint alone serves with no 
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -27,9 +28,31 @@ if TYPE_CHECKING:
 TOKEN_COLUMNS = ("input_ids", "token_type_ids")
 
 
-@functools.lru_cache(maxsize=4)
+def _files_stamp(source: str) -> tuple:
+    """(name, size, modification time) of the files of a local directory, () for a hub id: a
+    directory replaced at the same path (a checkpoint saved again) is a new cache entry."""
+    if not os.path.isdir(source):
+        return ()
+    stamp = []
+    for entry in sorted(os.scandir(source), key=lambda e: e.name):
+        try:
+            if entry.is_file():
+                st = entry.stat()
+                stamp.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            continue
+    return tuple(stamp)
+
+
 def load_tokenizer(source: str):
-    """A fast tokenizer from a model directory, a checkpoint directory or a (cached) hub id."""
+    """A fast tokenizer from a model directory, a checkpoint directory or a (cached) hub id; cached
+    by the path and its files' sizes and modification times, so a directory replaced in place
+    loads anew."""
+    return _load_tokenizer(str(source), _files_stamp(str(source)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source: str, stamp: tuple):
     from transformers import AutoTokenizer
 
     from rayfine.models import quiet_transformers
