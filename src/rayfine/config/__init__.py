@@ -37,11 +37,12 @@ from rayfine.config.sections import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    storage_location,
 )
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "HF_MODEL_PRESETS", "MLflowConfig", "ModelConfig", "TrackingConfig", "SEARCHABLE_PREFIXES",
     "SEARCH_DISTRIBUTIONS", "SERVE_IMAGE_FORMATS", "ScalingConfig", "ServeConfig", "StorageConfig",
     "TORCHVISION_MODELS", "TrainConfig", "TuneConfig", "apply_overrides", "check_search", "config_reference",
-    "load_config", "parse_search_spec", "preset_names", "validate",
+    "load_config", "parse_search_spec", "preset_names", "storage_location", "validate",
 ]

