@@ -260,3 +260,14 @@ def test_a_section_left_empty_takes_its_defaults(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.errors == ["data.source: required field is missing"]
+
+
+def test_experiments_sharing_a_storage_path_keep_their_ray_state_apart(tmp_path):
+    """Ray Train resumes from whatever checkpoints it finds under its storage: two experiments
+    given one storage.storage_path (a cluster's shared bucket) must not meet there."""
+    for storage in (str(tmp_path / "shared"), "s3://bucket/rayfine/"):
+        paths = {load_config("resnet18_digits_tiny", [f"storage.storage_path={storage}", f"name={n}"]).resolved_storage_path()
+                 for n in ("one", "two")}
+        assert paths == {f"{storage.rstrip('/')}/one", f"{storage.rstrip('/')}/two"}
+    unset = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=one"])
+    assert unset.resolved_storage_path() == str(tmp_path / "one" / "ray")
