@@ -268,6 +268,9 @@ def test_experiments_sharing_a_storage_path_keep_their_ray_state_apart(tmp_path)
     for storage in (str(tmp_path / "shared"), "s3://bucket/rayfine/"):
         paths = {load_config("resnet18_digits_tiny", [f"storage.storage_path={storage}", f"name={n}"]).resolved_storage_path()
                  for n in ("one", "two")}
-        assert paths == {f"{storage.rstrip('/')}/one", f"{storage.rstrip('/')}/two"}
+        assert paths == {f"{storage.rstrip('/')}/one/ray", f"{storage.rstrip('/')}/two/ray"}
     unset = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=one"])
     assert unset.resolved_storage_path() == str(tmp_path / "one" / "ray")
+    # The runs_dir itself as storage path: the default place, not the run directory's own folders.
+    same = unset.with_overrides([f"storage.storage_path={tmp_path}"])
+    assert same.resolved_storage_path() == unset.resolved_storage_path()

@@ -350,3 +350,18 @@ def test_hugging_face_image_classifier_fine_tunes_with_its_processors_normalizat
     assert logits_of(model(pixel_values=torch.zeros(2, 1, 16, 16))).shape == (2, 10)
     save_checkpoint(tmp_path / "gray", model, gray, ckpt.labels, {})
     assert (tmp_path / "gray" / "config.json").is_file() and not (tmp_path / "gray" / PREPROCESSOR_FILE).exists()
+
+
+def test_whether_a_json_file_has_a_column_is_told_from_its_lines_or_not_at_all(tmp_path):
+    """A configured column that came back empty for a whole file: the file's lines say whether it
+    has the column. A file that is one JSON array (read by Ray's json.load fallback) has no line to
+    tell from, so nothing is concluded (not "no columns")."""
+    from rayfine.data.sources import _file_columns
+
+    lines = tmp_path / "a.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"text": "a", "label": null}\n{"text": "b", "label": 1, "extra": 2}\n' + b'{"x": 1}\n' * 1000)
+    assert _file_columns(str(lines), str(lines), "jsonl", "label") == ["text", "label"]
+    assert _file_columns(str(lines), str(lines), "jsonl", "pair") == ["text", "label", "extra", "x"]
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps([{"text": "a", "label": None}, {"text": "b", "label": None}]))
+    assert _file_columns(str(array), str(array), "jsonl", "label") is None

@@ -142,10 +142,9 @@ def test_continuing_a_run_with_another_storage_path_is_refused(tmp_path, no_sour
 
     # Back to the run's own storage, or the same place spelt out: it continues.
     assert driver.preflight(cfg.with_overrides(["storage.storage_path=null"])) is True
-    # The run's own storage is <run_dir>/ray; a storage path holds its experiments under their
-    # names, so that same folder as storage.storage_path is another place (<run_dir>/ray/run).
-    with pytest.raises(ConfigError, match=r"under .*/run/ray/run it would start again"):
-        driver.preflight(cfg.with_overrides([f"storage.storage_path={run_dir / 'ray'}"]))
+    # The run's own storage is <run_dir>/ray; a storage path holds its experiments as
+    # <storage_path>/<name>/ray, so the runs_dir as storage path is that same place.
+    assert driver.preflight(cfg.with_overrides([f"storage.storage_path={tmp_path}"])) is True
     # A search beside the training run keeps its own storage: only continuing the run is refused.
     assert driver._check_continuation(run_dir, cfg) is True
 
@@ -156,6 +155,20 @@ def test_a_run_on_remote_storage_continues_only_on_that_storage(tmp_path, no_sou
     assert driver.preflight(cfg) is True
     with pytest.raises(ConfigError, match=r"set storage.storage_path back to 's3://bucket/a'"):
         driver.preflight(cfg.with_overrides(["storage.storage_path=s3://bucket/b"]))
+
+
+def test_a_new_run_over_earlier_ray_state_in_a_storage_path_is_refused(tmp_path, no_source_or_model_checks):
+    """Removing a run directory leaves its Ray Train state in a storage.storage_path: a new run of
+    that name would resume from those checkpoints under another config."""
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path / 'runs'}", "name=run",
+                                               f"storage.storage_path={tmp_path / 'shared'}"])
+    assert driver.preflight(cfg) is False
+    state = tmp_path / "shared" / "run" / "ray" / "train"
+    state.mkdir(parents=True)
+    (state / "checkpoint_manager_snapshot.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds an earlier run's checkpoints of this name"):
+        driver.preflight(cfg)
+    assert driver.preflight(cfg.with_overrides(["name=other"])) is False
 
 
 # --- the driver's _fit with a fake trainer ------------------------------------------------------------

@@ -497,3 +497,18 @@ def test_a_resumed_search_runs_as_many_trials_at_once_as_its_new_plan_says(tmp_p
     limits.set_search_properties("val_accuracy", "max")  # as tune.run does
     limits.on_trial_add(None, trial)
     assert trial.max_failures == 3  # what Tune's Trial.should_recover reads
+
+
+def test_a_search_left_in_a_storage_path_is_named_where_it_is(tmp_path):
+    """With storage.storage_path, a search's Tune state is outside the run directory: the refusal
+    says where, since removing the run directory alone would not remove it."""
+    from rayfine.tune.search import _check_previous_search, experiment_path
+
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path / 'runs'}", "name=run",
+                                               f"storage.storage_path={tmp_path / 'shared'}"])
+    state = Path(experiment_path(cfg))
+    state.mkdir(parents=True)
+    (state / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(ConfigError) as refused:
+        _check_previous_search(cfg, experiment_path(cfg), resume=False)
+    assert f"or remove {cfg.run_dir()} and {state}" in str(refused.value)

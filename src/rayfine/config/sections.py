@@ -133,14 +133,16 @@ class DataConfig(_Section):
 
 
 def storage_location(storage_path: str | None, run_dir: Path, name: str) -> str:
-    """Where an experiment keeps Ray Train/Tune state: <run_dir>/ray, or <storage_path>/<name>, as
-    Ray's own RunConfig(storage_path, name) nests runs: two experiments sharing one storage path must
-    not find each other's checkpoints (Ray Train resumes from whatever it finds there)."""
+    """Where an experiment keeps Ray Train/Tune state: <run_dir>/ray, or <storage_path>/<name>/ray
+    (a storage path takes the runs_dir's place, as Ray's own RunConfig(storage_path, name) nests
+    runs): two experiments sharing one storage path must not find each other's checkpoints (Ray
+    Train resumes from whatever it finds there), and a storage path that is the runs_dir is the
+    default place, not the run directory's own train/ and tune/."""
     if not storage_path:
         return str(run_dir / "ray")
     if "://" in storage_path:
-        return f"{storage_path.rstrip('/')}/{name}"
-    return str(Path(storage_path).expanduser().resolve() / name)
+        return f"{storage_path.rstrip('/')}/{name}/ray"
+    return str(Path(storage_path).expanduser().resolve() / name / "ray")
 
 
 class ModelConfig(_Section):
@@ -259,7 +261,7 @@ class StorageConfig(_Section):
     storage_path: Optional[str] = Field(
         None,
         description="Ray Train/Tune persistent storage (shared filesystem path or s3://), needed "
-        "on multi-node clusters; each experiment keeps its state under <storage_path>/<name>, so one "
+        "on multi-node clusters; each experiment keeps its state under <storage_path>/<name>/ray, so one "
         "storage path serves many. Unset: <runs_dir>/<name>/ray.",
     )
 

@@ -508,24 +508,34 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
 
 
 @functools.lru_cache(maxsize=64)
-def _file_columns(source: str, path: str, fmt: str) -> list[str] | None:
-    """The columns of one CSV file (its header) or JSON Lines file (every field of its lines), or
-    None when it cannot be read. Only when a configured column came back empty for all of a file's
-    rows in a batch: whether the file has the column at all."""
+def _file_columns(source: str, path: str, fmt: str, wanted: str) -> list[str] | None:
+    """The columns of one CSV file (its header) or JSON Lines file (the fields of its lines, read one
+    at a time up to the first line that has ``wanted``), or None when that cannot be told: a file
+    that cannot be read, or no line that is a JSON object (a file that is one JSON array). Only when
+    a configured column came back empty for all of a file's rows in a batch: whether the file has
+    the column at all."""
     fs, root = _filesystem(source)
     try:
         with fs.open_input_stream(root if path == source else path) as f:
             if fmt == "csv":
                 return pacsv.open_csv(f, parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS)).schema.names
             names: dict[str, None] = {}
-            for line in f.read().decode("utf-8-sig", "replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    names.update(dict.fromkeys(row))
-            return list(names)
+            rest = b""
+            while True:
+                chunk = f.read(1 << 20)
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop() if chunk else b""
+                for line in lines:
+                    try:
+                        row = json.loads(line)  # bytes: a leading byte-order mark is allowed
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict):
+                        names.update(dict.fromkeys(row))
+                        if wanted in row:
+                            return list(names)
+                if not chunk:
+                    return list(names) or None
     except (OSError, ValueError, pa.ArrowInvalid):
         return None
 
@@ -573,7 +583,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         for path in dict.fromkeys(paths[null]):
             if not null[paths == path].all():
                 continue
-            found = None if not with_paths and os.path.isdir(path) else _file_columns(source, path, fmt)
+            found = None if not with_paths and os.path.isdir(path) else _file_columns(source, path, fmt, column)
             if (found is None and fmt == "csv") or (found is not None and column not in found):
                 return path, found
         return None

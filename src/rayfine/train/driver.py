@@ -202,7 +202,22 @@ def preflight(cfg: Config) -> bool:
     continuing = _check_continuation(cfg.run_dir(), cfg)
     if continuing:
         _check_same_storage(cfg.run_dir(), cfg)
+    else:
+        _check_no_earlier_state(cfg)
     return continuing
+
+
+def _check_no_earlier_state(cfg: Config) -> None:
+    """A new training run whose Ray Train storage already holds a run's checkpoints would resume
+    from them (Ray Train restores what it finds under its storage), under another config: with a
+    storage.storage_path set, removing the run directory leaves that state behind. Checked where
+    the storage is a local path."""
+    train_state = Path(cfg.resolved_storage_path()) / "train"
+    if cfg.storage.storage_path and "://" not in cfg.storage.storage_path and any(train_state.glob("checkpoint_*")):
+        raise ConfigError([(
+            f"storage.storage_path: {train_state} holds an earlier run's checkpoints of this name, which a new "
+            f"run {cfg.name!r} would resume from; remove that folder, or choose another `name` (--set name=...)"
+        )])
 
 
 # tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them. scaling.num_workers changes the

@@ -212,8 +212,9 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
     if resume and not exists:
         raise ConfigError([f"--resume: no search to resume in {path}; run `rayfine tune` without --resume to start one"])
     if not resume and exists:
-        raise ConfigError([f"{cfg.run_dir()} already holds a search: add --resume to continue it, or choose another "
-                           "`name` (--set name=...) or remove that directory"])
+        where = cfg.run_dir() if path.startswith(str(cfg.run_dir()) + "/") else f"{cfg.run_dir()} and {path}"
+        raise ConfigError([f"{cfg.run_dir()} already holds a search ({path}): add --resume to continue it, or choose "
+                           f"another `name` (--set name=...) or remove {where}"])
     _check_continuation(cfg.run_dir(), cfg)  # refuses a different experiment under this name
     previous = saved_config(cfg.run_dir(), "tune")
     if resume and previous.is_file():
