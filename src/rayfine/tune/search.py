@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from functools import partial
@@ -25,7 +24,6 @@ from typing import Any, Callable, Optional
 import ray
 from ray import tune
 
-from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
@@ -34,7 +32,7 @@ from rayfine.models import check_model
 from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
-from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, split_for_workers
+from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, export_best, split_for_workers
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.limits import LimitedConcurrency, LimitedFIFO, LimitedVariants, RunLimits, resuming
@@ -412,10 +410,5 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
 
 
 def _export(checkpoint_path: str, cfg: Config, destination: Path) -> Path:
-    fs = storage_filesystem(cfg)
-    if fs is None:
-        return checkpoints.export_checkpoint(checkpoint_path, destination)
-    # Remote storage (s3://...): Tune reports the path inside the storage filesystem.
-    with tempfile.TemporaryDirectory() as tmp:
-        ray.train.Checkpoint(checkpoint_path, filesystem=fs).to_directory(tmp)
-        return checkpoints.export_checkpoint(tmp, destination)
+    # With remote storage (s3://...) Tune reports the path inside the storage filesystem.
+    return export_best(ray.train.Checkpoint(checkpoint_path, filesystem=storage_filesystem(cfg)), destination)
