@@ -386,36 +386,24 @@ def check_model(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
-    if m.is_efficientnet:
-        if m.weights and not Path(m.weights).expanduser().is_file():
-            raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
-        try:  # the packages, their weights file, a model.weights file: as the workers will read them
+    if m.weights and m.weights.endswith(".safetensors") and not Path(m.weights).expanduser().is_file():
+        raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
+    if m.is_torchvision and m.weights and not m.weights.endswith(".safetensors"):
+        import torchvision
+
+        names = list(torchvision.models.get_model_weights(m.name).__members__)
+        if m.weights not in names:
+            raise ConfigError([(f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
+                                f"{', '.join(names)}, or a .safetensors file")])
+        weights = torchvision.models.get_model_weights(m.name)[m.weights]
+        path = torch_hub_file(weights)
+        if not os.path.isfile(path):  # the workers would not download it either
+            raise ConfigError([_missing_hub_file(m.name, weights, path)])
+    if m.is_efficientnet or (m.is_torchvision and m.weights):
+        try:  # the weights read as the workers will: a broken or foreign file is named here, not retried there
             build_model(cfg, ["0", "1"])
         except RayfineError as e:
             raise ConfigError([str(e)]) from None
-    if m.is_torchvision and m.weights:
-        if m.weights.endswith(".safetensors"):
-            if not Path(m.weights).expanduser().is_file():
-                raise ConfigError([f"model.weights: no file {m.weights} (a path every node can read)"])
-            try:  # read as the workers will: a broken or unrelated file is named here, not retried there
-                build_model(cfg, ["0", "1"])
-            except RayfineError as e:
-                raise ConfigError([str(e)]) from None
-        else:
-            import torchvision
-
-            names = list(torchvision.models.get_model_weights(m.name).__members__)
-            if m.weights not in names:
-                raise ConfigError([(f"model.weights: {m.weights!r} is not a weights name of {m.name}; allowed: "
-                                    f"{', '.join(names)}, or a .safetensors file")])
-            weights = torchvision.models.get_model_weights(m.name)[m.weights]
-            path = torch_hub_file(weights)
-            if not os.path.isfile(path):  # the workers would not download it either
-                raise ConfigError([_missing_hub_file(m.name, weights, path)])
-            try:  # an unreadable or foreign file, named here rather than retried in the workers
-                build_model(cfg, ["0", "1"])
-            except RayfineError as e:
-                raise ConfigError([str(e)]) from None
     if cfg.data.kind == "text":
         fewest, most = token_limits(m.name, pair=bool(cfg.data.text_pair_column))
         allowed = f"allowed: {fewest} to {most}" if most is not None else f"allowed: {fewest} or more"

@@ -255,21 +255,21 @@ def _section_of(config_path: Path, section: str) -> dict:
     return raw.get(section) or {}
 
 
+def _is_number(value: Any) -> bool:
+    """A metric value that can rank: a number, not a bool, not NaN (a diverged epoch)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _ranked(value: Any, sign: int) -> float:
     """``value`` made larger-is-better by ``sign``; a NaN or missing value ranks below every number."""
-    number = _finite_or_nan(value)
-    return -math.inf if math.isnan(number) else sign * number
-
-
-def _finite_or_nan(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return sign * float(value) if _is_number(value) else -math.inf
 
 
 def _best_value(values: list[Any], sign: int) -> float:
-    """A trial's best epoch value (``sign`` -1 when lower is better); a NaN (a diverged epoch) is
-    no best, NaN only when the trial has nothing else."""
-    kept = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    return max(v * sign for v in kept) * sign if kept else math.nan
+    """A trial's best epoch value (``sign`` -1 when lower is better); a NaN is no best, NaN only
+    when the trial has nothing else."""
+    kept = [v for v in values if _is_number(v)]
+    return max(kept, key=lambda v: _ranked(v, sign)) if kept else math.nan
 
 
 def tune_report(run_dir: Path) -> Path:
