@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -268,6 +271,34 @@ def test_what_workers_would_fail_on_is_a_config_error_on_the_driver(overrides, m
         check_model(load_config("minilm_rotten_tomatoes_tiny", overrides))
     check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=512"]))  # the model's own limit is fine
     check_model(load_config("minilm_rotten_tomatoes_tiny", ["data.max_length=4", "data.text_pair_column=b"]))
+
+
+@pytest.mark.parametrize("model_type, positions, most", [("roberta", 514, 512), ("bert", 512, 512)])
+def test_max_length_limit_from_positions_counts_robertas_padding_offset(tmp_path, model_type, positions, most):
+    """A checkpoint whose tokenizer has no model_max_length is limited by its config's positions.
+    RoBERTa-family models number positions from pad_token_id + 1 (514 positions, 512 tokens): 513 or
+    514 tokens would index past the position table in every worker."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from rayfine.models import resolve_model_source
+
+    AutoConfig.for_model(model_type, vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=positions, pad_token_id=1).save_pretrained(tmp_path)
+    minilm = resolve_model_source("minilm")
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", tmp_path)
+    tokenizer_config = json.loads(Path(f"{minilm}/tokenizer_config.json").read_text())
+    del tokenizer_config["model_max_length"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    def check(max_length):
+        check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}", f"data.max_length={max_length}"]))
+
+    check(most)
+    with pytest.raises(ConfigError, match=rf"data\.max_length: {most + 1} is more than .* \({most} tokens\); allowed: 3 to {most}"):
+        check(most + 1)
 
 
 def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_shape_fits(tmp_path):

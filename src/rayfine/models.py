@@ -443,10 +443,27 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
     most = tokenizer.model_max_length
     if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
         try:
-            most = getattr(transformers.AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+            most = position_limit(transformers.AutoConfig.from_pretrained(source))
         except (OSError, ValueError):
             most = None
     return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
+
+
+# Model types whose position ids start after the padding token's index (fairseq's make_positions;
+# transformers' create_position_ids_from_input_ids): the first pad_token_id + 1 of their
+# max_position_embeddings are never a token's, so RoBERTa's 514 positions hold 512 tokens.
+POSITIONS_AFTER_PADDING = frozenset({
+    "camembert", "data2vec-text", "ibert", "longformer", "luke", "mpnet", "roberta",
+    "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod"})
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a text model's positions hold, from its config; None when it does not say."""
+    most = getattr(config, "max_position_embeddings", None)
+    if most is not None and getattr(config, "model_type", None) in POSITIONS_AFTER_PADDING:
+        pad = getattr(config, "pad_token_id", None)
+        most -= (1 if pad is None else pad) + 1
+    return most
 
 
 def check_image_size(cfg: Config) -> None:
