@@ -301,6 +301,17 @@ def test_max_length_limit_from_positions_counts_robertas_padding_offset(tmp_path
         check(most + 1)
 
 
+def test_a_model_directory_without_tokenizer_files_is_a_config_error(tmp_path):
+    """transformers 5 builds a tokenizer of the special tokens alone from a config.json: every word
+    would be [UNK], and the run would train on nothing but the texts' lengths."""
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.name: cannot load the tokenizer .* no vocabulary but its special tokens"):
+        check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}"]))
+
+
 def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_shape_fits(tmp_path):
     """An SST-2 model (or a rayfine checkpoint) has a head of the right shape already: it is still
     the part train.freeze_epochs leaves trainable and train.head_lr trains (frozen with the body,
