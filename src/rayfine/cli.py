@@ -116,14 +116,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         reason = f" ({result['reason']})" if result["reason"] else ""
         print(f"[serve] {name} {result['action']}: version {result['version']}{reason}; {url}/v2/models/{name}")
-        if result["action"] == "swapped":
-            return 0
-        return _keep_serving(name, local, args.detach)
+        return _keep_serving(name, local, args.detach, result["action"])
 
 
-def _keep_serving(name: str, local: bool, detach: bool) -> int:
+def _keep_serving(name: str, local: bool, detach: bool, action: str) -> int:
     """Block until Ctrl-C/SIGTERM, then stop the app (all of Serve on an embedded Ray); with
-    ``detach`` on a cluster, return at once and leave it serving."""
+    ``detach`` on a cluster, return at once and leave it serving. An app this command did not
+    deploy (it was kept, or a checkpoint was swapped into it) is not this command's to stop: return
+    at once and leave it serving."""
+    if action != "deployed":
+        return 0
     import signal
     import time
 
@@ -213,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             print(f"[run] {served['name']} {served['action']}: version {served['version']} at {served['url']}")
         print(f"[run] try it:\n  {curl_example(served['url'], cfg.data.kind, cfg.serve, pairs=bool(cfg.data.text_pair_column))}", flush=True)
-        return _keep_serving(served["name"], local, args.detach)
+        return _keep_serving(served["name"], local, args.detach, served["action"])
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
