@@ -312,6 +312,27 @@ def test_a_model_directory_without_tokenizer_files_is_a_config_error(tmp_path):
         check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}"]))
 
 
+def test_local_model_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train's workers run in directories of their own: the driver hands them absolute paths.
+    Names of builtin models and hub ids stay as given, even beside a folder of the same name."""
+    from rayfine.models import absolute_model_paths
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("my-bert", "resnet18", "minilm"):
+        (tmp_path / folder).mkdir()
+    text = load_config("minilm_rotten_tomatoes_tiny", ["model.name=my-bert"])
+    assert absolute_model_paths(text).model.name == str(tmp_path / "my-bert")
+    for name in ("minilm", "bert-base-uncased", str(tmp_path / "my-bert")):
+        cfg = load_config("minilm_rotten_tomatoes_tiny", [f"model.name={name}"])
+        assert absolute_model_paths(cfg) is cfg
+    image = load_config("resnet18_digits_tiny", ["model.weights=runs/a/train/checkpoint/model.safetensors"])
+    resolved = absolute_model_paths(image)
+    assert (resolved.model.name, resolved.model.weights) == ("resnet18", str(tmp_path / "runs/a/train/checkpoint/model.safetensors"))
+    assert resolved.data == image.data and image.model.weights == "runs/a/train/checkpoint/model.safetensors"
+    named = load_config("resnet18_digits_tiny", ["model.pretrained=true", "model.weights=IMAGENET1K_V1"])
+    assert absolute_model_paths(named) is named
+
+
 def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_shape_fits(tmp_path):
     """An SST-2 model (or a rayfine checkpoint) has a head of the right shape already: it is still
     the part train.freeze_epochs leaves trainable and train.head_lr trains (frozen with the body,

