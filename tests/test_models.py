@@ -336,7 +336,9 @@ def test_local_model_paths_are_made_absolute_for_the_workers(tmp_path, monkeypat
 def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_shape_fits(tmp_path):
     """An SST-2 model (or a rayfine checkpoint) has a head of the right shape already: it is still
     the part train.freeze_epochs leaves trainable and train.head_lr trains (frozen with the body,
-    nothing would train and DDP refuses the model)."""
+    nothing would train and DDP refuses the model). And a multi-label classifier's problem_type is
+    not carried over: rayfine trains one label per example (softmax cross-entropy), and
+    transformers' pipelines and losses read problem_type from the checkpoint's config.json."""
     import shutil
 
     from transformers import BertConfig, BertForSequenceClassification
@@ -346,7 +348,8 @@ def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_s
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(
         vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})).save_pretrained(tmp_path)
+        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        problem_type="multi_label_classification")).save_pretrained(tmp_path)
     minilm = resolve_model_source("minilm")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(f"{minilm}/{name}", tmp_path)
@@ -354,6 +357,7 @@ def test_a_pretrained_classifiers_head_is_new_to_rayfines_labels_even_when_its_s
     model = build_model(cfg, ["negative", "positive"])
     assert getattr(model, NEW_PARAMS_ATTR) == {"classifier.weight", "classifier.bias"}
     assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.problem_type == "single_label_classification"
 
 
 # --- torchvision weights names: the local torch hub cache, never a download ------------------------

@@ -290,6 +290,10 @@ def _hf_label_kwargs(cfg: Config, labels: list[str]) -> dict[str, Any]:
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
+        # rayfine trains one label per example (softmax cross-entropy): a multi-label or regression
+        # model's problem_type would stay in the checkpoint's config.json, and transformers'
+        # pipelines would answer it with sigmoid scores.
+        "problem_type": "single_label_classification",
     }
     if cfg.data.kind == "image":
         kwargs["num_channels"] = cfg.data.channels
