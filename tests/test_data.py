@@ -530,6 +530,10 @@ def test_an_image_is_labelled_by_the_folder_it_sits_in():
     assert _label_of("/data/pets/cats/indoor/002.jpg", "/data/pets") == "indoor"
     assert _label_of("/data/pets/003.jpg", "/data/pets") is None  # outside any class folder: a bad row
     assert _label_of("bucket/pets/dogs/004.png", "s3://bucket/pets") == "dogs"  # Ray lists s3 paths without the scheme
+    # A class folder whose path ends as the root's does is still a class folder.
+    assert _label_of("pets/carpets/005.png", "s3://pets/") == "carpets"
+    assert _label_of("/data/x/data/006.png", "/data") == "data"
+    assert _label_of("pets/007.png", "s3://pets") is None
 
 
 class _Records(logging.Handler):

@@ -168,7 +168,7 @@ MAX_READ_BLOCKS = 200
 def _label_of(path: str, root: str) -> Optional[str]:
     """The class folder of ``path``; None for an image directly in the root (a bad row, reported later)."""
     parent = os.path.dirname(path).rstrip("/")
-    return None if parent == "" or parent.endswith(root.split("://")[-1]) else os.path.basename(parent)
+    return None if parent in ("", root.split("://")[-1].rstrip("/")) else os.path.basename(parent)
 
 
 def list_image_files(root: str) -> list[tuple[str, int]]:
