@@ -6,6 +6,9 @@ is better). The job ends once the app serves; the app keeps serving on the clust
         python ray_jobs/pipeline.py --config resnet18_digits
     rayfine submit resnet18_digits --job pipeline        # the same, with a deterministic submission id
 
+A pipeline whose job stopped mid-search continues with ``--resume`` (``rayfine submit ... --resume``;
+in a KubeRay RayJob, add it to the entrypoint and apply the RayJob again).
+
 Parse -> load config -> one call -> exit code (0 ok, 1 failed, 2 bad config).
 """
 

@@ -4,6 +4,10 @@
         python ray_jobs/tune.py --config resnet18_digits --set tune.num_samples=8
     rayfine submit resnet18_digits --job tune            # the same, with a deterministic submission id
 
+A search whose job stopped (driver killed, `rayfine jobs stop`, a head restart) continues with
+``--resume`` (``rayfine submit ... --resume``): finished trials are kept, unfinished ones continue
+from their last checkpoints; without it, a run directory that holds a search is refused.
+
 Parse -> load config -> one call -> exit code (0 ok, 1 failed, 2 bad config).
 """
 

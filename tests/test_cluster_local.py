@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this host (cluster/local/up.sh) with token auth; a training job
 submitted with `rayfine submit` whose two DDP workers must run on both nodes; the jobs commands; a
 serve job (ray_jobs/serve.py) whose model answers over HTTP; down.sh stopping exactly that
-cluster. Integration tier, about 2 minutes on 2 CPUs.
+cluster; a search job stopped mid-way and resumed with `rayfine submit --resume`. Integration tier,
+about 4 minutes on 2 CPUs.
 
 Run it alone under the project's Ray lock (it starts Ray; no `ray_local` fixture may run meanwhile):
     flock /tmp/rayfine-ray.lock .venv/bin/pytest -q tests/test_cluster_local.py
@@ -230,6 +231,47 @@ def test_the_serve_job_on_a_served_run_changes_nothing(cluster, tmp_path, digits
     assert answer["model_version"] == before["model_version"]
     assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in before["predictions"]]
     assert [p["score"] for p in answer["predictions"]] == pytest.approx([p["score"] for p in before["predictions"]], abs=1e-6)
+
+
+def test_a_stopped_search_job_is_resumed_with_submit_resume(cluster):
+    """A tune job stopped mid-search (`rayfine jobs stop`, as a head restart or a deadline would end
+    its driver): the same submission again is refused, with a hint naming --resume; `rayfine submit
+    --resume` runs the job with --resume under an id of its own and finishes the search on the
+    shared storage. One trial at a time: the served app of the pipeline test holds 0.3 CPU."""
+    address, runs = cluster["dashboard"], cluster["storage"] / "runs"
+    submit = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=stopped_search",
+              "--set", "data.subsample=0.2", "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo",
+              "--set", "tune.max_concurrent_trials=1", "--set",
+              "tune.trial_overrides=[train.epochs=3, scaling.num_workers=1, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
+              "--runs-dir", str(runs), "--address", address]
+    t0 = time.monotonic()
+    first = _run(submit, timeout=120, env=_env())
+    assert first.returncode == 0, first.stderr
+    job_id = re.search(r"\[submit\] (rayfine-tune-stopped_search-[0-9a-f]{12}) submitted", first.stdout).group(1)
+    trials = runs / "stopped_search" / "ray" / "trials"
+
+    def epochs() -> dict[str, list[int]]:  # each trial's epoch log, written as each epoch ends
+        return {log.parent.name: [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()]
+                for log in trials.glob("trial_*/epochs.jsonl")}
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not any(1 <= len(e) < 3 for e in epochs().values()):
+        time.sleep(0.5)
+    assert any(1 <= len(e) < 3 for e in epochs().values()), f"no trial was seen part-way: {epochs()}"
+    stop = _run([*RAYFINE, "jobs", "stop", job_id, "--address", address], timeout=120, env=_env())
+    assert stop.returncode == 0 and stop.stdout.strip().endswith("STOPPED"), stop
+    again = _run(submit, timeout=120, env=_env())
+    assert again.returncode == 1 and f"{job_id} was already submitted" in again.stdout and "STOPPED" in again.stdout
+    assert "to continue its search, submit it again with --resume" in again.stderr, again.stderr
+    resumed = _run([*submit, "--resume", "--follow"], timeout=900, env=_env())
+    TIMINGS["stopped and resumed search job"] = time.monotonic() - t0
+    assert resumed.returncode == 0, f"{resumed.stdout[-4000:]}\n{resumed.stderr[-2000:]}"
+    assert f"[submit] {job_id}-resume submitted" in resumed.stdout and f"[job] {job_id}-resume SUCCEEDED" in resumed.stdout
+    assert "[tune] resuming the search in" in resumed.stdout
+    summary = json.loads((runs / "stopped_search" / "tune" / "summary.json").read_text())
+    assert summary["num_trials"] == 2 and summary["resumed"] and summary["best"]["test_accuracy"] > 0
+    # Every epoch trained once: the stopped trial continued from its checkpoint.
+    assert sorted(epochs().values()) == [[1, 2, 3], [1, 2, 3]], epochs()
 
 
 def test_down_stops_exactly_the_cluster(cluster):

@@ -5,12 +5,14 @@ errors of `rayfine submit` / `rayfine jobs`. The cluster side is tests/test_clus
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,6 +27,7 @@ from rayfine.jobs import (
     resolve_token,
     runtime_env,
     submission_id,
+    submit,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +50,128 @@ def test_entrypoint_survives_the_shell():
     line = entrypoint("train", "configs/x y.yaml", tricky, "/shared/runs")
     assert shlex.split(line) == ["python", "ray_jobs/train.py", "--config", "configs/x y.yaml",
                                  "--set", tricky[0], "--set", tricky[1], "--set", tricky[2], "--runs-dir", "/shared/runs"]
+
+
+class FakeJobs:
+    """A cluster's Jobs API as `submit` uses it (get_job_info, submit_job), with jobs already there."""
+
+    _address = "http://jobs.example:8265"
+
+    def __init__(self, statuses: dict[str, str] | None = None):
+        self.statuses = dict(statuses or {})  # submission id -> status
+        self.submitted: list[dict] = []
+
+    def get_job_info(self, job_id: str):
+        if job_id not in self.statuses:
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+        return SimpleNamespace(status=self.statuses[job_id])
+
+    def submit_job(self, **request):
+        self.submitted.append(request)
+        self.statuses[request["submission_id"]] = "PENDING"
+        return request["submission_id"]
+
+
+def test_a_resumed_search_job_runs_with_resume_under_an_id_of_its_own():
+    """The stopped job's id is taken for good (Ray uses a submission id once per cluster)."""
+    cfg = load_config("resnet18_digits_tiny", ["train.epochs=2"])
+    stopped = submission_id("tune", cfg)
+    assert submission_id("tune", cfg, resume=True) == f"{stopped}-resume"
+    client = FakeJobs({stopped: "STOPPED"})
+    result = submit(cfg, "resnet18_digits_tiny", job="tune", overrides=["train.epochs=2"], runs_dir="/shared/runs",
+                    working_dir=REPO, resume=True, client=client)
+    assert result == {"submission_id": f"{stopped}-resume", "status": "PENDING", "existing": False}
+    (request,) = client.submitted
+    assert request["submission_id"] == f"{stopped}-resume"
+    assert shlex.split(request["entrypoint"]) == ["python", "ray_jobs/tune.py", "--config", "resnet18_digits_tiny",
+                                                  "--set", "train.epochs=2", "--runs-dir", "/shared/runs", "--resume"]
+    assert entrypoint("pipeline", "c.yaml", [], None, resume=True) == "python ray_jobs/pipeline.py --config c.yaml --resume"
+
+
+def test_job_main_forwards_resume_to_the_search_and_refuses_it_for_training(monkeypatch, capsys):
+    """ray_jobs/tune.py and pipeline.py hand --resume to `rayfine tune` / `rayfine run`, whose own
+    parser must take it; ray_jobs/train.py refuses it (a training run continues by itself)."""
+    from rayfine import cli
+
+    monkeypatch.delenv("RAYFINE_RUNS_DIR", raising=False)
+    forwarded: list[list[str]] = []
+    monkeypatch.setattr(cli, "main", lambda argv: forwarded.append(argv) or 0)
+    assert cli.job_main("tune", ["--config", "c.yaml", "--set", "a=1", "--resume"]) == 0
+    assert cli.job_main("run", ["--config", "c.yaml", "--runs-dir", "/r", "--resume"], extra=("--detach",)) == 0
+    assert cli.job_main("run", ["--config", "c.yaml"], extra=("--detach",)) == 0
+    assert forwarded == [["tune", "c.yaml", "--set", "a=1", "--resume"],
+                         ["run", "c.yaml", "--detach", "--runs-dir", "/r", "--resume"],
+                         ["run", "c.yaml", "--detach"]]
+    assert [cli.build_parser().parse_args(argv).resume for argv in forwarded] == [True, True, False]
+    assert cli.job_main("train", ["--config", "c.yaml", "--resume"]) == 2
+    assert len(forwarded) == 3 and "continues the run of its name by itself" in capsys.readouterr().err
+
+
+def test_submit_resume_from_the_command_line(monkeypatch, capsys):
+    """`rayfine submit`: a stopped search job's hint names --resume; --resume submits the resumed
+    job; a train job refuses --resume. Against a stand-in Jobs API."""
+    from rayfine import jobs
+    from rayfine.cli import main
+
+    cfg = load_config("resnet18_digits_tiny", ['storage.runs_dir="/shared/runs"'])  # as the CLI loads it
+    stopped = submission_id("tune", cfg)
+    client = FakeJobs({stopped: "STOPPED", submission_id("train", cfg): "FAILED"})
+    monkeypatch.setattr(jobs, "connect", lambda address=None: client)
+    base = ["submit", "resnet18_digits_tiny", "--runs-dir", "/shared/runs", "--working-dir", str(REPO)]
+    assert main([*base, "--job", "tune"]) == 1 and not client.submitted
+    err = capsys.readouterr().err
+    assert "to continue its search, submit it again with --resume" in err and stopped in err
+    assert main([*base, "--job", "tune", "--resume"]) == 0
+    assert f"{stopped}-resume submitted to {client._address}" in capsys.readouterr().out
+    assert [shlex.split(r["entrypoint"])[-1] for r in client.submitted] == ["--resume"]
+    client.statuses[f"{stopped}-resume"] = "FAILED"  # the resumed job failed too
+    assert main([*base, "--job", "tune", "--resume"]) == 1
+    assert f"--resume --submission-id {stopped}-resume-2" in capsys.readouterr().err
+    assert main([*base, "--job", "train"]) == 1
+    assert "--resume" not in capsys.readouterr().err  # a training run continues by itself
+    assert main([*base, "--job", "train", "--resume"]) == 1
+    assert "--resume: a train job continues the training run of its name by itself" in capsys.readouterr().err
+    assert len(client.submitted) == 1
+
+
+@pytest.mark.parametrize("refused, why, taken", [
+    ("model.weights=runs/digits/train/checkpoint/model.safetensors",
+     "model.weights runs/digits/train/checkpoint/model.safetensors: runs/ is not uploaded with the working directory",
+     ["model.weights=/shared/runs/digits/train/checkpoint/model.safetensors", "model.weights=IMAGENET1K_V1"]),
+    ("model.weights=data/imagenet.safetensors", "model.weights data/imagenet.safetensors: data/ is not uploaded",
+     ["model.weights=weights/imagenet.safetensors"]),  # elsewhere in the project: uploaded
+    ("serve.api_key_file=secrets/api_key.txt",
+     "serve.api_key_file secrets/api_key.txt: a relative path would be looked up in a temporary working directory",
+     ["serve.api_key_file=/etc/rayfine/api_key", "serve.api_key_file=~/api_key"]),
+    ("tracking.mlflow.tracking_uri=sqlite:///runs/mlflow.db",
+     ("tracking.mlflow.tracking_uri sqlite:///runs/mlflow.db: a relative SQLite file would be written to the job's "
+      "temporary working directory"),
+     ["tracking.mlflow.tracking_uri=sqlite:////shared/mlflow.db", "tracking.mlflow.tracking_uri=http://mlflow:5000"]),
+    ("tracking.mlflow.tracking_uri=sqlite:///mlflow.db", "a relative SQLite file", []),
+], ids=["weights-in-runs", "weights-in-data", "api-key-file", "sqlite-in-runs", "sqlite-here"])
+def test_submit_refuses_paths_the_cluster_would_not_find(refused, why, taken):
+    client = FakeJobs()
+    with pytest.raises(JobsError, match=re.escape(why)):
+        submit(load_config("resnet18_digits_tiny", [refused]), "resnet18_digits_tiny", job="pipeline", overrides=[refused],
+               runs_dir="/shared/runs", working_dir=REPO, client=client)
+    assert not client.submitted
+    for override in taken:
+        submit(load_config("resnet18_digits_tiny", [override]), "resnet18_digits_tiny", job="pipeline",
+               overrides=[override], runs_dir="/shared/runs", working_dir=REPO, client=client)
+    assert len(client.submitted) == len(taken)
+
+
+def test_submit_refuses_a_local_model_directory_that_is_not_uploaded(tmp_path, monkeypatch):
+    """A relative model.name that is a directory here is a local model, which data/ does not
+    carry to the cluster; the same name that is no directory here is a hub id."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["model.name=data/tiny-bert"])
+    client = FakeJobs()
+    submit(cfg, "minilm_rotten_tomatoes_tiny", job="train", runs_dir="/shared/runs", working_dir=REPO, client=client)
+    (tmp_path / "data" / "tiny-bert").mkdir(parents=True)
+    with pytest.raises(JobsError, match=re.escape("model.name data/tiny-bert: data/ is not uploaded")):
+        submit(cfg, "minilm_rotten_tomatoes_tiny", job="tune", runs_dir="/shared/runs", working_dir=REPO, client=client)
+    assert len(client.submitted) == 1
 
 
 def test_config_argument_preset_file_inside_and_outside(tmp_path):
@@ -166,5 +291,8 @@ def test_submit_checks_locally_before_contacting_the_cluster():
     assert result.returncode == 1 and "--runs-dir runs: give an absolute path" in result.stderr
     result = _rayfine("submit", "resnet18_digits_tiny", "--job", "train", "--set", "data.source=data/pets", "--address", address)
     assert result.returncode == 1 and "data.source data/pets: data/ is not uploaded" in result.stderr
+    result = _rayfine("submit", "resnet18_digits_tiny", "--job", "train", "--set",
+                      "tracking.mlflow.tracking_uri=sqlite:///runs/mlflow.db", "--address", address)
+    assert result.returncode == 1 and "a relative SQLite file" in result.stderr
     result = _rayfine("submit", "resnet18_digits_tiny", "--job", "train", "--set", "train.epochs=0", "--address", address)
     assert result.returncode == 2 and "train.epochs" in result.stderr

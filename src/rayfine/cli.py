@@ -243,7 +243,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     return cli_submit(cfg, args.config, job=args.job, overrides=args.overrides, runs_dir=args.runs_dir,
                       working_dir=args.working_dir, job_id=args.submission_id, address=args.address,
-                      follow_logs=args.follow)
+                      follow_logs=args.follow, resume=args.resume)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(must hold ray_jobs/; default: .)")
     p.add_argument("--submission-id", help="use this id instead of rayfine-<job>-<name>-<config hash> (e.g. to run "
                    "an identical job again)")
+    p.add_argument("--resume", action="store_true",
+                   help="tune and pipeline jobs: continue the search of an earlier job of this config whose driver "
+                   "stopped (the job runs with --resume, under the id rayfine-<job>-<name>-<config hash>-resume); "
+                   "a train job continues its run by itself")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="the Ray jobs of a cluster: list, status, logs, stop")
@@ -381,8 +385,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, ...] = ()) -> int:
-    """For ray_jobs/ entrypoints: ``--config X [--set k=v]... [--runs-dir D]`` -> ``rayfine COMMAND``
-    (plus ``extra`` flags, e.g. --detach for a job that must end while its app keeps serving)."""
+    """For ray_jobs/ entrypoints: ``--config X [--set k=v]... [--runs-dir D] [--resume]`` -> ``rayfine
+    COMMAND`` (plus ``extra`` flags, e.g. --detach for a job that must end while its app keeps serving).
+    --resume continues the search of tune and run; a training run continues by itself."""
     p = argparse.ArgumentParser(description=f"rayfine {command} as a Ray job")
     p.add_argument("--config", required=True, help="a YAML file (in the working dir) or a preset name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -393,10 +398,17 @@ def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, .
     p.add_argument("--runs-dir", default=os.environ.get("RAYFINE_RUNS_DIR") or None,
                    help="where run directories go (shared storage on multi-node clusters; default: "
                    "$RAYFINE_RUNS_DIR, else storage.runs_dir)")
+    p.add_argument("--resume", action="store_true", help="continue the search of an earlier job whose driver stopped")
     args = p.parse_args(argv)
+    if args.resume and command not in ("tune", "run"):
+        print(f"error: --resume: `rayfine {command}` continues the run of its name by itself (from its last "
+              "checkpoint); run the job again without --resume", file=sys.stderr)
+        return EXIT_USAGE
     forwarded = [command, args.config, *[x for kv in args.overrides for x in ("--set", kv)], *extra]
     if args.runs_dir:
         forwarded += ["--runs-dir", args.runs_dir]
+    if args.resume:
+        forwarded.append("--resume")
     return main(forwarded)
 
 

@@ -9,10 +9,11 @@
 A job is ``python ray_jobs/<job>.py --config ... --set ...`` run by Ray's JobSubmissionClient with
 the project directory as ``working_dir`` (minus .venv, runs, .git, data and caches): it carries the
 entrypoints and your config files, and the cluster's own installed rayfine runs them (the venv of
-`ray start` on cluster/local, the image on KubeRay). The submission id is deterministic,
+`ray start` on cluster/local, the image on KubeRay and AWS). The submission id is deterministic,
 ``rayfine-<job>-<name>-<hash of the resolved config>``: submitting the same job and config again
 finds the first submission (Ray keeps a submission id for the life of the cluster) and reports or
-follows it instead of running it twice.
+follows it instead of running it twice. ``--resume`` (tune and pipeline jobs: continue the search
+of a job whose driver stopped) passes ``--resume`` to the entrypoint, under the id ``...-resume``.
 
 Token authentication: Ray's own client adds the token header only when ``RAY_AUTH_MODE=token`` is
 set in the client's environment (``ray._private.authentication.http_token_authentication``), so
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterable, Optional
 from rayfine.errors import RayfineError
 
 JOB_KINDS = ("train", "tune", "pipeline")
+RESUMABLE_JOBS = ("tune", "pipeline")  # a search is continued only when asked (--resume)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Never uploaded: environments, run outputs, data, VCS and caches (gitwildmatch patterns, as in
@@ -158,8 +160,10 @@ def config_digest(job: str, cfg) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def submission_id(job: str, cfg) -> str:
-    return f"rayfine-{job}-{cfg.name}-{config_digest(job, cfg)[:12]}"
+def submission_id(job: str, cfg, resume: bool = False) -> str:
+    """rayfine-<job>-<name>-<config hash>; a resumption gets its own id (``-resume``): Ray would
+    refuse the failed job's id again."""
+    return f"rayfine-{job}-{cfg.name}-{config_digest(job, cfg)[:12]}" + ("-resume" if resume else "")
 
 
 def config_argument(config: str, working_dir: Path) -> str:
@@ -178,12 +182,15 @@ def config_argument(config: str, working_dir: Path) -> str:
     return inside.as_posix()
 
 
-def entrypoint(job: str, config_arg: str, overrides: Iterable[str], runs_dir: Optional[str]) -> str:
+def entrypoint(job: str, config_arg: str, overrides: Iterable[str], runs_dir: Optional[str],
+               resume: bool = False) -> str:
     argv = ["python", f"ray_jobs/{job}.py", "--config", config_arg]
     for item in overrides:
         argv += ["--set", item]
     if runs_dir:
         argv += ["--runs-dir", runs_dir]
+    if resume:
+        argv.append("--resume")
     return shlex.join(argv)
 
 
@@ -210,10 +217,14 @@ def _exists(client, job_id: str):
         raise
 
 
-def check_submission(config: str, *, job: str, runs_dir: Optional[str], working_dir: str | Path) -> tuple[Path, str]:
+def check_submission(config: str, *, job: str, runs_dir: Optional[str], working_dir: str | Path,
+                     resume: bool = False) -> tuple[Path, str]:
     """What can be checked before talking to the cluster; returns (working dir, the job's --config)."""
     if job not in JOB_KINDS:
         raise JobsError(f"--job {job}: one of {', '.join(JOB_KINDS)}")
+    if resume and job not in RESUMABLE_JOBS:
+        raise JobsError(f"--resume: a {job} job continues the training run of its name by itself (from its last "
+                        "checkpoint); submit it again without --resume")
     wd = Path(working_dir).expanduser().resolve()
     if not (wd / "ray_jobs" / f"{job}.py").is_file():
         raise JobsError(f"{wd} has no ray_jobs/{job}.py: run `rayfine submit` from the project directory "
@@ -224,14 +235,46 @@ def check_submission(config: str, *, job: str, runs_dir: Optional[str], working_
     return wd, config_argument(config, wd)
 
 
-def check_data(cfg) -> None:
-    """A relative data.source must travel with the working directory; data/ and runs/ do not."""
-    source = Path(cfg.data.source)
-    if "://" in cfg.data.source or cfg.data.source.startswith("builtin:") or source.is_absolute():
-        return
-    if source.parts and source.parts[0] in NOT_UPLOADED_DIRS:
-        raise JobsError(f"data.source {source}: {source.parts[0]}/ is not uploaded with the working directory; "
+def _not_uploaded(path: str) -> str | None:
+    """The not-uploaded folder (data, runs, ...) a relative local path starts in, else None."""
+    parts = Path(path).parts
+    if "://" in path or Path(path).expanduser().is_absolute() or not parts or parts[0] not in NOT_UPLOADED_DIRS:
+        return None
+    return parts[0]
+
+
+def check_paths(cfg) -> None:
+    """The files the job reads must be where the cluster's processes find them: a relative path
+    travels with the working directory only outside data/, runs/ (NOT_UPLOADED_DIRS), and files
+    the job writes or the replicas read need absolute paths (the job's working directory is a
+    temporary copy on the head node)."""
+    source = cfg.data.source
+    folder = None if source.startswith("builtin:") else _not_uploaded(source)
+    if folder:
+        raise JobsError(f"data.source {source}: {folder}/ is not uploaded with the working directory; "
                         "put the data where every node reads it (an absolute path on shared storage, or s3://)")
+    weights = cfg.model.weights
+    folder = _not_uploaded(weights) if weights and weights.endswith(".safetensors") else None
+    if folder:
+        raise JobsError(f"model.weights {weights}: {folder}/ is not uploaded with the working directory; put the "
+                        "file where every node reads it (an absolute path on shared storage)")
+    name = cfg.model.name
+    folder = _not_uploaded(name) if Path(name).is_dir() else None  # else a hub id (or a preset)
+    if folder:
+        raise JobsError(f"model.name {name}: {folder}/ is not uploaded with the working directory; put the model "
+                        "directory where every node reads it (an absolute path on shared storage)")
+    key_file = cfg.serve.api_key_file
+    if key_file and not Path(key_file).expanduser().is_absolute():
+        raise JobsError(f"serve.api_key_file {key_file}: a relative path would be looked up in a temporary working "
+                        "directory on the cluster; give an absolute path on the nodes that run the replicas (e.g. "
+                        "a mounted secret), or leave it unset and set serve.api_key_env's variable there")
+    mlflow = cfg.tracking.mlflow
+    uri = mlflow.tracking_uri if mlflow else ""
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""  # sqlite:////abs/path.db
+    if database and database != ":memory:" and not database.startswith("/"):
+        raise JobsError(f"tracking.mlflow.tracking_uri {uri}: a relative SQLite file would be "
+                        "written to the job's temporary working directory on the head node and lost with it; give "
+                        "an absolute path on shared storage (sqlite:////mnt/shared/mlflow.db) or an MLflow server")
 
 
 def submit(
@@ -243,17 +286,19 @@ def submit(
     runs_dir: Optional[str] = None,
     working_dir: str | Path = ".",
     job_id: Optional[str] = None,
+    resume: bool = False,
     client=None,
     address: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Submit ``job`` for the validated ``cfg`` (loaded from ``config`` + ``overrides``).
+    """Submit ``job`` for the validated ``cfg`` (loaded from ``config`` + ``overrides``); with
+    ``resume``, a job that continues the search of an earlier one whose driver stopped.
 
     Returns {"submission_id", "status", "existing"}; ``existing`` is True when that submission id
     was already on the cluster (nothing new was started)."""
-    wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir)
-    check_data(cfg)
-    job_id = job_id or submission_id(job, cfg)
+    wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
+    check_paths(cfg)
+    job_id = job_id or submission_id(job, cfg, resume)
     client = client or connect(address)
     existing = _exists(client, job_id)
     if existing is None:
@@ -263,7 +308,7 @@ def submit(
         metadata = {"rayfine.job": job, "rayfine.config": cfg.name, "rayfine.config_sha256": config_digest(job, cfg)}
         try:
             with _calls(client):
-                client.submit_job(entrypoint=entrypoint(job, config_arg, overrides, runs_dir),
+                client.submit_job(entrypoint=entrypoint(job, config_arg, overrides, runs_dir, resume),
                                   runtime_env=runtime_env(wd), submission_id=job_id, metadata=metadata)
         except RuntimeError as e:
             if "already exists" not in str(e):  # else: submitted meanwhile by someone else; report it
@@ -310,6 +355,16 @@ def describe(info) -> str:
     return "\n".join(lines)
 
 
+def _rerun_hint(job: str, job_id: str, resume: bool) -> str:
+    """How to go on after a job FAILED or was STOPPED (Ray takes a submission id once per cluster)."""
+    if job not in RESUMABLE_JOBS:
+        return f"to run it again (the training run continues from its last checkpoint), pass --submission-id {job_id}-2"
+    if resume:
+        return f"to continue its search again, pass --resume --submission-id {job_id}-2"
+    return (f"to continue its search, submit it again with --resume (same config, --set and --runs-dir); if its "
+            f"search never started, pass --submission-id {job_id}-2 instead")
+
+
 def _hint(job_id: str, address: str) -> str:
     where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
     return (f"logs: rayfine jobs logs {job_id} --follow{where}; status: rayfine jobs status {job_id}{where}; "
@@ -320,17 +375,17 @@ def _hint(job_id: str, address: str) -> str:
 
 
 def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Optional[str], working_dir: str,
-               job_id: Optional[str], address: Optional[str], follow_logs: bool) -> int:
-    check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir)
-    check_data(cfg)
+               job_id: Optional[str], address: Optional[str], follow_logs: bool, resume: bool = False) -> int:
+    check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
+    check_paths(cfg)
     client = connect(address)
     result = submit(cfg, config, job=job, overrides=overrides, runs_dir=runs_dir, working_dir=working_dir,
-                    job_id=job_id, client=client)
+                    job_id=job_id, resume=resume, client=client)
     job_id, status, url = result["submission_id"], result["status"], client._address
     if result["existing"]:
         print(f"[submit] {job_id} was already submitted to {url} (same job and resolved config): {status}")
         if status in ("FAILED", "STOPPED") and not follow_logs:
-            print(f"[submit] to run it again, pass --submission-id {job_id}-2 (a submission id is used once per cluster); "
+            print(f"[submit] {_rerun_hint(job, job_id, resume)} (a submission id is used once per cluster); "
                   f"its logs: rayfine jobs logs {job_id}", file=sys.stderr)
             return 1
     else:
@@ -340,6 +395,8 @@ def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Op
         return 0
     final = follow(client, job_id)
     print(f"[job] {job_id} {final}", flush=True)
+    if final in ("FAILED", "STOPPED"):
+        print(f"[submit] {_rerun_hint(job, job_id, resume)}", file=sys.stderr)
     return 0 if final == "SUCCEEDED" else 1
 
 
