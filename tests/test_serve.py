@@ -543,6 +543,36 @@ def test_the_printed_curl_command_answers_with_the_key_where_the_app_reads_it(se
     assert json.loads(out.stdout)["error"].startswith("missing API key"), out.stdout
 
 
+def test_a_swap_checks_serve_settings_against_the_running_replicas_not_the_first_checkpoint(server, checkpoints,
+                                                                                            tmp_path):
+    """A swap changes the app's user_config only, so its args keep naming the checkpoint it was
+    first deployed from. A swap with serve overrides is checked against the settings the replicas
+    run with: it works when that first checkpoint is gone, and a changed setting is named."""
+    import shutil
+
+    from ray import serve
+
+    from rayfine.serve.deploy import DeployError, deploy
+
+    app = "settings"
+    port = int(server.url.rsplit(":", 1)[1])
+    overrides = {**LIMITS, "port": port, "route_prefix": "/settings"}
+    first = tmp_path / "first"
+    shutil.copytree(checkpoints["v1"], first)
+    try:
+        assert deploy(first, name=app, serve_overrides=overrides, log=lambda *_: None)["action"] == "deployed"
+        shutil.rmtree(first)  # the app's args still name it
+        result = deploy(checkpoints["v2"], name=app, serve_overrides=overrides, log=lambda *_: None)
+        assert (result["action"], result["version"]) == ("swapped", server.v2)
+        with pytest.raises(DeployError, match=r"other serve settings \(serve.batch_wait_timeout_s 0.05 -> 0.02\)"):
+            deploy(checkpoints["v1"], name=app, serve_overrides={**overrides, "batch_wait_timeout_s": 0.02},
+                   log=lambda *_: None)
+        r = requests.get(f"{server.url}/settings/v2/models/{app}", headers=AUTH, timeout=60)
+        assert r.json()["versions"] == [server.v2], r.text
+    finally:
+        serve.delete(app)
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, checkpoints, digits_png):
     """A second app with serve.autoscaling and short Serve delays from the serve: section: under
     load a second replica starts and answers requests; when the load stops it goes; no request fails."""

@@ -133,3 +133,21 @@ def test_wrong_sizes_are_refused():
             await batcher.submit([1, 2, 3])
 
     run(main())
+
+
+def test_requests_of_different_groups_never_share_a_batch():
+    """A replica groups requests by the model they were checked against: after a hot swap, requests
+    queued for the old model run on it, in their own batches, and the new model's wait their turn."""
+    async def main():
+        model = Model(busy_s=0.2)
+        batcher = DynamicBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.0, group_fn=lambda r: r[0])
+        first = asyncio.create_task(batcher.submit("a0"))
+        while not model.batches:  # the model runs [a0]; the rest queue meanwhile, the groups interleaved
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(batcher.submit(r)) for r in ("a1", "b1", "a2", "b2", "a3", "a4", "b3")]
+        return model, await asyncio.gather(first, *rest)
+
+    model, answers = run(main())
+    assert answers == [f"answer-{r}" for r in ("a0", "a1", "b1", "a2", "b2", "a3", "a4", "b3")]
+    # The oldest request's group first, up to max_batch_size, in arrival order; the others keep their places.
+    assert model.batches == [["a0"], ["a1", "a2", "a3"], ["b1", "b2", "b3"], ["a4"]]

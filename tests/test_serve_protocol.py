@@ -8,6 +8,7 @@ import threading
 import warnings
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -527,6 +528,76 @@ def test_served_url_brackets_an_ipv6_host():
     assert url("127.0.0.1", "/nli") == "http://127.0.0.1:8000/nli"
 
 
+def test_replicas_report_their_serve_settings_and_a_swap_names_what_it_would_change():
+    import asyncio
+
+    import torch
+
+    from rayfine.serve.app import Classifier
+    from rayfine.serve.deploy import settings_changes
+
+    threads = torch.get_num_threads()  # a replica sets torch's threads for its process: this one's are restored
+    try:
+        replica = Classifier.func_or_class.__bases__[0]("m", LIMITS.model_dump_json())
+    finally:
+        torch.set_num_threads(threads)
+    reported = asyncio.run(replica.info())["settings"]  # before a model is loaded, too
+    assert ServeConfig.model_validate(reported) == LIMITS
+    assert settings_changes(reported, LIMITS) == []
+    assert settings_changes(reported, LIMITS.model_copy(update={"port": 8001, "max_text_chars": 50})) == [
+        "serve.port 8000 -> 8001", "serve.max_text_chars 20 -> 50"]
+    assert settings_changes(None, LIMITS) == [
+        "the running app does not report its serve settings (deployed by an older rayfine?)"]
+
+
+def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not_the_first_checkpoint(
+        tmp_path, monkeypatch):
+    """A swap changes the app's user_config only: its args still name the checkpoint it was first
+    deployed from, which may be gone (or retrained) since. The swap's serve settings are checked
+    against what the replicas report running. Serve's controller is replaced by fakes here."""
+    import shutil
+
+    import ray.serve
+    import ray.serve.context
+
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve import deploy as deploy_module
+    from rayfine.serve.app import IMPORT_PATH, serve_settings
+
+    cfg = load_config("resnet18_digits_tiny", ["name=m"])
+    labels = [str(d) for d in range(10)]
+    new = save_checkpoint(tmp_path / "new", build_model(cfg, labels), cfg, labels, {"epoch": 1, "val_accuracy": 0.5})
+    first = tmp_path / "first"
+    shutil.copytree(new, first)  # what the app was deployed from, then removed
+    running = serve_settings(first, {"port": 8123})[1].model_dump(mode="json")
+    shutil.rmtree(first)
+    app = {"name": "m", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(first), "name": "m", "serve": {"port": 8123}},
+           "deployments": [{"name": "Classifier", "user_config": {"checkpoint": str(first), "version": "0" * 12}}]}
+    details = {"http_options": {"host": "127.0.0.1", "port": 8123},
+               "applications": {"m": {"status": "RUNNING", "source": "declarative", "deployed_app_config": app}}}
+    deployed = []
+    monkeypatch.setattr(ray.serve, "start", lambda **_: None)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client",
+                        lambda: SimpleNamespace(deploy_apps=deployed.append))
+    monkeypatch.setattr(deploy_module, "_details", lambda: details)
+    monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: {"version": "0" * 12, "settings": running})
+    monkeypatch.setattr(deploy_module, "_wait_for_version", lambda *_: None)
+
+    result = deploy_module.deploy(new, name="m", serve_overrides={"port": 8123}, log=lambda *_: None)
+    assert result["action"] == "swapped" and result["url"] == "http://127.0.0.1:8123"
+    (schema,) = deployed
+    (swapped,) = schema.applications
+    assert swapped.args == app["args"]  # unchanged: Serve reconfigures the replicas instead of replacing them
+    assert swapped.deployments[0].user_config["checkpoint"] == str(new.resolve())
+    with pytest.raises(deploy_module.DeployError,
+                       match=r"running with other serve settings \(serve.batch_wait_timeout_s 0.01 -> 0.5\)"):
+        deploy_module.deploy(new, name="m", serve_overrides={"port": 8123, "batch_wait_timeout_s": 0.5},
+                             log=lambda *_: None)
+    assert len(deployed) == 1
+
+
 # --- a real replica, without Ray or Serve: its HTTP API over ASGI -------------------------------------
 
 KEY = "k-" + "7" * 16
@@ -625,6 +696,72 @@ def test_405_allows_head_where_get_is_answered(nli):
     r = nli.client.get("/predict")
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
     assert nli.client.head("/predict").status_code == 405
+
+
+def test_requests_queued_before_a_hot_swap_run_on_the_model_they_were_checked_against(monkeypatch):
+    """README: requests in flight finish on the model they started with. Requests pinned to version
+    AAA queue behind a running forward pass while the replica swaps in BBB: AAA answers them, BBB
+    the requests that came after the swap, and no forward pass mixes the two models."""
+    import asyncio
+
+    import httpx
+    import torch
+
+    from rayfine.serve import app as app_module
+    from rayfine.serve.model import Answer, ServedModel
+
+    def served(version: str) -> ServedModel:
+        cfg = SimpleNamespace(data=SimpleNamespace(kind="text", text_pair_column=None))
+        return ServedModel(f"/checkpoints/{version}", version, cfg, ["neg", "pos"], {}, None, None, "cpu")
+
+    old, new = served("AAA"), served("BBB")
+    running, release = threading.Event(), threading.Event()
+    passes: list[tuple[str, list]] = []  # (the version that ran it, its items)
+
+    def run_batch(model, requests):  # the forward pass, in a thread as the real one: held until released
+        passes.append((model.version, [item for items in requests for item in items]))
+        running.set()
+        release.wait(30)
+        return [Answer(model.version, model.labels, probs=np.full((len(items), 2), 0.5, np.float32)) for items in requests]
+
+    monkeypatch.setattr(app_module, "run_batch", run_batch)
+    settings = LIMITS.model_copy(update={"api_key_env": "RAYFINE_TEST_UNSET_KEY", "batch_wait_timeout_s": 0.0})
+    threads = torch.get_num_threads()  # a replica sets torch's threads for its process: this one's are restored
+    replica = app_module.Classifier.func_or_class.__bases__[0]("m", settings.model_dump_json())
+    torch.set_num_threads(threads)
+    replica.model = old
+
+    def body(text: str) -> dict:
+        return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+
+    async def until_queued(n: int) -> None:
+        while replica.batcher._queued_items() < n:
+            await asyncio.sleep(0.01)
+
+    async def main():
+        transport = httpx.ASGITransport(app=replica.__serve_build_asgi_app__())
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica", timeout=30) as client:
+            first = asyncio.create_task(client.post("/v2/models/m/infer", json=body("first")))
+            await asyncio.to_thread(running.wait, 30)  # AAA's forward pass runs
+            pinned = [asyncio.create_task(client.post("/v2/models/m/versions/AAA/infer", json=body(f"pinned {i}")))
+                      for i in range(3)]
+            await asyncio.wait_for(until_queued(3), 30)
+            replica.model = new  # what reconfigure does once the new weights are loaded
+            later = asyncio.create_task(client.post("/v2/models/m/infer", json=body("later")))
+            await asyncio.wait_for(until_queued(4), 30)
+            gone = await client.post("/v2/models/m/versions/AAA/infer", json=body("too late"))
+            release.set()
+            return [await t for t in (first, *pinned, later)], gone
+
+    try:
+        answers, gone = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        release.set()
+    assert [(r.status_code, r.json().get("model_version")) for r in answers] == [(200, "AAA")] * 4 + [(200, "BBB")]
+    assert passes == [("AAA", ["first"]), ("AAA", ["pinned 0", "pinned 1", "pinned 2"]), ("BBB", ["later"])]
+    assert gone.status_code == 404 and "has no version 'AAA'" in gone.json()["error"]
+    # Statistics are the answering model's: the swapped-out one counts what it answered.
+    assert (old.stats.requests["success"]["count"], new.stats.requests["success"]["count"]) == (4, 1)
 
 
 def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
@@ -737,12 +874,14 @@ class _RecordingHandler(BaseHTTPRequestHandler):
     """Keeps each request's JSON body and answers one prediction per input."""
 
     bodies: list = []
+    auth: ClassVar[list] = []  # each request's Authorization header (None: none)
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         import json
 
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         self.bodies.append(body)
+        self.auth.append(self.headers.get("Authorization"))
         answer = json.dumps({"model_name": "nli", "model_version": "v", "predictions": [
             {"label": "entailment", "score": 0.75, "top_k": [{"label": "entailment", "score": 0.75}]}
             for _ in body["inputs"]]}).encode()
@@ -771,6 +910,44 @@ def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
         assert main(["predict", url, "--pairs", "A man sleeps.", "A person rests.", "A dog runs."]) == 1
         assert "--pairs takes texts two at a time, a text and its pair; got 3 texts" in capsys.readouterr().err
         assert len(_RecordingHandler.bodies) == 1  # refused before sending
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypatch):
+    """The server strips its key (app.read_api_key); `rayfine predict` must send the same key from a
+    RAYFINE_API_KEY that ends in a newline (a Kubernetes Secret of `echo key > file`), and a key no
+    header can carry is refused without printing it (requests' own error quotes the header)."""
+    from rayfine.cli import main
+    from rayfine.serve.client import ClientError, call, predict
+
+    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        _RecordingHandler.bodies, _RecordingHandler.auth = [], []
+        monkeypatch.setenv("RAYFINE_API_KEY", "s3cret-key\n")
+        assert predict(url, ["a fine film"])["model_name"] == "nli"
+        monkeypatch.setenv("RAYFINE_API_KEY", " \n")  # blank: no key, as the server reads it
+        predict(url, ["a fine film"])
+        assert _RecordingHandler.auth == ["Bearer s3cret-key", None]
+        for key in ("s3cret\nkey", "s3cret\rkey"):
+            monkeypatch.setenv("RAYFINE_API_KEY", key)
+            assert main(["predict", url, "a fine film"]) == 1
+            err = capsys.readouterr().err
+            assert "control character" in err and "s3cret" not in err, err
+        with pytest.raises(ClientError, match="control character") as refused:
+            predict(url, ["a fine film"], api_key="s3cret\x00key")
+        assert "s3cret" not in str(refused.value)
+        assert len(_RecordingHandler.bodies) == 2  # refused before sending
+        # Whatever builds the header, call() never lets requests' message (or the codec's) through.
+        for header in ("Bearer s3cret\nkey", "Bearer s3cret-\u043a\u043b\u044e\u0447"):
+            with pytest.raises(ClientError, match="cannot be sent as HTTP") as refused:
+                call("POST", url + "/predict", json={"inputs": ["x"]}, headers={"Authorization": header})
+            assert "s3cret" not in str(refused.value) and refused.value.__cause__ is None
+        assert len(_RecordingHandler.bodies) == 2
     finally:
         server.shutdown()
         server.server_close()

@@ -2,7 +2,8 @@
 
 Built inside each replica by ``Classifier.__serve_build_asgi_app__`` (``rayfine.serve.app``), with
 the replica as ``server``: routes read ``server.model`` (the model swapped in by ``reconfigure``)
-and call ``server.infer(items)`` (dynamic batching: rayfine.serve.batching).
+once, check the request against it and call ``server.infer(items, model)``, which runs it on that
+model even if a swap lands meanwhile (dynamic batching: rayfine.serve.batching).
 
 Every refused request gets a 4xx and ``{"error": "..."}``, the error object of the Open Inference
 Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over
@@ -277,8 +278,8 @@ def make_api(server) -> FastAPI:
             raise RequestError(f"model {name!r} has no version {version!r}; serving version {model.version!r}", status=404)
         return model
 
-    async def answer(items: list):
-        result = await server.infer(items)
+    async def answer(items: list, model):
+        result = await server.infer(items, model)
         if result.error is not None:
             raise RequestError(result.error)
         return result
@@ -366,7 +367,7 @@ def make_api(server) -> FastAPI:
         req = protocol.parse_json(protocol.InferenceRequest, head)
         items = protocol.v2_items(req, model.kind, server.settings, binary, pairs=model.pairs)
         as_binary = protocol.binary_outputs(req)
-        result = await answer(items)
+        result = await answer(items, model)
         response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
         coding = response_coding(request.headers.get("accept-encoding"))
         if not as_binary and coding is None:
@@ -424,7 +425,7 @@ def make_api(server) -> FastAPI:
             k = top_k
         if k < 1:
             raise RequestError("top_k must be at least 1")
-        result = await answer(items)
+        result = await answer(items, model)
         return protocol.predict_response(server.name, result.version, result.labels, result.probs, k)
 
     # The JSON schemas the routes above reference by hand.

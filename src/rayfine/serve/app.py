@@ -14,8 +14,10 @@ The deployment's ``user_config`` is ``{"checkpoint": <dir>, "version": <optional
 weights' hash, so that new weights written over the same directory are a change too): changing only that (a `serve
 deploy` of an edited config, or `rayfine serve OTHER`) makes Serve call ``reconfigure`` on the
 running replicas, which load the new weights beside the old ones and swap them in between two
-batches. Requests in flight finish on the model they started with; every response names the
-version that answered it.
+batches. Requests in flight finish on the model they started with, queued ones included: each
+request is validated against a model and queued with it, a batch holds requests of one model and
+runs on it, and a swapped-out model stays loaded until its last queued request is answered. Every
+response names the version that answered it.
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ class Classifier:
         self._swap_lock = asyncio.Lock()
         # Ray gives a replica as many threads as CPUs it reserved; torch should not use more.
         torch.set_num_threads(max(1, int(self.settings.cpus_per_replica)))
+        # A request is (model, items): batches never mix models (see infer).
         self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size,
-                                      self.settings.batch_wait_timeout_s, size_fn=len)
+                                      self.settings.batch_wait_timeout_s, size_fn=lambda request: len(request[1]),
+                                      group_fn=lambda request: id(request[0]))
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (never in production)
@@ -135,32 +139,34 @@ class Classifier:
 
         return make_api(self)
 
-    async def infer(self, items: list) -> Answer:
-        """One request's items; concurrent requests share forward passes (rayfine.serve.batching)."""
+    async def infer(self, items: list, model: ServedModel) -> Answer:
+        """One request's items, run on ``model``: the model the route checked them against (their
+        kind, a pinned version), even if a swap lands while they wait; concurrent requests on one
+        model share forward passes (rayfine.serve.batching)."""
         arrived = time.perf_counter_ns()
         try:
-            answer = await self.batcher.submit(items)
+            answer = await self.batcher.submit((model, items))
         except Exception:  # its forward pass failed (a cancelled request is not a failed one)
-            if self.model is not None:
-                self.model.stats.record_request(False, time.perf_counter_ns() - arrived, None, None)
+            model.stats.record_request(False, time.perf_counter_ns() - arrived, None, None)
             raise
-        model = self.model  # statistics are per version: a version swapped out meanwhile keeps none
-        if model is not None and model.version == answer.version:
-            queued = None if answer.started_ns is None else max(0, answer.started_ns - arrived)
-            model.stats.record_request(answer.error is None, time.perf_counter_ns() - arrived, queued, answer.phases_ns)
+        queued = None if answer.started_ns is None else max(0, answer.started_ns - arrived)
+        model.stats.record_request(answer.error is None, time.perf_counter_ns() - arrived, queued, answer.phases_ns)
         return answer
 
-    async def _run_batch(self, requests: list[list]) -> list[Answer]:
+    async def _run_batch(self, requests: list[tuple[ServedModel, list]]) -> list[Answer]:
         """Items of concurrent requests -> one forward pass (sizes from the serve: section)."""
-        model = self.model  # one model for the whole batch, even if a swap lands meanwhile
-        return await asyncio.to_thread(run_batch, model, requests)
+        model = requests[0][0]  # the batcher groups requests by model: one model per batch
+        return await asyncio.to_thread(run_batch, model, [items for _, items in requests])
 
     async def info(self) -> dict[str, Any]:
-        """For handles (`rayfine serve --if-better`, tests): the served checkpoint and its stats."""
+        """For handles (`rayfine serve`: --if-better, a swap's check of serve settings; tests): the
+        served checkpoint, its stats, and the serve settings this replica runs with (the app's args
+        name the checkpoint it was first deployed from, which a swap leaves as it was)."""
+        settings = self.settings.model_dump(mode="json")
         if self.model is None:
-            return {"name": self.name, "version": None}
+            return {"name": self.name, "version": None, "settings": settings}
         s = self.model.stats
-        return {"name": self.name, "replica": self.replica_id, **self.model.describe(),
+        return {"name": self.name, "replica": self.replica_id, **self.model.describe(), "settings": settings,
                 "stats": {"inference_count": s.inference_count, "execution_count": s.execution_count,
                           "batch_sizes": dict(s.by_size)}}
 

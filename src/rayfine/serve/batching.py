@@ -11,12 +11,18 @@ it could run concurrent batches (ray-project/ray#53096). In Ray 2.60 ``@serve.ba
 next batch on its timer even while the previous one is still running, and queues it behind a
 semaphore: under load a model slower than the timer gets a stream of batches of one or two
 requests (bench/RESULTS.md: batches of 1-3 at 32 concurrent clients). One batch runs at a time.
+
+``group_fn`` keeps requests apart that must not share a batch: a batch holds requests of one group
+(the oldest queued request's); the others keep their places for the next batches. A replica groups
+requests by the model they were validated against, so a hot swap never runs a request queued
+before it on the new model.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
@@ -33,7 +39,8 @@ class DynamicBatcher:
     """One per replica; ``run(requests) -> results`` (one result per request, in order)."""
 
     def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, batch_wait_timeout_s: float,
-                 size_fn: Callable[[Any], int] = lambda request: 1):
+                 size_fn: Callable[[Any], int] = lambda request: 1,
+                 group_fn: Callable[[Any], Hashable] = lambda request: None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if batch_wait_timeout_s < 0:
@@ -42,6 +49,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.size_fn = size_fn
+        self.group_fn = group_fn
         self._queue: deque[_Queued] = deque()
         self._arrived: Optional[asyncio.Event] = None  # made in the event loop that serves requests
         self._worker: Optional[asyncio.Task] = None
@@ -88,17 +96,28 @@ class DynamicBatcher:
             self._queue.popleft()
 
     def _take(self) -> list[_Queued]:
-        """The oldest requests that fit in one batch, in arrival order."""
+        """The oldest requests of the oldest request's group that fit in one batch, in arrival order;
+        requests of other groups keep their places in the queue."""
+        self._drop_cancelled()
+        if not self._queue:
+            return []
+        group = self.group_fn(self._queue[0].request)
         batch, items = [], 0
+        kept: deque[_Queued] = deque()
         while self._queue:
-            head = self._queue[0]
+            head = self._queue.popleft()
             if head.future.done():
-                self._queue.popleft()
                 continue
-            if items + head.size > self.max_batch_size:
+            if self.group_fn(head.request) != group:
+                kept.append(head)
+                continue
+            if items + head.size > self.max_batch_size:  # never past a request of its group: no overtaking
+                kept.append(head)
+                kept.extend(self._queue)
                 break
-            batch.append(self._queue.popleft())
+            batch.append(head)
             items += head.size
+        self._queue = kept
         return batch
 
     async def _run(self, batch: list[_Queued]) -> None:

@@ -31,7 +31,13 @@ class ClientError(RayfineError):
 
 
 def _headers(api_key: Optional[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if not api_key:
+        return {}
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in api_key):
+        # requests would refuse the header with its value in the message, and the CLI would print it.
+        raise ClientError("the API key holds a newline or another control character, which an HTTP header cannot "
+                          f"carry; check {API_KEY_ENV} or --api-key-file")
+    return {"Authorization": f"Bearer {api_key}"}
 
 
 RETRIED_STATUS = (500, 502, 503, 504)
@@ -51,6 +57,10 @@ def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kw
             time.sleep(RETRY_DELAY_S)
         try:
             response = requests.request(method, url, timeout=timeout_s, **kwargs)
+        except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
+            # Both are built from the header's value, which may be the API key: never show it.
+            raise ClientError("a request header cannot be sent as HTTP (a control character, or a character "
+                              "outside Latin-1, in the API key?)") from None
         except requests.ConnectionError as e:
             if attempt == retries:
                 raise ClientError(f"cannot reach {url} ({type(e).__name__}; tried {retries + 1} times)") from None
@@ -83,7 +93,8 @@ def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k
     texts taken two at a time, a text and its pair (for a model trained on text pairs)."""
     if not inputs:
         raise ClientError("give at least one input (files or texts)")
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # Stripped as the server strips its key (a Kubernetes Secret made by `echo key > file` ends in a newline).
+    api_key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")).strip() or None
     endpoint = url.rstrip("/") + "/predict"
     if pairs:
         if len(inputs) % 2:

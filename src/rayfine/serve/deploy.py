@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from rayfine.config import ServeConfig
 from rayfine.errors import CheckpointError, RayfineError
 from rayfine.serve.app import DEPLOYMENT_NAME, IMPORT_PATH, resolve_checkpoint, serve_settings, user_config
 
@@ -66,6 +67,15 @@ def served_info(name: str, timeout_s: float = 30) -> Optional[dict]:
     if not app or app.get("status") not in ("RUNNING", "DEPLOYING"):
         return None
     return serve.get_app_handle(name).info.remote().result(timeout_s=timeout_s)
+
+
+def settings_changes(running: dict[str, Any] | None, wanted: ServeConfig) -> list[str]:
+    """What ``wanted`` changes in the serve settings a replica runs with (its ``info()["settings"]``),
+    as "serve.<field> <running> -> <wanted>"; a replica that reports none is one change."""
+    if running is None:
+        return ["the running app does not report its serve settings (deployed by an older rayfine?)"]
+    return [f"serve.{field} {running.get(field)!r} -> {value!r}"
+            for field, value in wanted.model_dump(mode="json").items() if running.get(field) != value]
 
 
 def is_better(new: dict, served: dict) -> tuple[bool, str]:
@@ -130,15 +140,16 @@ def deploy(
         if current.get("source") != "declarative" or not current.get("deployed_app_config"):
             raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
                               "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
+        served = served_info(name) or {}
         if serve_overrides:
             # Settings are fixed when the app is built; a swap only replaces the model. Asking for
-            # the settings it already runs with is fine (running the same command again).
-            args = current["deployed_app_config"].get("args") or {}
-            _, running = serve_settings(resolve_checkpoint(args["checkpoint"]), args.get("serve"))
-            if running != settings:
-                raise DeployError(f"app {name!r} is running with other serve settings: a hot swap changes the model "
-                                  "only; to change serve settings, stop the app and deploy again")
-        served = served_info(name) or {}
+            # the settings it already runs with is fine (running the same command again). The
+            # replicas say what they run: the app's args still name the checkpoint it was first
+            # deployed from, which may have been removed or retrained since.
+            changes = settings_changes(served.get("settings"), settings)
+            if changes:
+                raise DeployError(f"app {name!r} is running with other serve settings ({'; '.join(changes)}): a hot "
+                                  "swap changes the model only; to change serve settings, stop the app and deploy again")
         route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
         result["url"] = _url(details, route_prefix)
         if served.get("version") == version:
