@@ -247,7 +247,7 @@ def test_a_decoder_only_text_classifier_gets_the_tokenizers_pad_id(tmp_path):
     model = build_model(cfg, ["bad", "good"]).eval()
     tokenizer = load_tokenizer(str(tmp_path))
     assert model.config.pad_token_id == tokenizer.pad_token_id == 6
-    collate = TextCollate(cfg.data, tokenizer.pad_token_id)
+    collate = TextCollate(cfg.data, tokenizer)
     with torch.inference_mode():
         both = logits_of(model(**collate(tokenize(["very good film", "bad"], None, cfg.data, tokenizer))))
         alone = logits_of(model(**collate(tokenize(["bad"], None, cfg.data, tokenizer))))

@@ -4,6 +4,7 @@ real Rotten Tomatoes snippets and a Hugging Face image classifier on real digits
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ from rayfine.checkpoints import PREPROCESSOR_FILE, load_checkpoint, save_checkpo
 from rayfine.config import load_config
 from rayfine.data import Preprocessor, build_datasets, prepare_batch
 from rayfine.data.sources import read_failure, read_source
-from rayfine.data.text import check_texts, load_tokenizer, pad, tokenize
+from rayfine.data.text import TextCollate, check_texts, load_tokenizer, pad, tokenize
 from rayfine.errors import DataError, InputError
 from rayfine.evaluate import predict_dataset
 from rayfine.models import build_model, logits_of, resolve_model_source
@@ -43,6 +44,30 @@ def test_tokenize_and_pad_longest_or_fixed():
     assert fixed["input_ids"].shape == (2, cfg.max_length)
     long_text = tokenize(["word " * 500], None, cfg, tokenizer)
     assert len(long_text["input_ids"][0]) == cfg.max_length  # truncated
+
+
+@pytest.mark.parametrize("padding_side, pad_token_type_id", [("right", 0), ("left", 3)])
+def test_batches_are_padded_as_the_tokenizer_pads(tmp_path, padding_side, pad_token_type_id):
+    """The collate function pads where and with what the checkpoint's tokenizer does
+    (transformers' tokenizer.pad, DataCollatorWithPadding): an XLNet tokenizer pads on the left with
+    token type 3, and its model classifies from the last position, which right padding would fill
+    with pad tokens for every text but the longest."""
+    import shutil
+
+    minilm = resolve_model_source("minilm")
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", tmp_path)
+    tokenizer_config = json.loads(Path(f"{minilm}/tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": padding_side}))
+    tokenizer = load_tokenizer(str(tmp_path))
+    tokenizer._pad_token_type_id = pad_token_type_id  # XLNet's tokenizer sets 3 this way
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["data.text_pair_column=b"]).data
+    encoded = tokenize(["a fine film", "dull", "an overlong, tedious film"], ["yes", "no no", "so"], cfg, tokenizer)
+    ours = TextCollate(cfg, tokenizer)({**encoded, "y": np.array([0, 1, 0])})
+    theirs = tokenizer.pad(dict(encoded), padding="longest", return_tensors="pt")
+    assert tokenizer.padding_side == padding_side and set(ours) == {*theirs, "y"}
+    for column in theirs:
+        assert torch.equal(ours[column], theirs[column]), column
 
 
 def test_request_texts_are_checked():

@@ -427,7 +427,7 @@ def batch_collate(cfg: Config, checkpoint_dir: Optional[str] = None):
     from rayfine.data.text import TextCollate, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_source(cfg, checkpoint_dir))
-    return TextCollate(cfg.data, tokenizer.pad_token_id)
+    return TextCollate(cfg.data, tokenizer)
 
 
 class Preprocessor:

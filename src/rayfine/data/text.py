@@ -84,38 +84,52 @@ def tokenize(texts: list[str], pairs: Optional[list[str]], data_cfg: DataConfig,
     return {c: [np.asarray(ids, dtype=np.int64) for ids in encoded[c]] for c in wanted}
 
 
-def pad(features: dict[str, Any], pad_token_id: int, data_cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Pad variable-length token columns into a (batch, length) matrix plus attention_mask."""
+def pad(features: dict[str, Any], pad_token_id: int, data_cfg: DataConfig, padding_side: str = "right",
+        pad_token_type_id: int = 0) -> dict[str, np.ndarray]:
+    """Pad variable-length token columns into a (batch, length) matrix plus attention_mask, on the
+    tokenizer's ``padding_side`` and with its ``pad_token_type_id``, as ``tokenizer.pad`` does (an
+    XLNet tokenizer pads on the left, and its model classifies from the last position)."""
     ids = list(features["input_ids"])
     length = data_cfg.max_length if data_cfg.padding == "max_length" else max((len(x) for x in ids), default=1)
+
+    def place(matrix: np.ndarray, i: int, row) -> None:
+        if padding_side == "left":
+            matrix[i, length - len(row):] = row
+        else:
+            matrix[i, : len(row)] = row
+
     out: dict[str, np.ndarray] = {}
     for column in TOKEN_COLUMNS:
         if column not in features:
             continue
-        fill = pad_token_id if column == "input_ids" else 0
+        fill = {"input_ids": pad_token_id, "token_type_ids": pad_token_type_id}.get(column, 0)
         matrix = np.full((len(ids), length), fill, dtype=np.int64)
         for i, row in enumerate(features[column]):
-            matrix[i, : len(row)] = row
+            place(matrix, i, row)
         out[column] = matrix
     mask = np.zeros((len(ids), length), dtype=np.int64)
     for i, row in enumerate(ids):
-        mask[i, : len(row)] = 1
+        place(mask, i, np.ones(len(row), dtype=np.int64))
     out["attention_mask"] = mask
     return out
 
 
 class TextCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches(collate_fn=...)``: pad token columns and turn everything into tensors."""
+    """``iter_torch_batches(collate_fn=...)``: pad token columns and turn everything into tensors,
+    as ``tokenizer`` pads (its pad ids and ``padding_side``; only those are kept)."""
 
-    def __init__(self, data_cfg: DataConfig, pad_token_id: int):
+    def __init__(self, data_cfg: DataConfig, tokenizer):
         super().__init__()
         self.data_cfg = data_cfg
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.padding_side = tokenizer.padding_side
+        self.pad_token_type_id = tokenizer.pad_token_type_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
         import torch
 
-        padded = pad({c: batch[c] for c in TOKEN_COLUMNS if c in batch}, self.pad_token_id, self.data_cfg)
+        padded = pad({c: batch[c] for c in TOKEN_COLUMNS if c in batch}, self.pad_token_id, self.data_cfg,
+                     self.padding_side, self.pad_token_type_id)
         tensors = {k: torch.from_numpy(v) for k, v in padded.items()}
         if "y" in batch:
             tensors["y"] = torch.from_numpy(np.array(batch["y"], dtype=np.int64))
