@@ -248,3 +248,38 @@ def test_a_plan_that_does_not_fit_is_refused_before_the_data_are_read(tmp_path, 
     with pytest.raises(driver.TrainingError, match="stop here"):
         driver._fit(cfg, False, datasets=None, info=None, train_loop=None, strict_resources=False, log=messages.append)
     assert messages[0].startswith("[warning] needs 3.5 CPUs") and fake_driver.calls == ["build_datasets", "fit"]
+
+
+def test_ddp_trains_a_hugging_face_classifier_whose_mask_token_classification_never_uses(tmp_path):
+    """DINOv2's classifier holds a mask_token (XLNet's a mask_emb) that only masked inputs read: DDP
+    fails at the second step unless it looks for unused parameters (rayfine.train.worker.ddp_options).
+    One gloo process: DDP's reducer checks the same as with more."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rayfine.models import build_model
+    from rayfine.train.worker import ddp_options
+
+    cfg = load_config("resnet18_digits_tiny", [
+        "model.name=dinov2", "model.pretrained=false", "data.image_size=16", "data.color_mode=RGB",
+        "model.config_overrides={hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, patch_size: 4}"])
+    assert ddp_options(load_config("resnet18_digits_tiny")) == {}  # torchvision: every parameter is used
+
+    def two_steps(options: dict) -> None:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_model(cfg, ["a", "b"]), **options)
+        assert any("mask_token" in name for name, p in model.named_parameters() if p.requires_grad)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            logits = model(pixel_values=torch.randn(4, 3, 16, 16)).logits
+            torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="Expected to have finished reduction in the prior iteration"):
+            two_steps({})
+        two_steps(ddp_options(cfg))
+    finally:
+        dist.destroy_process_group()

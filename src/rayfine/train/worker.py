@@ -15,6 +15,7 @@ import math
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -148,6 +149,16 @@ def _broadcast_buffers(module: torch.nn.Module) -> None:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def ddp_options(cfg: Config) -> dict[str, Any]:
+    """DistributedDataParallel's options for ``cfg.model``. A Hugging Face classifier may hold
+    trainable parameters that classification never uses (XLNet's mask_emb, DINOv2's mask_token: read
+    only with masked inputs), and DDP without find_unused_parameters fails at the second step
+    ("Expected to have finished reduction in the prior iteration"). torchvision's and
+    EfficientNet-Lite's networks use every parameter, and skip the search of the autograd graph
+    that the option costs at each step."""
+    return {} if cfg.model.is_torchvision or cfg.model.is_efficientnet else {"find_unused_parameters": True}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -292,7 +303,10 @@ def _train(config: dict, guard: ExitGuard) -> None:
     frozen = t.freeze_epochs == -1 or start_epoch <= t.freeze_epochs
     for p in body:
         p.requires_grad_(not frozen)
-    model = ray.train.torch.prepare_model(model)
+    # Most Hugging Face classifiers use every parameter: DDP's warning that it found none unused says
+    # nothing to the user here (ddp_options).
+    warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(cfg))
 
     weights = config.get("class_weights")
     class_weights = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
@@ -318,7 +332,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
         if frozen and t.freeze_epochs != -1 and epoch > t.freeze_epochs:
             for p in body:
                 p.requires_grad_(True)
-            model = ray.train.torch.prepare_model(_unwrap(model))
+            model = ray.train.torch.prepare_model(_unwrap(model), parallel_strategy_kwargs=ddp_options(cfg))
             frozen = False
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         started = time.perf_counter()
