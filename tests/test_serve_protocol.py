@@ -1008,3 +1008,18 @@ def test_a_replica_that_reserved_a_gpu_it_cannot_use_refuses_to_serve_on_the_cpu
         with pytest.raises(RayfineError, match="serve.gpus_per_replica is 1.0, but this replica's torch .* sees no CUDA"):
             load_served(ckpt, LIMITS.model_copy(update={"gpus_per_replica": 1.0}))
     assert load_served(ckpt, LIMITS).device == "cpu"
+
+
+def test_a_deploy_that_never_starts_says_why_serve_holds_its_replicas(monkeypatch):
+    """Replicas that wait for resources (serve.gpus_per_replica on a cluster without GPUs) keep the
+    app DEPLOYING; the timeout names the reason Serve gives for the deployment, not the status alone."""
+    import rayfine.serve.deploy as deploy_module
+
+    waiting = ("Deployment 'Classifier' in application 'm' has 1 replicas that have taken more than 30s to be "
+               "scheduled. Resources required for each replica: {\"CPU\": 1.0, \"GPU\": 1.0}, total resources "
+               "available: {\"CPU\": 2.0}.")
+    details = {"applications": {"m": {"status": "DEPLOYING", "deployments": {"Classifier": {"message": waiting}}}}}
+    monkeypatch.setattr(deploy_module, "_details", lambda: details)
+    with pytest.raises(deploy_module.DeployError) as info:
+        deploy_module._wait_for_version("m", "abc", timeout_s=0.2)
+    assert str(info.value) == f"app 'm' did not serve version abc within 0s (status DEPLOYING: {waiting})"

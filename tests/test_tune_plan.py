@@ -119,8 +119,13 @@ def test_plan_counts_trial_actor_workers_and_ray_data():
     assert "0.76 CPUs (trial actor 0.01 + 1 worker(s) x 0.5 + Ray Data 0.25)" in plan.describe()
     # Asking for more at once than fits is capped, and said so.
     capped = plan_resources(base, cfg.tune.model_copy(update={"max_concurrent_trials": 4}), 4, TWO_CPUS)
-    assert capped.concurrent == 2 and "max_concurrent_trials=4 lowered to 2" in capped.notes[0]
+    assert capped.concurrent == 2 and "max_concurrent_trials=4 lowered to 2: that many trials of 0.76 CPUs fit in 2" \
+        in capped.notes[0]
     assert plan_resources(base, cfg.tune, num_trials=1, cluster=TWO_CPUS).concurrent == 1
+    # On GPUs the note names the GPUs when they are what holds the trials back.
+    gpu = base.with_overrides(["scaling.use_gpu=true"])
+    by_gpus = plan_resources(gpu, cfg.tune.model_copy(update={"max_concurrent_trials": 4}), 4, {"CPU": 32, "GPU": 2})
+    assert by_gpus.concurrent == 2 and "lowered to 2: that many trials of 1 GPU(s) fit in 2" in by_gpus.notes[0]
 
 
 def test_a_plan_that_cannot_fit_is_refused_with_what_to_change():

@@ -197,6 +197,8 @@ def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
                 info, last = {}, str(e)
             if info.get("version") == version:
                 return
-        last = last or f"status {status}"
+        # Serve says there why replicas do not start (e.g. the GPUs serve.gpus_per_replica asks for).
+        waiting = ((app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}).get("message")
+        last = f"status {status}: {waiting}" if waiting and status != "RUNNING" else last or f"status {status}"
         time.sleep(0.5)
     raise DeployError(f"app {name!r} did not serve version {version} within {timeout_s:.0f}s ({last})")

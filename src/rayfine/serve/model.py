@@ -190,7 +190,9 @@ def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
     inferring = time.perf_counter_ns()
     with torch.inference_mode():
         out = served.checkpoint.predict_proba(tensors)
-    outputting = time.perf_counter_ns()  # on a GPU the pass may still run: .cpu() waits for it below
+    if out.is_cuda:  # CUDA kernels run asynchronously: the forward pass ends here, not at .cpu()
+        torch.cuda.synchronize(out.device)
+    outputting = time.perf_counter_ns()
     probs = out.cpu().numpy()
     offset = 0
     for i in good:

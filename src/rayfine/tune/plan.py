@@ -95,9 +95,9 @@ def plan_resources(trial_cfg: Config, tune_cfg: TuneConfig, num_trials: int, clu
     wanted: Optional[int] = tune_cfg.max_concurrent_trials
     concurrent = min(fits, wanted or fits, num_trials)
     if wanted and wanted > fits:
-        notes.append(
-            f"[tune] tune.max_concurrent_trials={wanted} lowered to {fits}: that many trials of {need:g} CPUs "
-            f"fit in {cpus:g}"
-        )
+        by_gpus = bool(gpus_per_trial) and math.floor((gpus + EPS) / gpus_per_trial) < math.floor((cpus + EPS) / need)
+        held = (f"trials of {gpus_per_trial} GPU(s) fit in {gpus:g}" if by_gpus
+                else f"trials of {need:g} CPUs fit in {cpus:g}")
+        notes.append(f"[tune] tune.max_concurrent_trials={wanted} lowered to {fits}: that many {held}")
     return ResourcePlan(s.num_workers, s.cpus_per_worker, s.data_cpus, gpus_per_trial, cpus, gpus,
                         num_trials, fits, max(1, concurrent), notes)
