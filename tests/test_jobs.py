@@ -162,15 +162,22 @@ def test_submit_refuses_paths_the_cluster_would_not_find(refused, why, taken):
 
 
 def test_submit_refuses_a_local_model_directory_that_is_not_uploaded(tmp_path, monkeypatch):
-    """A relative model.name that is a directory here is a local model, which data/ does not
-    carry to the cluster; the same name that is no directory here is a hub id."""
+    """A relative model.name that is a directory in the working dir (where the job resolves it) is a
+    local model, which data/ does not carry to the cluster; the same name that is no directory there
+    is a hub id, whatever the shell's directory holds."""
+    project = tmp_path / "project"
+    (project / "ray_jobs").mkdir(parents=True)
+    for job in ("train", "tune"):
+        (project / "ray_jobs" / f"{job}.py").write_text("")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "tiny-bert").mkdir(parents=True)  # beside the shell, not in the project
     cfg = load_config("minilm_rotten_tomatoes_tiny", ["model.name=data/tiny-bert"])
     client = FakeJobs()
-    submit(cfg, "minilm_rotten_tomatoes_tiny", job="train", runs_dir="/shared/runs", working_dir=REPO, client=client)
-    (tmp_path / "data" / "tiny-bert").mkdir(parents=True)
+    submit(cfg, "minilm_rotten_tomatoes_tiny", job="train", runs_dir="/shared/runs", working_dir=project, client=client)
+    (project / "data" / "tiny-bert").mkdir(parents=True)
     with pytest.raises(JobsError, match=re.escape("model.name data/tiny-bert: data/ is not uploaded")):
-        submit(cfg, "minilm_rotten_tomatoes_tiny", job="tune", runs_dir="/shared/runs", working_dir=REPO, client=client)
+        submit(cfg, "minilm_rotten_tomatoes_tiny", job="tune", runs_dir="/shared/runs", working_dir=project,
+               client=client)
     assert len(client.submitted) == 1
 
 

@@ -546,8 +546,6 @@ def test_replicas_report_their_serve_settings_and_a_swap_names_what_it_would_cha
     assert settings_changes(reported, LIMITS) == []
     assert settings_changes(reported, LIMITS.model_copy(update={"port": 8001, "max_text_chars": 50})) == [
         "serve.port 8000 -> 8001", "serve.max_text_chars 20 -> 50"]
-    assert settings_changes(None, LIMITS) == [
-        "the running app does not report its serve settings (deployed by an older rayfine?)"]
 
 
 def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not_the_first_checkpoint(

@@ -252,18 +252,23 @@ def test_a_plan_that_does_not_fit_is_refused_before_the_data_are_read(tmp_path, 
 
 def test_ddp_trains_a_hugging_face_classifier_whose_mask_token_classification_never_uses(tmp_path):
     """DINOv2's classifier holds a mask_token (XLNet's a mask_emb) that only masked inputs read: DDP
-    fails at the second step unless it looks for unused parameters (rayfine.train.worker.ddp_options).
-    One gloo process: DDP's reducer checks the same as with more."""
+    fails at the second step unless it looks for unused parameters, which rayfine asks of it for
+    such a model only (rayfine.train.worker.ddp_options: one pass on an example input). One gloo
+    process: DDP's reducer checks the same as with more."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from rayfine.models import build_model
-    from rayfine.train.worker import ddp_options
+    from rayfine.train.worker import ddp_options, model_example
 
+    cpu = torch.device("cpu")
     cfg = load_config("resnet18_digits_tiny", [
         "model.name=dinov2", "model.pretrained=false", "data.image_size=16", "data.color_mode=RGB",
         "model.config_overrides={hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, patch_size: 4}"])
-    assert ddp_options(load_config("resnet18_digits_tiny")) == {}  # torchvision: every parameter is used
+    for every_parameter_used in (load_config("resnet18_digits_tiny"), load_config("minilm_rotten_tomatoes_tiny")):
+        model = build_model(every_parameter_used, ["a", "b"])
+        assert ddp_options(model, model_example(every_parameter_used, cpu)) == {}
+        assert all(p.grad is None for p in model.parameters())  # the pass leaves no gradient behind
 
     def two_steps(options: dict) -> None:
         torch.manual_seed(0)
@@ -276,10 +281,12 @@ def test_ddp_trains_a_hugging_face_classifier_whose_mask_token_classification_ne
             optimizer.step()
             optimizer.zero_grad()
 
+    options = ddp_options(build_model(cfg, ["a", "b"]), model_example(cfg, cpu))
+    assert options == {"find_unused_parameters": True}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         with pytest.raises(RuntimeError, match="Expected to have finished reduction in the prior iteration"):
             two_steps({})
-        two_steps(ddp_options(cfg))
+        two_steps(options)
     finally:
         dist.destroy_process_group()

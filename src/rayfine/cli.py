@@ -38,14 +38,6 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _load_to_run(args: argparse.Namespace):
-    """The config of a command that trains here: local model paths absolute, as the workers need
-    them (``absolute_model_paths``), and as the run directory saves them."""
-    from rayfine.models import absolute_model_paths
-
-    return absolute_model_paths(_load(args))
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from rayfine.config import preset_names
 
@@ -65,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load_to_run(args)
+    cfg = _load(args)
     from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.train import fit
@@ -79,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    cfg = _load_to_run(args)
+    cfg = _load(args)
     from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.tune import run_search
@@ -199,7 +191,7 @@ def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load_to_run(args)
+    cfg = _load(args)
     import time
 
     from rayfine.pipeline import run_pipeline

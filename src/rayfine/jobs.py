@@ -243,7 +243,7 @@ def _not_uploaded(path: str) -> str | None:
     return parts[0]
 
 
-def check_paths(cfg) -> None:
+def check_paths(cfg, working_dir: Path | None = None) -> None:
     """The files the job reads must be where the cluster's processes find them: a relative path
     travels with the working directory only outside data/, runs/ (NOT_UPLOADED_DIRS), and files
     the job writes or the replicas read need absolute paths (the job's working directory is a
@@ -259,7 +259,8 @@ def check_paths(cfg) -> None:
         raise JobsError(f"model.weights {weights}: {folder}/ is not uploaded with the working directory; put the "
                         "file where every node reads it (an absolute path on shared storage)")
     name = cfg.model.name
-    folder = _not_uploaded(name) if Path(name).is_dir() else None  # else a hub id (or a preset)
+    # A directory in the working dir (where the job resolves it) is a local model, else a hub id.
+    folder = _not_uploaded(name) if (Path(working_dir or ".") / name).is_dir() else None
     if folder:
         raise JobsError(f"model.name {name}: {folder}/ is not uploaded with the working directory; put the model "
                         "directory where every node reads it (an absolute path on shared storage)")
@@ -297,7 +298,7 @@ def submit(
     Returns {"submission_id", "status", "existing"}; ``existing`` is True when that submission id
     was already on the cluster (nothing new was started)."""
     wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
-    check_paths(cfg)
+    check_paths(cfg, wd)
     job_id = job_id or submission_id(job, cfg, resume)
     client = client or connect(address)
     existing = _exists(client, job_id)
@@ -376,8 +377,8 @@ def _hint(job_id: str, address: str) -> str:
 
 def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Optional[str], working_dir: str,
                job_id: Optional[str], address: Optional[str], follow_logs: bool, resume: bool = False) -> int:
-    check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
-    check_paths(cfg)
+    wd, _ = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
+    check_paths(cfg, wd)
     client = connect(address)
     result = submit(cfg, config, job=job, overrides=overrides, runs_dir=runs_dir, working_dir=working_dir,
                     job_id=job_id, resume=resume, client=client)

@@ -61,7 +61,7 @@ def _load_tokenizer(source: str, stamp: tuple):
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         raise InputError(f"the tokenizer of {source} has no padding token; set one in its tokenizer_config.json")
-    if set(tokenizer.get_vocab().values()) <= set(tokenizer.all_special_ids):
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         # transformers 5 builds a tokenizer of the special tokens alone from a directory with a
         # config.json and no tokenizer files: every word would be [UNK] and nothing would be learnt.
         raise InputError(f"the tokenizer of {source} has no vocabulary but its special tokens (no tokenizer files "

@@ -69,11 +69,9 @@ def served_info(name: str, timeout_s: float = 30) -> Optional[dict]:
     return serve.get_app_handle(name).info.remote().result(timeout_s=timeout_s)
 
 
-def settings_changes(running: dict[str, Any] | None, wanted: ServeConfig) -> list[str]:
+def settings_changes(running: dict[str, Any], wanted: ServeConfig) -> list[str]:
     """What ``wanted`` changes in the serve settings a replica runs with (its ``info()["settings"]``),
-    as "serve.<field> <running> -> <wanted>"; a replica that reports none is one change."""
-    if running is None:
-        return ["the running app does not report its serve settings (deployed by an older rayfine?)"]
+    as "serve.<field> <running> -> <wanted>"."""
     return [f"serve.{field} {running.get(field)!r} -> {value!r}"
             for field, value in wanted.model_dump(mode="json").items() if running.get(field) != value]
 
@@ -146,7 +144,12 @@ def deploy(
             # the settings it already runs with is fine (running the same command again). The
             # replicas say what they run: the app's args still name the checkpoint it was first
             # deployed from, which may have been removed or retrained since.
-            changes = settings_changes(served.get("settings"), settings)
+            running = served.get("settings")
+            if running is None:  # replicas of an earlier rayfine do not say: what the app was built from
+                args = current["deployed_app_config"].get("args") or {}
+                built = serve_settings(resolve_checkpoint(args["checkpoint"]), args.get("serve"))[1]
+                running = built.model_dump(mode="json")
+            changes = settings_changes(running, settings)
             if changes:
                 raise DeployError(f"app {name!r} is running with other serve settings ({'; '.join(changes)}): a hot "
                                   "swap changes the model only; to change serve settings, stop the app and deploy again")

@@ -318,7 +318,6 @@ def fit(
     ``name`` continues the run from its last checkpoint. It holds the run directory while it runs
     (``rayfine.rundir``): another ``fit``, `rayfine train`, `tune` or `run` on it raises RunDirBusy.
     """
-    cfg = absolute_model_paths(cfg)  # the workers run in directories of their own
     continuing = preflight(cfg)
     with holding(cfg.run_dir(), "train"):
         return _fit(cfg, continuing, datasets=datasets, info=info, train_loop=train_loop,
@@ -343,7 +342,10 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
     if datasets is None or info is None:
         datasets, info = build_datasets(cfg, log=log)
 
-    trainer = build_trainer(cfg, datasets, info, callbacks=[MetricsLog(str(metrics_path))], train_loop=train_loop)
+    # The workers run in directories of their own: they get local model paths made absolute (the
+    # run directory keeps the config as given, which a continued run is compared with).
+    trainer = build_trainer(absolute_model_paths(cfg), datasets, info, callbacks=[MetricsLog(str(metrics_path))],
+                            train_loop=train_loop)
     log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epoch(s) -> {run_dir}")
     tracker = _open_tracker(cfg, train_dir, continuing)
     done = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0

@@ -15,7 +15,6 @@ import math
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -151,14 +150,36 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def ddp_options(cfg: Config) -> dict[str, Any]:
-    """DistributedDataParallel's options for ``cfg.model``. A Hugging Face classifier may hold
-    trainable parameters that classification never uses (XLNet's mask_emb, DINOv2's mask_token: read
-    only with masked inputs), and DDP without find_unused_parameters fails at the second step
-    ("Expected to have finished reduction in the prior iteration"). torchvision's and
-    EfficientNet-Lite's networks use every parameter, and skip the search of the autograd graph
-    that the option costs at each step."""
-    return {} if cfg.model.is_torchvision or cfg.model.is_efficientnet else {"find_unused_parameters": True}
+def ddp_options(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """DistributedDataParallel's options for ``model``: find_unused_parameters when a forward and
+    backward pass on ``example`` (``model_example``) leaves a trainable parameter without a gradient.
+    Some Hugging Face classifiers hold parameters that classification never uses (DINOv2's
+    mask_token, XLNet's mask_emb: read only with masked inputs), and DDP without the option fails
+    at the second step ("Expected to have finished reduction in the prior iteration"); with it,
+    DDP searches the autograd graph at every step (and torch warns when it finds nothing unused).
+    The pass runs in eval mode (no dropout draw, no BatchNorm update) and leaves no gradient."""
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        logits_of(model(**example)).float().sum().backward()
+        unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {"find_unused_parameters": True} if unused else {}
+
+
+def model_example(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """One input as the model takes it, prepared as serving prepares one: a blank image, or "a"."""
+    from rayfine.data import Preprocessor
+
+    d = cfg.data
+    if d.kind == "text":
+        item: Any = ["a", "a"] if d.text_pair_column else "a"
+    else:
+        item = np.zeros((d.image_size, d.image_size, d.channels), dtype=np.uint8)
+    return {k: v.to(device) for k, v in Preprocessor(cfg)([item]).items()}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -303,10 +324,13 @@ def _train(config: dict, guard: ExitGuard) -> None:
     frozen = t.freeze_epochs == -1 or start_epoch <= t.freeze_epochs
     for p in body:
         p.requires_grad_(not frozen)
-    # Most Hugging Face classifiers use every parameter: DDP's warning that it found none unused says
-    # nothing to the user here (ddp_options).
-    warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(cfg))
+    example = model_example(cfg, device) if world > 1 else None  # one worker: no DDP
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp_options(module, example)
+                                             if example is not None else None)
+
+    model = wrap(model)
 
     weights = config.get("class_weights")
     class_weights = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
@@ -332,7 +356,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
         if frozen and t.freeze_epochs != -1 and epoch > t.freeze_epochs:
             for p in body:
                 p.requires_grad_(True)
-            model = ray.train.torch.prepare_model(_unwrap(model), parallel_strategy_kwargs=ddp_options(cfg))
+            model = wrap(_unwrap(model))
             frozen = False
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         started = time.perf_counter()

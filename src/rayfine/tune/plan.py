@@ -71,9 +71,9 @@ def plan_resources(trial_cfg: Config, tune_cfg: TuneConfig, num_trials: int, clu
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     need = TRIAL_ACTOR_CPUS + s.num_workers * s.cpus_per_worker + s.data_cpus
     gpus_per_trial = s.num_workers if s.use_gpu else 0
-    fits = math.floor((cpus + EPS) / need)
-    if gpus_per_trial:
-        fits = min(fits, math.floor((gpus + EPS) / gpus_per_trial))
+    cpu_fits = math.floor((cpus + EPS) / need)
+    gpu_fits = math.floor((gpus + EPS) / gpus_per_trial) if gpus_per_trial else cpu_fits
+    fits = min(cpu_fits, gpu_fits)
     problems, notes = [], []
     if need > cpus + EPS:
         problems.append(
@@ -95,8 +95,7 @@ def plan_resources(trial_cfg: Config, tune_cfg: TuneConfig, num_trials: int, clu
     wanted: Optional[int] = tune_cfg.max_concurrent_trials
     concurrent = min(fits, wanted or fits, num_trials)
     if wanted and wanted > fits:
-        by_gpus = bool(gpus_per_trial) and math.floor((gpus + EPS) / gpus_per_trial) < math.floor((cpus + EPS) / need)
-        held = (f"trials of {gpus_per_trial} GPU(s) fit in {gpus:g}" if by_gpus
+        held = (f"trials of {gpus_per_trial} GPU(s) fit in {gpus:g}" if gpu_fits < cpu_fits
                 else f"trials of {need:g} CPUs fit in {cpus:g}")
         notes.append(f"[tune] tune.max_concurrent_trials={wanted} lowered to {fits}: that many {held}")
     return ResourcePlan(s.num_workers, s.cpus_per_worker, s.data_cpus, gpus_per_trial, cpus, gpus,

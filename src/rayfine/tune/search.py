@@ -98,7 +98,6 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     runs (``rayfine.rundir``): another search, ``fit``, `rayfine train`, `tune` or `run` on it
     raises RunDirBusy.
     """
-    cfg = absolute_model_paths(cfg)  # the trials and their workers run in directories of their own
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
         return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
@@ -122,8 +121,9 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     datasets, info = build_datasets(base, log=log)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_json=base.model_dump_json(), datasets=datasets, info=info,
-                             shards=split_for_workers(base, datasets), storage_path=trials_root(cfg)),
+        # Trials and their workers run in directories of their own: local model paths made absolute.
+        tune.with_parameters(run_trial, base_json=absolute_model_paths(base).model_dump_json(), datasets=datasets,
+                             info=info, shards=split_for_workers(base, datasets), storage_path=trials_root(cfg)),
         {"cpu": TRIAL_ACTOR_CPUS},
     )
     # Each trial's epoch log: what it trained before a resume (Tune restores its scheduler empty,
