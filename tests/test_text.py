@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rayfine.checkpoints import PREPROCESSOR_FILE, load_checkpoint, save_checkpoint
@@ -335,6 +336,13 @@ def test_hugging_face_image_classifier_fine_tunes_with_its_processors_normalizat
     ])
     assert cfg.data.mean is None and cfg.model.pretrained
     fit(cfg, log=lambda *_: None)
+    # The run directory keeps the path as given (the workers got it absolute), so the same command
+    # again continues the run instead of being refused as another config.
+    from rayfine.rundir import saved_config
+    from rayfine.train.driver import preflight
+
+    assert yaml.safe_load(saved_config(tmp_path / "hf_image", "train").read_text())["model"]["name"] == "base_model"
+    assert preflight(cfg) is True
     lines = [json.loads(x) for x in (tmp_path / "hf_image" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["train_loss"] < lines[0]["train_loss"]
     ckpt_dir = tmp_path / "hf_image" / "train" / "checkpoint"
