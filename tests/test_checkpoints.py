@@ -237,3 +237,21 @@ def test_an_export_that_dies_while_removing_the_old_one_leaves_a_whole_checkpoin
     assert checkpoints.export_checkpoint(source, destination) == destination
     assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 1
     assert sorted(p.name for p in destination.parent.iterdir()) == ["checkpoint"]
+
+
+def test_serve_if_better_compares_with_a_served_metric_that_is_not_a_number():
+    """metrics.json writes a diverged value as null: a served model with a null val_loss is beaten by
+    any finite one (before, `x < nan` never held and it was kept for ever); a new checkpoint without a
+    finite value is refused, naming the metric."""
+    from rayfine.serve.deploy import is_better
+
+    new = {"checkpoint": "/new", "metric": "val_loss", "metric_mode": "min", "metrics": {"val_loss": 0.4}}
+    better, reason = is_better(new, {"checkpoint": "/old", "metrics": {"val_loss": None}})
+    assert better and "not a number" in reason
+    assert is_better(new, {"checkpoint": "/old", "metrics": {"val_loss": 0.3}})[0] is False
+    assert is_better(new, {"checkpoint": "/old", "metrics": {"val_loss": 0.5}})[0] is True
+    with pytest.raises(CheckpointError, match="has no val_loss"):
+        is_better(new, {"checkpoint": "/old", "metrics": {}})
+    for value in (None, float("nan")):
+        with pytest.raises(CheckpointError, match="no finite val_loss"):
+            is_better({**new, "metrics": {"val_loss": value}}, {"checkpoint": "/old", "metrics": {"val_loss": 0.3}})

@@ -5,6 +5,7 @@ from storage that is not local, and a plan refused before the data are read (uni
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from rayfine import checkpoints
 from rayfine.config import ConfigError, load_config
 from rayfine.rundir import save_config
 from rayfine.train import driver
-from rayfine.train.worker import accumulation_group_size, make_scheduler, model_and_optimizer
+from rayfine.train.worker import accumulation_group_size, checkpoint_metrics, make_scheduler, model_and_optimizer
 
 LABELS = [str(i) for i in range(10)]
 EPOCHS = 4
@@ -290,3 +291,41 @@ def test_ddp_trains_a_hugging_face_classifier_whose_mask_token_classification_ne
         two_steps(options)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_diverged_epoch_is_never_the_best_checkpoint(tmp_path):
+    """train.metric val_loss: Ray ranks a NaN score below every number, so best_checkpoints lists
+    it first when loss is minimized; rayfine must pick the finite epoch, and refuse when none is."""
+    cfg = load_config("resnet18_digits_tiny", ["train.metric=val_loss"])
+    kept = [("ckpt_epoch2", {"epoch": 2, "val_loss": float("nan")}), ("ckpt_epoch1", {"epoch": 1, "val_loss": 0.5})]
+    assert driver._best(SimpleNamespace(best_checkpoints=kept), cfg)[0] == "ckpt_epoch1"
+    tied = [("ckpt_epoch1", {"epoch": 1, "val_loss": 0.5}), ("ckpt_epoch3", {"epoch": 3, "val_loss": 0.5})]
+    assert driver._best(SimpleNamespace(best_checkpoints=tied), cfg)[0] == "ckpt_epoch3"  # ties: the later
+    with pytest.raises(driver.TrainingError, match="no kept checkpoint has a finite val_loss"):
+        driver._best(SimpleNamespace(best_checkpoints=kept[:1]), cfg)
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"not JSON (RFC 8259): {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metric_files_write_a_diverged_value_as_json_null(tmp_path):
+    """metrics.jsonl and a checkpoint's metrics.json are read by jq, JavaScript and Go, which refuse
+    Python's bare NaN and Infinity; the epoch line still prints, and a resumed run reports NaN again."""
+    log = driver.MetricsLog(str(tmp_path / "metrics.jsonl"))
+    epoch = {"epoch": 1, "train_loss": float("nan"), "val_loss": float("inf"), "val_accuracy": 0.1,
+             "val_macro_f1": 0.02, "samples_per_s": 10.0, "epoch_s": 1.0}
+    log.after_report(None, [epoch], None)
+    line = _strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert line["train_loss"] is None and line["val_loss"] is None and line["val_accuracy"] == 0.1
+    assert "train_loss nan  val_loss nan  val_acc 0.1000" in driver.format_epoch(line, 4)
+
+    cfg = load_config("resnet18_digits_tiny")
+    model, _, _, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)
+    saved = checkpoints.save_checkpoint(tmp_path / "ckpt", model, cfg, LABELS, {**epoch, "val_accuracy": torch.tensor(0.5).item()})
+    assert _strict_json((saved / checkpoints.METRICS_FILE).read_text())["val_loss"] is None
+    resumed = checkpoint_metrics(saved)  # what a resumed run reports again to Ray Train, which scores it
+    assert math.isnan(resumed["val_loss"]) and math.isnan(resumed["train_loss"]) and resumed["epoch"] == 1

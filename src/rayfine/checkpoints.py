@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from rayfine.config import Config, ConfigError, validate
 from rayfine.errors import CheckpointError
+from rayfine.metrics import json_text
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -78,7 +79,7 @@ def save_checkpoint(
         tokenizer.save_pretrained(str(directory))
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())
     (directory / LABELS_FILE).write_text(json.dumps(labels, indent=1))
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float))
+    (directory / METRICS_FILE).write_text(json_text(metrics, indent=1))
     return directory
 
 

@@ -7,6 +7,10 @@ the whole validation split, not of rank 0's part of it.
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import numpy as np
 
 
@@ -38,3 +42,24 @@ def summarize(counts: np.ndarray) -> dict[str, float]:
         "accuracy": float(np.trace(counts) / total) if total else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
     }
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float in it (a diverged epoch's NaN loss, an infinite one)
+    made None, and NumPy scalars and arrays made Python numbers and lists."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """The JSON text of the run directory's metric files (metrics.jsonl, metrics.json, eval.json,
+    summary.json): a non-finite value is written as null. RFC 8259 has no NaN or Infinity, so jq,
+    JavaScript's JSON.parse and Go refuse the bare NaN that Python's json module writes."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)

@@ -170,6 +170,11 @@ def _fmt(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _fmt4(value: Any) -> str:
+    """A headline metric; null in the JSON files (not a number: a diverged epoch) shows as nan."""
+    return "nan" if value is None else f"{value:.4f}"
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
@@ -186,7 +191,7 @@ def _evaluation_section(evaluation: Optional[dict], matrix_png: Path) -> str:
     return (
         "<section id='evaluation'><h2>Test evaluation</h2>"
         f"<p class='big'>accuracy <b>{evaluation['accuracy']:.4f}</b> &middot; macro F1 <b>{evaluation['macro_f1']:.4f}</b>"
-        f" &middot; loss {evaluation['loss']:.4f} &middot; {evaluation['num_samples']} examples ({html.escape(evaluation['split'])} split)</p>"
+        f" &middot; loss {_fmt4(evaluation['loss'])} &middot; {evaluation['num_samples']} examples ({html.escape(evaluation['split'])} split)</p>"
         + _img(matrix_png, "confusion matrix")
         + _table(per_class, ["label", "precision", "recall", "f1", "support"])
         + "</section>"
@@ -231,7 +236,7 @@ def train_report(run_dir: Path) -> Path:
     evaluation = _read_json(train_dir / "eval.json")
     sections = [
         "<section id='best'><h2>Best epoch</h2>"
-        f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{best[metric]:.4f}</b></p></section>",
+        f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{_fmt4(best.get(metric))}</b></p></section>",
         "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves")
         + _table(lines, list(METRIC_COLUMNS)) + "</section>",
         _evaluation_section(evaluation, train_dir / "confusion_matrix.png"),

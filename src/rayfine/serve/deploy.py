@@ -15,6 +15,7 @@ them (a code change, or a change of args, would replace them).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -79,14 +80,22 @@ def settings_changes(running: dict[str, Any], wanted: ServeConfig) -> list[str]:
 def is_better(new: dict, served: dict) -> tuple[bool, str]:
     """Compare the new checkpoint's validation metric with the served one's (the new config's metric)."""
     metric, mode = new["metric"], new["metric_mode"]
-    new_value, old_value = new["metrics"].get(metric), (served.get("metrics") or {}).get(metric)
-    if new_value is None:
-        raise CheckpointError(f"{new['checkpoint']}: metrics.json has no {metric}; cannot compare")
-    if old_value is None:
+    served_metrics = served.get("metrics") or {}
+    new_value, old_value = new["metrics"].get(metric), served_metrics.get(metric)
+    if not _finite(new_value):
+        raise CheckpointError(f"{new['checkpoint']}: metrics.json has no finite {metric} "
+                              f"({'missing' if metric not in new['metrics'] else new_value}); cannot compare")
+    if metric not in served_metrics:
         raise CheckpointError(f"the served checkpoint {served.get('checkpoint')} has no {metric} in metrics.json; cannot compare")
+    if not _finite(old_value):  # null in metrics.json: not a number (a diverged epoch), beaten by any
+        return True, f"{metric} {new_value:.4f}; the served checkpoint's is not a number ({old_value})"
     better = new_value > old_value if mode == "max" else new_value < old_value
     sign = (">" if better else "<=") if mode == "max" else ("<" if better else ">=")
     return better, f"{metric} {new_value:.4f} {sign} {old_value:.4f} (served)"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _url(details: dict, route_prefix: str) -> str:

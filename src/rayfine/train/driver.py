@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
+from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
@@ -58,7 +60,7 @@ class MetricsLog(UserCallback):
         if REPLAYED_FROM in metrics[0] and line["epoch"] in self._logged_epochs():
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json_text(line) + "\n")
 
     def _logged_epochs(self) -> set[int]:
         try:
@@ -297,6 +299,8 @@ def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None]) 
 
 
 def format_epoch(m: dict, epochs: int) -> str:
+    # metrics.jsonl holds null for a non-finite value (a diverged epoch's loss): shown as nan.
+    m = {k: math.nan if v is None else v for k, v in m.items()}
     return (
         f"[train] epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
         f"val_acc {m['val_accuracy']:.4f}  val_f1 {m['val_macro_f1']:.4f}  {m['samples_per_s']:.0f} samples/s  {m['epoch_s']:.1f}s"
@@ -416,9 +420,16 @@ def export_best(checkpoint: Checkpoint, destination: Path) -> Path:
 
 
 def _best(result, cfg: Config) -> tuple[Checkpoint, dict]:
+    """The kept checkpoint with the best ``train.metric``, ties to the later epoch. A NaN (a diverged
+    epoch) is never the best: Ray ranks it below every number but lists it first when loss is minimized."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if c is not None]
     if not candidates:
         raise TrainingError("training finished without a checkpoint")
+    metric = cfg.train.metric
+    candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    if not candidates:
+        raise TrainingError(f"no kept checkpoint has a finite {metric} (training diverged?); "
+                            "try a lower train.lr, or keep more checkpoints (train.keep_checkpoints)")
     sign = 1 if cfg.train.metric_mode == "max" else -1
     return max(candidates, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1]["epoch"]))
 

@@ -280,6 +280,13 @@ def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, to
     return model, optimizer, scheduler, done
 
 
+def checkpoint_metrics(directory: Path) -> dict[str, Any]:
+    """A checkpoint's metrics.json as its epoch reported them: the file writes a non-finite value
+    (a diverged loss) as null, and Ray Train needs a number to score the report again."""
+    metrics = checkpoints.read_json(directory / checkpoints.METRICS_FILE, "checkpoint metrics")
+    return {k: math.nan if v is None and k in METRIC_KEYS else v for k, v in metrics.items()}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One DDP worker: config = {"cfg": <Config JSON>, "labels": [...], "num_train": int,
     "class_weights": [...] or None}."""
@@ -311,7 +318,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
             cfg, labels, device, steps_per_epoch * t.epochs, d, steps_per_epoch=steps_per_epoch,
             log=(lambda m: print(f"[rank 0] {m}")) if rank == 0 else None)
         if checkpoint:
-            resumed_report = checkpoints.read_json(Path(d) / checkpoints.METRICS_FILE, "checkpoint metrics")
+            resumed_report = checkpoint_metrics(Path(d))
     start_epoch = done + 1
     if checkpoint:
         print(f"[rank {rank}] resuming from the checkpoint of epoch {done}")

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from ray.train import UserCallback
 
 from rayfine.config import Config, parse_search_spec
+from rayfine.metrics import json_text
 from rayfine.train.worker import REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
 
 EPOCH_LOG = "epochs.jsonl"
@@ -96,14 +97,14 @@ class EpochLog(UserCallback):
         if replayed is not None and record["epoch"] in {r["epoch"] for r in read_epoch_log(self.path)}:
             return
         record["checkpoint_path"] = checkpoint.path if checkpoint else replayed
-        line = json.dumps(record, default=float)
+        line = json_text(record)
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(self.path)
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             os.makedirs(os.path.dirname(fs_path), exist_ok=True)
             with open(fs_path, "a") as f:
                 f.write(line + "\n")
         else:  # object stores cannot append: rewrite the (few-line) file
-            previous = "".join(json.dumps(r) + "\n" for r in read_epoch_log(self.path))
+            previous = "".join(json_text(r) + "\n" for r in read_epoch_log(self.path))
             with fs.open_output_stream(fs_path) as f:
                 f.write((previous + line + "\n").encode())
         if self.then is not None:
