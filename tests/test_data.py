@@ -403,14 +403,16 @@ def test_an_image_that_cannot_be_prepared_is_a_bad_row_not_a_failed_task(digits)
 
 
 def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_path, samples):
-    """rayfine reads local image folders itself (faster); it must see exactly the files Ray Data would."""
+    """rayfine reads local image folders itself (faster); it must see exactly the files that Ray Data
+    lists and the remote reader keeps of them (hidden files and folders at any depth left out)."""
     import ray.data
 
-    from rayfine.data.sources import list_image_files
+    from rayfine.data.sources import list_image_files, listed_paths
 
     png = encode(Image.fromarray(samples[0][0]))
     for name in ("a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png", "b/4.webp", "b/notes.txt", "b/5.png.bak",
-                 "_tmp/6.png", ".cache/7.png", "8.png"):
+                 "_tmp/6.png", ".cache/7.png", "8.png", "a/._1.png", "a/.ipynb_checkpoints/1.png", "__MACOSX/a/1.png",
+                 "b/@eaDir/4.webp/SYNOPHOTO_THUMB_M.jpg", "b/11.jfif"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(png)
     # Links, followed as pyarrow follows them: to a file, to a folder outside, and one to nowhere.
@@ -424,13 +426,43 @@ def test_a_local_folder_is_listed_as_read_binary_files_lists_it(ray_local, tmp_p
     ours = list_image_files(str(tmp_path))
     rays = sorted(ray.data.read_binary_files(str(tmp_path), include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
                   .select_columns(["path"]).to_pandas()["path"])
-    assert [path for path, _ in ours] == rays
+    assert [path for path, _ in ours] == [p for p, kept in zip(rays, listed_paths(rays, str(tmp_path))) if kept]
     assert {os.path.relpath(p, tmp_path) for p, _ in ours} == {
-        "a/1.png", "a/2.PNG", "a/deep/3.jpeg", "a/.hidden.png", "b/4.webp", "8.png", "b/linked/9.png", "b/linked.jpg"}
+        "a/1.png", "a/2.PNG", "a/deep/3.jpeg", "b/4.webp", "b/11.jfif", "8.png", "b/linked/9.png", "b/linked.jpg"}
     assert all(size == len(png) for _, size in ours)
     # A link back up the tree is walked once (pyarrow would walk the cycle until the path is too long).
     (tmp_path / "a" / "deep" / "up").symlink_to(tmp_path, target_is_directory=True)
     assert list_image_files(str(tmp_path)) == ours
+
+
+def test_text_and_parquet_folders_are_read_without_their_hidden_files(ray_local, tmp_path):
+    """Ray Data is given the files rayfine lists (a hive partition's label still read from its
+    path); parquet files whose label columns cannot be merged are named."""
+    import pandas as pd
+
+    from rayfine.data.sources import read_source
+
+    def text_cfg(source):
+        return load_config("minilm_rotten_tomatoes_tiny", [f"data.source={source}", "data.subsample=1.0"])
+
+    (tmp_path / "csv" / "en" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "csv" / "en" / "train.csv").write_text("text,label\nfine,1\ndull,0\n")
+    (tmp_path / "csv" / "en" / "._train.csv").write_bytes(b"\x00\x05\x16\x07Mac OS X  \xff\xfe" + b"\x00" * 60)
+    (tmp_path / "csv" / "en" / ".ipynb_checkpoints" / "train-checkpoint.csv").write_text("text,label\nstale,1\n")
+    assert sorted((r["text"], r["label"]) for r in read_source(text_cfg(tmp_path / "csv").data).take_all()) == [
+        ("dull", "0"), ("fine", "1")]
+    for label in ("cat", "dog"):
+        (tmp_path / "hive" / f"label={label}").mkdir(parents=True)
+        pq.write_table(pa.table({"text": [f"a {label}"]}), tmp_path / "hive" / f"label={label}" / "part-0.parquet")
+        (tmp_path / "hive" / f"label={label}" / "._part-0.parquet").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    assert sorted((r["text"], r["label"]) for r in read_source(text_cfg(tmp_path / "hive").data).take_all()) == [
+        ("a cat", "cat"), ("a dog", "dog")]
+    (tmp_path / "shards").mkdir()
+    pd.DataFrame({"text": ["a", "b"], "label": pd.Categorical(["x", "y"])}).to_parquet(tmp_path / "shards" / "0.parquet")
+    pd.DataFrame({"text": ["c", "d"], "label": ["x", "y"]}).to_parquet(tmp_path / "shards" / "1.parquet")
+    with pytest.raises(DataError, match=r"as parquet: column 'label' is .* in .*/1.parquet but dictionary<.*> in "
+                                        r".*/0.parquet; write it with one type in every file"):
+        read_source(text_cfg(tmp_path / "shards").data).take_all()
 
 
 def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, samples):

@@ -362,3 +362,21 @@ def test_serving_applies_its_own_pixel_limit_to_the_resized_image():
         serve([data])
     with pytest.raises(InputError, match="ValueError"):
         serve([[[1, 2], [3]]])
+
+
+def test_a_parquet_cell_that_is_not_an_image_says_what_it_is():
+    """A null cell of an all-null column arrives as NaN; a column of file paths, or Spark's image
+    struct, is not encoded images."""
+    from rayfine.data.sources import _struct_image
+
+    with pytest.raises(ImageError, match=r"^no image \(empty, or its file is missing or unreadable\)$"):
+        prepare_image(float("nan"), cfg())
+    with pytest.raises(ImageError, match=r"the image is a string \('/data/imgs/0.png'; a column of file paths\?\): "
+                                         r"images are read from encoded image bytes or Hugging Face's \{bytes, path\}"):
+        prepare_image("/data/imgs/0.png", cfg())
+    spark = {"origin": "file:/x/0.png", "height": 12, "width": 12, "nChannels": 3, "mode": 16, "data": b"\0" * 432}
+    image, file = _struct_image(spark, "image", ".")
+    assert file is None
+    with pytest.raises(ImageError, match=r"the image is a struct of fields \['data', 'height', 'mode', 'nChannels', "
+                                         r"'origin', 'width'\]: .*\(fields bytes and path\)"):
+        prepare_image(image, cfg())

@@ -23,9 +23,11 @@ import itertools
 import json
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -67,9 +69,15 @@ class DataInfo:
 
 
 def label_text(value: Any) -> Optional[str]:
-    """Labels as the strings they are named by: 3, 3.0 and "3" are all "3"; missing is None."""
+    """Labels as the strings they are named by: 3, 3.0 and "3" are all "3"; missing is None. Unicode
+    in its composed form (NFC): macOS writes folder names decomposed (NFD), and "café" typed in
+    data.labels would otherwise not be the "café" of a class folder. A list (a multi-label row) is
+    refused: a DataError, whose message ``_split_and_label`` completes with the column."""
     if value is None:
         return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        raise DataError(f"holds lists ({_short(value)}: multi-label data); rayfine trains single-label "
+                        "classifiers: give each row one label")
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
     if isinstance(value, (float, np.floating)):
@@ -79,8 +87,30 @@ def label_text(value: Any) -> Optional[str]:
             value = int(value)
     if isinstance(value, np.generic):
         value = value.item()
-    text = str(value).strip()
+    text = unicodedata.normalize("NFC", str(value).strip())
     return text or None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value.tolist() if isinstance(value, np.ndarray) else list(value), default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def same_number_labels(labels) -> tuple[str, str] | None:
+    """Two labels that are one number written two ways ("1" and "1.0": pandas writes an integer
+    column with a missing value as floats, so one CSV shard has 1.0 where another has 1), else None.
+    They would be two classes of the same examples."""
+    seen: dict[Decimal, str] = {}
+    for label in sorted(labels):
+        if _NUMBER.fullmatch(label):
+            value = Decimal(label).normalize()
+            if value in seen:
+                return seen[value], label
+            seen[value] = label
+    return None
 
 
 def sort_labels(labels: list[str]) -> list[str]:
@@ -127,7 +157,10 @@ def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg
     """(split or None when subsampled out, label text, error) for one raw row; ``source_error`` is
     the reader's reason the row is unusable ("" when it is not)."""
     split = assign_split(content, data_cfg)
-    label = label_text(raw_label)
+    try:
+        label = label_text(raw_label)
+    except DataError as e:
+        raise DataError(f"data.label_column: column {data_cfg.label_column!r} {e}") from None
     if split is None:
         return None, "", ""
     if source_error:
@@ -312,7 +345,7 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
     pipeline = (
-        read_source(data_cfg)
+        read_source(data_cfg, log)
         .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
         # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,
         # so that every block is a fair mix. Each epoch the workers' local shuffle buffers (seeded
@@ -389,6 +422,10 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig, class_names: Op
                 + "\n  fix or remove them, or set data.on_bad_rows=skip to train without them"
             )
     found = {label for split_counts in by_split.values() for label in split_counts}
+    twins = same_number_labels(found)
+    if twins:
+        raise DataError(f"{data_cfg.source}: labels {twins[0]!r} and {twins[1]!r} are the same number written two "
+                        f"ways (data.label_column {data_cfg.label_column!r}); write them one way")
     if data_cfg.labels:
         labels = list(data_cfg.labels)
     else:  # a ClassLabel's ids keep their order (its names are found labels; anything else after them)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
+# The file name extensions Pillow registers for ACCEPTED_FORMATS (Image.registered_extensions()):
+# .jfif and .jpe are JPEG files too (Windows saves web images as .jfif).
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "jfif", "jpe")
 # Formats PIL may decode for us; anything else (e.g. EPS, which runs Ghostscript) is refused.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")
 # A reduction by this factor or more first averages whole pixel blocks (PIL's reducing_gap; for a
@@ -194,8 +196,16 @@ def prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
 
 
 def _prepare_image(item, data_cfg: DataConfig) -> np.ndarray:
-    if item is None:
+    # A null cell of a parquet column arrives as None, or as NaN where the whole column is null.
+    if item is None or (isinstance(item, float) and np.isnan(item)):
         raise ImageError("no image (empty, or its file is missing or unreadable)")
+    if isinstance(item, str):
+        shown = item if len(item) <= 60 else item[:57] + "..."
+        raise ImageError(f"the image is a string ({shown!r}; a column of file paths?): images are read from encoded "
+                         "image bytes or Hugging Face's {bytes, path} structs")
+    if isinstance(item, dict):
+        raise ImageError(f"the image is a struct of fields {sorted(item)}: images are read from encoded image bytes "
+                         "or Hugging Face's {bytes, path} structs (fields bytes and path)")
     if isinstance(item, (bytes, bytearray, memoryview)):
         img = decode_image(bytes(item), data_cfg.max_image_pixels, min_side=data_cfg.image_size)
     elif isinstance(item, Image.Image):

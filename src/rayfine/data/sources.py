@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import os
+from collections import Counter
 from typing import Optional
 
 import numpy as np
@@ -112,7 +113,8 @@ def detect_format(data_cfg: DataConfig) -> str:
         if fmt is None and "://" not in source:
             if not os.path.exists(source):
                 raise DataError(f"data.source: {data_cfg.source!r} does not exist")
-            names = (n for _, _, files in os.walk(source) for n in files if not n.startswith("."))
+            names = (n for d, _, files in os.walk(source) for n in files
+                     if not skipped_path(os.path.relpath(os.path.join(d, n), source)))
             if data_cfg.kind == "image":
                 # Parquet when the folder holds parquet and no images; a stray CSV beside images is fine.
                 fmt = "parquet" if _parquet_without_images(names) else "image_folder"
@@ -171,11 +173,42 @@ def _label_of(path: str, root: str) -> Optional[str]:
     return None if parent in ("", root.split("://")[-1].rstrip("/")) else os.path.basename(parent)
 
 
-def list_image_files(root: str) -> list[tuple[str, int]]:
+# Folders that file servers fill with their own files: Synology DSM keeps thumbnails of every image
+# in an @eaDir folder beside it (dogs/@eaDir/img1.jpg/SYNOPHOTO_THUMB_M.jpg would be a class
+# "img1.jpg", and a smaller copy of an image in another split than the image itself).
+SYSTEM_FOLDERS = ("@eaDir",)
+
+
+def skipped_path(relative: str) -> bool:
+    """Whether a file at ``relative`` ("/"-separated, below a folder source) is left out of it, as
+    Hugging Face ``datasets`` leaves it out of a folder's data files (data_files.py): a hidden file or
+    one inside a hidden folder (a name starting with ".", at any depth: macOS's ._img0.jpg and
+    .DS_Store, .ipynb_checkpoints/), or one inside a folder whose name starts with "__" (__MACOSX/);
+    as Ray Data's listing leaves it out: a path starting with "_" (Spark's _SUCCESS); and one inside
+    SYSTEM_FOLDERS."""
+    parts = relative.strip("/").split("/")
+    return (parts[0].startswith("_") or any(part.startswith(".") for part in parts)
+            or any(part.startswith("__") or part in SYSTEM_FOLDERS for part in parts[:-1]))
+
+
+def _skipped_entry(name: str, is_dir: bool, at_root: bool) -> bool:
+    """``skipped_path`` for one entry of a folder walk: a skipped folder is not walked at all."""
+    return (name.startswith(".") or (at_root and name.startswith("_"))
+            or (is_dir and (name.startswith("__") or name in SYSTEM_FOLDERS)))
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(no extension)"
+
+
+def walk_image_folder(root: str) -> tuple[list[tuple[str, int]], Counter, list[tuple[str, Counter]]]:
     """(path, bytes) of the image files under a local ``root``, sorted, as ``ray.data.read_binary_files``
     lists them: every depth, symbolic links followed, names ending in IMAGE_EXTENSIONS (any case),
-    none whose path relative to the root starts with "." or "_". A folder reached twice through
-    links is listed once (pyarrow's listing would walk a link cycle until the path is too long).
+    none that ``skipped_path`` leaves out (Ray itself leaves out only paths starting with "." or "_";
+    ``read_image_folder`` drops the rest of its rows). A folder reached twice through links is listed
+    once (pyarrow's listing would walk a link cycle until the path is too long). Also the other files'
+    extensions, counted (a .heic photo is not read, and the run says so), and the folders without
+    subfolders that hold files but no image file (a class whose photos are all .heic), with theirs.
 
     ``os.scandir`` gives each entry's type from the directory itself, so only folders, links and
     image files are stat'ed (images for their size); pyarrow's recursive listing builds a FileInfo
@@ -183,6 +216,8 @@ def list_image_files(root: str) -> list[tuple[str, int]]:
     root = os.path.abspath(root.removeprefix("file://"))
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
     files: list[tuple[str, int]] = []
+    others: Counter = Counter()
+    imageless: list[tuple[str, Counter]] = []
     visited: set[tuple[int, int]] = set()
     folders = [root]
     while folders:
@@ -191,18 +226,36 @@ def list_image_files(root: str) -> list[tuple[str, int]]:
         if (st.st_dev, st.st_ino) in visited:
             continue
         visited.add((st.st_dev, st.st_ino))
+        images, subfolders, here = 0, 0, Counter()
         with os.scandir(folder) as entries:
             for entry in entries:
-                if folder == root and entry.name.startswith((".", "_")):
-                    continue
                 try:
-                    if entry.is_dir():
+                    is_dir = entry.is_dir()
+                    if _skipped_entry(entry.name, is_dir, folder == root):
+                        continue
+                    if is_dir:
                         folders.append(entry.path)
+                        subfolders += 1
                     elif entry.name.lower().endswith(suffixes) and entry.is_file():
                         files.append((entry.path, entry.stat().st_size))
+                        images += 1
+                    elif entry.is_file():
+                        here[_extension(entry.name)] += 1
                 except OSError:  # a broken link, or gone since the folder was read: not listed
                     continue
-    return sorted(files)
+        others.update(here)
+        if folder != root and here and not images and not subfolders:
+            imageless.append((folder, here))
+    return sorted(files), others, sorted(imageless)
+
+
+def list_image_files(root: str) -> list[tuple[str, int]]:
+    """(path, bytes) of the image files under a local ``root``, sorted (``walk_image_folder``)."""
+    return walk_image_folder(root)[0]
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{ext} x{n}" for ext, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def read_block_count(file_sizes: list[int]) -> int:
@@ -223,8 +276,10 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     return ray.data.from_arrow([pa.table({"path": paths[a:b]}) for a, b in itertools.pairwise(bounds)])
 
 
-def read_local_image_folder(root: str) -> ray.data.Dataset:
+def read_local_image_folder(root: str, log=print) -> ray.data.Dataset:
     """A local folder of class subfolders: the driver lists the files, Ray Data tasks read them.
+    The files that are not images are counted in one ``log`` line; a class folder of them alone
+    (photos saved as .heic) is refused, where it would vanish from the classes unseen.
 
     ``read_binary_files`` makes one block per file before merging them, about 250 us of work per
     file: several times the cost of decoding a small image (bench/RESULTS.md, ingest). Reading a
@@ -236,11 +291,18 @@ def read_local_image_folder(root: str) -> ray.data.Dataset:
         raise DataError(f"data.source: {root} {what}; images are read from a folder of class subfolders "
                         "(cats/001.jpg, dogs/002.png) or from parquet")
     try:
-        files = list_image_files(local_root)
+        files, others, imageless = walk_image_folder(local_root)
     except OSError as e:
         raise DataError(f"data.source: cannot list {e.filename or root}: {e.strerror}") from None
     if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if imageless:
+        folder, found = imageless[0]
+        raise DataError(f"data.source: folder {folder} holds {sum(found.values())} files but no image files "
+                        f"({_counts(found)}); images are read from {', '.join('.' + e for e in IMAGE_EXTENSIONS)} "
+                        f"files: convert them to one of these, or move the folder out of {root}")
+    if others:
+        log(f"[data] skipped {sum(others.values())} files that are not images: {_counts(others)}")
     paths = [path for path, _ in files]
     blocks = read_block_count([size for _, size in files])
 
@@ -266,17 +328,24 @@ def _is_local(source: str) -> bool:
     return "://" not in source or source.startswith("file://")
 
 
-def read_image_folder(data_cfg: DataConfig) -> ray.data.Dataset:
+def listed_paths(paths, root: str) -> np.ndarray:
+    """Which of the paths Ray Data's listing of ``root`` gave are kept (``skipped_path``)."""
+    prefix = root.split("://")[-1].rstrip("/") + "/"
+    return np.array([not skipped_path(p.removeprefix(prefix)) for p in paths], dtype=bool)
+
+
+def read_image_folder(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
     root = data_cfg.source.rstrip("/")
     if _is_local(root):
-        return read_local_image_folder(root)
+        return read_local_image_folder(root, log)
     # Object stores and other filesystems: Ray Data lists and reads them (pyarrow filesystems).
     ds = ray.data.read_binary_files(root, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
 
     def label_from_path(batch: dict) -> dict:
-        paths = batch.pop("path")
-        return {"image": batch["bytes"], "label": np.array([_label_of(p, root) for p in paths], dtype=object),
-                "origin": paths}
+        keep = listed_paths(batch["path"], root)
+        paths = np.asarray(batch.pop("path"))[keep]
+        return {"image": np.asarray(batch["bytes"])[keep],
+                "label": np.array([_label_of(p, root) for p in paths], dtype=object), "origin": paths}
 
     return ds.map_batches(label_from_path, batch_format="numpy", batch_size=256)
 
@@ -295,7 +364,8 @@ def class_label_names(data_cfg: DataConfig) -> Optional[list[str]]:
         fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), os.path.abspath(source))
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                           if i.is_file and i.path.lower().endswith(".parquet"))
+                           if i.is_file and i.path.lower().endswith(".parquet")
+                           and not skipped_path(os.path.relpath(i.path, path)))
             if not files:
                 return None
             path = files[0]
@@ -332,6 +402,52 @@ def _named_labels(labels: np.ndarray, names: Optional[list[str]], column: str) -
     return np.array([name(i, v) for i, v in enumerate(labels)], dtype=object), errors
 
 
+def read_parquet_source(data_cfg: DataConfig, fields: tuple[str, ...], with_paths: bool) -> ray.data.Dataset:
+    """``data.source`` as Ray Data's parquet reader opens it, its configured columns checked. pyarrow
+    reads the files' footers and merges their schemas on the driver: what it refuses there (a file
+    that is not parquet, a column of other types in two files) becomes a DataError naming the file."""
+    paths, fs = reader_paths(data_cfg.source, "parquet")
+    try:
+        ds = ray.data.read_parquet(paths, **fs, include_paths=with_paths)
+        _check_columns(ds, data_cfg, fields, with_paths)
+    except pa.ArrowException as e:
+        files = paths if isinstance(paths, list) else [_filesystem(data_cfg.source)[1]]
+        columns = [c for c in (getattr(data_cfg, f) for f in fields) if c]
+        reason = parquet_failure(files, fs.get("filesystem") or _filesystem(data_cfg.source)[0], columns)
+        raise DataError(f"data.source: cannot read {data_cfg.source} as parquet: "
+                        + (reason or f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")) from None
+    return ds
+
+
+def parquet_failure(files: list[str], fs, columns: list[str]) -> str | None:
+    """Why pyarrow cannot open these parquet files as one dataset: the first file whose footer it
+    cannot read, or the first whose type of a configured column cannot be merged with the earlier
+    files' (as Ray merges them: string with large_string, int with float); None when neither is
+    found. Read on the driver, file after file, only once opening them failed."""
+    import pyarrow.parquet as pq
+
+    merged: dict[str, tuple[pa.DataType, str]] = {}  # column -> (type so far, the first file with it)
+    for path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            return f"{path}: {str(e).splitlines()[0][:300]}; remove the file or write it again"
+        for column in (c for c in columns if c in schema.names):
+            kind = schema.field(column).type
+            if column not in merged:
+                merged[column] = (kind, path)
+                continue
+            try:
+                unified = pa.unify_schemas([pa.schema([(column, merged[column][0])]), pa.schema([(column, kind)])],
+                                           promote_options="permissive")
+            except pa.ArrowException:
+                return (f"column {column!r} is {kind} in {path} but {merged[column][0]} in {merged[column][1]}; write "
+                        "it with one type in every file (pandas: a categorical column in one file and strings in "
+                        "another: convert it with .astype(str) before to_parquet)")
+            merged[column] = (unified.field(column).type, merged[column][1])
+    return None
+
+
 def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[str]]:
     """A parquet image cell -> (its bytes or pixels, None when empty; the image file it names, if any).
 
@@ -339,8 +455,8 @@ def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[st
     images made from files keeps only the path (bytes null): that file is read here, a relative path
     from ``workdir``, as ``datasets.Image`` reads it. A file that cannot be read gives no image: a bad
     row, reported under the file's path."""
-    if not isinstance(image, dict):
-        return image, None
+    if not isinstance(image, dict) or not {"bytes", "path"} & set(image):
+        return image, None  # not Hugging Face's struct (Spark's image struct): prepare_image says so
     path = image.get("path")
     if image.get("bytes") is not None or not path:
         return image.get("bytes"), None
@@ -357,8 +473,7 @@ def _struct_image(image, column: str, workdir: str) -> tuple[object, Optional[st
 def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     columns = [data_cfg.image_column, data_cfg.label_column]
     with_paths = _reads_paths(columns)
-    ds = ray.data.read_parquet(data_cfg.source, include_paths=with_paths)
-    _check_columns(ds, data_cfg, ("image_column", "label_column"), with_paths)
+    ds = read_parquet_source(data_cfg, ("image_column", "label_column"), with_paths)
     ds = ds.select_columns(list(dict.fromkeys([*columns, "path"] if with_paths else columns)))
     source = data_cfg.source
     image_col, label_col = data_cfg.image_column, data_cfg.label_column
@@ -376,11 +491,11 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
 
-def _read_images(data_cfg: DataConfig) -> ray.data.Dataset:
+def _read_images(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
     if data_cfg.source.startswith("builtin:"):
         return read_builtin_images(data_cfg.source.removeprefix("builtin:"))
     fmt = detect_format(data_cfg)
-    return read_image_parquet(data_cfg) if fmt == "parquet" else read_image_folder(data_cfg)
+    return read_image_parquet(data_cfg) if fmt == "parquet" else read_image_folder(data_cfg, log)
 
 
 # --- texts ------------------------------------------------------------------------------------
@@ -453,7 +568,24 @@ def _source_files(source: str, fmt: str, named_file: bool) -> list[str]:
     if info.type != pafs.FileType.Directory:
         return []
     return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                  if i.is_file and _format_of(i.path) == fmt and not os.path.basename(i.path).startswith("."))
+                  if i.is_file and _format_of(i.path) == fmt and not skipped_path(os.path.relpath(i.path, path)))
+
+
+def reader_paths(source: str, fmt: str, named_file: bool = False) -> tuple[object, dict]:
+    """What a Ray Data reader is given for ``source``, and the keyword arguments to go with it: a file
+    as it is; a folder's files as ``_source_files`` lists them, with their filesystem, since Ray's own
+    listing leaves out only paths starting with "." or "_" (a nested en/._train.csv would stop the
+    run, an .ipynb_checkpoints/train-checkpoint.csv add stale rows)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(source.rstrip("/"))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return source, {}
+    files = _source_files(source, fmt, named_file)
+    if not files:
+        raise DataError(f"data.source: no {fmt} files ({', '.join('.' + e for e in FORMAT_EXTENSIONS[fmt])}) "
+                        f"under {source}")
+    return files, {"filesystem": fs}
 
 
 def _json_type(value) -> pa.DataType | None:
@@ -540,6 +672,16 @@ def _file_columns(source: str, path: str, fmt: str, wanted: str) -> list[str] | 
         return None
 
 
+def _separator_hint(columns: list[str]) -> str:
+    """What a CSV of one column whose name holds a ";" or a tab is: another separator's file (Excel
+    saves ";"-separated CSV where the decimal mark is a comma)."""
+    if len(columns) != 1:
+        return ""
+    separator = next((name for sep, name in ((";", "';'"), ("\t", "tab")) if sep in columns[0]), None)
+    return (f"; the file looks {separator}-separated: rayfine reads comma-separated CSV, so save it with commas"
+            if separator else "")
+
+
 def _is_null(value) -> bool:
     return value is None or (isinstance(value, float) and bool(np.isnan(value)))
 
@@ -557,20 +699,22 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     # with data.format csv); in a folder, only the files with the format's extensions.
     named_file = data_cfg.format != "auto" and _is_local(source) and os.path.isfile(source.removeprefix("file://"))
     file_extensions = None if named_file or fmt == "parquet" else list(FORMAT_EXTENSIONS[fmt])
-    if fmt == "csv":
-        ds = ray.data.read_csv(source, include_paths=with_paths, file_extensions=file_extensions,
-                               parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
-                               convert_options=_csv_convert_options(columns))
-    elif fmt == "jsonl":
-        # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
-        # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
-        # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
-        parse_options = _json_parse_options(source, _source_files(source, fmt, named_file), columns)
-        ds = ray.data.read_json(source, include_paths=with_paths, file_extensions=file_extensions,
-                                **({"parse_options": parse_options} if parse_options else {}))
+    if fmt == "parquet":
+        ds = read_parquet_source(data_cfg, TEXT_FIELDS, with_paths)
     else:
-        ds = ray.data.read_parquet(source, include_paths=with_paths)
-    _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
+        paths, fs = reader_paths(source, fmt, named_file)
+        if fmt == "csv":
+            ds = ray.data.read_csv(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
+                                   parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+                                   convert_options=_csv_convert_options(columns))
+        else:
+            # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
+            # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
+            # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
+            parse_options = _json_parse_options(source, _source_files(source, fmt, named_file), columns)
+            ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
+                                    **({"parse_options": parse_options} if parse_options else {}))
+        _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
@@ -600,7 +744,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             if lacking:
                 file, found = lacking
                 raise DataError(f"data.{field}: no column {column!r} in {file}"
-                                + (f"; columns: {found}" if found is not None else ""))
+                                + (f"; columns: {found}{_separator_hint(found)}" if found is not None else ""))
         labels, errors = _named_labels(batch[label_col], names, label_col)
         out = {"text": batch[text_col], "label": labels, "origin": paths, "error": errors}
         if pair_col:
@@ -628,7 +772,8 @@ def read_failure(data_cfg: DataConfig) -> str | None:
     if fmt not in ("csv", "jsonl"):
         return None
     files = [source] if os.path.isfile(source) else sorted(
-        os.path.join(d, n) for d, _, names in os.walk(source) for n in names if _format_of(n) == fmt)
+        os.path.join(d, n) for d, _, names in os.walk(source) for n in names
+        if _format_of(n) == fmt and not skipped_path(os.path.relpath(os.path.join(d, n), source)))
     columns = _text_columns(data_cfg)
     named_file = data_cfg.format != "auto" and os.path.isfile(source)
     parse_options = None
@@ -642,7 +787,9 @@ def read_failure(data_cfg: DataConfig) -> str | None:
             else:
                 pajson.read_json(path, parse_options=parse_options)
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-            return f"{path}: {str(e).splitlines()[0][:300]}"
+            reason = str(e).splitlines()[0][:300]
+            utf8 = fmt == "csv" and ("UTF8" in reason or isinstance(e, UnicodeDecodeError))
+            return f"{path}: {reason}" + ("; save it as UTF-8 (Excel: 'CSV UTF-8')" if utf8 else "")
     return None
 
 
@@ -669,6 +816,7 @@ def check_source(data_cfg: DataConfig) -> None:
         raise ConfigError([str(e)]) from None
 
 
-def read_source(data_cfg: DataConfig) -> ray.data.Dataset:
-    """The raw examples of ``data.source``: columns image or text (+ text_pair), label, origin."""
-    return _read_images(data_cfg) if data_cfg.kind == "image" else _read_texts(data_cfg)
+def read_source(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
+    """The raw examples of ``data.source``: columns image or text (+ text_pair), label, origin.
+    ``log`` gets what the driver notices as it lists the source ("[data] skipped 3 files ...")."""
+    return _read_images(data_cfg, log) if data_cfg.kind == "image" else _read_texts(data_cfg)

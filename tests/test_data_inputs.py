@@ -1,0 +1,188 @@
+"""What users' folders and files hold besides their data: hidden and system files, other image
+extensions, labels written two ways or as lists, parquet files that cannot be opened (unit tier)."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rayfine.config import DataConfig, load_config
+from rayfine.data import sources
+from rayfine.data.images import IMAGE_EXTENSIONS
+from rayfine.errors import DataError
+
+
+def touch(root, *names: str, data: bytes = b"x") -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def relative(root, files) -> set[str]:
+    return {os.path.relpath(path, root) for path, _ in files}
+
+
+def test_hidden_and_system_files_are_left_out_at_any_depth(tmp_path):
+    """As Hugging Face's imagefolder leaves them out: a name starting with "." at any depth (macOS's
+    AppleDouble ._ files, .ipynb_checkpoints), anything inside a "__" folder (__MACOSX); and
+    Synology's @eaDir thumbnails, which would be a class named after the image."""
+    touch(tmp_path, "cats/img0.jpg", "cats/._img0.jpg", "cats/.ipynb_checkpoints/img0-checkpoint.jpg",
+          "dogs/img1.jpg", "dogs/@eaDir/img1.jpg/SYNOPHOTO_THUMB_M.jpg", "__MACOSX/cats/._x.jpg",
+          "cats/__pycache__/y.png", "cats/deep/.hidden/z.png", "_tmp/6.png", ".cache/7.png", "cats/_kept.png")
+    assert relative(tmp_path, sources.list_image_files(str(tmp_path))) == {"cats/img0.jpg", "dogs/img1.jpg",
+                                                                         "cats/_kept.png"}
+
+
+def test_the_rule_is_hugging_face_datasets_own(tmp_path):
+    data_files = pytest.importorskip("datasets.data_files")
+    for path in ("a/b.png", ".a/b.png", "a/.b.png", "a/.b/c.png", "a/__b/c.png", "__a/b.png", "a/__b.png",
+                 "a/b_/c.png", "a/b/_c.png", "a/.b/.c.png"):
+        hf = (data_files._is_unrequested_hidden_file_or_is_inside_unrequested_hidden_dir(path, "**")
+              or data_files._is_inside_unrequested_special_dir(path, "**"))
+        assert sources.skipped_path(path) == hf, path
+    # Ray Data's own listing leaves out a path that starts with "_"; file servers' folders too.
+    assert sources.skipped_path("_SUCCESS") and sources.skipped_path("_tmp/a.png")
+    assert sources.skipped_path("dogs/@eaDir/img1.jpg/SYNOPHOTO_THUMB_M.jpg")
+
+
+def test_an_object_store_listing_follows_the_same_rule():
+    """Ray lists s3://bucket/pets as bucket/pets/...; its rows of skipped files are dropped."""
+    paths = ["bucket/pets/cats/1.jpg", "bucket/pets/cats/._1.jpg", "bucket/pets/.ipynb_checkpoints/cats/2.jpg",
+             "bucket/pets/dogs/@eaDir/3.jpg/SYNOPHOTO_THUMB_M.jpg", "bucket/pets/__MACOSX/dogs/3.jpg",
+             "bucket/pets/dogs/3.jpg"]
+    assert list(sources.listed_paths(paths, "s3://bucket/pets/")) == [True, False, False, False, False, True]
+
+
+def text_folder(tmp_path):
+    touch(tmp_path, "en/train.csv", data=b"text,label\nfine,1\ndull,0\n")
+    touch(tmp_path, "en/._train.csv", data=b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe" + b"\x00" * 60)
+    touch(tmp_path, "en/.ipynb_checkpoints/train-checkpoint.csv", data=b"text,label\nstale,1\n")
+    return tmp_path
+
+
+def test_a_text_folder_is_read_without_its_hidden_files(tmp_path):
+    root = text_folder(tmp_path)
+    assert sources._source_files(str(root), "csv", False) == [str(root / "en" / "train.csv")]
+    paths, kwargs = sources.reader_paths(str(root), "csv")
+    assert paths == [str(root / "en" / "train.csv")] and isinstance(kwargs["filesystem"], pafs.LocalFileSystem)
+    assert sources.reader_paths(str(root / "en" / "train.csv"), "csv") == (str(root / "en" / "train.csv"), {})
+    # Only the AppleDouble file fails to parse: the driver's second reading no longer blames it.
+    assert sources.read_failure(DataConfig(source=str(root), kind="text")) is None
+    touch(root, ".ipynb_checkpoints/old.jsonl")
+    assert sources.detect_format(DataConfig(source=str(root), kind="text")) == "csv"
+    touch(root, "only_hidden/._train.csv")
+    with pytest.raises(DataError, match=r"data.source: no csv files \(.csv, .csv.gz.*\) under .*only_hidden"):
+        sources.reader_paths(str(root / "only_hidden"), "csv")
+
+
+def test_jpeg_files_of_every_extension_pillow_gives_them_are_images(tmp_path):
+    Image.init()
+    jpeg = {ext for ext, fmt in Image.registered_extensions().items() if fmt == "JPEG"}
+    assert jpeg <= {"." + ext for ext in IMAGE_EXTENSIONS}
+    touch(tmp_path, "dogs/1.jfif", "dogs/2.jpe", "dogs/3.JFIF")
+    assert relative(tmp_path, sources.list_image_files(str(tmp_path))) == {"dogs/1.jfif", "dogs/2.jpe", "dogs/3.JFIF"}
+
+
+class _Dataset:
+    def map_batches(self, *args, **kwargs):
+        return self
+
+
+def test_files_that_are_not_images_are_counted_and_a_class_of_them_alone_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "path_blocks", lambda paths, blocks: _Dataset())  # no Ray: the listing only
+    touch(tmp_path, "cats/1.jpg", "cats/Thumbs.db", "birds/1.png", "birds/7.heic", "README.txt", "cats/.DS_Store")
+    lines = []
+    sources.read_local_image_folder(str(tmp_path), log=lines.append)
+    assert lines == ["[data] skipped 3 files that are not images: .db x1, .heic x1, .txt x1"]
+    touch(tmp_path, "dogs/1.heic", "dogs/2.HEIC", "dogs/notes")
+    with pytest.raises(DataError, match=r"data.source: folder .*/dogs holds 3 files but no image files "
+                                        r"\(.heic x2, \(no extension\) x1\); images are read from .png, .jpg"):
+        sources.read_local_image_folder(str(tmp_path), log=lines.append)
+    _, others, imageless = sources.walk_image_folder(str(tmp_path))
+    assert others[".heic"] == 3 and imageless == [(str(tmp_path / "dogs"), Counter({".heic": 2, "(no extension)": 1}))]
+
+
+def summarize(labels: list[str], *overrides: str):
+    """``_summarize`` of rows with these labels, counted without Ray."""
+    from rayfine import data
+
+    cfg = load_config("resnet18_digits_tiny", ["data.source=/data/x", *overrides]).data
+    counts = {split: dict(Counter(labels)) for split in data.SPLITS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "count_split_labels", lambda prepared: counts)
+        return data._summarize(None, cfg)
+
+
+def test_labels_that_are_one_number_written_two_ways_are_refused():
+    with pytest.raises(DataError, match=r"labels '1' and '1.0' are the same number written two ways "
+                                        r"\(data.label_column 'label'\); write them one way"):
+        summarize(["0", "1", "1.0", "0"])
+    assert summarize(["0", "1", "2"]).labels == ["0", "1", "2"]
+    from rayfine.data import same_number_labels
+
+    assert same_number_labels(["0", "1", "0.0", "1.0"]) == ("0", "0.0")
+    assert same_number_labels(["1", "10", "1e1"]) == ("10", "1e1")
+    assert same_number_labels(["1", "2", "10", "cat", "1.5"]) is None
+
+
+def test_a_label_that_is_a_list_is_refused_as_multi_label_data():
+    from rayfine.data import _split_and_label
+
+    cfg = load_config("resnet18_digits_tiny", ["data.source=/data/x"]).data
+    for value in ([0, 2], np.array([0, 2])):
+        with pytest.raises(DataError, match=r"data.label_column: column 'label' holds lists \(\[0, 2\]: multi-label "
+                                            r"data\); rayfine trains single-label classifiers"):
+            _split_and_label(b"x", value, "", cfg, None)
+
+
+def test_labels_are_compared_in_their_composed_unicode_form():
+    """macOS writes folder names decomposed (NFD); a label typed in YAML is composed (NFC)."""
+    from rayfine.data import _split_and_label, label_text
+
+    decomposed = unicodedata.normalize("NFD", "café")
+    assert decomposed != "café" and label_text(decomposed) == "café"
+    cfg = load_config("resnet18_digits_tiny", ["data.source=/data/x", "data.subsample=1.0"]).data
+    split, label, error = _split_and_label(b"x", decomposed, "", cfg, {"café", "thé"})
+    assert (label, error) == ("café", "") and split in ("train", "val", "test")
+
+
+def test_a_parquet_source_that_cannot_be_opened_names_the_file(tmp_path, monkeypatch):
+    good = pa.table({"text": ["a", "b"], "label": ["x", "y"]})
+    pq.write_table(good, tmp_path / "a.parquet")
+    pd.DataFrame({"text": ["c"], "label": pd.Categorical(["x"])}).to_parquet(tmp_path / "b.parquet")
+    fs = pafs.LocalFileSystem()
+    files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    assert sources.parquet_failure(files, fs, ["text", "label"]) == (
+        f"column 'label' is dictionary<values=string, indices=int8, ordered=0> in {files[1]} but string in "
+        f"{files[0]}; write it with one type in every file (pandas: a categorical column in one file and strings "
+        "in another: convert it with .astype(str) before to_parquet)")
+    (tmp_path / "b.parquet").write_bytes((tmp_path / "a.parquet").read_bytes()[:-20])  # truncated
+    assert sources.parquet_failure(files, fs, ["text"]).startswith(f"{files[1]}: ")
+
+    def refuse(*args, **kwargs):
+        raise pa.ArrowInvalid("Parquet magic bytes not found in footer. Either the file is corrupted or this is not "
+                              "a parquet file.")
+
+    monkeypatch.setattr(sources.ray.data, "read_parquet", refuse)
+    cfg = DataConfig(source=str(tmp_path), kind="text")
+    with pytest.raises(DataError, match=rf"data.source: cannot read {tmp_path} as parquet: {files[1]}: .*; remove "
+                                        "the file or write it again"):
+        sources.read_parquet_source(cfg, sources.TEXT_FIELDS, True)
+
+
+def test_csv_files_saved_otherwise_than_read_say_how_to_save_them(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("text,label\ncafé crème,1\n".encode("cp1252"))
+    failure = sources.read_failure(DataConfig(source=str(tmp_path / "excel.csv"), kind="text"))
+    assert "invalid UTF8 data" in failure and failure.endswith("; save it as UTF-8 (Excel: 'CSV UTF-8')")
+    assert "looks ';'-separated: rayfine reads comma-separated CSV" in sources._separator_hint(["text;label"])
+    assert "looks tab-separated" in sources._separator_hint(["text\tlabel"])
+    assert sources._separator_hint(["text", "label;x"]) == ""
