@@ -42,3 +42,73 @@ def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, mon
     monkeypatch.setattr(time, "sleep", ctrl_c)
     assert cli.main(["run", "resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--address", "10.0.0.1:6379"]) == 0
     assert deleted == (["digits"] if stops_the_app else [])
+
+
+@pytest.mark.parametrize("argv", [["--debug", "predict", "http://h", "a"], ["predict", "http://h", "a", "--debug"],
+                                  ["--debug", "train", "x"], ["train", "x", "--debug"],
+                                  ["--debug", "jobs", "list"], ["jobs", "list", "--debug"]])
+def test_debug_is_taken_before_and_after_the_command(argv):
+    """The error hint says "rerun with --debug": it may go anywhere on the command line."""
+    assert cli.build_parser().parse_args(argv).debug is True
+    assert cli.build_parser().parse_args([a for a in argv if a != "--debug"]).debug is False
+
+
+def test_debug_after_the_command_shows_the_traceback(monkeypatch):
+    def fail(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_report", fail)
+    assert cli.main(["report", "runs/x"]) == cli.EXIT_FAILED
+    for argv in (["report", "runs/x", "--debug"], ["--debug", "report", "runs/x"]):
+        with pytest.raises(RuntimeError, match="boom"):
+            cli.main(argv)
+
+
+def test_version(capsys):
+    from rayfine import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"rayfine {__version__}\n"
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly_with_141():
+    """`rayfine ... | head -1`: the reader closes the pipe; no error line, exit 128 + SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "rayfine.cli", "validate", "--list"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, check=False)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_standard_output_is_a_failure(monkeypatch, capsys):
+    """Only a reader of stdout that went away ends quietly; another pipe or socket breaking is an error."""
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_validate", broken)
+    assert cli.main(["validate", "resnet18_digits_tiny"]) == cli.EXIT_FAILED
+    assert "error: BrokenPipeError" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_config_from_standard_input(capsys):
+    assert cli.main(["submit", "-"]) == cli.EXIT_USAGE
+    assert "not from standard input or a pipe" in capsys.readouterr().err
+
+
+def test_predictions_show_control_characters_escaped():
+    """One line of tab-separated fields per input, whatever the text holds."""
+    from rayfine.serve.client import format_predictions
+
+    top = [{"label": "pos", "score": 0.9}, {"label": "n\teg", "score": 0.1}]
+    result = {"model_name": "m", "model_version": "1", "predictions": [{"label": "pos", "score": 0.9, "top_k": top}] * 2}
+    lines = format_predictions(["line one\nline\ttwo \x1b[31m", "café 日本\r"], result).splitlines()
+    assert lines[1:] == ["line one\\nline\\ttwo \\x1b[31m\tpos\t0.9000\t(n\\teg 0.100)",
+                         "café 日本\\r\tpos\t0.9000\t(n\\teg 0.100)"]

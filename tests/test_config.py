@@ -274,3 +274,77 @@ def test_experiments_sharing_a_storage_path_keep_their_ray_state_apart(tmp_path)
     # The runs_dir itself as storage path: the default place, not the run directory's own folders.
     same = unset.with_overrides([f"storage.storage_path={tmp_path}"])
     assert same.resolved_storage_path() == unset.resolved_storage_path()
+
+
+def test_a_text_field_set_on_the_command_line_takes_the_text_as_given():
+    """`--set` on a text field is not YAML: a ` #` there is no comment, `*` no alias, `a: b` no
+    mapping. A quoted value is unquoted as YAML does, and null still unsets an optional field."""
+    for text in ("/data/my photos #2", "*.csv", "/data/a: b", "a, [b]", "  ~/x  ", "no", "2024.10"):
+        assert load_config("resnet18_digits", [f"data.source={text}"]).data.source == text.strip()
+    given = {'"/data/my photos #2"': "/data/my photos #2", "'it''s'": "it's", '"tab\\there"': "tab\there"}
+    for text, source in given.items():
+        assert load_config("resnet18_digits", [f"data.source={text}"]).data.source == source
+    cfg = load_config("resnet18_digits", ["storage.storage_path=/tmp/a", "storage.storage_path=null",
+                                              "serve.api_key_file=/k/a #1"])
+    assert cfg.storage.storage_path is None and cfg.serve.api_key_file == "/k/a #1"
+    (err,) = _errors(['data.source="a": b'])
+    assert err.startswith("override 'data.source=\"a\": b': data.source: a value that starts with a quote")
+
+
+def test_a_comment_in_a_yaml_value_on_the_command_line_is_refused_not_dropped():
+    errors = _errors(["train.lr=0.1 #x", "data.labels=[a, b] # c", "model.config_overrides.a=b #c", 'data.source="a" #c'])
+    assert [e.split(": ")[1] for e in errors] == ["train.lr", "data.labels", "model.config_overrides.a", "data.source"]
+    assert all("starts a YAML comment" in e and "quote the value" in e for e in errors)
+    # A '#' inside a word or a quoted string is no comment.
+    cfg = load_config("minilm_rotten_tomatoes", ["data.labels=[a#1, 'b #2']", 'model.config_overrides.x="y #1"'])
+    assert cfg.data.labels == ("a#1", "b #2") and cfg.model.config_overrides == {"x": "y #1"}
+
+
+def test_yaml_booleans_in_text_fields_keep_their_text(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\ndata:\n  source: builtin:digits\n  labels: [no, yes, On]\n  augment: yes\n"
+                    "train: {class_weights: {no: 2.0, yes: 1.0, On: 1}}\nscaling: {use_gpu: no}\n")
+    cfg = load_config(path)
+    assert cfg.data.labels == ("no", "yes", "On") and cfg.train.class_weights == {"no": 2.0, "yes": 1.0, "On": 1.0}
+    assert cfg.data.augment is True and cfg.scaling.use_gpu is False  # booleans where the field is one
+    cfg = load_config(path, ["data.labels=[yes, no]", "name=no", "train.class_weights={yes: 3, no: 1}",
+                             "data.augment=off"])
+    assert cfg.data.labels == ("yes", "no") and cfg.name == "no" and cfg.data.augment is False
+    assert cfg.train.class_weights == {"yes": 3.0, "no": 1.0}
+    assert yaml.safe_load(cfg.to_yaml())["data"]["labels"] == ["yes", "no"]  # saved quoted
+
+
+def test_a_config_from_standard_input_or_a_pipe(tmp_path, monkeypatch):
+    """`rayfine validate -`, `... /dev/stdin` and `... <(cat cfg.yaml)`: any path but a directory.
+    A relative path in it is kept as written, as from a file (read from the working directory)."""
+    import io
+    import os
+    import threading
+
+    text = "name: piped\ndata: {kind: text, source: data/reviews.csv}\nmodel: {name: minilm}\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    cfg = load_config("-")
+    assert cfg.name == "piped" and cfg.data.source == "data/reviews.csv"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    assert load_config(fifo) == cfg
+    writer.join()
+    code = "import sys; from rayfine.cli import main; sys.exit(main(sys.argv[1:]))"
+    for name in ("-", "/dev/stdin"):
+        result = subprocess.run([sys.executable, "-c", code, "validate", name], input=text, capture_output=True,
+                                text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert yaml.safe_load(result.stdout)["data"]["source"] == "data/reviews.csv"
+    assert _errors([], name=str(tmp_path)) == [f"{tmp_path}: a directory; give a config file or a preset name"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"name: [x\n")))
+    assert _errors([], name="-")[0].startswith("standard input: not valid YAML")
+
+
+def test_an_empty_config_file_says_it_is_empty(tmp_path):
+    path = tmp_path / "empty.yaml"
+    for text in ("", "# name: x\n"):
+        path.write_text(text)
+        assert _errors([], name=str(path)) == [
+            f"{path}: the config is empty (or only comments); give at least name and data.source"]

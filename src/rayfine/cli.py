@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -18,13 +20,15 @@ if TYPE_CHECKING:
     from rayfine.config import ServeConfig
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+SET_HELP = "values are YAML, but a text field takes the text as given"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML file or a preset name (see `rayfine validate --list`)")
+    p.add_argument("config", help="a YAML file, - for standard input, or a preset name (see `rayfine validate --list`)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a field, e.g. --set train.lr=3e-4 (repeatable; values are YAML)",
+        help=f"override a field, e.g. --set train.lr=3e-4 (repeatable; {SET_HELP})",
     )
 
 
@@ -230,6 +234,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rayfine.config import ConfigError
+
+    path = Path(args.config).expanduser()
+    if args.config == "-" or (path.exists() and not path.is_file() and not path.is_dir()):  # stdin, <(...)
+        problem = (f"{args.config}: a job reads its config from a file in the working directory (or a preset), "
+                   "not from standard input or a pipe: save it to a file in the project")
+        raise ConfigError([problem])
     cfg = _load(args)  # validated here, before anything reaches the cluster
     from rayfine.jobs import cli_submit
 
@@ -245,28 +258,42 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     follow_logs=getattr(args, "follow", False))
 
 
+def _debug_parent() -> argparse.ArgumentParser:
+    """--debug after the command too (`rayfine predict ... --debug`). SUPPRESS: a command's parser
+    copies its defaults over the top-level parser's, and would undo `rayfine --debug predict ...`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of unexpected errors")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from rayfine import __version__
+
     parser = argparse.ArgumentParser(
         prog="rayfine",
         description="Fine-tune image and text classifiers on Ray: Ray Data ingest, Ray Train DDP.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    debug = _debug_parent()
 
-    p = sub.add_parser("validate", help="print the resolved config, or every error in it")
-    p.add_argument("config", nargs="?", help="a YAML file or a preset name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p = sub.add_parser("validate", parents=[debug], help="print the resolved config, or every error in it")
+    p.add_argument("config", nargs="?", help="a YAML file, - for standard input, or a preset name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a field ({SET_HELP})")
     p.add_argument("--list", action="store_true", help="list the shipped presets")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="fine-tune with Ray Train DDP and evaluate on the test split")
+    p = sub.add_parser("train", parents=[debug], help="fine-tune with Ray Train DDP and evaluate on the test split")
     _config_args(p)
     p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="hyperparameter search, ASHA by default (tune.scheduler): every trial a Ray "
-                                    "Train DDP run (config `tune:`)")
+    p = sub.add_parser("tune", parents=[debug], help="hyperparameter search, ASHA by default (tune.scheduler): "
+                       "every trial a Ray Train DDP run (config `tune:`)")
     _config_args(p)
     p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -275,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unfinished ones continue from their last checkpoint")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("run", help="the main job: ASHA search -> evaluate the winner -> serve it (or promote it "
-                       "over the served model when better); serves until Ctrl-C")
+    p = sub.add_parser("run", parents=[debug], help="the main job: ASHA search -> evaluate the winner -> serve it "
+                       "(or promote it over the served model when better); serves until Ctrl-C")
     _config_args(p)
     p.add_argument("--runs-dir", help="where run directories go (default: storage.runs_dir, ./runs)")
     p.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -284,13 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="on a cluster: return once deployed, leaving it serving")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="write report.html (learning curves, search overview, test evaluation) "
-                       "for a run directory")
+    p = sub.add_parser("report", parents=[debug], help="write report.html (learning curves, search overview, "
+                       "test evaluation) for a run directory")
     p.add_argument("run_dir", help="<runs-dir>/<name> (or its train/ or tune/ folder)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("serve", help="serve a checkpoint on Ray Serve (HTTP: Open Inference Protocol v2 and /predict), "
-                       "or hot-swap it into the running app")
+    p = sub.add_parser("serve", parents=[debug], help="serve a checkpoint on Ray Serve (HTTP: Open Inference "
+                       "Protocol v2 and /predict), or hot-swap it into the running app")
     p.add_argument("path", help="a checkpoint directory, or a run directory of train or tune (tune/best wins)")
     p.add_argument("--name", help="the model name in the URLs and the Serve app (default: the experiment's name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
@@ -306,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "http_options: a proxy bound to the pod's 127.0.0.1 is out of its Service's reach)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("predict", help="ask a served model: files (images, or text files) or texts; prints labels and scores")
+    p = sub.add_parser("predict", parents=[debug],
+                       help="ask a served model: files (images, or text files) or texts; prints labels and scores")
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (plus the app's route prefix, if any)")
     p.add_argument("inputs", nargs="+", help="image files, or texts (all files or all texts)")
     p.add_argument("--pairs", action="store_true",
@@ -322,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     address_help = (f"the cluster's dashboard (Jobs API), e.g. {DEFAULT_ADDRESS} (default: RAY_API_SERVER_ADDRESS, "
                     f"an http RAY_ADDRESS, else {DEFAULT_ADDRESS}); the auth token comes from RAY_AUTH_TOKEN, "
                     "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
-    p = sub.add_parser("submit", help="run train, tune or the pipeline on a Ray cluster as a Ray job (Jobs API)")
+    p = sub.add_parser("submit", parents=[debug],
+                       help="run train, tune or the pipeline on a Ray cluster as a Ray job (Jobs API)")
     _config_args(p)
     p.add_argument("--job", choices=JOB_KINDS, default="pipeline",
                    help="what the job runs: ray_jobs/<job>.py (default pipeline: search, evaluate, deploy)")
@@ -340,11 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "a train job continues its run by itself")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="the Ray jobs of a cluster: list, status, logs, stop")
+    p = sub.add_parser("jobs", parents=[debug], help="the Ray jobs of a cluster: list, status, logs, stop")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "every job of the cluster"), ("status", "a job's status and times"),
                          ("logs", "a job's output"), ("stop", "stop a running job")):
-        a = actions.add_parser(action, help=text)
+        a = actions.add_parser(action, parents=[debug], help=text)
         if action != "list":
             a.add_argument("id", help="the submission id (rayfine-... as `rayfine submit` printed it)")
         if action == "logs":
@@ -358,22 +387,45 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     from rayfine.config import ConfigError
-    from rayfine.errors import RayfineError
 
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # here, so that a reader that went away (`| head -1`) is caught below
+        return code
+    except BrokenPipeError as e:
+        if not _stdout_gone():  # another pipe or socket broke: a failure like any other
+            return _failed(e, args.debug)
+        # Python's "Note on SIGPIPE": what is left for stdout goes nowhere, and the exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        what = str(e) if isinstance(e, RayfineError) else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
-        print(f"error: {what}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - the CLI's last resort: one line (or the traceback with --debug)
+        return _failed(e, args.debug)
+
+
+def _failed(e: Exception, debug: bool) -> int:
+    from rayfine.errors import RayfineError
+
+    if debug:
+        raise e
+    what = str(e) if isinstance(e, RayfineError) else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
+    print(f"error: {what}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
 
 
 def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, ...] = ()) -> int:

@@ -5,7 +5,7 @@
     print(cfg.to_yaml())
 
 A config comes from a YAML file or a shipped preset (``rayfine/configs/*.yaml``), plus dotted
-overrides ``key.sub=value`` whose values are parsed as YAML scalars. Unknown keys are errors, and
+overrides ``key.sub=value`` whose values are YAML (a text field takes the text as given). Unknown keys are errors, and
 every error names the dotted field, the bad value and what is allowed (``ConfigError``).
 The resolved config is saved in every run directory and checkpoint, and travels to the Ray
 workers as JSON, where it is validated again.

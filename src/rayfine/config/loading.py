@@ -4,6 +4,7 @@ that name the dotted field, the bad value and what is allowed."""
 from __future__ import annotations
 
 import re
+import sys
 import types
 from importlib import resources
 from pathlib import Path
@@ -40,8 +41,26 @@ class _Float(float):
     text: str
 
 
+class _Bool:
+    """A YAML boolean that remembers how it was written (``text``): ``no`` is a label in a text
+    field. bool cannot be subclassed, so ``_plain`` turns it into ``value`` or ``text``."""
+
+    def __init__(self, value: bool, text: str):
+        self.value, self.text = value, text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Bool) and (self.value, self.text) == (other.value, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.value, self.text))
+
+
 class DuplicateKeyError(yaml.MarkedYAMLError):
     pass
+
+
+class CommentError(yaml.MarkedYAMLError):
+    """A ``#`` comment in a ``--set`` value, which YAML would drop silently."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,15 +68,16 @@ class _Loader(yaml.SafeLoader):
     - 1e-5, 3E4 and 1.0e5 are floats, as YAML 1.2 and Python read them (YAML 1.1 wants a dot and a
       signed exponent, and reads the rest as strings);
     - a key given twice in one mapping is an error (YAML 1.1 loaders keep the last one, silently);
-    - numbers remember their text (``_Int``, ``_Float``), so that a text field keeps what was
-      written: ``name: 2024.10`` stays "2024.10", not "2024.1" (``_plain`` makes them plain)."""
+    - numbers and booleans remember their text (``_Int``, ``_Float``, ``_Bool``), so that a text
+      field keeps what was written: ``name: 2024.10`` stays "2024.10", not "2024.1", and
+      ``labels: [no, yes]`` stay "no" and "yes" (``_plain`` makes them plain)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden after it
                 continue
-            key = self.construct_object(key_node, deep=True)
+            key = _key(self.construct_object(key_node, deep=True))  # keys are names: `01` and `1` differ
             try:
                 first = seen.setdefault(key, key_node.start_mark)
             except TypeError:  # an unhashable key: SafeLoader reports it
@@ -77,7 +97,22 @@ class _Loader(yaml.SafeLoader):
         number.text = node.value
         return number
 
+    def construct_yaml_bool(self, node: yaml.ScalarNode) -> _Bool:
+        return _Bool(super().construct_yaml_bool(node), node.value)
 
+
+class _ValueLoader(_Loader):
+    """``_Loader`` for one ``--set`` value: a comment there is an error, not silently dropped
+    (``--set 'train.lr=0.1 #2'``)."""
+
+    def scan_to_next_token(self) -> None:
+        start = self.pointer
+        super().scan_to_next_token()
+        if "#" in self.buffer[start:self.pointer]:  # only spaces, line breaks and comments are skipped
+            raise CommentError(None, None, "a YAML comment", self.get_mark())
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", _Loader.construct_yaml_bool)
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 _Loader.add_implicit_resolver(
@@ -98,9 +133,9 @@ def _is_text(annotation: Any) -> bool:
 
 
 def _plain(value: Any, annotation: Any = Any) -> Any:
-    """A loaded YAML tree with plain ints and floats, but the text of numbers (and of mapping
-    keys, always names) where ``annotation`` (a field's type, followed down the config tree) is
-    text."""
+    """A loaded YAML tree with plain ints, floats and bools, but the text of numbers and booleans
+    (and of mapping keys, always names) where ``annotation`` (a field's type, followed down the
+    config tree) is text."""
     if isinstance(value, dict):
         model = _model_in(annotation)
         if model is not None:
@@ -113,6 +148,8 @@ def _plain(value: Any, annotation: Any = Any) -> Any:
         return [_plain(v, args[0] if args else Any) for v in value]
     if isinstance(value, (_Int, _Float)):
         return value.text if _is_text(annotation) else (int if isinstance(value, int) else float)(value)
+    if isinstance(value, _Bool):
+        return value.text if _is_text(annotation) else value.value
     return value
 
 
@@ -125,7 +162,14 @@ def _container_args(annotation: Any, *origins: type) -> tuple:
 
 
 def _key(key: Any) -> Any:
-    return key.text if isinstance(key, (_Int, _Float)) else key
+    return key.text if isinstance(key, (_Int, _Float, _Bool)) else key
+
+
+def _is_plain_text(annotation: Any) -> bool:
+    """A field that holds one text (``str`` or ``Optional[str]``), not a choice, list or mapping."""
+    if annotation is str:
+        return True
+    return get_origin(annotation) in (Union, types.UnionType) and set(get_args(annotation)) == {str, type(None)}
 
 
 def _annotation_at(parts: list[str]) -> Any:
@@ -145,15 +189,24 @@ def _annotation_at(parts: list[str]) -> Any:
     return annotation
 
 
+STDIN = "-"
+
+
 def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
+    """A config file (any readable path but a directory: a pipe such as ``<(...)`` or /dev/stdin too),
+    ``-`` for standard input, or a preset name -> the raw dict."""
+    label = "standard input" if str(path_or_name) == STDIN else str(path_or_name)
     path = Path(path_or_name).expanduser()
-    if path.is_file():
+    if str(path_or_name) == STDIN or (path.exists() and not path.is_dir()):
         try:
-            text = path.read_text(encoding="utf-8")
+            data = sys.stdin.buffer.read() if str(path_or_name) == STDIN else path.read_bytes()
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError([f"{path_or_name}: not a UTF-8 text file (byte {e.start} is {e.object[e.start]:#04x})"]) from None
+            raise ConfigError([f"{label}: not a UTF-8 text file (byte {e.start} is {e.object[e.start]:#04x})"]) from None
         except OSError as e:
-            raise ConfigError([f"{path_or_name}: cannot read it: {e.strerror}"]) from None
+            raise ConfigError([f"{label}: cannot read it: {e.strerror}"]) from None
+    elif path.is_dir():
+        raise ConfigError([f"{label}: a directory; give a config file or a preset name"])
     else:
         name = str(path_or_name).removesuffix(".yaml")
         preset = resources.files("rayfine.configs") / f"{name}.yaml"
@@ -165,16 +218,19 @@ def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_Loader)
     except DuplicateKeyError as e:
-        raise ConfigError([f"{path_or_name}: line {e.problem_mark.line + 1}: {e.problem}"]) from None
+        raise ConfigError([f"{label}: line {e.problem_mark.line + 1}: {e.problem}"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path_or_name}: not valid YAML: {e}"]) from None
+        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+    if raw is None:
+        raise ConfigError([f"{label}: the config is empty (or only comments); give at least name and data.source"])
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path_or_name}: the top level must be a mapping, got {type(_plain(raw)).__name__}"])
+        raise ConfigError([f"{label}: the top level must be a mapping, got {type(_plain(raw)).__name__}"])
     return _plain(raw, Config)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values are YAML scalars or flow lists) to a raw dict."""
+    """Apply ``a.b=value`` overrides to a raw dict: the value of a text field is its text as given
+    (``_parse_value``), any other value is YAML (a scalar, or a flow list or mapping)."""
     raw = _deep_copy(raw)
     errors = []
     for item in overrides:
@@ -185,12 +241,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             continue
         parts = key.split(".")
         try:
-            value = _plain(_parse_scalar(text), _annotation_at(parts))
+            value = _parse_value(text, _annotation_at(parts))
+        except CommentError:
+            errors.append(f"override {item!r}: {key}: '#' starts a YAML comment here, which would drop the rest of "
+                          f"the value; leave the comment out, or quote the value if the '#' is part of it "
+                          f"(--set '{key}=\"...\"')")
+            continue
         except DuplicateKeyError as e:
             errors.append(f"override {item!r}: {e.problem}")
             continue
         except yaml.YAMLError as e:
             errors.append(f"override {item!r}: value is not valid YAML: {e}")
+            continue
+        except ValueError as e:
+            errors.append(f"override {item!r}: {key}: {e}")
             continue
         node = raw
         for part in parts[:-1]:
@@ -208,8 +272,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    """One ``--set`` value for a field of type ``annotation``. A text field (``name``, ``data.source``)
+    takes the text as given, less surrounding spaces, so that ``/data/my photos #2``, ``*.csv`` and
+    ``a: b`` stay as written; a quoted YAML string is unquoted as YAML does, and ``null`` unsets the
+    field. Anything else, a ``[...]`` or ``{...}`` given to a text field too, is YAML, where a
+    comment is an error (``CommentError``)."""
+    value = text.strip()
+    if not value:
+        return ""
+    if not _is_plain_text(annotation) or value[0] in "[{":  # a flow list or mapping: refused by type
+        return _plain(yaml.load(text, Loader=_ValueLoader), annotation)
+    if value in _NULLS:
+        return None
+    if value[0] in "\"'":
+        quoted = yaml.load(value, Loader=_ValueLoader)
+        if not isinstance(quoted, str):
+            raise ValueError("a value that starts with a quote must be one quoted string, e.g. "
+                             "'\"my photos #2\"'; or give the text without quotes")
+        return quoted
+    return value
 
 
 def _deep_copy(obj: Any) -> Any:

@@ -14,6 +14,7 @@ Imports only ``requests`` (no Ray, no torch): the CLI stays fast.
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,12 +120,20 @@ def text_pairs(texts: list[str]) -> list[list[str]]:
 
 
 def format_predictions(inputs: list[str], result: dict, pairs: bool = False) -> str:
-    """One line per input (a file by its name, a text or a text pair by its start): label, score,
-    runners-up."""
+    """One tab-separated line per input (a file by its name, a text or a text pair by its start):
+    label, score, runners-up. Control characters are shown escaped (``\\n``, ``\\t``), so that
+    a text with a newline or a tab is still one line of four fields."""
     lines = [f"# model {result.get('model_name')} version {result.get('model_version')}"]
     shown_inputs = [" | ".join(pair) for pair in text_pairs(inputs)] if pairs else inputs
     for item, p in zip(shown_inputs, result["predictions"]):
-        shown = Path(item).name if not pairs and _is_file(item) else item if len(item) <= 40 else item[:37] + "..."
-        others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top_k"][1:])
-        lines.append(f"{shown}\t{p['label']}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
+        shown = _escaped(Path(item).name if not pairs and _is_file(item) else item)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        others = ", ".join(f"{_escaped(t['label'])} {t['score']:.3f}" for t in p["top_k"][1:])
+        lines.append(f"{shown}\t{_escaped(p['label'])}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
     return "\n".join(lines)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with the characters a terminal would not show as themselves escaped as ``repr``
+    does (a newline as \\n, a tab as \\t, an ESC as \\x1b); letters of any script and spaces stay."""
+    return "".join(c if c.isprintable() or unicodedata.category(c) == "Zs" else repr(c)[1:-1] for c in str(text))
