@@ -348,3 +348,14 @@ def test_an_empty_config_file_says_it_is_empty(tmp_path):
         path.write_text(text)
         assert _errors([], name=str(path)) == [
             f"{path}: the config is empty (or only comments); give at least name and data.source"]
+
+
+def test_label_names_in_a_config_are_composed_as_the_datas_are():
+    """A label typed or pasted decomposed (NFD, as macOS writes folder names) is the composed (NFC)
+    name rayfine reads from the data, in data.labels and in train.class_weights' keys alike."""
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    assert nfd != nfc
+    cfg = load_config("resnet18_digits_tiny", [f"data.labels=[{nfd}, thé]", f"train.class_weights={{{nfd}: 2.0}}"])
+    assert cfg.data.labels[0] == nfc and list(cfg.train.class_weights) == [nfc]

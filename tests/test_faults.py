@@ -560,7 +560,9 @@ def _route_requests(schema: dict, version: str) -> list[tuple[str, str]]:
 
 
 def test_every_route_but_health_refuses_missing_and_wrong_keys(served):
-    from rayfine.serve.api import HEALTH_PATHS
+    from rayfine.serve.api import DOCS_PATHS, HEALTH_PATHS
+
+    open_paths = HEALTH_PATHS + DOCS_PATHS  # the OpenAPI pages hold the routes and schemas, no secret
 
     schema = requests.get(served.url + "/openapi.json", headers=AUTH, timeout=30).json()
     routes = _route_requests(schema, served.version)
@@ -570,17 +572,17 @@ def test_every_route_but_health_refuses_missing_and_wrong_keys(served):
     for method, path in routes:
         for headers in wrong:
             r = requests.request(method, served.url + path, headers=headers, timeout=30)
-            expected = 200 if path in HEALTH_PATHS else 401
+            expected = 200 if path in open_paths else 401
             if r.status_code != expected or (expected == 401 and "API key" not in r.json().get("error", "")):
                 problems.append(f"{method} {path} {headers}: {r.status_code} {r.text[:80]}")
-        if path not in HEALTH_PATHS:  # with the key it gets past the check (any answer but 401)
+        if path not in open_paths:  # with the key it gets past the check (any answer but 401)
             r = requests.request(method, served.url + path, headers=AUTH, timeout=30)
             if r.status_code == 401:
                 problems.append(f"{method} {path} with the key: 401")
     assert not problems, "\n".join(problems)
     record("api_key", {"routes_checked": len(routes), "bad_keys_per_route": len(wrong),
-                       "refused": sum(1 for _, p in routes if p not in HEALTH_PATHS) * len(wrong),
-                       "open_routes": sorted(HEALTH_PATHS)})
+                       "refused": sum(1 for _, p in routes if p not in open_paths) * len(wrong),
+                       "open_routes": sorted(open_paths)})
 
 
 def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(served):

@@ -153,7 +153,7 @@ def test_v2_and_predict_answer_like_the_in_process_model(server, checkpoints, di
     assert np.allclose(v2_probs(body), expected, atol=1e-5)
     assert out["label"]["data"] == [labels[i] for i in expected.argmax(1)]
     assert np.allclose(out["score"]["data"], expected.max(1), atol=1e-5)
-    assert out["probabilities"]["parameters"] == {"labels": labels}
+    assert json.loads(out["probabilities"]["parameters"]["labels"]) == labels  # a parameter is a string
 
     # Decoded pixels (UINT8, nested; FP32 in [0, 1]) answer like the PNG files they came from.
     r = post(server, f"/v2/models/{NAME}/infer",
@@ -323,8 +323,10 @@ def _bad_requests(server):
         ("pixels over the limit", "POST", infer, v2("pixels", (1, 101, 100), "UINT8", [0] * 10100), 400, "exceed the limit of 10000"),
         ("refused image format", "POST", "/predict", {"json": {"inputs": [b64(png(np.zeros((8, 8), np.uint8), "GIF"))]}}, 415,
          "image format GIF is not accepted"),
-        ("wrong content type (infer)", "POST", infer, {"data": "hello", "headers": {**AUTH, "Content-Type": "text/plain"}}, 415,
+        ("multipart to infer", "POST", infer, {"files": {"f": ("a.json", b"{}")}, "headers": AUTH}, 415,
          "Content-Type must be application/json"),
+        ("text/plain to infer, read as JSON as Triton reads it", "POST", infer,
+         {"data": "hello", "headers": {**AUTH, "Content-Type": "text/plain"}}, 400, "malformed JSON"),
         ("wrong content type (predict)", "POST", "/predict", {"data": "<x/>", "headers": {**AUTH, "Content-Type": "application/xml"}},
          415, "application/json or multipart/form-data"),
         ("malformed JSON", "POST", infer, {"data": '{"inputs": [', "headers": {**AUTH, "Content-Type": "application/json"}}, 400,
@@ -368,7 +370,7 @@ def _bad_requests(server):
         ("wrong API key", "POST", "/predict", {"json": {"inputs": one}, "headers": {"Authorization": "Bearer wrong"}}, 401,
          "invalid API key"),
         ("wrong X-API-Key", "GET", f"/v2/models/{NAME}", {"headers": {"X-API-Key": "wrong"}}, 401, "invalid API key"),
-        ("no key for the schema", "GET", "/openapi.json", {"headers": {}}, 401, "missing API key"),
+        ("no key for the model list's stats", "GET", "/v2/models/stats", {"headers": {}}, 401, "missing API key"),
         ("unknown route", "GET", "/v3/anything", {}, 404, "no such route"),
         ("wrong method", "GET", "/predict", {}, 405, "Method Not Allowed"),
     ]

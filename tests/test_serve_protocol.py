@@ -3,6 +3,8 @@ args, the API key source, and the `rayfine predict` client (its retry, on a real
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import threading
 import warnings
@@ -170,7 +172,8 @@ def test_bad_binary_tensor_data_is_refused_with_the_reason():
     for cut, message in [(body[int(header):-3], "element 0 claims .* bytes"), (body[int(header):int(header) + 2], "4-byte length")]:
         with pytest.raises(RequestError, match=message):
             protocol.v2_items(with_size(req, len(cut)), "image", LIMITS, cut)
-    for header_value, message in [("x", "is not a number"), ("0", "does not fit"), (str(len(body) + 1), "does not fit")]:
+    for header_value, message in [("x", "is not a number"), ("-1", "does not fit"), (str(len(body) + 1), "does not fit"),
+                                  ("0", r"0 \(a raw binary request, without the JSON inference request\) is not supported")]:
         with pytest.raises(RequestError, match=message):
             protocol.split_body(body, header_value)
     plain = v2([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(img)]}])
@@ -189,6 +192,26 @@ def test_bad_binary_tensor_data_is_refused_with_the_reason():
                  outputs=[{"name": "score", "parameters": {"classification": count}}])
         with pytest.raises(RequestError, match="'score': parameters.classification must be a whole number >= 0"):
             protocol.v2_items(bad, "image", LIMITS)
+
+
+def test_line_wrapped_base64_is_read_and_other_garbage_is_not():
+    """base64 as tools print it (Python's encodebytes, coreutils base64 without -w0, openssl base64:
+    lines of 76 or 64 characters, LF or CRLF) is the same image; other characters, or missing
+    padding, are refused."""
+    img = png(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    one_line = b64(img)
+    wrapped = base64.encodebytes(img).decode()
+    assert "\n" in wrapped.strip()  # several lines
+    for text in (wrapped, wrapped.replace("\n", "\r\n"), "\n".join(one_line[i:i + 64] for i in range(0, len(one_line), 64)),
+                 " " + one_line + "\t\n", "data:image/png;base64," + wrapped):
+        assert protocol.decode_base64(text, "input 0") == img
+    assert protocol.predict_items(PredictRequest(inputs=[wrapped]), "image", LIMITS) == [img]
+    assert protocol.v2_items(v2([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [wrapped]}]), "image",
+                             LIMITS) == [img]
+    assert protocol.decode_base64("aGk=\n", "input 0") == b"hi"
+    for text in ("aGk", "aGk\n", "aG-=", "aGk=\v", "aGk=\u00a0", one_line[:40] + "%" + one_line[41:]):  # unpadded, base64url, ...
+        with pytest.raises(RequestError, match="not valid base64 .*padded with '='"):
+            protocol.decode_base64(text, "input 0")
 
 
 def test_image_format_limit_reads_only_the_header():
@@ -230,6 +253,8 @@ def test_responses_follow_the_protocol():
     tensors = {o["name"]: o for o in out["outputs"]}
     assert tensors["label"] == {"name": "label", "shape": [2], "datatype": "BYTES", "data": ["pos", "neg"]}
     assert tensors["probabilities"]["shape"] == [2, 3]
+    # The protocol's $parameter is a string, number or boolean: the column names are one JSON string.
+    assert tensors["probabilities"]["parameters"] == {"labels": '["neg", "pos", "mid"]'}
     assert np.allclose(np.reshape(tensors["probabilities"]["data"], (2, 3)), probs)
     only = protocol.v2_response("m", "v1", ["neg", "pos", "mid"], probs, v2(req.model_dump()["inputs"], outputs=[{"name": "score"}]))
     assert [o["name"] for o in only["outputs"]] == ["score"] and "id" not in only
@@ -274,7 +299,7 @@ def test_binary_responses_read_back_with_tritonclient():
         if "probabilities" in names:
             got = result.as_numpy("probabilities")
             assert got.shape == (2, 3) and got.dtype == np.float32 and np.array_equal(got, probs)
-            assert result.get_output("probabilities")["parameters"]["labels"] == labels
+            assert json.loads(result.get_output("probabilities")["parameters"]["labels"]) == labels
 
 
 def test_classification_extension_as_triton_returns_it():
@@ -362,6 +387,9 @@ def test_serve_section_is_validated_with_dotted_names():
         (["serve.max_ongoing_requests=4"], "max_ongoing_requests (4) must be at least max_batch_size"),
         (["serve.image_formats=[PNG,EPS]"], "serve.image_formats.1"),
         (["serve.route_prefix=digits"], "serve.route_prefix: must be / or /name"),
+        (["serve.cors_origins=[https://app.example/]"], "serve.cors_origins: 'https://app.example/' is not an origin"),
+        (["serve.cors_origins=[app.example]"], "serve.cors_origins: 'app.example' is not an origin"),
+        (["serve.cors_origins=[https://app.example:443]"], "leave the scheme's default port out"),
         (["serve.autoscaling=true", "serve.min_replicas=3"], "min_replicas (3) must be at most max_replicas"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -546,6 +574,11 @@ def test_replicas_report_their_serve_settings_and_a_swap_names_what_it_would_cha
     assert settings_changes(reported, LIMITS) == []
     assert settings_changes(reported, LIMITS.model_copy(update={"port": 8001, "max_text_chars": 50})) == [
         "serve.port 8000 -> 8001", "serve.max_text_chars 20 -> 50"]
+    # Replicas of an older rayfine report no field added since: they run with its default.
+    older = {k: v for k, v in reported.items() if k != "cors_origins"}
+    assert settings_changes(older, LIMITS) == []
+    assert settings_changes(older, LIMITS.model_copy(update={"cors_origins": ("https://app.example",)})) == [
+        "serve.cors_origins [] -> ['https://app.example']"]
 
 
 def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not_the_first_checkpoint(
@@ -632,7 +665,7 @@ def nli(tmp_path_factory):
     asyncio.run(replica.reconfigure({"checkpoint": str(checkpoint)}))
     try:
         with TestClient(replica.__serve_build_asgi_app__(), headers={"X-API-Key": KEY}) as client:
-            yield SimpleNamespace(client=client, checkpoint=checkpoint, labels=labels)
+            yield SimpleNamespace(client=client, checkpoint=checkpoint, labels=labels, replica=replica)
     finally:
         torch.set_num_threads(threads)
 
@@ -694,6 +727,138 @@ def test_405_allows_head_where_get_is_answered(nli):
     r = nli.client.get("/predict")
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
     assert nli.client.head("/predict").status_code == 405
+
+
+def other_app(nli, key: bool = True, **settings):
+    """A client of the nli replica's model behind an app built with other serve settings or key
+    (no inference: the replica's batcher belongs to the nli client's event loop)."""
+    from starlette.testclient import TestClient
+
+    from rayfine.serve.api import make_api
+
+    replica = nli.replica
+    server = SimpleNamespace(**{**vars(replica), "infer": replica.infer, "api_key": KEY.encode() if key else None,
+                                "settings": ServeConfig.model_validate({**replica.settings.model_dump(), **settings})})
+    return TestClient(make_api(server))
+
+
+def test_cors_preflights_need_no_key_and_answers_name_the_origin(nli):
+    origin = "https://app.example"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, x-api-key, content-type, inference-header-content-length"}
+    # No serve.cors_origins (the default): no CORS, as before.
+    assert load_config("resnet18_digits_tiny").serve.cors_origins == ()
+    r = nli.client.get("/v2/models/nli", headers={"Origin": origin})
+    assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
+    assert load_config("resnet18_digits_tiny", ['serve.cors_origins=["*"]']).serve.cors_origins == ("*",)
+    with other_app(nli, cors_origins=[origin, "http://localhost:3000"]) as client:
+        r = client.options("/v2/models/nli/infer", headers=preflight)  # no API key: a preflight carries none
+        assert r.status_code == 200, r.text
+        assert r.headers["Access-Control-Allow-Origin"] == origin
+        assert {"GET", "POST"} <= {m.strip() for m in r.headers["Access-Control-Allow-Methods"].split(",")}
+        allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+        assert {"authorization", "x-api-key", "content-type", "content-encoding", "inference-header-content-length",
+                "accept-encoding"} <= allowed
+        assert "Access-Control-Allow-Credentials" not in r.headers  # the key is a header, not a cookie
+        r = client.options("/v2/models/nli/infer", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "CORS preflight refused: Disallowed CORS origin" in r.json()["error"]
+        assert "Access-Control-Allow-Origin" not in r.headers
+        # Answers, refusals included, let the origin's scripts read them and the binary data header.
+        for headers, status in (({"X-API-Key": KEY}, 200), ({}, 401)):
+            r = client.get("/v2/models/nli", headers={"Origin": origin, **headers})
+            assert r.status_code == status and r.headers["Access-Control-Allow-Origin"] == origin
+            exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+            assert {"inference-header-content-length", "content-encoding"} <= exposed
+        r = client.get("/v2/models/nli", headers={"Origin": "https://evil.example", "X-API-Key": KEY})
+        assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+    with other_app(nli, cors_origins=["*"]) as client:
+        r = client.options("/predict", headers={**preflight, "Origin": "https://any.example"})
+        assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_docs_and_schema_are_open_and_the_schema_declares_the_key(nli):
+    client = nli.client
+    for path in ("/docs", "/docs/oauth2-redirect", "/openapi.json"):
+        r = client.get(path, headers={"X-API-Key": ""})
+        assert r.status_code == 200, (path, r.status_code, r.text)
+    assert client.get("/docs/other", headers={"X-API-Key": ""}).status_code == 401  # exactly those paths
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}, "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v2/health/"):
+                assert "security" not in operation and "401" not in operation["responses"], (path, method)
+            else:
+                assert operation["security"] == [{"bearer": []}, {"apiKey": []}], (path, method)
+                assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorResponse"}, (path, method)
+    with other_app(nli, key=False) as open_client:  # no key: nothing to declare
+        schema = open_client.get("/openapi.json").json()
+        assert "securitySchemes" not in schema["components"]
+        assert not any("security" in op or "401" in op["responses"] for ops in schema["paths"].values() for op in ops.values())
+
+
+def test_the_schema_declares_the_errors_the_routes_give_not_fastapis_422(nli):
+    schema = nli.client.get("/openapi.json").json()
+    assert "422" not in json.dumps(schema) and "HTTPValidationError" not in schema["components"]["schemas"]
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+
+    def declared(path, method="get"):
+        responses = schema["paths"][path][method]["responses"]
+        return {int(code) for code, r in responses.items()
+                if code != "200" and r.get("content", {}).get("application/json", {}).get("schema") == error}
+
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        assert declared(path, "post") == {400, 401, 404, 413, 415, 503}
+    assert declared("/predict", "post") == {400, 401, 413, 415, 503}
+    for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/versions/{version}/stats"):
+        assert declared(path) == {401, 404, 503}
+    # What FastAPI declared 422 for is answered 400 {"error": ...}.
+    r = nli.client.post("/predict?top_k=x", json={"inputs": [["A man sleeps.", "A person rests."]]})
+    assert r.status_code == 400 and "top_k" in r.json()["error"]
+
+
+def test_a_v2_body_of_any_type_but_multipart_is_read_as_json_and_predict_takes_no_type_as_json(nli):
+    """Triton does not check Content-Type on /infer: curl -d (a form's type), a browser's fetch with
+    a string body (text/plain) and tritonclient (none) send JSON all the same."""
+    body = json.dumps({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES",
+                                   "data": [["A man sleeps.", "A person rests."]]}]}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8", "application/octet-stream", None):
+        r = nli.client.post("/v2/models/nli/infer", content=body, headers={"Content-Type": ctype} if ctype else {})
+        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "label", (ctype, r.text)
+    r = nli.client.post("/v2/models/nli/infer", content=body, headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 415 and "Content-Type must be application/json or application/octet-stream" in r.json()["error"]
+    predict = json.dumps({"inputs": [["A man sleeps.", "A person rests."]], "top_k": 1}).encode()
+    r = nli.client.post("/predict", content=predict)  # requests.post(url, data=json.dumps(...)): no Content-Type
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
+    r = nli.client.post("/predict", content=predict, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json or multipart/form-data, got text/plain" in r.json()["error"]
+
+
+def test_a_trailing_slash_is_the_path_without_it(nli):
+    r = nli.client.get("/v2/health/ready/", headers={"X-API-Key": ""})  # health needs no key, slash or not
+    assert r.status_code == 200 and r.json() == {"ready": True}
+    r = nli.client.get("/v2/", follow_redirects=False)
+    assert r.status_code == 200 and r.json()["name"] == "rayfine"
+    r = nli.client.post("/v2/models/nli/infer/", follow_redirects=False, json={"inputs": [
+        {"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": [["A man sleeps.", "A person rests."]]}]})
+    assert r.status_code == 200, r.text
+    assert nli.client.get("/v2/models/nli/", headers={"X-API-Key": ""}).status_code == 401  # the key still applies
+    assert nli.client.get("/v2/models/nli//", follow_redirects=False).status_code != 200  # one slash only
+    r = nli.client.get("/", follow_redirects=False)
+    assert r.status_code == 404 and "no such route" in r.json()["error"]
+
+
+def test_every_v2_answer_varies_on_accept_encoding_and_labels_are_a_string_parameter(nli):
+    body = {"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": [["A man sleeps.", "A person rests."]]}]}
+    for accept in ("identity", "gzip"):
+        r = nli.client.post("/v2/models/nli/infer", json=body, headers={"Accept-Encoding": accept})
+        assert r.status_code == 200 and r.headers["Vary"] == "Accept-Encoding", (accept, r.headers)
+        assert r.headers.get("Content-Encoding") == (None if accept == "identity" else "gzip")
+        labels = {o["name"]: o for o in r.json()["outputs"]}["probabilities"]["parameters"]["labels"]
+        assert isinstance(labels, str) and json.loads(labels) == nli.labels
 
 
 def test_requests_queued_before_a_hot_swap_run_on_the_model_they_were_checked_against(monkeypatch):

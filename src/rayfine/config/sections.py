@@ -8,6 +8,7 @@ search space makes valid trials, in ``rayfine.config.search``.
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -108,6 +109,13 @@ class DataConfig(_Section):
         40_000_000, ge=1, description="Images with more pixels are bad rows (decompression bombs), as are "
         "images that would have more once resized to image_size on their shorter side (a 1x20000 strip)."
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _composed_labels(cls, labels: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+        """As labels are read from the data (``rayfine.data.label_text``): composed (NFC), so that a
+        name typed or pasted decomposed (macOS) matches."""
+        return None if labels is None else tuple(unicodedata.normalize("NFC", label) for label in labels)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -238,6 +246,12 @@ class TrainConfig(_Section):
     head_lr: Optional[Float] = Field(
         None, gt=0, le=10, description="Learning rate of the new head; unset: train.lr."
     )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _composed_keys(cls, weights):
+        """Label names composed (NFC), as ``DataConfig.labels`` and the data's labels are."""
+        return {unicodedata.normalize("NFC", k): v for k, v in weights.items()} if isinstance(weights, dict) else weights
 
     @property
     def metric_mode(self) -> str:
@@ -436,6 +450,11 @@ class ServeConfig(_Section):
     api_key_file: Optional[str] = Field(
         None, description="A file (readable by the replicas) holding the API key; takes precedence over api_key_env."
     )
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Web origins (scheme://host[:port], or \"*\" for any) whose browser scripts may call the API "
+        "(CORS); empty: none. Preflights need no API key; credentials (cookies) are never allowed, the key travels "
+        "in a header."
+    )
 
     @field_validator("route_prefix")
     @classmethod
@@ -443,6 +462,18 @@ class ServeConfig(_Section):
         if not re.fullmatch(r"/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?", prefix):
             raise ValueError("must be / or /name (letters, digits, '_', '.', '-'; no trailing slash)")
         return prefix
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            # An Origin header is scheme://host[:port], lowercase, without the scheme's default port.
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?", origin):
+                raise ValueError(f"{origin!r} is not an origin: give * or scheme://host[:port] in lowercase, "
+                                 "without a path or a trailing slash (as browsers send the Origin header)")
+            if re.fullmatch(r"https://.*:443|http://.*:80", origin):
+                raise ValueError(f"{origin!r}: browsers leave the scheme's default port out of the Origin header; drop it")
+        return origins
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -1,4 +1,4 @@
-"""The FastAPI app of a replica: routes, API key, body-size limit, errors as JSON.
+"""The FastAPI app of a replica: routes, API key, body-size limit, CORS, errors as JSON.
 
 Built inside each replica by ``Classifier.__serve_build_asgi_app__`` (``rayfine.serve.app``), with
 the replica as ``server``: routes read ``server.model`` (the model swapped in by ``reconfigure``)
@@ -14,6 +14,10 @@ body (400), an unknown model name or version (404).
 Inference follows the Open Inference Protocol (KServe v2) with JSON tensors and Triton's binary
 tensor data extension, so that its clients work as they are: tritonclient sends JSON requests with
 no Content-Type and, by default, tensors and answers as binary data.
+
+The API key guards every route but the health routes and the OpenAPI pages (/docs, /redoc, /openapi.json,
+which declares the key's two schemes for Swagger UI's "Authorize"). With serve.cors_origins,
+Starlette's CORS middleware sits outside the key: browsers' preflights carry no credentials.
 """
 
 from __future__ import annotations
@@ -28,15 +32,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from rayfine.serve import protocol
 from rayfine.serve.protocol import RequestError
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+# Open to all: the routes and schemas, which the README documents anyway, so that /docs works in a browser.
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 BINARY = "application/octet-stream"  # a v2 body with binary tensor data
 DECODED_CODINGS = "gzip, deflate"  # the request Content-Encodings BodyDecoder reads (x-gzip is gzip)
+# The request headers the API reads, which a browser script may send (CORS).
+CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "Content-Encoding", "Inference-Header-Content-Length",
+                "Accept-Encoding")
+# The refusals the OpenAPI schema declares ({"error": "..."}), by status.
+ERRORS = {
+    400: "Malformed JSON, bad tensors or inputs, a limit exceeded, a corrupt compressed body",
+    401: "Missing or wrong API key",
+    404: "Unknown model name or version",
+    413: "Body over serve.max_request_bytes (decompressed too)",
+    415: "Content-Type or Content-Encoding not accepted, or an image format outside serve.image_formats",
+    503: "The model is not loaded yet",
+}
 
 
 def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -125,6 +144,23 @@ class BodyDecoder:
         return b"".join(out)
 
 
+def errors(*codes: int) -> dict:
+    """``responses`` of a route: the refusals it can give, each an ErrorResponse."""
+    return {code: {"model": protocol.ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS (serve.cors_origins), outside the API key: a browser's preflight carries no
+    credentials (Fetch standard). A refused preflight is answered {"error": ...} like every refusal."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        return error(response.status_code, f"CORS preflight refused: {response.body.decode()} "
+                     "(serve.cors_origins lists the origins allowed)", {"Vary": response.headers["vary"]})
+
+
 def _without_body(send):
     """``send`` for a HEAD request: the GET answer's status and headers (Content-Length included), no body."""
 
@@ -137,10 +173,10 @@ def _without_body(send):
 
 
 class Guard:
-    """ASGI middleware in front of every route: the API key, then the body-size limit, which it
-    enforces on Content-Length and on the bytes actually received (chunked bodies too), and the
-    body's Content-Encoding: gzip and deflate bodies reach the routes decompressed, within the
-    same limit."""
+    """ASGI middleware in front of every route: one trailing slash dropped from the path, the API
+    key, then the body-size limit, which it enforces on Content-Length and on the bytes actually
+    received (chunked bodies too), and the body's Content-Encoding: gzip and deflate bodies reach
+    the routes decompressed, within the same limit."""
 
     def __init__(self, app, server):
         self.app = app
@@ -156,8 +192,12 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         path, root = scope.get("path", "/"), scope.get("root_path", "")
         route = path[len(root):] if root and path.startswith(root) else path
+        if route.endswith("/") and route != "/":
+            # /v2/health/ready/ is /v2/health/ready: for the key check and the router (no redirect).
+            route, raw = route[:-1], scope.get("raw_path")
+            scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw and raw.endswith(b"/") else raw}
         key: Optional[bytes] = self.server.api_key
-        if key is not None and route not in HEALTH_PATHS:
+        if key is not None and route not in HEALTH_PATHS + DOCS_PATHS:
             given = headers.get("x-api-key", b"").strip()
             auth = headers.get("authorization", b"")
             # An empty X-API-Key (a client template's unset variable) is no key, not a wrong one.
@@ -311,7 +351,7 @@ def make_api(server) -> FastAPI:
     stats_summary = "Model statistics (Triton's statistics extension), of the replica that answers"
 
     # Before /v2/models/{name}, which would take "stats" for a model's name.
-    @app.get("/v2/models/stats", tags=["v2"], summary=f"{stats_summary}: every model")
+    @app.get("/v2/models/stats", tags=["v2"], summary=f"{stats_summary}: every model", responses=errors(503))
     async def all_models_stats() -> dict:
         return model_stats()
 
@@ -323,30 +363,33 @@ def make_api(server) -> FastAPI:
             outputs=protocol.model_outputs(len(model.labels)),
         )
 
-    @app.get("/v2/models/{name}", tags=["v2"], summary="Model metadata", response_model=protocol.ModelMetadata)
+    @app.get("/v2/models/{name}", tags=["v2"], summary="Model metadata", response_model=protocol.ModelMetadata,
+             responses=errors(404, 503))
     async def model_metadata(name: str):
         return metadata(name, None)
 
     @app.get("/v2/models/{name}/versions/{version}", tags=["v2"], summary="Model metadata (a version)",
-             response_model=protocol.ModelMetadata)
+             response_model=protocol.ModelMetadata, responses=errors(404, 503))
     async def model_version_metadata(name: str, version: str):
         return metadata(name, version)
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Model ready")
+    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Model ready", responses=errors(404, 503))
     async def model_ready(name: str) -> dict:
         model_or_404(name)
         return {"name": name, "ready": True}
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], summary="Model ready (a version)")
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], summary="Model ready (a version)",
+             responses=errors(404, 503))
     async def model_version_ready(name: str, version: str) -> dict:
         model_or_404(name, version)
         return {"name": name, "ready": True}
 
-    @app.get("/v2/models/{name}/stats", tags=["v2"], summary=stats_summary)
+    @app.get("/v2/models/{name}/stats", tags=["v2"], summary=stats_summary, responses=errors(404, 503))
     async def one_model_stats(name: str) -> dict:
         return model_stats(name)
 
-    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["v2"], summary=f"{stats_summary} (a version)")
+    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["v2"], summary=f"{stats_summary} (a version)",
+             responses=errors(404, 503))
     async def model_version_stats(name: str, version: str) -> dict:
         return model_stats(name, version)
 
@@ -361,7 +404,9 @@ def make_api(server) -> FastAPI:
 
     async def infer(request: Request, name: str, version: Optional[str]):
         model = model_or_404(name, version)
-        if _content_type(request):  # none is JSON: the protocol's body is JSON, and tritonclient sends no type
+        # Any type but multipart is read as JSON (+ binary data), as Triton does: tritonclient sends none,
+        # curl -d sends a form's, a browser's fetch with a string body text/plain.
+        if _content_type(request).startswith("multipart/"):
             _require(request, JSON, BINARY)
         head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
         req = protocol.parse_json(protocol.InferenceRequest, head)
@@ -370,22 +415,24 @@ def make_api(server) -> FastAPI:
         result = await answer(items, model)
         response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
         coding = response_coding(request.headers.get("accept-encoding"))
-        if not as_binary and coding is None:
-            return response
+        # Vary on every answer, compressed or not: caches must not give one to a client that sent
+        # another Accept-Encoding (RFC 9110 12.5.5).
+        headers = {"Vary": "Accept-Encoding"}
         if as_binary:
             head, tail = protocol.to_binary(response, as_binary)
-            body, media_type, headers = head + tail, BINARY, {protocol.BINARY_HEADER: str(len(head))}
+            body, media_type = head + tail, BINARY
+            headers[protocol.BINARY_HEADER] = str(len(head))
         else:
-            body, media_type, headers = json.dumps(response, separators=(",", ":")).encode(), JSON, {}
+            body, media_type = json.dumps(response, separators=(",", ":")).encode(), JSON
         if coding is not None:  # as Triton: the header length counts the JSON before compression
-            body, headers = compress(body, coding), {**headers, "Content-Encoding": coding, "Vary": "Accept-Encoding"}
+            body, headers["Content-Encoding"] = compress(body, coding), coding
         return Response(body, media_type=media_type, headers=headers)
 
     infer_responses = {
         200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary", "description": (
             f"when outputs are asked for as binary data: the JSON inference response ({protocol.BINARY_HEADER} bytes), "
             "then the bytes of each output whose parameters.binary_data_size gives their length")}}}},
-        400: {"model": protocol.ErrorResponse},
+        **errors(400, 404, 413, 415, 503),
     }
 
     @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Inference", openapi_extra=infer_body,
@@ -412,10 +459,11 @@ def make_api(server) -> FastAPI:
     }}}
 
     @app.post("/predict", tags=["simple"], summary="Predict labels for texts or images", openapi_extra=predict_body,
-              response_model=protocol.PredictResponse, response_model_exclude_none=True, responses={400: {"model": protocol.ErrorResponse}})
+              response_model=protocol.PredictResponse, response_model_exclude_none=True, responses=errors(400, 413, 415, 503))
     async def predict(request: Request, top_k: Optional[int] = None):
         model = model_or_404(server.name)
-        ctype = _require(request, JSON, MULTIPART)
+        # No Content-Type is JSON, as on the v2 routes (requests.post(url, data=json.dumps(...)) sends none).
+        ctype = _require(request, JSON, MULTIPART) if _content_type(request) else JSON
         if ctype == JSON:
             req = protocol.parse_json(protocol.PredictRequest, await request.body())
             items, k = protocol.predict_items(req, model.kind, server.settings, pairs=model.pairs), req.top_k
@@ -428,22 +476,39 @@ def make_api(server) -> FastAPI:
         result = await answer(items, model)
         return protocol.predict_response(server.name, result.version, result.labels, result.probs, k)
 
-    # The JSON schemas the routes above reference by hand.
     _openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = _openapi()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components = schema.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            # The JSON schemas the routes above reference by hand.
             for model in (protocol.InferenceRequest, protocol.PredictRequest):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(model_schema.pop("$defs", {}))
-                components[model.__name__] = model_schema
+                schemas.update(model_schema.pop("$defs", {}))
+                schemas[model.__name__] = model_schema
+            # FastAPI's 422 never comes: a bad parameter is a 400 {"error": ...} (_validation_error).
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            if server.api_key is not None:  # the routes that need the key say so; Swagger UI's Authorize sends it
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
+                                                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+                    if server.api_key is not None and path not in HEALTH_PATHS + DOCS_PATHS:
+                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                        unauthorized = {"description": ERRORS[401], "content": {JSON: {"schema": _schema_ref(protocol.ErrorResponse)}}}
+                        operation["responses"] = dict(sorted({**operation["responses"], "401": unauthorized}.items()))
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
     app.add_middleware(Guard, server=server)
+    if server.settings.cors_origins:  # added last: outside the Guard, so that preflights need no key
+        app.add_middleware(CORS, allow_origins=list(server.settings.cors_origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=CORS_HEADERS, expose_headers=[protocol.BINARY_HEADER, "Content-Encoding"])
     return app
 
 

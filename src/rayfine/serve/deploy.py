@@ -72,9 +72,12 @@ def served_info(name: str, timeout_s: float = 30) -> Optional[dict]:
 
 def settings_changes(running: dict[str, Any], wanted: ServeConfig) -> list[str]:
     """What ``wanted`` changes in the serve settings a replica runs with (its ``info()["settings"]``),
-    as "serve.<field> <running> -> <wanted>"."""
-    return [f"serve.{field} {running.get(field)!r} -> {value!r}"
-            for field, value in wanted.model_dump(mode="json").items() if running.get(field) != value]
+    as "serve.<field> <running> -> <wanted>". A field the replica does not report is newer than its
+    rayfine, which ran with that field's default."""
+    defaults = ServeConfig().model_dump(mode="json")
+    was = {field: running.get(field, defaults[field]) for field in defaults}
+    return [f"serve.{field} {was[field]!r} -> {value!r}"
+            for field, value in wanted.model_dump(mode="json").items() if was[field] != value]
 
 
 def is_better(new: dict, served: dict) -> tuple[bool, str]:

@@ -8,8 +8,9 @@ Two APIs answer the same model:
           ``text``   BYTES [N]          UTF-8 texts (text models)
                      BYTES [N,2]        a text and its pair per row (models trained on text pairs)
   outputs ``label`` BYTES [N], ``score`` FP32 [N], ``probabilities`` FP32 [N, num_labels]
-  (its ``parameters.labels`` names the columns), or, with an output's ``parameters.classification``
-  K (Triton's classification extension), its top K as BYTES [N, min(K, M)] "value:index[:label]";
+  (its ``parameters.labels``, a JSON array in a string, names the columns), or, with an output's
+  ``parameters.classification`` K (Triton's classification extension), its top K as BYTES
+  [N, min(K, M)] "value:index[:label]";
   errors are ``{"error": "..."}``.
 - a simple JSON API: ``{"inputs": [text, [text, pair] or base64 image, ...], "top_k": 5}``
   -> ``{"model_name", "model_version", "predictions": [{"label", "score", "top_k": [...]}]}``.
@@ -229,14 +230,19 @@ def _check_numbers(data: list, where: str) -> None:
             raise RequestError(f"{where}: data elements must be JSON numbers, got {type(value).__name__} {value!r:.20}")
 
 
+_ASCII_SPACE = str.maketrans("", "", " \t\r\n")
+
+
 def decode_base64(text: str, where: str) -> bytes:
-    """Standard base64 (a ``data:...;base64,`` prefix is allowed), strictly checked."""
+    """Standard padded base64 (a ``data:...;base64,`` prefix is allowed), strictly checked but for
+    line breaks and spaces, which base64 tools wrap it with (RFC 2045)."""
     if text.startswith("data:") and ";base64," in text[:200]:
         text = text.split(";base64,", 1)[1]
-    try:
-        data = base64.b64decode(text, validate=True)
+    try:  # padding is required (RFC 4648 3.2 allows it): unpadded, a truncated text would pass
+        data = base64.b64decode(text.translate(_ASCII_SPACE), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(f"{where}: not valid base64 (image files are sent base64-encoded)") from None
+        raise RequestError(f"{where}: not valid base64 (standard base64, padded with '=' to a multiple of 4 "
+                           "characters; image files are sent base64-encoded)") from None
     if not data:
         raise RequestError(f"{where}: empty image")
     return data
@@ -307,6 +313,9 @@ def split_body(body: bytes, header_length: Optional[str]) -> tuple[bytes, Option
         n = int(header_length)
     except ValueError:
         raise RequestError(f"{BINARY_HEADER} is not a number: {header_length[:40]!r}") from None
+    if n == 0:  # Triton's raw binary request: the body is one tensor's bytes, no JSON at all
+        raise RequestError(f"{BINARY_HEADER} 0 (a raw binary request, without the JSON inference request) is not "
+                           f"supported: send the JSON inference request first and its length in {BINARY_HEADER}")
     if not 0 < n <= len(body):
         raise RequestError(f"{BINARY_HEADER} {n} does not fit the body of {len(body)} bytes")
     return body[:n], body[n:]
@@ -529,7 +538,10 @@ def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, r
         "label": {"name": "label", "shape": [n], "datatype": "BYTES", "data": [labels[i] for i in best]},
         "score": {"name": "score", "shape": [n], "datatype": "FP32", "data": [float(probs[j, i]) for j, i in enumerate(best)]},
         "probabilities": {"name": "probabilities", "shape": [n, len(labels)], "datatype": "FP32",
-                          "parameters": {"labels": list(labels)}, "data": [float(x) for x in probs.reshape(-1)]},
+                          # A parameter is a string, number or boolean (the protocol's $parameter): the
+                          # column names go as one JSON array in a string, json.loads(...) reads them.
+                          "parameters": {"labels": json.dumps(list(labels), ensure_ascii=False)},
+                          "data": [float(x) for x in probs.reshape(-1)]},
     }
     outputs = []
     for o in requested:
