@@ -112,3 +112,14 @@ def test_predictions_show_control_characters_escaped():
     lines = format_predictions(["line one\nline\ttwo \x1b[31m", "café 日本\r"], result).splitlines()
     assert lines[1:] == ["line one\\nline\\ttwo \\x1b[31m\tpos\t0.9000\t(n\\teg 0.100)",
                          "café 日本\\r\tpos\t0.9000\t(n\\teg 0.100)"]
+
+
+def test_serve_refuses_a_path_without_a_checkpoint_before_ray_starts(monkeypatch, tmp_path, capsys):
+    import rayfine.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
+    assert cli.main(["serve", str(tmp_path / "nothing")]) == cli.EXIT_FAILED
+    assert "nothing" in capsys.readouterr().err

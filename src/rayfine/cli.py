@@ -107,8 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(json.loads(json.dumps(serve_config_file(args.path, args.name, overrides))), sort_keys=False), end="")
         return 0
     from rayfine.runtime import ray_session
+    from rayfine.serve.app import resolve_checkpoint
     from rayfine.serve.deploy import deploy
 
+    resolve_checkpoint(args.path)  # a path that holds no checkpoint is refused before Ray starts
     with ray_session(args.address) as local:
         result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better)
         name, url = result["name"], result["url"]
