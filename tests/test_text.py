@@ -193,7 +193,7 @@ def test_files_that_cannot_be_read_are_named_with_the_readers_reason(ray_local, 
     good.to_json(tmp_path / "twoj" / "a.jsonl", orient="records", lines=True)
     good.rename(columns={"text": "body"}).to_json(tmp_path / "twoj" / "b.jsonl", orient="records", lines=True)
     for source, message in [
-        ("latin1.csv", "data.source: cannot read {d}/latin1.csv: In CSV column #0: CSV conversion error to string: invalid UTF8 data"),
+        ("latin1.csv", "data.source: cannot read {d}/latin1.csv: In CSV column #0: CSV conversion error to string: invalid UTF8 data; save it as UTF-8 (Excel: 'CSV UTF-8')"),
         ("ragged.csv", "data.source: cannot read {d}/ragged.csv: CSV parse error: Expected 2 columns, got 3: b,negative,extra"),
         ("empty.csv", "data.source: cannot read {d}/empty.csv: Empty CSV file"),
         ("header.csv", "data.source: {d}/header.csv holds no rows"),
