@@ -126,7 +126,9 @@ def test_bad_name_and_bad_override_syntax():
 
 def test_unknown_preset_lists_presets():
     (err,) = _errors([], name="no_such_preset")
-    assert "no config file or preset named 'no_such_preset'" in err and "resnet18_digits" in err
+    assert "no config file or preset named 'no_such_preset'; presets:" in err and "resnet18_digits" in err
+    (err,) = _errors([], name="resnet18_digit")
+    assert "named 'resnet18_digit' (did you mean 'resnet18_digits'?); presets:" in err
 
 
 def test_invalid_yaml(tmp_path):

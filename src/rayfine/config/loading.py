@@ -3,6 +3,7 @@ that name the dotted field, the bad value and what is allowed."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import types
@@ -211,8 +212,10 @@ def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
         name = str(path_or_name).removesuffix(".yaml")
         preset = resources.files("rayfine.configs") / f"{name}.yaml"
         if "/" in name or not preset.is_file():
+            close = difflib.get_close_matches(name, preset_names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                [f"no config file or preset named {str(path_or_name)!r}; presets: {', '.join(preset_names())}"]
+                [f"no config file or preset named {str(path_or_name)!r}{hint}; presets: {', '.join(preset_names())}"]
             )
         text = preset.read_text()
     try:
