@@ -361,3 +361,14 @@ def test_label_names_in_a_config_are_composed_as_the_datas_are():
     assert nfd != nfc
     cfg = load_config("resnet18_digits_tiny", [f"data.labels=[{nfd}, thé]", f"train.class_weights={{{nfd}: 2.0}}"])
     assert cfg.data.labels[0] == nfc and list(cfg.train.class_weights) == [nfc]
+
+
+def test_a_preset_is_read_even_where_a_folder_has_its_name(tmp_path, monkeypatch):
+    """`rayfine train resnet18_digits_tiny --runs-dir .` makes ./resnet18_digits_tiny/: the same
+    command again (to continue the run) still names the preset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18_digits_tiny").mkdir()
+    assert load_config("resnet18_digits_tiny").name == "resnet18_digits_tiny"
+    (tmp_path / "not_a_preset").mkdir()
+    with pytest.raises(ConfigError, match="not_a_preset: a directory; give a config file or a preset name"):
+        load_config("not_a_preset")

@@ -102,13 +102,31 @@ def test_files_that_are_not_images_are_counted_and_a_class_of_them_alone_is_refu
     touch(tmp_path, "cats/1.jpg", "cats/Thumbs.db", "birds/1.png", "birds/7.heic", "README.txt", "cats/.DS_Store")
     lines = []
     sources.read_local_image_folder(str(tmp_path), log=lines.append)
-    assert lines == ["[data] skipped 3 files that are not images: .db x1, .heic x1, .txt x1"]
+    assert lines == ["[data] skipped 3 files that are not images: .db x1, .heic x1, .txt x1",
+                     ("[data] left out 1 hidden or system files and folders (names starting with '.', folders with "
+                      "'__', @eaDir), as Hugging Face datasets does: cats/.DS_Store")]
     touch(tmp_path, "dogs/1.heic", "dogs/2.HEIC", "dogs/notes")
     with pytest.raises(DataError, match=r"data.source: folder .*/dogs holds 3 files but no image files "
-                                        r"\(.heic x2, \(no extension\) x1\); images are read from .png, .jpg"):
+                                        r"\(.heic x2, \(no extension\) x1\), beside class folders of images; "
+                                        r"images are read from .png, .jpg"):
         sources.read_local_image_folder(str(tmp_path), log=lines.append)
-    _, others, imageless = sources.walk_image_folder(str(tmp_path))
-    assert others[".heic"] == 3 and imageless == [(str(tmp_path / "dogs"), Counter({".heic": 2, "(no extension)": 1}))]
+    listing = sources.walk_image_folder(str(tmp_path))
+    assert listing.others[".heic"] == 3
+    assert listing.imageless == [(str(tmp_path / "dogs"), Counter({".heic": 2, "(no extension)": 1}))]
+
+
+def test_a_folder_of_metadata_beside_a_folder_of_classes_is_not_a_class(tmp_path, monkeypatch):
+    """Food-101 and CUB-200 keep images/<class>/*.jpg beside meta/ (classes.txt, train.json) or
+    attributes/: the source is their root, and meta/ is not a class whose images are missing. A
+    class folder whose name Hugging Face leaves out (__background__) is named in the log."""
+    monkeypatch.setattr(sources, "path_blocks", lambda paths, blocks: _Dataset())
+    touch(tmp_path, "images/apple_pie/1.jpg", "images/baklava/2.jpg", "meta/classes.txt", "meta/train.json",
+          "images/__background__/3.jpg")
+    lines = []
+    sources.read_local_image_folder(str(tmp_path), log=lines.append)
+    assert lines[0] == "[data] skipped 2 files that are not images: .json x1, .txt x1"
+    assert lines[1].endswith("as Hugging Face datasets does: images/__background__/")
+    assert relative(tmp_path, sources.list_image_files(str(tmp_path))) == {"images/apple_pie/1.jpg", "images/baklava/2.jpg"}
 
 
 def summarize(labels: list[str], *overrides: str):
@@ -124,14 +142,17 @@ def summarize(labels: list[str], *overrides: str):
 
 def test_labels_that_are_one_number_written_two_ways_are_refused():
     with pytest.raises(DataError, match=r"labels '1' and '1.0' are the same number written two ways "
-                                        r"\(data.label_column 'label'\); write them one way"):
+                                        r"\(the class folders' names, or data.label_column 'label' of parquet\); "
+                                        r"write them one way"):
         summarize(["0", "1", "1.0", "0"])
     assert summarize(["0", "1", "2"]).labels == ["0", "1", "2"]
     from rayfine.data import same_number_labels
 
     assert same_number_labels(["0", "1", "0.0", "1.0"]) == ("0", "0.0")
-    assert same_number_labels(["1", "10", "1e1"]) == ("10", "1e1")
     assert same_number_labels(["1", "2", "10", "cat", "1.5"]) is None
+    # Other spellings may name different classes (a zero-padded id, a version).
+    assert same_number_labels(["01", "1"]) is None and same_number_labels(["1.1", "1.10"]) is None
+    assert same_number_labels(["1", "10", "1e1"]) is None
 
 
 def test_a_label_that_is_a_list_is_refused_as_multi_label_data():
@@ -186,3 +207,16 @@ def test_csv_files_saved_otherwise_than_read_say_how_to_save_them(tmp_path):
     assert "looks ';'-separated: rayfine reads comma-separated CSV" in sources._separator_hint(["text;label"])
     assert "looks tab-separated" in sources._separator_hint(["text\tlabel"])
     assert sources._separator_hint(["text", "label;x"]) == ""
+
+
+def test_class_label_names_are_composed_as_the_labels_found(tmp_path):
+    """A Hugging Face ClassLabel's names keep their order only if they match the labels found,
+    which are composed (NFC)."""
+    import json
+
+    names = [unicodedata.normalize("NFD", "été"), "hiver"]
+    table = pa.table({"text": ["a", "b"], "label": [0, 1]})
+    meta = {"info": {"features": {"text": {"_type": "Value"}, "label": {"_type": "ClassLabel", "names": names}}}}
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "train.parquet")
+    cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path}"]).data
+    assert sources.class_label_names(cfg) == [unicodedata.normalize("NFC", "été"), "hiver"]

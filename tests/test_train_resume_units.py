@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,13 @@ from rayfine import checkpoints
 from rayfine.config import ConfigError, load_config
 from rayfine.rundir import save_config
 from rayfine.train import driver
-from rayfine.train.worker import accumulation_group_size, checkpoint_metrics, make_scheduler, model_and_optimizer
+from rayfine.train.worker import (
+    accumulation_group_size,
+    check_same_labels,
+    checkpoint_metrics,
+    make_scheduler,
+    model_and_optimizer,
+)
 
 LABELS = [str(i) for i in range(10)]
 EPOCHS = 4
@@ -321,7 +328,16 @@ def test_metric_files_write_a_diverged_value_as_json_null(tmp_path):
     log.after_report(None, [epoch], None)
     line = _strict_json((tmp_path / "metrics.jsonl").read_text())
     assert line["train_loss"] is None and line["val_loss"] is None and line["val_accuracy"] == 0.1
-    assert "train_loss nan  val_loss nan  val_acc 0.1000" in driver.format_epoch(line, 4)
+    # The driver follows the file (progress line, MLflow, TensorBoard): a number again, NaN.
+    followed, stop = [], threading.Event()
+    follower = threading.Thread(target=driver._follow, args=(tmp_path / "later.jsonl", stop, followed.append))
+    follower.start()
+    (tmp_path / "later.jsonl").write_text((tmp_path / "metrics.jsonl").read_text())
+    stop.set()
+    follower.join(10)
+    assert math.isnan(followed[0]["val_loss"]) and math.isnan(followed[0]["train_loss"])
+    assert "train_loss nan  val_loss nan  val_acc 0.1000" in driver.format_epoch(followed[0], 4)
+    assert f"{followed[0]['val_loss']:.4f}" == "nan"  # the progress bar's postfix
 
     cfg = load_config("resnet18_digits_tiny")
     model, _, _, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)
@@ -329,3 +345,35 @@ def test_metric_files_write_a_diverged_value_as_json_null(tmp_path):
     assert _strict_json((saved / checkpoints.METRICS_FILE).read_text())["val_loss"] is None
     resumed = checkpoint_metrics(saved)  # what a resumed run reports again to Ray Train, which scores it
     assert math.isnan(resumed["val_loss"]) and math.isnan(resumed["train_loss"]) and resumed["epoch"] == 1
+
+
+def test_a_trials_epoch_log_reads_a_diverged_value_back_as_nan(tmp_path):
+    """epochs.jsonl feeds a resumed search's schedulers (halving's rungs compute with float()) and
+    its table: a null written for a NaN is read back as NaN."""
+    from rayfine.metrics import json_text
+    from rayfine.tune.trial import read_epoch_log
+
+    (tmp_path / "epochs.jsonl").write_text(json_text({"epoch": 1, "val_loss": float("nan"), "val_accuracy": 0.5,
+                                                      "checkpoint_path": None}) + "\n")
+    (record,) = read_epoch_log(str(tmp_path / "epochs.jsonl"))
+    assert math.isnan(record["val_loss"]) and record["val_accuracy"] == 0.5 and record["checkpoint_path"] is None
+
+
+def test_a_run_continues_only_with_the_labels_it_was_trained_on(tmp_path):
+    """The head's rows are the labels in order: data whose classes changed since (or the same
+    names read decomposed before, which sort otherwise) must not train under each other's rows."""
+    import unicodedata
+
+    cfg = load_config("resnet18_digits_tiny")
+    model, _, _, _ = model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)
+    checkpoints.save_checkpoint(tmp_path / "ckpt", model, cfg, LABELS, {"epoch": 1})
+    checkpoints.save_train_state(tmp_path / "ckpt", *model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10)[1:3], 1)
+    assert model_and_optimizer(cfg, LABELS, torch.device("cpu"), 10, str(tmp_path / "ckpt"))[3] == 1
+    moved = LABELS[1:] + LABELS[:1]
+    with pytest.raises(driver.TrainingError, match=r"was trained on the labels \['0', '1'.*the data now gives \['1', "):
+        model_and_optimizer(cfg, moved, torch.device("cpu"), 10, str(tmp_path / "ckpt"))
+    # Saved decomposed by an older rayfine, read composed now, in the same order: the same classes.
+    nfd = [unicodedata.normalize("NFD", "été"), "hiver"]
+    checkpoints.save_checkpoint(tmp_path / "old", model_and_optimizer(cfg, nfd, torch.device("cpu"), 10)[0], cfg, nfd,
+                                {"epoch": 1})
+    check_same_labels(tmp_path / "old", [unicodedata.normalize("NFC", "été"), "hiver"])

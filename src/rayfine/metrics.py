@@ -63,3 +63,9 @@ def json_text(value: Any, indent: int | None = None) -> str:
     summary.json): a non-finite value is written as null. RFC 8259 has no NaN or Infinity, so jq,
     JavaScript's JSON.parse and Go refuse the bare NaN that Python's json module writes."""
     return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def nan_for_null(record: dict[str, Any], keys) -> dict[str, Any]:
+    """A record read back from a file ``json_text`` wrote, its null made NaN again under the metric
+    ``keys`` (a number was written there: Ray Train, Tune's schedulers and the trackers need one)."""
+    return {k: math.nan if v is None and k in keys else v for k, v in record.items()}

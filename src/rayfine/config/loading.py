@@ -206,11 +206,11 @@ def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
             raise ConfigError([f"{label}: not a UTF-8 text file (byte {e.start} is {e.object[e.start]:#04x})"]) from None
         except OSError as e:
             raise ConfigError([f"{label}: cannot read it: {e.strerror}"]) from None
-    elif path.is_dir():
-        raise ConfigError([f"{label}: a directory; give a config file or a preset name"])
-    else:
+    else:  # a preset; a folder of the same name (a run directory, `--runs-dir .`) does not hide it
         name = str(path_or_name).removesuffix(".yaml")
         preset = resources.files("rayfine.configs") / f"{name}.yaml"
+        if ("/" in name or not preset.is_file()) and path.is_dir():
+            raise ConfigError([f"{label}: a directory; give a config file or a preset name"])
         if "/" in name or not preset.is_file():
             close = difflib.get_close_matches(name, preset_names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -27,7 +27,6 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -96,20 +95,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER_AS_FLOAT = re.compile(r"([+-]?\d+)\.0+")
 
 
 def same_number_labels(labels) -> tuple[str, str] | None:
-    """Two labels that are one number written two ways ("1" and "1.0": pandas writes an integer
-    column with a missing value as floats, so one CSV shard has 1.0 where another has 1), else None.
-    They would be two classes of the same examples."""
-    seen: dict[Decimal, str] = {}
-    for label in sorted(labels):
-        if _NUMBER.fullmatch(label):
-            value = Decimal(label).normalize()
-            if value in seen:
-                return seen[value], label
-            seen[value] = label
+    """Two labels that are one integer written as an integer and as a float ("1" and "1.0": pandas
+    writes an integer column with a missing value as floats, so one CSV shard has 1.0 where another
+    has 1), else None. They would be two classes of the same examples. Other spellings ("01" and "1",
+    "1.1" and "1.10") may be names of different classes, and are left as they are."""
+    found = set(labels)
+    for label in sorted(found):
+        match = _INTEGER_AS_FLOAT.fullmatch(label)
+        if match and str(int(match.group(1))) in found:
+            return str(int(match.group(1))), label
     return None
 
 
@@ -424,8 +422,10 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig, class_names: Op
     found = {label for split_counts in by_split.values() for label in split_counts}
     twins = same_number_labels(found)
     if twins:
+        where = (f"data.label_column {data_cfg.label_column!r}" if data_cfg.kind == "text"
+                 else f"the class folders' names, or data.label_column {data_cfg.label_column!r} of parquet")
         raise DataError(f"{data_cfg.source}: labels {twins[0]!r} and {twins[1]!r} are the same number written two "
-                        f"ways (data.label_column {data_cfg.label_column!r}); write them one way")
+                        f"ways ({where}); write them one way")
     if data_cfg.labels:
         labels = list(data_cfg.labels)
     else:  # a ClassLabel's ids keep their order (its names are found labels; anything else after them)

@@ -21,7 +21,9 @@ import importlib.util
 import itertools
 import json
 import os
+import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -201,14 +203,26 @@ def _extension(name: str) -> str:
     return os.path.splitext(name)[1].lower() or "(no extension)"
 
 
-def walk_image_folder(root: str) -> tuple[list[tuple[str, int]], Counter, list[tuple[str, Counter]]]:
-    """(path, bytes) of the image files under a local ``root``, sorted, as ``ray.data.read_binary_files``
-    lists them: every depth, symbolic links followed, names ending in IMAGE_EXTENSIONS (any case),
-    none that ``skipped_path`` leaves out (Ray itself leaves out only paths starting with "." or "_";
-    ``read_image_folder`` drops the rest of its rows). A folder reached twice through links is listed
-    once (pyarrow's listing would walk a link cycle until the path is too long). Also the other files'
-    extensions, counted (a .heic photo is not read, and the run says so), and the folders without
-    subfolders that hold files but no image file (a class whose photos are all .heic), with theirs.
+@dataclass
+class FolderListing:
+    """What ``walk_image_folder`` found under a local folder."""
+
+    files: list[tuple[str, int]]  # (path, bytes) of the image files, sorted
+    others: Counter  # the other files, by extension (a .heic photo is not read, and the run says so)
+    # Folders without subfolders that hold files but no image file, beside folders that hold images
+    # (a class whose photos are all .heic), with their files' extensions. A dataset's meta/ folder
+    # beside its images/ folder of class folders is not one.
+    imageless: list[tuple[str, Counter]]
+    left_out: list[str]  # what ``skipped_path`` leaves out, relative to the root (folders end in "/")
+
+
+def walk_image_folder(root: str) -> FolderListing:
+    """The image files under a local ``root`` as ``ray.data.read_binary_files`` lists them: every
+    depth, symbolic links followed, names ending in IMAGE_EXTENSIONS (any case), none that
+    ``skipped_path`` leaves out (Ray itself leaves out only paths starting with "." or "_";
+    ``read_image_folder`` drops the rest of its rows); and what else is there (``FolderListing``).
+    A folder reached twice through links is listed once (pyarrow's listing would walk a link cycle
+    until the path is too long).
 
     ``os.scandir`` gives each entry's type from the directory itself, so only folders, links and
     image files are stat'ed (images for their size); pyarrow's recursive listing builds a FileInfo
@@ -217,7 +231,9 @@ def walk_image_folder(root: str) -> tuple[list[tuple[str, int]], Counter, list[t
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
     files: list[tuple[str, int]] = []
     others: Counter = Counter()
-    imageless: list[tuple[str, Counter]] = []
+    leaves: list[tuple[str, Counter]] = []  # folders of files, none an image, and no subfolder
+    with_images: set[str] = set()  # the parents of folders that hold images
+    left_out: list[str] = []
     visited: set[tuple[int, int]] = set()
     folders = [root]
     while folders:
@@ -232,6 +248,7 @@ def walk_image_folder(root: str) -> tuple[list[tuple[str, int]], Counter, list[t
                 try:
                     is_dir = entry.is_dir()
                     if _skipped_entry(entry.name, is_dir, folder == root):
+                        left_out.append(os.path.relpath(entry.path, root) + ("/" if is_dir else ""))
                         continue
                     if is_dir:
                         folders.append(entry.path)
@@ -244,14 +261,17 @@ def walk_image_folder(root: str) -> tuple[list[tuple[str, int]], Counter, list[t
                 except OSError:  # a broken link, or gone since the folder was read: not listed
                     continue
         others.update(here)
-        if folder != root and here and not images and not subfolders:
-            imageless.append((folder, here))
-    return sorted(files), others, sorted(imageless)
+        if images:
+            with_images.add(os.path.dirname(folder))
+        elif folder != root and here and not subfolders:
+            leaves.append((folder, here))
+    imageless = [(folder, found) for folder, found in leaves if os.path.dirname(folder) in with_images]
+    return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out))
 
 
 def list_image_files(root: str) -> list[tuple[str, int]]:
     """(path, bytes) of the image files under a local ``root``, sorted (``walk_image_folder``)."""
-    return walk_image_folder(root)[0]
+    return walk_image_folder(root).files
 
 
 def _counts(counter: Counter) -> str:
@@ -291,18 +311,24 @@ def read_local_image_folder(root: str, log=print) -> ray.data.Dataset:
         raise DataError(f"data.source: {root} {what}; images are read from a folder of class subfolders "
                         "(cats/001.jpg, dogs/002.png) or from parquet")
     try:
-        files, others, imageless = walk_image_folder(local_root)
+        listing = walk_image_folder(local_root)
     except OSError as e:
         raise DataError(f"data.source: cannot list {e.filename or root}: {e.strerror}") from None
+    files = listing.files
     if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    if imageless:
-        folder, found = imageless[0]
+    if listing.imageless:
+        folder, found = listing.imageless[0]
         raise DataError(f"data.source: folder {folder} holds {sum(found.values())} files but no image files "
-                        f"({_counts(found)}); images are read from {', '.join('.' + e for e in IMAGE_EXTENSIONS)} "
-                        f"files: convert them to one of these, or move the folder out of {root}")
-    if others:
-        log(f"[data] skipped {sum(others.values())} files that are not images: {_counts(others)}")
+                        f"({_counts(found)}), beside class folders of images; images are read from "
+                        f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)} files: convert them to one of these, or "
+                        f"move the folder out of {root}")
+    if listing.others:
+        log(f"[data] skipped {sum(listing.others.values())} files that are not images: {_counts(listing.others)}")
+    if listing.left_out:
+        shown = ", ".join(listing.left_out[:5]) + (", ..." if len(listing.left_out) > 5 else "")
+        log(f"[data] left out {len(listing.left_out)} hidden or system files and folders (names starting with "
+            f"'.', folders with '__', {', '.join(SYSTEM_FOLDERS)}), as Hugging Face datasets does: {shown}")
     paths = [path for path, _ in files]
     blocks = read_block_count([size for _, size in files])
 
@@ -375,7 +401,8 @@ def class_label_names(data_cfg: DataConfig) -> Optional[list[str]]:
         return None
     feature = features.get(data_cfg.label_column) if isinstance(features, dict) else None
     if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
-        return [str(name) for name in feature["names"]]
+        # As rayfine.data.label_text gives the labels found: stripped, Unicode composed (NFC).
+        return [unicodedata.normalize("NFC", str(name).strip()) for name in feature["names"]]
     return None
 
 

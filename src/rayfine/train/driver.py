@@ -25,7 +25,7 @@ from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
-from rayfine.metrics import json_text
+from rayfine.metrics import json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
@@ -292,15 +292,13 @@ def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None]) 
                 for line in f:
                     if line.endswith("\n"):
                         offset += len(line)
-                        on_line(json.loads(line))
+                        on_line(nan_for_null(json.loads(line), METRIC_KEYS))  # null: a NaN or infinity
         if done:
             return
         stop.wait(0.5)
 
 
 def format_epoch(m: dict, epochs: int) -> str:
-    # metrics.jsonl holds null for a non-finite value (a diverged epoch's loss): shown as nan.
-    m = {k: math.nan if v is None else v for k, v in m.items()}
     return (
         f"[train] epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
         f"val_acc {m['val_accuracy']:.4f}  val_f1 {m['val_macro_f1']:.4f}  {m['samples_per_s']:.0f} samples/s  {m['epoch_s']:.1f}s"

@@ -15,6 +15,7 @@ import math
 import tempfile
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -32,6 +33,7 @@ from rayfine.config import Config
 from rayfine.data import batch_collate, model_batch, tokenizer_source
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
+from rayfine.errors import TrainingError
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of, with_pretrained_normalization
 
 if TYPE_CHECKING:
@@ -265,6 +267,8 @@ def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, to
     and a later ``Module.to`` moves the parameters but not the state, so a run resumed on a GPU
     would step with CPU moments for CUDA parameters (PyTorch: move a model before constructing
     its optimizer)."""
+    if checkpoint_dir is not None:
+        check_same_labels(Path(checkpoint_dir), labels)
     model = build_model(cfg, labels)
     if checkpoint_dir is not None:
         model.load_state_dict(load_file(str(Path(checkpoint_dir) / checkpoints.MODEL_FILE)))
@@ -280,11 +284,22 @@ def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, to
     return model, optimizer, scheduler, done
 
 
+def check_same_labels(directory: Path, labels: list[str]) -> None:
+    """A run continues from its checkpoint only with the labels it was trained on, in their order
+    (the head's rows): data whose classes changed since, or labels read in another Unicode form
+    that sorts otherwise, would train every class under another's row."""
+    saved = checkpoints.read_json(directory / checkpoints.LABELS_FILE, "labels")
+    if [unicodedata.normalize("NFC", str(label)) for label in saved] != list(labels):
+        raise TrainingError(f"the checkpoint this run continues from ({directory}) was trained on the labels {saved}, "
+                            f"the data now gives {labels}: a continued run keeps its classes; give the run another "
+                            "`name` to train on these")
+
+
 def checkpoint_metrics(directory: Path) -> dict[str, Any]:
     """A checkpoint's metrics.json as its epoch reported them: the file writes a non-finite value
     (a diverged loss) as null, and Ray Train needs a number to score the report again."""
-    metrics = checkpoints.read_json(directory / checkpoints.METRICS_FILE, "checkpoint metrics")
-    return {k: math.nan if v is None and k in METRIC_KEYS else v for k, v in metrics.items()}
+    saved = checkpoints.read_json(directory / checkpoints.METRICS_FILE, "checkpoint metrics")
+    return metrics.nan_for_null(saved, METRIC_KEYS)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 from ray.train import UserCallback
 
 from rayfine.config import Config, parse_search_spec
-from rayfine.metrics import json_text
-from rayfine.train.worker import REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
+from rayfine.metrics import json_text, nan_for_null
+from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
 
 EPOCH_LOG = "epochs.jsonl"
 
@@ -73,7 +73,7 @@ def read_epoch_log(path: str) -> Iterator[dict]:
         return
     for line in text.splitlines():
         if line.strip():
-            yield json.loads(line)
+            yield nan_for_null(json.loads(line), METRIC_KEYS)  # written by json_text: null for a NaN
 
 
 class EpochLog(UserCallback):
