@@ -44,6 +44,11 @@ def summarize(counts: np.ndarray) -> dict[str, float]:
     }
 
 
+def is_finite_number(value: Any) -> bool:
+    """A metric value that can rank: a number, not a bool, not NaN or infinite (a diverged epoch)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def finite_or_none(value: Any) -> Any:
     """``value`` with every non-finite float in it (a diverged epoch's NaN loss, an infinite one)
     made None, and NumPy scalars and arrays made Python numbers and lists."""

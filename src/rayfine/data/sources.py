@@ -738,7 +738,8 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
             # a string "007" stays a string. Ray's lines=True reader is pandas', which turns numeric-looking
             # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
-            parse_options = _json_parse_options(source, _source_files(source, fmt, named_file), columns)
+            files = paths if isinstance(paths, list) else _source_files(source, fmt, named_file)  # listed once
+            parse_options = _json_parse_options(source, files, columns)
             ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
                                     **({"parse_options": parse_options} if parse_options else {}))
         _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)

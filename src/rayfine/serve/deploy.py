@@ -15,13 +15,13 @@ them (a code change, or a change of args, would replace them).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rayfine.config import ServeConfig
 from rayfine.errors import CheckpointError, RayfineError
+from rayfine.metrics import is_finite_number
 from rayfine.serve.app import DEPLOYMENT_NAME, IMPORT_PATH, resolve_checkpoint, serve_settings, user_config
 
 
@@ -85,20 +85,16 @@ def is_better(new: dict, served: dict) -> tuple[bool, str]:
     metric, mode = new["metric"], new["metric_mode"]
     served_metrics = served.get("metrics") or {}
     new_value, old_value = new["metrics"].get(metric), served_metrics.get(metric)
-    if not _finite(new_value):
+    if not is_finite_number(new_value):
         raise CheckpointError(f"{new['checkpoint']}: metrics.json has no finite {metric} "
                               f"({'missing' if metric not in new['metrics'] else new_value}); cannot compare")
     if metric not in served_metrics:
         raise CheckpointError(f"the served checkpoint {served.get('checkpoint')} has no {metric} in metrics.json; cannot compare")
-    if not _finite(old_value):  # null in metrics.json: not a number (a diverged epoch), beaten by any
+    if not is_finite_number(old_value):  # null in metrics.json: not a number (a diverged epoch), beaten by any
         return True, f"{metric} {new_value:.4f}; the served checkpoint's is not a number ({old_value})"
     better = new_value > old_value if mode == "max" else new_value < old_value
     sign = (">" if better else "<=") if mode == "max" else ("<" if better else ">=")
     return better, f"{metric} {new_value:.4f} {sign} {old_value:.4f} (served)"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _url(details: dict, route_prefix: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import threading
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
-from rayfine.metrics import json_text, nan_for_null
+from rayfine.metrics import is_finite_number, json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
@@ -424,7 +423,7 @@ def _best(result, cfg: Config) -> tuple[Checkpoint, dict]:
     if not candidates:
         raise TrainingError("training finished without a checkpoint")
     metric = cfg.train.metric
-    candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    candidates = [(c, m) for c, m in candidates if is_finite_number(m.get(metric))]
     if not candidates:
         raise TrainingError(f"no kept checkpoint has a finite {metric} (training diverged?); "
                             "try a lower train.lr, or keep more checkpoints (train.keep_checkpoints)")

@@ -15,7 +15,6 @@ import math
 import tempfile
 import threading
 import time
-import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -30,7 +29,7 @@ from safetensors.torch import load_file
 
 from rayfine import checkpoints, metrics
 from rayfine.config import Config
-from rayfine.data import batch_collate, model_batch, tokenizer_source
+from rayfine.data import batch_collate, label_text, model_batch, tokenizer_source
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
 from rayfine.errors import TrainingError
@@ -289,7 +288,7 @@ def check_same_labels(directory: Path, labels: list[str]) -> None:
     (the head's rows): data whose classes changed since, or labels read in another Unicode form
     that sorts otherwise, would train every class under another's row."""
     saved = checkpoints.read_json(directory / checkpoints.LABELS_FILE, "labels")
-    if [unicodedata.normalize("NFC", str(label)) for label in saved] != list(labels):
+    if [label_text(label) for label in saved] != list(labels):  # as the data's labels are read (NFC)
         raise TrainingError(f"the checkpoint this run continues from ({directory}) was trained on the labels {saved}, "
                             f"the data now gives {labels}: a continued run keeps its classes; give the run another "
                             "`name` to train on these")
