@@ -799,14 +799,12 @@ def read_failure(data_cfg: DataConfig) -> str | None:
         return None
     if fmt not in ("csv", "jsonl"):
         return None
-    files = [source] if os.path.isfile(source) else sorted(
-        os.path.join(d, n) for d, _, names in os.walk(source) for n in names
-        if _format_of(n) == fmt and not skipped_path(os.path.relpath(os.path.join(d, n), source)))
-    columns = _text_columns(data_cfg)
     named_file = data_cfg.format != "auto" and os.path.isfile(source)
+    files = _source_files(data_cfg.source, fmt, named_file)  # as the reader was given them
+    columns = _text_columns(data_cfg)
     parse_options = None
     if fmt == "jsonl":
-        parse_options = _json_parse_options(data_cfg.source, _source_files(data_cfg.source, fmt, named_file), columns)
+        parse_options = _json_parse_options(data_cfg.source, files, columns)
     for path in files:
         try:
             if fmt == "csv":

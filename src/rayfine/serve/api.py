@@ -40,6 +40,7 @@ from rayfine.serve.protocol import RequestError
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 # Open to all: the routes and schemas, which the README documents anyway, so that /docs works in a browser.
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+OPEN_PATHS = HEALTH_PATHS + DOCS_PATHS  # the routes that need no API key
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 BINARY = "application/octet-stream"  # a v2 body with binary tensor data
@@ -197,7 +198,7 @@ class Guard:
             route, raw = route[:-1], scope.get("raw_path")
             scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw and raw.endswith(b"/") else raw}
         key: Optional[bytes] = self.server.api_key
-        if key is not None and route not in HEALTH_PATHS + DOCS_PATHS:
+        if key is not None and route not in OPEN_PATHS:
             given = headers.get("x-api-key", b"").strip()
             auth = headers.get("authorization", b"")
             # An empty X-API-Key (a client template's unset variable) is no key, not a wrong one.
@@ -497,7 +498,7 @@ def make_api(server) -> FastAPI:
             for path, operations in schema.get("paths", {}).items():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
-                    if server.api_key is not None and path not in HEALTH_PATHS + DOCS_PATHS:
+                    if server.api_key is not None and path not in OPEN_PATHS:
                         operation["security"] = [{"bearer": []}, {"apiKey": []}]
                         unauthorized = {"description": ERRORS[401], "content": {JSON: {"schema": _schema_ref(protocol.ErrorResponse)}}}
                         operation["responses"] = dict(sorted({**operation["responses"], "401": unauthorized}.items()))
