@@ -575,6 +575,75 @@ def test_a_swap_checks_serve_settings_against_the_running_replicas_not_the_first
         serve.delete(app)
 
 
+def test_a_rollout_the_replicas_cannot_load_leaves_the_served_model_answering(server, checkpoints, digits_png,
+                                                                              tmp_path, monkeypatch):
+    """Serve stops a replica whose reconfigure raises and starts one with the new user_config: a
+    rollout naming a checkpoint the replicas cannot load would take the app down. The replica keeps
+    its model and says why; a client sending requests throughout sees only answers of that model.
+    (1) a config applied as `serve deploy` or a RayService applies it, naming a directory without a
+    checkpoint; (2) `deploy` of weights the replicas cannot read, which it rolls back."""
+    import copy
+    import shutil
+
+    import rayfine.checkpoints
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayfine.serve.deploy import DeployError, _details, deploy, served_info
+
+    pngs, _, _ = digits_png
+    (before,) = get(server, f"/v2/models/{NAME}").json()["versions"]
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            while not stop.is_set():
+                r = session.post(server.url + "/predict", json={"inputs": [b64(pngs[0])]}, headers=AUTH, timeout=60)
+                seen.append((r.status_code, r.json().get("model_version", r.text)))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        app = _details()["applications"][NAME]["deployed_app_config"]
+        typo = copy.deepcopy(app)
+        typo["deployments"][0]["user_config"] = {"checkpoint": str(tmp_path / "missing"), "version": "typo"}
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [typo]}))
+        def swap_error(version):
+            error = served_info(NAME).get("swap_error") or {}
+            return error if error.get("user_config", {}).get("version") == version else None
+
+        failed = wait_for(lambda: swap_error("typo"), timeout_s=60, what="the replica's swap_error")
+        assert "holds no checkpoint" in failed["error"], failed
+        time.sleep(2)  # Serve would be replacing the replica by now
+        assert _details()["applications"][NAME]["status"] == "RUNNING"
+
+        # Weights cut short: the replicas cannot load them. Only the driver's own check (which would
+        # refuse them too) is given the real checkpoint, as for a path only the driver can read.
+        broken = tmp_path / "broken"
+        shutil.copytree(checkpoints["v2"] if before == server.v1 else checkpoints["v1"], broken)
+        weights = (broken / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+        real = rayfine.checkpoints.load_checkpoint
+        monkeypatch.setattr(rayfine.checkpoints, "load_checkpoint",
+                            lambda d, *a, **k: real(checkpoints["v2"], *a, **k) if Path(d) == broken.resolve()
+                            else real(d, *a, **k))
+        with pytest.raises(DeployError, match=rf"replicas could not load {broken.resolve()}: .*; '{NAME}' keeps "
+                                              rf"serving version {before}"):
+            deploy(broken, name=NAME, log=lambda *_: None)
+        rolled_back = _details()["applications"][NAME]["deployed_app_config"]["deployments"][0]["user_config"]
+        assert rolled_back["version"] == before, rolled_back
+        wait_for(lambda: served_info(NAME)["swap_error"] is None, timeout_s=60, what="the rollback's reconfigure")
+        count = len(seen)
+        wait_for(lambda: len(seen) >= count + 5, timeout_s=60, what="5 more answers")
+    finally:
+        stop.set()
+        thread.join()
+    assert seen and set(seen) == {(200, before)}, Counter(seen)
+    assert get(server, f"/v2/models/{NAME}").json()["versions"] == [before]
+    print(f"\nfailed rollouts under load: {len(seen)} requests, all answered by version {before}")
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, checkpoints, digits_png):
     """A second app with serve.autoscaling and short Serve delays from the serve: section: under
     load a second replica starts and answers requests; when the load stops it goes; no request fails."""

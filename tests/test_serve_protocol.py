@@ -629,6 +629,103 @@ def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not
     assert len(deployed) == 1
 
 
+@pytest.fixture
+def fake_serve(tmp_path, monkeypatch):
+    """Serve's controller replaced by fakes: ``details`` is what get_serve_details answers, ``deployed``
+    what deploy_apps was given, ``served`` what the app's replicas say (info()). ``checkpoint(v)``
+    saves a tiny digits checkpoint with val_accuracy ``v``."""
+    import ray.serve
+    import ray.serve.context
+
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve import deploy as deploy_module
+
+    cfg = load_config("resnet18_digits_tiny", ["name=digits"])
+    labels = [str(d) for d in range(10)]
+    fake = SimpleNamespace(details={"http_options": {"host": "127.0.0.1", "port": 8123}, "applications": {}},
+                           deployed=[], served={}, module=deploy_module)
+    fake.checkpoint = lambda v: save_checkpoint(tmp_path / f"ckpt_{v}", build_model(cfg, labels), cfg, labels,
+                                                {"epoch": 1, "val_accuracy": v})
+    monkeypatch.setattr(ray.serve, "start", lambda **_: None)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client",
+                        lambda: SimpleNamespace(deploy_apps=fake.deployed.append))
+    monkeypatch.setattr(deploy_module, "_details", lambda: fake.details)
+    monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: fake.served)
+    return fake
+
+
+def test_a_deploy_to_an_unhealthy_app_is_a_swap_with_its_checks_not_a_new_app(fake_serve, monkeypatch):
+    """Serve calls an app UNHEALTHY while it still serves (a replica failed a health check): a
+    deploy of that name is a swap of the running app (--if-better compares, the route stays), not
+    a new app built over it. The cluster's target_capacity is kept in the config applied."""
+    from rayfine.serve.app import IMPORT_PATH, user_config
+
+    old, new = fake_serve.checkpoint(0.99), fake_serve.checkpoint(0.5)
+    app = {"name": "digits", "route_prefix": "/digits", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {"status": "UNHEALTHY", "source": "declarative",
+                                                    "route_prefix": "/digits", "deployed_app_config": app}
+    fake_serve.details["target_capacity"] = 50.0
+    fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.99})
+    result = fake_serve.module.deploy(new, name="digits", if_better=True, log=lambda *_: None)
+    assert result["action"] == "kept" and result["url"] == "http://127.0.0.1:8123/digits", result
+    assert fake_serve.deployed == []
+
+    better = fake_serve.checkpoint(0.995)
+    monkeypatch.setattr(fake_serve.module, "_wait_for_version", lambda *_: None)
+    result = fake_serve.module.deploy(better, name="digits", if_better=True, log=lambda *_: None)
+    assert result["action"] == "swapped"
+    (schema,) = fake_serve.deployed
+    assert schema.target_capacity == 50.0
+    (swapped,) = schema.applications
+    assert swapped.route_prefix == "/digits" and swapped.args == app["args"]  # reconfigured in place
+
+
+def test_a_new_app_is_refused_a_route_prefix_another_app_serves(fake_serve):
+    """Serve's declarative deploy does not refuse a route a `serve.run` app holds; the two apps
+    would take turns answering it. Two declarative apps on one route are Serve's ValidationError,
+    which is said plainly."""
+    from rayfine.serve.app import IMPORT_PATH
+
+    ckpt = fake_serve.checkpoint(0.9)
+    fake_serve.details["applications"]["mine"] = {"status": "RUNNING", "source": "imperative", "route_prefix": "/",
+                                                  "deployed_app_config": None}
+    with pytest.raises(fake_serve.module.DeployError, match=r"route prefix '/' is taken by app 'mine': serve "
+                                                            r"'digits' under another \(--set serve.route_prefix=/digits\)"):
+        fake_serve.module.deploy(ckpt, name="digits", log=lambda *_: None)
+    assert fake_serve.deployed == []
+    # Two declarative apps that name one route (a config edited by hand): Serve's schema refuses it.
+    other = {"name": "other", "route_prefix": "/x", "import_path": IMPORT_PATH, "args": {"checkpoint": str(ckpt)}}
+    with pytest.raises(fake_serve.module.DeployError, match="Serve refuses the apps' config: .*route_prefix"):
+        fake_serve.module._apply([other, {**other, "name": "other2"}], None)
+
+
+def test_a_swap_the_replicas_cannot_load_is_rolled_back(fake_serve):
+    """A replica that cannot load the new checkpoint keeps its model and says why (info's
+    swap_error); deploy then puts the app's config back, so that a replica Serve starts later does
+    not try that checkpoint, and says what still serves."""
+    from rayfine.serve.app import IMPORT_PATH, user_config
+
+    old, new = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95)
+    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
+                                                    "deployed_app_config": app}
+    fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.9},
+                             swap_error={"user_config": user_config(new), "error": "CheckpointError: unreadable"})
+    with pytest.raises(fake_serve.module.DeployError,
+                       match=rf"could not load {new}: CheckpointError: unreadable; 'digits' keeps serving version "
+                             rf"{user_config(old)['version']}"):
+        fake_serve.module.deploy(new, name="digits", timeout_s=5, log=lambda *_: None)
+    tried, rolled_back = fake_serve.deployed
+    assert tried.applications[0].deployments[0].user_config == user_config(new)
+    assert rolled_back.applications[0].deployments[0].user_config == {"checkpoint": str(old),
+                                                                       "version": user_config(old)["version"]}
+
+
 # --- a real replica, without Ray or Serve: its HTTP API over ASGI -------------------------------------
 
 KEY = "k-" + "7" * 16
@@ -1145,9 +1242,18 @@ def test_a_replica_reloads_the_checkpoint_of_a_run_directory_when_its_user_confi
         save_checkpoint(best, build_model(cfg, labels), cfg, labels, {"epoch": 2})  # a later run's winner
         asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path / "run"), "version": "rollout-2"}))
         assert replica.model.version == weights_version(best) != first
+        # A rollout to a path without a checkpoint: the model served before stays, and says why (raising
+        # would make Serve stop this replica and start one that fails the same way).
+        asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path), "version": "rollout-3"}))
+        assert replica.model.version == weights_version(best)
+        failed = asyncio.run(replica.info())["swap_error"]
+        assert failed["user_config"]["version"] == "rollout-3" and "holds no checkpoint" in failed["error"], failed
+        asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path / "run"), "version": "rollout-2"}))  # rolled back
+        assert asyncio.run(replica.info())["swap_error"] is None
+        # A replica's first model must load, or the replica does not start.
+        fresh = Classifier.func_or_class.__bases__[0]("digits", LIMITS.model_dump_json())
         with pytest.raises(CheckpointError, match="holds no checkpoint"):
-            asyncio.run(replica.reconfigure({"checkpoint": str(tmp_path), "version": "rollout-3"}))
-        assert replica.model.version == weights_version(best)  # the model served before stays
+            asyncio.run(fresh.reconfigure({"checkpoint": str(tmp_path), "version": "rollout-3"}))
     finally:
         torch.set_num_threads(threads)
 

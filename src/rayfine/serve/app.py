@@ -23,6 +23,7 @@ response names the version that answered it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from rayfine.config import ConfigError, ServeConfig, validate
 from rayfine.errors import CheckpointError
 from rayfine.serve.batching import DynamicBatcher
 from rayfine.serve.model import Answer, ServedModel, load_served, run_batch, weights_version
+
+logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "Classifier"
 IMPORT_PATH = "rayfine.serve.app:build_app"
@@ -51,6 +54,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path} holds no checkpoint: give a checkpoint directory (model.safetensors, config.yaml, labels.json) "
         "or a run directory with tune/best/checkpoint or train/checkpoint"
     )
+
+
+def _checkpoint_of(user_config: Optional[dict]) -> str:
+    path = (user_config or {}).get("checkpoint")
+    if not path:
+        raise CheckpointError("user_config needs {checkpoint: <directory>}")
+    return str(resolve_checkpoint(path))
 
 
 def user_config(checkpoint_dir: Path) -> dict[str, str]:
@@ -107,6 +117,7 @@ class Classifier:
         self.settings = ServeConfig.model_validate_json(settings_json)
         self.api_key = read_api_key(self.settings)
         self.model: Optional[ServedModel] = None
+        self.swap_error: Optional[dict[str, Any]] = None  # the last swap that could not load (see reconfigure)
         self._swap_lock = asyncio.Lock()
         # Ray gives a replica as many threads as CPUs it reserved; torch should not use more.
         torch.set_num_threads(max(1, int(self.settings.cpus_per_replica)))
@@ -122,17 +133,29 @@ class Classifier:
     async def reconfigure(self, user_config: dict) -> None:
         """Load the checkpoint of ``user_config`` and swap it in (a hot swap when already serving).
         ``checkpoint`` may name a run directory, as build_app's args may (a RayService's
-        serveConfigV2 names the run directory the pipeline writes again)."""
-        path = (user_config or {}).get("checkpoint")
-        if not path:
-            raise CheckpointError("user_config needs {checkpoint: <directory>}")
-        path = str(resolve_checkpoint(path))
+        serveConfigV2 names the run directory the pipeline writes again).
+
+        A replica that cannot load its first model fails to start. A swap that cannot load keeps the
+        model it serves and reports why in ``info()["swap_error"]``: Serve stops a replica whose
+        reconfigure raises and starts one with the new user_config, which fails the same way, so a
+        bad checkpoint path in a rollout would take the app down."""
         async with self._swap_lock:
-            current = self.model
-            if current is not None and current.path == str(Path(path).resolve()) and current.version == user_config.get("version"):
+            if self.model is None:
+                self.model = await asyncio.to_thread(load_served, _checkpoint_of(user_config), self.settings)
                 return
-            # Loading runs beside the event loop: the old model keeps answering meanwhile.
-            self.model = await asyncio.to_thread(load_served, path, self.settings)
+            try:
+                path = _checkpoint_of(user_config)
+                current = self.model
+                if current.path == path and current.version == user_config.get("version"):
+                    self.swap_error = None  # back to what it serves (deploy's rollback of a failed swap)
+                    return
+                # Loading runs beside the event loop: the old model keeps answering meanwhile.
+                self.model = await asyncio.to_thread(load_served, path, self.settings)
+                self.swap_error = None
+            except Exception as e:  # noqa: BLE001  (any failure to load: keep serving, say why)
+                self.swap_error = {"user_config": dict(user_config or {}), "error": f"{type(e).__name__}: {e}"}
+                logger.error("hot swap to %s failed; still serving version %s: %s",
+                             (user_config or {}).get("checkpoint"), self.model.version, self.swap_error["error"])
 
     def __serve_build_asgi_app__(self):
         from rayfine.serve.api import make_api
@@ -168,7 +191,7 @@ class Classifier:
         s = self.model.stats
         return {"name": self.name, "replica": self.replica_id, **self.model.describe(), "settings": settings,
                 "stats": {"inference_count": s.inference_count, "execution_count": s.execution_count,
-                          "batch_sizes": dict(s.by_size)}}
+                          "batch_sizes": dict(s.by_size)}, "swap_error": self.swap_error}
 
 
 class AppArgs(BaseModel):

@@ -29,6 +29,15 @@ class DeployError(RayfineError, RuntimeError):
     """The app could not be deployed or updated."""
 
 
+class SwapFailed(DeployError):
+    """The replicas could not load the new checkpoint and kept serving the model they had."""
+
+
+# An app in these states has replicas serving (UNHEALTHY: one failed its health check, say): a
+# deploy of that name swaps its model in place, never replaces the app.
+LIVE = ("RUNNING", "DEPLOYING", "UNHEALTHY")
+
+
 def app_config(checkpoint_dir: Path, name: str, serve_overrides: Optional[dict[str, Any]], route_prefix: str) -> dict:
     """One application of a Serve config file (ServeApplicationSchema) serving this checkpoint."""
     args: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "name": name}
@@ -65,7 +74,7 @@ def served_info(name: str, timeout_s: float = 30) -> Optional[dict]:
     from ray import serve
 
     app = _details().get("applications", {}).get(name)
-    if not app or app.get("status") not in ("RUNNING", "DEPLOYING"):
+    if not app or app.get("status") not in LIVE:
         return None
     return serve.get_app_handle(name).info.remote().result(timeout_s=timeout_s)
 
@@ -122,7 +131,6 @@ def deploy(
     "name", "url", "version", "checkpoint", "reason"}.
     """
     from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
     from rayfine.checkpoints import load_checkpoint
     from rayfine.serve.model import weights_version
@@ -142,11 +150,16 @@ def deploy(
     apps = details.get("applications", {})
     current = apps.get(name)
     result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
-    if current is not None and current.get("status") in ("RUNNING", "DEPLOYING"):
+    if current is not None and current.get("status") in LIVE:
         if current.get("source") != "declarative" or not current.get("deployed_app_config"):
             raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
                               "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
-        served = served_info(name) or {}
+        try:
+            served = served_info(name) or {}
+        except Exception as e:  # noqa: BLE001  (an UNHEALTHY app whose replicas do not answer, say)
+            raise DeployError(f"app {name!r} is {current.get('status')} and its replicas do not answer ({e}); "
+                              "stop it (`serve shutdown`, or Ctrl-C the `rayfine serve` that runs it) and deploy "
+                              "again") from None
         if serve_overrides:
             # Settings are fixed when the app is built; a swap only replaces the model. Asking for
             # the settings it already runs with is fine (running the same command again). The
@@ -177,23 +190,58 @@ def deploy(
         action = "swapped"
         log(f"[serve] swapping {name}: version {served.get('version')} -> {version}")
     else:
+        # Serve's declarative deploy does not refuse a route another app holds (a `serve.run` app's
+        # "/", say): the two would take turns answering it.
+        taken = [n for n, a in apps.items() if n != name and a.get("status") != "DELETING"
+                 and a.get("route_prefix") == settings.route_prefix]
+        if taken:
+            raise DeployError(f"route prefix {settings.route_prefix!r} is taken by app {taken[0]!r}: serve {name!r} "
+                              f"under another (--set serve.route_prefix=/{name}) or delete that app")
         ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
         result["url"] = _url(details, settings.route_prefix)
         action = "deployed"
         log(f"[serve] deploying {name} (version {version}) from {checkpoint_dir}")
 
-    # A declarative deploy replaces the whole set of declarative apps: keep the others as they are.
+    # A declarative deploy replaces the whole set of declarative apps: keep the others as they are,
+    # and the cluster's target_capacity (an operator's, or a KubeRay upgrade's) as it is.
     others = [a["deployed_app_config"] for n, a in apps.items()
               if n != name and a.get("source") == "declarative" and a.get("deployed_app_config")]
-    from ray.serve.context import _get_global_client
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": others + [ours]}))
-    _wait_for_version(name, version, timeout_s)
+    _apply(others + [ours], details.get("target_capacity"))
+    try:
+        _wait_for_version(name, version, timeout_s)
+    except SwapFailed as e:
+        if action != "swapped":
+            raise
+        # Put the config back to what the replicas serve (not the config before: that may name a
+        # rollout that failed too), or a replica Serve starts later (a restart, autoscaling) would
+        # try the checkpoint they could not load.
+        back = {"checkpoint": served.get("checkpoint"), "version": served.get("version")}
+        ours["deployments"] = deployments + [{**previous, "user_config": back}]
+        _apply(others + [ours], details.get("target_capacity"))
+        raise DeployError(f"{e}; {name!r} keeps serving version {served.get('version')}") from None
     return {**result, "action": action}
 
 
+def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
+    """Serve's declarative deploy of ``applications`` (the whole set of declarative apps)."""
+    from pydantic import ValidationError
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config: dict[str, Any] = {"applications": applications}
+    if target_capacity is not None:
+        config["target_capacity"] = target_capacity
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as e:  # two apps with one route prefix, say
+        problems = "; ".join(x["msg"] for x in e.errors())
+        raise DeployError(f"Serve refuses the apps' config: {problems}") from None
+    _get_global_client().deploy_apps(schema)
+
+
 def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and answers with ``version`` (a swap or a first deploy)."""
+    """Until the app is RUNNING and answers with ``version`` (a swap or a first deploy). SwapFailed
+    when a replica reports that it could not load ``version``."""
     deadline = time.time() + timeout_s
     last = ""
     while time.time() < deadline:
@@ -208,6 +256,10 @@ def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
                 info, last = {}, str(e)
             if info.get("version") == version:
                 return
+            failed = info.get("swap_error") or {}
+            if (failed.get("user_config") or {}).get("version") == version:
+                raise SwapFailed(f"the replicas could not load {failed['user_config'].get('checkpoint')}: "
+                                 f"{failed.get('error')}")
         # Serve says there why replicas do not start (e.g. the GPUs serve.gpus_per_replica asks for).
         waiting = ((app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}).get("message")
         last = f"status {status}: {waiting}" if waiting and status != "RUNNING" else last or f"status {status}"
