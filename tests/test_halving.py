@@ -241,6 +241,29 @@ def test_asha_rebuilds_its_rungs_on_a_resume():
     assert decisions["forgetful"] == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)
 
 
+def test_asha_stops_a_trial_whose_metric_is_not_a_number():
+    """rayfine.tune.asha.ResumableASHA: a diverged trial (val_loss NaN or infinite) stops at its first
+    result; Ray's ASHA passes a NaN at every rung (NaN < cutoff is never true). Finite results are
+    judged as before."""
+    from rayfine.tune.asha import ResumableASHA
+
+    asha = ResumableASHA(time_attr="epoch", max_t=8, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("val_loss", "min")
+    c = FakeController(asha)
+    # The first to reach the rung: a number would pass it whatever its value.
+    assert c.report(c.add("t_0"), 1, float("nan")) == TrialScheduler.STOP
+    good, worse = c.add("t_1"), c.add("t_2")
+    assert c.report(good, 1, 0.2) == TrialScheduler.CONTINUE  # the NaN is no score to beat
+    assert c.report(worse, 1, 0.4) == TrialScheduler.STOP  # below the rung's cutoff
+    assert c.report(good, 2, 0.15) == TrialScheduler.CONTINUE
+    assert c.report(good, 3, float("nan")) == TrialScheduler.STOP  # diverged between rungs
+    for i, value in enumerate((float("inf"), float("-inf")), 3):
+        assert c.report(c.add(f"t_{i}"), 1, value) == TrialScheduler.STOP
+    late = c.add("t_5")
+    assert c.report(late, 1, 0.1) == TrialScheduler.CONTINUE  # better than the rung's cutoff
+    assert "num_stopped=5" in asha.debug_string()
+
+
 def test_trials_a_resumed_search_brings_back_beyond_its_slots_wait_paused():
     """A resumed search brings back every unfinished trial PENDING and Tune starts every PENDING
     trial: with fewer slots than before (bigger trials, a smaller cluster), those beyond wait

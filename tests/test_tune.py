@@ -186,3 +186,42 @@ def test_a_plan_that_cannot_fit_is_refused_before_any_trial(ray_local, tmp_path)
     assert "a trial needs 2.01 CPUs" in message and "the cluster has 2" in message
     assert "lower scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus" in message
     assert not (tmp_path / "toobig").exists()  # nothing started, nothing written
+
+
+def test_a_search_that_fails_on_its_data_leaves_no_search_behind(ray_local, tmp_path, digits):
+    # A wrong data.label_column passes preflight (the source exists, it is parquet) and fails in
+    # build_datasets: the corrected command must start the search, not be refused as "a search of
+    # a different config", and --resume must not take the failed command for a search.
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from rayfine.errors import DataError
+    from rayfine.tune.search import preflight
+
+    def png(image):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    images, labels = digits
+    pq.write_table(pa.table({"image": [png(x) for x in images[:40]], "label": labels[:40].tolist()}),
+                   tmp_path / "digits.parquet")
+    overrides = ["name=baddata", f"storage.runs_dir={tmp_path}", f"data.source={tmp_path / 'digits.parquet'}"]
+    bad = load_config("resnet18_digits_tiny", [*overrides, "data.label_column=lbl"])
+    fixed = load_config("resnet18_digits_tiny", overrides)
+    with pytest.raises(DataError, match="data.label_column: no column 'lbl'"):
+        run_search(bad, log=lambda *_: None)
+    marker = tmp_path / "baddata" / "tune" / "config.yaml"
+    assert not marker.exists()
+    preflight(fixed)  # accepted
+    with pytest.raises(ConfigError, match="--resume: no search to resume"):
+        preflight(fixed, resume=True)
+    # The config of an earlier search's outputs (its experiment stored elsewhere) stays.
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(bad.to_yaml())
+    with pytest.raises(DataError, match="data.label_column"):
+        run_search(bad, log=lambda *_: None)
+    assert marker.read_text() == bad.to_yaml()

@@ -17,14 +17,16 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from rayfine.metrics import is_finite_number
 from rayfine.tune.limits import SlotLimits
 
 
 class ResumableASHA(SlotLimits, ASHAScheduler):
     """``ASHAScheduler`` whose rungs include what each trial reported before a resume, with the
-    search's limits (``rayfine.tune.limits.SlotLimits``)."""
+    search's limits (``rayfine.tune.limits.SlotLimits``). A trial whose metric is NaN or infinite (a
+    diverged loss) is stopped at once: Ray's ASHA never would (a NaN is below no rung's cutoff)."""
 
     def __init__(self, *, history: Optional[Callable[[str], Iterable[dict]]] = None, slots: int | None = None,
                  max_failures: int | None = None, **asha):
@@ -41,3 +43,11 @@ class ResumableASHA(SlotLimits, ASHAScheduler):
             if self._time_attr in record and record.get(self._metric) is not None:
                 # The decision it returns was taken (and acted on) before the resume.
                 bracket.on_result(trial, record[self._time_attr], self._metric_op * record[self._metric])
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        # Ray stops a trial when its score is below the rung's cutoff, which a NaN never is, and
+        # computes the cutoffs with nanpercentile: a diverged trial would train all its epochs.
+        if self._metric in result and not is_finite_number(result[self._metric]):
+            self._num_stopped += 1
+            return TrialScheduler.STOP
+        return super().on_trial_result(tune_controller, trial, result)

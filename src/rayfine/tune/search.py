@@ -101,7 +101,18 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     """
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
-        return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
+        marker = cfg.run_dir() / "tune" / "config.yaml"
+        new_search = not resume and not marker.is_file()
+        try:
+            return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
+        except BaseException:
+            # tune/config.yaml marks a search (``_check_continuation``); one that failed before Tune
+            # saved an experiment (a DataError from build_datasets, a Ctrl-C while the data is read)
+            # would refuse the corrected command ("holds a search of a different config") and leave
+            # --resume nothing to resume. Only the file this command wrote: not an earlier search's.
+            if new_search and marker.is_file() and not tune.Tuner.can_restore(experiment_path(cfg)):
+                marker.unlink()
+            raise
 
 
 def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bool, log) -> dict[str, Any]:
