@@ -148,7 +148,10 @@ def test_submit_resume_from_the_command_line(monkeypatch, capsys):
       "temporary working directory"),
      ["tracking.mlflow.tracking_uri=sqlite:////shared/mlflow.db", "tracking.mlflow.tracking_uri=http://mlflow:5000"]),
     ("tracking.mlflow.tracking_uri=sqlite:///mlflow.db", "a relative SQLite file", []),
-], ids=["weights-in-runs", "weights-in-data", "api-key-file", "sqlite-in-runs", "sqlite-here"])
+    ("storage.storage_path=ckpts",
+     "storage.storage_path ckpts: a relative path would put Ray Train/Tune's checkpoints in the job's temporary",
+     ["storage.storage_path=/shared/ray", "storage.storage_path=s3://bucket/ray", "storage.storage_path=~/ray"]),
+], ids=["weights-in-runs", "weights-in-data", "api-key-file", "sqlite-in-runs", "sqlite-here", "storage-path"])
 def test_submit_refuses_paths_the_cluster_would_not_find(refused, why, taken):
     client = FakeJobs()
     with pytest.raises(JobsError, match=re.escape(why)):
@@ -179,6 +182,64 @@ def test_submit_refuses_a_local_model_directory_that_is_not_uploaded(tmp_path, m
         submit(cfg, "minilm_rotten_tomatoes_tiny", job="tune", runs_dir="/shared/runs", working_dir=project,
                client=client)
     assert len(client.submitted) == 1
+
+
+def _shipped(project: Path) -> set[str]:
+    """The files Ray's own packaging (what submit_job uploads) puts in the working_dir package."""
+    from ray._private.runtime_env.packaging import create_package
+
+    spec = runtime_env(project, environ={})
+    target = project.parent / f"{project.name}.zip"
+    target.unlink(missing_ok=True)
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE") != "1"  # as the dashboard SDK decides
+    create_package(spec["working_dir"], target, include_gitignore=include_gitignore, excludes=spec["excludes"])
+    return {n for n in zipfile.ZipFile(target).namelist() if not n.endswith("/")}
+
+
+def test_submit_refuses_what_gitignore_or_rayignore_keeps_out_of_the_upload(tmp_path, monkeypatch):
+    """Ray leaves out of the working_dir what a .gitignore or .rayignore in the project ignores; a
+    config file or data the job reads from there would be missing on the cluster. The refusal names
+    the file and the ignore file, and agrees with Ray's own packaging about what is uploaded."""
+    project = tmp_path / "project"
+    files = {"ray_jobs/train.py": "", ".gitignore": "experiments/*.local.yaml\n*.csv\n", "experiments/a.local.yaml": "",
+             "experiments/b.yaml": "", "text/train.csv": "text,label\n", "text/train.jsonl": "{}\n",
+             "images/cat/1.png": "x", "images/dog/.rayignore": "*.png\n", "images/dog/2.png": "x",
+             "photos/cat/1.png": "x", "photos/.DS_Store": "x", "photos/.rayignore": ".DS_Store\n"}
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    monkeypatch.chdir(project)
+    shipped = _shipped(project)
+    client = FakeJobs()
+
+    def submit_with(config: str, *overrides: str):
+        preset = "minilm_rotten_tomatoes_tiny" if "text" in str(overrides) else "resnet18_digits_tiny"
+        submit(load_config(preset, list(overrides)), config, job="train", runs_dir="/shared/runs",
+               working_dir=project, client=client)
+
+    refused = [(("experiments/a.local.yaml",), ("config file experiments/a.local.yaml: experiments/a.local.yaml is "
+                "excluded by .gitignore, so Ray does not upload it with the working directory: move it elsewhere in "
+                "the project, or un-ignore it in .gitignore (or submit with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1")),
+               (("resnet18_digits_tiny", "data.source=text/train.csv", "data.kind=text"),
+                "data.source text/train.csv: text/train.csv is excluded by .gitignore"),
+               (("resnet18_digits_tiny", "data.source=images"),
+                ("data.source images: images/dog/2.png is excluded by images/dog/.rayignore, so Ray does not upload "
+                 "it with the working directory: put the data where every node reads it (an absolute path on shared "
+                 "storage, or s3://), or un-ignore it in images/dog/.rayignore"))]
+    for (config, *overrides), why in refused:
+        with pytest.raises(JobsError, match=re.escape(why)):
+            submit_with(config, *overrides)
+    assert not client.submitted
+    assert {"experiments/a.local.yaml", "text/train.csv", "images/dog/2.png"}.isdisjoint(shipped)
+    # Uploaded: a sibling config, other data, and a folder whose only ignored file the data reader skips.
+    submit_with("experiments/b.yaml")
+    submit_with("resnet18_digits_tiny", "data.source=text/train.jsonl", "data.kind=text")
+    submit_with("resnet18_digits_tiny", "data.source=photos")
+    assert len(client.submitted) == 3 and {"experiments/b.yaml", "text/train.jsonl", "photos/cat/1.png"} <= shipped
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray's switch: then no .gitignore is read
+    assert "experiments/a.local.yaml" in _shipped(project)
+    submit_with("experiments/a.local.yaml", "train.epochs=3")  # another config: not the first submission again
+    assert len(client.submitted) == 4
 
 
 def test_config_argument_preset_file_inside_and_outside(tmp_path):

@@ -17,7 +17,8 @@
 #   RAYFINE_OBJECT_STORE_MB  object store per node (default 400)
 #   RAYFINE_VENV          the Python environment with rayfine (default: <repo>/.venv)
 # The token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (created
-# with `ray get-auth-token --generate` when none exists). Clients on this host find it there.
+# with `ray get-auth-token --generate`, mode 600, when none exists; a token file readable by others is
+# made mode 600). Clients on this host find it there.
 # Run it under the project's Ray lock when tests or other Ray runs share the machine:
 #   flock /tmp/rayfine-ray.lock cluster/local/up.sh
 set -euo pipefail
@@ -72,7 +73,14 @@ elif [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
   token_from="$RAY_AUTH_TOKEN_PATH"
 else
   token_from="$HOME/.ray/auth_token"
-  [[ -s "$token_from" ]] || ray get-auth-token --generate >/dev/null 2>&1 || die "could not create $token_from"
+  # Ray writes a new token (and ~/.ray) under the umask, world-readable by default: only this account
+  # may read it, as whoever holds it can run code on the cluster.
+  [[ -s "$token_from" ]] || (umask 077 && ray get-auth-token --generate >/dev/null 2>&1) \
+    || die "could not create $token_from"
+fi
+if [[ "$token_from" != RAY_AUTH_TOKEN ]] && [[ -n "$(find "$token_from" -perm /077 2>/dev/null)" ]]; then
+  chmod 600 "$token_from" 2>/dev/null \
+    || echo "up.sh: warning: $token_from is readable by other accounts and cannot be chmod 600: restrict it" >&2
 fi
 
 # One node: `ray start` in a new session (setsid), whose id is recorded, so that down.sh finds every

@@ -166,6 +166,67 @@ def submission_id(job: str, cfg, resume: bool = False) -> str:
     return f"rayfine-{job}-{cfg.name}-{config_digest(job, cfg)[:12]}" + ("-resume" if resume else "")
 
 
+def _ignore_files(folder: Path, working_dir: Path) -> list[tuple[str, Callable]]:
+    """The .gitignore and .rayignore of ``folder`` as Ray reads them when it packs the working_dir
+    (its own matchers; .gitignore files unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), each with its name."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    from ray._private.runtime_env.packaging import _get_ignore_file
+
+    include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    names = (".gitignore", ".rayignore") if include_gitignore else (".rayignore",)
+    found = ((name, _get_ignore_file(folder, name)) for name in names)
+    return [((folder / name).relative_to(working_dir).as_posix(), match) for name, match in found if match]
+
+
+def _first_excluded(node: Path, working_dir: Path, matchers: list, below: tuple[str, ...],
+                    skip: Callable[[str], bool], inside: str = "") -> tuple[Path, str] | None:
+    """Ray's walk of the working_dir (packaging._dir_travel), down ``below`` and then through the
+    whole of ``node``: an ignore file applies from its folder down, and an excluded folder takes
+    everything in it along. Returns the first excluded path and what excludes it; a path in the
+    target that ``skip`` says the job does not read (``inside``: relative to the target) is passed over."""
+    if inside and skip(f"{inside}/x" if node.is_dir() else inside):
+        return None
+    matchers = matchers + _ignore_files(node, working_dir)
+    hit = next((name for name, match in matchers if match(node)), None)
+    if hit:
+        return node, hit
+    children = [node / below[0]] if below else sorted(node.iterdir()) if node.is_dir() else []
+    for child in children:
+        deeper = "" if below else f"{inside}/{child.name}".lstrip("/")
+        found = _first_excluded(child, working_dir, matchers, below[1:], skip, deeper)
+        if found:
+            return found
+    return None
+
+
+def ray_excluded(path: str, working_dir: Path, skip: Callable[[str], bool] = lambda relative: False,
+                 ) -> tuple[str, str] | None:
+    """(the path excluded, what excludes it) when Ray would leave ``path`` (relative to working_dir),
+    or a file in it, out of the upload: rayfine's EXCLUDES, Ray's default excludes, or a .gitignore
+    or .rayignore on the way down (Ray honours them by default); None when all of it is uploaded.
+    ``skip(relative)``: a file in a folder ``path`` that does not count ("/"-separated, below it)."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    below = Path(path).parts
+    if ".." in below:  # not in the working dir: not Ray's upload
+        return None
+    wd = working_dir.absolute()
+    excludes = [("the upload's excludes (rayfine.jobs.EXCLUDES and Ray's defaults)",
+                 _get_excludes(wd, get_runtime_env_default_excludes() + EXCLUDES))]
+    found = _first_excluded(wd, wd, excludes, below, skip)
+    return (found[0].relative_to(wd).as_posix(), found[1]) if found else None
+
+
+def _excluded_hint(excluded: tuple[str, str], what: str) -> str:
+    """The end of a refusal: what excludes the path, and how to get it to the cluster."""
+    path, by = excluded
+    how = f", or un-ignore it in {by}" if by.endswith((".gitignore", ".rayignore")) else ""
+    if by.endswith(".gitignore"):
+        how += " (or submit with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1: Ray then reads no .gitignore)"
+    return f"{path} is excluded by {by}, so Ray does not upload it with the working directory: {what}{how}"
+
+
 def config_argument(config: str, working_dir: Path) -> str:
     """How the job names the config: a preset name as is, a file by its path inside working_dir."""
     path = Path(config).expanduser()
@@ -179,6 +240,9 @@ def config_argument(config: str, working_dir: Path) -> str:
     if inside.parts[0] in NOT_UPLOADED_DIRS:
         raise JobsError(f"config file {config} is in {inside.parts[0]}/, which is not uploaded: move it elsewhere "
                         "in the project")
+    excluded = ray_excluded(inside.as_posix(), working_dir.resolve())
+    if excluded:
+        raise JobsError(f"config file {config}: " + _excluded_hint(excluded, "move it elsewhere in the project"))
     return inside.as_posix()
 
 
@@ -243,27 +307,60 @@ def _not_uploaded(path: str) -> str | None:
     return parts[0]
 
 
+def _check_uploaded(field: str, path: str, working_dir: Path, what: str, skip=lambda relative: False) -> None:
+    """Refuses a relative path the job reads that Ray leaves out of the upload (ray_excluded)."""
+    if "://" in path or Path(path).expanduser().is_absolute():
+        return
+    excluded = ray_excluded(path, working_dir, skip)
+    if excluded:
+        raise JobsError(f"{field} {path}: " + _excluded_hint(excluded, what))
+
+
+def _data_reader_skips(relative: str) -> bool:
+    """Whether rayfine's data reader leaves this file of a folder source out anyway (sources.skipped_path)."""
+    from rayfine.data.sources import skipped_path
+
+    return skipped_path(relative)
+
+
 def check_paths(cfg, working_dir: Path | None = None) -> None:
     """The files the job reads must be where the cluster's processes find them: a relative path
-    travels with the working directory only outside data/, runs/ (NOT_UPLOADED_DIRS), and files
-    the job writes or the replicas read need absolute paths (the job's working directory is a
-    temporary copy on the head node)."""
+    travels with the working directory only outside data/, runs/ (NOT_UPLOADED_DIRS) and what
+    Ray's excludes, .gitignore and .rayignore files leave out, and files the job writes or the
+    replicas read need absolute paths (the job's working directory is a temporary copy on the head
+    node)."""
+    wd = Path(working_dir or ".")
     source = cfg.data.source
     folder = None if source.startswith("builtin:") else _not_uploaded(source)
+    shared = "put the data where every node reads it (an absolute path on shared storage, or s3://)"
     if folder:
-        raise JobsError(f"data.source {source}: {folder}/ is not uploaded with the working directory; "
-                        "put the data where every node reads it (an absolute path on shared storage, or s3://)")
+        raise JobsError(f"data.source {source}: {folder}/ is not uploaded with the working directory; {shared}")
+    if not source.startswith("builtin:"):  # in a folder, what the reader passes over (.DS_Store) may be left out
+        _check_uploaded("data.source", source, wd, shared, _data_reader_skips)
     weights = cfg.model.weights
     folder = _not_uploaded(weights) if weights and weights.endswith(".safetensors") else None
     if folder:
         raise JobsError(f"model.weights {weights}: {folder}/ is not uploaded with the working directory; put the "
                         "file where every node reads it (an absolute path on shared storage)")
+    if weights and weights.endswith(".safetensors"):
+        _check_uploaded("model.weights", weights, wd, "put the file where every node reads it (an absolute path "
+                        "on shared storage)")
     name = cfg.model.name
     # A directory in the working dir (where the job resolves it) is a local model, else a hub id.
-    folder = _not_uploaded(name) if (Path(working_dir or ".") / name).is_dir() else None
+    local_model = (wd / name).is_dir()
+    folder = _not_uploaded(name) if local_model else None
     if folder:
         raise JobsError(f"model.name {name}: {folder}/ is not uploaded with the working directory; put the model "
                         "directory where every node reads it (an absolute path on shared storage)")
+    if local_model:
+        _check_uploaded("model.name", name, wd, "put the model directory where every node reads it (an absolute "
+                        "path on shared storage)")
+    storage = cfg.storage.storage_path
+    if storage and "://" not in storage and not Path(storage).expanduser().is_absolute():
+        raise JobsError(f"storage.storage_path {storage}: a relative path would put Ray Train/Tune's checkpoints in "
+                        "the job's temporary working directory on the head node, where worker nodes cannot write "
+                        "and Ray deletes them with it; give an absolute path that every node mounts "
+                        "(/mnt/shared/ray) or s3://")
     key_file = cfg.serve.api_key_file
     if key_file and not Path(key_file).expanduser().is_absolute():
         raise JobsError(f"serve.api_key_file {key_file}: a relative path would be looked up in a temporary working "
