@@ -204,6 +204,32 @@ def test_numbers_read_the_same_from_a_file_and_an_override(tmp_path):
     assert load_config(path, ["model.config_overrides.layer_norm_eps=1e-5"]) == cfg
 
 
+@pytest.mark.parametrize(("override", "reason"), [
+    # A multi-label problem_type made transformers' pipelines answer the single-label model with sigmoid scores;
+    # id2label (or label2id, num_labels) made the export fail after the whole run, against labels.json.
+    ("problem_type: multi_label_classification", "rayfine sets it to single_label_classification"),
+    ("id2label: {0: negative, 1: positive}", "rayfine sets it from the data's labels (data.labels names them"),
+    ("label2id: {negative: 0, positive: 1}", "rayfine sets it from the data's labels"),
+    ("num_labels: 3", "rayfine sets it from the data's labels"),
+])
+def test_config_overrides_may_not_set_the_labels(override, reason):
+    key = override.split(":")[0]
+    (err,) = _errors([f"model.config_overrides={{hidden_dropout_prob: 0.2, {override}}}"], "minilm_rotten_tomatoes")
+    assert err.startswith(f"model.config_overrides.{key}: {reason}") and err.endswith("; remove it"), err
+
+
+def test_config_overrides_may_not_size_an_image_model_other_than_its_data():
+    image = ["model.name=resnet", "model.pretrained=false", "model.config_overrides.depths=[1, 1]"]
+    (err,) = _errors([*image, "model.config_overrides.num_channels=3", "data.color_mode=L"])
+    assert err == ("model.config_overrides.num_channels: the model's input channels follow data.color_mode "
+                   "(L: 1, RGB: 3); remove it")
+    (err,) = _errors([*image, "model.config_overrides.image_size=64"])
+    assert err.startswith("model.config_overrides.image_size: the model's image size follows data.image_size")
+    # Fields rayfine leaves to the model are still the user's, and a text model has no image size of rayfine's.
+    assert load_config("resnet18_digits", image).model.config_overrides == {"depths": [1, 1]}
+    assert load_config("minilm_rotten_tomatoes", ["model.config_overrides.image_size=64"]).model.config_overrides
+
+
 def test_text_fields_keep_numbers_as_written(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("name: 2024.10\ndata:\n  source: builtin:digits\n  labels: [01, 1.50, 1e5, cat]\n"

@@ -67,6 +67,50 @@ def test_weights_from_a_rayfine_checkpoint_continue_its_training(tmp_path):
     assert load_checkpoint(tmp_path / "ckpt").model.state_dict().keys() == model.state_dict().keys()
 
 
+def _torchvision_file(path: Path, name: str, drop=(), **change) -> Path:
+    """A torchvision network's state dict as a .safetensors file (random values, the real names and shapes)."""
+    import torchvision
+
+    state = {k: v for k, v in torchvision.models.get_model(name).state_dict().items() if k not in drop}
+    save_file({**state, **change}, str(path))
+    return path
+
+
+def test_a_weights_file_of_another_resnet_is_refused_naming_the_one_it_is_for(tmp_path):
+    # resnet18's file for resnet34 would leave resnet34's extra blocks random, yet trained as pretrained body
+    # (train.freeze_epochs froze them, train.head_lr passed them by); resnet34's for resnet18 would drop blocks.
+    r18 = _torchvision_file(tmp_path / "r18.safetensors", "resnet18")
+    with pytest.raises(RayfineError, match=(
+            rf"model.weights: {r18} is not a resnet34 weights file: it lacks 80 of resnet34's 218 tensors or has them "
+            r"at another shape \(layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias, ...\); only the stem "
+            r"\(conv1\) and the head \(fc\) may differ. It is resnet18's: set model.name: resnet18")):
+        build_model(image_cfg("model.name=resnet34", f"model.weights={r18}"), LABELS)
+    with pytest.raises(ConfigError, match="is not a resnet34 weights file"):  # on the driver, before workers retry it
+        check_model(image_cfg("model.name=resnet34", f"model.weights={r18}", "data.image_size=12"))
+    r34 = _torchvision_file(tmp_path / "r34.safetensors", "resnet34")
+    with pytest.raises(RayfineError, match=r"it has 80 tensors resnet18 has not \(layer1.2.bn1.bias, .*"
+                                           "It is resnet34's: set model.name: resnet34"):
+        build_model(image_cfg(f"model.weights={r34}"), LABELS)
+    # Given to the network it is for, the file loads (its stem and head differ: small stem, 7 labels).
+    assert getattr(build_model(image_cfg(f"model.weights={r18}"), LABELS), NEW_PARAMS_ATTR) == {
+        "net.conv1.weight", "net.fc.weight", "net.fc.bias"}
+
+
+def test_a_weights_file_short_of_body_tensors_is_refused(tmp_path):
+    # torchvision's older files have no num_batches_tracked (load_state_dict fills it in): not a missing tensor.
+    old = _torchvision_file(tmp_path / "old.safetensors", "resnet18",
+                            drop=[k for k in __import__("torchvision").models.resnet18().state_dict()
+                                  if k.endswith("num_batches_tracked")])
+    model = build_model(image_cfg("data.image_size=64", "data.color_mode=RGB", f"model.weights={old}"), LABELS)
+    assert getattr(model, NEW_PARAMS_ATTR) == {"net.fc.weight", "net.fc.bias"}
+    short = _torchvision_file(tmp_path / "short.safetensors", "resnet18", drop=["layer4.1.conv2.weight"],
+                              **{"layer2.0.bn1.weight": torch.ones(3)})
+    with pytest.raises(RayfineError, match=r"it lacks 2 of resnet18's 122 tensors or has them at another shape "
+                                           r"\(layer2.0.bn1.weight, layer4.1.conv2.weight\); .* Give a resnet18 state "
+                                           "dict or a rayfine resnet18 checkpoint's model.safetensors"):
+        build_model(image_cfg(f"model.weights={short}"), LABELS)
+
+
 def test_weights_file_that_fits_nothing_is_an_error(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(RayfineError, match="no tensor"):

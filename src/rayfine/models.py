@@ -87,15 +87,68 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
             with torch.no_grad():  # grayscale from RGB weights
                 net.conv1.weight.copy_(_summed_over_colours(pretrained))
     net.fc = nn.Linear(net.fc.in_features, len(labels))
-    if m.weights and m.weights.endswith(".safetensors") and "conv1.weight" not in _load_partial(net, m.weights):
-        new.add("conv1.")  # a stem the file has no tensor of this shape for
+    loaded = None  # the tensors a .safetensors file gave; named weights give every one (strict)
+    if m.weights and m.weights.endswith(".safetensors"):
+        loaded = _load_partial(net, m.weights)
+        _check_resnet_file(net, loaded, m.name, m.weights)
     model = ImageClassifier(net)
     pretrained_body = bool(m.weights)  # without weights every parameter is new
+    # Anything the file did not give (a stem of another shape) is new too, as for EfficientNet:
+    # train.freeze_epochs must not freeze a random init, and train.head_lr applies to it.
     setattr(model, NEW_PARAMS_ATTR, frozenset(
-        name for name, _ in model.named_parameters()
-        if not pretrained_body or any(name.startswith("net." + p) for p in new)
+        "net." + name for name, _ in net.named_parameters()
+        if not pretrained_body or any(name.startswith(p) for p in new) or (loaded is not None and name not in loaded)
     ))
     return model
+
+
+# A weights file may differ from the network only here: the stem (a small one, or grayscale) and the
+# head (another number of labels). BatchNorm's num_batches_tracked is not in older torchvision files
+# (load_state_dict fills it in) and does not change what the network computes.
+_RESNET_OWN = ("conv1.", "fc.")
+
+
+def _resnet_body(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    return {k: v for k, v in shapes.items() if not k.startswith(_RESNET_OWN) and not k.endswith("num_batches_tracked")}
+
+
+def _check_resnet_file(net: nn.Module, loaded: set[str], name: str, path: str) -> None:
+    """Refuse a .safetensors file for another network (resnet18's for resnet34, resnet50's for
+    resnet18): ``_load_partial`` takes the tensors whose name and shape match, so the body would be
+    part pretrained, part random or missing blocks, and trained on as if it were pretrained."""
+    from safetensors import safe_open
+
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    with safe_open(str(Path(path).expanduser()), "pt") as f:  # read by _load_partial already
+        names = f.keys()  # a safe_open handle has no __iter__
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    if not any(k in own for k in found):  # a rayfine checkpoint's, under "net."
+        found = {k.removeprefix("net."): v for k, v in found.items()}
+    lacks = [k for k in _resnet_body(own) if k not in loaded]  # in the network's order
+    extra = [k for k in _resnet_body(found) if k not in own]
+    if not lacks and not extra:
+        return
+    parts = []
+    if lacks:
+        parts.append(f"lacks {len(lacks)} of {name}'s {len(own)} tensors or has them at another shape "
+                     f"({', '.join(lacks[:3])}{', ...' if len(lacks) > 3 else ''})")
+    if extra:
+        parts.append(f"has {len(extra)} tensors {name} has not ({', '.join(extra[:3])}"
+                     f"{', ...' if len(extra) > 3 else ''})")
+    fits = [other for other in TORCHVISION_MODELS
+            if other != name and _resnet_body(_shapes_of(other)) == _resnet_body(found)]
+    todo = (f"It is {fits[0]}'s: set model.name: {fits[0]}, or give a {name} file" if fits else
+            f"Give a {name} state dict or a rayfine {name} checkpoint's model.safetensors")
+    raise RayfineError(f"model.weights: {path} is not a {name} weights file: it {' and '.join(parts)}; only the stem "
+                       f"(conv1) and the head (fc) may differ. {todo}")
+
+
+def _shapes_of(name: str) -> dict[str, tuple]:
+    """A torchvision network's tensor shapes, built on the meta device (no memory, no init)."""
+    import torchvision
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in torchvision.models.get_model(name).state_dict().items()}
 
 
 def torch_hub_file(weights) -> str:

@@ -170,6 +170,7 @@ class ModelConfig(_Section):
         "name (e.g. IMAGENET1K_V1; its file must be in the local torch hub cache, torch.hub.get_dir()/checkpoints, "
         "by default ~/.cache/torch/hub/checkpoints: rayfine never downloads it) or a path to a .safetensors file "
         "(relative: from the directory rayfine runs in; the network's parameter names, or a rayfine checkpoint's model.safetensors to continue from it; "
+        "for a ResNet only conv1 (the stem) and fc (the head) may differ, a file for another network is refused; "
         "efficientnet_lite0 takes only such a file, loaded over its ImageNet weights). Unset: torchvision random "
         "init, efficientnet_lite0 as model.pretrained says.",
     )
@@ -180,7 +181,8 @@ class ModelConfig(_Section):
     )
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Hugging Face only: model config fields to set, e.g. "
-        "{hidden_dropout_prob: 0.2} or, with pretrained false, the size of a small model."
+        "{hidden_dropout_prob: 0.2} or, with pretrained false, the size of a small model. Not those rayfine sets "
+        "from the data: num_labels, id2label, label2id, problem_type (and for images num_channels, image_size)."
     )
     stem: Literal["auto", "imagenet", "small"] = Field(
         "auto",
@@ -488,6 +490,32 @@ class ServeConfig(_Section):
         return self
 
 
+# Model config fields that rayfine sets from the data (models._hf_label_kwargs): an override would
+# make the checkpoint's config.json disagree with the training (a multi-label problem_type makes
+# transformers' pipelines answer with sigmoid scores) or with labels.json (refused at export, after
+# the whole run). Image models also get data.color_mode's channels and data.image_size.
+_FROM_THE_LABELS = ("rayfine sets it from the data's labels (data.labels names them in id order; unset: every label "
+                    "found in the data, sorted)")
+_RAYFINE_SETS = {
+    "num_labels": _FROM_THE_LABELS,
+    "id2label": _FROM_THE_LABELS,
+    "label2id": _FROM_THE_LABELS,
+    "problem_type": "rayfine sets it to single_label_classification: it trains one label per example (softmax "
+                    "cross-entropy over the data's labels)",
+}
+_RAYFINE_SETS_FOR_IMAGES = {
+    "num_channels": "the model's input channels follow data.color_mode (L: 1, RGB: 3)",
+    "image_size": "the model's image size follows data.image_size",
+}
+
+
+def _rayfine_owned_override(overrides: dict[str, Any], kind: str) -> str | None:
+    """The error for the first key of ``model.config_overrides`` that rayfine sets itself, if any."""
+    owned = {**_RAYFINE_SETS, **(_RAYFINE_SETS_FOR_IMAGES if kind == "image" else {})}
+    key = next((key for key in overrides if key in owned), None)
+    return None if key is None else f"model.config_overrides.{key}: {owned[key]}; remove it"
+
+
 class Config(_Section):
     """One experiment."""
 
@@ -549,6 +577,9 @@ class Config(_Section):
             raise ValueError("model.pretrained and model.config_overrides apply to Hugging Face models only "
                              "(and model.pretrained to " + ", ".join(EFFICIENTNET_MODELS) + "; torchvision models "
                              "start from model.weights, or random without)")
+        owned = _rayfine_owned_override(m.config_overrides, kind)
+        if owned:
+            raise ValueError(owned)
         if isinstance(self.train.class_weights, dict) and self.data.labels:
             unknown = sorted(set(self.train.class_weights) - set(self.data.labels))
             if unknown:
