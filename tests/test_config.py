@@ -398,3 +398,24 @@ def test_a_preset_is_read_even_where_a_folder_has_its_name(tmp_path, monkeypatch
     (tmp_path / "not_a_preset").mkdir()
     with pytest.raises(ConfigError, match="not_a_preset: a directory; give a config file or a preset name"):
         load_config("not_a_preset")
+
+
+def test_url_passwords_are_masked_and_a_file_store_uri_still_validates():
+    """One masking for what rayfine shows of tracking.mlflow.tracking_uri (warnings, MLflow params,
+    tracking.json, report.html); a file store URI is refused where the driver opens MLflow, not
+    here: the workers validate the config again, in environments of their own."""
+    from rayfine.config.sections import redact_url_passwords
+
+    assert redact_url_passwords("postgresql://mlflow:S3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert redact_url_passwords("failed at http://u:p%40ss@host:5000/api x") == "failed at http://u:***@host:5000/api x"
+    assert redact_url_passwords("postgresql://:S3cret@db/mlflow") == "postgresql://:***@db/mlflow"  # no user name
+    for kept in ("http://mlflow.internal:5000/x@y", "sqlite:////abs/mlflow.db", "s3://bucket/a:b"):
+        assert redact_url_passwords(kept) == kept
+    assert load_config("resnet18_digits_tiny", ["tracking.mlflow.tracking_uri=./mlruns"]).tracking.mlflow
+
+
+def test_a_std_of_zero_is_refused():
+    """Pixels are divided by data.std: a 0 made a channel inf/NaN and every epoch a NaN loss."""
+    (error,) = _errors(["data.color_mode=RGB", "data.std=[0.229, 0.224, 0.0]"])
+    assert "std values must be above 0, got [0.229, 0.224, 0.0]" in error, error
+    load_config("resnet18_digits", ["data.color_mode=RGB", "data.std=[0.229, 0.224, 0.225]"])

@@ -150,8 +150,9 @@ def test_a_store_that_fails_mid_run_turns_mlflow_off(tmp_path, sqlite_uri, capsy
     tracker.log_epoch({**EPOCH, "epoch": 2})
     tracker.log_evaluation(EVALUATION)
     tracker.finish()
-    (warning,) = _warnings(capsys)
+    warning, ending = _warnings(capsys)  # a deleted run cannot be ended either: one more line, no error
     assert "logging epoch 2" in warning and uri in warning
+    assert "ending the run as FINISHED failed" in ending
     assert [s for s, _ in _scalars(tmp_path / "tb")["val_accuracy"]] == [1, 2]
     assert [m.step for m in client.get_metric_history(tracker.run_id, "val_accuracy")] == [1]
 
@@ -163,8 +164,9 @@ def test_a_store_that_fails_mid_run_turns_mlflow_off(tmp_path, sqlite_uri, capsy
     tracking.on_trial_result(0, [], a, {**EPOCH, "epoch": 2})
     tracking.on_trial_complete(0, [], a)
     tracking.finish(None, None, None, status="FAILED")
-    assert len(_warnings(capsys)) == 1
+    assert len(_warnings(capsys)) == 2  # the trial's error, and its deleted run that cannot be ended
     assert [s for s, _ in _scalars(tracking.tune_dir / "tensorboard" / "a")["val_accuracy"]] == [1, 2]
+    assert client.get_run(tracking.parent.run_id).info.status == "FAILED"  # the parent was ended all the same
 
 
 def test_a_continued_run_starts_a_new_mlflow_run_when_its_old_one_is_elsewhere(tmp_path, sqlite_uri, capsys):
@@ -306,3 +308,186 @@ def test_an_experiment_another_command_creates_meanwhile_is_used(tmp_path, sqlit
     client = MlflowClient(tracking_uri=uri)
     assert tracker.run_id is not None
     assert client.get_run(tracker.run_id).info.experiment_id == lookup(client, "t").experiment_id
+
+
+def _ended(client, run_id: str) -> str:
+    """The run's status, checking that it has an end time."""
+    info = client.get_run(run_id).info
+    assert info.end_time is not None, info
+    return info.status
+
+
+def test_a_failed_artifact_upload_turns_off_artifacts_only_and_the_run_still_ends(tmp_path, sqlite_uri, capsys,
+                                                                                  monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from rayfine.tracking import RunTracker, SearchTracking
+
+    def no_space(*args, **kwargs):  # the artifact store, not the tracking store (S3 without boto3, a full disk)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MlflowClient, "log_dict", no_space)
+    monkeypatch.setattr(MlflowClient, "log_artifacts", no_space)
+    uri = sqlite_uri()
+    client = MlflowClient(tracking_uri=uri)
+    tracker = RunTracker.open(_cfg(tmp_path, uri), name="train", tensorboard_dir=None)
+    tracker.log_epoch(EPOCH)
+    tracker.log_evaluation(EVALUATION)
+    tracker.log_checkpoint(tmp_path)
+    tracker.log_metrics({"wall_s": 3.0})
+    tracker.finish()
+    assert _ended(client, tracker.run_id) == "FINISHED"
+    assert {"val_accuracy", "test_accuracy", "wall_s"} <= set(client.get_run(tracker.run_id).data.metrics)
+    (warning,) = _warnings(capsys)
+    assert "logging eval.json" in warning and "artifact logging is off" in warning
+    assert "metrics are still logged" in warning
+
+    # A search: the parent's upload fails after its trials ended; the parent ends too.
+    tracking = SearchTracking(_cfg(tmp_path, uri), ["train.lr"])
+    a = _trial("a")
+    tracking.on_trial_result(0, [], a, dict(EPOCH))
+    tracking.on_trial_complete(0, [], a)
+    summary = {"num_trials": 1, "epochs_run": 1, "epochs_full_budget": 1, "budget_fraction": 1.0, "wall_s": 1.0,
+               "best": {"trial_id": "a", "val_accuracy": 0.5}}
+    tracking.finish(summary, EVALUATION, tmp_path)
+    assert len(_warnings(capsys)) == 1
+    assert _ended(client, tracking.parent.run_id) == "FINISHED" and _ended(client, tracking.run_ids["a"]) == "FINISHED"
+    assert client.get_run(tracking.parent.run_id).data.metrics["test_accuracy"] == 0.5
+
+
+def test_runs_started_before_mlflow_was_turned_off_are_ended(tmp_path, sqlite_uri, capsys, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import rayfine.tracking
+    from rayfine.tracking import RunTracker, SearchTracking
+
+    uri = sqlite_uri()
+    client = MlflowClient(tracking_uri=uri)
+    log_batch, broken = MlflowClient.log_batch, []
+
+    def locked(self, *args, **kwargs):  # the store fails for a while (not an unreachable server)
+        if broken:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return log_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", locked)
+    tracker = RunTracker.open(_cfg(tmp_path, uri), name="train", tensorboard_dir=None)
+    broken.append(True)
+    tracker.log_epoch(EPOCH)
+    broken.clear()
+    tracker.finish("FAILED")
+    (warning,) = _warnings(capsys)
+    assert "logging epoch 1" in warning
+    assert _ended(client, tracker.run_id) == "FAILED"
+
+    # A search: one trial's error turns MLflow off for all; the trial still open, the finished one
+    # and the parent are ended all the same.
+    tracking = SearchTracking(_cfg(tmp_path, uri), ["train.lr"])
+    a, b = _trial("a"), _trial("b")
+    tracking.on_trial_result(0, [], a, dict(EPOCH))
+    tracking.on_trial_start(0, [], b)
+    broken.append(True)
+    tracking.on_trial_result(0, [], b, dict(EPOCH))
+    broken.clear()
+    tracking.on_trial_complete(0, [], a)
+    tracking.finish(None, None, None, status="KILLED")
+    assert len(_warnings(capsys)) == 1
+    assert _ended(client, tracking.parent.run_id) == "KILLED"
+    assert _ended(client, tracking.run_ids["a"]) == "FINISHED" and _ended(client, tracking.run_ids["b"]) == "KILLED"
+
+    # A run whose params failed right after it was created is ended too.
+    def no_params(*args):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(rayfine.tracking, "_log_params", no_params)
+    cfg = _cfg(tmp_path, uri, "tracking.mlflow.experiment=params")
+    RunTracker.open(cfg, name="train", tensorboard_dir=None).finish()
+    assert "logging the params" in _warnings(capsys)[0]
+    (run,) = client.search_runs([client.get_experiment_by_name("params").experiment_id])
+    assert _ended(client, run.info.run_id) == "FINISHED"
+
+
+def test_a_password_in_the_tracking_uri_stays_out_of_params_tracking_json_and_the_report(tmp_path, sqlite_uri,
+                                                                                          monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    import rayfine.tracking
+    from rayfine.report import write_reports
+    from rayfine.rundir import save_config
+    from rayfine.tracking import RunTracker, SearchTracking, write_state
+
+    secret = "postgresql://mlflow:S3cretPw@db.internal:5432/mlflow"
+    shown = "postgresql://mlflow:***@db.internal:5432/mlflow"
+    uri = sqlite_uri()
+    client = MlflowClient(tracking_uri=uri)
+    real = rayfine.tracking._mlflow_client
+    # The database store is played by a sqlite one: the config, its params and tracking.json keep the URI.
+    monkeypatch.setattr(rayfine.tracking, "_mlflow_client",
+                        lambda cfg: real(cfg.with_overrides([f"tracking.mlflow.tracking_uri={uri}"])))
+    cfg = _cfg(tmp_path, secret)
+    tracker = RunTracker.open(cfg, name="train", tensorboard_dir=None)
+    tracker.finish()
+    params = client.get_run(tracker.run_id).data.params
+    assert params["tracking.mlflow.tracking_uri"] == shown
+    assert not [k for k, v in params.items() if "S3cretPw" in v]
+
+    tracking = SearchTracking(cfg, ["train.lr"])
+    tracking.finish(None, None, None, status="KILLED")
+    assert "S3cretPw" not in tracking.state_path.read_text()
+    assert json.loads(tracking.state_path.read_text())["tracking_uri"] == shown
+    resumed = SearchTracking(cfg, ["train.lr"])  # the same runs: URIs compared without passwords
+    assert resumed.parent.run_id == tracking.parent.run_id
+    resumed.finish(None, None, None, status="KILLED")
+    # A tracking.json of an earlier version, password and all (a new password since): the same server.
+    write_state(tracking.state_path, {**json.loads(tracking.state_path.read_text()),
+                                      "tracking_uri": secret.replace("S3cretPw", "old")})
+    again = SearchTracking(cfg, ["train.lr"])
+    assert again.parent.run_id == tracking.parent.run_id
+    again.finish(None, None, None, status="KILLED")
+    assert "S3cretPw" not in capsys.readouterr().err
+
+    run_dir = cfg.run_dir()
+    save_config(run_dir, "train", cfg.to_yaml())
+    (run_dir / "train" / "metrics.jsonl").write_text(json.dumps(EPOCH) + "\n")
+    (report,) = write_reports(run_dir)
+    assert "S3cretPw" not in report.read_text() and shown in report.read_text()
+
+
+def test_a_file_store_tracking_uri_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from rayfine.config import ConfigError
+    from rayfine.tracking import RunTracker, SearchTracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("./mlruns", str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
+        cfg = _cfg(tmp_path, uri)  # a valid config: the workers, whose environment may differ, validate it too
+        with pytest.raises(ConfigError) as info:
+            RunTracker.open(cfg, name="train", tensorboard_dir=None)
+        (error,) = info.value.errors
+        assert error.startswith(f"tracking.mlflow.tracking_uri {uri}: MLflow refuses to open its file store")
+        assert "sqlite:///" in error and "MLFLOW_ALLOW_FILE_STORE=true" in error
+        with pytest.raises(ConfigError):
+            SearchTracking(cfg, ["train.lr"])
+    assert not (tmp_path / "mlruns").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # MLflow itself refuses this value
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE='yes' is not true, false, 1 or 0"):
+        RunTracker.open(cfg, name="train", tensorboard_dir=None)
+
+    # `rayfine train`, `tune` and `run` refuse it in their preflights, before Ray starts.
+    from rayfine.train.driver import preflight as train_preflight
+    from rayfine.tune.search import preflight as tune_preflight
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for preflight in (train_preflight, tune_preflight):
+        with pytest.raises(ConfigError, match="tracking.mlflow.tracking_uri .*MLflow refuses to open its file store"):
+            preflight(cfg)
+    assert not cfg.run_dir().exists()
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's choice: it works
+    tracker = RunTracker.open(cfg, name="train", tensorboard_dir=None)
+    tracker.log_epoch(EPOCH)
+    tracker.finish()
+    assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.metrics["val_accuracy"] == 0.5

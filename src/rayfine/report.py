@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
 from rayfine.rundir import saved_config
 
@@ -215,7 +216,8 @@ def _page(title: str, subtitle: str, sections: list[str]) -> str:
 
 
 def _config_section(run_dir: Path, config_path: Path) -> str:
-    text = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
+    # Without URL passwords (a database tracking_uri's): the report is a file to share.
+    text = redact_url_passwords(config_path.read_text()) if config_path.is_file() else "(no config.yaml)"
     return f"<section id='config'><h2>Resolved config</h2><pre>{html.escape(text)}</pre></section>"
 
 

@@ -12,7 +12,12 @@ each other's runs (the trap Ray's own MLflow callback falls into when trials sha
 
 Tracking never stops the work it tracks: every MLflow call goes through a ``_Guard``, which on the
 first error prints one warning line and turns MLflow off for the rest of the run (a search's
-parent and trials share one), while TensorBoard goes on; ``finish`` never raises.
+parent and trials share one), while TensorBoard goes on; ``finish`` never raises. Artifacts
+(eval.json, the checkpoint) go to the experiment's artifact store, another system than the
+tracking store: a failed upload turns only artifact logging off. ``finish`` ends every run that
+was started, even once an error turned MLflow off (as MLflow's own ``with start_run()`` does),
+unless the tracking server was unreachable. A ``file:`` or plain-path tracking URI is refused up front
+(``check_mlflow_store``): MLflow's file store refuses to start unless MLFLOW_ALLOW_FILE_STORE=true.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import contextlib
 import json
 import numbers
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -32,7 +36,8 @@ from typing import Any, Iterator, Optional
 
 from ray.tune import Callback
 
-from rayfine.config import Config
+from rayfine.config import Config, ConfigError
+from rayfine.config.sections import redact_url_passwords as _redact  # one definition, report.py's too
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
@@ -53,8 +58,10 @@ class _Guard:
     unreachable server or a broken store never ends a search or a training run, never kills the
     thread that follows the epochs, and never replaces the error a failed run is raising."""
 
-    def __init__(self, backend: str, where: str):
+    def __init__(self, backend: str, where: str, what_off: str = ""):
         self.backend, self.where, self.off = backend, where, False
+        self.what_off = what_off or f"{backend} logging is off for the rest of this run; training continues."
+        self.unreachable = False  # the server did not answer: another call would wait out its retries again
         self._lock = threading.Lock()
 
     def call(self, what: str, fn: Callable, *args, **kwargs) -> Any:
@@ -72,21 +79,45 @@ class _Guard:
             if self.off:
                 return
             self.off = True
-        _warn(f"{self.backend}: {what} failed at {self.where}: {_first_line(e)} -- {self.backend} "
-              "logging is off for the rest of this run; training continues.")
+            self.unreachable = _unreachable(e)
+        _warn(f"{self.backend}: {what} failed at {self.where}: {_first_line(e)} -- {self.what_off}")
+
+    def end(self, what: str, fn: Callable, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``, which ends a run: through ``call`` while the backend is on; once it
+        is off, still tried once (a started run left RUNNING shows as running for good), unless the
+        server was unreachable. Its error is a warning line."""
+        if not self.off:
+            self.call(what, fn, *args, **kwargs)
+            return
+        if self.unreachable:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the work it tracks is over or raising its own error
+            self.unreachable = self.unreachable or _unreachable(e)
+            _warn(f"{self.backend}: {what} failed at {self.where}: {_first_line(e)} -- it may still show as "
+                  "RUNNING there.")
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """Whether ``e`` came from a connection that failed (refused, timed out, retries exhausted):
+    MLflow raises those as MlflowException, from requests' errors, which are OSErrors."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _note(text: str) -> None:
     print(f"[tracking] {text}", file=sys.stderr, flush=True)
 
 
-def _redact(text: str) -> str:
-    """``text`` without the passwords of URLs in it (http://user:secret@host -> http://user:***@host)."""
-    return re.sub(r"//([^/:@\s]+):[^/@\s]+@", r"//\1:***@", text)
-
-
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"} (MLflow params are strings)."""
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"} (MLflow params are strings), URL passwords
+    masked (everyone who reads the experiment reads its params)."""
     out: dict[str, str] = {}
     for k, v in d.items():
         # Dicts keyed by the user's data (labels in class_weights, search_space's distributions)
@@ -94,14 +125,15 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v and k not in ("search_space", "class_weights"):
             out.update(flat_params(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
+            out[f"{prefix}{k}"] = _redact(json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))
     return out
 
 
 def mlflow_target(cfg: Config) -> dict[str, str]:
-    """Where ``cfg`` logs to MLflow, as saved beside run ids in tracking.json ({} without MLflow)."""
+    """Where ``cfg`` logs to MLflow, as saved beside run ids in tracking.json ({} without MLflow);
+    the URI without its password."""
     m = cfg.tracking.mlflow
-    return {} if m is None else {"tracking_uri": m.tracking_uri, "experiment": m.experiment or cfg.name}
+    return {} if m is None else {"tracking_uri": _redact(m.tracking_uri), "experiment": m.experiment or cfg.name}
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -138,19 +170,44 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 def reusable_run_id(cfg: Config, state: dict[str, Any], key: str) -> str | None:
     """The run id ``state[key]`` when it was saved for ``cfg``'s MLflow tracking URI and experiment
     (a tracking.json from before they were saved counts as theirs: ``RunTracker.open`` still checks
-    that the run is there); else None, with one line saying a new run starts."""
+    that the run is there); else None, with one line saying a new run starts. URIs are compared
+    without their passwords (a tracking.json of older rayfine versions holds the password too)."""
     run_id = state.get(key)
     if not isinstance(run_id, str) or not run_id:
         return None
     target = mlflow_target(cfg)
     if not target:
         return None
-    changed = [k for k, v in target.items() if k in state and state[k] != v]
+    changed = [k for k, v in target.items() if k in state and _redact(str(state[k])) != v]
     if changed:
         was = ", ".join(f"{k} {_redact(str(state[k]))}" for k in changed)
         _note(f"MLflow run {run_id} was logged with {was}: starting a new run.")
         return None
     return run_id
+
+
+def check_mlflow_store(cfg: Config) -> None:
+    """Refuse a tracking.mlflow.tracking_uri of MLflow's file store (``./mlruns``, ``file:///...``):
+    MLflow 3 refuses to open it unless MLFLOW_ALLOW_FILE_STORE=true, so nothing would be logged.
+    Checked on the driver, in its environment (MLflow is used there only), not when the config is
+    validated: the workers validate it again, in environments that may not set the variable."""
+    from urllib.parse import urlsplit
+
+    m = cfg.tracking.mlflow
+    if m is None or urlsplit(m.tracking_uri).scheme not in ("", "file"):
+        return
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow from before the file store was gated opens it
+        return
+    try:
+        if MLFLOW_ALLOW_FILE_STORE.get():
+            return
+        why = "MLflow refuses to open its file store unless the environment sets MLFLOW_ALLOW_FILE_STORE=true"
+    except ValueError:  # MLflow raises it for a value other than true/false/1/0
+        why = f"MLFLOW_ALLOW_FILE_STORE={os.environ.get('MLFLOW_ALLOW_FILE_STORE')!r} is not true, false, 1 or 0"
+    raise ConfigError([(f"tracking.mlflow.tracking_uri {_redact(m.tracking_uri)}: {why}; use a sqlite store "
+                        "(sqlite:///runs/mlflow.db) or an MLflow server, or set MLFLOW_ALLOW_FILE_STORE=true")])
 
 
 def _mlflow_client(cfg: Config):
@@ -195,8 +252,9 @@ def _why_not_reuse(client, run_id: str, experiment_id: str) -> str | None:
     return None
 
 
-def _start_run(cfg: Config, client, experiment_id: str, *, name: str, params: dict | None,
-               parent_run_id: str | None, run_id: str | None, tags: dict | None) -> str:
+def _start_run(cfg: Config, client, experiment_id: str, *, name: str, parent_run_id: str | None,
+               run_id: str | None, tags: dict | None) -> str:
+    """``run_id`` again (RUNNING) where it can be continued, else a new run's id."""
     if run_id is not None:
         why = _why_not_reuse(client, run_id, experiment_id)
         if why is None:
@@ -206,20 +264,21 @@ def _start_run(cfg: Config, client, experiment_id: str, *, name: str, params: di
     all_tags = {"rayfine.name": cfg.name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
-    _log_params(client, run_id, params if params is not None else flat_params(cfg.to_dict()))
-    return run_id
+    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
 
 class RunTracker:
     """One run in MLflow (when configured) and one TensorBoard event directory (when enabled).
 
-    No method raises for a tracking error: the first one turns that backend off (``_Guard``)."""
+    No method raises for a tracking error: the first one turns that backend off (``_Guard``); a
+    failed artifact upload turns off artifact logging only (``artifacts``)."""
 
     def __init__(self, client=None, run_id: Optional[str] = None, writer=None, guard: _Guard | None = None,
                  tensorboard: _Guard | None = None):
         self.client, self.run_id, self.writer = client, run_id, writer
         self.guard = guard or _Guard("MLflow", _redact(str(getattr(client, "tracking_uri", "?"))))
+        self.artifacts = _Guard("MLflow", self.guard.where, "MLflow artifact logging is off for the rest of this "
+                                "run; its metrics are still logged and the run is ended.")
         self.tensorboard = tensorboard or _Guard("TensorBoard", str(getattr(writer, "logdir", "?")))
 
     @classmethod
@@ -228,23 +287,29 @@ class RunTracker:
              guard: _Guard | None = None) -> "RunTracker":
         """Start a run (or reopen ``run_id``, after a resume, when that run is in this tracking
         store and experiment; else a new one). ``guard``: shared by the runs of one search, so that
-        MLflow's first error turns it off for all of them."""
-        client = writer = None
+        MLflow's first error turns it off for all of them. Raises ConfigError for a file store
+        (``check_mlflow_store``). A run started before an error (its params failed) is kept, for
+        ``finish`` to end it."""
+        client = writer = started = None
         tensorboard = _Guard("TensorBoard", str(tensorboard_dir))
         if cfg.tracking.mlflow is not None:
+            check_mlflow_store(cfg)
             guard = guard or _Guard("MLflow", _redact(cfg.tracking.mlflow.tracking_uri))
             opened = guard.call("opening the experiment", _mlflow_client, cfg)
             if opened is not None:
                 client, experiment_id = opened
-                run_id = guard.call("starting the run", _start_run, cfg, client, experiment_id, name=name,
-                                    params=params, parent_run_id=parent_run_id, run_id=run_id, tags=tags)
-            if run_id is None or guard.off:
-                client, run_id = None, None
+                started = guard.call("starting the run", _start_run, cfg, client, experiment_id, name=name,
+                                     parent_run_id=parent_run_id, run_id=run_id, tags=tags)
+            if started is not None and started != run_id:  # a new run
+                guard.call("logging the params", _log_params, client, started,
+                           params if params is not None else flat_params(cfg.to_dict()))
+            if started is None:
+                client = None
         if cfg.tracking.tensorboard and tensorboard_dir is not None:
             from tensorboardX import SummaryWriter
 
             writer = tensorboard.call("opening the event file", SummaryWriter, logdir=str(tensorboard_dir), flush_secs=5)
-        return cls(client, run_id, writer, guard, tensorboard)
+        return cls(client, started, writer, guard, tensorboard)
 
     def _mlflow(self, what: str, method: str, *args, **kwargs) -> None:
         if self.client is not None and self.run_id is not None:
@@ -281,17 +346,25 @@ class RunTracker:
         """The test evaluation: its headline figures as metrics, eval.json as an artifact."""
         split = evaluation.get("split", "test")
         self.log_metrics({k: evaluation[k] for k in ("accuracy", "macro_f1", "loss") if k in evaluation}, prefix=f"{split}_")
-        self._mlflow("logging eval.json", "log_dict", evaluation, "eval.json")
+        self._artifact("logging eval.json", "log_dict", evaluation, "eval.json")
 
     def log_checkpoint(self, directory: Path) -> None:
-        self._mlflow("logging the checkpoint", "log_artifacts", str(directory), artifact_path="checkpoint")
+        self._artifact("logging the checkpoint", "log_artifacts", str(directory), artifact_path="checkpoint")
+
+    def _artifact(self, what: str, method: str, *args, **kwargs) -> None:
+        """An upload to the experiment's artifact store (S3 without boto3, no credentials, a full
+        disk): its failure turns off artifact logging only, not the metrics or ``finish``."""
+        if self.client is not None and self.run_id is not None and not self.guard.off:
+            self.artifacts.call(what, lambda: getattr(self.client, method)(self.run_id, *args, **kwargs))
 
     def set_tag(self, key: str, value: str) -> None:
         self._mlflow(f"setting tag {key}", "set_tag", key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run as ``status``; never raises (it runs while a failed run raises its error)."""
-        self._mlflow(f"ending the run as {status}", "set_terminated", status=status)
+        """End the run as ``status``, even after an error turned MLflow off (``_Guard.end``); never
+        raises (it runs while a failed run raises its error)."""
+        if self.client is not None and self.run_id is not None:
+            self.guard.end(f"ending the run as {status}", self.client.set_terminated, self.run_id, status=status)
         if self.writer is not None:
             self.tensorboard.call("closing the event file", self.writer.close)
 

@@ -131,6 +131,8 @@ class DataConfig(_Section):
                 raise ValueError(
                     f"{field} needs {channels} value(s) for color_mode {self.color_mode}, got {list(value)}"
                 )
+        if self.std is not None and not all(v > 0 for v in self.std):  # pixels are divided by it
+            raise ValueError(f"std values must be above 0, got {list(self.std)}")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be distinct, got {list(self.labels)}")
         return self
@@ -281,6 +283,13 @@ class StorageConfig(_Section):
         "on multi-node clusters; each experiment keeps its state under <storage_path>/<name>/ray, so one "
         "storage path serves many. Unset: <runs_dir>/<name>/ray.",
     )
+
+
+def redact_url_passwords(text: str) -> str:
+    """``text`` without the passwords of URLs in it (http://user:secret@host -> http://user:***@host):
+    what rayfine shows or logs of tracking.mlflow.tracking_uri (a database store's URI carries its
+    password) in warnings, MLflow params, tracking.json and report.html."""
+    return re.sub(r"//([^/:@\s]*):[^/@\s]+@", r"//\1:***@", text)
 
 
 class MLflowConfig(_Section):

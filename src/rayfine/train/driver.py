@@ -28,7 +28,7 @@ from rayfine.metrics import is_finite_number, json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import holding, save_config, saved_config
-from rayfine.tracking import RunTracker, mlflow_target, read_state, reusable_run_id, write_state
+from rayfine.tracking import RunTracker, check_mlflow_store, mlflow_target, read_state, reusable_run_id, write_state
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
 
@@ -197,9 +197,11 @@ def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
 def preflight(cfg: Config) -> bool:
     """What `rayfine train` refuses before Ray starts and before the run directory is touched: a
     data.source that does not exist, a model the workers could not build, and another config under
-    this run's name. True when the run continues an earlier one (``_check_continuation``)."""
+    this run's name, an MLflow store that cannot open. True when the run continues an earlier one
+    (``_check_continuation``)."""
     check_source(cfg.data)
     check_model(cfg)
+    check_mlflow_store(cfg)
     continuing = _check_continuation(cfg.run_dir(), cfg)
     if continuing:
         _check_same_storage(cfg.run_dir(), cfg)

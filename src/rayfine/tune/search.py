@@ -31,7 +31,7 @@ from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import holding, save_config, saved_config
-from rayfine.tracking import SearchTracking
+from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, export_best, split_for_workers
 from rayfine.tune.asha import ResumableASHA
@@ -78,7 +78,7 @@ def preflight(cfg: Config, resume: bool = False) -> Config:
     """What `rayfine tune` and `rayfine run` refuse before Ray starts and before the run directory
     is touched: a search that cannot run, a search already there (or none to resume), a changed
     config under this run's name, a data.source that does not exist, a model the trials' workers
-    could not build. Returns the trials' base config (``trial_base``)."""
+    could not build, an MLflow store that cannot open. Returns the trials' base config (``trial_base``)."""
     if not cfg.tune.search_space:
         raise ConfigError(["tune.search_space is empty: give at least one dimension, e.g. "
                            "--set 'tune.search_space.train.lr={loguniform: [1.0e-4, 1.0e-2]}'"])
@@ -89,6 +89,7 @@ def preflight(cfg: Config, resume: bool = False) -> Config:
     base = trial_base(cfg)
     check_source(base.data)
     check_model(base)
+    check_mlflow_store(cfg)
     return base
 
 
