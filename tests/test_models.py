@@ -620,3 +620,19 @@ def test_a_text_model_without_a_loadable_tokenizer_is_a_config_error_naming_mode
     name = overrides[0].split("=")[1]
     with pytest.raises(ConfigError, match=rf"model.name: cannot load the tokenizer of '{name}'"):
         check_model(load_config("minilm_rotten_tomatoes_tiny", overrides))
+
+
+def test_a_pretrained_image_model_that_takes_bgr_is_refused_on_rgb(tmp_path):
+    """MobileViT's image processor flips RGB to BGR (do_flip_channel_order): its pretrained stem
+    learnt on BGR. rayfine feeds RGB (training, serving and the exported processor config alike), so
+    such a model is refused on RGB data, named, before Ray starts; grayscale has no channel order."""
+    from transformers import MobileViTConfig, MobileViTImageProcessor
+
+    from rayfine.models import _check_channel_order
+
+    MobileViTConfig().save_pretrained(tmp_path)
+    MobileViTImageProcessor().save_pretrained(tmp_path)
+    rgb = load_config("resnet18_digits_tiny", [f"model.name={tmp_path}", "data.color_mode=RGB", "data.image_size=32"])
+    with pytest.raises(ConfigError, match=r"image processor gives it BGR images \(do_flip_channel_order\)"):
+        check_model(rgb)
+    _check_channel_order(load_config("resnet18_digits_tiny", [f"model.name={tmp_path}", "data.color_mode=L"]))

@@ -489,7 +489,30 @@ def _check_model(cfg: Config) -> None:
             what = "a text pair" if cfg.data.text_pair_column else "a text"
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} leaves no room for text: {m.name} adds "
                                 f"{fewest - 1} special tokens to {what}; {allowed}")])
+    _check_channel_order(cfg)
     check_image_size(cfg)
+
+
+def _check_channel_order(cfg: Config) -> None:
+    """A pretrained Hugging Face image model whose image processor flips RGB to BGR
+    (``do_flip_channel_order``: MobileViT, MobileViTV2) learnt on BGR images; rayfine's
+    preprocessing, shared by training, serving and the exported preprocessor_config.json, gives RGB,
+    so its pretrained stem would see red and blue swapped. Refused (grayscale has no order)."""
+    if not _pretrained_hf_image(cfg) or cfg.data.color_mode != "RGB":
+        return
+    import transformers
+
+    quiet_transformers()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name))
+    except (OSError, ValueError):  # none: with_pretrained_normalization says so
+        return
+    if getattr(processor, "do_flip_channel_order", False):
+        raise ConfigError([(
+            f"model.name: {cfg.model.name}'s image processor gives it BGR images (do_flip_channel_order), as it "
+            "was pretrained; rayfine's preprocessing gives RGB, so its pretrained features would see red and blue "
+            "swapped: choose another model, or data.color_mode: L"
+        )])
 
 
 def token_limits(name: str, pair: bool) -> tuple[int, Any]:
