@@ -22,6 +22,7 @@ if __name__ == "__main__":
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-dir", default=os.environ.get("RAYFINE_RUNS_DIR") or None,
                    help="where the run directories are (default: $RAYFINE_RUNS_DIR, else storage.runs_dir)")
+    p.add_argument("--debug", action="store_true", help="a failure prints its traceback (in the job's logs)")
     args = p.parse_args()
     from rayfine.config import ConfigError, load_config
 
@@ -31,4 +32,4 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     serve_sets = [x for kv in args.overrides if kv.startswith("serve.") for x in ("--set", kv)]
-    sys.exit(main(["serve", str(cfg.run_dir()), "--detach", *serve_sets]))
+    sys.exit(main(["serve", str(cfg.run_dir()), "--detach", *serve_sets, *(["--debug"] if args.debug else [])]))

@@ -123,3 +123,22 @@ def test_serve_refuses_a_path_without_a_checkpoint_before_ray_starts(monkeypatch
     monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
     assert cli.main(["serve", str(tmp_path / "nothing")]) == cli.EXIT_FAILED
     assert "nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["argument", "environment"])
+def test_a_dashboard_address_is_refused_in_one_line_before_ray_starts(where, monkeypatch):
+    """`rayfine submit`/`jobs` take an http:// RAY_ADDRESS (the Jobs API), as Ray's job CLI does;
+    `train`/`tune`/`run`/`serve` connect to the GCS or Ray Client and say so, instead of ray.init's
+    4-line ValueError."""
+    import ray
+
+    from rayfine.config import ConfigError
+    from rayfine.runtime import ray_session
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if where == "environment":
+        monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"Ray address http://127.0.0.1:8265 is a dashboard \(Jobs API\) address"):
+        with ray_session("http://127.0.0.1:8265" if where == "argument" else None, log=lambda *_: None):
+            pass
+    assert not ray.is_initialized()

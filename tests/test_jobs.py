@@ -364,3 +364,47 @@ def test_submit_checks_locally_before_contacting_the_cluster():
     assert result.returncode == 1 and "a relative SQLite file" in result.stderr
     result = _rayfine("submit", "resnet18_digits_tiny", "--job", "train", "--set", "train.epochs=0", "--address", address)
     assert result.returncode == 2 and "train.epochs" in result.stderr
+
+
+def test_jobs_logs_into_a_reader_that_went_away_ends_quietly_with_141():
+    """`rayfine jobs logs ID | head -1`: a BrokenPipeError is a ConnectionError, but of this
+    process's stdout, not the cluster's: no "cannot reach the Ray Jobs API", exit 141. The Jobs
+    client is a fake (no cluster); the pipe is real."""
+    script = """
+import sys, types
+import rayfine.jobs as jobs
+from rayfine.cli import main
+
+class Client:
+    _address = "http://127.0.0.1:8265"
+    rayfine_token_source = "test"
+    def get_job_info(self, job_id):
+        return types.SimpleNamespace(submission_id=job_id, status="SUCCEEDED")
+    def get_job_logs(self, job_id):
+        return "".join(f"[tune] trial line {i} " + "x" * 60 + "\\n" for i in range(3000))
+
+jobs.connect = lambda address=None, environ=None: Client()
+sys.exit(main(["jobs", "logs", "rayfine-pipeline-x"]))
+"""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                check=False, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, ""), result.stderr
+
+
+def test_a_job_entrypoint_takes_debug_as_the_failure_message_says(monkeypatch, capsys):
+    """A failed job says "rerun with --debug for the traceback": the entrypoints take --debug."""
+    from rayfine import cli
+
+    def boom(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_train", boom)
+    assert cli.job_main("train", ["--config", "resnet18_digits_tiny"]) == cli.EXIT_FAILED
+    assert "rerun with --debug" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.job_main("train", ["--config", "resnet18_digits_tiny", "--debug"])

@@ -445,6 +445,7 @@ def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, .
                    help="where run directories go (shared storage on multi-node clusters; default: "
                    "$RAYFINE_RUNS_DIR, else storage.runs_dir)")
     p.add_argument("--resume", action="store_true", help="continue the search of an earlier job whose driver stopped")
+    p.add_argument("--debug", action="store_true", help="a failure prints its traceback (in the job's logs)")
     args = p.parse_args(argv)
     if args.resume and command not in ("tune", "run"):
         print(f"error: --resume: `rayfine {command}` continues the run of its name by itself (from its last "
@@ -455,6 +456,8 @@ def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, .
         forwarded += ["--runs-dir", args.runs_dir]
     if args.resume:
         forwarded.append("--resume")
+    if args.debug:
+        forwarded.append("--debug")
     return main(forwarded)
 
 

@@ -106,7 +106,9 @@ class _Translate:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, (JobsError, KeyboardInterrupt)):
+        # BrokenPipeError is a ConnectionError, but of this process's stdout (`jobs logs ID | head`):
+        # the CLI's main() tells a reader that went away from a failure.
+        if exc is None or isinstance(exc, (JobsError, KeyboardInterrupt, BrokenPipeError)):
             return False
         import requests
         from ray.exceptions import AuthenticationError

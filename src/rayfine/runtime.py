@@ -91,6 +91,16 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
         yield False
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        # A dashboard's (the Jobs API's) address, as `rayfine submit` and `jobs` (and Ray's job CLI)
+        # take it from RAY_ADDRESS; ray.init refuses it with a 4-line ValueError.
+        from rayfine.config import ConfigError
+
+        raise ConfigError([(
+            f"Ray address {address} is a dashboard (Jobs API) address, which `rayfine submit` and `rayfine jobs` "
+            "take; this command connects to a cluster's GCS (host:6379) or through Ray Client (ray://host:10001): "
+            "give --address, or unset RAY_ADDRESS for an embedded Ray"
+        )])
     runtime_env = worker_runtime_env()
     quiet_ray()
     if address:
