@@ -648,14 +648,21 @@ def fake_serve(tmp_path, monkeypatch):
     fake.checkpoint = lambda v: save_checkpoint(tmp_path / f"ckpt_{v}", build_model(cfg, labels), cfg, labels,
                                                 {"epoch": 1, "val_accuracy": v})
     monkeypatch.setattr(ray.serve, "start", lambda **_: None)
-    monkeypatch.setattr(ray.serve.context, "_get_global_client",
-                        lambda: SimpleNamespace(deploy_apps=fake.deployed.append))
+    fake.on_deploy = None  # what the replicas do when a config is applied: (schema) -> None
+
+    def deploy_apps(schema):
+        fake.deployed.append(schema)
+        if fake.on_deploy:
+            fake.on_deploy(schema)
+
+    fake.answers = None  # an iterator of infos, one per handle call (the replica the handle picked), else ``served``
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: SimpleNamespace(deploy_apps=deploy_apps))
     monkeypatch.setattr(deploy_module, "_details", lambda: fake.details)
-    monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: fake.served)
+    monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: next(fake.answers) if fake.answers else fake.served)
     return fake
 
 
-def test_a_deploy_to_an_unhealthy_app_is_a_swap_with_its_checks_not_a_new_app(fake_serve, monkeypatch):
+def test_a_deploy_to_an_unhealthy_app_is_a_swap_with_its_checks_not_a_new_app(fake_serve):
     """Serve calls an app UNHEALTHY while it still serves (a replica failed a health check): a
     deploy of that name is a swap of the running app (--if-better compares, the route stays), not
     a new app built over it. The cluster's target_capacity is kept in the config applied."""
@@ -674,8 +681,12 @@ def test_a_deploy_to_an_unhealthy_app_is_a_swap_with_its_checks_not_a_new_app(fa
     assert fake_serve.deployed == []
 
     better = fake_serve.checkpoint(0.995)
-    monkeypatch.setattr(fake_serve.module, "_wait_for_version", lambda *_: None)
-    result = fake_serve.module.deploy(better, name="digits", if_better=True, log=lambda *_: None)
+    # The replica swaps; the app stays UNHEALTHY (another replica's health check), and the swap is
+    # seen through the replica that serves.
+    fake_serve.details["applications"]["digits"]["deployments"] = {
+        "Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"}]}}
+    fake_serve.on_deploy = lambda schema: fake_serve.served.update(replica="r1", **user_config(better))
+    result = fake_serve.module.deploy(better, name="digits", if_better=True, timeout_s=5, log=lambda *_: None)
     assert result["action"] == "swapped"
     (schema,) = fake_serve.deployed
     assert schema.target_capacity == 50.0
@@ -724,6 +735,34 @@ def test_a_swap_the_replicas_cannot_load_is_rolled_back(fake_serve):
     assert tried.applications[0].deployments[0].user_config == user_config(new)
     assert rolled_back.applications[0].deployments[0].user_config == {"checkpoint": str(old),
                                                                        "version": user_config(old)["version"]}
+
+
+def test_a_swap_that_fails_on_one_replica_of_two_is_rolled_back(fake_serve):
+    """A checkpoint path only some nodes read: one replica swaps, the other cannot. The swap is not
+    done until every running replica answers with the new version; one that reports it could not
+    load it fails the swap, which is rolled back (the replica that swapped goes back too)."""
+    import itertools
+
+    from rayfine.serve.app import IMPORT_PATH, user_config
+
+    old, new = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95)
+    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {
+        "status": "RUNNING", "source": "declarative", "route_prefix": "/", "deployed_app_config": app,
+        "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"},
+                                                    {"replica_id": "r2", "state": "RUNNING"}]}}}
+    before = {"checkpoint": str(old), **user_config(old), "metrics": {"val_accuracy": 0.9}}
+    swapped = {**before, **user_config(new), "replica": "r1", "swap_error": None}
+    stuck = {**before, "replica": "r2", "swap_error": {"user_config": user_config(new), "error": "OSError: no such file"}}
+    # The first answer (deploy's own look at the app), then r1, r1, r1, r2 as the handle picks them.
+    fake_serve.answers = itertools.chain([{**before, "replica": "r1"}, swapped, swapped, swapped],
+                                         itertools.repeat(stuck))
+    with pytest.raises(fake_serve.module.DeployError, match=r"could not load .*: OSError: no such file; 'digits' keeps"):
+        fake_serve.module.deploy(new, name="digits", timeout_s=5, log=lambda *_: None)
+    assert [d.applications[0].deployments[0].user_config["version"] for d in fake_serve.deployed] == [
+        user_config(new)["version"], user_config(old)["version"]]
 
 
 # --- a real replica, without Ray or Serve: its HTTP API over ASGI -------------------------------------

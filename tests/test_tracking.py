@@ -455,36 +455,33 @@ def test_a_password_in_the_tracking_uri_stays_out_of_params_tracking_json_and_th
 
 
 def test_a_file_store_tracking_uri_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):
+    """MLflow 3 refuses to open its file store unless MLFLOW_ALLOW_FILE_STORE=true: `rayfine train`,
+    `tune` and `run` refuse such a URI in their preflights, before Ray starts (the config itself is
+    valid: the workers, whose environment may differ, validate it too). Databricks' URIs, which
+    have no scheme either, are not paths."""
     from mlflow.tracking import MlflowClient
 
     from rayfine.config import ConfigError
-    from rayfine.tracking import RunTracker, SearchTracking
+    from rayfine.tracking import RunTracker, check_mlflow_store
+    from rayfine.train.driver import preflight as train_preflight
+    from rayfine.tune.search import preflight as tune_preflight
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     for uri in ("./mlruns", str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
-        cfg = _cfg(tmp_path, uri)  # a valid config: the workers, whose environment may differ, validate it too
-        with pytest.raises(ConfigError) as info:
-            RunTracker.open(cfg, name="train", tensorboard_dir=None)
-        (error,) = info.value.errors
-        assert error.startswith(f"tracking.mlflow.tracking_uri {uri}: MLflow refuses to open its file store")
-        assert "sqlite:///" in error and "MLFLOW_ALLOW_FILE_STORE=true" in error
-        with pytest.raises(ConfigError):
-            SearchTracking(cfg, ["train.lr"])
-    assert not (tmp_path / "mlruns").exists()
+        cfg = _cfg(tmp_path, uri)
+        for preflight in (check_mlflow_store, train_preflight, tune_preflight):
+            with pytest.raises(ConfigError) as info:
+                preflight(cfg)
+            (error,) = info.value.errors
+            assert error.startswith(f"tracking.mlflow.tracking_uri {uri}: MLflow refuses to open its file store")
+            assert "sqlite:///" in error and "MLFLOW_ALLOW_FILE_STORE=true" in error
+    assert not (tmp_path / "mlruns").exists() and not cfg.run_dir().exists()
+    for other in ("databricks", "databricks-uc", "uc", "databricks://profile", f"sqlite:///{tmp_path}/m.db"):
+        check_mlflow_store(_cfg(tmp_path, other))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # MLflow itself refuses this value
     with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE='yes' is not true, false, 1 or 0"):
-        RunTracker.open(cfg, name="train", tensorboard_dir=None)
-
-    # `rayfine train`, `tune` and `run` refuse it in their preflights, before Ray starts.
-    from rayfine.train.driver import preflight as train_preflight
-    from rayfine.tune.search import preflight as tune_preflight
-
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
-    for preflight in (train_preflight, tune_preflight):
-        with pytest.raises(ConfigError, match="tracking.mlflow.tracking_uri .*MLflow refuses to open its file store"):
-            preflight(cfg)
-    assert not cfg.run_dir().exists()
+        check_mlflow_store(cfg)
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's choice: it works
     tracker = RunTracker.open(cfg, name="train", tensorboard_dir=None)

@@ -186,6 +186,10 @@ def reusable_run_id(cfg: Config, state: dict[str, Any], key: str) -> str | None:
     return run_id
 
 
+# Tracking URIs without a scheme that are not paths: MLflow's REST stores (as its store registry maps them).
+MLFLOW_PLAIN_STORES = ("databricks", "databricks-uc", "uc")
+
+
 def check_mlflow_store(cfg: Config) -> None:
     """Refuse a tracking.mlflow.tracking_uri of MLflow's file store (``./mlruns``, ``file:///...``):
     MLflow 3 refuses to open it unless MLFLOW_ALLOW_FILE_STORE=true, so nothing would be logged.
@@ -194,7 +198,7 @@ def check_mlflow_store(cfg: Config) -> None:
     from urllib.parse import urlsplit
 
     m = cfg.tracking.mlflow
-    if m is None or urlsplit(m.tracking_uri).scheme not in ("", "file"):
+    if m is None or urlsplit(m.tracking_uri).scheme not in ("", "file") or m.tracking_uri in MLFLOW_PLAIN_STORES:
         return
     try:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
@@ -287,13 +291,11 @@ class RunTracker:
              guard: _Guard | None = None) -> "RunTracker":
         """Start a run (or reopen ``run_id``, after a resume, when that run is in this tracking
         store and experiment; else a new one). ``guard``: shared by the runs of one search, so that
-        MLflow's first error turns it off for all of them. Raises ConfigError for a file store
-        (``check_mlflow_store``). A run started before an error (its params failed) is kept, for
-        ``finish`` to end it."""
+        MLflow's first error turns it off for all of them. A run started before an error (its params
+        failed) is kept, for ``finish`` to end it."""
         client = writer = started = None
         tensorboard = _Guard("TensorBoard", str(tensorboard_dir))
         if cfg.tracking.mlflow is not None:
-            check_mlflow_store(cfg)
             guard = guard or _Guard("MLflow", _redact(cfg.tracking.mlflow.tracking_uri))
             opened = guard.call("opening the experiment", _mlflow_client, cfg)
             if opened is not None:

@@ -240,28 +240,35 @@ def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
 
 
 def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and answers with ``version`` (a swap or a first deploy). SwapFailed
-    when a replica reports that it could not load ``version``."""
+    """Until every running replica of the app answers with ``version`` (a swap or a first deploy).
+    SwapFailed when a replica reports that it could not load ``version`` (a path only some nodes
+    read fails on those only: each replica is asked, through the handle, until all have answered)."""
     deadline = time.time() + timeout_s
     last = ""
+    answered: dict[str, Any] = {}  # replica id -> the version it last answered with
     while time.time() < deadline:
         app = _details().get("applications", {}).get(name) or {}
         status = app.get("status")
         if status == "DEPLOY_FAILED":
             raise DeployError(f"app {name!r} failed to deploy: {app.get('message', '')}")
-        if status == "RUNNING":
+        deployment = (app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}
+        if status in ("RUNNING", "UNHEALTHY"):  # UNHEALTHY: a replica failed a health check; the others serve
             try:
                 info = served_info(name, timeout_s=10) or {}
             except Exception as e:  # a replica still starting
                 info, last = {}, str(e)
-            if info.get("version") == version:
-                return
             failed = info.get("swap_error") or {}
             if (failed.get("user_config") or {}).get("version") == version:
                 raise SwapFailed(f"the replicas could not load {failed['user_config'].get('checkpoint')}: "
                                  f"{failed.get('error')}")
+            if info:
+                answered[info.get("replica")] = info.get("version")
+                running = {r.get("replica_id") for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING"}
+                if all(answered.get(r) == version for r in running or {info.get("replica")}):
+                    return
+                last = f"{sum(answered.get(r) == version for r in running)} of {len(running)} running replicas serve it"
         # Serve says there why replicas do not start (e.g. the GPUs serve.gpus_per_replica asks for).
-        waiting = ((app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}).get("message")
+        waiting = deployment.get("message")
         last = f"status {status}: {waiting}" if waiting and status != "RUNNING" else last or f"status {status}"
         time.sleep(0.5)
     raise DeployError(f"app {name!r} did not serve version {version} within {timeout_s:.0f}s ({last})")

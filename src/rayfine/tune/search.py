@@ -107,13 +107,22 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
         try:
             return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
         except BaseException:
-            # tune/config.yaml marks a search (``_check_continuation``); one that failed before Tune
-            # saved an experiment (a DataError from build_datasets, a Ctrl-C while the data is read)
-            # would refuse the corrected command ("holds a search of a different config") and leave
-            # --resume nothing to resume. Only the file this command wrote: not an earlier search's.
-            if new_search and marker.is_file() and not tune.Tuner.can_restore(experiment_path(cfg)):
+            # tune/config.yaml marks a search (``_check_continuation``), written once the data is
+            # read; a search that failed before Tune saved its experiment (Ctrl-C, its tracking, the
+            # Tuner) would refuse the corrected command ("holds a search of a different config") and
+            # leave --resume nothing to resume. Only the file this command wrote: not an earlier search's.
+            if new_search and marker.is_file() and not _search_saved(cfg):
                 marker.unlink()
             raise
+
+
+def _search_saved(cfg: Config) -> bool:
+    """Whether Tune saved this search's experiment; True when that cannot be told (storage that does
+    not answer): the marker then stays, and the search's own error is the one raised."""
+    try:
+        return tune.Tuner.can_restore(experiment_path(cfg))
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bool, log) -> dict[str, Any]:
@@ -130,8 +139,8 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     for note in plan.notes:
         log(note)
     log(plan.describe())
-    save_config(run_dir, "tune", cfg.to_yaml())
     datasets, info = build_datasets(base, log=log)
+    save_config(run_dir, "tune", cfg.to_yaml())  # after the data: a run killed while reading it marks no search
 
     trainable = tune.with_resources(
         # Trials and their workers run in directories of their own: local model paths made absolute.
