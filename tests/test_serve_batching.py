@@ -1,7 +1,8 @@
 """rayfine.serve.batching: batches form when the model is free, up to max_batch_size items.
 
 Pure asyncio, no Ray: the batch function is a coroutine that records the batches it was given and
-"computes" for a set time, so the tests control when the model is busy.
+stays busy until the test releases it (``hold``/``release``), so what arrives while the model runs is
+decided by the test, not by how fast this machine schedules it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ class Model:
         self.fail_on = fail_on
         self.running = 0
         self.most_running = 0
+        self._gate: asyncio.Event | None = None
+
+    def hold(self) -> None:
+        """From now on a batch runs until ``release()`` (call both inside the test's event loop)."""
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        self._gate.set()
 
     async def __call__(self, requests: list) -> list:
         self.batches.append(list(requests))
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
-            await asyncio.sleep(self.busy_s)
+            await (self._gate.wait() if self._gate is not None else asyncio.sleep(self.busy_s))
             if self.fail_on is not None and self.fail_on in requests:
                 raise RuntimeError("the model failed")
             return [f"answer-{r}" for r in requests]
@@ -38,17 +47,24 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0)
+
+
 def test_requests_queued_while_the_model_runs_form_the_next_batch():
     """Ray 2.60's @serve.batch would form several small batches while the first one ran."""
     async def main():
-        model = Model(busy_s=0.2)
+        model = Model()
+        model.hold()
         batcher = DynamicBatcher(model, max_batch_size=16, batch_wait_timeout_s=0.005)
         first = asyncio.create_task(batcher.submit(0))
-        await asyncio.sleep(0.05)  # the first batch ([0]) is running now
+        await until(lambda: model.running)  # the first batch ([0]) is running now
         rest = []
-        for i in range(1, 11):  # arrive one by one, 10 ms apart, while the model is busy
+        for i in range(1, 11):  # arrive one by one, 10 ms apart (twice the timeout), while the model is busy
             rest.append(asyncio.create_task(batcher.submit(i)))
             await asyncio.sleep(0.01)
+        model.release()
         answers = await asyncio.gather(first, *rest)
         return model, answers
 
@@ -78,19 +94,22 @@ def test_an_idle_model_waits_for_the_batch_to_fill_but_not_longer_than_the_timeo
         patient = Model(busy_s=0.0)
         batcher = DynamicBatcher(patient, max_batch_size=3, batch_wait_timeout_s=60)
         full = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(3))), 10)
-        # A lone request never fills its batch: it runs once the timeout has passed.
+        # An idle model does not run a lone request at once: one that comes later joins its batch.
+        waiting = Model(busy_s=0.0)
+        batcher = DynamicBatcher(waiting, max_batch_size=2, batch_wait_timeout_s=60)
+        lone = asyncio.create_task(batcher.submit(7))
+        await asyncio.sleep(0.05)
+        company = await asyncio.wait_for(asyncio.gather(lone, batcher.submit(8)), 10)
+        # A lone request that never fills its batch runs once the timeout has passed.
         model = Model(busy_s=0.0)
         batcher = DynamicBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.3)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         alone = await asyncio.wait_for(batcher.submit(9), 10)
-        alone_s = loop.time() - started
-        return patient, full, model, alone, alone_s
+        return patient, full, waiting, company, model, alone
 
-    patient, full, model, alone, alone_s = run(main())
+    patient, full, waiting, company, model, alone = run(main())
     assert patient.batches == [[0, 1, 2]] and full == ["answer-0", "answer-1", "answer-2"]
+    assert waiting.batches == [[7, 8]] and company == ["answer-7", "answer-8"]
     assert model.batches == [[9]] and alone == "answer-9"
-    assert alone_s >= 0.29  # it waited for company (a slow machine only makes this longer)
 
 
 def test_a_failed_batch_fails_its_requests_only_and_the_batcher_goes_on():
@@ -108,14 +127,17 @@ def test_a_failed_batch_fails_its_requests_only_and_the_batcher_goes_on():
 
 def test_a_cancelled_request_is_left_out_of_its_batch():
     async def main():
-        model = Model(busy_s=0.1)
+        model = Model()
+        model.hold()
         batcher = DynamicBatcher(model, max_batch_size=8, batch_wait_timeout_s=0.0)
         first = asyncio.create_task(batcher.submit("first"))
-        await asyncio.sleep(0.02)
+        await until(lambda: model.running)
         gone = asyncio.create_task(batcher.submit("gone"))
         kept = asyncio.create_task(batcher.submit("kept"))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # both queue behind [first]
         gone.cancel()  # a client that disconnected while the model was busy
+        await asyncio.sleep(0)
+        model.release()
         return model, await first, await kept, gone.cancelled()
 
     model, first, kept, cancelled = run(main())
@@ -139,12 +161,14 @@ def test_requests_of_different_groups_never_share_a_batch():
     """A replica groups requests by the model they were checked against: after a hot swap, requests
     queued for the old model run on it, in their own batches, and the new model's wait their turn."""
     async def main():
-        model = Model(busy_s=0.2)
+        model = Model()
+        model.hold()
         batcher = DynamicBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.0, group_fn=lambda r: r[0])
         first = asyncio.create_task(batcher.submit("a0"))
-        while not model.batches:  # the model runs [a0]; the rest queue meanwhile, the groups interleaved
-            await asyncio.sleep(0.001)
+        await until(lambda: model.running)  # the model runs [a0]; the rest queue meanwhile, the groups interleaved
         rest = [asyncio.create_task(batcher.submit(r)) for r in ("a1", "b1", "a2", "b2", "a3", "a4", "b3")]
+        await asyncio.sleep(0)
+        model.release()
         return model, await asyncio.gather(first, *rest)
 
     model, answers = run(main())
