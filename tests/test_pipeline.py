@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from fault_tools import stop_session
 from net_tools import check_served_as_checkpoint
 from PIL import Image
 
@@ -43,7 +44,8 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its embedded Ray's processes join its session
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -94,7 +96,7 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_session(proc.pid, grace_s=0)  # the command and what it started
             proc.wait()
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert any("stopping resnet18_digits_tiny" in x for x in lines)

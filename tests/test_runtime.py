@@ -15,6 +15,7 @@ import time
 from unittest import mock
 
 import pytest
+from fault_tools import stop_session
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +31,8 @@ ray.shutdown()
 @pytest.fixture(scope="module")
 def other_ray():
     """Another embedded Ray on this machine, as a second rayfine command would start."""
-    proc = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its Ray's processes join its session
     try:
         assert proc.stdout.readline().strip() == "up"
         yield proc
@@ -39,7 +41,7 @@ def other_ray():
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_session(proc.pid, grace_s=0)  # the script and its Ray
             proc.wait()
 
 

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
+from fault_tools import stop_session
 from net_tools import b64, bomb_png, free_port, png, running_replicas, wait_for
 
 from rayfine.checkpoints import load_checkpoint
@@ -731,7 +732,8 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([RAYFINE, "serve", str(checkpoints["v2"].parent.parent), "--port", str(port),
-                                 "--set", "serve.cpus_per_replica=0.5"], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--set", "serve.cpus_per_replica=0.5"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its embedded Ray's processes join its session
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
@@ -747,7 +749,7 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
         try:
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_session(proc.pid, grace_s=0)  # the command and what it started
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "stopping digits" in log.read_text()
