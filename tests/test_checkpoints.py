@@ -255,3 +255,70 @@ def test_serve_if_better_compares_with_a_served_metric_that_is_not_a_number():
     for value in (None, float("nan")):
         with pytest.raises(CheckpointError, match="no finite val_loss"):
             is_better({**new, "metrics": {"val_loss": value}}, {"checkpoint": "/old", "metrics": {"val_loss": 0.3}})
+
+
+REMOTE_CODE_PROBE = r"""
+import json, shutil, sys
+from pathlib import Path
+
+from rayfine import checkpoints
+from rayfine.config import load_config
+from rayfine.models import build_model, resolve_model_source, token_limits
+
+root, marker = Path(sys.argv[1]), sys.argv[2]
+evil = (f"open({marker!r}, 'a').write('ran\\n')\n"
+        "from transformers import PretrainedConfig, PreTrainedTokenizerFast\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+auto_map = {"AutoConfig": "evil.EvilConfig", "AutoTokenizer": [None, "evil.EvilTokenizer"]}
+results = {}
+
+def attempt(what, load):
+    try:
+        load()
+        results[what] = "loaded"
+    except Exception as e:
+        results[what] = f"{type(e).__name__}: {e}"
+
+# A rayfine checkpoint whose config.json names code beside it (rayfine serve / evaluate load it).
+cfg = load_config("resnet18_digits", json.loads(sys.argv[3]))
+labels = [str(i) for i in range(10)]
+ckpt = checkpoints.save_checkpoint(root / "ckpt", build_model(cfg, labels), cfg, labels, {})
+(ckpt / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
+(ckpt / "evil.py").write_text(evil)
+attempt("checkpoint", lambda: checkpoints.load_checkpoint(ckpt))
+
+# A model directory (model.name) whose config.json and tokenizer_config.json name code beside them.
+model = root / "model"
+shutil.copytree(resolve_model_source("minilm"), model)
+(model / "evil.py").write_text(evil)
+config = json.loads((model / "config.json").read_text())
+(model / "config.json").write_text(json.dumps({**config, "model_type": "evil", "auto_map": auto_map}))
+tokenizer = json.loads((model / "tokenizer_config.json").read_text())
+tokenizer = {key: value for key, value in tokenizer.items() if key != "tokenizer_class"}  # the auto_map's alone
+(model / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "auto_map": auto_map}))
+text_cfg = load_config("minilm_rotten_tomatoes_tiny", [f"model.name={model}"])
+attempt("model", lambda: build_model(text_cfg, ["neg", "pos"]))
+attempt("tokenizer", lambda: token_limits(str(model), False))
+print("\nresults:", json.dumps(results))  # on a line of its own: a prompt ends without one
+"""
+
+
+def test_code_named_by_a_checkpoint_or_model_directory_never_runs(tmp_path):
+    """transformers asks on stdin whether to run the code a config.json's auto_map names, when not
+    told trust_remote_code=False: a user (or `yes |`) answering y ran it from a checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", REMOTE_CODE_PROBE, str(tmp_path), str(marker), json.dumps(HF_IMAGE)],
+                          input="y\n" * 10, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.rsplit("results:", 1)[1])
+    assert not marker.exists(), results
+    assert results["checkpoint"].startswith("CheckpointError") and "custom code" in results["checkpoint"], results
+    assert results["model"].startswith("RayfineError") and "never runs code" in results["model"], results
+    assert results["tokenizer"].startswith("ConfigError") and "custom code" in results["tokenizer"], results

@@ -372,7 +372,7 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
             if source in transformers.CONFIG_MAPPING:
                 config = transformers.AutoConfig.for_model(source, **kwargs)
             else:
-                config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+                config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
             model = auto.from_config(config, dtype=torch.float32)
             new = {name for name, _ in model.named_parameters()}
         else:
@@ -380,7 +380,7 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
                 kwargs.pop("image_size", None)
             model, info = auto.from_pretrained(  # safetensors weights only: a pytorch_model.bin is a pickle
                 source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True,
-                use_safetensors=True, **kwargs
+                use_safetensors=True, trust_remote_code=False, **kwargs
             )
             mismatched = info.get("mismatched_keys", [])
             adapted = _adapt_input_convs(model, source, mismatched) if cfg.data.kind == "image" else set()
@@ -397,6 +397,12 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
             "give a local directory, 'minilm', or a hub id that is in the local Hugging Face cache, with "
             "safetensors weights (rayfine never loads pickled .bin weights)"
         ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise RayfineError(f"model.name: {cfg.model.name!r} needs Python code of its own to load (its config.json "
+                           "names it in auto_map); rayfine never runs code that comes with a model's files: choose a "
+                           "model that transformers supports itself") from None
     if cfg.data.kind == "image":
         _check_image_size(model, cfg)
     setattr(model, NEW_PARAMS_ATTR, frozenset(new))
@@ -504,7 +510,8 @@ def _check_channel_order(cfg: Config) -> None:
 
     quiet_transformers()
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name))
+        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name),
+                                                                   trust_remote_code=False)
     except (OSError, ValueError):  # none: with_pretrained_normalization says so
         return
     if getattr(processor, "do_flip_channel_order", False):
@@ -539,7 +546,7 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
     most = tokenizer.model_max_length
     if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
         try:
-            most = position_limit(transformers.AutoConfig.from_pretrained(source))
+            most = position_limit(transformers.AutoConfig.from_pretrained(source, trust_remote_code=False))
         except (OSError, ValueError):
             most = None
     return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
@@ -575,7 +582,7 @@ def check_image_size(cfg: Config) -> None:
     kwargs = _hf_label_kwargs(cfg, ["0", "1"])
     kwargs.pop("image_size", None)
     try:
-        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError):
         return  # build_model names what is wrong with the model itself
     if _other_size(config, cfg):
@@ -633,7 +640,8 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
 
     quiet_transformers()
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name))
+        processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name),
+                                                                   trust_remote_code=False)
     except (OSError, ValueError):  # no preprocessor_config.json, or one transformers cannot use
         if log:
             log(f"[data] {cfg.model.name} has no image processor; data.mean/std unset: ImageNet's")
@@ -707,7 +715,7 @@ def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} holds a Hugging Face model but no config.json")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(directory))
+        config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
         return _hf_auto_class(cfg).from_config(config, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, or not a model of data.kind
         raise CheckpointError(f"{directory / 'config.json'}: cannot build the model it describes "

@@ -58,7 +58,8 @@ def _load_tokenizer(source: str, stamp: tuple):
     from rayfine.models import quiet_transformers
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    # trust_remote_code=False: never the code a model directory names (transformers would ask on stdin).
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         raise InputError(f"the tokenizer of {source} has no padding token; set one in its tokenizer_config.json")
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
