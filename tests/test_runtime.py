@@ -146,3 +146,48 @@ def test_workers_keep_an_idle_process_through_a_pause_and_run_at_the_drivers_pri
         first = ray.get(data_task.remote())
         time.sleep(2.5)  # Ray kills a surplus idle worker after 1 s (idle_worker_killing_time_threshold_ms)
         assert ray.get(data_task.remote()) == first
+
+
+TOKEN_PROBE = """
+import os, stat
+from pathlib import Path
+from rayfine.runtime import local_ray
+os.umask(0o022)  # the usual one: what Ray would write its token under
+with local_ray({}, num_cpus=1, include_dashboard=False, logging_level="WARNING"):
+    pass
+token = Path.home() / ".ray" / "auth_token"
+print(oct(stat.S_IMODE(token.stat().st_mode)), oct(stat.S_IMODE(token.parent.stat().st_mode)), len(token.read_text()))
+"""
+
+
+def test_an_embedded_rays_new_token_is_readable_by_this_account_only(tmp_path):
+    """Ray writes a missing ~/.ray/auth_token under the umask (644 with 022), and whoever reads it
+    can run code on the session's ports; rayfine writes it first, mode 600 (a fresh HOME here)."""
+    import os
+    import re
+    import stat
+
+    from rayfine.runtime import restrict_token_file
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-c", TOKEN_PROBE], env={**env, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["0o600", "0o700", "64"], proc.stdout  # Ray's format: 32 random bytes in hex
+
+    # A token file of this account that others can read is restricted, its token kept ...
+    token = tmp_path / ".ray" / "auth_token"
+    kept = token.read_text()
+    token.chmod(0o644)
+    assert restrict_token_file({"HOME": str(tmp_path)}) == str(token)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == kept
+    named = tmp_path / "named-token"
+    named.write_text("abc")
+    named.chmod(0o640)
+    assert restrict_token_file({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(named)}) == str(named)
+    assert stat.S_IMODE(named.stat().st_mode) == 0o600 and named.read_text() == "abc"
+    assert re.fullmatch("[0-9a-f]{64}", kept)
+    # ... and nothing is written where token auth is off or the token comes from the environment.
+    for setting in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "from-env"}):
+        assert restrict_token_file({"HOME": str(tmp_path / "other"), **setting}) is None
+    assert not (tmp_path / "other").exists()

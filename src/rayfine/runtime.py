@@ -181,6 +181,40 @@ def local_system_config(num_cpus: float | None = None, environ: dict | None = No
     return {**idle_worker_config(num_cpus, environ), **worker_niceness_config(environ)}
 
 
+def restrict_token_file(environ: dict | None = None) -> str | None:
+    """Make the Ray token a new embedded Ray will use readable by this account only; its path, or None.
+
+    Ray 2.60 turns token authentication on for a local ``ray.init`` and, when no token exists,
+    writes a new one to ``~/.ray/auth_token`` under the process's umask: mode 644 with the usual
+    022, where any account on the machine can read it, and whoever holds it can run code as this
+    user on the session's ports (they bind every interface). So a missing default token is created
+    here first, mode 600, in Ray's format (``secrets.token_hex(32)``), and a token file (the default
+    or ``RAY_AUTH_TOKEN_PATH``) of this account that others can read is made mode 600, as
+    cluster/local/up.sh does. Nothing is done when ``RAY_AUTH_MODE`` turns token auth off or
+    ``RAY_AUTH_TOKEN`` holds the token; a file that cannot be changed is left to Ray."""
+    import secrets
+    import stat
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "token").lower() != "token" or environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(environ["RAY_AUTH_TOKEN_PATH"]) if environ.get("RAY_AUTH_TOKEN_PATH") else (
+        Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token")
+    try:
+        if not environ.get("RAY_AUTH_TOKEN_PATH") and (not path.exists() or path.stat().st_size == 0):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        info = path.stat()
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # Ray reads (or writes) it itself, and says what is wrong
+    return str(path)
+
+
 @contextlib.contextmanager
 def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     """A fresh embedded local Ray (``ray.init(address="local")``, even when a `ray start` cluster
@@ -194,8 +228,11 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     loopback port chosen here, and RAY_API_SERVER_ADDRESS names it to every worker of the session
     (the job's runtime_env) and to this process. Every worker also gets LOCAL_WORKER_ENV and runs
     WORKER_SETUP_HOOK first, unless this process's environment or ``runtime_env`` says otherwise.
-    Without a ``_system_config``, the session gets ``local_system_config``."""
+    Without a ``_system_config``, the session gets ``local_system_config``; its Ray token is made
+    readable by this account only (``restrict_token_file``)."""
     import ray
+
+    restrict_token_file()
 
     port = free_port()  # the dashboard binds it a moment later
     url = f"http://127.0.0.1:{port}"
