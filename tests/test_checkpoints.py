@@ -98,6 +98,16 @@ def test_weights_of_another_model_are_refused(saved, cfg, tmp_path):
         checkpoints.load_checkpoint(tmp_path / "other")
 
 
+def test_a_password_in_the_tracking_uri_is_masked_in_the_checkpoint(tmp_path):
+    """A checkpoint travels (MLflow uploads it as an artifact, an export is served elsewhere): a
+    database tracking_uri's password stays out of its config.yaml, and the checkpoint still loads."""
+    cfg = load_config("resnet18_digits_tiny", ["tracking.mlflow.tracking_uri=postgresql://ml:S3CRET@db:5432/mlflow"])
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", build_model(cfg, LABELS), cfg, LABELS, {})
+    text = (directory / checkpoints.CONFIG_FILE).read_text()
+    assert "S3CRET" not in text and "postgresql://ml:***@db:5432/mlflow" in text
+    assert checkpoints.load_checkpoint(directory).cfg.model == cfg.model
+
+
 @pytest.mark.parametrize("missing", [checkpoints.CONFIG_FILE, checkpoints.MODEL_FILE, checkpoints.LABELS_FILE])
 def test_missing_files_are_named(saved, missing):
     _, directory = saved

@@ -267,6 +267,13 @@ def test_check_submission_refuses_what_cannot_work_on_a_cluster(tmp_path):
     with pytest.raises(JobsError, match="one of train, tune, pipeline"):
         check_submission("resnet18_digits", job="eval", runs_dir=None, working_dir=REPO)
     assert check_submission("resnet18_digits", job="train", runs_dir="/shared", working_dir=REPO) == (REPO, "resnet18_digits")
+    # A password given with --set would be in the job's entrypoint, which Ray shows whoever lists jobs.
+    with pytest.raises(JobsError, match=r"--set tracking.mlflow.tracking_uri: its value holds a password") as refused:
+        check_submission("resnet18_digits", job="train", runs_dir="/shared", working_dir=REPO,
+                         overrides=["train.lr=0.01", "tracking.mlflow.tracking_uri=postgresql://ml:S3CRET@db/mlflow"])
+    assert "S3CRET" not in str(refused.value)
+    assert check_submission("resnet18_digits", job="train", runs_dir="/shared", working_dir=REPO,
+                            overrides=["tracking.mlflow.tracking_uri=http://mlflow:5000"]) == (REPO, "resnet18_digits")
 
 
 def test_runtime_env_forwards_settings_but_never_secrets():

@@ -1,7 +1,7 @@
 """The one artifact format. A checkpoint is a directory:
 
     model.safetensors     the weights (never a pickle)
-    config.yaml           the resolved experiment config
+    config.yaml           the resolved experiment config (a password in a URL in it masked: ***)
     labels.json           label names in id order
     metrics.json          the epoch's metrics (and data facts)
   Hugging Face models add their config.json and, for texts, the tokenizer files (for RGB images,
@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rayfine.config import Config, ConfigError, validate
+from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import CheckpointError
 from rayfine.metrics import json_text
 
@@ -77,7 +78,9 @@ def save_checkpoint(
             (directory / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    # Masked: a checkpoint travels (MLflow's artifact store, an export served elsewhere), and a
+    # database tracking_uri carries its password; nothing reads tracking from a checkpoint.
+    (directory / CONFIG_FILE).write_text(redact_url_passwords(cfg.to_yaml()))
     (directory / LABELS_FILE).write_text(json.dumps(labels, indent=1))
     (directory / METRICS_FILE).write_text(json_text(metrics, indent=1))
     return directory

@@ -284,8 +284,15 @@ def _exists(client, job_id: str):
 
 
 def check_submission(config: str, *, job: str, runs_dir: Optional[str], working_dir: str | Path,
-                     resume: bool = False) -> tuple[Path, str]:
+                     resume: bool = False, overrides: Iterable[str] = ()) -> tuple[Path, str]:
     """What can be checked before talking to the cluster; returns (working dir, the job's --config)."""
+    from rayfine.config.sections import redact_url_passwords
+
+    for item in overrides:  # they become the job's entrypoint, which Ray shows to whoever lists jobs
+        if redact_url_passwords(item) != item:
+            raise JobsError(f"--set {item.split('=', 1)[0]}: its value holds a password (user:password@ in a URL), "
+                            "which would show in the job's entrypoint (`rayfine jobs list`, the dashboard, the head "
+                            "node's process list): write it in the config file instead")
     if job not in JOB_KINDS:
         raise JobsError(f"--job {job}: one of {', '.join(JOB_KINDS)}")
     if resume and job not in RESUMABLE_JOBS:
@@ -396,7 +403,9 @@ def submit(
 
     Returns {"submission_id", "status", "existing"}; ``existing`` is True when that submission id
     was already on the cluster (nothing new was started)."""
-    wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
+    overrides = list(overrides)  # checked, then the entrypoint
+    wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume,
+                                      overrides=overrides)
     check_paths(cfg, wd)
     job_id = job_id or submission_id(job, cfg, resume)
     client = client or connect(address)
@@ -476,7 +485,8 @@ def _hint(job_id: str, address: str) -> str:
 
 def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Optional[str], working_dir: str,
                job_id: Optional[str], address: Optional[str], follow_logs: bool, resume: bool = False) -> int:
-    wd, _ = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume)
+    wd, _ = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume,
+                             overrides=overrides)
     check_paths(cfg, wd)
     client = connect(address)
     result = submit(cfg, config, job=job, overrides=overrides, runs_dir=runs_dir, working_dir=working_dir,
