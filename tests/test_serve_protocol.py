@@ -656,7 +656,8 @@ def fake_serve(tmp_path, monkeypatch):
             fake.on_deploy(schema)
 
     fake.answers = None  # an iterator of infos, one per handle call (the replica the handle picked), else ``served``
-    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: SimpleNamespace(deploy_apps=deploy_apps))
+    monkeypatch.setattr(ray.serve.context, "_get_global_client",
+                        lambda **_: SimpleNamespace(deploy_apps=deploy_apps, get_serve_details=lambda: fake.details))
     monkeypatch.setattr(deploy_module, "_details", lambda: fake.details)
     monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: next(fake.answers) if fake.answers else fake.served)
     return fake
@@ -763,6 +764,48 @@ def test_a_swap_that_fails_on_one_replica_of_two_is_rolled_back(fake_serve):
         fake_serve.module.deploy(new, name="digits", timeout_s=5, log=lambda *_: None)
     assert [d.applications[0].deployments[0].user_config["version"] for d in fake_serve.deployed] == [
         user_config(new)["version"], user_config(old)["version"]]
+
+
+def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_serve_settings(fake_serve, monkeypatch):
+    """`rayfine run` swaps its winner into a live app of its name, and a swap changes the model
+    only: a run whose serve: settings differ from those the replicas run with is refused before the
+    search (was: the search ran, the swap kept the old settings and said "swapped"); the deploy at
+    its end checks again. `rayfine serve OTHER` without --set still swaps (the app's settings kept)."""
+    import rayfine.pipeline
+    import rayfine.tune
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve.app import IMPORT_PATH, user_config
+
+    old = fake_serve.checkpoint(0.9)
+    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {
+        "status": "RUNNING", "source": "declarative", "route_prefix": "/", "deployed_app_config": app,
+        "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"}]}}}
+    running = load_config("resnet18_digits_tiny", ["name=digits"]).serve
+    fake_serve.served.update(replica="r1", **user_config(old), metrics={"val_accuracy": 0.9},
+                             settings=running.model_dump(mode="json"))
+    cfg = load_config("resnet18_digits_tiny", ["name=digits", "serve.max_batch_size=24"])
+    searched = []
+    monkeypatch.setattr(rayfine.tune, "run_search", lambda *a, **k: searched.append(a))
+    refused = r"app 'digits' is running with other serve settings \(serve.max_batch_size 16 -> 24\)"
+    with pytest.raises(fake_serve.module.DeployError, match=refused):
+        rayfine.pipeline.run_pipeline(cfg, log=lambda *_: None)
+    assert searched == []  # refused before the search
+    fake_serve.module.check_swap("digits", running)  # the same settings: nothing to refuse
+    fake_serve.module.check_swap("other", cfg.serve)  # no such app
+
+    labels = [str(d) for d in range(10)]
+    winner = save_checkpoint(fake_serve.checkpoint(0.95).parent / "winner", build_model(cfg, labels), cfg, labels,
+                             {"epoch": 1, "val_accuracy": 0.95})
+    with pytest.raises(fake_serve.module.DeployError, match=refused):
+        fake_serve.module.deploy(winner, name="digits", if_better=True, same_settings=True, log=lambda *_: None)
+    assert fake_serve.deployed == []
+    fake_serve.on_deploy = lambda schema: fake_serve.served.update(**user_config(winner))
+    result = fake_serve.module.deploy(winner, name="digits", if_better=True, timeout_s=5, log=lambda *_: None)
+    assert result["action"] == "swapped"
 
 
 # --- a real replica, without Ray or Serve: its HTTP API over ASGI -------------------------------------

@@ -116,19 +116,64 @@ def _url(details: dict, route_prefix: str) -> str:
     return f"http://{host}:{port}{'' if route_prefix == '/' else route_prefix}"
 
 
+def _swap_checks(name: str, current: dict, settings: ServeConfig | None) -> dict:
+    """What the live app ``name`` (its Serve details ``current``) serves, its replicas' ``info()``;
+    DeployError when a swap into it is refused: an app deployed imperatively, replicas that do not
+    answer, or, with ``settings``, serve settings other than those its replicas run with."""
+    if current.get("source") != "declarative" or not current.get("deployed_app_config"):
+        raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
+                          "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
+    try:
+        served = served_info(name) or {}
+    except Exception as e:  # noqa: BLE001  (an UNHEALTHY app whose replicas do not answer, say)
+        raise DeployError(f"app {name!r} is {current.get('status')} and its replicas do not answer ({e}); "
+                          "stop it (`serve shutdown`, or Ctrl-C the `rayfine serve` that runs it) and deploy "
+                          "again") from None
+    if settings is not None:
+        # Settings are fixed when the app is built; a swap only replaces the model. Asking for
+        # the settings it already runs with is fine (running the same command again). The
+        # replicas say what they run: the app's args still name the checkpoint it was first
+        # deployed from, which may have been removed or retrained since.
+        running = served.get("settings")
+        if running is None:  # replicas of an earlier rayfine do not say: what the app was built from
+            args = current["deployed_app_config"].get("args") or {}
+            built = serve_settings(resolve_checkpoint(args["checkpoint"]), args.get("serve"))[1]
+            running = built.model_dump(mode="json")
+        changes = settings_changes(running, settings)
+        if changes:
+            raise DeployError(f"app {name!r} is running with other serve settings ({'; '.join(changes)}): a hot "
+                              "swap changes the model only; to change serve settings, stop the app and deploy again")
+    return served
+
+
+def check_swap(name: str, settings: ServeConfig) -> None:
+    """Refuse now what a later ``deploy(..., same_settings=True)`` into app ``name`` would refuse
+    (``_swap_checks``): `rayfine run` asks before its search, not after it. Nothing to check when
+    no Serve runs on the cluster, or no live app of that name."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
+    if current is not None and current.get("status") in LIVE:
+        _swap_checks(name, current, settings)
+
+
 def deploy(
     checkpoint: str | Path,
     *,
     name: Optional[str] = None,
     serve_overrides: Optional[dict[str, Any]] = None,
     if_better: bool = False,
+    same_settings: bool = False,
     timeout_s: float = 300,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Serve ``checkpoint`` as app ``name``, or swap it into the running app of that name.
 
-    Needs a connected Ray. Returns {"action": "deployed" | "swapped" | "kept" | "unchanged",
-    "name", "url", "version", "checkpoint", "reason"}.
+    A swap changes the model only: with ``serve_overrides``, or ``same_settings`` (the checkpoint's
+    own serve settings are what the caller asked for: `rayfine run`), it is refused when the
+    running replicas have other serve settings. Needs a connected Ray. Returns {"action":
+    "deployed" | "swapped" | "kept" | "unchanged", "name", "url", "version", "checkpoint", "reason"}.
     """
     from ray import serve
 
@@ -151,29 +196,7 @@ def deploy(
     current = apps.get(name)
     result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
     if current is not None and current.get("status") in LIVE:
-        if current.get("source") != "declarative" or not current.get("deployed_app_config"):
-            raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
-                              "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
-        try:
-            served = served_info(name) or {}
-        except Exception as e:  # noqa: BLE001  (an UNHEALTHY app whose replicas do not answer, say)
-            raise DeployError(f"app {name!r} is {current.get('status')} and its replicas do not answer ({e}); "
-                              "stop it (`serve shutdown`, or Ctrl-C the `rayfine serve` that runs it) and deploy "
-                              "again") from None
-        if serve_overrides:
-            # Settings are fixed when the app is built; a swap only replaces the model. Asking for
-            # the settings it already runs with is fine (running the same command again). The
-            # replicas say what they run: the app's args still name the checkpoint it was first
-            # deployed from, which may have been removed or retrained since.
-            running = served.get("settings")
-            if running is None:  # replicas of an earlier rayfine do not say: what the app was built from
-                args = current["deployed_app_config"].get("args") or {}
-                built = serve_settings(resolve_checkpoint(args["checkpoint"]), args.get("serve"))[1]
-                running = built.model_dump(mode="json")
-            changes = settings_changes(running, settings)
-            if changes:
-                raise DeployError(f"app {name!r} is running with other serve settings ({'; '.join(changes)}): a hot "
-                                  "swap changes the model only; to change serve settings, stop the app and deploy again")
+        served = _swap_checks(name, current, settings if serve_overrides or same_settings else None)
         route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
         result["url"] = _url(details, route_prefix)
         if served.get("version") == version:
