@@ -101,6 +101,10 @@ def test_a_broken_pipe_that_is_not_standard_output_is_a_failure(monkeypatch, cap
 def test_submit_refuses_a_config_from_standard_input(capsys):
     assert cli.main(["submit", "-"]) == cli.EXIT_USAGE
     assert "not from standard input or a pipe" in capsys.readouterr().err
+    for command, offered in (("submit", False), ("train", True)):  # and its --help does not offer it
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert ("- for standard input" in " ".join(capsys.readouterr().out.split())) is offered, command
 
 
 def test_predictions_show_control_characters_escaped():

@@ -24,8 +24,9 @@ EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 SET_HELP = "values are YAML, but a text field takes the text as given"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML file, - for standard input, or a preset name (see `rayfine validate --list`)")
+def _config_args(p: argparse.ArgumentParser, stdin: bool = True) -> None:
+    p.add_argument("config", help=f"a YAML file{', - for standard input,' if stdin else ''} or a preset name "
+                                  "(see `rayfine validate --list`)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help=f"override a field, e.g. --set train.lr=3e-4 (repeatable; {SET_HELP})",
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
     p = sub.add_parser("submit", parents=[debug],
                        help="run train, tune or the pipeline on a Ray cluster as a Ray job (Jobs API)")
-    _config_args(p)
+    _config_args(p, stdin=False)  # the job reads the file on the cluster
     p.add_argument("--job", choices=JOB_KINDS, default="pipeline",
                    help="what the job runs: ray_jobs/<job>.py (default pipeline: search, evaluate, deploy)")
     p.add_argument("--runs-dir", help="where run directories go on the cluster: an absolute path every node mounts "
