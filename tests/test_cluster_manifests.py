@@ -15,6 +15,7 @@ import copy
 import importlib
 import re
 import shlex
+import stat
 import subprocess
 from pathlib import Path
 
@@ -291,3 +292,51 @@ def test_the_local_cluster_scripts_parse(script):
     path = REPO / "cluster" / "local" / script
     assert path.is_file() and path.stat().st_mode & 0o111, f"{path} missing or not executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_the_local_cluster_scripts_refuse_a_state_dir_another_account_could_write(tmp_path):
+    """up.sh writes cluster.env there (users source it) and down.sh ends the sessions recorded there:
+    a predictable /tmp path that another account made first, or can write, is refused by both."""
+    import os
+    import shutil
+    import tempfile
+
+    venv = tmp_path / "venv"  # a Ray that does nothing: the scripts must stop before they run it
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("ray", "python"):
+        (venv / "bin" / tool).write_text("#!/bin/sh\necho ran >> \"$(dirname \"$0\")/../ran\"\nexit 0\n")
+        (venv / "bin" / tool).chmod(0o755)
+    base = Path(tempfile.mkdtemp(prefix="rfstate-", dir="/tmp"))  # short: up.sh takes at most 40 characters
+
+    def run(script: str, state: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RAYFINE_VENV": str(venv), "RAYFINE_CLUSTER_DIR": str(state), "HOME": str(tmp_path)}
+        return subprocess.run(["bash", str(REPO / "cluster" / "local" / script)], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    try:
+        shared = base / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)  # as another account's `mkdir -m 777 /tmp/rayfine-cluster` leaves it
+        (shared / "nodes").mkdir()
+        (shared / "nodes" / "head.sid").write_text("1\n")  # a session planted for down.sh to end
+        link = base / "link"
+        link.symlink_to(shared)
+        cases = [(shared, "writable by other accounts"), (link, "symbolic link")]
+        if os.geteuid() == 0:  # only root can make a directory that another account owns
+            theirs = base / "theirs"
+            theirs.mkdir(mode=0o755)
+            os.chown(theirs, 65534, 65534)
+            cases.append((theirs, "not a directory of this account"))
+        for state, reason in cases:
+            up = run("up.sh", state)
+            assert up.returncode == 1 and reason in up.stderr, (state, up.stderr)
+            down = run("down.sh", state)
+            assert down.returncode == 1 and "is not up.sh's" in down.stderr, (state, down.stderr)
+        assert not (venv / "ran").exists() and not (shared / "cluster.env").exists()
+        assert (shared / "nodes" / "head.sid").exists()  # down.sh ended nothing
+
+        mine = base / "mine"  # a new state dir: this account's alone
+        run("up.sh", mine)
+        assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(base)

@@ -15,6 +15,9 @@ state="${RAYFINE_CLUSTER_DIR:-/tmp/rayfine-cluster}"
 grace="${RAYFINE_STOP_GRACE_S:-10}"
 die() { echo "down.sh: $*" >&2; exit 1; }
 [[ -d "$state" ]] || die "no cluster state in $state (set RAYFINE_CLUSTER_DIR to the dir up.sh used)"
+# The sessions it records are ended: only a state dir this account owns, and no other can write, counts.
+[[ ! -L "$state" && -O "$state" && -z "$(find "$state" -maxdepth 0 -perm /022)" ]] \
+  || die "$state is not up.sh's: a symbolic link, another account's, or writable by other accounts"
 state="$(cd "$state" && pwd)"
 shopt -s nullglob
 sid_files=("$state"/nodes/*.sid)

@@ -38,7 +38,14 @@ store_bytes=$(( ${RAYFINE_OBJECT_STORE_MB:-400} * 1024 * 1024 ))
 die() { echo "up.sh: $*" >&2; exit 1; }
 [[ "$workers" =~ ^[0-9]+$ ]] || die "the number of worker nodes must be a whole number, got '$workers'"
 [[ -x "$venv/bin/ray" ]] || die "no Ray in $venv (run \`make setup\`, or set RAYFINE_VENV)"
-state="$(mkdir -p "$state" && cd "$state" && pwd)"
+# The state dir holds cluster.env (which users source) and the sessions down.sh ends: only this account
+# may own and write it (another account could have made a predictable /tmp path first).
+[[ -L "$state" ]] && die "RAYFINE_CLUSTER_DIR=$state is a symbolic link: give a directory of your own"
+[[ -e "$state" ]] || mkdir -p -m 700 "$state" || die "cannot create $state"
+[[ -d "$state" && -O "$state" ]] || die "$state is not a directory of this account: remove it, or set RAYFINE_CLUSTER_DIR"
+[[ -z "$(find "$state" -maxdepth 0 -perm /022)" ]] \
+  || die "$state is writable by other accounts: \`chmod go-w $state\`, or set RAYFINE_CLUSTER_DIR"
+state="$(cd "$state" && pwd)"
 # Ray's Unix sockets live at <temp dir>/session_<date>_<pid>/sockets/..., and a socket path is limited to 107 bytes.
 (( ${#state} <= 40 )) || die "RAYFINE_CLUSTER_DIR=$state is too long for Ray's socket paths: use at most 40 characters"
 if compgen -G "$state/nodes/*.sid" >/dev/null; then
