@@ -796,6 +796,20 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     assert searched == []  # refused before the search
     fake_serve.module.check_swap("digits", running)  # the same settings: nothing to refuse
     fake_serve.module.check_swap("other", cfg.serve)  # no such app
+    # Connecting to Serve turns off this driver's filter of other jobs' worker logs (ray/serve/context.py
+    # _connect); the check puts it back, so that the search does not print every job's logs.
+    import ray
+    import ray.serve.context
+
+    client = ray.serve.context._get_global_client
+
+    def connect(**kwargs):
+        ray._private.worker.global_worker._filter_logs_by_job = False
+        return client(**kwargs)
+
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", connect)
+    fake_serve.module.check_swap("digits", running)
+    assert ray._private.worker.global_worker._filter_logs_by_job is True
 
     labels = [str(d) for d in range(10)]
     winner = save_checkpoint(fake_serve.checkpoint(0.95).parent / "winner", build_model(cfg, labels), cfg, labels,

@@ -150,12 +150,20 @@ def check_swap(name: str, settings: ServeConfig) -> None:
     """Refuse now what a later ``deploy(..., same_settings=True)`` into app ``name`` would refuse
     (``_swap_checks``): `rayfine run` asks before its search, not after it. Nothing to check when
     no Serve runs on the cluster, or no live app of that name."""
+    import ray
     from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
-    if current is not None and current.get("status") in LIVE:
-        _swap_checks(name, current, settings)
+    # Connecting to Serve makes this driver print every job's worker logs (Serve's own choice, made
+    # again by the deploy); not during the search that follows.
+    worker = ray._private.worker.global_worker
+    filtered = worker._filter_logs_by_job
+    try:
+        client = _get_global_client(raise_if_no_controller_running=False)
+        current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
+        if current is not None and current.get("status") in LIVE:
+            _swap_checks(name, current, settings)
+    finally:
+        worker._filter_logs_by_job = filtered
 
 
 def deploy(
