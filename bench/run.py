@@ -6,7 +6,7 @@
 
 Each script runs in a process of its own (each starts and stops its own embedded Ray), one after
 the other: they would distort each other's figures if they overlapped. Measured on 2 CPUs: ingest
-1 min, train_overhead 12-13 (both pairs), serve 9, memory 3, end_to_end 7-10, asha about 28 per seed (3 seeds): about
+1 min, train_overhead 12-17 (both pairs), serve 8-9, memory 3, end_to_end 6-10, asha about 28 per seed (3 seeds): about
 two hours in all; `bench/asha.py --seeds 1,2` runs some seeds and keeps the others.
 """
 
