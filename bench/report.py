@@ -91,12 +91,12 @@ BOUNDS = {
         "Worker-seconds sum each trial epoch's epoch_s (training + validation); trial start-up (~10 s per trial for its "
         "Ray Train worker group) is outside it and paid by every trial, stopped early or not: "
         "held_worker_seconds_ratio (each trial from its start to its last result) and wall_ratio include it.",
-        "Not counted on either side (read from the installed Ray source in a 2026-12-06 review, not measured): a "
+        ("Not counted on either side (read from the installed Ray source in a 2026-12-06 review, not measured): a "
         "Ray Train worker's report() hands its result on and goes on training, and Tune hears of it when the trial's "
         "Train controller next polls its workers (every 2 s), so a trial that ASHA stops trains part of its next "
         "epoch (up to a few seconds, of ~10 s epochs) before it is stopped. FIFO trials end after their last epoch "
         "and have no such tail. With 10-12 stopped trials a seed this leaves out up to ~2 epochs of ASHA's 49-71 "
-        "(compute_ratio up to ~0.02 higher) and a few percent of its worker-seconds.",
+        "(compute_ratio up to ~0.02 higher) and a few percent of its worker-seconds."),
     ],
     "halving": [
         "Measured 2026-12-02 on 2 Intel Xeon CPUs (goal missed on the accuracy gap): `rayfine tune` with "
@@ -715,8 +715,8 @@ def section_asha(r: dict) -> list[str]:
     seconds = [[str(p["seed"])] + [f"{_fmt(p[side].get(key), 1)}" if key in p[side] else "not recorded"
                                    for key in ("worker_s", "held_worker_s", "wall_s") for side in ("asha", "fifo")]
                for p in r["per_seed"]]
-    out += ["", "Seconds behind the ratios (worker-seconds: the trials' epochs; held: each trial from its start to "
-            "its last result; wall: the search):", ""]
+    out += ["", ("Seconds behind the ratios (worker-seconds: the trials' epochs; held: each trial from its start to "
+                 "its last result; wall: the search):"), ""]
     out += table(["seed", "worker-s ASHA", "worker-s FIFO", "held worker-s ASHA", "held worker-s FIFO",
                   "wall s ASHA", "wall s FIFO"], seconds)
     out += ["", f"- compute_ratio: {_spread(r['compute_ratio_stats'])}",
@@ -726,10 +726,10 @@ def section_asha(r: dict) -> list[str]:
               if "held_worker_seconds_ratio_stats" in r else []),
             f"- wall_ratio (ASHA search wall time / FIFO's): {_spread(r['wall_ratio_stats'])}",
             f"- best_acc_asha: {_spread(r['best_acc_asha_stats'], 4)}; best_acc_full: {_spread(r['best_acc_full_stats'], 4)}",
-            f"- accuracy_gap: {_spread(r['accuracy_gap_stats'], 4)}: the median of the seeds' gaps, each the same seed's "
-            "FIFO winner minus its ASHA winner. The median best_acc_full minus the median best_acc_asha is "
-            f"{r['best_acc_full_stats']['median'] - r['best_acc_asha_stats']['median']:+.4f}: those medians can come "
-            "from different seeds."]
+            (f"- accuracy_gap: {_spread(r['accuracy_gap_stats'], 4)}: the median of the seeds' gaps, each the same "
+             "seed's FIFO winner minus its ASHA winner. The median best_acc_full minus the median best_acc_asha is "
+             f"{r['best_acc_full_stats']['median'] - r['best_acc_asha_stats']['median']:+.4f}: those medians can come "
+             "from different seeds.")]
     return out
 
 
