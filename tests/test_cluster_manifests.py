@@ -308,7 +308,7 @@ def test_the_local_cluster_scripts_refuse_a_state_dir_another_account_could_writ
         (venv / "bin" / tool).chmod(0o755)
     base = Path(tempfile.mkdtemp(prefix="rfstate-", dir="/tmp"))  # short: up.sh takes at most 40 characters
 
-    def run(script: str, state: Path) -> subprocess.CompletedProcess:
+    def run(script: str, state: Path | str) -> subprocess.CompletedProcess:
         env = {**os.environ, "RAYFINE_VENV": str(venv), "RAYFINE_CLUSTER_DIR": str(state), "HOME": str(tmp_path)}
         return subprocess.run(["bash", str(REPO / "cluster" / "local" / script)], env=env, capture_output=True,
                               text=True, timeout=60, check=False)
@@ -321,17 +321,19 @@ def test_the_local_cluster_scripts_refuse_a_state_dir_another_account_could_writ
         (shared / "nodes" / "head.sid").write_text("1\n")  # a session planted for down.sh to end
         link = base / "link"
         link.symlink_to(shared)
-        cases = [(shared, "writable by other accounts"), (link, "symbolic link")]
+        # (state dir, why up.sh refuses it, why down.sh does); a trailing slash must not hide the link
+        cases = [(shared, "writable by other accounts: `chmod go-w", "writable by other accounts, who could"),
+                 (link, "is a symbolic link", "is a symbolic link"), (f"{link}/", "is a symbolic link", "is a symbolic link")]
         if os.geteuid() == 0:  # only root can make a directory that another account owns
             theirs = base / "theirs"
             theirs.mkdir(mode=0o755)
             os.chown(theirs, 65534, 65534)
-            cases.append((theirs, "not a directory of this account"))
-        for state, reason in cases:
+            cases.append((theirs, "not a directory of this account", "belongs to another account"))
+        for state, up_reason, down_reason in cases:
             up = run("up.sh", state)
-            assert up.returncode == 1 and reason in up.stderr, (state, up.stderr)
+            assert up.returncode == 1 and up_reason in up.stderr, (state, up.stderr)
             down = run("down.sh", state)
-            assert down.returncode == 1 and "is not up.sh's" in down.stderr, (state, down.stderr)
+            assert down.returncode == 1 and down_reason in down.stderr, (state, down.stderr)
         assert not (venv / "ran").exists() and not (shared / "cluster.env").exists()
         assert (shared / "nodes" / "head.sid").exists()  # down.sh ended nothing
 

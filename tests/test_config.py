@@ -211,6 +211,9 @@ def test_numbers_read_the_same_from_a_file_and_an_override(tmp_path):
     ("id2label: {0: negative, 1: positive}", "rayfine sets it from the data's labels (data.labels names them"),
     ("label2id: {negative: 0, positive: 1}", "rayfine sets it from the data's labels"),
     ("num_labels: 3", "rayfine sets it from the data's labels"),
+    # Copied from Hugging Face examples: it reached from_pretrained beside rayfine's own False (a TypeError
+    # in every training worker, after Ray had started).
+    ("trust_remote_code: true", "rayfine never runs code that comes with a model's files"),
 ])
 def test_config_overrides_may_not_set_the_labels(override, reason):
     key = override.split(":")[0]

@@ -791,11 +791,16 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     searched = []
     monkeypatch.setattr(rayfine.tune, "run_search", lambda *a, **k: searched.append(a))
     refused = r"app 'digits' is running with other serve settings \(serve.max_batch_size 16 -> 24\)"
-    with pytest.raises(fake_serve.module.DeployError, match=refused):
+    with pytest.raises(fake_serve.module.DeployError, match=refused + r".*or run with its settings: --set serve"):
         rayfine.pipeline.run_pipeline(cfg, log=lambda *_: None)
     assert searched == []  # refused before the search
     fake_serve.module.check_swap("digits", running)  # the same settings: nothing to refuse
     fake_serve.module.check_swap("other", cfg.serve)  # no such app
+    fake_serve.details["applications"]["mine"] = {"status": "RUNNING", "source": "imperative", "route_prefix": "/m",
+                                                  "deployed_app_config": None}
+    with pytest.raises(fake_serve.module.DeployError, match=r"serve.run \(imperative\).* run under another name "
+                                                            r"\(--set name=...\)"):  # `rayfine run` has no --name
+        fake_serve.module.check_swap("mine", running)
     # Connecting to Serve turns off this driver's filter of other jobs' worker logs (ray/serve/context.py
     # _connect); the check puts it back, so that the search does not print every job's logs.
     import ray

@@ -14,10 +14,14 @@ set -euo pipefail
 state="${RAYFINE_CLUSTER_DIR:-/tmp/rayfine-cluster}"
 grace="${RAYFINE_STOP_GRACE_S:-10}"
 die() { echo "down.sh: $*" >&2; exit 1; }
-[[ -d "$state" ]] || die "no cluster state in $state (set RAYFINE_CLUSTER_DIR to the dir up.sh used)"
+state="${state%/}"; state="${state:-/}"  # "dir/" would test the target of a link "dir"
 # The sessions it records are ended: only a state dir this account owns, and no other can write, counts.
-[[ ! -L "$state" && -O "$state" && -z "$(find "$state" -maxdepth 0 -perm /022)" ]] \
-  || die "$state is not up.sh's: a symbolic link, another account's, or writable by other accounts"
+[[ -L "$state" ]] && die "$state is a symbolic link: set RAYFINE_CLUSTER_DIR to the directory up.sh used itself"
+[[ -d "$state" ]] || die "no cluster state in $state (set RAYFINE_CLUSTER_DIR to the dir up.sh used)"
+[[ -O "$state" ]] || die "$state belongs to another account: not a cluster this account started"
+[[ -z "$(find "$state" -maxdepth 0 -perm /022)" ]] \
+  || die "$state is writable by other accounts, who could have changed the sessions it records: check" \
+         "$state/nodes/*.sid, then \`chmod go-w $state\` and run down.sh again"
 state="$(cd "$state" && pwd)"
 shopt -s nullglob
 sid_files=("$state"/nodes/*.sid)

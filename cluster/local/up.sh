@@ -40,6 +40,7 @@ die() { echo "up.sh: $*" >&2; exit 1; }
 [[ -x "$venv/bin/ray" ]] || die "no Ray in $venv (run \`make setup\`, or set RAYFINE_VENV)"
 # The state dir holds cluster.env (which users source) and the sessions down.sh ends: only this account
 # may own and write it (another account could have made a predictable /tmp path first).
+state="${state%/}"; state="${state:-/}"  # "dir/" would test the target of a link "dir"
 [[ -L "$state" ]] && die "RAYFINE_CLUSTER_DIR=$state is a symbolic link: give a directory of your own"
 [[ -e "$state" ]] || mkdir -p -m 700 "$state" || die "cannot create $state"
 [[ -d "$state" && -O "$state" ]] || die "$state is not a directory of this account: remove it, or set RAYFINE_CLUSTER_DIR"

@@ -184,7 +184,8 @@ class ModelConfig(_Section):
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Hugging Face only: model config fields to set, e.g. "
         "{hidden_dropout_prob: 0.2} or, with pretrained false, the size of a small model. Not those rayfine sets "
-        "from the data: num_labels, id2label, label2id, problem_type (and for images num_channels, image_size)."
+        "from the data: num_labels, id2label, label2id, problem_type (and for images num_channels, image_size); "
+        "nor trust_remote_code (rayfine runs no code that comes with a model's files)."
     )
     stem: Literal["auto", "imagenet", "small"] = Field(
         "auto",
@@ -511,6 +512,9 @@ _RAYFINE_SETS = {
     "label2id": _FROM_THE_LABELS,
     "problem_type": "rayfine sets it to single_label_classification: it trains one label per example (softmax "
                     "cross-entropy over the data's labels)",
+    # Not a model field: a loading option, which rayfine sets to False on every load.
+    "trust_remote_code": "rayfine never runs code that comes with a model's files (it loads with "
+                         "trust_remote_code=False); choose a model that transformers supports itself",
 }
 _RAYFINE_SETS_FOR_IMAGES = {
     "num_channels": "the model's input channels follow data.color_mode (L: 1, RGB: 3)",

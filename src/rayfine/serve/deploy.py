@@ -116,13 +116,15 @@ def _url(details: dict, route_prefix: str) -> str:
     return f"http://{host}:{port}{'' if route_prefix == '/' else route_prefix}"
 
 
-def _swap_checks(name: str, current: dict, settings: ServeConfig | None) -> dict:
+def _swap_checks(name: str, current: dict, settings: ServeConfig | None, run: bool = False) -> dict:
     """What the live app ``name`` (its Serve details ``current``) serves, its replicas' ``info()``;
     DeployError when a swap into it is refused: an app deployed imperatively, replicas that do not
-    answer, or, with ``settings``, serve settings other than those its replicas run with."""
+    answer, or, with ``settings``, serve settings other than those its replicas run with. ``run``:
+    the advice is for `rayfine run` (the app is named by the experiment; settings come with --set)."""
     if current.get("source") != "declarative" or not current.get("deployed_app_config"):
+        other = "run under another name (--set name=...)" if run else "choose another --name"
         raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
-                          "deploy (rayfine serve, serve deploy, KubeRay); delete it or choose another --name")
+                          f"deploy (rayfine serve, serve deploy, KubeRay); delete it or {other}")
     try:
         served = served_info(name) or {}
     except Exception as e:  # noqa: BLE001  (an UNHEALTHY app whose replicas do not answer, say)
@@ -141,8 +143,10 @@ def _swap_checks(name: str, current: dict, settings: ServeConfig | None) -> dict
             running = built.model_dump(mode="json")
         changes = settings_changes(running, settings)
         if changes:
+            keep = " (or run with its settings: --set serve.<field>=<the value it runs with>)" if run else ""
             raise DeployError(f"app {name!r} is running with other serve settings ({'; '.join(changes)}): a hot "
-                              "swap changes the model only; to change serve settings, stop the app and deploy again")
+                              f"swap changes the model only; to change serve settings, stop the app and deploy again"
+                              f"{keep}")
     return served
 
 
@@ -161,7 +165,7 @@ def check_swap(name: str, settings: ServeConfig) -> None:
         client = _get_global_client(raise_if_no_controller_running=False)
         current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
         if current is not None and current.get("status") in LIVE:
-            _swap_checks(name, current, settings)
+            _swap_checks(name, current, settings, run=True)
     finally:
         worker._filter_logs_by_job = filtered
 
