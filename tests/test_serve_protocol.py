@@ -819,7 +819,7 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     labels = [str(d) for d in range(10)]
     winner = save_checkpoint(fake_serve.checkpoint(0.95).parent / "winner", build_model(cfg, labels), cfg, labels,
                              {"epoch": 1, "val_accuracy": 0.95})
-    with pytest.raises(fake_serve.module.DeployError, match=refused):
+    with pytest.raises(fake_serve.module.DeployError, match=refused + r".*or run with its settings"):
         fake_serve.module.deploy(winner, name="digits", if_better=True, same_settings=True, log=lambda *_: None)
     assert fake_serve.deployed == []
     fake_serve.on_deploy = lambda schema: fake_serve.served.update(**user_config(winner))

@@ -208,7 +208,7 @@ def deploy(
     current = apps.get(name)
     result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
     if current is not None and current.get("status") in LIVE:
-        served = _swap_checks(name, current, settings if serve_overrides or same_settings else None)
+        served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, run=same_settings)
         route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
         result["url"] = _url(details, route_prefix)
         if served.get("version") == version:
