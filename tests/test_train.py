@@ -233,16 +233,31 @@ def test_bf16_warns_on_a_gpu_that_emulates_it(monkeypatch):
     assert worker.precision_warning("fp32", torch.device("cuda", 0)) is None
 
 
-def test_bf16_support_is_what_onednn_reports_and_assumed_when_torch_cannot_say(monkeypatch):
+def test_bf16_support_is_the_cpus_own_and_assumed_when_torch_cannot_say(monkeypatch):
+    """On x86, native bfloat16 is AVX512-BF16 or AMX. oneDNN's check says yes for any AVX-512 CPU
+    (Skylake-SP to Ice Lake-SP), which emulates it, slower than fp32: no warning was given there."""
+    import platform
+
     from rayfine.train import worker
 
-    assert worker.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) if x86 else (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert worker.cpu_has_native_bf16() is bool(native)
+    # An x86 CPU with AVX-512 but neither AVX512-BF16 nor AMX, where oneDNN says it supports bf16:
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert worker.cpu_has_native_bf16() is False
+    assert worker.precision_warning("bf16", torch.device("cpu")).startswith("warning: train.precision=bf16 on a CPU")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # Sapphire Rapids and later
+    assert worker.cpu_has_native_bf16() is True
 
-    class NoOps:
-        def __getattr__(self, name):
-            raise AttributeError(name)
+    def unknown():
+        raise AttributeError("_is_avx512_bf16_supported")
 
-    monkeypatch.setattr(torch.ops, "mkldnn", NoOps())
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", unknown)
     assert worker.cpu_has_native_bf16() is True
 
 
