@@ -184,6 +184,22 @@ def test_unknown_hub_model_offline_is_a_clear_error():
         build_model(cfg, ["a", "b"])
 
 
+def test_an_image_model_name_that_cannot_be_loaded_is_refused_before_ray_starts():
+    """A typo (resnet19) or a hub id not in the cache passed the driver's checks for image models: every
+    worker then failed to build the model, after Ray started, train.max_failures times over."""
+    from rayfine.models import check_model
+
+    with pytest.raises(ConfigError, match=r"model.name: cannot load 'resnet19' \(did you mean resnet18\?\) "
+                                          r"\(OSError: .*\); give one of resnet18, resnet34"):
+        check_model(load_config("resnet18_digits_tiny", ["model.name=resnet19"]))
+    with pytest.raises(ConfigError, match="model.name: cannot load 'nobody/no-such-vit'"):
+        check_model(load_config("resnet18_digits_tiny", ["model.name=nobody/no-such-vit"]))
+    # A model type of transformers' own, built at random from its config class, needs no files.
+    small = "model.config_overrides={embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1]}"
+    check_model(load_config("resnet18_digits_tiny", ["model.name=resnet", "model.pretrained=false", "data.image_size=16",
+                                                     small]))
+
+
 def test_unset_normalization_comes_from_a_pretrained_hugging_face_image_models_processor(tmp_path):
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 

@@ -495,8 +495,35 @@ def _check_model(cfg: Config) -> None:
             what = "a text pair" if cfg.data.text_pair_column else "a text"
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} leaves no room for text: {m.name} adds "
                                 f"{fewest - 1} special tokens to {what}; {allowed}")])
+    _check_hf_image_source(cfg)
     _check_channel_order(cfg)
     check_image_size(cfg)
+
+
+def _check_hf_image_source(cfg: Config) -> None:
+    """A Hugging Face image ``model.name`` whose config cannot be loaded here (a typo such as
+    resnet19, a hub id that is not in the local cache) is a ConfigError on the driver; the workers
+    would each fail to build the model, after Ray started, train.max_failures times over. (A text
+    model's name is checked by ``token_limits``, which loads its tokenizer.)"""
+    import difflib
+
+    import transformers
+
+    m = cfg.model
+    if cfg.data.kind != "image" or m.name in MODEL_BUILDERS:
+        return
+    quiet_transformers()
+    source = resolve_model_source(m.name)
+    if not m.pretrained and source in transformers.CONFIG_MAPPING:
+        return  # a model type of transformers' own, built from its config class
+    try:
+        transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        close = difflib.get_close_matches(m.name, list(MODEL_BUILDERS), n=1)
+        raise ConfigError([(f"model.name: cannot load {m.name!r}{f' (did you mean {close[0]}?)' if close else ''} "
+                            f"({type(e).__name__}: {first[:200]}); give one of {', '.join(MODEL_BUILDERS)}, a local "
+                            "Hugging Face model directory, or a hub id that is in the local Hugging Face cache")]) from None
 
 
 def _check_channel_order(cfg: Config) -> None:
