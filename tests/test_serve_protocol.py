@@ -813,6 +813,7 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
         return client(**kwargs)
 
     monkeypatch.setattr(ray.serve.context, "_get_global_client", connect)
+    monkeypatch.setattr(ray._private.worker.global_worker, "_filter_logs_by_job", True)  # a fresh driver's
     fake_serve.module.check_swap("digits", running)
     assert ray._private.worker.global_worker._filter_logs_by_job is True
 
