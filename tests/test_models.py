@@ -184,16 +184,29 @@ def test_unknown_hub_model_offline_is_a_clear_error():
         build_model(cfg, ["a", "b"])
 
 
-def test_an_image_model_name_that_cannot_be_loaded_is_refused_before_ray_starts():
-    """A typo (resnet19) or a hub id not in the cache passed the driver's checks for image models: every
-    worker then failed to build the model, after Ray started, train.max_failures times over."""
-    from rayfine.models import check_model
+def test_a_hugging_face_model_the_workers_could_not_build_is_refused_before_ray_starts():
+    """A typo (resnet19) or a hub id not in the cache, a text model on images, a misspelt config override:
+    each passed the driver's checks, and every worker then failed to build the model, after Ray
+    started, train.max_failures times over."""
+    from rayfine.models import check_model, resolve_model_source
 
     with pytest.raises(ConfigError, match=r"model.name: cannot load 'resnet19' \(did you mean resnet18\?\) "
                                           r"\(OSError: .*\); give one of resnet18, resnet34"):
         check_model(load_config("resnet18_digits_tiny", ["model.name=resnet19"]))
     with pytest.raises(ConfigError, match="model.name: cannot load 'nobody/no-such-vit'"):
         check_model(load_config("resnet18_digits_tiny", ["model.name=nobody/no-such-vit"]))
+    # A text model on images: transformers has no image classifier of its type.
+    with pytest.raises(ConfigError, match=r"model.name: .* is a bert model, which transformers has no image "
+                                          r"classification model for \(data.kind image\)"):
+        check_model(load_config("resnet18_digits_tiny", [f"model.name={resolve_model_source('minilm')}"]))
+    # A misspelt config override: from_pretrained handed it to the model's __init__ (a TypeError in every
+    # worker); a config built from scratch kept it, unused.
+    with pytest.raises(ConfigError, match=r"model.config_overrides.hiden_dropout_prob: not a setting of BertConfig"):
+        check_model(load_config("minilm_rotten_tomatoes_tiny", ["model.config_overrides={hiden_dropout_prob: 0.3}"]))
+    check_model(load_config("minilm_rotten_tomatoes_tiny", ["model.config_overrides={hidden_dropout_prob: 0.3}"]))
+    with pytest.raises(ConfigError, match=r"model.config_overrides.embeding_size: not a setting of ResNetConfig"):
+        check_model(load_config("resnet18_digits_tiny", ["model.name=resnet", "model.pretrained=false",
+                                                         "model.config_overrides={embeding_size: 8}"]))
     # A model type of transformers' own, built at random from its config class, needs no files.
     small = "model.config_overrides={embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1]}"
     check_model(load_config("resnet18_digits_tiny", ["model.name=resnet", "model.pretrained=false", "data.image_size=16",

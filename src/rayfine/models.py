@@ -495,35 +495,60 @@ def _check_model(cfg: Config) -> None:
             what = "a text pair" if cfg.data.text_pair_column else "a text"
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} leaves no room for text: {m.name} adds "
                                 f"{fewest - 1} special tokens to {what}; {allowed}")])
-    _check_hf_image_source(cfg)
+    _check_hf_source(cfg)
     _check_channel_order(cfg)
     check_image_size(cfg)
 
 
-def _check_hf_image_source(cfg: Config) -> None:
-    """A Hugging Face image ``model.name`` whose config cannot be loaded here (a typo such as
-    resnet19, a hub id that is not in the local cache) is a ConfigError on the driver; the workers
-    would each fail to build the model, after Ray started, train.max_failures times over. (A text
-    model's name is checked by ``token_limits``, which loads its tokenizer.)"""
+def _check_hf_source(cfg: Config) -> None:
+    """A Hugging Face ``model.name`` as the workers will build it, checked on the driver (each worker
+    would fail, after Ray started, train.max_failures times over): its config must load here (a
+    typo such as resnet19, or a hub id that is not in the local cache, is named with the closest
+    rayfine model name), be a model type that transformers classifies ``data.kind`` with (a text
+    model on images: "Unrecognized configuration class"), and have every ``model.config_overrides``
+    key as a setting (from_pretrained hands an unknown key to the model's __init__, a TypeError; a
+    config built from scratch would keep a misspelt one, unused)."""
     import difflib
 
     import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     m = cfg.model
-    if cfg.data.kind != "image" or m.name in MODEL_BUILDERS:
+    if m.name in MODEL_BUILDERS:
         return
     quiet_transformers()
     source = resolve_model_source(m.name)
-    if not m.pretrained and source in transformers.CONFIG_MAPPING:
-        return  # a model type of transformers' own, built from its config class
-    try:
-        transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        close = difflib.get_close_matches(m.name, list(MODEL_BUILDERS), n=1)
-        raise ConfigError([(f"model.name: cannot load {m.name!r}{f' (did you mean {close[0]}?)' if close else ''} "
-                            f"({type(e).__name__}: {first[:200]}); give one of {', '.join(MODEL_BUILDERS)}, a local "
-                            "Hugging Face model directory, or a hub id that is in the local Hugging Face cache")]) from None
+    overrides = dict(m.config_overrides)
+    if not m.pretrained and source in transformers.CONFIG_MAPPING:  # a model type of transformers' own
+        default = transformers.CONFIG_MAPPING[source]()
+        model_type, config_class = source, type(default).__name__
+        unused = [k for k in overrides if k not in default.to_dict() and k not in default.attribute_map]
+    else:
+        try:
+            config, left = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False,
+                                                                   return_unused_kwargs=True, **overrides)
+        except (OSError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            close = difflib.get_close_matches(m.name, list(MODEL_BUILDERS), n=1) if cfg.data.kind == "image" else []
+            raise ConfigError([(f"model.name: cannot load {m.name!r}{f' (did you mean {close[0]}?)' if close else ''} "
+                                f"({type(e).__name__}: {first[:200]}); give "
+                                f"{'one of ' + ', '.join(MODEL_BUILDERS) + ', ' if cfg.data.kind == 'image' else ''}"
+                                "a local Hugging Face model directory, or a hub id that is in the local Hugging "
+                                "Face cache")]) from None
+        model_type, config_class = config.model_type, type(config).__name__
+        unused = sorted(left)
+    if unused:
+        raise ConfigError([(f"model.config_overrides.{unused[0]}: not a setting of {config_class}, the config of "
+                            f"{m.name} (its fields are the settings config_overrides may change)")])
+    task = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if cfg.data.kind == "image" else (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    if model_type not in task:
+        what = "image classification" if cfg.data.kind == "image" else "text (sequence) classification"
+        raise ConfigError([(f"model.name: {m.name} is a {model_type} model, which transformers has no {what} "
+                            f"model for (data.kind {cfg.data.kind}); choose a model of that kind")])
 
 
 def _check_channel_order(cfg: Config) -> None:
