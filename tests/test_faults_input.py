@@ -151,6 +151,47 @@ def test_every_command_refuses_a_missing_source_before_ray_starts(tmp_path, comm
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_storage_path_that_cannot_be_created_is_refused_before_ray_starts(tmp_path, command):
+    """Ray Train's controller first writes the storage after the data are read; a path under a file
+    failed there with a bare NotADirectoryError naming no field."""
+    (tmp_path / "afile").write_text("x")
+    result = _cli(command, PRESET, "--runs-dir", str(tmp_path / "runs"), "--set",
+                  f"storage.storage_path={tmp_path / 'afile' / 'ray'}")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"  - storage.storage_path: {tmp_path / 'afile' / 'ray'}/" in result.stderr
+    assert f"cannot be created: {tmp_path / 'afile'} is not a directory" in result.stderr
+    assert "[ray]" not in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_a_search_space_value_no_worker_could_build_is_refused_before_ray_starts(tmp_path):
+    """check_model ran on the search's base config only: a model.name or model.weights value of the
+    search space failed every worker of its trials, after Ray started, train.max_failures times over."""
+    from rayfine.tune.search import preflight
+
+    base = [f"storage.runs_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as info:
+        preflight(load_config(PRESET, [*base, "tune.search_space.model.name={choice: [resnet18, resnet19]}"]))
+    assert info.value.errors[0].startswith("tune.search_space.model.name: the value 'resnet19': model.name: cannot "
+                                           "load 'resnet19' (did you mean resnet18?)"), info.value.errors
+    with pytest.raises(ConfigError) as info:
+        preflight(load_config(PRESET, [*base, "model.name=resnet18",
+                                       "tune.search_space.model.weights={choice: [BOGUS]}"]))
+    assert info.value.errors[0].startswith("tune.search_space.model.weights: the value 'BOGUS': model.weights: "
+                                           "'BOGUS' is not a weights name of resnet18"), info.value.errors
+    preflight(load_config(PRESET, [*base, "tune.search_space.model.name={choice: [resnet18, resnet34]}"]))
+
+
+def test_run_refuses_an_api_key_file_it_cannot_read_before_its_search(tmp_path):
+    """The replicas read serve.api_key_file at the deploy; one that cannot be read failed it after the
+    whole search and evaluation (the app DEPLOY_FAILED)."""
+    result = _cli("run", PRESET, "--runs-dir", str(tmp_path / "runs"), "--set",
+                  f"serve.api_key_file={tmp_path / 'no-key'}")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"  - serve.api_key_file {tmp_path / 'no-key'}: No such file or directory; `rayfine run` serves" in result.stderr
+    assert "[ray]" not in result.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
 def test_another_config_under_a_runs_name_is_refused_before_ray_starts(tmp_path, command):
     """A run directory as `rayfine train` leaves it (config.yaml, train/metrics.jsonl) under the
     preset's name; the same name with another learning rate must not continue it."""

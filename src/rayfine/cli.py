@@ -197,6 +197,19 @@ def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -
     return f"curl -s{auth} -F files=@image.png '{url}/predict?top_k=3'"
 
 
+def _check_key_file(cfg) -> None:
+    """serve.api_key_file, read as the replicas of an embedded Ray will read it (on a cluster they
+    read it on their own nodes): one that cannot be read failed the deploy after the whole search."""
+    from rayfine.config import ConfigError
+    from rayfine.errors import CheckpointError
+    from rayfine.serve.app import read_api_key
+
+    try:
+        read_api_key(cfg.serve)
+    except CheckpointError as e:
+        raise ConfigError([f"{e}; `rayfine run` serves its winner with it after the search"]) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     import time
@@ -207,6 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rayfine.tune.search import preflight
 
     preflight(cfg, resume=args.resume)  # a wrong config is refused before Ray starts
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        _check_key_file(cfg)
     started = time.perf_counter()
     with RunDirLock(cfg.run_dir(), "run") as lock, ray_session(args.address) as local:
         ray_start = {"ray start": time.perf_counter() - started}

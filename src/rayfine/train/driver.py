@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -202,12 +203,28 @@ def preflight(cfg: Config) -> bool:
     check_source(cfg.data)
     check_model(cfg)
     check_mlflow_store(cfg)
+    check_storage(cfg)
     continuing = _check_continuation(cfg.run_dir(), cfg)
     if continuing:
         _check_same_storage(cfg.run_dir(), cfg)
     else:
         _check_no_earlier_state(cfg)
     return continuing
+
+
+def check_storage(cfg: Config) -> None:
+    """The run directory and a local storage.storage_path must be creatable by this account: Ray
+    Train's controller first writes the storage once the data are read and prepared, and fails
+    there with a bare PermissionError or NotADirectoryError that names no field."""
+    places = [("storage.runs_dir", cfg.run_dir())]
+    if cfg.storage.storage_path and "://" not in cfg.storage.storage_path:
+        places.append(("storage.storage_path", Path(cfg.resolved_storage_path())))
+    for field, path in places:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError([f"{field}: {path} cannot be created: {existing} is not a directory"])
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError([f"{field}: {path} cannot be created: this account may not write to {existing}"])
 
 
 def _check_no_earlier_state(cfg: Config) -> None:

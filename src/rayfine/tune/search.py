@@ -33,7 +33,14 @@ from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import holding, save_config, saved_config
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
-from rayfine.train.driver import RESUMABLE_CHANGES, _check_continuation, changes_since, export_best, split_for_workers
+from rayfine.train.driver import (
+    RESUMABLE_CHANGES,
+    _check_continuation,
+    changes_since,
+    check_storage,
+    export_best,
+    split_for_workers,
+)
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
 from rayfine.tune.limits import LimitedConcurrency, LimitedFIFO, LimitedVariants, RunLimits, resuming
@@ -89,8 +96,26 @@ def preflight(cfg: Config, resume: bool = False) -> Config:
     base = trial_base(cfg)
     check_source(base.data)
     check_model(base)
+    _check_searched_models(cfg, base)
     check_mlflow_store(cfg)
+    check_storage(cfg)
     return base
+
+
+def _check_searched_models(cfg: Config, base: Config) -> None:
+    """``check_model`` for every value the search space gives a model.* field (each choice or grid
+    value, a range's ends and an inner point): a model.name or model.weights that cannot be built
+    failed every worker of its trials, train.max_failures times over, after Ray started."""
+    from rayfine.config.search import parse_search_spec, search_points
+
+    for key, spec in cfg.tune.search_space.items():
+        if not key.startswith("model."):
+            continue
+        for value in search_points(*parse_search_spec(spec)):  # check_search has checked the spec
+            try:
+                check_model(trial_config(base, {key: value}))
+            except ConfigError as e:
+                raise ConfigError([f"tune.search_space.{key}: the value {value!r}: {x}" for x in e.errors]) from None
 
 
 def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = True, log=print) -> dict[str, Any]:
