@@ -455,7 +455,8 @@ _MODELS_CHECKED: set[str] = set()  # the CLI checks before Ray starts, and train
 
 def check_model(cfg: Config) -> None:
     """What the workers would find out only at their first batch (and retry train.max_failures
-    times), checked on the driver: model.weights, data.max_length, data.image_size. A config that
+    times), checked on the driver: model.weights, data.max_length, a Hugging Face model.name and its
+    config_overrides (``_check_hf_source``), the channel order, data.image_size. A config that
     passed is not checked again in this process (the check may build a model)."""
     key = cfg.model.model_dump_json() + cfg.data.model_dump_json()
     if key not in _MODELS_CHECKED:
@@ -636,7 +637,7 @@ def check_image_size(cfg: Config) -> None:
     try:
         config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError):
-        return  # build_model names what is wrong with the model itself
+        return  # check_model's _check_hf_source (which runs first) names a config that cannot load
     if _other_size(config, cfg):
         _check_image_size(_hf_auto_class(cfg).from_config(config, dtype=torch.float32), cfg)
 
