@@ -729,6 +729,18 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
     port = free_port()
     env = {**os.environ, "RAYFINE_API_KEY": "cli-key", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
+    # Replicas the embedded Ray cannot hold are refused at once (exit 2), not waited for until the
+    # deploy times out; the field to change is named.
+    refused = subprocess.Popen([RAYFINE, "serve", str(checkpoints["v2"].parent.parent), "--port", str(port),
+                                "--set", "serve.cpus_per_replica=64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        out, err = refused.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop_session(refused.pid, grace_s=0)
+        raise
+    assert refused.returncode == 2, (out + err)[-3000:]
+    assert "a serve replica needs 64 CPU(s)" in err and "set serve.cpus_per_replica at most" in err, err[-3000:]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([RAYFINE, "serve", str(checkpoints["v2"].parent.parent), "--port", str(port),

@@ -659,6 +659,8 @@ def fake_serve(tmp_path, monkeypatch):
     monkeypatch.setattr(ray.serve.context, "_get_global_client",
                         lambda **_: SimpleNamespace(deploy_apps=deploy_apps, get_serve_details=lambda: fake.details))
     monkeypatch.setattr(deploy_module, "_details", lambda: fake.details)
+    fake.nodes = [{"CPU": 2.0, "memory": 8e9}]  # the cluster's nodes' total resources
+    monkeypatch.setattr(deploy_module, "_node_resources", lambda: fake.nodes)
     monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: next(fake.answers) if fake.answers else fake.served)
     return fake
 
@@ -1394,3 +1396,74 @@ def test_a_deploy_that_never_starts_says_why_serve_holds_its_replicas(monkeypatc
     with pytest.raises(deploy_module.DeployError) as info:
         deploy_module._wait_for_version("m", "abc", timeout_s=0.2)
     assert str(info.value) == f"app 'm' did not serve version abc within 0s (status DEPLOYING: {waiting})"
+
+
+def test_replicas_the_cluster_cannot_hold_are_named_with_the_fields_to_change():
+    """A new app starts num_replicas (or max(1, min_replicas) with autoscaling) replicas, each on
+    one node: one bigger than every node, or more than fit in all, would leave Serve waiting."""
+    from rayfine.serve.deploy import replica_fit_problems
+
+    def problems(nodes, *overrides):
+        return replica_fit_problems(load_config("resnet18_digits_tiny", list(overrides)).serve, nodes)
+
+    two, four = {"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}
+    assert problems([two]) == []  # one replica of 1 CPU
+    assert problems([two], "serve.num_replicas=2") == []
+    assert problems([two, two], "serve.cpus_per_replica=2", "serve.num_replicas=2") == []
+    # 4 CPUs in all, but no node holds a replica of 3.
+    (p,) = problems([two, two], "serve.cpus_per_replica=3")
+    assert "needs 3 CPU(s)" in p and "the largest: 2 CPUs, 0 GPUs" in p and "serve.cpus_per_replica at most 2" in p
+    (p,) = problems([two], "serve.gpus_per_replica=1")
+    assert "needs 1 CPU(s) and 1 GPU(s)" in p and "serve.gpus_per_replica=0 (no node has a GPU)" in p
+    assert problems([two, four], "serve.gpus_per_replica=1") == []
+    (p,) = problems([two, four], "serve.gpus_per_replica=1", "serve.num_replicas=2")  # one GPU in all
+    assert p.startswith("the app starts with 2 replicas (serve.num_replicas=2) of 1 CPU(s) and 1 GPU(s) each, "
+                        "but the cluster fits 1; set serve.num_replicas to at most 1")
+    (p,) = problems([two], "serve.num_replicas=3")
+    assert "(serve.num_replicas=3)" in p and "fits 2" in p
+    # Autoscaling starts with min_replicas (at least one); max_replicas is only what it may grow to.
+    assert problems([two], "serve.autoscaling=true", "serve.min_replicas=0", "serve.max_replicas=8") == []
+    (p,) = problems([two], "serve.autoscaling=true", "serve.min_replicas=3", "serve.max_replicas=4")
+    assert "(serve.min_replicas=3)" in p and "fits 2" in p
+    assert problems([{"CPU": 1.0}], "serve.cpus_per_replica=0.5", "serve.num_replicas=2") == []
+
+
+def test_a_new_app_the_cluster_cannot_hold_is_refused_on_an_embedded_ray_and_warned_about_on_a_cluster(
+        fake_serve, monkeypatch):
+    """`rayfine serve` / `run` on an embedded Ray (strict_resources): refused, nothing deployed, and
+    `run` refuses before its search. On a cluster (which may add nodes): deployed, with a warning.
+    A swap starts no replicas: not checked."""
+    import rayfine.pipeline
+    import rayfine.tune
+    from rayfine.config import ConfigError
+
+    ckpt = fake_serve.checkpoint(0.9)
+    with pytest.raises(ConfigError, match=r"needs 4 CPU\(s\).*serve.cpus_per_replica at most 2"):
+        fake_serve.module.deploy(ckpt, name="digits", serve_overrides={"cpus_per_replica": 4}, strict_resources=True,
+                                 log=lambda *_: None)
+    assert fake_serve.deployed == []
+    searched, logged = [], []
+    monkeypatch.setattr(rayfine.tune, "run_search", lambda *a, **k: searched.append(a))
+    cfg = load_config("resnet18_digits_tiny", ["name=digits", "serve.num_replicas=3"])
+    with pytest.raises(ConfigError, match=r"\(serve.num_replicas=3\).*fits 2"):
+        rayfine.pipeline.run_pipeline(cfg, strict_resources=True, log=logged.append)
+    assert searched == []  # refused before the search
+
+    def started(schema):  # the replicas Serve started serve what the config names
+        app = schema.applications[0]
+        fake_serve.details["applications"]["digits"] = {
+            "status": "RUNNING", "source": "declarative", "route_prefix": "/",
+            "deployed_app_config": app.model_dump(mode="json", exclude_unset=True),
+            "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"}]}}}
+        fake_serve.served.update(replica="r1", **app.deployments[0].user_config, metrics={"val_accuracy": 0.9})
+
+    fake_serve.on_deploy = started
+    result = fake_serve.module.deploy(ckpt, name="digits", serve_overrides={"cpus_per_replica": 4}, timeout_s=5,
+                                      log=logged.append)
+    assert result["action"] == "deployed" and len(fake_serve.deployed) == 1
+    assert any(m.startswith("[warning] a serve replica needs 4 CPU(s)") and "scale up" in m for m in logged)
+    # A swap into the live app starts no replicas: not checked (here no replica would fit anywhere).
+    fake_serve.nodes = []
+    swapped = fake_serve.module.deploy(fake_serve.checkpoint(0.95), name="digits", strict_resources=True, timeout_s=5,
+                                       log=lambda *_: None)
+    assert swapped["action"] == "swapped"

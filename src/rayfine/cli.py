@@ -113,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     resolve_checkpoint(args.path)  # a path that holds no checkpoint is refused before Ray starts
     with ray_session(args.address) as local:
-        result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better)
+        result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better,
+                        strict_resources=local)
         name, url = result["name"], result["url"]
         if result["action"] == "kept":
             print(f"[serve] kept version {result['version']} of {name}: the new checkpoint is not better ({result['reason']})")

@@ -26,12 +26,14 @@ def run_pipeline(cfg: Config, *, resume: bool = False, strict_resources: bool = 
     Needs a connected Ray. Returns {"search": summary.json, "eval": the winner's test
     evaluation, "serve": the deploy result (action, name, url, version), "timings_s": {...}}.
     """
-    from rayfine.serve.deploy import check_swap, deploy
+    from rayfine.serve.deploy import check_replicas_fit, check_swap, deploy
     from rayfine.tune import run_search
 
     # The winner is swapped into a live app of this name with the model only: one running with other
-    # serve settings than this config's is refused now, not after the search.
-    check_swap(cfg.name, cfg.serve)
+    # serve settings than this config's is refused now, not after the search. A new app's replicas
+    # must fit on the cluster (once the search has ended): on an embedded Ray, refused now too.
+    if not check_swap(cfg.name, cfg.serve):
+        check_replicas_fit(cfg.serve, strict=strict_resources, log=log)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     summary = run_search(cfg, resume=resume, strict_resources=strict_resources, log=log)
@@ -46,6 +48,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, strict_resources: bool = 
         f"macro F1 {evaluation['macro_f1']:.4f}")
 
     started = time.perf_counter()
-    served = deploy(best_dir, name=cfg.name, if_better=True, same_settings=True, log=log)
+    served = deploy(best_dir, name=cfg.name, if_better=True, same_settings=True, strict_resources=strict_resources,
+                    log=log)
     timings["deploy"] = time.perf_counter() - started
     return {"search": summary, "eval": evaluation, "serve": served, "timings_s": timings}

@@ -150,10 +150,11 @@ def _swap_checks(name: str, current: dict, settings: ServeConfig | None, run: bo
     return served
 
 
-def check_swap(name: str, settings: ServeConfig) -> None:
+def check_swap(name: str, settings: ServeConfig) -> bool:
     """Refuse now what a later ``deploy(..., same_settings=True)`` into app ``name`` would refuse
     (``_swap_checks``): `rayfine run` asks before its search, not after it. Nothing to check when
-    no Serve runs on the cluster, or no live app of that name."""
+    no Serve runs on the cluster, or no live app of that name. Returns whether there is one (the
+    deploy will be a swap, which starts no replicas)."""
     import ray
     from ray.serve.context import _get_global_client
 
@@ -164,10 +165,72 @@ def check_swap(name: str, settings: ServeConfig) -> None:
     try:
         client = _get_global_client(raise_if_no_controller_running=False)
         current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
-        if current is not None and current.get("status") in LIVE:
+        live = current is not None and current.get("status") in LIVE
+        if live:
             _swap_checks(name, current, settings, run=True)
+        return live
     finally:
         worker._filter_logs_by_job = filtered
+
+
+def _node_resources() -> list[dict]:
+    """Each live node's total resources."""
+    import ray
+
+    return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+
+
+def initial_replicas(settings: ServeConfig) -> tuple[int, str]:
+    """How many replicas a new app starts with (``deployment_options``), and the field that says so."""
+    if settings.autoscaling:
+        return max(1, settings.min_replicas), "serve.min_replicas"
+    return settings.num_replicas, "serve.num_replicas"
+
+
+def replica_fit_problems(settings: ServeConfig, nodes: list[dict]) -> list[str]:
+    """What keeps the replicas a new app starts with off a cluster whose nodes have ``nodes``
+    (each node's total resources, as ``ray.nodes()`` gives them): a replica that fits on no node,
+    or fewer fitting in all than the app starts with. Serve would wait for them without end (its
+    deploy, ours, times out with Serve's message after minutes)."""
+    eps = 1e-9
+    cpus, gpus = settings.cpus_per_replica, settings.gpus_per_replica
+
+    def fits(node: dict) -> int:
+        n = int((float(node.get("CPU", 0)) + eps) // cpus)
+        return min(n, int((float(node.get("GPU", 0)) + eps) // gpus)) if gpus else n
+
+    most_cpus = max((float(n.get("CPU", 0)) for n in nodes), default=0.0)
+    most_gpus = max((float(n.get("GPU", 0)) for n in nodes), default=0.0)
+    total = sum(fits(n) for n in nodes)
+    wanted, field = initial_replicas(settings)
+    if total == 0:
+        need = f"{cpus:g} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
+        fix = []
+        if cpus > most_cpus + eps:
+            fix.append(f"serve.cpus_per_replica at most {most_cpus:g}")
+        if gpus > most_gpus + eps:
+            fix.append(f"serve.gpus_per_replica at most {most_gpus:g}" if most_gpus else
+                       "serve.gpus_per_replica=0 (no node has a GPU)")
+        return [(f"a serve replica needs {need} (serve.cpus_per_replica, serve.gpus_per_replica), but no node of "
+                 f"the cluster has that many (the largest: {most_cpus:g} CPUs, {most_gpus:g} GPUs); set "
+                 f"{' and '.join(fix) or 'smaller replicas'}")]
+    if total < wanted:
+        return [f"the app starts with {wanted} replicas ({field}={wanted}) of {cpus:g} CPU(s)"
+                + (f" and {gpus:g} GPU(s)" if gpus else "") + f" each, but the cluster fits {total}; set {field} "
+                f"to at most {total}, or lower serve.cpus_per_replica"]
+    return []
+
+
+def check_replicas_fit(settings: ServeConfig, *, strict: bool, log: Callable[[str], None] = print) -> None:
+    """``replica_fit_problems`` on the connected cluster. strict (an embedded local Ray, which never
+    grows): a ConfigError naming the fields. Not strict (a cluster that may autoscale): a warning."""
+    from rayfine.config import ConfigError
+
+    problems = replica_fit_problems(settings, _node_resources())
+    if problems and strict:
+        raise ConfigError(problems)
+    for problem in problems:
+        log(f"[warning] {problem} (Serve waits for the cluster to scale up)")
 
 
 def deploy(
@@ -177,6 +240,7 @@ def deploy(
     serve_overrides: Optional[dict[str, Any]] = None,
     if_better: bool = False,
     same_settings: bool = False,
+    strict_resources: bool = False,
     timeout_s: float = 300,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -184,7 +248,9 @@ def deploy(
 
     A swap changes the model only: with ``serve_overrides``, or ``same_settings`` (the checkpoint's
     own serve settings are what the caller asked for: `rayfine run`), it is refused when the
-    running replicas have other serve settings. Needs a connected Ray. Returns {"action":
+    running replicas have other serve settings. A new app whose replicas the cluster cannot hold
+    is refused with ``strict_resources`` (an embedded local Ray), else deployed with a warning
+    (``check_replicas_fit``). Needs a connected Ray. Returns {"action":
     "deployed" | "swapped" | "kept" | "unchanged", "name", "url", "version", "checkpoint", "reason"}.
     """
     from ray import serve
@@ -232,6 +298,7 @@ def deploy(
         if taken:
             raise DeployError(f"route prefix {settings.route_prefix!r} is taken by app {taken[0]!r}: serve {name!r} "
                               f"under another (--set serve.route_prefix=/{name}) or delete that app")
+        check_replicas_fit(settings, strict=strict_resources, log=log)
         ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
         result["url"] = _url(details, settings.route_prefix)
         action = "deployed"
