@@ -315,6 +315,26 @@ def test_each_worker_reads_its_own_shard_in_the_same_order_every_time(ray_local,
     assert calls == [(["train", "val"], workers + 1)]
 
 
+def test_a_train_split_of_fewer_than_two_rows_per_worker_is_refused(ray_local, image_folder):
+    """A worker with no train rows takes no optimizer step (the untrained model was exported as the
+    best, evaluated and served), and one with a single row cannot train BatchNorm on it: refused
+    before the run, naming the setting, for `train` and every search (both split here)."""
+    from rayfine.errors import DataError
+    from rayfine.train.driver import split_for_workers
+
+    cfg = folder_cfg(image_folder, "data.val_fraction=0.25", "data.test_fraction=0.1")  # 23 train images
+    datasets, info = build_datasets(cfg, log=lambda *_: None)
+    rows = info.num_examples["train"]
+    assert datasets["train"].count() == rows == 23
+    assert len(split_for_workers(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(
+        update={"num_workers": rows // 2})}), datasets)["train"]) == rows // 2  # 2 rows each (1 left over)
+    for workers in (rows // 2 + 1, rows, rows + 1):  # a worker with 1 row, or with none
+        too_many = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": workers})})
+        with pytest.raises(DataError, match=rf"the train split has {rows} example\(s\) for {workers} worker\(s\) "
+                                            r"\(scaling.num_workers\); each worker needs at least 2"):
+            split_for_workers(too_many, datasets)
+
+
 def test_preserve_order_false_gives_ray_its_unordered_hand_out_and_the_same_rows(ray_local, image_folder, monkeypatch):
     from ray.train import DataConfig
 

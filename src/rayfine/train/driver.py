@@ -24,7 +24,7 @@ from rayfine import checkpoints
 from rayfine.config import Config, ConfigError, storage_location, validate
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
-from rayfine.errors import TrainingError
+from rayfine.errors import DataError, TrainingError
 from rayfine.metrics import is_finite_number, json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
@@ -84,8 +84,16 @@ def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dic
 
     Run on the driver before a run starts, while the CPUs are free: a split cuts a block that
     straddles two shards in a Ray task of one CPU, which could wait for a CPU a running run holds.
+    A train split of fewer than 2 rows per worker is a DataError: a worker with none takes no
+    step (the untrained model would be exported as the best), and one with a single example
+    cannot train BatchNorm on it.
     """
     n = cfg.scaling.num_workers
+    rows = datasets["train"].count()
+    if rows // n < 2:
+        raise DataError(f"{cfg.data.source}: the train split has {rows} example(s) for {n} worker(s) "
+                        f"(scaling.num_workers); each worker needs at least 2 to train on: lower "
+                        f"scaling.num_workers, use more data, or lower data.val_fraction / data.test_fraction")
     val = datasets["val"]
     size, extra = divmod(val.count(), n)
     ends = list(itertools.accumulate([size + 1] * extra + [size] * (n - extra)))
