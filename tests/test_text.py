@@ -402,3 +402,25 @@ def test_whether_a_json_file_has_a_column_is_told_from_its_lines_or_not_at_all(t
     array = tmp_path / "b.json"
     array.write_text(json.dumps([{"text": "a", "label": None}, {"text": "b", "label": None}]))
     assert _file_columns(str(array), str(array), "jsonl", "label") is None
+
+
+def test_json_lines_class_ids_are_read_exactly_as_pyarrow_infers_them(tmp_path):
+    """Integers are int64, as pyarrow (and Hugging Face datasets, which reads JSON with it) infer
+    them: as doubles, 64-bit class ids above 2**53 lost digits, and two classes could become one.
+    A number with a fraction among them makes the column double, as pyarrow promotes it."""
+    import pyarrow.json as pajson
+
+    from rayfine.data.sources import _json_parse_options
+
+    big = [9007199254740993, 9007199254740992, 1234567890123456789]
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(json.dumps({"text": f"t{i}", "label": y}) for i, y in enumerate(big * 3)) + "\n")
+    options = _json_parse_options(str(ids), [str(ids)], ["text", "label"])
+    assert options.explicit_schema.field("label").type == pa.int64()
+    table = pajson.read_json(ids, parse_options=options)
+    assert table.column("label").to_pylist() == big * 3 and len(set(table.column("label").to_pylist())) == 3
+    halves = tmp_path / "halves.jsonl"
+    halves.write_text("".join(json.dumps({"text": "t", "label": y}) + "\n" for y in (1, 2, 2.5, 3)))
+    options = _json_parse_options(str(halves), [str(halves)], ["text", "label"])
+    assert options.explicit_schema.field("label").type == pa.float64()
+    assert pajson.read_json(halves, parse_options=options).column("label").to_pylist() == [1.0, 2.0, 2.5, 3.0]

@@ -620,8 +620,10 @@ def _json_type(value) -> pa.DataType | None:
         return pa.string()
     if isinstance(value, bool):
         return pa.bool_()
-    if isinstance(value, (int, float)):
-        return pa.float64()  # integers too: a label column of 1, 2, 2.5 reads as pyarrow infers it
+    if isinstance(value, int):
+        return pa.int64()  # as pyarrow infers it: exact, where a double would merge ids above 2**53
+    if isinstance(value, float):
+        return pa.float64()
     return None
 
 
@@ -630,9 +632,11 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
     first values of them show (a string, a number, a bool): pyarrow then neither reads nor infers
     the other fields, which could change type between lines (an unused "id": 1, then "id": "a7") and
     make it refuse the whole file. A configured field whose type changes (labels 1, then "zero") is
-    still refused. None, and pyarrow infers every field as before, when the first MiB of the first
-    file does not show every configured field with a value of such a type (a JSON array file, a
-    missing column, which the column check then names)."""
+    still refused. Integers are int64, as pyarrow infers them (a double would merge class ids above
+    2**53), unless a number with a fraction or exponent follows in the first MiB (then double, as
+    pyarrow promotes them; one only after it is refused). None, and pyarrow infers every field as
+    before, when the first MiB of the first file does not show every configured field with a value
+    of such a type (a JSON array file, a missing column, which the column check then names)."""
     import pyarrow.json as pajson
 
     if not files:
@@ -655,14 +659,19 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
         if not isinstance(row, dict):
             continue
         for column in columns:
-            if column not in types and row.get(column) is not None:
-                kind = _json_type(row[column])
+            value, seen = row.get(column), types.get(column)
+            if value is None:
+                continue
+            if seen is None:
+                kind = _json_type(value)
                 if kind is None:
                     return None
                 types[column] = kind
-        if len(types) == len(columns):
-            return pajson.ParseOptions(explicit_schema=pa.schema([(c, types[c]) for c in columns]),
-                                       unexpected_field_behavior="ignore")
+            elif seen == pa.int64() and isinstance(value, float):  # labels 1, 2, 2.5: doubles, as pyarrow promotes
+                types[column] = pa.float64()
+    if len(types) == len(columns):
+        return pajson.ParseOptions(explicit_schema=pa.schema([(c, types[c]) for c in columns]),
+                                   unexpected_field_behavior="ignore")
     return None
 
 
