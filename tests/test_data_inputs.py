@@ -155,6 +155,28 @@ def test_labels_that_are_one_number_written_two_ways_are_refused():
     assert same_number_labels(["1", "10", "1e1"]) is None
 
 
+def test_labels_without_train_examples_are_refused_below_two_and_named_otherwise(monkeypatch):
+    """data.labels may name labels the data do not hold: one class with train examples cannot be
+    classified (refused as without data.labels), and a label no train example holds (named in
+    data.labels, or found only in val/test) is a warning naming it."""
+    from rayfine import data
+
+    cfg = load_config("resnet18_digits_tiny", ["data.source=/data/x"]).data
+    counts = {"train": {"cat": 5}, "val": {"cat": 2}, "test": {"cat": 2, "dog": 1}}
+    monkeypatch.setattr(data, "count_split_labels", lambda prepared: {s: dict(c) for s, c in counts.items()})
+    with pytest.raises(DataError, match=r"need at least 2 labels with train examples to classify, found \['cat'\]$"):
+        data._summarize(None, cfg)  # dog only in test
+    with pytest.raises(DataError, match=r"found \['cat'\] \(data.labels names \['cat', 'dog'\]\)"):
+        data._summarize(None, cfg.model_copy(update={"labels": ("cat", "dog")}))
+    counts["train"]["bird"] = 3
+    info = data._summarize(None, cfg.model_copy(update={"labels": ("bird", "cat", "dog", "eel")}))
+    assert info.labels == ["bird", "cat", "dog", "eel"] and info.class_counts["train"]["dog"] == 0
+    assert data.untrained_labels_warning(info) == ("[data] warning: no train example of label(s) ['dog', 'eel'] "
+                                                   "(2 of 4): the model never learns to predict them")
+    assert data.untrained_labels_warning(data._summarize(None, cfg.model_copy(update={"labels": ("bird", "cat")}))) \
+        is None
+
+
 def test_a_label_that_is_a_list_is_refused_as_multi_label_data():
     from rayfine.data import _split_and_label
 

@@ -362,6 +362,9 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
         + (f"; skipped {info.bad_rows} bad rows (data.on_bad_rows=skip), e.g.\n    " + "\n    ".join(info.bad_examples)
            if info.bad_rows else "")
     )
+    warning = untrained_labels_warning(info)
+    if warning:
+        log(warning)
     label_ids = {label: i for i, label in enumerate(info.labels)}
     # Small tasks, within the CPUs a run leaves Ray Data beside its workers (scaling.data_cpus):
     # they run even where other work (a trial's workers, a deployment) holds most of the CPUs.
@@ -441,7 +444,21 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig, class_names: Op
                 "use more data or raise data.val_fraction / data.test_fraction"
             )
     class_counts = {s: {label: by_split.get(s, {}).get(label, 0) for label in labels} for s in SPLITS}
+    trained = [label for label in labels if class_counts["train"][label]]
+    if len(trained) < 2:  # data.labels may name more than the data hold
+        raise DataError(f"{data_cfg.source}: need at least 2 labels with train examples to classify, found "
+                        f"{trained}" + (f" (data.labels names {labels})" if data_cfg.labels else ""))
     return DataInfo(labels, num_examples, class_counts, bad_rows, bad_examples)
+
+
+def untrained_labels_warning(info: DataInfo) -> Optional[str]:
+    """A warning naming the labels no train example holds (data.labels may name them, or only the
+    val/test splits hold them): the model has an output for them that it never learns to give."""
+    untrained = [label for label in info.labels if not info.class_counts["train"].get(label)]
+    if not untrained:
+        return None
+    return (f"[data] warning: no train example of label(s) {untrained[:10]}{' ...' if len(untrained) > 10 else ''}"
+            f" ({len(untrained)} of {info.num_labels}): the model never learns to predict them")
 
 
 def info_json(info: DataInfo) -> str:
