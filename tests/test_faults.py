@@ -142,6 +142,36 @@ def test_killed_train_driver_continues_when_the_same_command_runs_again(tmp_path
     })
 
 
+def test_terminated_train_driver_stops_its_ray_and_exits_143(tmp_path):
+    """`rayfine train` sent SIGTERM (`kill`, Kubernetes stopping its pod, `ray job stop`) after
+    epoch 1: it unwinds as on Ctrl-C, its embedded Ray stopped on the way out (nothing of its
+    session is left for the test to end), and exits 143, the code a shell gives a process that
+    SIGTERM ends. Before, Ray's core worker took the SIGTERM as a crash: "*** SIGTERM received
+    ***", a stack dump and SIGABRT."""
+    ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    args = ["train", "resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--set", "name=terminated",
+            *(arg for override in TINY for arg in ("--set", override))]
+    log = tmp_path / "terminated.log"
+    try:
+        proc = start_cli(args, log, ray_tmp)
+        try:
+            wait_for(lambda: metrics_lines(tmp_path / "terminated") or proc.poll() is not None, 600, 0.2, "epoch 1")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            left_behind = stop_session(proc.pid, grace_s=15)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text()
+    assert code == 143, text[-3000:]
+    assert "\nterminated\n" in text and "Traceback" not in text, text[-3000:]
+    assert left_behind == []
+
+
 # --- 1. training workers SIGKILLed mid-epoch and while a checkpoint is written -----------------
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+EXIT_TERMINATED = 128 + 15  # as a shell reports a command ended by SIGTERM
 SET_HELP = "values are YAML, but a text field takes the text as given"
 
 
@@ -421,6 +422,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        from rayfine.runtime import terminated
+
+        if terminated():  # SIGTERM: the code a shell gives a process that SIGTERM ends
+            print("terminated", file=sys.stderr)
+            return EXIT_TERMINATED
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last resort: one line (or the traceback with --debug)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Iterator, Optional
 
 # Ray Data logs every dataset execution at INFO; rayfine prints its own progress lines instead.
@@ -82,9 +84,47 @@ def worker_runtime_env(environ: Optional[dict] = None) -> dict:
     return {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in env}}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Kubernetes stopping a pod, `ray job stop`) while a session is open: it unwinds
+    as Ctrl-C does, so that the session still shuts down, and ``terminated()`` tells the two apart.
+
+    Without it, Ray's core worker handles SIGTERM in the driver as a crash: "*** SIGTERM received
+    ***", a stack dump and abort (exit 134), the session's shutdown skipped. A KeyboardInterrupt,
+    not a SystemExit (Ray's Python handler's), because a blocking Ray call (ray.get, in Ray Train's
+    fit) re-raises what a signal handler raised only as KeyboardInterrupt or as SystemExit(1)."""
+
+
+_terminated = False
+
+
+def terminated() -> bool:
+    """Whether SIGTERM reached a session of this process."""
+    return _terminated
+
+
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """While Ray is connected: SIGTERM raises Terminated (in place of Ray's handlers; put back after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        global _terminated
+        _terminated = True
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
-    """Yields True when this call started (and will stop) an embedded local Ray."""
+    """Yields True when this call started (and will stop) an embedded local Ray. SIGTERM meanwhile
+    raises ``Terminated`` (a KeyboardInterrupt), which stops the session on its way out."""
     import ray
 
     if ray.is_initialized():
@@ -107,12 +147,13 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
         log(f"[ray] connecting to {address}")
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         try:
-            yield False
+            with _terminable():
+                yield False
         finally:
             ray.shutdown()
     else:
         log("[ray] starting an embedded local Ray")
-        with local_ray(runtime_env, logging_level=logging.WARNING):
+        with local_ray(runtime_env, logging_level=logging.WARNING), _terminable():
             yield True
 
 
