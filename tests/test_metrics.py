@@ -124,3 +124,66 @@ def test_the_classification_reports_macro_average_is_eval_jsons(tmp_path):
     assert text.rstrip().endswith("not in the test split and never predicted (left out of the averages): dog")
     # A class that is predicted but not in the split stays in the table (its precision is 0).
     assert " dog " in classification_report_text(y_true, np.where(y_pred == 2, 3, y_pred), labels, "test")
+
+
+def test_reports_of_a_search_without_its_summary_and_of_files_cut_short(tmp_path, monkeypatch):
+    """A search that has not written tune/summary.json yet (still running, or stopped before its
+    winner was evaluated) plots its trials over the config's train.epochs and says why there is
+    no winner; a metrics.jsonl line still being appended is not an epoch; a JSON file cut short is
+    named, not a bare JSONDecodeError."""
+    import json
+
+    from rayfine import report
+    from rayfine.config import load_config
+    from rayfine.errors import RayfineError
+
+    search = tmp_path / "search"
+    (search / "tune").mkdir(parents=True)
+    (search / "config.yaml").write_text(load_config("resnet18_digits_tiny", ["train.epochs=4"]).to_yaml())
+    (search / "tune" / "trials.csv").write_text(
+        "trial_id,status,train.lr,epoch,train_loss,val_accuracy\n"
+        "a_00000,running,0.001,1,0.9,0.5\na_00000,running,0.001,2,0.2,0.6\na_00001,stopped,0.01,1,0.8,0.4\n")
+    plotted = {}
+    monkeypatch.setattr(report, "plot_learning_curves", lambda *a, epochs, **k: plotted.setdefault("curves", epochs)
+                        and tmp_path / "none.png")
+    monkeypatch.setattr(report, "plot_search_overview", lambda *a, **k: plotted.setdefault("overview", a[4])
+                        and tmp_path / "none.png")
+    monkeypatch.setattr(report, "_img", lambda path, alt: f"<img alt='{alt}'>")
+    page = report.tune_report(search).read_text()
+    assert plotted == {"curves": 4, "overview": 4}  # was 1: every epoch after the first off the plot
+    assert "No winner yet: tune/summary.json is missing" in page and "2 trials with results" in page
+    assert "None" not in page[page.index("id='winner'"):page.index("id='curves'")]
+    monkeypatch.undo()
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config("resnet18_digits_tiny").to_yaml())
+    epoch = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.5, "val_macro_f1": 0.5,
+             "samples_per_s": 10.0, "epoch_s": 1.0}
+    (run / "train" / "metrics.jsonl").write_text(json.dumps(epoch) + "\n" + '{"epoch": 2, "train_lo')
+    assert "epoch 1 of 1: val_accuracy" in report.train_report(run).read_text()
+    (run / "train" / "eval.json").write_text('{"accuracy": 0.9, "macro')
+    with pytest.raises(RayfineError, match=rf"{run / 'train' / 'eval.json'} is not valid JSON \(.*\): write it "
+                                           "again with the command that wrote it, or remove it"):
+        report.train_report(run)
+
+
+def test_run_directory_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A process killed mid-write leaves the previous file (or none), never a truncated one."""
+    import os
+
+    from rayfine.rundir import write_atomic
+
+    path = tmp_path / "sub" / "summary.json"
+    write_atomic(path, "old")
+
+    def killed(fd):
+        raise KeyboardInterrupt  # the kill arrives between the write and the rename
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, "new, longer text")
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]
+    monkeypatch.undo()
+    write_atomic(path, "new")
+    assert path.read_text() == "new"

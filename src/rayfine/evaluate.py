@@ -17,6 +17,7 @@ import ray.data
 from rayfine import metrics
 from rayfine.checkpoints import LoadedCheckpoint, load_checkpoint
 from rayfine.progress import Progress
+from rayfine.rundir import write_atomic
 
 
 def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256,
@@ -83,7 +84,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_di
     report = evaluation_report(y_true, probs, ckpt.labels, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(metrics.json_text(report, indent=1))
+    write_atomic(out_dir / "eval.json", metrics.json_text(report, indent=1))
     text = classification_report_text(y_true, probs.argmax(axis=1), ckpt.labels, split)
     (out_dir / "classification_report.txt").write_text(f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
     plot_confusion_matrix(np.asarray(report["confusion_matrix"]), ckpt.labels, out_dir / "confusion_matrix.png", title=f"{ckpt.cfg.name}: {split}")

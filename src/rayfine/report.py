@@ -154,7 +154,13 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # cut short by an older rayfine killed while writing it, or edited by hand
+        raise RayfineError(f"{path} is not valid JSON ({e}): write it again with the command that wrote it, or "
+                           "remove it") from None
 
 
 # --- HTML -------------------------------------------------------------------------------------------
@@ -224,7 +230,10 @@ def _config_section(run_dir: Path, config_path: Path) -> str:
 def train_report(run_dir: Path) -> Path:
     """<run>/train/report.html from metrics.jsonl, eval.json and the config."""
     train_dir = run_dir / "train"
-    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    text = (train_dir / "metrics.jsonl").read_text()
+    if not text.endswith("\n"):  # a last line still being appended (or cut short by a kill): not an epoch yet
+        text = text[: text.rfind("\n") + 1]
+    lines = [json.loads(x) for x in text.splitlines() if x.strip()]
     if not lines:
         raise RayfineError(f"{train_dir / 'metrics.jsonl'} has no epochs yet; nothing to report")
     metric = _metric_of(saved_config(run_dir, "train"), "train")
@@ -295,7 +304,11 @@ def tune_report(run_dir: Path) -> Path:
     for r in rows:
         if r.get("epoch") is not None:
             by_trial.setdefault(str(r["trial_id"]), []).append(r)
-    epochs = max((summary.get("epochs_full_budget", 0) // max(1, summary.get("num_trials", 1))), 1)
+    if summary:
+        epochs = max((summary.get("epochs_full_budget", 0) // max(1, summary.get("num_trials", 1))), 1)
+    else:  # the search has not ended (or stopped before its winner was evaluated): the trials' budget
+        epochs = max([_section_of(saved_config(run_dir, "tune"), "train").get("epochs") or 1]
+                     + [r["epoch"] for r in rows if isinstance(r.get("epoch"), (int, float))])
     trials = {
         tid: {
             "params": {k: trial_rows[0].get(k) for k in keys},
@@ -327,9 +340,12 @@ def tune_report(run_dir: Path) -> Path:
         + (f"<p class='big'>trial <b>{html.escape(str(best.get('trial_id')))}</b> at epoch {best.get('epoch')}: "
            f"{metric} <b>{_fmt(best.get(metric))}</b>; "
            + ", ".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in (best.get("overrides") or {}).items()) + "</p>"
-           if best else "<p>No winner: no trial produced a usable checkpoint.</p>")
-        + f"<p>{summary.get('num_trials', len(trials))} trials, scheduler {html.escape(str(summary.get('scheduler')))}, "
-          f"searcher {html.escape(str(summary.get('searcher')))}; {budget}.</p></section>",
+           if best else "<p>No winner: no trial produced a usable checkpoint.</p>" if summary else
+           "<p>No winner yet: tune/summary.json is missing, so the search has not ended, or stopped before its "
+           "winner was evaluated (`--resume` finishes it). What its trials reported so far is below.</p>")
+        + (f"<p>{summary.get('num_trials', len(trials))} trials, scheduler {html.escape(str(summary.get('scheduler')))}, "
+           f"searcher {html.escape(str(summary.get('searcher')))}; {budget}.</p></section>" if summary else
+           f"<p>{len(trials)} trials with results.</p></section>"),
         "<section id='curves'><h2>Learning curves</h2>" + curves + "</section>",
         "<section id='search'><h2>Hyperparameters against the metric</h2>" + overview
         + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",

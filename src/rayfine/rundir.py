@@ -113,4 +113,24 @@ def save_config(run_dir: Path, command: str, config_yaml: str) -> None:
     """The resolved config in <run>/config.yaml and in <run>/<command>/config.yaml."""
     (run_dir / command).mkdir(parents=True, exist_ok=True)
     for path in (run_dir / "config.yaml", run_dir / command / "config.yaml"):
-        path.write_text(config_yaml)
+        write_atomic(path, config_yaml)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then os.replace. A process
+    killed (or a disk filled) mid-write leaves the previous file, or none, never a truncated one
+    that a later command (a continuation, `rayfine report`) fails to parse."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -27,7 +27,6 @@ import json
 import numbers
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -152,19 +151,10 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    """Write a tracking.json whole or not at all: a temporary file beside it, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write a tracking.json whole or not at all (``write_atomic``)."""
+    from rayfine.rundir import write_atomic
+
+    write_atomic(path, json.dumps(state))
 
 
 def reusable_run_id(cfg: Config, state: dict[str, Any], key: str) -> str | None:

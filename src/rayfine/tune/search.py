@@ -30,7 +30,7 @@ from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
-from rayfine.rundir import holding, save_config, saved_config
+from rayfine.rundir import holding, save_config, saved_config, write_atomic
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import (
@@ -419,7 +419,7 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     }
     best = pick_best(rows, t.metric, t.metric_mode, storage_filesystem(cfg))
     if best is None:
-        (tune_dir / "summary.json").write_text(json_text(summary, indent=1))
+        write_atomic(tune_dir / "summary.json", json_text(summary, indent=1))
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise TrainingError("the search finished without a usable checkpoint"
                             + (f"; {len(errors)} trial(s) failed, e.g.: {errors[0]}" if errors else ""))
@@ -448,7 +448,7 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
         "config": str(best_dir / "config.yaml"),
     }
     summary["wall_s"] = time.time() - started
-    (tune_dir / "summary.json").write_text(json_text(summary, indent=1))
+    write_atomic(tune_dir / "summary.json", json_text(summary, indent=1))
     from rayfine.report import tune_report
 
     log(f"[tune] report: {tune_report(cfg.run_dir())}")
