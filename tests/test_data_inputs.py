@@ -177,6 +177,17 @@ def test_labels_without_train_examples_are_refused_below_two_and_named_otherwise
         is None
 
 
+def test_an_unknown_label_is_named_beside_the_configured_ones():
+    """A label spelt apart from data.labels (JSON's true is read as "True"; YAML keeps `true` as
+    written) is a bad row whose reason shows both spellings."""
+    from rayfine.data import _split_and_label
+
+    cfg = load_config("resnet18_digits_tiny", ["data.source=/data/x", "data.subsample=1.0",
+                                               "data.labels=[false, true]"]).data
+    split, label, error = _split_and_label(b"x", True, "", cfg, set(cfg.labels))
+    assert (split, label, error) == ("bad", "True", "unknown label 'True', not in data.labels ['false', 'true']")
+
+
 def test_a_label_that_is_a_list_is_refused_as_multi_label_data():
     from rayfine.data import _split_and_label
 

@@ -167,7 +167,10 @@ def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg
         where = "images must sit in class subfolders, or" if data_cfg.kind == "image" else ""
         return BAD, "", f"no label ({where} the label is empty)".replace("( ", "(")
     if known is not None and label not in known:
-        return BAD, label, f"unknown label {label!r}"
+        # The configured names beside it: a spelling apart (data.labels [false, true] as YAML writes
+        # them, JSON's true read as "True"; 1.0 typed, the number 1 read as "1") is seen at once.
+        shown = list(data_cfg.labels or sorted(known))
+        return BAD, label, f"unknown label {label!r}, not in data.labels {shown[:10]}{' ...' if len(shown) > 10 else ''}"
     return split, label, ""
 
 
