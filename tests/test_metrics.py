@@ -185,5 +185,10 @@ def test_run_directory_files_are_written_whole_or_not_at_all(tmp_path, monkeypat
         write_atomic(path, "new, longer text")
     assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]
     monkeypatch.undo()
-    write_atomic(path, "new")
+    old_umask = os.umask(0o022)
+    try:
+        write_atomic(path, "new")
+    finally:
+        os.umask(old_umask)
     assert path.read_text() == "new"
+    assert path.stat().st_mode & 0o777 == 0o644  # as write_text would make it, not a temporary file's 0600

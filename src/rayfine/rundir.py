@@ -120,10 +120,12 @@ def write_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: a temporary file beside it, then os.replace. A process
     killed (or a disk filled) mid-write leaves the previous file, or none, never a truncated one
     that a later command (a continuation, `rayfine report`) fails to parse."""
-    import tempfile
+    import secrets
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Created as open() would create the file itself (0666 less the umask), not mkstemp's 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
