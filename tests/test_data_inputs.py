@@ -253,3 +253,36 @@ def test_class_label_names_are_composed_as_the_labels_found(tmp_path):
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "train.parquet")
     cfg = load_config("minilm_rotten_tomatoes_tiny", [f"data.source={tmp_path}"]).data
     assert sources.class_label_names(cfg) == [unicodedata.normalize("NFC", "été"), "hiver"]
+
+
+def test_a_configured_column_the_first_local_file_lacks_is_refused_before_ray_starts(tmp_path):
+    """The CSV header or the parquet footer of a local source's first file names its columns:
+    a data.text_column / label_column / image_column typo is a ConfigError before Ray starts."""
+    from rayfine.config import ConfigError
+
+    frame = pd.DataFrame({"review": ["good film", "bad film"], "label": ["pos", "neg"]})
+    frame.to_csv(tmp_path / "reviews.csv", index=False)
+    with pytest.raises(ConfigError, match=rf"data.text_column: no column 'text' in {tmp_path / 'reviews.csv'}; "
+                                          r"columns: \['review', 'label'\]"):
+        sources.check_source(DataConfig(source=str(tmp_path / "reviews.csv"), kind="text"))
+    sources.check_source(DataConfig(source=str(tmp_path / "reviews.csv"), kind="text", text_column="review"))
+    (tmp_path / "folder").mkdir()
+    frame.to_parquet(tmp_path / "folder" / "a.parquet")
+    with pytest.raises(ConfigError, match=r"data.label_column: no column 'y' in .*a.parquet; columns: "
+                                          r"\['review', 'label'\]"):
+        sources.check_source(DataConfig(source=str(tmp_path / "folder"), kind="text", text_column="review",
+                                        label_column="y"))
+    with pytest.raises(ConfigError, match=r"data.text_pair_column: no column 'hypothesis'"):
+        sources.check_source(DataConfig(source=str(tmp_path / "folder"), kind="text", text_column="review",
+                                        text_pair_column="hypothesis"))
+    images = tmp_path / "images"
+    images.mkdir()
+    pd.DataFrame({"img": [b"x"], "label": [0]}).to_parquet(images / "train.parquet")
+    with pytest.raises(ConfigError, match=r"data.image_column: no column 'image' in .*train.parquet"):
+        sources.check_source(DataConfig(source=str(images), kind="image"))
+    # A named file read as data.format says; a file that cannot be opened is left to the readers.
+    frame.to_csv(tmp_path / "reviews.txt", index=False)
+    with pytest.raises(ConfigError, match=r"data.text_column: no column 'text' in .*reviews.txt"):
+        sources.check_source(DataConfig(source=str(tmp_path / "reviews.txt"), kind="text", format="csv"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    sources.check_source(DataConfig(source=str(tmp_path / "broken.parquet"), kind="text"))

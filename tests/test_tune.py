@@ -189,9 +189,10 @@ def test_a_plan_that_cannot_fit_is_refused_before_any_trial(ray_local, tmp_path)
 
 
 def test_a_search_that_fails_on_its_data_leaves_no_search_behind(ray_local, tmp_path, digits):
-    # A wrong data.label_column passes preflight (the source exists, it is parquet) and fails in
-    # build_datasets: the corrected command must start the search, not be refused as "a search of
-    # a different config", and --resume must not take the failed command for a search.
+    # A data.label_column of one class passes preflight (the source exists, it is parquet, the
+    # column is there) and fails in build_datasets: the corrected command must start the search, not
+    # be refused as "a search of a different config", and --resume must not take the failed command
+    # for a search.
     import io
 
     import pyarrow as pa
@@ -207,12 +208,12 @@ def test_a_search_that_fails_on_its_data_leaves_no_search_behind(ray_local, tmp_
         return buf.getvalue()
 
     images, labels = digits
-    pq.write_table(pa.table({"image": [png(x) for x in images[:40]], "label": labels[:40].tolist()}),
+    pq.write_table(pa.table({"image": [png(x) for x in images[:40]], "label": labels[:40].tolist(), "lbl": [7] * 40}),
                    tmp_path / "digits.parquet")
     overrides = ["name=baddata", f"storage.runs_dir={tmp_path}", f"data.source={tmp_path / 'digits.parquet'}"]
     bad = load_config("resnet18_digits_tiny", [*overrides, "data.label_column=lbl"])
     fixed = load_config("resnet18_digits_tiny", overrides)
-    with pytest.raises(DataError, match="data.label_column: no column 'lbl'"):
+    with pytest.raises(DataError, match=r"need at least 2 labels to classify, found \['7'\]"):
         run_search(bad, log=lambda *_: None)
     marker = tmp_path / "baddata" / "tune" / "config.yaml"
     assert not marker.exists()
@@ -222,6 +223,6 @@ def test_a_search_that_fails_on_its_data_leaves_no_search_behind(ray_local, tmp_
     # The config of an earlier search's outputs (its experiment stored elsewhere) stays.
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(bad.to_yaml())
-    with pytest.raises(DataError, match="data.label_column"):
+    with pytest.raises(DataError, match="need at least 2 labels"):
         run_search(bad, log=lambda *_: None)
     assert marker.read_text() == bad.to_yaml()

@@ -846,9 +846,38 @@ def check_source(data_cfg: DataConfig) -> None:
             raise ConfigError([(f"data.source: {source} does not exist{where}; give a file or folder on this "
                                 "machine, a URL (s3://, gs://...) or a builtin dataset")])
     try:
-        detect_format(data_cfg)
+        fmt = detect_format(data_cfg)
     except DataError as e:
         raise ConfigError([str(e)]) from None
+    if _is_local(source) and fmt in ("csv", "parquet"):
+        _check_first_file_columns(data_cfg, fmt)
+
+
+def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
+    """A configured column that the first file of a local CSV or parquet source lacks: a ConfigError
+    before Ray starts (the CSV's header, a parquet file's footer: no rows are read). The readers still
+    check every file; a file that cannot be opened here is left to them to name."""
+    source = data_cfg.source
+    named_file = data_cfg.format != "auto" and os.path.isfile(source.removeprefix("file://"))
+    try:
+        files = _source_files(source, fmt, named_file)
+        if not files:
+            return
+        if fmt == "csv":
+            with pacsv.open_csv(files[0], parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+                                convert_options=pacsv.ConvertOptions(column_types={})) as reader:
+                names = reader.schema.names
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(files[0]).names
+    except (OSError, pa.ArrowException, ValueError):
+        return
+    fields = TEXT_FIELDS if data_cfg.kind == "text" else ("image_column", "label_column")
+    for field in fields:
+        column = getattr(data_cfg, field)
+        if column is not None and column not in names:
+            raise ConfigError([f"data.{field}: no column {column!r} in {files[0]}; columns: {names}"])
 
 
 def read_source(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
