@@ -380,3 +380,50 @@ def test_a_parquet_cell_that_is_not_an_image_says_what_it_is():
     with pytest.raises(ImageError, match=r"the image is a struct of fields \['data', 'height', 'mode', 'nChannels', "
                                          r"'origin', 'width'\]: .*\(fields bytes and path\)"):
         prepare_image(image, cfg())
+
+
+def _gray_tiff(values: np.ndarray, bits: int, signed: bool) -> bytes:
+    """A minimal uncompressed grayscale TIFF of ``bits``-bit samples (packed MSB first for 12), as
+    scanners, microscopes and elevation tools write them."""
+    import struct
+
+    h, w = values.shape
+    if bits == 12:
+        rows = []
+        for row in values:
+            text = "".join(format(int(v), "012b") for v in row)
+            text += "0" * (-len(text) % 8)
+            rows.append(int(text, 2).to_bytes(len(text) // 8, "big"))
+        data = b"".join(rows)
+    else:
+        data = values.astype("<i2" if signed else "<u2").tobytes()
+    entries = [(256, 3, w), (257, 3, h), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+               (278, 3, h), (279, 4, len(data)), (339, 3, 2 if signed else 1)]
+    offset = 8 + 2 + len(entries) * 12 + 4
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, value in entries:
+        value = offset if tag == 273 else value
+        out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    return out + b"\x00\x00\x00\x00" + data
+
+
+def test_integer_tiffs_are_scaled_by_the_depth_they_record():
+    """A 12-bit TIFF (opened by Pillow as 16-bit) and a signed 16-bit one are scaled by the depth
+    their tags record, the same for every file of a dataset: full scale is white, and a brighter
+    exposure is never darker (was: a per-image guess from the peak, 12-bit white came out 16 of 255
+    and a signed gradient to 256 nearly black while one to 255 was full range)."""
+    gradient = np.tile(np.linspace(0, 1, 16), (16, 1))
+    white = prepare_image(_gray_tiff(np.full((16, 16), 4095), 12, signed=False), cfg(image_size=16))
+    assert white.min() == white.max() == 255
+    rows = {}
+    for peak in (255, 256, 20000, 32767):
+        data = _gray_tiff(np.round(gradient * peak).astype(np.int16), 16, signed=True)
+        rows[peak] = prepare_image(data, cfg(image_size=16))[0, :, 0].astype(int)
+    assert rows[32767].max() == 255 and rows[32767][0] == 0
+    assert all((rows[a] <= rows[b]).all() for a, b in ((255, 256), (256, 20000), (20000, 32767)))
+    assert rows[255].max() == 2  # 255 of 32767: dark, as recorded
+    negative = _gray_tiff(np.full((16, 16), -1000, dtype=np.int16), 16, signed=True)
+    assert prepare_image(negative, cfg(image_size=16)).max() == 0
+    # Unsigned 16-bit, as before: 32768 is 128.
+    half = prepare_image(_gray_tiff(np.full((16, 16), 32768), 16, signed=False), cfg(image_size=16))
+    assert half.min() == half.max() == 128

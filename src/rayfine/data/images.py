@@ -42,6 +42,11 @@ class ImageError(InputError):
     """An input that cannot become an image of the configured kind."""
 
 
+# Which settings a pixel limit comes from: training and evaluation apply data.max_image_pixels, a
+# replica the smaller of that and serve.max_image_pixels (4 MP by default: a 12 MP phone photo is over).
+PIXEL_SETTINGS = "(data.max_image_pixels; when serving, serve.max_image_pixels too)"
+
+
 def openable_formats() -> tuple[str, ...]:
     """ACCEPTED_FORMATS that this Pillow registers an opener for: Pillow 13 opens MPO files with
     its JPEG opener and has no MPO entry, and asking for an unregistered format raises KeyError."""
@@ -70,7 +75,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> I
         raise ImageError(f"not a readable image ({', '.join(ACCEPTED_FORMATS)}): {type(e).__name__}") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+        raise ImageError(f"image has {width}x{height} pixels, more than the limit of {max_pixels} {PIXEL_SETTINGS}")
     scale = draft_scale(width, height, round(REDUCING_GAP * min_side)) if min_side is not None else 1
     if scale > 1:
         # PIL's draft picks the largest of 8, 4, 2, 1 at most min(width // w, height // h) for a
@@ -129,6 +134,7 @@ def exif_orientation(img: Image.Image) -> int:
 def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
     """Upright, to L or RGB; alpha (RGBA, LA, a palette's or a PNG's transparent colour) is
     composited on black."""
+    depth_scale = _recorded_depth_scale(img)  # read before a transpose copies the image without its tags
     # EXIF orientation, in any format that carries it: JPEG, MPO (phone photos with a gain or
     # depth map), PNG, WebP (TIFF's is applied by Pillow as it loads).
     if exif_orientation(img) != 1:  # (exif_transpose copies even when upright)
@@ -147,12 +153,30 @@ def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
         # 16/32-bit grayscale: scale by the bit depth to 8 bits (PIL would clip at 255).
         arr = np.asarray(img, dtype=np.float64)
         peak = arr.max() if arr.size else 0.0
-        if img.mode.startswith("I;16"):
+        if depth_scale is not None:  # a TIFF's own depth: 12-bit, signed 16-bit (negatives are black)
+            scale = depth_scale
+        elif img.mode.startswith("I;16"):
             scale = 255.0 / 65535.0
         else:  # 32-bit int: the depth is not recorded, so infer it from the values
             scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
         img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
     return img.convert(color_mode)
+
+
+def _recorded_depth_scale(img: Image.Image) -> float | None:
+    """255 over the largest value an integer grayscale TIFF's samples can hold, from its
+    BitsPerSample and SampleFormat tags (TIFF 6.0: 258, 339): a 12-bit scanner or camera file
+    (which Pillow opens as 16-bit), a signed 16-bit one (microscopy, elevation: 32767 at most).
+    None when the file records no such depth."""
+    tags = getattr(img, "tag_v2", None)
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I") or not tags:
+        return None
+    bits, sample_format = tags.get(258), tags.get(339, 1)
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format
+    if not isinstance(bits, int) or not 2 <= bits <= 32 or sample_format not in (1, 2):
+        return None
+    return 255.0 / (2 ** (bits - 1) - 1 if sample_format == 2 else 2**bits - 1)
 
 
 def resize_square(img: Image.Image, size: int, max_pixels: int | None = None) -> Image.Image:
@@ -172,7 +196,7 @@ def resize_square(img: Image.Image, size: int, max_pixels: int | None = None) ->
     new_w, new_h = (size, new_long) if width <= height else (new_long, size)
     if max_pixels is not None and new_w * new_h > max_pixels:
         raise ImageError(f"image of {width}x{height} pixels would be resized to {new_w}x{new_h} before the "
-                         f"center crop, more than the limit of {max_pixels} pixels (too long and thin)")
+                         f"center crop, more than the limit of {max_pixels} pixels (too long and thin) {PIXEL_SETTINGS}")
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     left, top = (new_w - size) // 2, (new_h - size) // 2
