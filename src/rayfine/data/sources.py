@@ -878,6 +878,8 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
             names = pq.read_schema(files[0]).names
     except (OSError, pa.ArrowException, ValueError):
         return
+    # Ray's readers add a hive partition's keys as columns (label=cat/part-0.parquet: a label column).
+    names = names + [part.split("=", 1)[0] for part in files[0].split("/")[:-1] if "=" in part]
     fields = TEXT_FIELDS if data_cfg.kind == "text" else ("image_column", "label_column")
     for field in fields:
         column = getattr(data_cfg, field)
