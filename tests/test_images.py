@@ -427,3 +427,8 @@ def test_integer_tiffs_are_scaled_by_the_depth_they_record():
     # Unsigned 16-bit, as before: 32768 is 128.
     half = prepare_image(_gray_tiff(np.full((16, 16), 32768), 16, signed=False), cfg(image_size=16))
     assert half.min() == half.max() == 128
+    # 32-bit integers: Pillow saves every int32 image with that depth, 8-bit data too; the values'
+    # range scales it, as before.
+    buf = io.BytesIO()
+    Image.fromarray(np.round(gradient * 255).astype(np.int32)).save(buf, format="TIFF")
+    assert prepare_image(buf.getvalue(), cfg(image_size=16))[0, :, 0].max() == 255

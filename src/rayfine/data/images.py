@@ -167,14 +167,16 @@ def _recorded_depth_scale(img: Image.Image) -> float | None:
     """255 over the largest value an integer grayscale TIFF's samples can hold, from its
     BitsPerSample and SampleFormat tags (TIFF 6.0: 258, 339): a 12-bit scanner or camera file
     (which Pillow opens as 16-bit), a signed 16-bit one (microscopy, elevation: 32767 at most).
-    None when the file records no such depth."""
+    None when the file records no such depth, or 32 bits: Pillow saves every 32-bit integer image
+    so, whatever range its values have (8- or 16-bit data kept as int32), so that depth says
+    nothing of the scale and the values' range is used."""
     tags = getattr(img, "tag_v2", None)
     if img.mode not in ("I;16", "I;16B", "I;16L", "I") or not tags:
         return None
     bits, sample_format = tags.get(258), tags.get(339, 1)
     bits = bits[0] if isinstance(bits, tuple) and bits else bits
     sample_format = sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format
-    if not isinstance(bits, int) or not 2 <= bits <= 32 or sample_format not in (1, 2):
+    if not isinstance(bits, int) or not 2 <= bits <= 16 or sample_format not in (1, 2):
         return None
     return 255.0 / (2 ** (bits - 1) - 1 if sample_format == 2 else 2**bits - 1)
 
