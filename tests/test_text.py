@@ -404,23 +404,35 @@ def test_whether_a_json_file_has_a_column_is_told_from_its_lines_or_not_at_all(t
     assert _file_columns(str(array), str(array), "jsonl", "label") is None
 
 
-def test_json_lines_class_ids_are_read_exactly_as_pyarrow_infers_them(tmp_path):
-    """Integers are int64, as pyarrow (and Hugging Face datasets, which reads JSON with it) infer
-    them: as doubles, 64-bit class ids above 2**53 lost digits, and two classes could become one.
-    A number with a fraction among them makes the column double, as pyarrow promotes it."""
+def test_json_lines_class_ids_beyond_a_doubles_precision_keep_every_digit(tmp_path):
+    """Numbers are read as doubles (so that 1 in one file and 1.0 in another read alike), but
+    integers beyond 2**53 (64-bit class ids) as exact decimals: as doubles, ids lost digits and two
+    classes could become one, and an int64 column with a missing label becomes doubles in a numpy
+    batch. A number with a fraction among them in the first MiB makes the column doubles."""
     import pyarrow.json as pajson
 
+    from rayfine.data import label_text
     from rayfine.data.sources import _json_parse_options
 
-    big = [9007199254740993, 9007199254740992, 1234567890123456789]
+    big = [9007199254740993, 9007199254740992, 1234567890123456789, 18446744073709551615]
     ids = tmp_path / "ids.jsonl"
-    ids.write_text("\n".join(json.dumps({"text": f"t{i}", "label": y}) for i, y in enumerate(big * 3)) + "\n")
+    rows = [{"text": f"t{i}", "label": y} for i, y in enumerate(big * 3)] + [{"text": "gap", "label": None}]
+    ids.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     options = _json_parse_options(str(ids), [str(ids)], ["text", "label"])
-    assert options.explicit_schema.field("label").type == pa.int64()
+    assert options.explicit_schema.field("label").type == pa.decimal128(38, 0)
     table = pajson.read_json(ids, parse_options=options)
-    assert table.column("label").to_pylist() == big * 3 and len(set(table.column("label").to_pylist())) == 3
-    halves = tmp_path / "halves.jsonl"
-    halves.write_text("".join(json.dumps({"text": "t", "label": y}) + "\n" for y in (1, 2, 2.5, 3)))
-    options = _json_parse_options(str(halves), [str(halves)], ["text", "label"])
-    assert options.explicit_schema.field("label").type == pa.float64()
-    assert pajson.read_json(halves, parse_options=options).column("label").to_pylist() == [1.0, 2.0, 2.5, 3.0]
+    as_numpy = table.column("label").to_numpy(zero_copy_only=False)  # what a numpy batch holds
+    assert [label_text(v) for v in as_numpy] == [str(y) for y in big * 3] + [None]
+    for name, labels in (("small.jsonl", (1, 2, 3)), ("halves.jsonl", (1, 2, 2.5, 3)),
+                         ("mixed.jsonl", (big[0], 2.5))):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"text": "t", "label": y}) + "\n" for y in labels))
+        options = _json_parse_options(str(path), [str(path)], ["text", "label"])
+        assert options.explicit_schema.field("label").type == pa.float64(), name
+    # Shards of one folder, 1 in one and 1.0 in another (pandas writes an int column with a gap so):
+    # both read with the first file's types.
+    (tmp_path / "a.jsonl").write_text('{"text": "t", "label": 1}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "t", "label": 1.0}\n{"text": "u", "label": null}\n')
+    options = _json_parse_options(str(tmp_path), [str(tmp_path / "a.jsonl")], ["text", "label"])
+    assert [label_text(v) for f in ("a", "b") for v in pajson.read_json(tmp_path / f"{f}.jsonl",
+            parse_options=options).column("label").to_numpy(zero_copy_only=False)] == ["1", "1", None]

@@ -620,14 +620,19 @@ def reader_paths(source: str, fmt: str, named_file: bool = False) -> tuple[objec
     return files, {"filesystem": fs}
 
 
+# Integers a double holds exactly; JSON numbers beyond it (64-bit class ids) are read as decimals.
+EXACT_DOUBLE_INT = 2**53
+EXACT_INTEGERS = pa.decimal128(38, 0)
+
+
 def _json_type(value) -> pa.DataType | None:
     if isinstance(value, str):
         return pa.string()
     if isinstance(value, bool):
         return pa.bool_()
-    if isinstance(value, int):
-        return pa.int64()  # as pyarrow infers it: exact, where a double would merge ids above 2**53
-    if isinstance(value, float):
+    if isinstance(value, (int, float)):
+        # Doubles, as pyarrow reads a column that holds any number with a fraction; integers too, so
+        # that 1 in one file and 1.0 (pandas' to_json of an int column with a gap) in another read alike.
         return pa.float64()
     return None
 
@@ -637,11 +642,12 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
     first values of them show (a string, a number, a bool): pyarrow then neither reads nor infers
     the other fields, which could change type between lines (an unused "id": 1, then "id": "a7") and
     make it refuse the whole file. A configured field whose type changes (labels 1, then "zero") is
-    still refused. Integers are int64, as pyarrow infers them (a double would merge class ids above
-    2**53), unless a number with a fraction or exponent follows in the first MiB (then double, as
-    pyarrow promotes them; one only after it is refused). None, and pyarrow infers every field as
-    before, when the first MiB of the first file does not show every configured field with a value
-    of such a type (a JSON array file, a missing column, which the column check then names)."""
+    still refused. Numbers are doubles, unless the first MiB shows integers beyond what a double
+    holds exactly (2**53: 64-bit class ids, which doubles would merge) and none with a fraction: then
+    decimals of 38 digits, exact, and a null stays a null (an int64 column with a null becomes doubles
+    in a numpy batch). None, and pyarrow infers every field as before, when the first MiB of the first
+    file does not show every configured field with a value of such a type (a JSON array file, a
+    missing column, which the column check then names)."""
     import pyarrow.json as pajson
 
     if not files:
@@ -656,6 +662,7 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
     if len(data) == JSON_SNIFF_BYTES:
         lines = lines[:-1]  # cut by the size
     types: dict[str, pa.DataType] = {}
+    huge, fractional = set(), set()  # columns with integers beyond EXACT_DOUBLE_INT, with non-integral numbers
     for line in lines:
         try:
             row = json.loads(line)
@@ -664,16 +671,23 @@ def _json_parse_options(source: str, files: list[str], columns: list[str]):
         if not isinstance(row, dict):
             continue
         for column in columns:
-            value, seen = row.get(column), types.get(column)
+            value = row.get(column)
             if value is None:
                 continue
-            if seen is None:
+            if column not in types:
                 kind = _json_type(value)
                 if kind is None:
                     return None
                 types[column] = kind
-            elif seen == pa.int64() and isinstance(value, float):  # labels 1, 2, 2.5: doubles, as pyarrow promotes
-                types[column] = pa.float64()
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and abs(value) > EXACT_DOUBLE_INT:
+                huge.add(column)
+            elif isinstance(value, float) and not value.is_integer():
+                fractional.add(column)
+    for column in huge - fractional:
+        if types[column] == pa.float64():
+            types[column] = EXACT_INTEGERS
     if len(types) == len(columns):
         return pajson.ParseOptions(explicit_schema=pa.schema([(c, types[c]) for c in columns]),
                                    unexpected_field_behavior="ignore")
