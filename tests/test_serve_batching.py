@@ -175,3 +175,30 @@ def test_requests_of_different_groups_never_share_a_batch():
     assert answers == [f"answer-{r}" for r in ("a0", "a1", "b1", "a2", "b2", "a3", "a4", "b3")]
     # The oldest request's group first, up to max_batch_size, in arrival order; the others keep their places.
     assert model.batches == [["a0"], ["a1", "a2", "a3"], ["b1", "b2", "b3"], ["a4"]]
+
+
+def test_the_batcher_holds_no_request_while_it_waits_for_the_next():
+    """A request references the model it was checked against: after its batch, the idle batcher
+    must not keep it, or a hot-swapped model stays loaded until the next request (after a rollback,
+    three models at once)."""
+    import gc
+    import weakref
+
+    class Swapped:  # stands for the model a request was checked against
+        pass
+
+    async def main():
+        model = Model(busy_s=0.0)
+        batcher = DynamicBatcher(model, max_batch_size=4, batch_wait_timeout_s=0.0)
+        old = Swapped()
+        gone = weakref.ref(old)
+        assert await batcher.submit(old) == f"answer-{old}"
+        model.batches.clear()
+        del old
+        for _ in range(3):
+            await asyncio.sleep(0)  # the worker is back waiting for the next request
+        gc.collect()
+        return gone() is None, batcher._worker.done()
+
+    freed, worker_done = run(main())
+    assert freed and not worker_done

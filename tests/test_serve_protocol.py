@@ -1467,3 +1467,24 @@ def test_a_new_app_the_cluster_cannot_hold_is_refused_on_an_embedded_ray_and_war
     swapped = fake_serve.module.deploy(fake_serve.checkpoint(0.95), name="digits", strict_resources=True, timeout_s=5,
                                        log=lambda *_: None)
     assert swapped["action"] == "swapped"
+
+
+def test_batch_statistics_can_be_read_while_a_forward_pass_records_a_new_batch_size():
+    """A pass records its batch (in the pass's thread) while a stats route may read (on the event
+    loop): at any moment, every counted size has its times (was: a size counted first, and a read
+    in between raised KeyError, a 500)."""
+    from rayfine.serve.model import BatchStats
+
+    stats = BatchStats()
+    seen = []
+
+    class ReadMidway(dict):  # a stats request arriving while record() fills in a new size's times
+        def setdefault(self, key, default=None):
+            seen.append(stats.batch_stats())
+            return super().setdefault(key, default)
+
+    stats.ns_by_size = ReadMidway()
+    stats.record(3, (1, 2, 3))
+    stats.record(3, (1, 2, 3))
+    assert seen[0] == [] and seen[1][0]["batch_size"] == 3 and seen[1][0]["compute_infer"] == {"count": 1, "ns": 2}
+    assert stats.batch_stats()[0]["compute_input"] == {"count": 2, "ns": 2}

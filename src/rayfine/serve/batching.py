@@ -90,6 +90,9 @@ class DynamicBatcher:
             batch = self._take()
             if batch:
                 await self._run(batch)
+            # Not held while waiting for the next request: a batch's requests reference the model
+            # they were checked against, which a hot swap has to be able to free.
+            del batch
 
     def _drop_cancelled(self) -> None:
         while self._queue and self._queue[0].future.done():

@@ -73,10 +73,12 @@ class BatchStats:
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
-        self.by_size[size] += 1
+        # Runs in the forward pass's thread while the stats routes read on the event loop: a size is
+        # counted only once its times exist (batch_stats reads ns_by_size for every counted size).
         totals = self.ns_by_size.setdefault(size, dict.fromkeys(COMPUTE_PHASES, 0))
         for phase, ns in zip(COMPUTE_PHASES, phases_ns):
             totals[phase] += ns
+        self.by_size[size] += 1
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: Optional[int],
                        phases_ns: Optional[tuple[int, int, int]]) -> None:
