@@ -609,6 +609,7 @@ def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not
     details = {"http_options": {"host": "127.0.0.1", "port": 8123},
                "applications": {"m": {"status": "RUNNING", "source": "declarative", "deployed_app_config": app}}}
     deployed = []
+    fake_gcs_kv(monkeypatch)
     monkeypatch.setattr(ray.serve, "start", lambda **_: None)
     monkeypatch.setattr(ray.serve.context, "_get_global_client",
                         lambda: SimpleNamespace(deploy_apps=deployed.append))
@@ -627,6 +628,29 @@ def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not
         deploy_module.deploy(new, name="m", serve_overrides={"port": 8123, "batch_wait_timeout_s": 0.5},
                              log=lambda *_: None)
     assert len(deployed) == 1
+
+
+def fake_gcs_kv(monkeypatch) -> tuple[dict, threading.Event]:
+    """The GCS's key-value store (rayfine's deploy turn) as a dict; the event is set when a put
+    with overwrite=False finds the key taken (a deploy waiting for its turn)."""
+    from ray.experimental import internal_kv
+
+    kv, refused, lock = {}, threading.Event(), threading.Lock()
+
+    def put(key, value, overwrite=True, *, namespace=None):
+        with lock:
+            held = (namespace, key) in kv
+            if overwrite or not held:
+                kv[(namespace, key)] = value.encode() if isinstance(value, str) else value
+            if held and not overwrite:
+                refused.set()
+            return held
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", put)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, *, namespace=None: kv.get((namespace, key)))
+    monkeypatch.setattr(internal_kv, "_internal_kv_del",
+                        lambda key, *, namespace=None: int(kv.pop((namespace, key), None) is not None))
+    return kv, refused
 
 
 @pytest.fixture
@@ -661,6 +685,7 @@ def fake_serve(tmp_path, monkeypatch):
     monkeypatch.setattr(deploy_module, "_details", lambda: fake.details)
     fake.nodes = [{"CPU": 2.0, "memory": 8e9}]  # the cluster's nodes' total resources
     monkeypatch.setattr(deploy_module, "_node_resources", lambda: fake.nodes)
+    fake.kv, fake.kv_refused = fake_gcs_kv(monkeypatch)
     monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: next(fake.answers) if fake.answers else fake.served)
     return fake
 
@@ -1488,3 +1513,50 @@ def test_batch_statistics_can_be_read_while_a_forward_pass_records_a_new_batch_s
     stats.record(3, (1, 2, 3))
     assert seen[0] == [] and seen[1][0]["batch_size"] == 3 and seen[1][0]["compute_infer"] == {"count": 1, "ns": 2}
     assert stats.batch_stats()[0]["compute_input"] == {"count": 2, "ns": 2}
+
+
+def test_two_deploys_at_once_keep_both_apps(fake_serve, monkeypatch):
+    """A declarative deploy replaces the whole set of apps: two rayfine deploys to one cluster at
+    once (two `rayfine serve`s) each read the apps before the other's was applied, and the later
+    one dropped the other's app. They take turns now, the second waiting (and saying so)."""
+    ckpt = fake_serve.checkpoint(0.9)
+    a_read, results, logs = threading.Event(), {}, {"a": [], "b": []}
+    details = fake_serve.module._details
+
+    def reading(*args):  # app a reads the apps, then waits until app b's deploy has asked for its turn
+        import copy
+
+        read = copy.deepcopy(details(*args))
+        if threading.current_thread().name == "a" and not a_read.is_set():
+            a_read.set()
+            fake_serve.kv_refused.wait(3)  # without turns: b reads, applies and returns meanwhile
+        return read
+
+    def started(schema):  # the controller: the applied apps are what runs
+        fake_serve.details["applications"] = {
+            app.name: {"status": "RUNNING", "source": "declarative", "route_prefix": app.route_prefix,
+                       "deployed_app_config": app.model_dump(mode="json", exclude_unset=True),
+                       "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"}]}}}
+            for app in schema.applications}
+        fake_serve.served.update(replica="r1", **schema.applications[-1].deployments[0].user_config,
+                                 metrics={"val_accuracy": 0.9})
+
+    monkeypatch.setattr(fake_serve.module, "_details", reading)
+    fake_serve.on_deploy = started
+
+    def deploy(name):
+        results[name] = fake_serve.module.deploy(ckpt, name=name, serve_overrides={"route_prefix": f"/{name}"},
+                                                 timeout_s=5, log=logs[name].append)
+
+    first = threading.Thread(target=deploy, args=("a",), name="a")
+    first.start()
+    assert a_read.wait(5)
+    second = threading.Thread(target=deploy, args=("b",), name="b")
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert results["a"]["action"] == results["b"]["action"] == "deployed"
+    assert sorted(fake_serve.details["applications"]) == ["a", "b"]  # was: ["b"], a's app dropped
+    assert [[app.name for app in schema.applications] for schema in fake_serve.deployed] == [["a"], ["a", "b"]]
+    assert "[serve] waiting for another rayfine deploy on this cluster to apply its apps" in logs["b"]
+    assert fake_serve.kv == {}  # both let go of their turn

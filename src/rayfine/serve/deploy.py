@@ -14,8 +14,13 @@ them (a code change, or a change of args, would replace them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import socket
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -269,46 +274,44 @@ def deploy(
     del ckpt
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    details = _details()
-    apps = details.get("applications", {})
-    current = apps.get(name)
-    result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
-    if current is not None and current.get("status") in LIVE:
-        served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, run=same_settings)
-        route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
-        result["url"] = _url(details, route_prefix)
-        if served.get("version") == version:
-            return {**result, "action": "unchanged", "reason": f"already serving version {version}"}
-        if if_better and served.get("version"):
-            better, reason = is_better(new, served)
-            if not better:
-                return {**result, "action": "kept", "version": served["version"], "reason": reason}
-            result["reason"] = reason
-        ours = copy.deepcopy(current["deployed_app_config"])
-        deployments = [d for d in ours.get("deployments", []) if d.get("name") != DEPLOYMENT_NAME]
-        previous = next((d for d in ours.get("deployments", []) if d.get("name") == DEPLOYMENT_NAME), {"name": DEPLOYMENT_NAME})
-        ours["deployments"] = deployments + [{**previous, "user_config": user_config(checkpoint_dir)}]
-        action = "swapped"
-        log(f"[serve] swapping {name}: version {served.get('version')} -> {version}")
-    else:
-        # Serve's declarative deploy does not refuse a route another app holds (a `serve.run` app's
-        # "/", say): the two would take turns answering it.
-        taken = [n for n, a in apps.items() if n != name and a.get("status") != "DELETING"
-                 and a.get("route_prefix") == settings.route_prefix]
-        if taken:
-            raise DeployError(f"route prefix {settings.route_prefix!r} is taken by app {taken[0]!r}: serve {name!r} "
-                              f"under another (--set serve.route_prefix=/{name}) or delete that app")
-        check_replicas_fit(settings, strict=strict_resources, log=log)
-        ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
-        result["url"] = _url(details, settings.route_prefix)
-        action = "deployed"
-        log(f"[serve] deploying {name} (version {version}) from {checkpoint_dir}")
+    # Read, change and apply Serve's declarative config as one step per cluster (``_deploy_lock``).
+    with _deploy_lock(log):
+        details = _details()
+        apps = details.get("applications", {})
+        current = apps.get(name)
+        result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
+        if current is not None and current.get("status") in LIVE:
+            served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, run=same_settings)
+            route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
+            result["url"] = _url(details, route_prefix)
+            if served.get("version") == version:
+                return {**result, "action": "unchanged", "reason": f"already serving version {version}"}
+            if if_better and served.get("version"):
+                better, reason = is_better(new, served)
+                if not better:
+                    return {**result, "action": "kept", "version": served["version"], "reason": reason}
+                result["reason"] = reason
+            ours = copy.deepcopy(current["deployed_app_config"])
+            deployments = [d for d in ours.get("deployments", []) if d.get("name") != DEPLOYMENT_NAME]
+            previous = next((d for d in ours.get("deployments", []) if d.get("name") == DEPLOYMENT_NAME), {"name": DEPLOYMENT_NAME})
+            ours["deployments"] = deployments + [{**previous, "user_config": user_config(checkpoint_dir)}]
+            action = "swapped"
+            log(f"[serve] swapping {name}: version {served.get('version')} -> {version}")
+        else:
+            # Serve's declarative deploy does not refuse a route another app holds (a `serve.run` app's
+            # "/", say): the two would take turns answering it.
+            taken = [n for n, a in apps.items() if n != name and a.get("status") != "DELETING"
+                     and a.get("route_prefix") == settings.route_prefix]
+            if taken:
+                raise DeployError(f"route prefix {settings.route_prefix!r} is taken by app {taken[0]!r}: serve {name!r} "
+                                  f"under another (--set serve.route_prefix=/{name}) or delete that app")
+            check_replicas_fit(settings, strict=strict_resources, log=log)
+            ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
+            result["url"] = _url(details, settings.route_prefix)
+            action = "deployed"
+            log(f"[serve] deploying {name} (version {version}) from {checkpoint_dir}")
 
-    # A declarative deploy replaces the whole set of declarative apps: keep the others as they are,
-    # and the cluster's target_capacity (an operator's, or a KubeRay upgrade's) as it is.
-    others = [a["deployed_app_config"] for n, a in apps.items()
-              if n != name and a.get("source") == "declarative" and a.get("deployed_app_config")]
-    _apply(others + [ours], details.get("target_capacity"))
+        _apply_with_others(name, ours, details)
     try:
         _wait_for_version(name, version, timeout_s)
     except SwapFailed as e:
@@ -319,9 +322,59 @@ def deploy(
         # try the checkpoint they could not load.
         back = {"checkpoint": served.get("checkpoint"), "version": served.get("version")}
         ours["deployments"] = deployments + [{**previous, "user_config": back}]
-        _apply(others + [ours], details.get("target_capacity"))
+        with _deploy_lock(log):
+            _apply_with_others(name, ours, _details())  # the apps as they are now
         raise DeployError(f"{e}; {name!r} keeps serving version {served.get('version')}") from None
     return {**result, "action": action}
+
+
+# Rayfine's deploys to one cluster take turns (a key in the GCS's key-value store): a declarative
+# deploy replaces the whole set of apps, so two at once (two `rayfine serve`s, a pipeline job's
+# deploy beside one) each read the apps before the other's was applied, and the later one dropped
+# the other's app. A holder that did not let go within DEPLOY_LOCK_STALE_S (its process was killed)
+# is presumed gone. Serve's own `serve deploy` does not take this turn.
+DEPLOY_LOCK_KEY, DEPLOY_LOCK_NAMESPACE = "rayfine_deploy_lock", "rayfine"
+DEPLOY_LOCK_STALE_S = 120.0
+
+
+@contextlib.contextmanager
+def _deploy_lock(log: Callable[[str], None] = print, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold this cluster's rayfine deploy turn (see DEPLOY_LOCK_KEY)."""
+    from ray.experimental import internal_kv
+
+    key, namespace = DEPLOY_LOCK_KEY, DEPLOY_LOCK_NAMESPACE
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}:{time.time()}"
+    deadline, said = time.time() + timeout_s, False
+    while internal_kv._internal_kv_put(key, token, overwrite=False, namespace=namespace):  # True: already held
+        held = internal_kv._internal_kv_get(key, namespace=namespace)
+        try:
+            since = float(held.decode().rsplit(":", 1)[1]) if held else time.time()
+        except (ValueError, IndexError):  # not ours to read: treat as just taken
+            since = time.time()
+        if time.time() - since > DEPLOY_LOCK_STALE_S:
+            internal_kv._internal_kv_del(key, namespace=namespace)
+            continue
+        if time.time() > deadline:
+            raise DeployError(f"another rayfine deploy on this cluster has held its turn for {time.time() - since:.0f}s; "
+                              f"try again when it has finished")
+        if not said:
+            log("[serve] waiting for another rayfine deploy on this cluster to apply its apps")
+            said = True
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if internal_kv._internal_kv_get(key, namespace=namespace) == token.encode():
+            internal_kv._internal_kv_del(key, namespace=namespace)
+
+
+def _apply_with_others(name: str, ours: dict, details: dict) -> None:
+    """Apply ``ours`` as app ``name`` beside the cluster's other declarative apps (``details``)."""
+    # A declarative deploy replaces the whole set of declarative apps: keep the others as they are,
+    # and the cluster's target_capacity (an operator's, or a KubeRay upgrade's) as it is.
+    others = [a["deployed_app_config"] for n, a in (details.get("applications") or {}).items()
+              if n != name and a.get("source") == "declarative" and a.get("deployed_app_config")]
+    _apply(others + [ours], details.get("target_capacity"))
 
 
 def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
