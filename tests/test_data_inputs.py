@@ -325,3 +325,15 @@ def test_tsv_files_are_their_own_format_and_their_columns_are_checked_before_ray
     (tmp_path / "notes.txt").write_text("x\n")
     with pytest.raises(ConfigError, match=r"data.format: .*set data.format to one of: csv, tsv, jsonl, parquet"):
         sources.check_source(DataConfig(source=str(tmp_path / "notes.txt"), kind="text"))
+
+
+def test_the_column_check_before_ray_starts_reads_the_header_as_it_is_now(tmp_path):
+    """A header fixed after a refusal is read again (a notebook user edits the file and runs again)."""
+    from rayfine.config import ConfigError
+
+    path = tmp_path / "r.csv"
+    path.write_text("review,label\ngood,pos\n")
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        sources.check_source(DataConfig(source=str(path), kind="text"))
+    path.write_text("text,label\ngood,pos\n")
+    sources.check_source(DataConfig(source=str(path), kind="text"))

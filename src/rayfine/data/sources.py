@@ -588,6 +588,8 @@ def delimited_parse_options(fmt: str) -> pacsv.ParseOptions:
     if fmt == "tsv":
         return pacsv.ParseOptions(delimiter="\t", quote_char=False)
     return pacsv.ParseOptions(**CSV_PARSE_OPTIONS)
+
+
 JSON_SNIFF_BYTES = 1 << 20
 
 
@@ -711,7 +713,7 @@ def _file_columns(source: str, path: str, fmt: str, wanted: str) -> list[str] | 
     at a time up to the first line that has ``wanted``), or None when that cannot be told: a file
     that cannot be read, or no line that is a JSON object (a file that is one JSON array). Only when
     a configured column came back empty for all of a file's rows in a batch: whether the file has
-    the column at all."""
+    the column at all (and, uncached, for the preflight's look at a CSV's header)."""
     fs, root = _filesystem(source)
     try:
         with fs.open_input_stream(root if path == source else path) as f:
@@ -894,14 +896,15 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
         if not files:
             return
         if fmt in DELIMITED:
-            with pacsv.open_csv(files[0], parse_options=delimited_parse_options(fmt),
-                                convert_options=pacsv.ConvertOptions(column_types={})) as reader:
-                names = reader.schema.names
+            # Its header, read now (not from _file_columns' cache: the file may have been edited since).
+            names = _file_columns.__wrapped__(source, files[0], fmt, "")
         else:
             import pyarrow.parquet as pq
 
             names = pq.read_schema(files[0]).names
     except (OSError, pa.ArrowException, ValueError):
+        return
+    if names is None:
         return
     # Ray's readers add a hive partition's keys as columns (label=cat/part-0.parquet: a label column).
     names = names + [part.split("=", 1)[0] for part in files[0].split("/")[:-1] if "=" in part]
