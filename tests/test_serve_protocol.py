@@ -1442,10 +1442,10 @@ def test_replicas_the_cluster_cannot_hold_are_named_with_the_fields_to_change():
     assert "needs 1 CPU(s) and 1 GPU(s)" in p and "serve.gpus_per_replica=0 (no node has a GPU)" in p
     assert problems([two, four], "serve.gpus_per_replica=1") == []
     (p,) = problems([two, four], "serve.gpus_per_replica=1", "serve.num_replicas=2")  # one GPU in all
-    assert p.startswith("the app starts with 2 replicas (serve.num_replicas=2) of 1 CPU(s) and 1 GPU(s) each, "
-                        "but the cluster fits 1; set serve.num_replicas to at most 1")
+    assert p == ("the app starts with 2 replicas (serve.num_replicas=2) of 1 CPU(s) and 1 GPU(s) each, but the "
+                 "cluster fits 1; set serve.num_replicas to at most 1, or lower serve.gpus_per_replica")  # GPUs bind
     (p,) = problems([two], "serve.num_replicas=3")
-    assert "(serve.num_replicas=3)" in p and "fits 2" in p
+    assert "(serve.num_replicas=3)" in p and "fits 2" in p and p.endswith("or lower serve.cpus_per_replica")
     # Autoscaling starts with min_replicas (at least one); max_replicas is only what it may grow to.
     assert problems([two], "serve.autoscaling=true", "serve.min_replicas=0", "serve.max_replicas=8") == []
     (p,) = problems([two], "serve.autoscaling=true", "serve.min_replicas=3", "serve.max_replicas=4")

@@ -220,9 +220,11 @@ def replica_fit_problems(settings: ServeConfig, nodes: list[dict]) -> list[str]:
                  f"the cluster has that many (the largest: {most_cpus:g} CPUs, {most_gpus:g} GPUs); set "
                  f"{' and '.join(fix) or 'smaller replicas'}")]
     if total < wanted:
+        by_cpus = sum(int((float(n.get("CPU", 0)) + eps) // cpus) for n in nodes)
+        lower = "serve.gpus_per_replica" if gpus and by_cpus >= wanted else "serve.cpus_per_replica"
         return [f"the app starts with {wanted} replicas ({field}={wanted}) of {cpus:g} CPU(s)"
                 + (f" and {gpus:g} GPU(s)" if gpus else "") + f" each, but the cluster fits {total}; set {field} "
-                f"to at most {total}, or lower serve.cpus_per_replica"]
+                f"to at most {total}, or lower {lower}"]
     return []
 
 
