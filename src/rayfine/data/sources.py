@@ -616,6 +616,13 @@ def _source_files(source: str, fmt: str, named_file: bool) -> list[str]:
                   if i.is_file and _format_of(i.path) == fmt and not skipped_path(os.path.relpath(i.path, path)))
 
 
+def _named_file(data_cfg: DataConfig) -> bool:
+    """Whether data.source is a local file named with data.format set: read as that format, whatever
+    its extension (reviews.txt with data.format csv)."""
+    source = data_cfg.source
+    return data_cfg.format != "auto" and _is_local(source) and os.path.isfile(source.removeprefix("file://"))
+
+
 def reader_paths(source: str, fmt: str, named_file: bool = False) -> tuple[object, dict]:
     """What a Ray Data reader is given for ``source``, and the keyword arguments to go with it: a file
     as it is; a folder's files as ``_source_files`` lists them, with their filesystem, since Ray's own
@@ -765,7 +772,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     with_paths = _reads_paths(columns)
     # A file named as the source is read as data.format says, whatever its extension (reviews.txt
     # with data.format csv); in a folder, only the files with the format's extensions.
-    named_file = data_cfg.format != "auto" and _is_local(source) and os.path.isfile(source.removeprefix("file://"))
+    named_file = _named_file(data_cfg)
     file_extensions = None if named_file or fmt == "parquet" else list(FORMAT_EXTENSIONS[fmt])
     if fmt == "parquet":
         ds = read_parquet_source(data_cfg, TEXT_FIELDS, with_paths)
@@ -840,7 +847,7 @@ def read_failure(data_cfg: DataConfig) -> str | None:
         return None
     if fmt not in (*DELIMITED, "jsonl"):
         return None
-    named_file = data_cfg.format != "auto" and os.path.isfile(source)
+    named_file = _named_file(data_cfg)
     files = _source_files(data_cfg.source, fmt, named_file)  # as the reader was given them
     columns = _text_columns(data_cfg)
     parse_options = None
@@ -890,7 +897,7 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
     before Ray starts (the CSV's header, a parquet file's footer: no rows are read). The readers still
     check every file; a file that cannot be opened here is left to them to name."""
     source = data_cfg.source
-    named_file = data_cfg.format != "auto" and os.path.isfile(source.removeprefix("file://"))
+    named_file = _named_file(data_cfg)
     try:
         files = _source_files(source, fmt, named_file)
         if not files:

@@ -200,9 +200,9 @@ def replica_fit_problems(settings: ServeConfig, nodes: list[dict]) -> list[str]:
     eps = 1e-9
     cpus, gpus = settings.cpus_per_replica, settings.gpus_per_replica
 
-    def fits(node: dict) -> int:
+    def fits(node: dict, count_gpus: bool = True) -> int:
         n = int((float(node.get("CPU", 0)) + eps) // cpus)
-        return min(n, int((float(node.get("GPU", 0)) + eps) // gpus)) if gpus else n
+        return min(n, int((float(node.get("GPU", 0)) + eps) // gpus)) if gpus and count_gpus else n
 
     most_cpus = max((float(n.get("CPU", 0)) for n in nodes), default=0.0)
     most_gpus = max((float(n.get("GPU", 0)) for n in nodes), default=0.0)
@@ -220,8 +220,8 @@ def replica_fit_problems(settings: ServeConfig, nodes: list[dict]) -> list[str]:
                  f"the cluster has that many (the largest: {most_cpus:g} CPUs, {most_gpus:g} GPUs); set "
                  f"{' and '.join(fix) or 'smaller replicas'}")]
     if total < wanted:
-        by_cpus = sum(int((float(n.get("CPU", 0)) + eps) // cpus) for n in nodes)
-        lower = "serve.gpus_per_replica" if gpus and by_cpus >= wanted else "serve.cpus_per_replica"
+        cpus_bind = sum(fits(n, count_gpus=False) for n in nodes) < wanted
+        lower = "serve.cpus_per_replica" if cpus_bind or not gpus else "serve.gpus_per_replica"
         return [f"the app starts with {wanted} replicas ({field}={wanted}) of {cpus:g} CPU(s)"
                 + (f" and {gpus:g} GPU(s)" if gpus else "") + f" each, but the cluster fits {total}; set {field} "
                 f"to at most {total}, or lower {lower}"]
