@@ -474,6 +474,15 @@ def test_hot_swap_under_load_fails_nothing_and_changes_the_version(server, check
     print(f"\nhot swap under load: {len(seen)} requests, {versions.count(server.v1)} by v1, {versions.count(server.v2)} by v2")
 
 
+def _serving(server, checkpoints, which: str) -> None:
+    """Swaps checkpoint ``which`` ("v1" or "v2") in unless it is already served: in module order the
+    tests before have left it there (a no-op); a test run alone (-k) gets the state it needs."""
+    from rayfine.serve.deploy import deploy
+
+    if get(server, f"/v2/models/{NAME}").json()["versions"] != [getattr(server, which)]:
+        assert deploy(checkpoints[which], name=NAME, log=lambda *_: None)["action"] == "swapped"
+
+
 def _cli(*args, env=None, timeout=180):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([RAYFINE, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -484,6 +493,7 @@ def test_if_better_keeps_the_better_served_model(server, checkpoints):
 
     from rayfine.serve.deploy import deploy
 
+    _serving(server, checkpoints, "v2")  # the hot swap's
     result = deploy(checkpoints["v1"], name=NAME, if_better=True, log=lambda *_: None)
     assert result["action"] == "kept" and result["version"] == server.v2
     assert "<=" in result["reason"]
@@ -501,7 +511,8 @@ def test_if_better_keeps_the_better_served_model(server, checkpoints):
     assert get(server, f"/v2/models/{NAME}").json()["versions"] == [server.v1]
 
 
-def test_rayfine_predict_prints_labels_and_scores(server, digits_png, tmp_path):
+def test_rayfine_predict_prints_labels_and_scores(server, checkpoints, digits_png, tmp_path):
+    _serving(server, checkpoints, "v1")  # swapped back by the CLI in the test above
     pngs, _, _ = digits_png
     files = []
     for i, p in enumerate(pngs[:3]):
@@ -511,7 +522,7 @@ def test_rayfine_predict_prints_labels_and_scores(server, digits_png, tmp_path):
     out = _cli("predict", server.url, *map(str, files), env={"RAYFINE_API_KEY": KEY})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == f"# model {NAME} version {server.v1}"  # swapped back by the CLI above
+    assert lines[0] == f"# model {NAME} version {server.v1}"
     for line, f, p in zip(lines[1:], files, expected):
         name, label, score = line.split("\t")[:3]
         assert (name, label) == (f.name, p["label"]) and float(score) == pytest.approx(p["score"], abs=1e-4)
