@@ -238,8 +238,10 @@ def test_csv_files_saved_otherwise_than_read_say_how_to_save_them(tmp_path):
     failure = sources.read_failure(DataConfig(source=str(tmp_path / "excel.csv"), kind="text"))
     assert "invalid UTF8 data" in failure and failure.endswith("; save it as UTF-8 (Excel: 'CSV UTF-8')")
     assert "looks ';'-separated: rayfine reads comma-separated CSV" in sources._separator_hint(["text;label"])
-    assert "looks tab-separated" in sources._separator_hint(["text\tlabel"])
-    assert sources._separator_hint(["text", "label;x"]) == ""
+    assert sources._separator_hint(["text\tlabel"]).endswith("looks tab-separated: name it .tsv or set data.format: tsv")
+    assert sources._separator_hint(["text,label"], "tsv").endswith("name it .csv or set data.format: csv")
+    assert "reads tab-separated TSV, so save it with tabs" in sources._separator_hint(["text;label"], "tsv")
+    assert sources._separator_hint(["text", "label;x"]) == "" == sources._separator_hint(["a;b"], "parquet")
 
 
 def test_class_label_names_are_composed_as_the_labels_found(tmp_path):
@@ -286,6 +288,15 @@ def test_a_configured_column_the_first_local_file_lacks_is_refused_before_ray_st
         sources.check_source(DataConfig(source=str(tmp_path / "reviews.txt"), kind="text", format="csv"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     sources.check_source(DataConfig(source=str(tmp_path / "broken.parquet"), kind="text"))
+    # A file saved with another separator reads as one column: the refusal says so.
+    (tmp_path / "excel.csv").write_text("text;label\ngood film;pos\nbad film;neg\n")
+    with pytest.raises(ConfigError, match=r"columns: \['text;label'\]; the file looks ';'-separated: rayfine reads "
+                                          r"comma-separated CSV, so save it with commas"):
+        sources.check_source(DataConfig(source=str(tmp_path / "excel.csv"), kind="text"))
+    (tmp_path / "tabs.csv").write_text("text\tlabel\ngood film\tpos\nbad film\tneg\n")
+    with pytest.raises(ConfigError, match=r"looks tab-separated: name it .tsv or set data.format: tsv"):
+        sources.check_source(DataConfig(source=str(tmp_path / "tabs.csv"), kind="text"))
+    sources.check_source(DataConfig(source=str(tmp_path / "tabs.csv"), kind="text", format="tsv"))
     # A hive partition's keys are columns too, as Ray's readers add them (label=pos/part-0.parquet).
     for label in ("pos", "neg"):
         (tmp_path / "hive" / f"label={label}").mkdir(parents=True)

@@ -142,7 +142,7 @@ def detect_format(data_cfg: DataConfig) -> str:
 
 
 def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...],
-                   with_paths: bool = True) -> None:
+                   with_paths: bool = True, fmt: str = "parquet") -> None:
     schema = ds.schema()
     if schema is None:  # no file held a row (a CSV of its header alone, an empty JSONL file)
         raise DataError(f"data.source: {data_cfg.source} holds no rows")
@@ -152,7 +152,8 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
         if column is not None and column not in available:
             # "path" is the reader's (include_paths), unless the reader was asked for no paths
             listed = [c for c in available if c != "path" or not with_paths]
-            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}")
+            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}"
+                            + _separator_hint(listed, fmt))
 
 
 def _reads_paths(columns: list[str]) -> bool:
@@ -747,14 +748,19 @@ def _file_columns(source: str, path: str, fmt: str, wanted: str) -> list[str] | 
         return None
 
 
-def _separator_hint(columns: list[str]) -> str:
-    """What a CSV of one column whose name holds a ";" or a tab is: another separator's file (Excel
-    saves ";"-separated CSV where the decimal mark is a comma)."""
-    if len(columns) != 1:
+def _separator_hint(columns: list[str], fmt: str = "csv") -> str:
+    """What a delimited file of one column whose name holds another separator is: a file saved with
+    that separator (Excel saves ";"-separated CSV where the decimal mark is a comma)."""
+    if len(columns) != 1 or fmt not in DELIMITED:
         return ""
-    separator = next((name for sep, name in ((";", "';'"), ("\t", "tab")) if sep in columns[0]), None)
-    return (f"; the file looks {separator}-separated: rayfine reads comma-separated CSV, so save it with commas"
-            if separator else "")
+    others = {"csv": (("\t", "tab", "name it .tsv or set data.format: tsv"),
+                      (";", "';'", "rayfine reads comma-separated CSV, so save it with commas")),
+              "tsv": ((",", "comma", "name it .csv or set data.format: csv"),
+                      (";", "';'", "rayfine reads tab-separated TSV, so save it with tabs"))}[fmt]
+    for sep, name, advice in others:
+        if sep in columns[0]:
+            return f"; the file looks {name}-separated: {advice}"
+    return ""
 
 
 def _is_null(value) -> bool:
@@ -790,7 +796,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             parse_options = _json_parse_options(source, files, columns)
             ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
                                     **({"parse_options": parse_options} if parse_options else {}))
-        _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
+        _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths, fmt)
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
@@ -820,7 +826,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             if lacking:
                 file, found = lacking
                 raise DataError(f"data.{field}: no column {column!r} in {file}"
-                                + (f"; columns: {found}{_separator_hint(found)}" if found is not None else ""))
+                                + (f"; columns: {found}{_separator_hint(found, fmt)}" if found is not None else ""))
         labels, errors = _named_labels(batch[label_col], names, label_col)
         out = {"text": batch[text_col], "label": labels, "origin": paths, "error": errors}
         if pair_col:
@@ -919,7 +925,8 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
     for field in fields:
         column = getattr(data_cfg, field)
         if column is not None and column not in names:
-            raise ConfigError([f"data.{field}: no column {column!r} in {files[0]}; columns: {names}"])
+            raise ConfigError([f"data.{field}: no column {column!r} in {files[0]}; columns: {names}"
+                               + _separator_hint(names, fmt)])
 
 
 def read_source(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
