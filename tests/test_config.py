@@ -244,8 +244,37 @@ def test_text_fields_keep_numbers_as_written(tmp_path):
     assert load_config("resnet18_digits", ["name=010", "data.labels=[007, 8]"]).name == "010"
     assert load_config("resnet18_digits", ["data.labels=[007, 8]"]).data.labels == ("007", "8")
     # Numbers stay numbers elsewhere, and the resolved config is plain YAML.
-    assert load_config(path, ["train.epochs=010"]).train.epochs == 8  # YAML 1.1 octal, as yaml.safe_load reads it
+    # Leading zeros are decimal, as YAML 1.2 reads them (YAML 1.1, yaml.safe_load, reads 010 as octal 8).
+    assert load_config(path, ["train.epochs=010", "seed=0042"]).train.epochs == 10
+    assert load_config(path, ["seed=0042"]).seed == 42
     assert yaml.safe_load(cfg.to_yaml())["name"] == "2024.10"
+
+
+def test_yaml_1_1_dates_base_60_numbers_and_numeric_keys_read_as_written(tmp_path):
+    """What YAML 1.1 (yaml.safe_load) turns into other things reads as YAML 1.2 reads it, alike from
+    a file and from --set: a date is text, 1:30 is not the number 90, keys 1, 01 and 1.0 are three."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: 2024-06-01\ndata:\n  source: builtin:digits\n  labels: ['1', '01', '1.0', 0000-00-00]\n"
+                    "train: {class_weights: {1: 2.0, 01: 3.0, 1.0: 4.0, 0000-00-00: 5}}\n")
+    cfg = load_config(path)
+    assert cfg.name == "2024-06-01" == load_config("resnet18_digits", ["name=2024-06-01"]).name
+    assert cfg.data.labels == ("1", "01", "1.0", "0000-00-00")
+    assert cfg.train.class_weights == {"1": 2.0, "01": 3.0, "1.0": 4.0, "0000-00-00": 5.0}
+    with pytest.raises(ConfigError, match=r"train.epochs: Input should be a valid integer.*\(got '1:30'\)"):
+        load_config(path, ["train.epochs=1:30"])
+    path.write_text("name: x\ndata: {source: builtin:digits}\nbase: &b {epochs: 3, lr: 0.01}\n")
+    merged = loading._read_raw(path)  # a merge key's entries come first, the keys after it win
+    assert loading._plain(yaml.load("t:\n  <<: {epochs: 3, lr: 0.01}\n  epochs: 5\n", Loader=loading._Loader)) == {
+        "t": {"epochs": 5, "lr": 0.01}} and merged["base"] == {"epochs": 3, "lr": 0.01}
+
+
+def test_class_weights_are_positive():
+    """A zero or negative weight makes a batch of those classes' loss NaN (or rewards errors)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("resnet18_digits", ["train.class_weights={'0': -1, '1': 0, '2': 0.5}"])
+    assert "train.class_weights.0: Input should be greater than 0 (got -1)" in e.value.errors
+    assert "train.class_weights.1: Input should be greater than 0 (got 0)" in e.value.errors
+    assert not any(".2:" in err for err in e.value.errors)
 
 
 def test_runs_dir_flag_is_a_path_not_yaml():

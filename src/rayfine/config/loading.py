@@ -65,10 +65,15 @@ class CommentError(yaml.MarkedYAMLError):
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load``'s schema, for config files and ``--set`` values alike, with three changes:
+    """``yaml.safe_load``'s schema, for config files and ``--set`` values alike, with these changes,
+    each as YAML 1.2 reads it or safer:
     - 1e-5, 3E4 and 1.0e5 are floats, as YAML 1.2 and Python read them (YAML 1.1 wants a dot and a
       signed exponent, and reads the rest as strings);
-    - a key given twice in one mapping is an error (YAML 1.1 loaders keep the last one, silently);
+    - an integer with leading zeros is decimal (``010`` is 10; YAML 1.1 reads it as octal 8), and
+      1.1's base-60 integers (``1:30``) are text;
+    - dates and times (``2024-06-01``) are text, as in YAML 1.2: no field holds a date;
+    - a key given twice in one mapping is an error (YAML 1.1 loaders keep the last one, silently),
+      and keys are the text written: ``1``, ``01`` and ``1.0`` are three keys;
     - numbers and booleans remember their text (``_Int``, ``_Float``, ``_Bool``), so that a text
       field keeps what was written: ``name: 2024.10`` stays "2024.10", not "2024.1", and
       ``labels: [no, yes]`` stay "no" and "yes" (``_plain`` makes them plain)."""
@@ -86,10 +91,26 @@ class _Loader(yaml.SafeLoader):
             if first is not key_node.start_mark:
                 raise DuplicateKeyError(None, None, f"key {str(_plain(key))!r} is given twice (first on line "
                                         f"{first.line + 1}); give it once", key_node.start_mark)
-        return super().construct_mapping(node, deep)
+        # SafeLoader's mapping, keyed by the text written: its own would make 1, 01 and 1.0 one key.
+        self.flatten_mapping(node)  # `<<: *defaults` first, so that the keys after it win
+        mapping = {}
+        for key_node, value_node in node.value:
+            key = _key(self.construct_object(key_node, deep=deep))
+            try:
+                mapping[key] = self.construct_object(value_node, deep=deep)
+            except TypeError:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found unhashable key", key_node.start_mark) from None
+        return mapping
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> _Int:
-        number = _Int(super().construct_yaml_int(node))
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> _Int | str:
+        digits = node.value.lstrip("+-").replace("_", "")
+        if ":" in digits:  # YAML 1.1's base 60 (1:30 is 90); text in YAML 1.2
+            return node.value
+        if len(digits) > 1 and digits.startswith("0") and digits.isdigit():  # decimal, not 1.1's octal
+            number = _Int(int(node.value.replace("_", ""), 10))
+        else:
+            number = _Int(super().construct_yaml_int(node))
         number.text = node.value
         return number
 
@@ -116,6 +137,7 @@ class _ValueLoader(_Loader):
 _Loader.add_constructor("tag:yaml.org,2002:bool", _Loader.construct_yaml_bool)
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))

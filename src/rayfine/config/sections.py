@@ -241,9 +241,9 @@ class TrainConfig(_Section):
     )
     shuffle_buffer: Int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer.")
     label_smoothing: Float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    class_weights: Union[Literal["balanced"], dict[str, Float], None] = Field(
+    class_weights: Union[Literal["balanced"], dict[str, Annotated[Float, Field(gt=0)]], None] = Field(
         None, description="Weigh the training loss per class: balanced (inverse class frequency in the "
-        "train split) or {label: weight}. Unset: equal weights."
+        "train split) or {label: weight > 0}. Unset: equal weights."
     )
     freeze_epochs: Int = Field(
         0, ge=-1, description="Train only the new head (parameters not loaded from pretrained weights) "
