@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,6 +128,9 @@ def _finished_run(tmp_path: Path, *extra) -> Path:
     cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", *extra])
     save_config(cfg.run_dir(), "train", cfg.to_yaml())
     (cfg.run_dir() / "train" / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    if "://" not in cfg.resolved_storage_path():  # its Ray Train state, as Ray Train leaves it
+        (Path(cfg.resolved_storage_path()) / "train").mkdir(parents=True)
+        (Path(cfg.resolved_storage_path()) / "train" / "checkpoint_manager_snapshot.json").write_text("{}")
     return cfg.run_dir()
 
 
@@ -157,7 +161,10 @@ def test_continuing_a_run_with_another_storage_path_is_refused(tmp_path, no_sour
     assert driver._check_continuation(run_dir, cfg) is True
 
 
-def test_a_run_on_remote_storage_continues_only_on_that_storage(tmp_path, no_source_or_model_checks):
+def test_a_run_on_remote_storage_continues_only_on_that_storage(tmp_path, no_source_or_model_checks, monkeypatch):
+    # The bucket cannot be listed here (no network): train_state answers None, "cannot be told", as it
+    # does after pyarrow's ~6 s of failing to resolve it.
+    monkeypatch.setattr(driver, "train_state", lambda cfg: None)
     _finished_run(tmp_path, "storage.storage_path=s3://bucket/a")
     cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", "storage.storage_path=s3://bucket/a/"])
     assert driver.preflight(cfg) is True
@@ -177,6 +184,37 @@ def test_a_new_run_over_earlier_ray_state_in_a_storage_path_is_refused(tmp_path,
     with pytest.raises(ConfigError, match=r"holds an earlier run's checkpoints of this name"):
         driver.preflight(cfg)
     assert driver.preflight(cfg.with_overrides(["name=other"])) is False
+    # The same where the storage is a URI (s3://, gs://, file://): listed through pyarrow, as Ray Train opens it.
+    uri = cfg.with_overrides([f"storage.storage_path=file://{tmp_path / 'shared'}"])
+    assert uri.resolved_storage_path() == f"file://{state.parent}"
+    with pytest.raises(ConfigError, match=rf"storage.storage_path: file://{state} holds an earlier run's checkpoints"):
+        driver.preflight(uri)
+    (state / "checkpoint_manager_snapshot.json").unlink()
+    assert driver.preflight(uri) is False
+
+
+def test_a_run_whose_checkpoints_are_gone_is_refused_not_retrained_under_its_old_log(tmp_path,
+                                                                                     no_source_or_model_checks):
+    """metrics.jsonl says the run trained epochs that Ray Train's storage no longer holds: Ray Train
+    would start again from epoch 1 and every epoch would be logged twice."""
+    run_dir = _finished_run(tmp_path)
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run"])
+    assert driver.preflight(cfg) is True
+    shutil.rmtree(run_dir / "ray")
+    with pytest.raises(ConfigError, match=rf"{run_dir} holds 1 trained epoch\(s\) of this run, but its checkpoints "
+                                          rf"under {run_dir}/ray/train are gone.*remove {run_dir} to train it"):
+        driver.preflight(cfg)
+    (run_dir / "train" / "metrics.jsonl").write_text("")  # killed before its first epoch: nothing to lose
+    assert driver.preflight(cfg) is True
+
+
+def test_a_changed_config_refusal_names_the_storage_a_run_keeps_elsewhere(tmp_path, no_source_or_model_checks):
+    _finished_run(tmp_path, f"storage.storage_path={tmp_path / 'shared'}")
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", "train.lr=0.5",
+                                               f"storage.storage_path={tmp_path / 'shared'}"])
+    with pytest.raises(ConfigError, match=rf"remove that directory and {tmp_path / 'shared' / 'run' / 'ray'} \(its "
+                                          r"Ray state\)"):
+        driver.preflight(cfg)
 
 
 # --- the driver's _fit with a fake trainer ------------------------------------------------------------

@@ -517,3 +517,11 @@ def test_a_search_left_in_a_storage_path_is_named_where_it_is(tmp_path):
     with pytest.raises(ConfigError) as refused:
         _check_previous_search(cfg, experiment_path(cfg), resume=False)
     assert f"or remove {cfg.run_dir()} and {state}" in str(refused.value)
+    # Its run directory gone (or looked for in another runs_dir): nothing to check a --resume's config
+    # against, so it is refused rather than continued under whatever config is given.
+    assert not cfg.run_dir().exists()
+    with pytest.raises(ConfigError, match=rf"--resume: the search in {state} has no saved config in {cfg.run_dir()}"):
+        _check_previous_search(cfg.with_overrides(["train.lr=0.5"]), experiment_path(cfg), resume=True)
+    cfg.run_dir().mkdir(parents=True)
+    (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())
+    _check_previous_search(cfg, experiment_path(cfg), resume=True)

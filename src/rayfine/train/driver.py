@@ -215,6 +215,7 @@ def preflight(cfg: Config) -> bool:
     continuing = _check_continuation(cfg.run_dir(), cfg)
     if continuing:
         _check_same_storage(cfg.run_dir(), cfg)
+        _check_state_kept(cfg)
     else:
         _check_no_earlier_state(cfg)
     return continuing
@@ -235,16 +236,48 @@ def check_storage(cfg: Config) -> None:
             raise ConfigError([f"{field}: {path} cannot be created: this account may not write to {existing}"])
 
 
+def train_state(cfg: Config) -> bool | None:
+    """Whether the Ray Train storage of this run holds its checkpoints or their list (an entry
+    checkpoint_* under <storage>/train, local or a URI), listed through pyarrow as Ray Train opens
+    it; None when the storage cannot be listed now (a bucket without credentials or network: Ray
+    Train itself names that when it starts)."""
+    import pyarrow
+    import pyarrow.fs
+
+    state = cfg.resolved_storage_path().rstrip("/") + "/train"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(state) if "://" in state else (pyarrow.fs.LocalFileSystem(), state)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError, pyarrow.ArrowException):
+        return None
+    return any(e.base_name.startswith("checkpoint_") for e in entries)
+
+
 def _check_no_earlier_state(cfg: Config) -> None:
     """A new training run whose Ray Train storage already holds a run's checkpoints would resume
     from them (Ray Train restores what it finds under its storage), under another config: with a
-    storage.storage_path set, removing the run directory leaves that state behind. Checked where
-    the storage is a local path."""
-    train_state = Path(cfg.resolved_storage_path()) / "train"
-    if cfg.storage.storage_path and "://" not in cfg.storage.storage_path and any(train_state.glob("checkpoint_*")):
+    storage.storage_path set, removing the run directory leaves that state behind, on a local
+    path or remote storage alike."""
+    if cfg.storage.storage_path and train_state(cfg):
         raise ConfigError([(
-            f"storage.storage_path: {train_state} holds an earlier run's checkpoints of this name, which a new "
-            f"run {cfg.name!r} would resume from; remove that folder, or choose another `name` (--set name=...)"
+            f"storage.storage_path: {cfg.resolved_storage_path().rstrip('/')}/train holds an earlier run's checkpoints "
+            f"of this name, which a new run {cfg.name!r} would resume from; remove that folder, or choose another "
+            "`name` (--set name=...)"
+        )])
+
+
+def _check_state_kept(cfg: Config) -> None:
+    """A run that continues needs its checkpoints: where Ray Train's storage lost them (removed by
+    hand, another machine's local storage), Ray Train starts again from epoch 1 while metrics.jsonl
+    already holds the epochs trained before, and every one of them would be logged twice."""
+    metrics = cfg.run_dir() / "train" / "metrics.jsonl"
+    logged = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    if logged and train_state(cfg) is False:
+        raise ConfigError([(
+            f"{cfg.run_dir()} holds {logged} trained epoch(s) of this run, but its checkpoints under "
+            f"{cfg.resolved_storage_path().rstrip('/')}/train are gone, so it cannot continue (Ray Train would "
+            f"train again from epoch 1 and log those epochs twice); remove {cfg.run_dir()} to train it from the "
+            "start, or choose another `name` (--set name=...)"
         )])
 
 
@@ -262,9 +295,11 @@ def _check_continuation(run_dir: Path, cfg: Config) -> bool:
         previous = saved_config(run_dir, command)
         changed = changes_since(previous, cfg, RESUMABLE_CHANGES) if done[command] and previous.is_file() else []
         if changed:
+            state = storage_location(cfg.storage.storage_path, run_dir, run_dir.name)
+            also = "" if state.startswith(str(run_dir) + "/") else f" and {state} (its Ray state)"
             raise ConfigError(
                 [f"{run_dir} holds a {what} of a different config (changed: {', '.join(changed)}); "
-                 "choose another `name` (or --set name=...) or remove that directory"]
+                 f"choose another `name` (or --set name=...) or remove that directory{also}"]
             )
     return done["train"] and saved_config(run_dir, "train").is_file()
 

@@ -263,7 +263,15 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
                            f"another `name` (--set name=...) or remove {where}"])
     _check_continuation(cfg.run_dir(), cfg)  # refuses a different experiment under this name
     previous = saved_config(cfg.run_dir(), "tune")
-    if resume and previous.is_file():
+    if resume and not previous.is_file():
+        # A search saves its config there before Tune saves anything: its run directory was removed,
+        # or is another one (storage.runs_dir, the working directory), and with a storage.storage_path
+        # the search outlives it. Its trials would continue under a config nothing was checked against.
+        raise ConfigError([(f"--resume: the search in {path} has no saved config in {cfg.run_dir()} to check this "
+                            "config against (its run directory was removed, or is in another storage.runs_dir); "
+                            "resume it from its own run directory, or start a new search under another `name` "
+                            f"(--set name=...) or after removing {path}")])
+    if resume:
         # Its trials continue from their checkpoints: what they train, and the search itself, must
         # not change (tune.* included, unlike a training run's continuation).
         allowed = tuple(p for p in RESUMABLE_CHANGES if p != "tune.")
