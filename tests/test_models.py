@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -247,6 +248,32 @@ def test_unset_normalization_comes_from_a_pretrained_hugging_face_image_models_p
     # do_normalize false: the model takes [0, 1] pixels.
     ConvNextImageProcessor(do_normalize=False).save_pretrained(base)
     assert resolved("data.color_mode=RGB")[:2] == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def test_normalization_taken_from_a_processor_gives_the_model_the_processors_own_inputs(tmp_path):
+    """Whatever steps a processor takes (EfficientNet's include_top divides by image_std twice: its
+    checkpoints store the square root of the std; rescale_offset maps pixels to [-1, 1]), rayfine's
+    (pixel / 255 - data.mean) / data.std gives the model what the processor itself gives it."""
+    from transformers import EfficientNetImageProcessor, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    from rayfine.models import with_pretrained_normalization
+
+    base = tmp_path / "model"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(base)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    google_b0 = [0.47853944, 0.4732864, 0.47434163]  # as transformers' conversion script writes google/efficientnet-b*
+    for processor in (EfficientNetImageProcessor(image_std=google_b0),
+                      EfficientNetImageProcessor(rescale_offset=True, include_top=False, image_std=[0.5, 0.25, 1.0]),
+                      EfficientNetImageProcessor(do_normalize=False),
+                      ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 0.75])):
+        processor.save_pretrained(base)
+        lines = []
+        data = with_pretrained_normalization(image_cfg(f"model.name={base}", "data.color_mode=RGB"), log=lines.append).data
+        expected = processor(images=pixels, do_resize=False, do_center_crop=False, return_tensors="np")["pixel_values"][0]
+        ours = ((pixels / 255 - np.array(data.mean)) / np.array(data.std)).transpose(2, 0, 1)
+        assert np.abs(ours - expected).max() < 1e-5, (type(processor).__name__, data.mean, data.std)
+        assert ("divided by image_std twice" in lines[0]) == bool(getattr(processor, "include_top", False))
+    assert data.std == (0.25, 0.5, 0.75) and data.mean == (0.5, 0.5, 0.5)  # most processors: their own values
 
 
 def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_and_one_that_can_is_not(tmp_path):

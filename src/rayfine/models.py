@@ -699,11 +699,41 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
         if log:
             log(f"[data] {cfg.model.name} has no image processor; data.mean/std unset: ImageNet's")
         return cfg
-    if getattr(processor, "do_normalize", True):
-        found = {"mean": getattr(processor, "image_mean", None), "std": getattr(processor, "image_std", None)}
-    else:
-        found = {"mean": 0.0, "std": 1.0}
-    return _with_normalization(cfg, found, f"{cfg.model.name}'s image processor does", log)
+    found = processor_normalization(processor)
+    twice = " (its include_top: divided by image_std twice)" if getattr(processor, "include_top", False) else ""
+    return _with_normalization(cfg, found, f"{cfg.model.name}'s image processor does{twice}", log)
+
+
+def processor_normalization(processor: Any) -> dict[str, Any]:
+    """data.mean and data.std (of pixels scaled to [0, 1], as rayfine normalizes them) that give a
+    model the inputs its Hugging Face image processor gives it. The processor's steps, composed into
+    one affine map of the 0-255 pixel per channel: ``do_rescale`` (``rescale_factor``, and
+    EfficientNet's ``rescale_offset``: minus 1), ``do_normalize`` (``image_mean``, ``image_std``) and
+    EfficientNet's ``include_top`` (a second division by ``image_std``, its default: the checkpoints
+    store the square root of the std they were trained with). For most processors that is their own
+    mean and std; without ``do_normalize``, 0 and 1. None where the processor lacks a value it uses."""
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    normalize, top = getattr(processor, "do_normalize", True), bool(getattr(processor, "include_top", False))
+    if (normalize and mean is None) or ((normalize or top) and std is None):
+        return {"mean": mean if normalize else None, "std": std}
+
+    def three(value) -> list[float]:  # one value per channel
+        return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+
+    scale, shift = [1.0] * 3, [0.0] * 3  # the model's input = scale * pixel + shift, pixel in 0..255
+    if getattr(processor, "do_rescale", True):
+        scale = three(getattr(processor, "rescale_factor", 1 / 255))
+        shift = three(-1.0 if getattr(processor, "rescale_offset", False) else 0.0)
+    if normalize:
+        scale = [a / s for a, s in zip(scale, three(std))]
+        shift = [(b - m) / s for b, m, s in zip(shift, three(mean), three(std))]
+    if top:
+        scale = [a / s for a, s in zip(scale, three(std))]
+        shift = [b / s for b, s in zip(shift, three(std))]
+    # rayfine's input = (pixel / 255 - data.mean) / data.std
+    out_std = [1 / (255 * a) for a in scale]
+    out_mean = [-b * s for b, s in zip(shift, out_std)]
+    return {"mean": [float(f"{v:.10g}") + 0.0 for v in out_mean], "std": [float(f"{v:.10g}") for v in out_std]}
 
 
 def _with_normalization(cfg: Config, found: dict[str, Any], source: str, log: Callable[[str], None] | None) -> Config:
