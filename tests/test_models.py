@@ -276,6 +276,31 @@ def test_normalization_taken_from_a_processor_gives_the_model_the_processors_own
     assert data.std == (0.25, 0.5, 0.75) and data.mean == (0.5, 0.5, 0.5)  # most processors: their own values
 
 
+def test_clip_and_siglip_image_classifiers_keep_their_image_settings_in_their_vision_config(tmp_path):
+    """CLIP and SigLIP classifiers have no top-level num_channels or image_size (their vision_config
+    holds them): from_pretrained handed rayfine's num_channels to the model's __init__, a TypeError in
+    every worker after check_model had passed; a wrong data.image_size and grayscale went unchecked."""
+    import transformers
+
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 32}
+    text = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32}
+    for model_type, cls in (("siglip", "SiglipForImageClassification"), ("clip", "CLIPForImageClassification")):
+        path = tmp_path / model_type
+        config = transformers.AutoConfig.for_model(model_type, vision_config=vision, text_config=text, num_labels=5)
+        getattr(transformers, cls)(config).save_pretrained(path)
+        check_model(image_cfg(f"model.name={path}", "data.image_size=32", "data.color_mode=RGB"))
+        model = build_model(image_cfg(f"model.name={path}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
+        assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
+        assert model.config.id2label[6] == LABELS[6] and not hasattr(model.config, "num_channels")
+        with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
+            check_model(image_cfg(f"model.name={path}", "data.image_size=16", "data.color_mode=RGB"))
+        with pytest.raises(ConfigError, match=r"data.color_mode: .* takes 3-channel images and its config has no "
+                                              r"num_channels rayfine could set to 1; set data.color_mode=RGB"):
+            check_model(image_cfg(f"model.name={path}", "data.image_size=32", "data.color_mode=L"))
+
+
 def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_and_one_that_can_is_not(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 

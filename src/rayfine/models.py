@@ -338,7 +338,22 @@ def _hf_auto_class(cfg: Config):
     return transformers.AutoModelForImageClassification
 
 
-def _hf_label_kwargs(cfg: Config, labels: list[str]) -> dict[str, Any]:
+def _takes(config: Any, key: str) -> bool:
+    """Whether a transformers config has the setting ``key`` itself (not only in a sub-config)."""
+    return key in config.to_dict() or key in getattr(config, "attribute_map", {})
+
+
+def _image_settings(config: Any) -> Any:
+    """The config that holds an image model's num_channels and image_size: its vision_config where
+    the model's own config has none (CLIP, SigLIP: transformers hands a top-level num_channels to the
+    model's __init__, a TypeError), else the config itself."""
+    sub = getattr(config, "vision_config", None)
+    return sub if sub is not None and not _takes(config, "num_channels") else config
+
+
+def _hf_label_kwargs(cfg: Config, labels: list[str], config: Any = None) -> dict[str, Any]:
+    """from_pretrained's / AutoConfig's settings for rayfine's labels and data; ``config``, the
+    model's config as it is, tells whether an image model takes num_channels and image_size."""
     kwargs: dict[str, Any] = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
@@ -349,8 +364,9 @@ def _hf_label_kwargs(cfg: Config, labels: list[str]) -> dict[str, Any]:
         "problem_type": "single_label_classification",
     }
     if cfg.data.kind == "image":
-        kwargs["num_channels"] = cfg.data.channels
-        kwargs["image_size"] = cfg.data.image_size
+        if config is None or _takes(config, "num_channels"):
+            kwargs["num_channels"] = cfg.data.channels
+            kwargs["image_size"] = cfg.data.image_size
     else:
         # The model finds each text's last token by the tokenizer's pad id (decoder-only models such
         # as GPT-2 or Qwen2 classify from it, and refuse batches without one), so the two must agree.
@@ -367,7 +383,7 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     source = resolve_model_source(cfg.model.name)
     auto = _hf_auto_class(cfg)
     try:
-        kwargs = _hf_label_kwargs(cfg, labels)
+        kwargs = _hf_label_kwargs(cfg, labels, _hf_config(cfg) if cfg.data.kind == "image" else None)
         if not cfg.model.pretrained:
             if source in transformers.CONFIG_MAPPING:
                 config = transformers.AutoConfig.for_model(source, **kwargs)
@@ -632,12 +648,17 @@ def check_image_size(cfg: Config) -> None:
 
     quiet_transformers()
     source = resolve_model_source(cfg.model.name)
-    kwargs = _hf_label_kwargs(cfg, ["0", "1"])
-    kwargs.pop("image_size", None)
     try:
+        kwargs = _hf_label_kwargs(cfg, ["0", "1"], _hf_config(cfg))
+        kwargs.pop("image_size", None)
         config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError):
         return  # check_model's _check_hf_source (which runs first) names a config that cannot load
+    channels = getattr(_image_settings(config), "num_channels", 3)
+    if channels != cfg.data.channels and "num_channels" not in kwargs:
+        raise ConfigError([(f"data.color_mode: {cfg.model.name} takes {channels}-channel images and its config has "
+                            f"no num_channels rayfine could set to {cfg.data.channels}; set data.color_mode="
+                            f"{'RGB' if channels == 3 else cfg.data.color_mode}")])
     if _other_size(config, cfg):
         _check_image_size(_hf_auto_class(cfg).from_config(config, dtype=torch.float32), cfg)
 
@@ -646,10 +667,21 @@ def _pretrained_hf_image(cfg: Config) -> bool:
     return cfg.data.kind == "image" and cfg.model.name not in MODEL_BUILDERS and cfg.model.pretrained
 
 
+def _hf_config(cfg: Config) -> Any:
+    """The Hugging Face model's config as it is (its config.json, or a model type's defaults)."""
+    import transformers
+
+    source = resolve_model_source(cfg.model.name)
+    if not cfg.model.pretrained and source in transformers.CONFIG_MAPPING:
+        return transformers.CONFIG_MAPPING[source]()
+    return transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+
+
 def _other_size(config: Any, cfg: Config) -> bool:
-    """Whether a model config's image_size (an int or a pair, when it has one) is not ``data.image_size``."""
+    """Whether a model config's image_size (an int or a pair, when it has one; CLIP's and SigLIP's in
+    their vision_config) is not ``data.image_size``."""
     size = cfg.data.image_size
-    return getattr(config, "image_size", None) not in (None, size, [size, size], (size, size))
+    return getattr(_image_settings(config), "image_size", None) not in (None, size, [size, size], (size, size))
 
 
 def _check_image_size(model: nn.Module, cfg: Config) -> None:
@@ -657,7 +689,7 @@ def _check_image_size(model: nn.Module, cfg: Config) -> None:
     embeddings, say) is a config error, named here rather than at the first training batch."""
     if not _other_size(model.config, cfg):
         return
-    pretrained_size, size = model.config.image_size, cfg.data.image_size
+    pretrained_size, size = _image_settings(model.config).image_size, cfg.data.image_size
     was_training = model.training
     model.eval()
     try:
