@@ -433,7 +433,7 @@ def test_a_model_directory_without_tokenizer_files_is_a_config_error(tmp_path):
 
     BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=32).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match=r"model\.name: cannot load the tokenizer .* no vocabulary but its special tokens"):
+    with pytest.raises(ConfigError, match=r"model\.name: the tokenizer of .* has no vocabulary but its special tokens"):
         check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}"]))
 
 
@@ -717,3 +717,45 @@ def test_a_pretrained_image_model_that_takes_bgr_is_refused_on_rgb(tmp_path):
     with pytest.raises(ConfigError, match=r"image processor gives it BGR images \(do_flip_channel_order\)"):
         check_model(rgb)
     _check_channel_order(load_config("resnet18_digits_tiny", [f"model.name={tmp_path}", "data.color_mode=L"]))
+
+
+def test_a_decoder_tokenizer_without_padding_is_told_to_reuse_a_token_the_model_has(tmp_path):
+    """GPT-2 style models ship no padding token. The refusal names the usual fix (its end-of-text
+    token); a new token added to the tokenizer alone (id == vocab_size) is refused before Ray starts
+    instead of failing with an IndexError at every worker's first batch."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    from rayfine.data.text import TextCollate, load_tokenizer, tokenize
+
+    path = tmp_path / "gpt2"
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, "good": 2, "bad": 3, "film": 4, "very": 5}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            unk_token="<unk>").save_pretrained(path)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2,
+                                             n_positions=64)).save_pretrained(path)
+
+    def text_cfg():
+        return load_config("minilm_rotten_tomatoes_tiny", [f"model.name={path}", "data.max_length=32"])
+
+    def with_pad(token):
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": token}))
+
+    with pytest.raises(ConfigError) as refused:
+        check_model(text_cfg())
+    (error,) = refused.value.errors
+    assert error.startswith(f"model.name: the tokenizer of {path} has no padding token; set one in its "
+                            "tokenizer_config.json, e.g. its end-of-text token") and '"pad_token": "<|endoftext|>"' in error
+    assert "cannot load the tokenizer" not in error
+    with_pad("[PAD]")  # a new token: id 6 of a model with 6 embeddings
+    with pytest.raises(ConfigError, match=r"token\(s\) \['\[PAD\]'\] \(id 6\) that the model has no embedding for "
+                                          r"\(its vocab_size is 6\).*its end-of-text token '<\|endoftext\|>'"):
+        check_model(text_cfg())
+    with_pad("<|endoftext|>")
+    check_model(text_cfg())
+    model, tokenizer = build_model(text_cfg(), ["bad", "good"]), load_tokenizer(str(path))
+    batch = TextCollate(text_cfg().data, tokenizer)(tokenize(["very good film", "bad"], None, text_cfg().data, tokenizer))
+    assert logits_of(model(**batch)).shape == (2, 2) and model.config.pad_token_id == 0

@@ -37,7 +37,7 @@ from torch import nn
 
 from rayfine.config import TORCHVISION_MODELS, Config, ConfigError
 from rayfine.config.sections import EFFICIENTNET_MODELS
-from rayfine.errors import CheckpointError, RayfineError
+from rayfine.errors import CheckpointError, InputError, RayfineError
 
 NEW_PARAMS_ATTR = "rayfine_new_params"
 
@@ -512,6 +512,7 @@ def _check_model(cfg: Config) -> None:
             what = "a text pair" if cfg.data.text_pair_column else "a text"
             raise ConfigError([(f"data.max_length: {cfg.data.max_length} leaves no room for text: {m.name} adds "
                                 f"{fewest - 1} special tokens to {what}; {allowed}")])
+        _check_token_ids(cfg)
     _check_hf_source(cfg)
     _check_channel_order(cfg)
     check_image_size(cfg)
@@ -605,7 +606,9 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
     source = resolve_model_source(name)
     try:
         tokenizer = load_tokenizer(source)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # InputError (no pad token) is a ValueError
+    except InputError as e:  # it loads, but cannot be used as it is (no padding token, no vocabulary)
+        raise ConfigError([f"model.name: {e}"]) from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError([(
             f"model.name: cannot load the tokenizer of {name!r} ({e.__class__.__name__}: {first}); give a local "
@@ -619,6 +622,31 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
         except (OSError, ValueError):
             most = None
     return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
+
+
+def _check_token_ids(cfg: Config) -> None:
+    """The ids a text model's tokenizer puts in every batch by itself (its special tokens and the
+    padding) must be rows of the model's embeddings: a token added to the tokenizer alone (a new
+    "[PAD]" for GPT-2) indexes past them at the first batch, in every worker."""
+    from rayfine.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model.name))
+    try:
+        config = _hf_config(cfg)
+    except (OSError, ValueError):
+        return  # named by _check_hf_source
+    rows = dict(cfg.model.config_overrides).get("vocab_size", getattr(config, "vocab_size", None))
+    if not isinstance(rows, int):
+        return
+    beyond = sorted(i for i in {tokenizer.pad_token_id, *tokenizer.all_special_ids} if i is not None and i >= rows)
+    if beyond:
+        eos = tokenizer.eos_token
+        raise ConfigError([(
+            f"model.name: the tokenizer of {cfg.model.name} has token(s) {tokenizer.convert_ids_to_tokens(beyond)} "
+            f"(id {', '.join(map(str, beyond))}) that the model has no embedding for (its vocab_size is {rows}): "
+            "tokens added to the tokenizer alone; use tokens the model has"
+            + (f" (for padding, its end-of-text token {eos!r}, as is usual for decoder models)" if eos else "")
+        )])
 
 
 # Model types whose position ids start after the padding token's index (fairseq's make_positions;

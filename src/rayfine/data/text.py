@@ -13,6 +13,7 @@ carries the tokenizer files) when serving, so a checkpoint alone serves with no 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -61,7 +62,13 @@ def _load_tokenizer(source: str, stamp: tuple):
     # trust_remote_code=False: never the code a model directory names (transformers would ask on stdin).
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
-        raise InputError(f"the tokenizer of {source} has no padding token; set one in its tokenizer_config.json")
+        # Decoder models (GPT-2, Llama) come without one; the usual fix reuses a token the model has:
+        # a new one would need the model's embeddings resized, which rayfine does not do.
+        eos = tokenizer.eos_token
+        use = (f", e.g. its end-of-text token, as is usual for decoder models: \"pad_token\": {json.dumps(eos)}"
+               if eos else "")
+        raise InputError(f"the tokenizer of {source} has no padding token; set one in its tokenizer_config.json"
+                         f"{use} (a token the model has: a new one would need its embeddings resized)")
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         # transformers 5 builds a tokenizer of the special tokens alone from a directory with a
         # config.json and no tokenizer files: every word would be [UNK] and nothing would be learnt.
