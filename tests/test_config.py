@@ -451,3 +451,15 @@ def test_a_std_of_zero_is_refused():
     (error,) = _errors(["data.color_mode=RGB", "data.std=[0.229, 0.224, 0.0]"])
     assert "std values must be above 0, got [0.229, 0.224, 0.0]" in error, error
     load_config("resnet18_digits", ["data.color_mode=RGB", "data.std=[0.229, 0.224, 0.225]"])
+
+
+def test_weights_for_a_torchvision_model_rayfine_does_not_build_say_which_it_builds():
+    """resnet101 with torchvision's weights was refused as if it were not a torchvision model."""
+    with pytest.raises(ConfigError) as refused:
+        load_config("resnet18_digits", ["model.name=resnet101", "model.weights=IMAGENET1K_V1"])
+    assert refused.value.errors == [(
+        "model.name: rayfine builds the torchvision models resnet18, resnet34, resnet50 (and efficientnet_lite0), not "
+        "resnet101; choose one of them, or a Hugging Face image classifier (a hub id or local directory: model.weights "
+        "and model.stem do not apply to those)")]
+    with pytest.raises(ConfigError, match=r"model.weights and model.stem apply to torchvision models only"):
+        load_config("resnet18_digits", ["model.name=google/vit-base-patch16-224", "model.stem=small"])

@@ -214,6 +214,13 @@ class ModelConfig(_Section):
         return self.name in EFFICIENTNET_MODELS
 
 
+def _torchvision_classifier(name: str) -> bool:
+    """Whether ``name`` is one of torchvision's image classification models (imported only to say so)."""
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
 class TrainConfig(_Section):
     """The optimisation, per DDP worker."""
 
@@ -585,6 +592,11 @@ class Config(_Section):
                 raise ValueError(f"model.weights: {m.name} takes a .safetensors file (e.g. a rayfine checkpoint's "
                                  f"model.safetensors), not {m.weights!r}; its ImageNet weights come with model.pretrained: true")
         elif not m.is_torchvision and (m.weights or m.stem != "auto"):
+            if _torchvision_classifier(m.name):  # resnet101, vit_b_16: taken for a hub id, not refused as one
+                raise ValueError(f"model.name: rayfine builds the torchvision models {', '.join(TORCHVISION_MODELS)} "
+                                 f"(and {', '.join(EFFICIENTNET_MODELS)}), not {m.name}; choose one of them, or a "
+                                 "Hugging Face image classifier (a hub id or local directory: model.weights and "
+                                 "model.stem do not apply to those)")
             raise ValueError("model.weights and model.stem apply to torchvision models only "
                              "(model.weights also to " + ", ".join(EFFICIENTNET_MODELS) + ")")
         if m.is_torchvision and (m.config_overrides or not m.pretrained):
