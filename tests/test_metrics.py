@@ -28,6 +28,10 @@ def test_summed_shards_equal_the_whole():
     y_true, y_pred = rng.integers(0, 4, 100), rng.integers(0, 4, 100)
     whole = metrics.confusion(y_true, y_pred, 4)
     parts = metrics.confusion(y_true[:37], y_pred[:37], 4) + metrics.confusion(y_true[37:], y_pred[37:], 4)
+    counted = np.zeros((4, 4), np.int64)  # what each validation batch adds, in place
+    for start in range(0, len(y_true), 16):
+        metrics.add_confusion(counted, y_true[start:start + 16], y_pred[start:start + 16])
+    assert (counted == whole).all()
     assert np.array_equal(whole, parts)
 
 

@@ -20,6 +20,12 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.nda
     return np.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
+def add_confusion(counts: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    """``counts += confusion(y_true, y_pred)`` in place, in the batch's time rather than the matrix's:
+    a validation batch of 256 with 10,000 labels would otherwise build a 760 MiB matrix."""
+    np.add.at(counts, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+
+
 def per_class(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall, F1 and support per class (0 where undefined, as scikit-learn does)."""
     counts = counts.astype(np.float64)

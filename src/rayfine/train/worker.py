@@ -437,7 +437,7 @@ def _train(config: dict, guard: ExitGuard) -> None:
                 with autocast:
                     logits = logits_of(net(**batch)).float()
                 val_loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                counts += metrics.confusion(y.cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_labels)
+                metrics.add_confusion(counts, y.cpu().numpy(), logits.argmax(-1).cpu().numpy())
         # Global figures: sum counts over ranks before dividing.
         reduced = _all_reduce_sum(np.concatenate([counts.ravel(), [val_loss_sum, loss_sum, seen]]), device)
         counts = reduced[: num_labels * num_labels].reshape(num_labels, num_labels)
