@@ -491,6 +491,7 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
     from rayfine.data.sources import (
         BYTES_PER_BLOCK,
         FILES_PER_BLOCK,
+        MAX_BLOCK_BYTES,
         MAX_READ_BLOCKS,
         list_image_files,
         path_blocks,
@@ -504,7 +505,10 @@ def test_read_blocks_are_sized_by_file_count_and_by_bytes(ray_local, tmp_path, s
     small, photo = 400, 70_000  # a digit PNG, a 500x375 JPEG photo
     assert read_block_count([small] * 20_000) == -(-20_000 // FILES_PER_BLOCK)  # tiny files: by count
     assert read_block_count([photo] * 2_000) == -(-2_000 * photo // BYTES_PER_BLOCK)  # photos: by bytes
-    assert read_block_count([photo] * 10**6) == MAX_READ_BLOCKS
+    assert read_block_count([photo] * 10**5) == MAX_READ_BLOCKS  # 7 GB: 200 blocks of 35 MB
+    # Past that, blocks of Ray Data's block size limit at most, not ever larger ones (a read task holds
+    # its block's bytes at once): 1M photos, 70 GB, were 200 blocks of 350 MB.
+    assert read_block_count([photo] * 10**6) == -(-10**6 * photo // MAX_BLOCK_BYTES) == 522
     assert read_block_count([BYTES_PER_BLOCK * 10] * 3) == 3  # never more blocks than files
     assert read_block_count([small]) == 1
     # The folder reader uses the listed sizes: files of 1/3 of BYTES_PER_BLOCK make 2 blocks of 3 and 1.

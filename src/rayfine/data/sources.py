@@ -175,6 +175,10 @@ def _reads_paths(columns: list[str]) -> bool:
 FILES_PER_BLOCK = 5000
 BYTES_PER_BLOCK = 8 * 1024 * 1024
 MAX_READ_BLOCKS = 200
+# ...but no block over Ray Data's own block size limit (DataContext.target_max_block_size): a read
+# task holds its block's encoded bytes at once, so past MAX_READ_BLOCKS (1.6 GB of files) blocks
+# grow to this size and no more; more blocks then, not larger ones.
+MAX_BLOCK_BYTES = 128 * 1024 * 1024
 
 
 def _label_of(path: str, root: str) -> Optional[str]:
@@ -288,10 +292,12 @@ def _counts(counter: Counter) -> str:
 
 def read_block_count(file_sizes: list[int]) -> int:
     """Read tasks for files of these sizes: FILES_PER_BLOCK files or BYTES_PER_BLOCK bytes at most
-    per block (whichever needs more blocks), one file at least, MAX_READ_BLOCKS blocks at most."""
+    per block (whichever needs more blocks), one file at least, MAX_READ_BLOCKS blocks at most
+    unless a block would then hold more than MAX_BLOCK_BYTES."""
     by_count = -(-len(file_sizes) // FILES_PER_BLOCK)
     by_bytes = -(-sum(file_sizes) // BYTES_PER_BLOCK)
-    return max(1, min(MAX_READ_BLOCKS, len(file_sizes), max(by_count, by_bytes)))
+    at_least = -(-sum(file_sizes) // MAX_BLOCK_BYTES)
+    return max(1, min(len(file_sizes), max(at_least, min(MAX_READ_BLOCKS, max(by_count, by_bytes)))))
 
 
 def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
