@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,51 @@ def test_split_assignment_and_label_helpers():
     assert assign_split(b"same", cfg) == assign_split(b"same", cfg)
     assert [label_text(v) for v in (3, 3.0, "3", b"3", np.int64(3), None, float("nan"), " ")] == ["3"] * 5 + [None] * 3
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+
+
+def test_split_names_in_folder_and_file_names_are_read_as_hugging_face_datasets_reads_them():
+    from rayfine.data.sources import split_of_path
+
+    named = {"train.csv": "train", "data/train-00000-of-00001.parquet": "train", "training/a.jsonl": "train",
+             "validation-00000-of-00002.parquet": "val", "dev.tsv": "val", "val_2017/x.csv": "val",
+             "imdb_test.jsonl": "test", "eval/x.csv": "test", "testing.csv": "test",
+             "values.csv": None, "contest/x.csv": None, "latest.csv": None, "Train.csv": None, "data.csv": None,
+             "unsupervised-00000-of-00001.parquet": None}
+    assert {path: split_of_path(path, "text") for path in named} == named
+    # An image's class folder names its class, never a split; folders above it and file names do.
+    assert split_of_path("train/cats/1.jpg", "image") == "train" and split_of_path("cats/1.jpg", "image") is None
+    assert split_of_path("test_tubes/1.jpg", "image") is None and split_of_path("val/test/1.jpg", "image") == "val"
+    assert split_of_path("n01440764/ILSVRC2012_val_00000293.JPEG", "image") == "val"
+    # A named split is kept; a train row goes by the hash to the splits the source does not name.
+    cfg = load_config("resnet18_digits").data
+    keys = [i.to_bytes(4, "big") for i in range(4000)]
+    assert {assign_split(k, cfg, "test", ("train", "test")) for k in keys} == {"test"}
+    carved = Counter(assign_split(k, cfg, "train", ("train", "test")) for k in keys)
+    assert set(carved) == {"train", "val"} and abs(carved["val"] / 4000 - cfg.val_fraction) < 0.03
+    assert all(assign_split(k, cfg, "train", ("train", "test")) == "val" for k in keys if assign_split(k, cfg) == "val")
+    assert {assign_split(k, cfg, "train", ("train", "val", "test")) for k in keys} == {"train"}
+    assert all(assign_split(k, cfg, None, ("train", "test")) == assign_split(k, cfg) for k in keys)  # unnamed: as before
+
+
+def test_a_folders_own_train_and_test_splits_are_kept_and_val_is_carved_from_train(ray_local, tmp_path, samples):
+    """A folder of train/ and test/ (as Hugging Face's imagefolder reads it) was pooled and split
+    again by the hash: most of the dataset's own test images were trained on."""
+    root = tmp_path / "photos"
+    for i, (digit, label) in enumerate(samples):
+        split = "test" if i % 3 == 0 else "train"
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        (root / split / label / f"img{i}.png").write_bytes(encode(Image.fromarray(digit)))
+    logged = []
+    _, info = build_datasets(folder_cfg(root), log=logged.append)
+    assert info.labels == ["0", "1", "7"]  # the class folders, not train/test
+    tests = len(list((root / "test").rglob("*.png")))
+    assert info.num_examples["test"] == tests and info.num_examples["val"] > 0
+    assert info.num_examples["train"] + info.num_examples["val"] == len(samples) - tests
+    assert any("splits: the source's own train, test files; carved from its train files: val" in line
+               for line in logged), logged
+    # data.source_splits false: every image by the hash, as before (the test images spread over the splits).
+    _, pooled = build_datasets(folder_cfg(root, "data.source_splits=false"), log=lambda *_: None)
+    assert pooled.num_examples["test"] != tests and sum(pooled.num_examples.values()) == len(samples)
 
 
 def test_labels_that_tie_as_integers_have_one_order_whatever_order_they_are_found_in():

@@ -97,6 +97,12 @@ class DataConfig(_Section):
     subsample: Float = Field(
         1.0, gt=0, le=1, description="Keep this share of the examples (seeded, by content hash)."
     )
+    source_splits: bool = Field(
+        True, description="A folder source's own splits, named as Hugging Face datasets reads them in its folder "
+        "and file names (train/training, validation/valid/dev/val, test/testing/eval/evaluation: train.csv, "
+        "data/test-00000-of-00001.parquet, photos/val/cats/1.jpg), are kept; a split it lacks is carved from its "
+        "train files by val_fraction/test_fraction. false: every example split by those fractions."
+    )
     preserve_order: bool = Field(
         True, description="Ray Data keeps blocks in order, when preparing the data and when feeding the workers, so "
         "that `seed` reproduces a run. false: blocks go on as they are ready and to workers on their own node "

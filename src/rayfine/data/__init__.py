@@ -11,8 +11,10 @@ The pipeline (all of it Ray Data, on the cluster's CPU workers):
   a seed reproduces a run. The training loop normalizes images on its device (``model_batch``)
   and augments them with a seeded generator.
 
-The hash split is the same on every run and machine, independent of file order and partitioning,
-and identical images always land in the same split (no train/test leakage through duplicates).
+A folder source's own splits (train.csv, test/cats/1.jpg: ``sources.split_of_path``) are kept. Every
+other example gets its split from the hash, the same on every run and machine, independent of file
+order and partitioning: byte-identical files and identical texts always land in the same split (the
+same image saved with other metadata, or a text in other case or spacing, is other content).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_pixel_values
-from rayfine.data.sources import class_label_names, read_failure, read_source
+from rayfine.data.sources import class_label_names, read_failure, read_source, source_splits, split_of_path
 from rayfine.errors import DataError, RayfineError
 
 if TYPE_CHECKING:
@@ -138,23 +140,31 @@ def hash_unit(content: bytes, salt: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def assign_split(content: bytes, data_cfg: DataConfig) -> Optional[str]:
-    """train/val/test by the seeded content hash, or None when subsampled out."""
+def assign_split(content: bytes, data_cfg: DataConfig, named: str | None = None,
+                 source_has: tuple[str, ...] = ()) -> str | None:
+    """train/val/test by the seeded content hash, or None when subsampled out. ``named``: the split
+    the row's file names (``sources.split_of_path``), kept, except that a train row goes by the hash
+    to a split none of the source's files name (``source_has``): a folder of train.csv and test.csv
+    has its val carved from train, at val_fraction."""
     if data_cfg.subsample < 1 and hash_unit(content, f"subsample:{data_cfg.split_seed}") >= data_cfg.subsample:
         return None
+    if named not in (None, "train"):
+        return named
     u = hash_unit(content, f"split:{data_cfg.split_seed}")
-    if u < data_cfg.test_fraction:
-        return "test"
-    if u < data_cfg.test_fraction + data_cfg.val_fraction:
-        return "val"
-    return "train"
+    by_hash = "test" if u < data_cfg.test_fraction else "val" if u < data_cfg.test_fraction + data_cfg.val_fraction \
+        else "train"
+    if named == "train" and by_hash in source_has:  # that split is the source's own
+        return "train"
+    return by_hash
 
 
 def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg: DataConfig,
-                     known: Optional[set]) -> tuple[Optional[str], str, str]:
+                     known: Optional[set], named: str | None = None,
+                     source_has: tuple[str, ...] = ()) -> tuple[Optional[str], str, str]:
     """(split or None when subsampled out, label text, error) for one raw row; ``source_error`` is
-    the reader's reason the row is unusable ("" when it is not)."""
-    split = assign_split(content, data_cfg)
+    the reader's reason the row is unusable ("" when it is not); ``named``, ``source_has``: as
+    ``assign_split``."""
+    split = assign_split(content, data_cfg, named, source_has)
     try:
         label = label_text(raw_label)
     except DataError as e:
@@ -174,9 +184,10 @@ def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg
     return split, label, ""
 
 
-def prepare_batch(batch: dict, cfg_json: str) -> dict:
+def prepare_batch(batch: dict, cfg_json: str, source_splits: tuple[str, list[str]] | None = None) -> dict:
     """Ray Data map_batches: raw rows -> prepared rows (uint8 images of one size, or token ids),
-    each with its label, split and error ("" when usable)."""
+    each with its label, split and error ("" when usable). ``source_splits``: the folder's path and
+    the splits its files name (``sources.source_splits``), None when it names none."""
     cfg = Config.model_validate_json(cfg_json)
     data_cfg = cfg.data
     known = set(data_cfg.labels) if data_cfg.labels else None
@@ -184,13 +195,16 @@ def prepare_batch(batch: dict, cfg_json: str) -> dict:
     items = batch["image"] if is_image else batch["text"]
     pairs = batch.get("text_pair") if not is_image else None
     source_errors = batch.get("error", itertools.repeat(""))
+    root, source_has = (source_splits[0] + "/", tuple(source_splits[1])) if source_splits else (None, ())
     rows = []  # (index, split, label, error)
     for i, (item, raw_label, source_error) in enumerate(zip(items, batch["label"], source_errors)):
         if is_image:
             content = _content_bytes(item)
         else:
             content = _content_bytes(f"{item}\x00{pairs[i]}" if pairs is not None else str(item))
-        split, label, error = _split_and_label(content, raw_label, source_error, data_cfg, known)
+        origin = str(batch["origin"][i])
+        named = split_of_path(origin[len(root):], data_cfg.kind) if root and origin.startswith(root) else None
+        split, label, error = _split_and_label(content, raw_label, source_error, data_cfg, known, named, source_has)
         if split is not None:
             rows.append([i, split, label, error])
     out = (_prepare_images if is_image else _prepare_texts)(batch, rows, cfg)
@@ -345,9 +359,16 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
     data_cfg = cfg.data
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
+    named = source_splits(data_cfg)
+    if named:
+        carved = [f"{split} (data.{split}_fraction of train)" for split in ("val", "test") if split not in named[1]]
+        log(f"[data] splits: the source's own {', '.join(named[1])} files"
+            + (f"; carved from its train files: {', '.join(carved)}" if carved and "train" in named[1] else "")
+            + " (data.source_splits)")
     pipeline = (
         read_source(data_cfg, log)
-        .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="numpy", batch_size=128)
+        .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "source_splits": named},
+                     batch_format="numpy", batch_size=128)
         # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,
         # so that every block is a fair mix. Each epoch the workers' local shuffle buffers (seeded
         # per epoch) reorder rows; block order is the same every epoch (randomize_block_order(seed)).

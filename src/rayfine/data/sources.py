@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -279,6 +280,67 @@ def walk_image_folder(root: str) -> FolderListing:
             leaves.append((folder, here))
     imageless = [(folder, found) for folder, found in leaves if os.path.dirname(folder) in with_images]
     return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out))
+
+
+# The names of a split in a folder or file name, as Hugging Face datasets reads them (data_files.py:
+# SPLIT_KEYWORDS, with its separators NON_WORDS_CHARS), under rayfine's split names.
+SPLIT_KEYWORDS = {"train": ("train", "training"), "val": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+SPLIT_NAME_SEPARATORS = "-._ 0123456789"
+
+
+def _named_split(name: str) -> str | None:
+    """The split a folder or file name names, as Hugging Face datasets' data_files patterns match it:
+    a keyword whole or beside a separator ("-._ " or a digit): train.csv, test-00000-of-00001.parquet,
+    imdb_test.jsonl, dev/, val_2017/; not values.csv or contest/."""
+    for split, keywords in SPLIT_KEYWORDS.items():
+        for keyword in keywords:
+            for match in re.finditer(re.escape(keyword), name):
+                a, b = match.span()
+                if (a == 0 or name[a - 1] in SPLIT_NAME_SEPARATORS) and (
+                        b == len(name) or name[b] in SPLIT_NAME_SEPARATORS):
+                    return split
+    return None
+
+
+def split_of_path(relative: str, kind: str) -> str | None:
+    """The split a file's path below a folder source names: a folder's name first (from the top),
+    then the file's, as Hugging Face datasets prefers folders' names to files'. An image's own class
+    folder names its class, not a split (images/train/test_tubes/1.jpg is a train image of
+    test_tubes; Hugging Face would make the whole class a test split)."""
+    *folders, name = relative.split("/")
+    if kind == "image":
+        folders = folders[:-1]
+    for folder in folders:
+        split = _named_split(folder)
+        if split:
+            return split
+    return _named_split(name)
+
+
+def source_splits(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
+    """(the folder's path on its filesystem, the splits its files name) for a folder source whose
+    folder or file names name splits (``split_of_path``), listed on the driver; None for a single
+    file, a builtin dataset, data.source_splits false, or a folder that names none."""
+    import pyarrow.fs as pafs
+
+    source = data_cfg.source.rstrip("/")
+    if not data_cfg.source_splits or source.startswith("builtin:"):
+        return None
+    fs, root = _filesystem(source)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    fmt = detect_format(data_cfg)
+    if fmt == "image_folder":
+        if _is_local(source):
+            files = [path for path, _ in walk_image_folder(root).files]
+        else:
+            files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if i.is_file and i.path.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS))]
+    else:
+        files = _source_files(source, fmt, False)
+    named = {split_of_path(path.removeprefix(root + "/"), data_cfg.kind) for path in files}
+    return (root, [split for split in SPLIT_KEYWORDS if split in named]) if named - {None} else None
 
 
 def list_image_files(root: str) -> list[tuple[str, int]]:
