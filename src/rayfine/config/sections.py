@@ -550,7 +550,8 @@ class Config(_Section):
     seed: Int = Field(
         0, ge=0, le=SEED_MAX,
         description="Seeds model init, shuffling and augmentation: the same seed, data, config and worker count "
-        "give the same run, epoch by epoch (CPU; GPU kernels may differ in the last bits).",
+        "give the same run, epoch by epoch (CPU; GPU kernels may differ in the last bits); for sources Ray Data reads "
+        "itself (parquet, CSV, JSON Lines, object-store image folders), on clusters of the same CPU count.",
     )
     data: DataConfig
     model: ModelConfig = ModelConfig()

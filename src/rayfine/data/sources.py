@@ -172,7 +172,8 @@ def _reads_paths(columns: list[str]) -> bool:
 # DataLoader's rate on 2 CPUs). Photos take milliseconds each to decode, so a block holds a second or
 # so of work at most and the tasks spread over the CPUs and stream (bench/RESULTS.md, ingest). Only
 # the files decide the blocks, not the cluster: the seeded global shuffle depends on them, so a seed
-# orders the rows alike everywhere.
+# orders a local image folder's rows alike everywhere (Ray's own readers, used for the other sources,
+# choose their block count from the cluster's CPUs too: README, "How it runs").
 FILES_PER_BLOCK = 5000
 BYTES_PER_BLOCK = 8 * 1024 * 1024
 MAX_READ_BLOCKS = 200
