@@ -196,3 +196,19 @@ def test_run_directory_files_are_written_whole_or_not_at_all(tmp_path, monkeypat
         os.umask(old_umask)
     assert path.read_text() == "new"
     assert path.stat().st_mode & 0o777 == 0o644  # as write_text would make it, not a temporary file's 0600
+
+
+def test_eval_jsons_loss_is_the_cross_entropy_also_of_confident_mistakes():
+    """eval.json's loss is val_loss's definition, F.cross_entropy: from log-probabilities, exact where
+    a probability underflows (it was clipped at 1e-12: at most 27.6 an example)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rayfine.evaluate import evaluation_report
+
+    logits, y = torch.tensor([[0.0, 40.0], [0.0, 120.0], [3.0, 1.0]]), torch.tensor([0, 0, 0])
+    report = evaluation_report(y.numpy(), torch.log_softmax(logits, -1).numpy(), ["a", "b"], "test", log=True)
+    assert report["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)  # 53.38
+    assert report["accuracy"] == pytest.approx(1 / 3)
+    from_probs = evaluation_report(y.numpy(), torch.softmax(logits, -1).numpy(), ["a", "b"], "test")
+    assert from_probs["accuracy"] == report["accuracy"] and from_probs["loss"] < 20  # the clipped figure

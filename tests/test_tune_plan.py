@@ -525,3 +525,13 @@ def test_a_search_left_in_a_storage_path_is_named_where_it_is(tmp_path):
     cfg.run_dir().mkdir(parents=True)
     (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())
     _check_previous_search(cfg, experiment_path(cfg), resume=True)
+
+
+def test_ranking_by_train_loss_while_searching_how_it_is_weighed_is_refused():
+    """train_loss includes label smoothing and class weights: a search over them ranked by it would
+    favour the trial with the least smoothing, not the best model."""
+    smoothing = "tune.search_space.train.label_smoothing={uniform: [0.0, 0.2]}"
+    (problem,) = check_search(load_config("resnet18_digits_tiny", ["tune.metric=train_loss", smoothing]))
+    assert problem.startswith("tune.metric: train_loss includes train.label_smoothing, which the search varies")
+    assert check_search(load_config("resnet18_digits_tiny", ["tune.metric=val_loss", smoothing])) == []
+    assert check_search(load_config("resnet18_digits_tiny", ["tune.metric=train_loss"])) == []

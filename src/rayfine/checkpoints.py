@@ -166,6 +166,12 @@ class LoadedCheckpoint:
 
         return torch.softmax(logits_of(self.model(**inputs)).float(), dim=-1)
 
+    def predict_log_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log of ``predict_proba``, exact where the probability underflows (a confident mistake)."""
+        from rayfine.models import logits_of
+
+        return torch.log_softmax(logits_of(self.model(**inputs)).float(), dim=-1)
+
 
 def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> LoadedCheckpoint:
     """Rebuild the model from the checkpoint alone and load its safetensors weights."""

@@ -21,16 +21,17 @@ from rayfine.rundir import write_atomic
 
 
 def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256,
-                    progress: Optional[Progress] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and class probabilities for every row of a model-input dataset."""
+                    progress: Optional[Progress] = None, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class probabilities (``log``: their logarithms) for every row of a model-input dataset."""
     from rayfine.data import batch_collate, model_batch
 
     y_true, probs = [], []
     collate = batch_collate(ckpt.cfg, str(ckpt.path))
+    predict = ckpt.predict_log_proba if log else ckpt.predict_proba
     for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
         batch = model_batch(batch, ckpt.cfg.data)
         y_true.append(batch.pop("y").numpy())
-        probs.append(ckpt.predict_proba(batch).numpy())
+        probs.append(predict(batch).numpy())
         if progress is not None:
             progress.advance(len(y_true[-1]))
     if not y_true:
@@ -38,18 +39,22 @@ def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: in
     return np.concatenate(y_true), np.concatenate(probs)
 
 
-def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], split: str) -> dict[str, Any]:
-    """The eval.json document (DESIGN.md's run-directory contract)."""
+def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], split: str,
+                      log: bool = False) -> dict[str, Any]:
+    """The eval.json document (DESIGN.md's run-directory contract). ``log``: ``probs`` holds
+    log-probabilities, which give the loss exactly (cross-entropy, as the training's val_loss);
+    from probabilities, one that underflows counts as 1e-12."""
     y_pred = probs.argmax(axis=1)
     counts = metrics.confusion(y_true, y_pred, len(labels))
     precision, recall, f1, support = metrics.per_class(counts)
-    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    picked = probs[np.arange(len(y_true)), y_true]
+    losses = -picked if log else -np.log(np.clip(picked, 1e-12, 1.0))
     summary = metrics.summarize(counts)
     return {
         "split": split,
         "accuracy": summary["accuracy"],
         "macro_f1": summary["macro_f1"],
-        "loss": float(-np.log(picked).mean()) if len(y_true) else 0.0,
+        "loss": float(losses.astype(np.float64).mean()) if len(y_true) else 0.0,
         "num_samples": int(len(y_true)),
         "per_class": {
             label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
@@ -80,12 +85,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_di
 
     ckpt = load_checkpoint(checkpoint_dir)
     with Progress(total=num_samples or 0, desc=f"evaluating ({split})", log=log) as progress:
-        y_true, probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size, progress)
-    report = evaluation_report(y_true, probs, ckpt.labels, split)
+        y_true, log_probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size, progress, log=True)
+    report = evaluation_report(y_true, log_probs, ckpt.labels, split, log=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "eval.json", metrics.json_text(report, indent=1))
-    text = classification_report_text(y_true, probs.argmax(axis=1), ckpt.labels, split)
+    text = classification_report_text(y_true, log_probs.argmax(axis=1), ckpt.labels, split)
     (out_dir / "classification_report.txt").write_text(f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
     plot_confusion_matrix(np.asarray(report["confusion_matrix"]), ckpt.labels, out_dir / "confusion_matrix.png", title=f"{ckpt.cfg.name}: {split}")
     log(f"[eval] {split}: accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  loss {report['loss']:.4f}  ({report['num_samples']} examples)")

@@ -119,6 +119,11 @@ def check_search(cfg: "Config") -> list[str]:
     if t.scheduler == "halving" and t.searcher != "random":
         errors.append(f"tune.searcher: {t.searcher} learns from finished trials, and halving draws every trial before "
                       "any finishes; use tune.searcher=random with tune.scheduler=halving (or asha with optuna)")
+    weighed = [k for k in ("train.label_smoothing", "train.class_weights") if k in t.search_space]
+    if t.metric == "train_loss" and weighed:
+        errors.append(f"tune.metric: train_loss includes {' and '.join(weighed)}, which the search varies, so trials "
+                      "would be ranked by how their loss is weighed, not by how well they learn; rank by val_loss "
+                      "(plain cross-entropy in every trial) or a val_ metric")
     for key, spec in t.search_space.items():
         where = f"tune.search_space.{key}"
         sub = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
