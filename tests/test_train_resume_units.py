@@ -24,6 +24,7 @@ from rayfine.train.worker import (
     accumulation_group_size,
     check_same_labels,
     checkpoint_metrics,
+    keep_frozen_norm_statistics,
     make_scheduler,
     model_and_optimizer,
 )
@@ -415,3 +416,30 @@ def test_a_run_continues_only_with_the_labels_it_was_trained_on(tmp_path):
     checkpoints.save_checkpoint(tmp_path / "old", model_and_optimizer(cfg, nfd, torch.device("cpu"), 10)[0], cfg, nfd,
                                 {"epoch": 1})
     check_same_labels(tmp_path / "old", [unicodedata.normalize("NFC", "été"), "hiver"])
+
+
+def test_a_frozen_bodys_batchnorm_keeps_its_statistics_and_the_heads_train():
+    """train.freeze_epochs (-1: a linear probe): the body takes no gradient, and its BatchNorm layers
+    normalize with their running statistics and keep them; in train mode one step moved them."""
+    from rayfine.models import build_model
+
+    model = build_model(_cfg(), LABELS)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("net.fc."))  # the body frozen, as the worker freezes it
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    assert before
+
+    def step():
+        model.train()
+        keep_frozen_norm_statistics(model)
+        model(torch.randn(4, 1, 8, 8) * 3 + 1).sum().backward()
+
+    step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert model.training and model.net.fc.weight.grad is not None
+    # Unfrozen, the same step updates them, as any fine-tuning does.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    step()
+    assert not any(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -151,6 +151,18 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
+    """While the body is frozen (train.freeze_epochs), its BatchNorm layers, whose parameters take no
+    gradient, run in eval mode: they normalize with their pretrained running statistics and keep
+    them, as a linear probe's frozen backbone does (Keras' frozen BatchNorm, timm's
+    freeze_batch_norm_2d). In train mode they would normalize each batch by its own statistics,
+    which validation and serving never use, and overwrite the pretrained ones with no gradient at all."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
 def ddp_options(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, Any]:
     """DistributedDataParallel's options for ``model``: find_unused_parameters when a forward and
     backward pass on ``example`` (``model_example``) leaves a trainable parameter without a gradient.
@@ -388,6 +400,8 @@ def _train(config: dict, guard: ExitGuard) -> None:
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         started = time.perf_counter()
         model.train()
+        if frozen:
+            keep_frozen_norm_statistics(model)
         loss_sum, seen, micro = 0.0, 0, 0
         # One seed per (run seed, epoch, rank) for the shuffle buffer, the augmentation and torch's
         # own generators (dropout): a resumed epoch draws exactly what it drew before the failure.
