@@ -402,11 +402,14 @@ def test_split_names_in_folder_and_file_names_are_read_as_hugging_face_datasets_
              "imdb_test.jsonl": "test", "eval/x.csv": "test", "testing.csv": "test",
              "values.csv": None, "contest/x.csv": None, "latest.csv": None, "Train.csv": None, "data.csv": None,
              "unsupervised-00000-of-00001.parquet": None}
-    assert {path: split_of_path(path, "text") for path in named} == named
+    assert {path: split_of_path(path) for path in named} == named
     # An image's class folder names its class, never a split; folders above it and file names do.
-    assert split_of_path("train/cats/1.jpg", "image") == "train" and split_of_path("cats/1.jpg", "image") is None
-    assert split_of_path("test_tubes/1.jpg", "image") is None and split_of_path("val/test/1.jpg", "image") == "val"
-    assert split_of_path("n01440764/ILSVRC2012_val_00000293.JPEG", "image") == "val"
+    assert split_of_path("train/cats/1.jpg", True) == "train" and split_of_path("cats/1.jpg", True) is None
+    assert split_of_path("test_tubes/1.jpg", True) is None and split_of_path("val/test/1.jpg", True) == "val"
+    assert split_of_path("n01440764/ILSVRC2012_val_00000293.JPEG", True) == "val"
+    # Parquet images take their labels from a column: the file's folder may name its split (the Hub's
+    # refs/convert/parquet layout, plain_text/train/0000.parquet).
+    assert split_of_path("plain_text/train/0000.parquet") == "train"
     # A named split is kept; a train row goes by the hash to the splits the source does not name.
     cfg = load_config("resnet18_digits").data
     keys = [i.to_bytes(4, "big") for i in range(4000)]
@@ -416,6 +419,25 @@ def test_split_names_in_folder_and_file_names_are_read_as_hugging_face_datasets_
     assert all(assign_split(k, cfg, "train", ("train", "test")) == "val" for k in keys if assign_split(k, cfg) == "val")
     assert {assign_split(k, cfg, "train", ("train", "val", "test")) for k in keys} == {"train"}
     assert all(assign_split(k, cfg, None, ("train", "test")) == assign_split(k, cfg) for k in keys)  # unnamed: as before
+
+
+def test_a_folder_whose_every_file_names_a_split_other_than_train_is_refused_before_it_is_read(tmp_path):
+    """ImageNet's validation images in class folders (ILSVRC2012_val_*.JPEG) all name the val split:
+    nothing would be trained on, found only after every image was read, with advice that cannot help."""
+    from rayfine.data.sources import source_splits
+
+    for label in ("n01440764", "n01443537"):
+        (tmp_path / "imagenet_val" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "imagenet_val" / label / f"ILSVRC2012_val_0000{i}{label[-1]}.JPEG").write_bytes(b"")
+    cfg = folder_cfg(tmp_path / "imagenet_val").data
+    with pytest.raises(DataError, match=r"every file of .* names the val split in its folder or file name \(e.g. "
+                                        r"n0144\d+/ILSVRC2012_val_\d+.JPEG\), none the train split.*set "
+                                        r"data.source_splits: false"):
+        source_splits(cfg)
+    assert source_splits(cfg.model_copy(update={"source_splits": False})) is None
+    (tmp_path / "imagenet_val" / "n01440764" / "n01440764_10026.JPEG").write_bytes(b"")  # an unnamed file: trained on
+    assert source_splits(cfg)["splits"] == ["val"]
 
 
 def test_a_folders_own_train_and_test_splits_are_kept_and_val_is_carved_from_train(ray_local, tmp_path, samples):
@@ -437,6 +459,18 @@ def test_a_folders_own_train_and_test_splits_are_kept_and_val_is_carved_from_tra
     # data.source_splits false: every image by the hash, as before (the test images spread over the splits).
     _, pooled = build_datasets(folder_cfg(root, "data.source_splits=false"), log=lambda *_: None)
     assert pooled.num_examples["test"] != tests and sum(pooled.num_examples.values()) == len(samples)
+    # A Hugging Face snapshot of images stored by their paths (Dataset.to_parquet of images from files):
+    # the parquet file names the split, not the image file each row's origin names.
+    import datasets as hf
+
+    features = hf.Features({"image": hf.Image(), "label": hf.Value("string")})
+    for split in ("train", "test"):
+        files = sorted((root / split).rglob("*.png"))
+        hf.Dataset.from_dict({"image": [str(f) for f in files], "label": [f.parent.name for f in files]},
+                             features=features).to_parquet(str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    assert pq.read_table(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet").column("image")[0].as_py()["bytes"] is None
+    _, hub = build_datasets(folder_cfg(tmp_path / "hub"), log=lambda *_: None)
+    assert hub.num_examples["test"] == tests and hub.num_examples["val"] > 0
 
 
 def test_labels_that_tie_as_integers_have_one_order_whatever_order_they_are_found_in():

@@ -44,9 +44,10 @@ def test_weights_from_a_safetensors_file_load_where_shapes_match(tmp_path):
     # The body comes from the file; the (changed) stem and the new head do not...
     assert torch.equal(model.net.layer1[0].conv1.weight, donor.net.layer1[0].conv1.weight)
     assert model.net.fc.out_features == 7
-    # ...and they are what counts as new (head_lr, freeze_epochs).
+    # ...and they are what counts as new (head_lr, freeze_epochs), with the BatchNorm after the stem: its
+    # statistics were the replaced conv's (a frozen body's BatchNorm keeps them).
     new = getattr(model, NEW_PARAMS_ATTR)
-    assert new == {"net.fc.weight", "net.fc.bias", "net.conv1.weight"}
+    assert new == {"net.fc.weight", "net.fc.bias", "net.conv1.weight", "net.bn1.weight", "net.bn1.bias"}
     # A grayscale model with the ImageNet stem keeps the RGB stem, summed over the colour channels.
     gray = build_model(image_cfg("data.image_size=64", f"model.weights={tmp_path / 'w.safetensors'}"), LABELS)
     assert gray.net.conv1.weight.shape == (64, 1, 7, 7)
@@ -94,7 +95,7 @@ def test_a_weights_file_of_another_resnet_is_refused_naming_the_one_it_is_for(tm
         build_model(image_cfg(f"model.weights={r34}"), LABELS)
     # Given to the network it is for, the file loads (its stem and head differ: small stem, 7 labels).
     assert getattr(build_model(image_cfg(f"model.weights={r18}"), LABELS), NEW_PARAMS_ATTR) == {
-        "net.conv1.weight", "net.fc.weight", "net.fc.bias"}
+        "net.conv1.weight", "net.bn1.weight", "net.bn1.bias", "net.fc.weight", "net.fc.bias"}
 
 
 def test_a_weights_file_short_of_body_tensors_is_refused(tmp_path):

@@ -79,7 +79,9 @@ def _resnet(cfg: Config, labels: list[str]) -> nn.Module:
         # spatial detail through the four stages instead of collapsing to 1x1 after the stem.
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-        new.add("conv1.")
+        # bn1's statistics and scale were those of the replaced 7x7 conv's outputs: new with it (a
+        # frozen body's BatchNorm keeps its statistics, which would not fit the new conv).
+        new.update({"conv1.", "bn1."})
     elif in_channels != 3:
         pretrained = net.conv1.weight.detach()
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

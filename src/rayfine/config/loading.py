@@ -70,7 +70,7 @@ class _Loader(yaml.SafeLoader):
     - 1e-5, 3E4 and 1.0e5 are floats, as YAML 1.2 and Python read them (YAML 1.1 wants a dot and a
       signed exponent, and reads the rest as strings);
     - an integer with leading zeros is decimal (``010`` is 10; YAML 1.1 reads it as octal 8), and
-      1.1's base-60 integers (``1:30``) are text;
+      1.1's base-60 numbers (``1:30``, ``1:30.5``) are text;
     - dates and times (``2024-06-01``) are text, as in YAML 1.2: no field holds a date;
     - a key given twice in one mapping is an error (YAML 1.1 loaders keep the last one, silently),
       and keys are the text written: ``1``, ``01`` and ``1.0`` are three keys;
@@ -114,7 +114,9 @@ class _Loader(yaml.SafeLoader):
         number.text = node.value
         return number
 
-    def construct_yaml_float(self, node: yaml.ScalarNode) -> _Float:
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> _Float | str:
+        if ":" in node.value:  # YAML 1.1's base 60 (1:30.5 is 90.5); text in YAML 1.2
+            return node.value
         number = _Float(super().construct_yaml_float(node))
         number.text = node.value
         return number

@@ -37,7 +37,7 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_pixel_values
-from rayfine.data.sources import class_label_names, read_failure, read_source, source_splits, split_of_path
+from rayfine.data.sources import SPLIT_FILE, class_label_names, read_failure, read_source, source_splits, split_of_path
 from rayfine.errors import DataError, RayfineError
 
 if TYPE_CHECKING:
@@ -184,10 +184,10 @@ def _split_and_label(content: bytes, raw_label: Any, source_error: str, data_cfg
     return split, label, ""
 
 
-def prepare_batch(batch: dict, cfg_json: str, source_splits: tuple[str, list[str]] | None = None) -> dict:
+def prepare_batch(batch: dict, cfg_json: str, source_splits: dict | None = None) -> dict:
     """Ray Data map_batches: raw rows -> prepared rows (uint8 images of one size, or token ids),
-    each with its label, split and error ("" when usable). ``source_splits``: the folder's path and
-    the splits its files name (``sources.source_splits``), None when it names none."""
+    each with its label, split and error ("" when usable). ``source_splits``: the splits a folder
+    source's files name (``sources.source_splits``), None when it names none."""
     cfg = Config.model_validate_json(cfg_json)
     data_cfg = cfg.data
     known = set(data_cfg.labels) if data_cfg.labels else None
@@ -195,15 +195,17 @@ def prepare_batch(batch: dict, cfg_json: str, source_splits: tuple[str, list[str
     items = batch["image"] if is_image else batch["text"]
     pairs = batch.get("text_pair") if not is_image else None
     source_errors = batch.get("error", itertools.repeat(""))
-    root, source_has = (source_splits[0] + "/", tuple(source_splits[1])) if source_splits else (None, ())
+    root, source_has = (source_splits["root"] + "/", tuple(source_splits["splits"])) if source_splits else (None, ())
+    class_folders = bool(source_splits and source_splits["class_folders"])
+    split_files = batch.get(SPLIT_FILE, batch["origin"])
     rows = []  # (index, split, label, error)
     for i, (item, raw_label, source_error) in enumerate(zip(items, batch["label"], source_errors)):
         if is_image:
             content = _content_bytes(item)
         else:
             content = _content_bytes(f"{item}\x00{pairs[i]}" if pairs is not None else str(item))
-        origin = str(batch["origin"][i])
-        named = split_of_path(origin[len(root):], data_cfg.kind) if root and origin.startswith(root) else None
+        file = str(split_files[i])
+        named = split_of_path(file[len(root):], class_folders) if root and file.startswith(root) else None
         split, label, error = _split_and_label(content, raw_label, source_error, data_cfg, known, named, source_has)
         if split is not None:
             rows.append([i, split, label, error])
@@ -361,9 +363,9 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
     log(f"[data] reading {data_cfg.source}")
     named = source_splits(data_cfg)
     if named:
-        carved = [f"{split} (data.{split}_fraction of train)" for split in ("val", "test") if split not in named[1]]
-        log(f"[data] splits: the source's own {', '.join(named[1])} files"
-            + (f"; carved from its train files: {', '.join(carved)}" if carved and "train" in named[1] else "")
+        carved = [f"{split} (data.{split}_fraction of train)" for split in ("val", "test") if split not in named["splits"]]
+        log(f"[data] splits: the source's own {', '.join(named['splits'])} files"
+            + (f"; carved from its train files: {', '.join(carved)}" if carved and "train" in named["splits"] else "")
             + " (data.source_splits)")
     pipeline = (
         read_source(data_cfg, log)
@@ -466,6 +468,9 @@ def _summarize(prepared: ray.data.Dataset, data_cfg: DataConfig, class_names: Op
             raise DataError(
                 f"{data_cfg.source}: the {split} split is empty ({sum(num_examples.values())} examples); "
                 "use more data or raise data.val_fraction / data.test_fraction"
+                + ("" if not data_cfg.source_splits or data_cfg.source.startswith("builtin:") else " (a split named by the source's own folder or file "
+                   "names, as train/ or test.csv, is kept as it is: data.source_splits: false splits every "
+                   "example by those fractions)")
             )
     class_counts = {s: {label: by_split.get(s, {}).get(label, 0) for label in labels} for s in SPLITS}
     trained = [label for label in labels if class_counts["train"][label]]

@@ -283,6 +283,10 @@ def walk_image_folder(root: str) -> FolderListing:
     return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out))
 
 
+# A reader's column of the file each row came from, where ``origin`` names another file (a parquet
+# image stored by its path): a folder source's split is named by the file read (``split_of_path``).
+SPLIT_FILE = "split_file"
+
 # The names of a split in a folder or file name, as Hugging Face datasets reads them (data_files.py:
 # SPLIT_KEYWORDS, with its separators NON_WORDS_CHARS), under rayfine's split names.
 SPLIT_KEYWORDS = {"train": ("train", "training"), "val": ("validation", "valid", "dev", "val"),
@@ -304,13 +308,13 @@ def _named_split(name: str) -> str | None:
     return None
 
 
-def split_of_path(relative: str, kind: str) -> str | None:
+def split_of_path(relative: str, class_folders: bool = False) -> str | None:
     """The split a file's path below a folder source names: a folder's name first (from the top),
-    then the file's, as Hugging Face datasets prefers folders' names to files'. An image's own class
-    folder names its class, not a split (images/train/test_tubes/1.jpg is a train image of
-    test_tubes; Hugging Face would make the whole class a test split)."""
+    then the file's, as Hugging Face datasets prefers folders' names to files'. In an image folder
+    (``class_folders``) an image's own folder names its class, not a split (images/train/test_tubes/
+    1.jpg is a train image of test_tubes; Hugging Face would make the whole class a test split)."""
     *folders, name = relative.split("/")
-    if kind == "image":
+    if class_folders:
         folders = folders[:-1]
     for folder in folders:
         split = _named_split(folder)
@@ -319,10 +323,13 @@ def split_of_path(relative: str, kind: str) -> str | None:
     return _named_split(name)
 
 
-def source_splits(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
-    """(the folder's path on its filesystem, the splits its files name) for a folder source whose
-    folder or file names name splits (``split_of_path``), listed on the driver; None for a single
-    file, a builtin dataset, data.source_splits false, or a folder that names none."""
+def source_splits(data_cfg: DataConfig) -> dict | None:
+    """For a folder source whose folder or file names name splits (``split_of_path``), listed on the
+    driver: {"root": the folder's path on its filesystem, "splits": the splits named, in SPLITS
+    order, "class_folders": whether images sit in class folders}; None for a single file, a builtin
+    dataset, data.source_splits false, or a folder that names none. A folder whose every file names
+    a split other than train (ImageNet's validation images, ILSVRC2012_val_00000001.JPEG, in class
+    folders) would leave train empty: refused, naming data.source_splits."""
     import pyarrow.fs as pafs
 
     source = data_cfg.source.rstrip("/")
@@ -332,16 +339,30 @@ def source_splits(data_cfg: DataConfig) -> tuple[str, list[str]] | None:
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return None
     fmt = detect_format(data_cfg)
-    if fmt == "image_folder":
-        if _is_local(source):
+    try:
+        if fmt == "image_folder" and _is_local(source):
             files = [path for path, _ in walk_image_folder(root).files]
-        else:
+        elif fmt == "image_folder":
             files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                      if i.is_file and i.path.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS))]
-    else:
-        files = _source_files(source, fmt, False)
-    named = {split_of_path(path.removeprefix(root + "/"), data_cfg.kind) for path in files}
-    return (root, [split for split in SPLIT_KEYWORDS if split in named]) if named - {None} else None
+        else:
+            files = _source_files(source, fmt, False)
+    except OSError as e:
+        raise DataError(f"data.source: cannot list {getattr(e, 'filename', None) or source}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    class_folders = fmt == "image_folder"
+    named = Counter(split_of_path(path.removeprefix(root + "/"), class_folders) for path in files)
+    if not set(named) - {None}:
+        return None
+    if "train" not in named and None not in named:
+        example = next(path for path in files if split_of_path(path.removeprefix(root + "/"), class_folders))
+        raise DataError(
+            f"data.source: every file of {data_cfg.source} names the "
+            f"{' or '.join(s for s in SPLIT_KEYWORDS if s in named)} split in its folder or file name (e.g. "
+            f"{example.removeprefix(root + '/')}), none the train split, so nothing would be trained on; set "
+            "data.source_splits: false to split them by data.val_fraction / data.test_fraction, or add train files")
+    return {"root": root, "splits": [split for split in SPLIT_KEYWORDS if split in named],
+            "class_folders": class_folders}
 
 
 def list_image_files(root: str) -> list[tuple[str, int]]:
@@ -587,10 +608,11 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     def normalize(batch: dict) -> dict:
         cells = [_struct_image(img, image_col, workdir) for img in batch[image_col]]
         labels, errors = _named_labels(batch[label_col], names, label_col)
-        files = batch["path"] if with_paths else itertools.repeat(source)
+        files = batch["path"] if with_paths else [source] * len(batch[label_col])
+        files = np.asarray(files, dtype=object)
         return {"image": np.array([image for image, _ in cells], dtype=object), "label": labels,
                 "origin": np.array([file or parquet for (_, file), parquet in zip(cells, files)], dtype=object),
-                "error": errors}
+                "error": errors, SPLIT_FILE: files}
 
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
