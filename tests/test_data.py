@@ -421,6 +421,29 @@ def test_split_names_in_folder_and_file_names_are_read_as_hugging_face_datasets_
     assert all(assign_split(k, cfg, None, ("train", "test")) == assign_split(k, cfg) for k in keys)  # unnamed: as before
 
 
+@pytest.mark.parametrize("files", [
+    ["plain_text/train-00000-of-00001.parquet", "plain_text/test-00000-of-00001.parquet",
+     "plain_text/unsupervised-00000-of-00001.parquet"],  # imdb: HF leaves the unnamed file out, rayfine hashes it
+    ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet",
+     "data/test-00000-of-00001.parquet"],
+    ["train.csv", "dev.csv", "test.csv"], ["train_0.csv", "train_1.csv", "test_0.csv"],
+    ["data/train/shard_0.csv", "data/test/shard_0.csv"], ["plain_text/train/0000.parquet", "plain_text/test/0000.parquet"],
+    ["train/cats/1.jpg", "train/dogs/2.jpg", "validation/cats/3.jpg", "test/dogs/4.jpg"],
+])
+def test_the_splits_a_folders_files_name_are_those_hugging_face_datasets_resolves(tmp_path, files):
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    from rayfine.data.sources import split_of_path
+
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"x")
+    resolved = DataFilesDict.from_patterns(get_data_patterns(str(tmp_path)), base_path=str(tmp_path))
+    theirs = {os.path.relpath(p, tmp_path): {"validation": "val"}.get(split, split)
+              for split, paths in resolved.items() for p in paths}
+    assert {f: split_of_path(f, class_folders=f.endswith(".jpg")) for f in files} == {f: theirs.get(f) for f in files}
+
+
 def test_a_folder_whose_every_file_names_a_split_other_than_train_is_refused_before_it_is_read(tmp_path):
     """ImageNet's validation images in class folders (ILSVRC2012_val_*.JPEG) all name the val split:
     nothing would be trained on, found only after every image was read, with advice that cannot help."""
