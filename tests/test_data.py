@@ -391,6 +391,8 @@ def test_split_assignment_and_label_helpers():
     assert abs(counts["test"] / 4000 - 0.2) < 0.03 and abs(counts["val"] / 4000 - 0.1) < 0.03
     assert assign_split(b"same", cfg) == assign_split(b"same", cfg)
     assert [label_text(v) for v in (3, 3.0, "3", b"3", np.int64(3), None, float("nan"), " ")] == ["3"] * 5 + [None] * 3
+    with pytest.raises(DataError, match=r"holds structs \(\{\"name\": \"pos\""):
+        label_text({"name": "pos", "score": 3})
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"] and sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
 
 

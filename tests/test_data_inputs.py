@@ -348,3 +348,47 @@ def test_the_column_check_before_ray_starts_reads_the_header_as_it_is_now(tmp_pa
         sources.check_source(DataConfig(source=str(path), kind="text"))
     path.write_text("text,label\ngood,pos\n")
     sources.check_source(DataConfig(source=str(path), kind="text"))
+
+
+def test_sources_that_cannot_give_examples_are_refused_before_ray_starts(tmp_path):
+    """Found before, only once Ray had started and the run had begun (exit 1): an image source that is a
+    file or holds no image, a folder with no file of the format, an empty file, a struct label column."""
+    from rayfine.config import ConfigError
+
+    (tmp_path / "photos.zip").write_bytes(b"PK")
+    (tmp_path / "nested" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "nested" / "a" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "self").symlink_to(tmp_path / "loop")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [
+        (DataConfig(source=str(tmp_path / "photos.zip"), kind="image"), r"photos.zip is a file, not a folder"),
+        (DataConfig(source=str(tmp_path / "nested"), kind="image"), r"no image files \(png, jpg.*\) under .*nested"),
+        (DataConfig(source=str(tmp_path / "loop"), kind="image"), r"no image files .* under .*loop"),
+        (DataConfig(source=str(tmp_path / "nested"), kind="text", format="csv"), r"no csv files \(.csv, .csv.gz"),
+        (DataConfig(source=str(tmp_path / "empty.csv"), kind="text"), r"empty.csv is empty"),
+        (DataConfig(source=str(tmp_path / "empty.jsonl"), kind="text"), r"empty.jsonl is empty"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ConfigError, match=rf"data.source: .*{message}"):
+            sources.check_source(cfg)
+    (tmp_path / "nested" / "a" / "b" / "1.PNG").write_bytes(b"")  # an image, at any depth: the readers go on
+    sources.check_source(DataConfig(source=str(tmp_path / "nested"), kind="image"))
+    structs = tmp_path / "structs.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [{"name": "pos", "score": 1}, {"name": "neg", "score": 0}]}),
+                   structs)
+    with pytest.raises(ConfigError, match=r"data.label_column: column 'label' of .*structs.parquet holds struct<"):
+        sources.check_source(DataConfig(source=str(structs), kind="text"))
+
+
+def test_data_labels_are_read_as_the_datas_labels_are():
+    """A label typed with spaces ("pos ", as a CSV cell may hold it) matches the data's "pos", whose
+    spaces are stripped; an empty label is refused, as it could never match (an empty cell is no label)."""
+    from rayfine.config import ConfigError, load_config
+
+    assert load_config("resnet18_digits", ['data.labels=["pos ", " neg"]']).data.labels == ("pos", "neg")
+    with pytest.raises(ConfigError, match=r"data.labels: an empty label \(position 1\)"):
+        load_config("resnet18_digits", ['data.labels=["pos", " "]'])
+    with pytest.raises(ConfigError, match=r"labels must be distinct"):
+        load_config("resnet18_digits", ['data.labels=["pos", "pos "]'])

@@ -420,7 +420,8 @@ def test_max_length_limit_from_positions_counts_robertas_padding_offset(tmp_path
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
 
     def check(max_length):
-        check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}", f"data.max_length={max_length}"]))
+        check_model(load_config("minilm_rotten_tomatoes_tiny", [f"model.name={tmp_path}", "model.pretrained=false",
+                                                                f"data.max_length={max_length}"]))
 
     check(most)
     with pytest.raises(ConfigError, match=rf"data\.max_length: {most + 1} is more than .* \({most} tokens\); allowed: 3 to {most}"):
@@ -714,10 +715,29 @@ def test_a_pretrained_image_model_that_takes_bgr_is_refused_on_rgb(tmp_path):
 
     MobileViTConfig().save_pretrained(tmp_path)
     MobileViTImageProcessor().save_pretrained(tmp_path)
+    save_file({"stand_in": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # weights there, as check_model asks
     rgb = load_config("resnet18_digits_tiny", [f"model.name={tmp_path}", "data.color_mode=RGB", "data.image_size=32"])
     with pytest.raises(ConfigError, match=r"image processor gives it BGR images \(do_flip_channel_order\)"):
         check_model(rgb)
     _check_channel_order(load_config("resnet18_digits_tiny", [f"model.name={tmp_path}", "data.color_mode=L"]))
+
+
+def test_a_pretrained_hugging_face_model_without_readable_safetensors_weights_is_refused_before_ray(tmp_path):
+    """A folder of config.json alone, or a truncated model.safetensors, passed the preflight and
+    failed every worker, train.max_failures times over, after the data was read."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]).save_pretrained(tmp_path)
+    cfg = image_cfg(f"model.name={tmp_path}", "data.color_mode=RGB")
+    with pytest.raises(ConfigError, match=r"model.name: .* has no model.safetensors \(nor model.safetensors.index.json\)"
+                                          r".*or set model.pretrained: false"):
+        check_model(cfg)
+    check_model(image_cfg(f"model.name={tmp_path}", "data.color_mode=RGB", "model.pretrained=false"))
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ConfigError, match=r"model.name: cannot read .*model.safetensors \(SafetensorError"):
+        check_model(cfg)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path)
+    check_model(cfg)
 
 
 def test_a_decoder_tokenizer_without_padding_is_told_to_reuse_a_token_the_model_has(tmp_path):

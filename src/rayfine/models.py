@@ -563,12 +563,39 @@ def _check_hf_source(cfg: Config) -> None:
     if unused:
         raise ConfigError([(f"model.config_overrides.{unused[0]}: not a setting of {config_class}, the config of "
                             f"{m.name} (its fields are the settings config_overrides may change)")])
+    if m.pretrained:
+        _check_safetensors_weights(m.name, source)
     task = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if cfg.data.kind == "image" else (
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
     if model_type not in task:
         what = "image classification" if cfg.data.kind == "image" else "text (sequence) classification"
         raise ConfigError([(f"model.name: {m.name} is a {model_type} model, which transformers has no {what} "
                             f"model for (data.kind {cfg.data.kind}); choose a model of that kind")])
+
+
+def _check_safetensors_weights(name: str, source: str) -> None:
+    """A pretrained Hugging Face model's safetensors weights (rayfine never unpickles .bin ones) must be
+    there and readable, as every worker loads them: a folder of config.json alone, or a truncated
+    model.safetensors, failed each worker train.max_failures times over, after the data was read."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(file: str) -> str | None:
+        return cached_file(source, file, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    single, index = find("model.safetensors"), find("model.safetensors.index.json")
+    if single is None and index is None:
+        raise ConfigError([(f"model.name: {name} has no model.safetensors (nor model.safetensors.index.json): "
+                            "rayfine loads pretrained weights from safetensors files only (never a pickled "
+                            "pytorch_model.bin); convert them, or set model.pretrained: false to start from random "
+                            "weights")])
+    if single is not None:
+        try:
+            with safe_open(single, "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ConfigError([f"model.name: cannot read {single} ({type(e).__name__}: {str(e)[:200]})"]) from None
 
 
 def _check_channel_order(cfg: Config) -> None:

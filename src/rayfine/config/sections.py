@@ -120,9 +120,16 @@ class DataConfig(_Section):
     @field_validator("labels")
     @classmethod
     def _composed_labels(cls, labels: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
-        """As labels are read from the data (``rayfine.data.label_text``): composed (NFC), so that a
-        name typed or pasted decomposed (macOS) matches."""
-        return None if labels is None else tuple(unicodedata.normalize("NFC", label) for label in labels)
+        """As labels are read from the data (``rayfine.data.label_text``): without surrounding spaces and
+        composed (NFC), so that a name typed or pasted decomposed (macOS), or "pos " from a CSV, matches;
+        an empty one is refused (the data's empty labels are missing labels, bad rows)."""
+        if labels is None:
+            return None
+        labels = tuple(unicodedata.normalize("NFC", label.strip()) for label in labels)
+        if "" in labels:
+            raise ValueError(f"an empty label (position {labels.index('')}): a row with no label is a bad row, not a "
+                             "class")
+        return labels
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

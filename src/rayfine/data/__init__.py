@@ -79,6 +79,9 @@ def label_text(value: Any) -> Optional[str]:
     if isinstance(value, (list, tuple, np.ndarray)):
         raise DataError(f"holds lists ({_short(value)}: multi-label data); rayfine trains single-label "
                         "classifiers: give each row one label")
+    if isinstance(value, dict):  # a struct column: each distinct struct would become a class of its text
+        raise DataError(f"holds structs ({json.dumps(value, default=str)[:60]}), not one label per row; give a "
+                        "column of class names or ids")
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
     if isinstance(value, (float, np.floating)):

@@ -985,8 +985,39 @@ def check_source(data_cfg: DataConfig) -> None:
         fmt = detect_format(data_cfg)
     except DataError as e:
         raise ConfigError([str(e)]) from None
-    if _is_local(source) and fmt in (*DELIMITED, "parquet"):
+    if _is_local(source) and fmt == "image_folder":
+        _check_image_folder(source.removeprefix("file://"))
+    if _is_local(source) and fmt in (*DELIMITED, "jsonl", "parquet"):
         _check_first_file_columns(data_cfg, fmt)
+
+
+def _check_image_folder(path: str) -> None:
+    """A local image source must be a folder that holds an image (the first one found ends the walk):
+    a .zip or an empty folder was refused only once Ray had started, as a failed run (exit 1)."""
+    if not os.path.isdir(path):
+        raise ConfigError([(f"data.source: {path} is a file, not a folder; images are read from a folder of "
+                            "class subfolders (cats/001.jpg, dogs/002.png) or from parquet")])
+    suffixes = tuple("." + e for e in IMAGE_EXTENSIONS)
+    folders, visited = [path], set()
+    while folders:  # as walk_image_folder walks (links followed, each folder once), to the first image
+        folder = folders.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in visited:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    is_dir = entry.is_dir()
+                    if _skipped_entry(entry.name, is_dir, folder == path):
+                        continue
+                    if is_dir:
+                        folders.append(entry.path)
+                    elif entry.name.lower().endswith(suffixes):
+                        return
+        except OSError:
+            return  # the reader names what cannot be listed
+    raise ConfigError([f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}"])
 
 
 def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
@@ -995,18 +1026,29 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
     check every file; a file that cannot be opened here is left to them to name."""
     source = data_cfg.source
     named_file = _named_file(data_cfg)
+    schema = None
     try:
         files = _source_files(source, fmt, named_file)
         if not files:
+            if os.path.isdir(source.removeprefix("file://")):
+                raise ConfigError([(f"data.source: no {fmt} files "
+                                    f"({', '.join('.' + e for e in FORMAT_EXTENSIONS[fmt])}) under {source}")])
             return
+        if os.path.getsize(files[0]) == 0 and not files[0].endswith((".gz", ".bz2", ".zst")):
+            raise ConfigError([f"data.source: {files[0]} is empty"])
+        if fmt == "jsonl":
+            return  # its first line may be anything JSON Lines allows; the reader names what it refuses
         if fmt in DELIMITED:
             # Its header, read now (not from _file_columns' cache: the file may have been edited since).
             names = _file_columns.__wrapped__(source, files[0], fmt, "")
         else:
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(files[0]).names
-    except (OSError, pa.ArrowException, ValueError):
+            schema = pq.read_schema(files[0])
+            names = schema.names
+    except (OSError, pa.ArrowException, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
         return
     if names is None:
         return
@@ -1018,6 +1060,14 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
         if column is not None and column not in names:
             raise ConfigError([f"data.{field}: no column {column!r} in {files[0]}; columns: {names}"
                                + _separator_hint(names, fmt)])
+    label = data_cfg.label_column
+    if schema is not None and label in schema.names:
+        kind = schema.field(label).type
+        if pa.types.is_struct(kind) or pa.types.is_map(kind):
+            # Each label would become the text of a dict, one class per distinct struct, silently.
+            raise ConfigError([(f"data.label_column: column {label!r} of {files[0]} holds {kind}, not one label per "
+                                "row; give a column of class names or ids (e.g. a struct's name field, written "
+                                "out as a column of its own)")])
 
 
 def read_source(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
