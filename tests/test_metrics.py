@@ -207,7 +207,7 @@ def test_eval_jsons_loss_is_the_cross_entropy_also_of_confident_mistakes():
     from rayfine.evaluate import evaluation_report
 
     logits, y = torch.tensor([[0.0, 40.0], [0.0, 120.0], [3.0, 1.0]]), torch.tensor([0, 0, 0])
-    report = evaluation_report(y.numpy(), torch.log_softmax(logits, -1).numpy(), ["a", "b"], "test", log=True)
+    report = evaluation_report(y.numpy(), torch.log_softmax(logits, -1).numpy(), ["a", "b"], "test", log_probs=True)
     assert report["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)  # 53.38
     assert report["accuracy"] == pytest.approx(1 / 3)
     from_probs = evaluation_report(y.numpy(), torch.softmax(logits, -1).numpy(), ["a", "b"], "test")

@@ -113,7 +113,7 @@ def test_two_worker_run_learns_and_writes_the_run_directory(ray_local, digits_ru
     y, probs = predict_dataset(ckpt, datasets["test"])
     assert len(y) == report["num_samples"]
     assert (probs.argmax(1) == y).mean() == pytest.approx(report["accuracy"])
-    _, log_probs = predict_dataset(ckpt, datasets["test"], log=True)  # the loss: cross-entropy, as val_loss
+    _, log_probs = predict_dataset(ckpt, datasets["test"], log_probs=True)  # the loss: cross-entropy, as val_loss
     assert -log_probs[np.arange(len(y)), y].astype(np.float64).mean() == pytest.approx(report["loss"], rel=1e-5)
     best = max(lines, key=lambda m: m["val_accuracy"])
     assert ckpt.metrics["val_accuracy"] == pytest.approx(best["val_accuracy"])

@@ -21,13 +21,13 @@ from rayfine.rundir import write_atomic
 
 
 def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: int = 256,
-                    progress: Optional[Progress] = None, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and class probabilities (``log``: their logarithms) for every row of a model-input dataset."""
+                    progress: Optional[Progress] = None, log_probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class probabilities (``log_probs``: their logarithms) for every row of a model-input dataset."""
     from rayfine.data import batch_collate, model_batch
 
     y_true, probs = [], []
     collate = batch_collate(ckpt.cfg, str(ckpt.path))
-    predict = ckpt.predict_log_proba if log else ckpt.predict_proba
+    predict = ckpt.predict_log_proba if log_probs else ckpt.predict_proba
     for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
         batch = model_batch(batch, ckpt.cfg.data)
         y_true.append(batch.pop("y").numpy())
@@ -40,15 +40,15 @@ def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: in
 
 
 def evaluation_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], split: str,
-                      log: bool = False) -> dict[str, Any]:
-    """The eval.json document (DESIGN.md's run-directory contract). ``log``: ``probs`` holds
+                      log_probs: bool = False) -> dict[str, Any]:
+    """The eval.json document (DESIGN.md's run-directory contract). ``log_probs``: ``probs`` holds
     log-probabilities, which give the loss exactly (cross-entropy, as the training's val_loss);
     from probabilities, one that underflows counts as 1e-12."""
     y_pred = probs.argmax(axis=1)
     counts = metrics.confusion(y_true, y_pred, len(labels))
     precision, recall, f1, support = metrics.per_class(counts)
     picked = probs[np.arange(len(y_true)), y_true]
-    losses = -picked if log else -np.log(np.clip(picked, 1e-12, 1.0))
+    losses = -picked if log_probs else -np.log(np.clip(picked, 1e-12, 1.0))
     summary = metrics.summarize(counts)
     return {
         "split": split,
@@ -85,8 +85,8 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_di
 
     ckpt = load_checkpoint(checkpoint_dir)
     with Progress(total=num_samples or 0, desc=f"evaluating ({split})", log=log) as progress:
-        y_true, log_probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size, progress, log=True)
-    report = evaluation_report(y_true, log_probs, ckpt.labels, split, log=True)
+        y_true, log_probs = predict_dataset(ckpt, ds, ckpt.cfg.train.eval_batch_size, progress, log_probs=True)
+    report = evaluation_report(y_true, log_probs, ckpt.labels, split, log_probs=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "eval.json", metrics.json_text(report, indent=1))

@@ -437,19 +437,14 @@ def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
     if not wanted:
         return set()
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
-    def resolve(name: str) -> str | None:
-        return cached_file(source, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-
-    index = resolve("model.safetensors.index.json")  # sharded weights
+    index = _model_file(source, "model.safetensors.index.json")  # sharded weights
     if index:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        file_of = lambda name: resolve(weight_map[name]) if name in weight_map else None
+        file_of = lambda name: _model_file(source, weight_map[name]) if name in weight_map else None
     else:
-        single = resolve("model.safetensors")  # None for .bin weights, never unpickled: stays random
+        single = _model_file(source, "model.safetensors")  # None for .bin weights, never unpickled: stays random
         file_of = lambda name: single
     adapted = set()
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
@@ -573,18 +568,22 @@ def _check_hf_source(cfg: Config) -> None:
                             f"model for (data.kind {cfg.data.kind}); choose a model of that kind")])
 
 
+def _model_file(source: str, name: str) -> str | None:
+    """The path of file ``name`` of a Hugging Face model (a local directory, or a hub id in the local
+    cache), None when it has none."""
+    from transformers.utils import cached_file
+
+    return cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
 def _check_safetensors_weights(name: str, source: str) -> None:
     """A pretrained Hugging Face model's safetensors weights (rayfine never unpickles .bin ones) must be
     there and readable, as every worker loads them: a folder of config.json alone, or a truncated
     model.safetensors, failed each worker train.max_failures times over, after the data was read."""
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
-    def find(file: str) -> str | None:
-        return cached_file(source, file, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-
-    single, index = find("model.safetensors"), find("model.safetensors.index.json")
+    single, index = _model_file(source, "model.safetensors"), _model_file(source, "model.safetensors.index.json")
     if single is None and index is None:
         raise ConfigError([(f"model.name: {name} has no model.safetensors (nor model.safetensors.index.json): "
                             "rayfine loads pretrained weights from safetensors files only (never a pickled "

@@ -37,7 +37,15 @@ from ray.data.expressions import col
 
 from rayfine.config import Config, DataConfig
 from rayfine.data.images import ImageError, prepare_image, to_pixel_values
-from rayfine.data.sources import SPLIT_FILE, class_label_names, read_failure, read_source, source_splits, split_of_path
+from rayfine.data.sources import (
+    SPLIT_FILE,
+    class_label_names,
+    local_listing,
+    read_failure,
+    read_source,
+    source_splits,
+    split_of_path,
+)
 from rayfine.errors import DataError, RayfineError
 
 if TYPE_CHECKING:
@@ -364,14 +372,15 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
     data_cfg = cfg.data
     data_json = data_cfg.model_dump_json()
     log(f"[data] reading {data_cfg.source}")
-    named = source_splits(data_cfg)
+    listing = local_listing(data_cfg)  # a local image folder, listed once for its splits and its reader
+    named = source_splits(data_cfg, listing)
     if named:
         carved = [f"{split} (data.{split}_fraction of train)" for split in ("val", "test") if split not in named["splits"]]
         log(f"[data] splits: the source's own {', '.join(named['splits'])} files"
             + (f"; carved from its train files: {', '.join(carved)}" if carved and "train" in named["splits"] else "")
             + " (data.source_splits)")
     pipeline = (
-        read_source(data_cfg, log)
+        read_source(data_cfg, log, listing)
         .map_batches(prepare_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "source_splits": named},
                      batch_format="numpy", batch_size=128)
         # Sources are often sorted by class (class folders, sorted files): shuffle once, globally,

@@ -24,6 +24,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -230,13 +231,42 @@ class FolderListing:
     left_out: list[str]  # what ``skipped_path`` leaves out, relative to the root (folders end in "/")
 
 
+def _scan_folders(root: str, left_out: list[str]) -> Iterator[tuple[str, list[tuple[os.DirEntry, bool]]]]:
+    """Each folder under ``root`` once, as (folder, its entries with whether each is a folder), links
+    followed: a folder reached twice through links is scanned once (pyarrow's listing would walk a
+    link cycle until the path is too long). What ``skipped_path`` leaves out is not walked, and is
+    added to ``left_out`` (relative to the root, folders ending in "/"); an entry that cannot be
+    told (a broken link, gone since the folder was read) is not listed."""
+    visited: set[tuple[int, int]] = set()
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        listed = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    continue
+                if _skipped_entry(entry.name, is_dir, folder == root):
+                    left_out.append(os.path.relpath(entry.path, root) + ("/" if is_dir else ""))
+                    continue
+                if is_dir:
+                    folders.append(entry.path)
+                listed.append((entry, is_dir))
+        yield folder, listed
+
+
 def walk_image_folder(root: str) -> FolderListing:
     """The image files under a local ``root`` as ``ray.data.read_binary_files`` lists them: every
     depth, symbolic links followed, names ending in IMAGE_EXTENSIONS (any case), none that
     ``skipped_path`` leaves out (Ray itself leaves out only paths starting with "." or "_";
     ``read_image_folder`` drops the rest of its rows); and what else is there (``FolderListing``).
-    A folder reached twice through links is listed once (pyarrow's listing would walk a link cycle
-    until the path is too long).
+    Each folder is listed once (``_scan_folders``).
 
     ``os.scandir`` gives each entry's type from the directory itself, so only folders, links and
     image files are stat'ed (images for their size); pyarrow's recursive listing builds a FileInfo
@@ -248,32 +278,19 @@ def walk_image_folder(root: str) -> FolderListing:
     leaves: list[tuple[str, Counter]] = []  # folders of files, none an image, and no subfolder
     with_images: set[str] = set()  # the parents of folders that hold images
     left_out: list[str] = []
-    visited: set[tuple[int, int]] = set()
-    folders = [root]
-    while folders:
-        folder = folders.pop()
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in visited:
-            continue
-        visited.add((st.st_dev, st.st_ino))
+    for folder, entries in _scan_folders(root, left_out):
         images, subfolders, here = 0, 0, Counter()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                try:
-                    is_dir = entry.is_dir()
-                    if _skipped_entry(entry.name, is_dir, folder == root):
-                        left_out.append(os.path.relpath(entry.path, root) + ("/" if is_dir else ""))
-                        continue
-                    if is_dir:
-                        folders.append(entry.path)
-                        subfolders += 1
-                    elif entry.name.lower().endswith(suffixes) and entry.is_file():
-                        files.append((entry.path, entry.stat().st_size))
-                        images += 1
-                    elif entry.is_file():
-                        here[_extension(entry.name)] += 1
-                except OSError:  # a broken link, or gone since the folder was read: not listed
-                    continue
+        for entry, is_dir in entries:
+            try:
+                if is_dir:
+                    subfolders += 1
+                elif entry.name.lower().endswith(suffixes) and entry.is_file():
+                    files.append((entry.path, entry.stat().st_size))
+                    images += 1
+                elif entry.is_file():
+                    here[_extension(entry.name)] += 1
+            except OSError:  # a broken link, or gone since the folder was read: not listed
+                continue
         others.update(here)
         if images:
             with_images.add(os.path.dirname(folder))
@@ -281,6 +298,19 @@ def walk_image_folder(root: str) -> FolderListing:
             leaves.append((folder, here))
     imageless = [(folder, found) for folder, found in leaves if os.path.dirname(folder) in with_images]
     return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out))
+
+
+def list_local_image_folder(source: str) -> FolderListing:
+    """``walk_image_folder`` of a local image ``source``, its failures as DataErrors naming data.source."""
+    local_root = os.path.abspath(source.rstrip("/").removeprefix("file://"))
+    if not os.path.isdir(local_root):
+        what = "is a file, not a folder" if os.path.exists(local_root) else "does not exist"
+        raise DataError(f"data.source: {source} {what}; images are read from a folder of class subfolders "
+                        "(cats/001.jpg, dogs/002.png) or from parquet")
+    try:
+        return walk_image_folder(local_root)
+    except OSError as e:
+        raise DataError(f"data.source: cannot list {e.filename or source}: {e.strerror}") from None
 
 
 # A reader's column of the file each row came from, where ``origin`` names another file (a parquet
@@ -323,7 +353,7 @@ def split_of_path(relative: str, class_folders: bool = False) -> str | None:
     return _named_split(name)
 
 
-def source_splits(data_cfg: DataConfig) -> dict | None:
+def source_splits(data_cfg: DataConfig, listing: FolderListing | None = None) -> dict | None:
     """For a folder source whose folder or file names name splits (``split_of_path``), listed on the
     driver: {"root": the folder's path on its filesystem, "splits": the splits named, in SPLITS
     order, "class_folders": whether images sit in class folders}; None for a single file, a builtin
@@ -341,13 +371,13 @@ def source_splits(data_cfg: DataConfig) -> dict | None:
     fmt = detect_format(data_cfg)
     try:
         if fmt == "image_folder" and _is_local(source):
-            files = [path for path, _ in walk_image_folder(root).files]
+            files = [path for path, _ in (listing or list_local_image_folder(source)).files]
         elif fmt == "image_folder":
             files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                      if i.is_file and i.path.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS))]
         else:
             files = _source_files(source, fmt, False)
-    except OSError as e:
+    except OSError as e:  # a remote listing (a local one names its own failures)
         raise DataError(f"data.source: cannot list {getattr(e, 'filename', None) or source}: "
                         f"{getattr(e, 'strerror', None) or e}") from None
     class_folders = fmt == "image_folder"
@@ -394,24 +424,18 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     return ray.data.from_arrow([pa.table({"path": paths[a:b]}) for a, b in itertools.pairwise(bounds)])
 
 
-def read_local_image_folder(root: str, log=print) -> ray.data.Dataset:
-    """A local folder of class subfolders: the driver lists the files, Ray Data tasks read them.
-    The files that are not images are counted in one ``log`` line; a class folder of them alone
-    (photos saved as .heic) is refused, where it would vanish from the classes unseen.
+def read_local_image_folder(root: str, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
+    """A local folder of class subfolders: the driver lists the files (or is given their ``listing``,
+    ``list_local_image_folder``'s), Ray Data tasks read them. The files that are not images are
+    counted in one ``log`` line; a class folder of them alone (photos saved as .heic) is refused,
+    where it would vanish from the classes unseen.
 
     ``read_binary_files`` makes one block per file before merging them, about 250 us of work per
     file: several times the cost of decoding a small image (bench/RESULTS.md, ingest). Reading a
     block's files in the map task costs ~10 us a file and fuses with the preprocessing after it.
     Blocks are sized by file count and bytes (``read_block_count``)."""
     local_root = os.path.abspath(root.removeprefix("file://"))
-    if not os.path.isdir(local_root):
-        what = "is a file, not a folder" if os.path.exists(local_root) else "does not exist"
-        raise DataError(f"data.source: {root} {what}; images are read from a folder of class subfolders "
-                        "(cats/001.jpg, dogs/002.png) or from parquet")
-    try:
-        listing = walk_image_folder(local_root)
-    except OSError as e:
-        raise DataError(f"data.source: cannot list {e.filename or root}: {e.strerror}") from None
+    listing = listing or list_local_image_folder(root)
     files = listing.files
     if not files:
         raise DataError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
@@ -458,10 +482,10 @@ def listed_paths(paths, root: str) -> np.ndarray:
     return np.array([not skipped_path(p.removeprefix(prefix)) for p in paths], dtype=bool)
 
 
-def read_image_folder(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
+def read_image_folder(data_cfg: DataConfig, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
     root = data_cfg.source.rstrip("/")
     if _is_local(root):
-        return read_local_image_folder(root, log)
+        return read_local_image_folder(root, log, listing)
     # Object stores and other filesystems: Ray Data lists and reads them (pyarrow filesystems).
     ds = ray.data.read_binary_files(root, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
 
@@ -617,11 +641,11 @@ def read_image_parquet(data_cfg: DataConfig) -> ray.data.Dataset:
     return ds.map_batches(normalize, batch_format="numpy", batch_size=256)
 
 
-def _read_images(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
+def _read_images(data_cfg: DataConfig, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
     if data_cfg.source.startswith("builtin:"):
         return read_builtin_images(data_cfg.source.removeprefix("builtin:"))
     fmt = detect_format(data_cfg)
-    return read_image_parquet(data_cfg) if fmt == "parquet" else read_image_folder(data_cfg, log)
+    return read_image_parquet(data_cfg) if fmt == "parquet" else read_image_folder(data_cfg, log, listing)
 
 
 # --- texts ------------------------------------------------------------------------------------
@@ -998,32 +1022,20 @@ def _check_image_folder(path: str) -> None:
         raise ConfigError([(f"data.source: {path} is a file, not a folder; images are read from a folder of "
                             "class subfolders (cats/001.jpg, dogs/002.png) or from parquet")])
     suffixes = tuple("." + e for e in IMAGE_EXTENSIONS)
-    folders, visited = [path], set()
-    while folders:  # as walk_image_folder walks (links followed, each folder once), to the first image
-        folder = folders.pop()
-        try:
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in visited:
-                continue
-            visited.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    is_dir = entry.is_dir()
-                    if _skipped_entry(entry.name, is_dir, folder == path):
-                        continue
-                    if is_dir:
-                        folders.append(entry.path)
-                    elif entry.name.lower().endswith(suffixes):
-                        return
-        except OSError:
-            return  # the reader names what cannot be listed
+    try:
+        for _, entries in _scan_folders(os.path.abspath(path), []):  # as walk_image_folder walks
+            if any(not is_dir and entry.name.lower().endswith(suffixes) for entry, is_dir in entries):
+                return
+    except OSError:
+        return  # the reader names what cannot be listed
     raise ConfigError([f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}"])
 
 
 def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
-    """A configured column that the first file of a local CSV or parquet source lacks: a ConfigError
-    before Ray starts (the CSV's header, a parquet file's footer: no rows are read). The readers still
-    check every file; a file that cannot be opened here is left to them to name."""
+    """A local CSV, JSON Lines or parquet source, as far as its first file tells without reading rows,
+    before Ray starts (ConfigErrors): a folder with no file of the format, an empty first file, a
+    configured column that a CSV's header or a parquet footer lacks, a parquet label column of
+    structs. The readers still check every file; a file that cannot be opened here is left to them."""
     source = data_cfg.source
     named_file = _named_file(data_cfg)
     schema = None
@@ -1070,7 +1082,17 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
                                 "out as a column of its own)")])
 
 
-def read_source(data_cfg: DataConfig, log=print) -> ray.data.Dataset:
+def read_source(data_cfg: DataConfig, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
     """The raw examples of ``data.source``: columns image or text (+ text_pair), label, origin.
-    ``log`` gets what the driver notices as it lists the source ("[data] skipped 3 files ...")."""
-    return _read_images(data_cfg, log) if data_cfg.kind == "image" else _read_texts(data_cfg)
+    ``log`` gets what the driver notices as it lists the source ("[data] skipped 3 files ...");
+    ``listing``: a local image folder's, when the caller listed it already (``local_listing``)."""
+    return _read_images(data_cfg, log, listing) if data_cfg.kind == "image" else _read_texts(data_cfg)
+
+
+def local_listing(data_cfg: DataConfig) -> FolderListing | None:
+    """A local image folder source's listing (``list_local_image_folder``), listed once for both
+    ``source_splits`` and ``read_source``; None for any other source."""
+    source = data_cfg.source.rstrip("/")
+    if data_cfg.kind != "image" or source.startswith("builtin:") or not _is_local(source):
+        return None
+    return list_local_image_folder(source) if detect_format(data_cfg) == "image_folder" else None
