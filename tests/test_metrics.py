@@ -1,5 +1,7 @@
 """Confusion-matrix metrics agree with scikit-learn (unit tier)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
@@ -212,3 +214,18 @@ def test_eval_jsons_loss_is_the_cross_entropy_also_of_confident_mistakes():
     assert report["accuracy"] == pytest.approx(1 / 3)
     from_probs = evaluation_report(y.numpy(), torch.softmax(logits, -1).numpy(), ["a", "b"], "test")
     assert from_probs["accuracy"] == report["accuracy"] and from_probs["loss"] < 20  # the clipped figure
+
+
+def test_a_checkpoints_log_probabilities_are_its_probabilities_logarithms_computed_without_grad():
+    import torch
+
+    from rayfine.checkpoints import LoadedCheckpoint
+    from rayfine.config import load_config
+    from rayfine.models import build_model
+
+    cfg = load_config("resnet18_digits_tiny")
+    ckpt = LoadedCheckpoint(Path("."), cfg, ["a", "b", "c"], {}, build_model(cfg, ["a", "b", "c"]).eval())
+    inputs = {"pixel_values": torch.randn(4, 1, 8, 8)}
+    log_probs = ckpt.predict_log_proba(inputs)
+    assert not log_probs.requires_grad  # .numpy() works, as evaluation calls it
+    assert torch.allclose(log_probs.exp(), ckpt.predict_proba(inputs), atol=1e-6)

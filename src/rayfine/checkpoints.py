@@ -166,6 +166,7 @@ class LoadedCheckpoint:
 
         return torch.softmax(logits_of(self.model(**inputs)).float(), dim=-1)
 
+    @torch.inference_mode()
     def predict_log_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """log of ``predict_proba``, exact where the probability underflows (a confident mistake)."""
         from rayfine.models import logits_of
