@@ -144,7 +144,7 @@ def detect_format(data_cfg: DataConfig) -> str:
 
 
 def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str, ...],
-                   with_paths: bool = True, fmt: str = "parquet") -> None:
+                   with_paths: bool = True) -> None:
     schema = ds.schema()
     if schema is None:  # no file held a row (a CSV of its header alone, an empty JSONL file)
         raise DataError(f"data.source: {data_cfg.source} holds no rows")
@@ -154,8 +154,7 @@ def _check_columns(ds: ray.data.Dataset, data_cfg: DataConfig, fields: tuple[str
         if column is not None and column not in available:
             # "path" is the reader's (include_paths), unless the reader was asked for no paths
             listed = [c for c in available if c != "path" or not with_paths]
-            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}"
-                            + _separator_hint(listed, fmt))
+            raise DataError(f"data.{field}: no column {column!r} in {data_cfg.source}; columns: {listed}")
 
 
 def _reads_paths(columns: list[str]) -> bool:
@@ -911,7 +910,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             parse_options = _json_parse_options(source, files, columns)
             ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
                                     **({"parse_options": parse_options} if parse_options else {}))
-        _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths, fmt)
+        _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
     names = class_label_names(data_cfg) if fmt == "parquet" else None
 
