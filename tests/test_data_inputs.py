@@ -3,6 +3,7 @@ extensions, labels written two ways or as lists, parquet files that cannot be op
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 from collections import Counter
@@ -380,6 +381,39 @@ def test_sources_that_cannot_give_examples_are_refused_before_ray_starts(tmp_pat
                    structs)
     with pytest.raises(ConfigError, match=r"data.label_column: column 'label' of .*structs.parquet holds struct<"):
         sources.check_source(DataConfig(source=str(structs), kind="text"))
+
+
+def test_json_lines_that_are_not_objects_are_refused_before_ray_starts(tmp_path):
+    """A JSON Lines file whose lines are arrays or strings failed only once the run had begun (exit 1,
+    pyarrow's "Column() changed from object to array in row 0"); what the reader reads passes."""
+    from rayfine.config import ConfigError
+
+    (tmp_path / "arrays.jsonl").write_text('\n[1, "pos"]\n[2, "neg"]\n')
+    (tmp_path / "strings.jsonl").write_text('"a fine film"\n"a dull one"\n')
+    for name, kind in (("arrays", "an array"), ("strings", "a string")):
+        with pytest.raises(ConfigError, match=rf"data.source: line {2 if name == 'arrays' else 1} of .*{name}.jsonl "
+                                              rf"is {kind}, not a JSON object: .* e.g. {{\"review\": \"...\", "
+                                              r'"label": "..."}'):
+            sources.check_source(DataConfig(source=str(tmp_path / f"{name}.jsonl"), kind="text", text_column="review"))
+    rows = [{"text": "a fine film", "label": "pos"}, {"text": "a dull one", "label": "neg"}]
+    (tmp_path / "objects.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "one_array.json").write_text(json.dumps(rows))  # Ray's json.load fallback reads it
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))  # its first line, "[", is left to the reader
+    for name in ("objects.jsonl", "one_array.json", "pretty.json"):
+        sources.check_source(DataConfig(source=str(tmp_path / name), kind="text"))
+
+
+def test_a_source_under_the_home_folder_is_found(tmp_path, monkeypatch):
+    """``~`` in data.source is the home folder, as in every other path field; it named nothing before."""
+    from rayfine.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "reviews.jsonl").write_text('{"text": "a fine film", "label": "pos"}\n')
+    cfg = load_config("minilm_rotten_tomatoes", ["data.source=~/reviews.jsonl"])
+    assert cfg.data.source == str(tmp_path / "reviews.jsonl")
+    sources.check_source(cfg.data)
+    assert load_config("minilm_rotten_tomatoes", ["data.source=builtin:rotten_tomatoes"]).data.source == \
+        "builtin:rotten_tomatoes"
 
 
 def test_data_labels_are_read_as_the_datas_labels_are():

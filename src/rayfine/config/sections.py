@@ -117,6 +117,13 @@ class DataConfig(_Section):
         "images that would have more once resized to image_size on their shorter side (a 1x20000 strip)."
     )
 
+    @field_validator("source")
+    @classmethod
+    def _home_expanded(cls, source: str) -> str:
+        """``~`` read as the home folder of the user rayfine runs as, as every other path field reads it
+        (and where the run happens: a Ray job reads its config on the cluster)."""
+        return str(Path(source).expanduser()) if source.startswith("~") else source
+
     @field_validator("labels")
     @classmethod
     def _composed_labels(cls, labels: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:

@@ -1045,10 +1045,14 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
                 raise ConfigError([(f"data.source: no {fmt} files "
                                     f"({', '.join('.' + e for e in FORMAT_EXTENSIONS[fmt])}) under {source}")])
             return
-        if os.path.getsize(files[0]) == 0 and not files[0].endswith((".gz", ".bz2", ".zst")):
+        compressed = files[0].endswith((".gz", ".bz2", ".zst"))
+        if os.path.getsize(files[0]) == 0 and not compressed:
             raise ConfigError([f"data.source: {files[0]} is empty"])
         if fmt == "jsonl":
-            return  # its first line may be anything JSON Lines allows; the reader names what it refuses
+            problem = None if compressed else _first_json_line_problem(files[0], _text_columns(data_cfg))
+            if problem:
+                raise ConfigError([f"data.source: {problem}"])
+            return  # the reader names what else it refuses
         if fmt in DELIMITED:
             # Its header, read now (not from _file_columns' cache: the file may have been edited since).
             names = _file_columns.__wrapped__(source, files[0], fmt, "")
@@ -1079,6 +1083,26 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
             raise ConfigError([(f"data.label_column: column {label!r} of {files[0]} holds {kind}, not one label per "
                                 "row; give a column of class names or ids (e.g. a struct's name field, written "
                                 "out as a column of its own)")])
+
+
+def _first_json_line_problem(path: str, columns: list[str]) -> str | None:
+    """Why the first line of a JSON Lines file cannot be a row: a JSON value that is not an object
+    (``[1, "pos"]``, ``"a review"``, ``3``), which pyarrow's reader refuses as "Column() changed from
+    object to array in row 0" once the run has started. None for an object, for a one-line JSON array
+    of objects (Ray's json.load fallback reads it) and for a line that is not JSON on its own (a
+    pretty-printed file's "[": left to the reader)."""
+    with open(path, "rb") as f:
+        number, line = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, b""))
+    try:
+        value = json.loads(line)  # bytes: a leading byte-order mark is allowed
+    except ValueError:
+        return None
+    if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+        return None
+    kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+    example = json.dumps(dict(zip(columns, ("...",) * len(columns))))
+    return (f"line {number} of {path} is {kind}, not a JSON object: JSON Lines holds one object per line, "
+            f"its columns as keys, e.g. {example}")
 
 
 def read_source(data_cfg: DataConfig, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
