@@ -300,6 +300,12 @@ def test_clip_and_siglip_image_classifiers_keep_their_image_settings_in_their_vi
         with pytest.raises(ConfigError, match=r"data.color_mode: .* takes 3-channel images and its config has no "
                                               r"num_channels rayfine could set to 1; set data.color_mode=RGB"):
             check_model(image_cfg(f"model.name={path}", "data.image_size=32", "data.color_mode=L"))
+    # One pretrained on 1-channel images is told the other way round (it echoed RGB back).
+    gray = tmp_path / "clip_gray"
+    config = transformers.AutoConfig.for_model("clip", vision_config={**vision, "num_channels": 1}, text_config=text)
+    transformers.CLIPForImageClassification(config).save_pretrained(gray)
+    with pytest.raises(ConfigError, match=r"takes 1-channel images .* could set to 3; set data.color_mode=L$"):
+        check_model(image_cfg(f"model.name={gray}", "data.image_size=32", "data.color_mode=RGB"))
 
 
 def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_and_one_that_can_is_not(tmp_path):
@@ -313,6 +319,12 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
         with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
             check()
     check_image_size(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"))
+    # A config that holds its size as a pair (Hiera's [224, 224]) is told one side, as data.image_size takes it.
+    pair = tmp_path / "vit_pair"
+    ViTForImageClassification(ViTConfig(image_size=[32, 32], patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32)).save_pretrained(pair)
+    with pytest.raises(RayfineError, match=r"takes 32 px images, not 16 .*set data.image_size=32$"):
+        check_image_size(image_cfg(f"model.name={pair}", "data.image_size=16", "data.color_mode=RGB"))
     model = build_model(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
     assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
     # A convolutional model pretrained at 224 px takes any size: no error.

@@ -128,7 +128,7 @@ def test_plan_counts_trial_actor_workers_and_ray_data():
     assert by_gpus.concurrent == 2 and "lowered to 2: that many trials of 1 GPU(s) fit in 2" in by_gpus.notes[0]
 
 
-def test_a_plan_that_cannot_fit_is_refused_with_what_to_change():
+def test_a_plan_that_cannot_fit_is_refused_with_what_to_change(monkeypatch):
     # The preset's own 2 workers x 0.75 + 0.5 for Ray Data + the trial actor: 2.01 CPUs on 2.
     cfg = load_config("resnet18_digits_tiny", ["tune.trial_overrides=[]"])
     with pytest.raises(ConfigError) as info:
@@ -140,6 +140,14 @@ def test_a_plan_that_cannot_fit_is_refused_with_what_to_change():
     gpu = cfg.with_overrides(["scaling.use_gpu=true", "scaling.num_workers=1"])
     with pytest.raises(ConfigError, match="needs 1 GPU"):
         plan_resources(gpu, gpu.tune, num_trials=1, cluster=TWO_CPUS)
+    # `rayfine train`'s own check names the same fields: here only scaling.data_cpus can make it fit.
+    from rayfine.train import driver
+
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: TWO_CPUS)
+    one = cfg.with_overrides(["scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "scaling.data_cpus=2"])
+    with pytest.raises(ConfigError, match=r"needs 2.5 CPUs \(1 workers x 0.5 \+ 2 for Ray Data\) but the cluster has 2; "
+                                          r"lower scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus"):
+        driver.check_resources(one)
     # On a cluster that may autoscale it is a warning, and trials run one at a time.
     lenient = plan_resources(cfg, cfg.tune, num_trials=4, cluster=TWO_CPUS, strict=False)
     assert lenient.concurrent == 1 and lenient.notes[0].startswith("[warning] a trial needs 2.01 CPUs")

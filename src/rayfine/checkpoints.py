@@ -3,7 +3,7 @@
     model.safetensors     the weights (never a pickle)
     config.yaml           the resolved experiment config (a password in a URL in it masked: ***)
     labels.json           label names in id order
-    metrics.json          the epoch's metrics (and data facts)
+    metrics.json          the epoch's metrics
   Hugging Face models add their config.json and, for texts, the tokenizer files (for RGB images,
   preprocessor_config.json): the directory is then also a standard Hugging Face model directory
   (``from_pretrained`` and ``pipeline`` load it), and a checkpoint alone serves with no network.

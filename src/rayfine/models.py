@@ -714,7 +714,7 @@ def check_image_size(cfg: Config) -> None:
     if channels != cfg.data.channels and "num_channels" not in kwargs:
         raise ConfigError([(f"data.color_mode: {cfg.model.name} takes {channels}-channel images and its config has "
                             f"no num_channels rayfine could set to {cfg.data.channels}; set data.color_mode="
-                            f"{'RGB' if channels == 3 else cfg.data.color_mode}")])
+                            f"{'RGB' if channels == 3 else 'L'}")])
     if _other_size(config, cfg):
         _check_image_size(_hf_auto_class(cfg).from_config(config, dtype=torch.float32), cfg)
 
@@ -746,6 +746,8 @@ def _check_image_size(model: nn.Module, cfg: Config) -> None:
     if not _other_size(model.config, cfg):
         return
     pretrained_size, size = _image_settings(model.config).image_size, cfg.data.image_size
+    if isinstance(pretrained_size, (list, tuple)) and len(set(pretrained_size)) == 1:
+        pretrained_size = pretrained_size[0]  # data.image_size is one side (Hiera's config holds [224, 224])
     was_training = model.training
     model.eval()
     try:

@@ -3,7 +3,7 @@
     from rayfine.pipeline import run_pipeline
     with ray_session():
         result = run_pipeline(load_config("resnet18_digits"))
-        print(result["url"])
+        print(result["serve"]["url"])
 
 Each stage is the same code its own command runs (`rayfine tune`, `rayfine serve --if-better`),
 so the pipeline adds ordering and timing, nothing else. The winner's test evaluation is written

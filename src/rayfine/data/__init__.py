@@ -57,7 +57,8 @@ BAD = "bad"
 
 @dataclass(frozen=True)
 class DataInfo:
-    """Facts learnt from the data; saved in every checkpoint, never written back into the config."""
+    """Facts learnt from the data, never written back into the config: the labels go into every
+    checkpoint (labels.json), the counts into the run's log and ``fit``'s result."""
 
     labels: list[str]
     num_examples: dict[str, int]
@@ -71,10 +72,6 @@ class DataInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataInfo":
-        return cls(**d)
 
 
 def label_text(value: Any) -> Optional[str]:
@@ -280,7 +277,7 @@ def _object_array(arrays: list) -> np.ndarray:
 
 
 def model_inputs_batch(batch: dict, data_json: str, label_ids: dict) -> dict:
-    """Ray Data map_batches, every epoch: prepared rows -> model inputs and "y" (label ids).
+    """Ray Data map_batches, once per split (materialized): prepared rows -> model inputs and "y" (label ids).
     Images: the uint8 NHWC "image" (normalized where the batch is consumed, ``model_batch``);
     texts: the unpadded token columns, padded per batch later by ``TextCollate``."""
     data_cfg = DataConfig.model_validate_json(data_json)
@@ -500,10 +497,6 @@ def untrained_labels_warning(info: DataInfo) -> Optional[str]:
         return None
     return (f"[data] warning: no train example of label(s) {untrained[:10]}{' ...' if len(untrained) > 10 else ''}"
             f" ({len(untrained)} of {info.num_labels}): the model never learns to predict them")
-
-
-def info_json(info: DataInfo) -> str:
-    return json.dumps(info.to_dict())
 
 
 def tokenizer_source(cfg: Config, checkpoint_dir: Optional[str] = None) -> str:

@@ -989,8 +989,10 @@ def read_failure(data_cfg: DataConfig) -> str | None:
 
 def check_source(data_cfg: DataConfig) -> None:
     """What can be told about ``data.source`` without reading it, before Ray starts: a builtin
-    dataset's name, whether a local path exists, and the format. Raises ConfigError naming the field
-    (the CLI exits 2); the readers find the rest (no image files, missing columns) as DataError."""
+    dataset's name, whether a local path exists, the format, that a local image folder holds an
+    image, and what a local CSV, JSON Lines or parquet source's first file tells
+    (``_check_first_file_columns``). Raises ConfigError naming the field (the CLI exits 2); the
+    readers check every file (and what a remote source holds) as DataError."""
     source = data_cfg.source
     if source.startswith("builtin:"):
         known = BUILTIN_IMAGE_DATASETS if data_cfg.kind == "image" else BUILTIN_TEXT_DATASETS

@@ -59,7 +59,8 @@ def app_config(checkpoint_dir: Path, name: str, serve_overrides: Optional[dict[s
 
 def serve_config_file(checkpoint: str | Path, name: Optional[str] = None,
                       serve_overrides: Optional[dict[str, Any]] = None) -> dict:
-    """A complete `serve deploy` config (also a RayService's serveConfigV2) for a checkpoint."""
+    """A complete `serve deploy` config for a checkpoint (without its http_options, a RayService's
+    serveConfigV2: a proxy bound to the pod's 127.0.0.1 is out of the Service's reach)."""
     checkpoint_dir = resolve_checkpoint(checkpoint)
     cfg, settings = serve_settings(checkpoint_dir, serve_overrides)
     return {

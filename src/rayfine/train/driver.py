@@ -193,7 +193,7 @@ def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
     if need_cpu > total.get("CPU", 0) + 1e-9:
         problems.append(
             f"needs {need_cpu:g} CPUs ({s.num_workers} workers x {s.cpus_per_worker:g} + {s.data_cpus:g} for Ray Data) "
-            f"but the cluster has {total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
+            f"but the cluster has {total.get('CPU', 0):g}; lower scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus"
         )
     if s.use_gpu and s.num_workers > total.get("GPU", 0):
         problems.append(f"needs {s.num_workers} GPUs but the cluster has {total.get('GPU', 0):g}; set scaling.use_gpu=false or fewer workers")

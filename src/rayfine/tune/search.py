@@ -5,7 +5,7 @@
 
 Storage: the Tune experiment lives in <storage>/tune (its state, one folder per trial), and each
 trial's Ray Train run in <storage>/trials/trial_<id> (per-epoch checkpoints). <storage> is
-``storage.storage_path``, by default <runs>/<name>/ray.
+``Config.resolved_storage_path()``: <runs>/<name>/ray, or <storage.storage_path>/<name>/ray.
 """
 
 from __future__ import annotations
