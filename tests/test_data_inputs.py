@@ -105,7 +105,13 @@ def test_files_that_are_not_images_are_counted_and_a_class_of_them_alone_is_refu
     sources.read_local_image_folder(str(tmp_path), log=lines.append)
     assert lines == ["[data] skipped 3 files that are not images: .db x1, .heic x1, .txt x1",
                      ("[data] left out 1 hidden or system files and folders (names starting with '.', folders with "
-                      "'__', @eaDir), as Hugging Face datasets does: cats/.DS_Store")]
+                      "'__', @eaDir, names at the top starting with '_'), as Hugging Face datasets does: cats/.DS_Store")]
+    # An empty class folder would vanish from the classes unseen (torchvision's ImageFolder refuses it).
+    (tmp_path / "dogs").mkdir()
+    lines.clear()
+    sources.read_local_image_folder(str(tmp_path), log=lines.append)
+    assert lines[-1] == "[data] warning: 1 empty folder(s) beside class folders of images, so not classes: dogs/"
+    (tmp_path / "dogs").rmdir()
     touch(tmp_path, "dogs/1.heic", "dogs/2.HEIC", "dogs/notes")
     with pytest.raises(DataError, match=r"data.source: folder .*/dogs holds 3 files but no image files "
                                         r"\(.heic x2, \(no extension\) x1\), beside class folders of images; "
@@ -114,6 +120,54 @@ def test_files_that_are_not_images_are_counted_and_a_class_of_them_alone_is_refu
     listing = sources.walk_image_folder(str(tmp_path))
     assert listing.others[".heic"] == 3
     assert listing.imageless == [(str(tmp_path / "dogs"), Counter({".heic": 2, "(no extension)": 1}))]
+
+
+def test_file_names_as_other_machines_write_them(tmp_path, monkeypatch):
+    """Names from a Windows zip (not UTF-8), links, file: URIs, capitalised compression suffixes. Before:
+    a UnicodeEncodeError naming no file once the run had begun; file:///my%20photos "did not exist";
+    a link back up a text folder listed every file ~40 times; a text file in a linked folder escaped
+    data.format auto; REVIEWS.CSV.GZ was read as raw gzip bytes."""
+    from rayfine.config import ConfigError
+
+    monkeypatch.setattr(sources, "path_blocks", lambda paths, blocks: _Dataset())
+    latin1 = os.fsdecode(b"Hund_M\xfcller.jpg")  # as unzip leaves a Windows zip's cp1252 name
+    photos = tmp_path / "photos"
+    touch(photos, "cats/1.jpg", f"dogs/{latin1}", f"cats/._{latin1}")
+    escaped = r"dogs/Hund_M\\xfcller.jpg is named in another encoding than UTF-8; .* rename it \(convmv"
+    with pytest.raises(DataError, match=escaped):
+        sources.list_local_image_folder(str(photos))
+    (photos / "dogs" / latin1).rename(photos / "dogs" / "2.jpg")
+    assert sources.list_local_image_folder(str(photos)).left_out == [r"cats/._Hund_M\xfcller.jpg"]  # printable
+    texts = tmp_path / "texts"
+    touch(texts, "en/train.csv", os.fsdecode(b"fr/caf\xe9.csv"))
+    (texts / "en" / "train.csv").write_text("text,label\nfine,pos\n")
+    with pytest.raises(ConfigError, match=r"fr/caf\\xe9.csv is named in another encoding than UTF-8"):
+        sources.check_source(DataConfig(source=str(texts), kind="text"))
+    (texts / "fr" / os.fsdecode(b"caf\xe9.csv")).unlink()
+    # A link back up the folder is walked once; a linked folder's files are the source's for format auto.
+    (texts / "en" / "up").symlink_to(texts)
+    assert sources._source_files(str(texts), "csv", False) == [str(texts / "en" / "train.csv")]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "en").symlink_to(texts / "en")
+    assert sources.detect_format(DataConfig(source=str(linked), kind="text")) == "csv"
+    # file: URIs are the paths they name (RFC 8089), as pyarrow reads them.
+    spaced = tmp_path / "my photos"
+    photos.rename(spaced)
+    for uri in (spaced.as_uri(), f"file://localhost{spaced}"):
+        assert DataConfig(source=uri).source == str(spaced)
+        sources.check_source(DataConfig(source=uri))
+    for uri, message in ((f"file://nas{spaced}", "a file URI of host 'nas'"),
+                         (f"file://{spaced}/what?.csv", "'?' and '#' start a query and a fragment")):
+        with pytest.raises(ValueError, match=message):
+            DataConfig(source=uri)
+    # pyarrow and Ray tell compression by a lower-case suffix only.
+    import gzip
+
+    (tmp_path / "REVIEWS.CSV.GZ").write_bytes(gzip.compress(b"text,label\nfine,pos\n"))
+    with pytest.raises(ConfigError, match=r"REVIEWS.CSV.GZ would be read without decompressing it: .* rename it to "
+                                          r"...\.gz"):
+        sources.check_source(DataConfig(source=str(tmp_path / "REVIEWS.CSV.GZ"), kind="text"))
 
 
 def test_a_folder_of_metadata_beside_a_folder_of_classes_is_not_a_class(tmp_path, monkeypatch):

@@ -543,7 +543,9 @@ def test_the_printed_curl_command_answers_with_the_key_where_the_app_reads_it(se
     key_file = tmp_path / "api key"
     key_file.write_text(KEY + "\n")
     monkeypatch.setenv(KEY_ENV, KEY)  # the driver's environment, which an embedded Ray's replicas inherit
-    for settings in (ServeConfig(api_key_env=KEY_ENV), ServeConfig(api_key_env=KEY_ENV, api_key_file=str(key_file))):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a key file under ~, which the shell does not expand in quotes
+    for settings in (ServeConfig(api_key_env=KEY_ENV), ServeConfig(api_key_env=KEY_ENV, api_key_file=str(key_file)),
+                     ServeConfig(api_key_env=KEY_ENV, api_key_file="~/api key")):
         command = curl_example(server.url, "image", settings)
         assert KEY not in command  # the shell reads the key; the console never shows it
         out = subprocess.run(["bash", "-c", command], check=False, cwd=tmp_path, env={**os.environ, KEY_ENV: KEY},

@@ -185,7 +185,7 @@ def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -
     import shlex
 
     if serve.api_key_file:
-        key = f"$(cat {shlex.quote(serve.api_key_file)})"
+        key = f"$(cat -- {shlex.quote(os.path.expanduser(serve.api_key_file))})"  # a quoted ~ is not expanded
     elif os.environ.get(serve.api_key_env, "").strip():
         name = serve.api_key_env
         key = f"${{{name}}}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"$(printenv {shlex.quote(name)})"

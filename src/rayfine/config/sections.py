@@ -7,8 +7,11 @@ search space makes valid trials, in ``rayfine.config.search``.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -119,9 +122,24 @@ class DataConfig(_Section):
 
     @field_validator("source")
     @classmethod
-    def _home_expanded(cls, source: str) -> str:
-        """``~`` read as the home folder of the user rayfine runs as, as every other path field reads it
-        (and where the run happens: a Ray job reads its config on the cluster)."""
+    def _local_path(cls, source: str) -> str:
+        """A local source as a path: ``~`` the home folder of the user rayfine runs as, as every other
+        path field reads it (where the run happens: a Ray job reads its config on the cluster), and a
+        ``file:`` URI the path it names (RFC 8089: percent-decoded, no host or localhost), as pyarrow
+        reads it; rayfine's checks and Ray's readers then see the same path."""
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(source).decode("utf-8", "backslashreplace")
+            raise ValueError(f"{shown} is not UTF-8 text; Ray Data and pyarrow take UTF-8 paths only") from None
+        if source.startswith("file:"):
+            uri = urllib.parse.urlsplit(source)
+            if uri.netloc not in ("", "localhost"):
+                raise ValueError(f"{source}: a file URI of host {uri.netloc!r}; give a path this machine mounts")
+            if uri.query or uri.fragment or source.endswith(("?", "#")):
+                raise ValueError(f"{source}: in a file URI '?' and '#' start a query and a fragment (RFC 8089); write "
+                                 "them %3F and %23, or give the path itself")
+            source = urllib.request.url2pathname(uri.path)
         return str(Path(source).expanduser()) if source.startswith("~") else source
 
     @field_validator("labels")

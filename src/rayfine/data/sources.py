@@ -25,7 +25,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Optional
 
 import numpy as np
@@ -114,6 +114,17 @@ def _parquet_without_images(names) -> bool:
     return parquet
 
 
+def _file_names(folder: str) -> Iterator[str]:
+    """The names of the files under a local folder as the readers list it (``_scan_folders``: links
+    followed, each folder once, what ``skipped_path`` leaves out left out), lazily: an image folder's
+    look ends at its first image."""
+    try:
+        for _, entries in _scan_folders(os.path.abspath(folder), []):
+            yield from (entry.name for entry, is_dir in entries if not is_dir)
+    except OSError as e:
+        raise DataError(f"data.source: cannot list {e.filename or folder}: {e.strerror}") from None
+
+
 def detect_format(data_cfg: DataConfig) -> str:
     """data.format, or the format the source's file extensions show."""
     allowed = FORMATS_BY_KIND[data_cfg.kind]
@@ -124,8 +135,7 @@ def detect_format(data_cfg: DataConfig) -> str:
         if fmt is None and "://" not in source:
             if not os.path.exists(source):
                 raise DataError(f"data.source: {data_cfg.source!r} does not exist")
-            names = (n for d, _, files in os.walk(source) for n in files
-                     if not skipped_path(os.path.relpath(os.path.join(d, n), source)))
+            names = _file_names(source) if os.path.isdir(source) else iter(())
             if data_cfg.kind == "image":
                 # Parquet when the folder holds parquet and no images; a stray CSV beside images is fine.
                 fmt = "parquet" if _parquet_without_images(names) else "image_folder"
@@ -228,14 +238,37 @@ class FolderListing:
     # beside its images/ folder of class folders is not one.
     imageless: list[tuple[str, Counter]]
     left_out: list[str]  # what ``skipped_path`` leaves out, relative to the root (folders end in "/")
+    # Empty folders beside folders that hold images: a class with no image yet, which vanishes from the
+    # classes (torchvision's ImageFolder refuses it; Hugging Face's imagefolder leaves it out).
+    empty: list[str] = dataclass_field(default_factory=list)
+
+
+def shown_path(path: str) -> str:
+    """``path`` printable whatever its bytes: a name in another encoding than UTF-8 (Python holds its
+    bytes as surrogates, PEP 383) shows them escaped (Hund_M\\xfcller.jpg)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def not_utf8(path: str) -> DataError | None:
+    """The error for a file name that is not UTF-8 (a zip made on Windows, unpacked by unzip, keeps
+    its code page's bytes), else None: Ray Data and pyarrow take UTF-8 names only, and failed on it
+    with a UnicodeEncodeError that named no file."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return DataError(f"data.source: {shown_path(path)} is named in another encoding than UTF-8; Ray Data and "
+                         "pyarrow read UTF-8 names only: rename it (convmv -f cp1252 -t utf-8 -r --notest <folder>; "
+                         "a zip made on Windows: unzip -O cp437)")
+    return None
 
 
 def _scan_folders(root: str, left_out: list[str]) -> Iterator[tuple[str, list[tuple[os.DirEntry, bool]]]]:
     """Each folder under ``root`` once, as (folder, its entries with whether each is a folder), links
     followed: a folder reached twice through links is scanned once (pyarrow's listing would walk a
     link cycle until the path is too long). What ``skipped_path`` leaves out is not walked, and is
-    added to ``left_out`` (relative to the root, folders ending in "/"); an entry that cannot be
-    told (a broken link, gone since the folder was read) is not listed."""
+    added to ``left_out`` (relative to the root, folders ending in "/", printable: ``shown_path``);
+    an entry that cannot be told (a broken link, gone since the folder was read) is not listed. A
+    listed name that is not UTF-8 is a DataError (``not_utf8``)."""
     visited: set[tuple[int, int]] = set()
     folders = [root]
     while folders:
@@ -252,8 +285,11 @@ def _scan_folders(root: str, left_out: list[str]) -> Iterator[tuple[str, list[tu
                 except OSError:
                     continue
                 if _skipped_entry(entry.name, is_dir, folder == root):
-                    left_out.append(os.path.relpath(entry.path, root) + ("/" if is_dir else ""))
+                    left_out.append(shown_path(os.path.relpath(entry.path, root)) + ("/" if is_dir else ""))
                     continue
+                error = not_utf8(entry.path)
+                if error:
+                    raise error
                 if is_dir:
                     folders.append(entry.path)
                 listed.append((entry, is_dir))
@@ -293,10 +329,12 @@ def walk_image_folder(root: str) -> FolderListing:
         others.update(here)
         if images:
             with_images.add(os.path.dirname(folder))
-        elif folder != root and here and not subfolders:
+        elif folder != root and not subfolders:
             leaves.append((folder, here))
-    imageless = [(folder, found) for folder, found in leaves if os.path.dirname(folder) in with_images]
-    return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out))
+    beside = [(folder, found) for folder, found in leaves if os.path.dirname(folder) in with_images]
+    imageless = [(folder, found) for folder, found in beside if found]
+    empty = [folder for folder, found in beside if not found]
+    return FolderListing(sorted(files), others, sorted(imageless), sorted(left_out), sorted(empty))
 
 
 def list_local_image_folder(source: str) -> FolderListing:
@@ -449,7 +487,12 @@ def read_local_image_folder(root: str, log=print, listing: FolderListing | None 
     if listing.left_out:
         shown = ", ".join(listing.left_out[:5]) + (", ..." if len(listing.left_out) > 5 else "")
         log(f"[data] left out {len(listing.left_out)} hidden or system files and folders (names starting with "
-            f"'.', folders with '__', {', '.join(SYSTEM_FOLDERS)}), as Hugging Face datasets does: {shown}")
+            f"'.', folders with '__', {', '.join(SYSTEM_FOLDERS)}, names at the top starting with '_'), as Hugging "
+            f"Face datasets does: {shown}")
+    if listing.empty:
+        shown = ", ".join(shown_path(os.path.relpath(f, local_root)) + "/" for f in listing.empty[:5])
+        log(f"[data] warning: {len(listing.empty)} empty folder(s) beside class folders of images, so not classes: "
+            f"{shown}{', ...' if len(listing.empty) > 5 else ''}")
     paths = [path for path, _ in files]
     blocks = read_block_count([size for _, size in files])
 
@@ -556,7 +599,7 @@ def read_parquet_source(data_cfg: DataConfig, fields: tuple[str, ...], with_path
     that is not parquet, a column of other types in two files) becomes a DataError naming the file."""
     paths, fs = reader_paths(data_cfg.source, "parquet")
     try:
-        ds = ray.data.read_parquet(paths, **fs, include_paths=with_paths)
+        ds = ray.data.read_parquet(paths, **fs, include_paths=with_paths, file_extensions=None)  # listed: _read_texts
         _check_columns(ds, data_cfg, fields, with_paths)
     except pa.ArrowException as e:
         files = paths if isinstance(paths, list) else [_filesystem(data_cfg.source)[1]]
@@ -717,18 +760,43 @@ def _filesystem(source: str):
     return pafs.FileSystem.from_uri(source)
 
 
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
+
+
+def _lower_case_compression(path: str) -> str:
+    """``path``, refused when its compression suffix is not lower case (REVIEWS.CSV.GZ): pyarrow and Ray
+    Data tell compression from a lower-case suffix only, and read such a file undecompressed."""
+    suffix = os.path.splitext(path)[1]
+    if suffix.lower() in COMPRESSION_SUFFIXES and suffix not in COMPRESSION_SUFFIXES:
+        raise DataError(f"data.source: {shown_path(path)} would be read without decompressing it: pyarrow and Ray "
+                        f"Data know a compressed file by a lower-case suffix only; rename it to ...{suffix.lower()}")
+    return path
+
+
 def _source_files(source: str, fmt: str, named_file: bool) -> list[str]:
-    """The files of ``source`` in format ``fmt``, sorted, as paths on its filesystem."""
+    """The files of ``source`` in format ``fmt``, sorted, as paths on its filesystem. A local folder is
+    walked as an image folder is (``_scan_folders``: links followed, each folder once, a name that is
+    not UTF-8 refused); pyarrow lists the others."""
     import pyarrow.fs as pafs
 
     fs, path = _filesystem(source.rstrip("/"))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [path] if named_file or _format_of(path) == fmt else []
+        return [_lower_case_compression(path)] if named_file or _format_of(path) == fmt else []
     if info.type != pafs.FileType.Directory:
         return []
-    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                  if i.is_file and _format_of(i.path) == fmt and not skipped_path(os.path.relpath(i.path, path)))
+    if _is_local(source):
+        files = [entry.path for _, entries in _scan_folders(path, []) for entry, is_dir in entries
+                 if not is_dir and _format_of(entry.name) == fmt and entry.is_file()]
+    else:
+        try:
+            listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except UnicodeDecodeError as e:
+            raise DataError(f"data.source: a file name under {source} is not UTF-8 ({e}); Ray Data and pyarrow read "
+                            "UTF-8 names only: rename it") from None
+        files = [i.path for i in listed
+                 if i.is_file and _format_of(i.path) == fmt and not skipped_path(os.path.relpath(i.path, path))]
+    return sorted(_lower_case_compression(f) for f in files)
 
 
 def _named_file(data_cfg: DataConfig) -> bool:
@@ -893,13 +961,14 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
     # A file named as the source is read as data.format says, whatever its extension (reviews.txt
     # with data.format csv); in a folder, only the files with the format's extensions.
     named_file = _named_file(data_cfg)
-    file_extensions = None if named_file or fmt == "parquet" else list(FORMAT_EXTENSIONS[fmt])
     if fmt == "parquet":
         ds = read_parquet_source(data_cfg, TEXT_FIELDS, with_paths)
     else:
         paths, fs = reader_paths(source, fmt, named_file)
         if fmt in DELIMITED:
-            ds = ray.data.read_csv(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
+            # file_extensions None: the files are listed already (reader_paths), and Ray's filter cuts a name
+            # at "?" as if it began a URL's query (what?.csv), or takes a named reviews.txt for no JSON.
+            ds = ray.data.read_csv(paths, **fs, include_paths=with_paths, file_extensions=None,
                                    parse_options=delimited_parse_options(fmt),
                                    convert_options=_csv_convert_options(columns))
         else:
@@ -908,7 +977,7 @@ def _read_texts(data_cfg: DataConfig) -> ray.data.Dataset:
             # strings into numbers. A file that is one JSON array is read by Ray's json.load fallback.
             files = paths if isinstance(paths, list) else _source_files(source, fmt, named_file)  # listed once
             parse_options = _json_parse_options(source, files, columns)
-            ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=file_extensions,
+            ds = ray.data.read_json(paths, **fs, include_paths=with_paths, file_extensions=None,
                                     **({"parse_options": parse_options} if parse_options else {}))
         _check_columns(ds, data_cfg, TEXT_FIELDS, with_paths)
     text_col, pair_col, label_col = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column
@@ -1029,6 +1098,8 @@ def _check_image_folder(path: str) -> None:
                 return
     except OSError:
         return  # the reader names what cannot be listed
+    except DataError as e:  # a name that is not UTF-8
+        raise ConfigError([str(e)]) from None
     raise ConfigError([f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}"])
 
 
@@ -1047,7 +1118,7 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
                 raise ConfigError([(f"data.source: no {fmt} files "
                                     f"({', '.join('.' + e for e in FORMAT_EXTENSIONS[fmt])}) under {source}")])
             return
-        compressed = files[0].endswith((".gz", ".bz2", ".zst"))
+        compressed = files[0].endswith(COMPRESSION_SUFFIXES)
         if os.path.getsize(files[0]) == 0 and not compressed:
             raise ConfigError([f"data.source: {files[0]} is empty"])
         if fmt == "jsonl":
@@ -1063,6 +1134,8 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
 
             schema = pq.read_schema(files[0])
             names = schema.names
+    except DataError as e:  # a file name not UTF-8, a compression suffix in capitals
+        raise ConfigError([str(e)]) from None
     except (OSError, pa.ArrowException, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
