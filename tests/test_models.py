@@ -295,7 +295,7 @@ def test_clip_and_siglip_image_classifiers_keep_their_image_settings_in_their_vi
         model = build_model(image_cfg(f"model.name={path}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
         assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
         assert model.config.id2label[6] == LABELS[6] and not hasattr(model.config, "num_channels")
-        with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
+        with pytest.raises(ConfigError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
             check_model(image_cfg(f"model.name={path}", "data.image_size=16", "data.color_mode=RGB"))
         with pytest.raises(ConfigError, match=r"data.color_mode: .* takes 3-channel images and its config has no "
                                               r"num_channels rayfine could set to 1; set data.color_mode=RGB"):
@@ -316,14 +316,14 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
                                          num_attention_heads=2, intermediate_size=32)).save_pretrained(vit)
     wrong = image_cfg(f"model.name={vit}", "data.image_size=16", "data.color_mode=RGB")
     for check in (lambda: build_model(wrong, LABELS), lambda: check_image_size(wrong)):  # in workers; on the driver
-        with pytest.raises(RayfineError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
+        with pytest.raises(ConfigError, match=r"data.image_size: .* takes 32 px images, not 16 .*set data.image_size=32"):
             check()
     check_image_size(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"))
     # A config that holds its size as a pair (Hiera's [224, 224]) is told one side, as data.image_size takes it.
     pair = tmp_path / "vit_pair"
     ViTForImageClassification(ViTConfig(image_size=[32, 32], patch_size=8, hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=32)).save_pretrained(pair)
-    with pytest.raises(RayfineError, match=r"takes 32 px images, not 16 .*set data.image_size=32$"):
+    with pytest.raises(ConfigError, match=r"takes 32 px images, not 16 .*set data.image_size=32$"):
         check_image_size(image_cfg(f"model.name={pair}", "data.image_size=16", "data.color_mode=RGB"))
     model = build_model(image_cfg(f"model.name={vit}", "data.image_size=32", "data.color_mode=RGB"), LABELS)
     assert logits_of(model(pixel_values=torch.randn(2, 3, 32, 32))).shape == (2, 7)
