@@ -754,10 +754,9 @@ def _check_image_size(model: nn.Module, cfg: Config) -> None:
         with torch.no_grad():
             model(pixel_values=torch.zeros(1, cfg.data.channels, size, size))
     except (ValueError, RuntimeError) as e:
-        raise ConfigError([  # a bad config: the CLI exits 2, as for every other refusal before Ray starts
-            f"data.image_size: {cfg.model.name} takes {pretrained_size} px images, not {size} "
-            f"({str(e).splitlines()[0]}); set data.image_size={pretrained_size}"
-        ]) from None
+        # A bad config: the CLI exits 2, as for every other refusal before Ray starts.
+        raise ConfigError([(f"data.image_size: {cfg.model.name} takes {pretrained_size} px images, not {size} "
+                            f"({str(e).splitlines()[0]}); set data.image_size={pretrained_size}")]) from None
     finally:
         model.train(was_training)
 
