@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,25 @@ def test_round_trip_gives_the_same_predictions(saved, cfg):
         expected = torch.softmax(model(pixel_values=x), dim=-1)
     assert torch.allclose(loaded.predict_proba({"pixel_values": x}), expected, atol=1e-6)
     assert sorted(p.name for p in directory.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
+
+
+def test_the_documented_preprocessor_recipe_works_on_any_device_and_refuses_no_items(saved):
+    """``ckpt.predict_proba(Preprocessor(ckpt.cfg, ckpt.path)(items))`` (the Preprocessor's docstring)
+    with the model on another device than the CPU tensors a Preprocessor gives ("meta" stands in for
+    a GPU here): the inputs follow the model, where the forward pass failed on mixed devices. No
+    items is an InputError, where it was numpy's "need at least one array to stack"."""
+    from rayfine.data import Preprocessor
+    from rayfine.errors import InputError
+
+    _, directory = saved
+    ckpt = checkpoints.load_checkpoint(directory, device="meta")
+    pre = Preprocessor(ckpt.cfg, str(ckpt.path))
+    image = np.zeros((8, 8), dtype=np.uint8)
+    assert pre([image])["pixel_values"].device.type == "cpu"
+    probs = ckpt.predict_proba(pre([image, image]))
+    assert probs.device.type == "meta" and probs.shape == (2, len(LABELS))
+    with pytest.raises(InputError, match="no items: give at least one image"):
+        pre([])
 
 
 def test_train_state_round_trip(tmp_path, cfg):

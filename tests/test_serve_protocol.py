@@ -7,6 +7,7 @@ import base64
 import json
 import socket
 import threading
+import time
 import warnings
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
@@ -1163,8 +1164,9 @@ def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
 
 
 class _FlakyHandler(BaseHTTPRequestHandler):
-    """Answers call i as ``script[i]`` says: "drop" (the connection, no answer), or a status code
-    (200: a prediction; other: a body like the one Serve's proxy sends for a dead replica)."""
+    """Answers call i as ``script[i]`` says: "drop" (the connection, no answer), "slow" (a prediction
+    after the client has given up), or a status code (200: a prediction; other: a body like the one
+    Serve's proxy sends for a dead replica)."""
 
     calls: list = []
     script: list = []
@@ -1177,13 +1179,19 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
+        if action == "slow":
+            time.sleep(0.8)
+            action = 200
         if action == 200:
             body = b'{"model_name": "m", "model_version": "v", "predictions": [{"label": "pos", "score": 0.9, "top_k": []}]}'
         elif action < 500:
             body = b'{"error": "too many inputs"}'
         else:
             body = b"Internal Server Error"
-        _answer(self, action, body)
+        try:
+            _answer(self, action, body)
+        except (BrokenPipeError, ConnectionResetError):  # a "slow" answer's client is gone
+            pass
 
     def log_message(self, *args):
         pass
@@ -1247,6 +1255,10 @@ def test_client_retries_a_dropped_connection_or_a_5xx_once_and_reports_refusals(
         with pytest.raises(ClientError, match="413 from .*too many inputs"):
             predict(url, ["x"])
         assert len(_FlakyHandler.calls) == 1
+        # No answer in time: retried once, then a ClientError (it was requests' ReadTimeout, a traceback).
+        _FlakyHandler.calls, _FlakyHandler.script = [], ["slow", "slow"]
+        with pytest.raises(ClientError, match=r"no answer from http://127.0.0.1:\d+/predict within 0.3 s \(tried 2 times\)"):
+            predict(url, ["x"], timeout_s=0.3)
     finally:
         server.shutdown()
         server.server_close()

@@ -211,6 +211,29 @@ def test_failed_run_continues_when_run_again(ray_local, tmp_path):
     assert list_actors(filters=[("class_name", "=", "SplitCoordinator")]) == []
 
 
+def test_ctrl_c_aborts_the_run_as_a_keyboard_interrupt_and_gives_the_caller_its_handler_back(ray_local, tmp_path):
+    """Ray Train's own SIGINT handler aborted the run and left fit() by SystemExit (`rayfine train`
+    exited 1 with no word, not 130; a notebook's `except KeyboardInterrupt` missed it), and stayed
+    installed after fit(), swallowing the caller's next Ctrl-Cs."""
+    from ray.util.state import list_actors
+
+    cfg = tiny(tmp_path, "interrupted", "train.epochs=8")
+    previous = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_after_epoch_1() -> None:
+        wait_for(lambda: epochs_logged(tmp_path / "interrupted"), 300, 0.1, "epoch 1")
+        os.kill(os.getpid(), signal.SIGINT)  # to the main thread, where fit() waits on Ray Train
+
+    threading.Thread(target=ctrl_c_after_epoch_1, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, log=lambda *_: None)
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert 1 <= len(epochs_logged(tmp_path / "interrupted")) < 8
+    # Aborted, not left training in the background: the run's workers end.
+    wait_for(lambda: not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), 60,
+             0.5, "the interrupted run's workers to end")
+
+
 def test_bf16_warns_only_on_a_cpu_that_would_emulate_it(monkeypatch):
     from rayfine.train import worker
 

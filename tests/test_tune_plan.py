@@ -148,6 +148,13 @@ def test_a_plan_that_cannot_fit_is_refused_with_what_to_change(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs 2.5 CPUs \(1 workers x 0.5 \+ 2 for Ray Data\) but the cluster has 2; "
                                           r"lower scaling.num_workers, scaling.cpus_per_worker or scaling.data_cpus"):
         driver.check_resources(one)
+    # A plan that fits the cluster but not what is free now (a Serve app deployed in the same session
+    # holds a CPU) waits: it says so, where it waited with no word.
+    monkeypatch.setattr(driver.ray, "available_resources", lambda: {"CPU": 1.0})
+    lines = []
+    driver.check_resources(cfg.with_overrides(["scaling.num_workers=1"]), log=lines.append)
+    assert lines == [("[train] waiting for CPUs: the run needs 1.25, and 1 of the cluster's 2 are free (other work on "
+                      "this Ray holds the rest: a Serve app, another run)")]
     # On a cluster that may autoscale it is a warning, and trials run one at a time.
     lenient = plan_resources(cfg, cfg.tune, num_trials=4, cluster=TWO_CPUS, strict=False)
     assert lenient.concurrent == 1 and lenient.notes[0].startswith("[warning] a trial needs 2.01 CPUs")

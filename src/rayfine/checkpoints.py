@@ -160,18 +160,22 @@ class LoadedCheckpoint:
     metrics: dict[str, Any]
     model: torch.nn.Module
 
-    @torch.inference_mode()
-    def predict_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's float logits for ``inputs``, moved to the model's device (a ``Preprocessor``
+        gives CPU tensors; ``load_checkpoint(..., device="cuda")`` put the model on a GPU)."""
         from rayfine.models import logits_of
 
-        return torch.softmax(logits_of(self.model(**inputs)).float(), dim=-1)
+        device = next(self.model.parameters()).device
+        return logits_of(self.model(**{k: v.to(device) for k, v in inputs.items()})).float()
+
+    @torch.inference_mode()
+    def predict_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(self._logits(inputs), dim=-1)
 
     @torch.inference_mode()
     def predict_log_proba(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """log of ``predict_proba``, exact where the probability underflows (a confident mistake)."""
-        from rayfine.models import logits_of
-
-        return torch.log_softmax(logits_of(self.model(**inputs)).float(), dim=-1)
+        return torch.log_softmax(self._logits(inputs), dim=-1)
 
 
 def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> LoadedCheckpoint:

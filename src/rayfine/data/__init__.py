@@ -46,7 +46,7 @@ from rayfine.data.sources import (
     source_splits,
     split_of_path,
 )
-from rayfine.errors import DataError, RayfineError
+from rayfine.errors import DataError, InputError, RayfineError
 
 if TYPE_CHECKING:
     import torch
@@ -541,6 +541,8 @@ class Preprocessor:
     def __call__(self, items: list) -> dict[str, "torch.Tensor"]:
         import torch
 
+        if not len(items):
+            raise InputError("no items: give at least one " + ("text" if self.cfg.data.kind == "text" else "image"))
         if self.cfg.data.kind == "text":
             from rayfine.data.text import check_texts, tokenize
 

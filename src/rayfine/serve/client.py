@@ -62,10 +62,12 @@ def call(method: str, url: str, *, retries: int = 1, timeout_s: float = 60, **kw
             # Both are built from the header's value, which may be the API key: never show it.
             raise ClientError("a request header cannot be sent as HTTP (a control character, or a character "
                               "outside Latin-1, in the API key?)") from None
-        except requests.ConnectionError as e:
-            if attempt == retries:
+        except (requests.ConnectionError, requests.Timeout) as e:  # ConnectTimeout is both
+            if attempt < retries:
+                continue
+            if isinstance(e, requests.ConnectionError):
                 raise ClientError(f"cannot reach {url} ({type(e).__name__}; tried {retries + 1} times)") from None
-            continue
+            raise ClientError(f"no answer from {url} within {timeout_s:g} s (tried {retries + 1} times)") from None
         if response.status_code not in RETRIED_STATUS:
             break
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -143,6 +144,46 @@ class ShardedIngest(DataConfig):
         return output
 
 
+class InterruptibleTrainer(TorchTrainer):
+    """Ray Train's TorchTrainer, with Ctrl-C as Python has it: ``fit()`` aborts the run and raises
+    KeyboardInterrupt, and the caller's SIGINT handler is back after it.
+
+    In the main thread, Ray Train's ``fit()`` installs a SIGINT handler of its own that aborts the
+    run and leaves ``fit()`` by SystemExit: `rayfine train` exited 1 with no word, where the README
+    promises 130, and a notebook's ``except KeyboardInterrupt`` missed it. The handler also stayed
+    installed after ``fit()``, swallowing the caller's next two Ctrl-Cs. Here the handler Ray Train
+    registers (``_register_sigint_handler``, called only in the main thread) raises KeyboardInterrupt
+    instead, and ``fit()`` aborts the controller as Ray Train's handler does before re-raising it."""
+
+    _controller = None
+
+    def _register_sigint_handler(self, controller) -> None:
+        self._controller = controller
+        previous = signal.getsignal(signal.SIGINT)
+
+        def interrupt(signum, frame):
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C while the run aborts is the caller's
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
+
+    def fit(self):
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if main else None
+        try:
+            return super().fit()
+        except KeyboardInterrupt:
+            if self._controller is not None:
+                try:  # the controller stops the workers, then exits (RayActorError here)
+                    ray.get(self._controller.abort.remote(), timeout=60)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    pass
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+
 def build_trainer(
     cfg: Config,
     datasets: dict[str, ray.data.Dataset],
@@ -154,11 +195,12 @@ def build_trainer(
     train_loop: Callable[[dict], None] = train_loop_per_worker,
     shards: dict[str, list] | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for one training run of ``cfg``; the same for `train` and every Tune trial.
+    """The TorchTrainer (``InterruptibleTrainer``) for one training run of ``cfg``; the same for `train` and
+    every Tune trial.
     ``shards``: ``split_for_workers(cfg, datasets)``, split here when not given."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    return TorchTrainer(
+    return InterruptibleTrainer(
         train_loop,
         train_loop_config={
             "cfg": cfg.model_dump_json(),
@@ -185,7 +227,8 @@ def build_trainer(
 
 
 def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
-    """Refuse (or warn about, on clusters that may autoscale) a run the cluster cannot hold."""
+    """Refuse (or warn about, on clusters that may autoscale) a run the cluster cannot hold, and say
+    when one it can hold waits for CPUs that other work on the same Ray holds now."""
     s = cfg.scaling
     total = ray.cluster_resources()
     need_cpu = s.num_workers * s.cpus_per_worker + s.data_cpus
@@ -201,6 +244,12 @@ def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
         raise ConfigError(problems)
     for p in problems:
         log(f"[warning] {p} (waiting for the cluster to scale up)")
+    free = ray.available_resources().get("CPU", 0)
+    if not problems and need_cpu > free + 1e-9:
+        # Held by other work on this Ray (a Serve app this session deployed, another run): the run waits,
+        # with no word from Ray Train, until they are freed.
+        log(f"[train] waiting for CPUs: the run needs {need_cpu:g}, and {free:g} of the cluster's "
+            f"{total.get('CPU', 0):g} are free (other work on this Ray holds the rest: a Serve app, another run)")
 
 
 def preflight(cfg: Config) -> bool:
