@@ -1160,21 +1160,31 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
                                 "out as a column of its own)")])
 
 
+JSON_VALUE_KINDS = {ord('"'): "a string", ord("t"): "true/false", ord("f"): "true/false", ord("n"): "null",
+                    **{c: "a number" for c in b"-0123456789"}}
+
+
 def _first_json_line_problem(path: str, columns: list[str]) -> str | None:
     """Why the first line of a JSON Lines file cannot be a row: a JSON value that is not an object
     (``[1, "pos"]``, ``"a review"``, ``3``), which pyarrow's reader refuses as "Column() changed from
-    object to array in row 0" once the run has started. None for an object, for a one-line JSON array
-    of objects (Ray's json.load fallback reads it) and for a line that is not JSON on its own (a
-    pretty-printed file's "[": left to the reader)."""
+    object to array in row 0" once the run has started. Told from its first characters (a line may
+    be a whole file); None for an object, a JSON array of objects (one line, or pretty-printed: Ray's
+    json.load fallback reads it), and what is not JSON (left to the reader)."""
     with open(path, "rb") as f:
-        number, line = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, b""))
-    try:
-        value = json.loads(line)  # bytes: a leading byte-order mark is allowed
-    except ValueError:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is allowed
+    rest = head.lstrip()
+    if not rest or rest[0] == ord("{"):
         return None
-    if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+    if rest[0] == ord("["):
+        after = rest[1:].lstrip(b" \t\r")
+        if not after or after[0] in b"{\n":
+            return None
+        kind = "an array"
+    elif rest[0] in JSON_VALUE_KINDS:
+        kind = JSON_VALUE_KINDS[rest[0]]
+    else:
         return None
-    kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+    number = head[: len(head) - len(rest)].count(b"\n") + 1
     example = json.dumps(dict(zip(columns, ("...",) * len(columns))))
     return (f"line {number} of {path} is {kind}, not a JSON object: JSON Lines holds one object per line, "
             f"its columns as keys, e.g. {example}")

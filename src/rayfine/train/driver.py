@@ -176,7 +176,7 @@ class InterruptibleTrainer(TorchTrainer):
             if self._controller is not None:
                 try:  # the controller stops the workers, then exits (RayActorError here)
                     ray.get(self._controller.abort.remote(), timeout=60)
-                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                except ray.exceptions.RayError:  # GetTimeoutError among them
                     pass
             raise
         finally:
