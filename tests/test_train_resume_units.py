@@ -251,6 +251,7 @@ def fake_driver(monkeypatch, tmp_path):
     import rayfine.report
 
     monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": state.cpus})
+    monkeypatch.setattr(driver.ray, "available_resources", lambda: {"CPU": state.cpus})  # all of it free
     monkeypatch.setattr(driver, "build_datasets", build_datasets)
     monkeypatch.setattr(driver, "build_trainer", lambda *args, **kwargs: Trainer())
     monkeypatch.setattr(driver, "_open_tracker", lambda *args: _Tracker())
