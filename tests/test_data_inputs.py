@@ -170,6 +170,26 @@ def test_file_names_as_other_machines_write_them(tmp_path, monkeypatch):
         sources.check_source(DataConfig(source=str(tmp_path / "REVIEWS.CSV.GZ"), kind="text"))
 
 
+def test_a_source_typed_in_another_unicode_normal_form_names_the_one_on_disk(tmp_path, monkeypatch):
+    """A folder copied from a Mac keeps macOS's decomposed names (NFD); the same name typed on Linux
+    is composed (NFC), and Linux compares bytes: "does not exist" alone left the user guessing."""
+    from rayfine.config import ConfigError
+
+    decomposed = unicodedata.normalize("NFD", "Café photos")
+    touch(tmp_path / decomposed, "chats/1.jpg")
+    typed = tmp_path / "Café photos"  # NFC, as typed
+    assert not typed.exists()
+    with pytest.raises(ConfigError, match=r"Café photos does not exist, but .*/Cafe\\u0301 photos does: the same "
+                                          r"name in another Unicode normal form .* \(convmv .*--nfc"):
+        sources.check_source(DataConfig(source=str(typed)))
+    monkeypatch.chdir(tmp_path)  # a relative path, a deeper name decomposed too
+    (tmp_path / decomposed / "chats").rename(tmp_path / decomposed / unicodedata.normalize("NFD", "chats été"))
+    assert sources.other_normal_form("Café photos/chats été") == unicodedata.normalize("NFD", "Café photos/chats été")
+    assert sources.other_normal_form("Café photos/dogs") is None
+    with pytest.raises(ConfigError, match=r"nowhere does not exist \(from .*\); give a file or folder"):
+        sources.check_source(DataConfig(source="nowhere"))
+
+
 def test_a_folder_of_metadata_beside_a_folder_of_classes_is_not_a_class(tmp_path, monkeypatch):
     """Food-101 and CUB-200 keep images/<class>/*.jpg beside meta/ (classes.txt, train.json) or
     attributes/: the source is their root, and meta/ is not a class whose images are missing. A

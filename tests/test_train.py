@@ -215,9 +215,11 @@ def test_ctrl_c_aborts_the_run_as_a_keyboard_interrupt_and_gives_the_caller_its_
     """Ray Train's own SIGINT handler aborted the run and left fit() by SystemExit (`rayfine train`
     exited 1 with no word, not 130; a notebook's `except KeyboardInterrupt` missed it), and stayed
     installed after fit(), swallowing the caller's next Ctrl-Cs."""
+    from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
 
-    cfg = tiny(tmp_path, "interrupted", "train.epochs=8")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny(tmp_path, "interrupted", "train.epochs=8", f"tracking.mlflow.tracking_uri={uri}")
     previous = signal.getsignal(signal.SIGINT)
 
     def ctrl_c_after_epoch_1() -> None:
@@ -229,6 +231,10 @@ def test_ctrl_c_aborts_the_run_as_a_keyboard_interrupt_and_gives_the_caller_its_
         fit(cfg, log=lambda *_: None)
     assert signal.getsignal(signal.SIGINT) is previous
     assert 1 <= len(epochs_logged(tmp_path / "interrupted")) < 8
+    # The MLflow run is ended as one the user stopped (KILLED), as an interrupted search's are, not FAILED.
+    client = MlflowClient(tracking_uri=uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert mlflow_run.info.status == "KILLED"
     # Aborted, not left training in the background: the run's workers end.
     wait_for(lambda: not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), 60,
              0.5, "the interrupted run's workers to end")

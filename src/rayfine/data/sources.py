@@ -249,6 +249,28 @@ def shown_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def other_normal_form(path: str) -> Optional[str]:
+    """The path that exists with names equal to ``path``'s in another Unicode normal form, else None.
+    macOS writes names decomposed (NFD: "e" + U+0301), keyboards and most tools compose them (NFC:
+    U+00E9); a folder copied from a Mac (rsync, tar, zip) keeps its NFD bytes, and Linux compares
+    bytes, so the path as typed "does not exist"."""
+    found = os.sep if os.path.isabs(path) else ""
+    for part in (p for p in path.split(os.sep) if p):
+        candidate = os.path.join(found, part)
+        if not os.path.lexists(candidate):
+            wanted = unicodedata.normalize("NFC", part)
+            try:
+                names = os.listdir(found or os.curdir)
+            except OSError:
+                return None
+            match = next((n for n in names if unicodedata.normalize("NFC", n) == wanted), None)
+            if match is None:
+                return None
+            candidate = os.path.join(found, match)
+        found = candidate
+    return found if os.path.exists(found) and found != os.path.normpath(path) else None
+
+
 def not_utf8(path: str) -> DataError | None:
     """The error for a file name that is not UTF-8 (a zip made on Windows, unpacked by unzip, keeps
     its code page's bytes), else None: Ray Data and pyarrow take UTF-8 names only, and failed on it
@@ -1073,6 +1095,12 @@ def check_source(data_cfg: DataConfig) -> None:
         path = source.removeprefix("file://")
         if not os.path.exists(path):
             where = f" (from {os.getcwd()})" if not os.path.isabs(path) else ""
+            if (other := other_normal_form(path)) is not None:
+                shown = other.encode("ascii", "backslashreplace").decode()
+                raise ConfigError([(f"data.source: {source} does not exist{where}, but {shown} does: the same name "
+                                    "in another Unicode normal form (macOS writes names decomposed, NFD); give that "
+                                    "path, or rename the files to the composed form, NFC "
+                                    "(convmv -f utf-8 -t utf-8 --nfc -r --notest <folder>)")])
             raise ConfigError([(f"data.source: {source} does not exist{where}; give a file or folder on this "
                                 "machine, a URL (s3://, gs://...) or a builtin dataset")])
     try:

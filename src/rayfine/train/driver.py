@@ -493,8 +493,9 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
         log(f"[train] report: {train_report(run_dir)}")
         tracker.log_evaluation(evaluation)
         tracker.log_checkpoint(exported)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        # MLflow's statuses: KILLED for a run the user stopped (Ctrl-C), as the search's runs end.
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     tracker.finish()
     return {
