@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -121,3 +122,76 @@ def test_fit_and_run_search_from_python_hold_the_run_directory_as_the_commands_d
             other.join()
             assert len(refused) == 1  # another thread of this process is refused
         RunDirLock(run, "train").acquire().release()  # free again
+
+
+# --- files a kill or a full disk cut short ----------------------------------------------------------
+
+
+def test_a_metrics_line_cut_short_is_not_an_epoch_and_the_next_one_starts_on_its_own_line(tmp_path):
+    """A disk that filled mid-append (or a kill) left a partial last line in metrics.jsonl; every
+    continuation then failed on it ("training failed: Expecting ',' delimiter", no file named), and
+    the next epoch appended to it made a line `rayfine report` could not read either."""
+    import json
+
+    from rayfine.errors import RayfineError
+    from rayfine.report import train_report
+    from rayfine.train.driver import MetricsLog
+    from rayfine.train.worker import REPLAYED_FROM
+    from rayfine.tune.trial import EpochLog, read_epoch_log
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "config.yaml").write_text("train: {metric: val_accuracy}\n")
+    path = run / "train" / "metrics.jsonl"
+    epoch = {"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.5, "val_macro_f1": 0.4,
+             "samples_per_s": 10.0, "epoch_s": 1.0}
+    path.write_text(json.dumps(epoch) + "\n" + '{"epoch": 2, "train_loss": 0.5, "val_los')
+    log = MetricsLog(str(path))
+    assert log._logged_epochs() == {1}
+    log.after_report(None, [{**epoch, "epoch": 2, REPLAYED_FROM: "ckpt"}], None)  # a continuation replays epoch 2
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+    assert train_report(run).is_file()
+
+    trial = tmp_path / "trial" / "epochs.jsonl"
+    trial.parent.mkdir()
+    trial.write_text(json.dumps({**epoch, "checkpoint_path": "a"}) + "\n" + '{"epoch": 2, "tra')
+    assert [r["epoch"] for r in read_epoch_log(str(trial))] == [1]
+    EpochLog(str(trial)).after_report(None, [{**epoch, "epoch": 2}], None)
+    assert [r["epoch"] for r in read_epoch_log(str(trial))] == [1, 2]
+
+    from rayfine.rundir import jsonl_records
+
+    path.write_text(path.read_text().replace('{"epoch": 2', '{"epoch": 2,,', 1))  # damaged inside: named
+    with pytest.raises(RayfineError, match=r"metrics.jsonl: line 2 is not JSON \(.*\); it was edited or damaged"):
+        jsonl_records(path.read_text(), path)
+
+
+def test_a_file_written_again_keeps_its_mode(tmp_path):
+    """config.yaml keeps a tracking password: a user who made it private (chmod 600) kept it so
+    only until the next command wrote it again (0644 under the usual umask)."""
+    import stat
+
+    from rayfine.rundir import write_atomic
+
+    path = tmp_path / "config.yaml"
+    write_atomic(path, "a: 1\n")
+    path.chmod(0o600)
+    write_atomic(path, "a: 2\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "a: 2\n"
+
+
+def test_a_folder_of_the_run_this_account_cannot_write_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """check_storage looked at the run directory alone: a train/ left read-only (another account's
+    run, a restore from a backup) failed once Ray had started, naming a hidden temporary file."""
+    from rayfine.config import ConfigError, load_config
+    from rayfine.train import driver
+
+    cfg = load_config("resnet18_digits_tiny", ["name=x", f"storage.runs_dir={tmp_path}"])
+    locked = cfg.run_dir() / "train"
+    locked.mkdir(parents=True)
+    driver.check_storage(cfg)
+    real_access = os.access  # the tests may run as root, whom os.access lets write anywhere
+    monkeypatch.setattr(driver.os, "access", lambda path, mode: real_access(path, mode) and Path(path) != locked)
+    with pytest.raises(ConfigError, match=rf"storage.runs_dir: this account may not write to {locked}, which this run "
+                                          r"writes to; give it write permission"):
+        driver.check_storage(cfg)

@@ -449,6 +449,12 @@ def test_build_app_args_are_checked(tmp_path):
         (tmp_path / sub / "config.yaml").write_text("")
     assert resolve_checkpoint(tmp_path) == (tmp_path / "tune/best/checkpoint").resolve()
     assert resolve_checkpoint(tmp_path / "train") == (tmp_path / "train/checkpoint").resolve()
+    # An export stopped between its two renames left the winner aside as checkpoint.old: the run's
+    # other model (train/checkpoint) is not served in its place.
+    (tmp_path / "tune/best/checkpoint").rename(tmp_path / "tune/best/checkpoint.old")
+    with pytest.raises(CheckpointError, match=r"tune/best/checkpoint is missing and .*checkpoint.old holds the "
+                                              r"checkpoint it replaced: .*rename checkpoint.old back to checkpoint"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_text_pair_models_take_text_pairs_and_single_text_models_refuse_them():
@@ -1525,6 +1531,54 @@ def test_batch_statistics_can_be_read_while_a_forward_pass_records_a_new_batch_s
     stats.record(3, (1, 2, 3))
     assert seen[0] == [] and seen[1][0]["batch_size"] == 3 and seen[1][0]["compute_infer"] == {"count": 1, "ns": 2}
     assert stats.batch_stats()[0]["compute_input"] == {"count": 2, "ns": 2}
+
+
+def test_two_deploys_that_find_the_turns_holder_gone_take_it_one_at_a_time(monkeypatch):
+    """Deploy b read the killed holder's turn, and before it deleted it, deploy a had deleted it and
+    taken its own: b then deleted a's and took its own, and both applied their apps at once."""
+    from ray.experimental import internal_kv
+
+    from rayfine.serve import deploy as deploy_module
+
+    kv, _ = fake_gcs_kv(monkeypatch)
+    key = (deploy_module.DEPLOY_LOCK_NAMESPACE, deploy_module.DEPLOY_LOCK_KEY)
+    kv[key] = b"gone-host:1:x:0.0"  # a holder killed long ago
+    monkeypatch.setattr(deploy_module, "DEPLOY_LOCK_SETTLE_S", 0.3)
+    b_read, a_holds, events = threading.Event(), threading.Event(), []
+    get, put = internal_kv._internal_kv_get, internal_kv._internal_kv_put
+
+    def slow_get(k, *, namespace=None):  # both read the gone holder's turn; b is slower to act on it
+        value = get(k, namespace=namespace)
+        if value == b"gone-host:1:x:0.0":
+            if threading.current_thread().name == "a":
+                b_read.wait(3)
+            else:
+                b_read.set()
+                a_holds.wait(3)
+        return value
+
+    def noting_put(k, value, overwrite=True, *, namespace=None):
+        held = put(k, value, overwrite, namespace=namespace)
+        if threading.current_thread().name == "a" and not held:
+            a_holds.set()
+        return held
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", slow_get)
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", noting_put)
+
+    def deploy():
+        with deploy_module._deploy_lock(log=lambda *_: None, timeout_s=10):
+            events.append(("in", threading.current_thread().name))
+            time.sleep(0.5)
+            events.append(("out", threading.current_thread().name))
+
+    threads = [threading.Thread(target=deploy, name=name) for name in ("a", "b")]
+    threads[0].start()
+    threads[1].start()
+    for thread in threads:
+        thread.join(15)
+    assert len(events) == 4 and events[0][1] == events[1][1] and events[2][1] == events[3][1], events  # one at a time
+    assert kv == {}
 
 
 def test_two_deploys_at_once_keep_both_apps(fake_serve, monkeypatch):

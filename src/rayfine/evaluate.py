@@ -91,7 +91,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, ds: ray.data.Dataset, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "eval.json", metrics.json_text(report, indent=1))
     text = classification_report_text(y_true, log_probs.argmax(axis=1), ckpt.labels, split)
-    (out_dir / "classification_report.txt").write_text(f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
+    write_atomic(out_dir / "classification_report.txt", f"{split} split of {ckpt.cfg.data.source}\n\n{text}")
     plot_confusion_matrix(np.asarray(report["confusion_matrix"]), ckpt.labels, out_dir / "confusion_matrix.png", title=f"{ckpt.cfg.name}: {split}")
     log(f"[eval] {split}: accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  loss {report['loss']:.4f}  ({report['num_samples']} examples)")
     return report

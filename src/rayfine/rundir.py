@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +118,43 @@ def save_config(run_dir: Path, command: str, config_yaml: str) -> None:
         write_atomic(path, config_yaml)
 
 
+def jsonl_records(text: str, path) -> list[dict]:
+    """The records of a JSON Lines run file's ``text`` (metrics.jsonl, a trial's epochs.jsonl). A last
+    line without its newline is not a record yet: still being appended, or cut short by a kill or a
+    full disk (``append_line`` removes it before the next record). A line that is not JSON is a
+    RayfineError naming the file and the line."""
+    records = []
+    for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RayfineError(f"{path}: line {number} is not JSON ({e.msg}, column {e.colno}); it was edited "
+                                   "or damaged: remove that line") from None
+    return records
+
+
+def complete_length(path: Path | str) -> int:
+    """The bytes of ``path`` up to its last newline: where ``append_line`` writes the next record."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.rfind(b"\n") + 1
+
+
+def append_line(path: Path | str, line: str) -> None:
+    """Append one record to a local JSON Lines run file. A last line cut short before (a disk that
+    filled mid-write, a kill) is removed first: appended to, it would merge with the new record into
+    a line no reader can parse, and every later continuation and report would fail on it."""
+    with open(path, "a+b") as f:  # every write goes to the end (O_APPEND)
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write(line.encode() + b"\n")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: a temporary file beside it, then os.replace. A process
     killed (or a disk filled) mid-write leaves the previous file, or none, never a truncated one
@@ -128,6 +167,10 @@ def write_atomic(path: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
+            # A file written again keeps its mode: a config.yaml the user made private (chmod 600: a
+            # tracking password stays in it) stays private.
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

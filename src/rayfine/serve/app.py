@@ -50,6 +50,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for candidate in (path, path / "checkpoint", path / "tune" / "best" / "checkpoint", path / "train" / "checkpoint"):
         if (candidate / "model.safetensors").is_file() and (candidate / "config.yaml").is_file():
             return candidate
+        aside = candidate.with_name(candidate.name + ".old")  # checkpoints.export_checkpoint's swap
+        if candidate != path and not candidate.exists() and (aside / "model.safetensors").is_file():
+            # Not the next candidate (a search's winner would be served as the training run's model).
+            raise CheckpointError(f"{candidate} is missing and {aside} holds the checkpoint it replaced: an export "
+                                  f"is swapping it in, or stopped part-way; try again, or if it stays so, "
+                                  f"rename {aside.name} back to {candidate.name}")
     raise CheckpointError(
         f"{path} holds no checkpoint: give a checkpoint directory (model.safetensors, config.yaml, labels.json) "
         "or a run directory with tune/best/checkpoint or train/checkpoint"

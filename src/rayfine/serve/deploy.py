@@ -338,6 +338,8 @@ def deploy(
 # is presumed gone. Serve's own `serve deploy` does not take this turn.
 DEPLOY_LOCK_KEY, DEPLOY_LOCK_NAMESPACE = "rayfine_deploy_lock", "rayfine"
 DEPLOY_LOCK_STALE_S = 120.0
+# How long a deploy that took the turn over from a gone holder waits before it trusts it holds it.
+DEPLOY_LOCK_SETTLE_S = 1.0
 
 
 @contextlib.contextmanager
@@ -347,8 +349,19 @@ def _deploy_lock(log: Callable[[str], None] = print, timeout_s: float = 300.0) -
 
     key, namespace = DEPLOY_LOCK_KEY, DEPLOY_LOCK_NAMESPACE
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}:{time.time()}"
-    deadline, said = time.time() + timeout_s, False
-    while internal_kv._internal_kv_put(key, token, overwrite=False, namespace=namespace):  # True: already held
+    deadline, said, took_over = time.time() + timeout_s, False, False
+    while True:
+        if not internal_kv._internal_kv_put(key, token, overwrite=False, namespace=namespace):  # False: ours now
+            if not took_over:
+                break
+            # Another deploy that found the same holder gone may delete the turn just taken and take
+            # its own (the key-value store has no compare-and-delete): after a takeover, the turn is
+            # ours only if it still is a moment later.
+            time.sleep(DEPLOY_LOCK_SETTLE_S)
+            if internal_kv._internal_kv_get(key, namespace=namespace) == token.encode():
+                break
+            took_over = False
+            continue
         held = internal_kv._internal_kv_get(key, namespace=namespace)
         try:
             since = float(held.decode().rsplit(":", 1)[1]) if held else time.time()
@@ -356,6 +369,7 @@ def _deploy_lock(log: Callable[[str], None] = print, timeout_s: float = 300.0) -
             since = time.time()
         if time.time() - since > DEPLOY_LOCK_STALE_S:
             internal_kv._internal_kv_del(key, namespace=namespace)
+            took_over = True
             continue
         if time.time() > deadline:
             raise DeployError(f"another rayfine deploy on this cluster has held its turn for {time.time() - since:.0f}s; "

@@ -29,7 +29,7 @@ from rayfine.errors import DataError, TrainingError
 from rayfine.metrics import is_finite_number, json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
-from rayfine.rundir import holding, save_config, saved_config
+from rayfine.rundir import append_line, complete_length, holding, jsonl_records, save_config, saved_config
 from rayfine.tracking import RunTracker, check_mlflow_store, mlflow_target, read_state, reusable_run_id, write_state
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
@@ -60,15 +60,14 @@ class MetricsLog(UserCallback):
         line = {k: metrics[0][k] for k in METRIC_KEYS if k in metrics[0]}
         if REPLAYED_FROM in metrics[0] and line["epoch"] in self._logged_epochs():
             return
-        with open(self.path, "a") as f:
-            f.write(json_text(line) + "\n")
+        append_line(Path(self.path), json_text(line))
 
     def _logged_epochs(self) -> set[int]:
         try:
             text = Path(self.path).read_text()
         except FileNotFoundError:
             return set()
-        return {json.loads(x)["epoch"] for x in text.splitlines() if x.strip()}
+        return {record["epoch"] for record in jsonl_records(text, self.path)}
 
 
 def split_for_workers(cfg: Config, datasets: dict[str, ray.data.Dataset]) -> dict[str, list]:
@@ -283,6 +282,12 @@ def check_storage(cfg: Config) -> None:
             raise ConfigError([f"{field}: {path} cannot be created: {existing} is not a directory"])
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError([f"{field}: {path} cannot be created: this account may not write to {existing}"])
+        # An earlier run's folders inside it (train/, tune/best/, Ray Train's train/) are written to as well.
+        inside = (d for d in (*path.glob("*"), *path.glob("*/*")) if d.is_dir() and not d.is_symlink())
+        locked = next((d for d in inside if not os.access(d, os.W_OK | os.X_OK)), None)
+        if locked is not None:
+            raise ConfigError([(f"{field}: this account may not write to {locked}, which this run writes to; give it "
+                                "write permission (chmod -R u+w), or choose another `name` (--set name=...)")])
 
 
 def train_state(cfg: Config) -> bool | None:
@@ -320,7 +325,7 @@ def _check_state_kept(cfg: Config) -> None:
     hand, another machine's local storage), Ray Train starts again from epoch 1 while metrics.jsonl
     already holds the epochs trained before, and every one of them would be logged twice."""
     metrics = cfg.run_dir() / "train" / "metrics.jsonl"
-    logged = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    logged = len(jsonl_records(metrics.read_text(), metrics))
     if logged and train_state(cfg) is False:
         raise ConfigError([(
             f"{cfg.run_dir()} holds {logged} trained epoch(s) of this run, but its checkpoints under "
@@ -392,8 +397,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None]) -> None:
-    offset = path.stat().st_size if path.exists() else 0
+def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], offset: int = 0) -> None:
+    """Calls ``on_line`` with each record appended to ``path`` after its first ``offset`` bytes, until
+    ``stop`` is set (the records appended by then included)."""
     while True:
         done = stop.is_set()
         if path.exists():
@@ -449,7 +455,7 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
     save_config(run_dir, "train", cfg.to_yaml())
     metrics_path = train_dir / "metrics.jsonl"
     if continuing and metrics_path.exists():
-        done = len(metrics_path.read_text().splitlines())
+        done = len(jsonl_records(metrics_path.read_text(), metrics_path))
         log(f"[train] continuing {run_dir} after {done} finished epoch(s)")
     if datasets is None or info is None:
         datasets, info = build_datasets(cfg, log=log)
@@ -460,7 +466,7 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
                             train_loop=train_loop)
     log(f"[train] {cfg.model.name} on {cfg.scaling.num_workers} DDP worker(s), {cfg.train.epochs} epoch(s) -> {run_dir}")
     tracker = _open_tracker(cfg, train_dir, continuing)
-    done = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
+    done = len(jsonl_records(metrics_path.read_text(), metrics_path)) if metrics_path.exists() else 0
     progress = Progress(total=cfg.train.epochs, desc="epochs", log=log, initial=min(done, cfg.train.epochs))
 
     def on_epoch(m: dict) -> None:
@@ -469,7 +475,9 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
         tracker.log_epoch(m)
 
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(metrics_path, stop, on_epoch), daemon=True)
+    # From the end of the epochs logged before (a line cut short is replaced there: append_line).
+    offset = complete_length(metrics_path) if metrics_path.exists() else 0
+    follower = threading.Thread(target=_follow, args=(metrics_path, stop, on_epoch, offset), daemon=True)
     follower.start()
     try:
         try:

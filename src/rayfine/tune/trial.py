@@ -20,6 +20,7 @@ from ray.train import UserCallback
 
 from rayfine.config import Config, parse_search_spec
 from rayfine.metrics import json_text, nan_for_null
+from rayfine.rundir import append_line, jsonl_records
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
 
 EPOCH_LOG = "epochs.jsonl"
@@ -71,9 +72,8 @@ def read_epoch_log(path: str) -> Iterator[dict]:
             text = f.read().decode()
     except FileNotFoundError:
         return
-    for line in text.splitlines():
-        if line.strip():
-            yield nan_for_null(json.loads(line), METRIC_KEYS)  # written by json_text: null for a NaN
+    for record in jsonl_records(text, path):
+        yield nan_for_null(record, METRIC_KEYS)  # written by json_text: null for a NaN
 
 
 class EpochLog(UserCallback):
@@ -101,8 +101,7 @@ class EpochLog(UserCallback):
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(self.path)
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             os.makedirs(os.path.dirname(fs_path), exist_ok=True)
-            with open(fs_path, "a") as f:
-                f.write(line + "\n")
+            append_line(fs_path, line)
         else:  # object stores cannot append: rewrite the (few-line) file
             previous = "".join(json_text(r) + "\n" for r in read_epoch_log(self.path))
             with fs.open_output_stream(fs_path) as f:
