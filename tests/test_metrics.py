@@ -46,6 +46,28 @@ def test_label_names_are_plotted_as_text_not_mathtext(tmp_path):
     assert path.stat().st_size > 0
 
 
+def test_plots_leave_the_processs_matplotlib_backend_alone(tmp_path):
+    """report.py chose the Agg backend for the whole process (matplotlib.use), which turned a
+    notebook's inline plots off after any training run, search or report."""
+    import matplotlib
+
+    from rayfine.report import plot_confusion_matrix, plot_learning_curves, plot_search_overview
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # standing in for a notebook's own backend
+    try:
+        plot_confusion_matrix(np.eye(2, dtype=np.int64), ["a", "b"], tmp_path / "cm.png")
+        rows = [{"epoch": 1, "val_loss": 0.5, "train_loss": 0.6, "val_accuracy": 0.7}]
+        plot_learning_curves({"t1": rows, "t2": rows}, tmp_path / "curves.png", "val_accuracy", stopped=frozenset({"t2"}))
+        plot_search_overview({"t1": {"params": {"train.lr": 0.1}, "best": 0.7, "epochs": 1}}, ["train.lr"],
+                             "val_accuracy", tmp_path / "overview.png", epochs=2)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    for name in ("cm.png", "curves.png", "overview.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_trial_ids_read_back_as_written(tmp_path):
     """Tune's ids are 5 hex digits and a counter; float() reads "12345_00001" as a number."""
     from rayfine.report import read_trials

@@ -141,6 +141,28 @@ def test_a_hugging_face_model_with_pickled_weights_only_is_refused(tmp_path):
         build_model(load_config("resnet18_digits", [f"model.name={tmp_path / 'm'}", "data.image_size=16"]), LABELS)
 
 
+def test_loading_a_transformers_model_puts_its_logging_and_progress_bars_back():
+    """rayfine quiets transformers while it loads a model (its load report, its progress bars), and
+    left it quiet for the rest of the process: a notebook's own later loads showed neither."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from rayfine.data.text import load_tokenizer
+    from rayfine.models import resolve_model_source
+
+    cfg = load_config("minilm_rotten_tomatoes_tiny")
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        check_model(cfg)
+        build_model(cfg, ["neg", "pos"])
+        load_tokenizer(resolve_model_source("minilm"))
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    finally:
+        hf_logging.set_verbosity_warning()
+
+
 def test_minilm_text_classifier_loads_offline_with_a_new_head():
     cfg = load_config("minilm_rotten_tomatoes_tiny")
     model = build_model(cfg, ["negative", "positive"]).eval()

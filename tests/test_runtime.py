@@ -191,3 +191,48 @@ def test_an_embedded_rays_new_token_is_readable_by_this_account_only(tmp_path):
     for setting in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "from-env"}):
         assert restrict_token_file({"HOME": str(tmp_path / "other"), **setting}) is None
     assert not (tmp_path / "other").exists()
+
+
+SESSION_PROBE = """
+import json, logging, os, signal
+from ray.data import DataContext
+from rayfine.runtime import PG_CLEANER_LOGGER, RAY_INIT_ENV, WORKER_ENV, ray_session
+
+def mine(signum, frame):
+    pass
+
+signal.signal(signal.SIGTERM, mine)
+signal.signal(signal.SIGUSR1, mine)
+os.environ["RAY_USAGE_STATS_ENABLED"] = "1"
+
+def state():
+    ctx = DataContext.get_current()
+    return {"env": {k: os.environ.get(k) for k in (*WORKER_ENV, *RAY_INIT_ENV)},
+            "sigterm": signal.getsignal(signal.SIGTERM) is mine, "sigusr1": signal.getsignal(signal.SIGUSR1) is mine,
+            "levels": [logging.getLogger(n).level for n in ("ray", "ray.data")],
+            "bars": [ctx.enable_progress_bars, ctx.print_on_execution_start],
+            "filters": len(logging.getLogger(PG_CLEANER_LOGGER).filters)}
+
+before = state()
+with ray_session(log=lambda *_: None):
+    during = state()
+print(json.dumps([before, during, state()]))
+"""
+
+
+def test_a_session_leaves_the_process_as_it_found_it():
+    """rayfine as a library (a notebook, a script that goes on): ray.init replaced the caller's SIGTERM
+    handler with Ray's (which exits), and the session left its environment variables, the ray and
+    ray.data loggers' levels and Ray Data's progress bars changed for the rest of the process."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_LOG_LEVEL", "PYTHONBREAKPOINT")}
+    proc = subprocess.run([sys.executable, "-c", SESSION_PROBE], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, during, after = json.loads(proc.stdout.splitlines()[-1])
+    for key in ("env", "levels", "bars", "filters"):
+        assert during[key] != before[key], key  # what the session changes, so that the test can tell
+    assert during["sigterm"] is False  # rayfine's own while the session is open (Terminated)
+    assert after == before

@@ -550,3 +550,39 @@ def test_ranking_by_train_loss_while_searching_how_it_is_weighed_is_refused():
     assert problem.startswith("tune.metric: train_loss includes train.label_smoothing, which the search varies")
     assert check_search(load_config("resnet18_digits_tiny", ["tune.metric=val_loss", smoothing])) == []
     assert check_search(load_config("resnet18_digits_tiny", ["tune.metric=train_loss"])) == []
+
+
+def test_a_search_puts_back_the_signal_handlers_and_environment_tune_changes(monkeypatch):
+    """Tune installs its stop handler for SIGUSR1 as for SIGINT and leaves it installed: after a
+    search, a SIGUSR1 to the caller's process logged "Stop signal received" and put the SIGINT
+    handler of before the search back. RAY_AIR_NEW_OUTPUT=0 (Tune's console output off) stayed set."""
+    import os
+    import signal
+
+    from rayfine.tune.search import _fit
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    seen = []
+
+    def mine(signum, frame):
+        pass
+
+    def tunes(signum, frame):
+        pass
+
+    class Tuner:  # what ray.tune.tune._setup_signal_catching does in fit()
+        def fit(self):
+            seen.append(os.environ.get("RAY_AIR_NEW_OUTPUT"))
+            signal.signal(signal.SIGINT, tunes)
+            signal.signal(signal.SIGUSR1, tunes)
+            return "results"
+
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        assert _fit(Tuner()) == ("results", False)
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert seen == ["0"] and "RAY_AIR_NEW_OUTPUT" not in os.environ

@@ -24,11 +24,13 @@ Every builder records which parameters are new (not loaded from pretrained weigh
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import pickle
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -324,12 +326,27 @@ def absolute_model_paths(cfg: Config) -> Config:
     return cfg.model_copy(update={"model": m.model_copy(update=update)}) if update else cfg
 
 
-def quiet_transformers() -> None:
-    """transformers 5 prints a load report and progress bars for every model; rayfine logs its own."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers 5 prints a load report and progress bars for every model; rayfine logs its own.
+    Meanwhile transformers logs errors only and shows no progress bars (its own and huggingface_hub's,
+    which it turns off with its own); both are put back after, for a program that goes on loading
+    models (a notebook). A context manager, and a decorator: ``@quiet_transformers()``."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars, hub_bars_off = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                     are_progress_bars_disabled())
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
 
 
 def _hf_auto_class(cfg: Config):
@@ -378,10 +395,10 @@ def _hf_label_kwargs(cfg: Config, labels: list[str], config: Any = None) -> dict
     return {**kwargs, **dict(cfg.model.config_overrides)}
 
 
+@quiet_transformers()
 def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     import transformers
 
-    quiet_transformers()
     source = resolve_model_source(cfg.model.name)
     auto = _hf_auto_class(cfg)
     try:
@@ -515,6 +532,7 @@ def _check_model(cfg: Config) -> None:
     check_image_size(cfg)
 
 
+@quiet_transformers()
 def _check_hf_source(cfg: Config) -> None:
     """A Hugging Face ``model.name`` as the workers will build it, checked on the driver (each worker
     would fail, after Ray started, train.max_failures times over): its config must load here (a
@@ -534,7 +552,6 @@ def _check_hf_source(cfg: Config) -> None:
     m = cfg.model
     if m.name in MODEL_BUILDERS:
         return
-    quiet_transformers()
     source = resolve_model_source(m.name)
     overrides = dict(m.config_overrides)
     if not m.pretrained and source in transformers.CONFIG_MAPPING:  # a model type of transformers' own
@@ -597,6 +614,7 @@ def _check_safetensors_weights(name: str, source: str) -> None:
             raise ConfigError([f"model.name: cannot read {single} ({type(e).__name__}: {str(e)[:200]})"]) from None
 
 
+@quiet_transformers()
 def _check_channel_order(cfg: Config) -> None:
     """A pretrained Hugging Face image model whose image processor flips RGB to BGR
     (``do_flip_channel_order``: MobileViT, MobileViTV2) learnt on BGR images; rayfine's
@@ -606,7 +624,6 @@ def _check_channel_order(cfg: Config) -> None:
         return
     import transformers
 
-    quiet_transformers()
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name),
                                                                    trust_remote_code=False)
@@ -620,6 +637,7 @@ def _check_channel_order(cfg: Config) -> None:
         )])
 
 
+@quiet_transformers()
 def token_limits(name: str, pair: bool) -> tuple[int, Any]:
     """The fewest and the most tokens ``data.max_length`` may be for the text model ``model.name``:
     one more than the special tokens its tokenizer adds to a text (or a text pair: [CLS] and
@@ -630,7 +648,6 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
 
     from rayfine.data.text import load_tokenizer
 
-    quiet_transformers()
     source = resolve_model_source(name)
     try:
         tokenizer = load_tokenizer(source)
@@ -694,6 +711,7 @@ def position_limit(config) -> int | None:
     return most
 
 
+@quiet_transformers()
 def check_image_size(cfg: Config) -> None:
     """``_check_image_size`` on the driver, before the data is prepared and the workers start (and
     retry): the model is built from its config.json alone, with random weights, and only when its
@@ -702,7 +720,6 @@ def check_image_size(cfg: Config) -> None:
         return
     import transformers
 
-    quiet_transformers()
     source = resolve_model_source(cfg.model.name)
     try:
         kwargs = _hf_label_kwargs(cfg, ["0", "1"], _hf_config(cfg))
@@ -761,6 +778,7 @@ def _check_image_size(model: nn.Module, cfg: Config) -> None:
         model.train(was_training)
 
 
+@quiet_transformers()
 def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None = None) -> Config:
     """``cfg`` with unset ``data.mean``/``data.std`` taken from a pretrained Hugging Face image
     model's own image processor (its preprocessor_config.json, as ``AutoImageProcessor`` loads
@@ -780,7 +798,6 @@ def with_pretrained_normalization(cfg: Config, log: Callable[[str], None] | None
         return cfg
     import transformers
 
-    quiet_transformers()
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(resolve_model_source(cfg.model.name),
                                                                    trust_remote_code=False)
@@ -871,6 +888,7 @@ def is_hugging_face(model: nn.Module) -> bool:
     return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
+@quiet_transformers()
 def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn.Module:
     """The architecture of a saved checkpoint, with random weights, built from its files alone.
 
@@ -883,7 +901,6 @@ def model_from_checkpoint(directory: Path, cfg: Config, labels: list[str]) -> nn
         return MODEL_BUILDERS[cfg.model.name](cfg.model_copy(update={"model": bare}), labels)
     import transformers
 
-    quiet_transformers()
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} holds a Hugging Face model but no config.json")
     try:

@@ -24,25 +24,25 @@ import numpy as np
 
 from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
-from rayfine.rundir import saved_config
+from rayfine.rundir import jsonl_records, saved_config, write_atomic
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure made without pyplot, as matplotlib's "Embedding in a web application server" does:
+    no backend is chosen for the process (a notebook's inline backend stays its own) and no figure
+    is left registered to close; savefig renders it with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> Path:
-    plt = _pyplot()
     n = len(labels)
     size = min(12.0, 2.5 + 0.45 * n)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = _figure(size, size)
+    ax = fig.subplots()
     rows = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -61,7 +61,6 @@ def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Pat
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -69,8 +68,8 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, h
                          stopped: frozenset = frozenset(), epochs: Optional[int] = None) -> Path:
     """Loss and the validation metric per epoch, one line per run (trial); an x marks where a
     trial was stopped early (by ASHA or halving)."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = _figure(12, 4.5)
+    ax_loss, ax_metric = fig.subplots(1, 2)
     many = len(runs) > 1
     for name, rows in runs.items():
         epochs_seen = [r["epoch"] for r in rows]
@@ -95,7 +94,6 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, h
         ax_metric.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -103,8 +101,8 @@ def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, 
                          epochs: int, highlight: Optional[str] = None) -> Path:
     """One scatter per sampled hyperparameter: its value against the trial's best metric; the
     colour is how many epochs the trial ran (pale: stopped early)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 4), squeeze=False)
+    fig = _figure(4.5 * max(1, len(keys)), 4)
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, key in zip(axes[0], keys):
         values = [t["params"].get(key) for t in trials.values()]
@@ -128,7 +126,6 @@ def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, 
         ax.grid(alpha=0.3)
     fig.colorbar(points, ax=axes[0].tolist(), label="epochs run")
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -230,10 +227,8 @@ def _config_section(run_dir: Path, config_path: Path) -> str:
 def train_report(run_dir: Path) -> Path:
     """<run>/train/report.html from metrics.jsonl, eval.json and the config."""
     train_dir = run_dir / "train"
-    text = (train_dir / "metrics.jsonl").read_text()
-    if not text.endswith("\n"):  # a last line still being appended (or cut short by a kill): not an epoch yet
-        text = text[: text.rfind("\n") + 1]
-    lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+    # A last line still being appended (or cut short by a kill) is not an epoch yet.
+    lines = jsonl_records((train_dir / "metrics.jsonl").read_text(), train_dir / "metrics.jsonl")
     if not lines:
         raise RayfineError(f"{train_dir / 'metrics.jsonl'} has no epochs yet; nothing to report")
     metric = _metric_of(saved_config(run_dir, "train"), "train")
@@ -254,7 +249,7 @@ def train_report(run_dir: Path) -> Path:
         _config_section(run_dir, saved_config(run_dir, "train")),
     ]
     out = train_dir / "report.html"
-    out.write_text(_page(f"{run_dir.name}: training run", f"{run_dir}", sections))
+    write_atomic(out, _page(f"{run_dir.name}: training run", f"{run_dir}", sections))
     return out
 
 
@@ -353,7 +348,7 @@ def tune_report(run_dir: Path) -> Path:
         _config_section(run_dir, saved_config(run_dir, "tune")),
     ]
     out = tune_dir / "report.html"
-    out.write_text(_page(f"{run_dir.name}: hyperparameter search", f"{run_dir}", sections))
+    write_atomic(out, _page(f"{run_dir.name}: hyperparameter search", f"{run_dir}", sections))
     return out
 
 

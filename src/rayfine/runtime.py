@@ -84,6 +84,56 @@ def worker_runtime_env(environ: Optional[dict] = None) -> dict:
     return {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in env}}
 
 
+# What ray.init sets in this process's environment besides quiet_ray's WORKER_ENV (breakpoint() to
+# Ray's debugger; the session's auth mode; usage stats off), and ray.shutdown leaves.
+RAY_INIT_ENV = ("PYTHONBREAKPOINT", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+
+
+@contextlib.contextmanager
+def restored_environ(*keys: str) -> Iterator[None]:
+    """``os.environ``'s ``keys`` put back on exit as they were on entry (set, changed or removed meanwhile)."""
+    before = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def borrowed_process_state() -> Iterator[None]:
+    """What a Ray session of rayfine's changes in this process, put back after it, for a program that
+    goes on (a notebook, a script): the environment variables quiet_ray and ray.init set, the
+    handlers ray.init installs (SIGTERM: Ray's own exits the process) and Tune (SIGUSR1), the ``ray``
+    and ``ray.data`` loggers' levels, Ray Data's progress-bar settings and the cleanup filter."""
+    from ray.data import DataContext
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    levels = {name: logging.getLogger(name).level for name in ("ray", "ray.data")}
+    ctx = DataContext.get_current()
+    flags = {name: getattr(ctx, name) for name in ("enable_progress_bars", "print_on_execution_start")}
+    cleaner = logging.getLogger(PG_CLEANER_LOGGER)
+    filtered = _ROUTINE_CLEANUP_FILTER in cleaner.filters
+    try:
+        with restored_environ(*WORKER_ENV, *RAY_INIT_ENV):
+            yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: not installed from Python, cannot be put back
+                signal.signal(signum, handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, value in flags.items():
+            setattr(ctx, name, value)
+        if not filtered:
+            cleaner.removeFilter(_ROUTINE_CLEANUP_FILTER)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, Kubernetes stopping a pod, `ray job stop`) while a session is open: it unwinds
     as Ctrl-C does, so that the session still shuts down, and ``terminated()`` tells the two apart.
@@ -124,7 +174,8 @@ def _terminable() -> Iterator[None]:
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
     """Yields True when this call started (and will stop) an embedded local Ray. SIGTERM meanwhile
-    raises ``Terminated`` (a KeyboardInterrupt), which stops the session on its way out."""
+    raises ``Terminated`` (a KeyboardInterrupt), which stops the session on its way out; after it,
+    the process is as it was (``borrowed_process_state``)."""
     import ray
 
     if ray.is_initialized():
@@ -142,19 +193,20 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
             "give --address, or unset RAY_ADDRESS for an embedded Ray"
         )])
     runtime_env = worker_runtime_env()
-    quiet_ray()
-    if address:
-        log(f"[ray] connecting to {address}")
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
-        try:
-            with _terminable():
-                yield False
-        finally:
-            ray.shutdown()
-    else:
-        log("[ray] starting an embedded local Ray")
-        with local_ray(runtime_env, logging_level=logging.WARNING), _terminable():
-            yield True
+    with borrowed_process_state():
+        quiet_ray()
+        if address:
+            log(f"[ray] connecting to {address}")
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+            try:
+                with _terminable():
+                    yield False
+            finally:
+                ray.shutdown()
+        else:
+            log("[ray] starting an embedded local Ray")
+            with local_ray(runtime_env, logging_level=logging.WARNING), _terminable():
+                yield True
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"

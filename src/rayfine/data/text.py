@@ -58,9 +58,9 @@ def _load_tokenizer(source: str, stamp: tuple):
 
     from rayfine.models import quiet_transformers
 
-    quiet_transformers()
-    # trust_remote_code=False: never the code a model directory names (transformers would ask on stdin).
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    with quiet_transformers():
+        # trust_remote_code=False: never the code a model directory names (transformers would ask on stdin).
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         # Decoder models (GPT-2, Llama) come without one; the usual fix reuses a token the model has:
         # a new one would need the model's embeddings resized, which rayfine does not do.

@@ -11,6 +11,7 @@ trial's Ray Train run in <storage>/trials/trial_<id> (per-epoch checkpoints). <s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import holding, save_config, saved_config, write_atomic
+from rayfine.runtime import restored_environ
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import (
@@ -153,9 +155,6 @@ def _search_saved(cfg: Config) -> bool:
 def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bool, log) -> dict[str, Any]:
     started = time.time()
     t = cfg.tune
-    # Tune's own console output (a header, its periodic tables) would interleave with the live
-    # table; the legacy reporter at verbose=0 prints nothing.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     run_dir, path = cfg.run_dir(), experiment_path(cfg)
     epochs = base.train.epochs
     keys = list(t.search_space)
@@ -240,16 +239,24 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
     trials as if they had finished, so the results alone cannot tell. For the loop it installs its
     own SIGINT handler, which it replaces with the previous one when such a signal arrives and
     otherwise leaves installed (it would swallow the next Ctrl-C). So: the previous handler back
-    means the search was interrupted; either way the previous handler is put back."""
+    means the search was interrupted; either way the previous handler is put back, and SIGUSR1's
+    (Tune's stays installed otherwise)."""
+    main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
-    tune_handles = (threading.current_thread() is threading.main_thread()
-                    and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))
+    previous_usr1 = signal.getsignal(signal.SIGUSR1)  # Tune's handler too, left installed
+    tune_handles = main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
     try:
-        results = tuner.fit()
+        # Tune's own console output (a header, its periodic tables) would interleave with the live
+        # table; the legacy reporter at verbose=0 prints nothing.
+        with restored_environ("RAY_AIR_NEW_OUTPUT"):
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+            results = tuner.fit()
     finally:
         interrupted = tune_handles and signal.getsignal(signal.SIGINT) is previous
         if tune_handles:
             signal.signal(signal.SIGINT, previous)
+        if main and previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, previous_usr1)
     return results, interrupted
 
 
@@ -401,10 +408,11 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     tune_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(results, keys, epochs, trials_root(cfg))
     columns = ["trial_id", *keys, *METRIC_KEYS, "status"]
-    with (tune_dir / "trials.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(tune_dir / "trials.csv", table.getvalue())
 
     trials = {}
     for r in rows:
@@ -439,7 +447,7 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     best_dir.mkdir(parents=True, exist_ok=True)
     # Its own name: `rayfine train` on this file trains the winner into a run directory of its own.
     reproduce = winner.with_overrides([f"name={cfg.name[: 100 - len(BEST_SUFFIX)]}{BEST_SUFFIX}"])
-    (best_dir / "config.yaml").write_text(reproduce.to_yaml())
+    write_atomic(best_dir / "config.yaml", reproduce.to_yaml())  # a cut file could still parse, as other settings
     log(f"[tune] best: trial {best['trial_id']} ({', '.join(f'{k}={v}' for k, v in overrides.items())}), "
         f"{t.metric} {best[t.metric]:.4f} at epoch {best['epoch']}")
     eval_started = time.time()
