@@ -251,3 +251,52 @@ def test_a_checkpoints_log_probabilities_are_its_probabilities_logarithms_comput
     log_probs = ckpt.predict_log_proba(inputs)
     assert not log_probs.requires_grad  # .numpy() works, as evaluation calls it
     assert torch.allclose(log_probs.exp(), ckpt.predict_proba(inputs), atol=1e-6)
+
+
+def test_run_files_edited_or_damaged_are_named(tmp_path):
+    """Hand-edited run files gave tracebacks that named no file: eval.json without per_class was
+    `KeyError: 'per_class'`, a config.yaml that is a list `AttributeError: 'list' object has no
+    attribute 'get'`, a metrics.jsonl line that is a list `TypeError: list indices must be integers`,
+    an empty train/config.yaml a continuation refused as a different config "(changed: )"."""
+    import json
+
+    from rayfine.config import load_config
+    from rayfine.errors import RayfineError
+    from rayfine.report import train_report, tune_report
+    from rayfine.train.driver import RESUMABLE_CHANGES, changes_since
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    cfg = load_config("resnet18_digits_tiny")
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    epoch = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.3, "val_accuracy": 0.9, "val_macro_f1": 0.9,
+             "samples_per_s": 10.0, "epoch_s": 1.0}
+    (run / "train" / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    (run / "train" / "eval.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(RayfineError, match=r"train/eval.json lacks per_class, confusion_matrix, .*: it was edited or "
+                                           "damaged"):
+        train_report(run)
+    (run / "train" / "eval.json").write_text("[]")
+    with pytest.raises(RayfineError, match=r"eval.json holds a JSON list, not an object"):
+        train_report(run)
+    (run / "train" / "eval.json").write_text("{}")  # empty: no evaluation, as before
+    assert "No evaluation was written" in train_report(run).read_text()
+    (run / "train" / "metrics.jsonl").write_text(json.dumps(epoch) + "\n[1]\n")
+    with pytest.raises(RayfineError, match=r"metrics.jsonl: line 2 is not an epoch's record"):
+        train_report(run)
+    (run / "train" / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    (run / "config.yaml").write_text("- name\n")
+    with pytest.raises(RayfineError, match=rf"{run / 'config.yaml'} is not a rayfine config; it was edited or damaged"):
+        train_report(run)
+    (run / "config.yaml").write_text("train: [\n")
+    with pytest.raises(RayfineError, match=r"config.yaml is not YAML \(.*\); it was edited or damaged"):
+        train_report(run)
+    (run / "config.yaml").write_text("")
+    with pytest.raises(RayfineError, match=r"config.yaml is not a rayfine config"):
+        changes_since(run / "config.yaml", cfg, RESUMABLE_CHANGES)
+
+    (run / "tune").mkdir()
+    (run / "tune" / "trials.csv").write_text("trial_id,epoch,val_accuracy,status\nt1,1,0.5,completed\n")
+    (run / "tune" / "summary.json").write_text('{"best": "t1"}')
+    with pytest.raises(RayfineError, match=r"summary.json: best is not an object"):
+        tune_report(run)

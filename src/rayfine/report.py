@@ -24,7 +24,7 @@ import numpy as np
 
 from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
-from rayfine.rundir import jsonl_records, saved_config, write_atomic
+from rayfine.rundir import jsonl_records, read_saved_config, saved_config, write_atomic
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
@@ -150,14 +150,25 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
         return [{k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path, needs: tuple[str, ...] = ()) -> Optional[dict]:
+    """A JSON object of the run directory, None if the file is missing; ``needs``: the keys an
+    object that is not empty must hold."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except ValueError as e:  # cut short by an older rayfine killed while writing it, or edited by hand
         raise RayfineError(f"{path} is not valid JSON ({e}): write it again with the command that wrote it, or "
                            "remove it") from None
+    missing = [key for key in needs if key not in value] if isinstance(value, dict) and value else []
+    if not isinstance(value, dict) or missing:
+        what = f"lacks {', '.join(missing)}" if missing else f"holds a JSON {type(value).__name__}, not an object"
+        raise RayfineError(f"{path} {what}: it was edited or damaged; write it again with the command that wrote "
+                           "it, or remove it")
+    return value
+
+
+EVAL_KEYS = ("per_class", "confusion_matrix", "accuracy", "macro_f1", "loss", "num_samples", "split")
 
 
 # --- HTML -------------------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ def train_report(run_dir: Path) -> Path:
     best = next((m for m in lines if m["epoch"] == exported.get("epoch")), None) or max(
         lines, key=lambda m: (_ranked(m.get(metric), sign), m["epoch"]))
     curves = plot_learning_curves({"run": lines}, train_dir / "learning_curves.png", metric)
-    evaluation = _read_json(train_dir / "eval.json")
+    evaluation = _read_json(train_dir / "eval.json", EVAL_KEYS)
     sections = [
         "<section id='best'><h2>Best epoch</h2>"
         f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{_fmt4(best.get(metric))}</b></p></section>",
@@ -260,10 +271,8 @@ def _metric_of(config_path: Path, section: str) -> str:
 
 
 def _section_of(config_path: Path, section: str) -> dict:
-    import yaml
-
-    raw = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    return raw.get(section) or {}
+    value = read_saved_config(config_path).get(section) if config_path.is_file() else None
+    return value if isinstance(value, dict) else {}
 
 
 def _is_number(value: Any) -> bool:
@@ -288,6 +297,9 @@ def tune_report(run_dir: Path) -> Path:
     tune_dir = run_dir / "tune"
     rows = read_trials(tune_dir / "trials.csv")
     summary = _read_json(tune_dir / "summary.json") or {}
+    if not isinstance(summary.get("best") or {}, dict):
+        raise RayfineError(f"{tune_dir / 'summary.json'}: best is not an object; it was edited or damaged: write it "
+                           "again with `rayfine tune --resume`, or remove it")
     metric = summary.get("metric") or _metric_of(saved_config(run_dir, "tune"), "tune")
     # summary.json's mode, else the config's tune.mode, else tune.metric_mode's default.
     mode = summary.get("mode") or _section_of(saved_config(run_dir, "tune"), "tune").get("mode") or (
@@ -344,7 +356,8 @@ def tune_report(run_dir: Path) -> Path:
         "<section id='curves'><h2>Learning curves</h2>" + curves + "</section>",
         "<section id='search'><h2>Hyperparameters against the metric</h2>" + overview
         + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",
-        _evaluation_section(_read_json(tune_dir / "best" / "eval.json"), tune_dir / "best" / "confusion_matrix.png"),
+        _evaluation_section(_read_json(tune_dir / "best" / "eval.json", EVAL_KEYS),
+                            tune_dir / "best" / "confusion_matrix.png"),
         _config_section(run_dir, saved_config(run_dir, "tune")),
     ]
     out = tune_dir / "report.html"

@@ -127,11 +127,31 @@ def jsonl_records(text: str, path) -> list[dict]:
     for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RayfineError(f"{path}: line {number} is not JSON ({e.msg}, column {e.colno}); it was edited "
                                    "or damaged: remove that line") from None
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise RayfineError(f"{path}: line {number} is not an epoch's record (a JSON object with an epoch); "
+                                   "it was edited or damaged: remove that line")
+            records.append(record)
     return records
+
+
+def read_saved_config(path: Path) -> dict:
+    """A config.yaml of the run directory as its mapping; a RayfineError naming the file when it is
+    not one (edited by hand, damaged), where YAML's error or a type error named none."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raw = e
+    if not isinstance(raw, dict):
+        what = f"not YAML ({str(raw).splitlines()[0]})" if isinstance(raw, yaml.YAMLError) else "not a rayfine config"
+        raise RayfineError(f"{path} is {what}; it was edited or damaged: write the config again (`rayfine validate "
+                           "CONFIG > that file`), or remove the run directory to start afresh")
+    return raw
 
 
 def complete_length(path: Path | str) -> int:

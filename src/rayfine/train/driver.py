@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import ray
 import ray.train
-import yaml
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -29,7 +28,15 @@ from rayfine.errors import DataError, TrainingError
 from rayfine.metrics import is_finite_number, json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
-from rayfine.rundir import append_line, complete_length, holding, jsonl_records, save_config, saved_config
+from rayfine.rundir import (
+    append_line,
+    complete_length,
+    holding,
+    jsonl_records,
+    read_saved_config,
+    save_config,
+    saved_config,
+)
 from rayfine.tracking import RunTracker, check_mlflow_store, mlflow_target, read_state, reusable_run_id, write_state
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM, train_loop_per_worker
 
@@ -368,8 +375,8 @@ def _check_same_storage(run_dir: Path, cfg: Config) -> None:
     """Refuse to continue the training run in ``run_dir`` with another storage.storage_path: Ray
     Train resumes from the checkpoints under the storage path, so under a new one the run would
     start again from epoch 1 while its metrics.jsonl already holds the epochs trained before."""
-    previous = yaml.safe_load(saved_config(run_dir, "train").read_text()) or {}
-    old = ((previous.get("storage") or {}) if isinstance(previous, dict) else {}).get("storage_path")
+    previous = read_saved_config(saved_config(run_dir, "train"))
+    old = (previous.get("storage") if isinstance(previous.get("storage"), dict) else {}).get("storage_path")
     new = cfg.storage.storage_path
     if _storage_of(old, run_dir) != _storage_of(new, run_dir):
         back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
@@ -384,10 +391,11 @@ def _check_same_storage(run_dir: Path, cfg: Config) -> None:
 def changes_since(previous_path: Path, cfg: Config, allowed: tuple[str, ...]) -> list[str]:
     """The dotted keys in which ``cfg`` differs from the config saved at ``previous_path``, apart
     from those under the ``allowed`` prefixes."""
+    previous = read_saved_config(previous_path)
     try:  # validated, so fields added to rayfine since that run compare as their defaults
-        previous = validate(yaml.safe_load(previous_path.read_text())).to_dict()
+        previous = validate(previous).to_dict()
     except ConfigError:
-        previous = yaml.safe_load(previous_path.read_text())
+        pass
     return [k for k in _diff(previous, cfg.to_dict()) if not k.startswith(allowed)]
 
 
