@@ -88,6 +88,97 @@ def test_a_reader_that_went_away_ends_the_command_quietly_with_141():
     assert (result.returncode, result.stderr) == (141, "")
 
 
+READER_GONE_MID_SEARCH = """
+import sys
+from ray.tune.error import TuneError
+from rayfine import cli
+
+def search(args):  # Tune's loop calls rayfine's progress callback, and wraps what it raised
+    try:
+        for epoch in range(100000):
+            print(f"[tune] t1 epoch {epoch}")
+    except BrokenPipeError as e:
+        raise TuneError("Traceback ... BrokenPipeError: [Errno 32] Broken pipe") from e
+
+cli.cmd_report = search
+sys.exit(cli.main(["report", "runs/x"]))
+"""
+
+EPOCH_LINES_GONE = """
+import sys, threading, time
+from pathlib import Path
+from rayfine.train import driver
+
+path = Path(sys.argv[1])
+path.write_text('{"epoch": 1}\\n')
+def shown(record):
+    raise BrokenPipeError(32, "Broken pipe")  # print() into a pipe whose reader went away
+
+threading.Thread(target=driver._follow, args=(path, threading.Event(), shown), daemon=True).start()
+try:
+    time.sleep(30)  # fit() training on, unseen
+except KeyboardInterrupt:
+    print("stopped as by Ctrl-C", file=sys.stderr)
+"""
+
+
+def _closed_pipe_run(script: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-c", script, *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_went_away_mid_run_ends_it_quietly_with_141(tmp_path):
+    """`rayfine tune ... | head -7`: Tune wrapped the BrokenPipeError of rayfine's progress line in
+    a TuneError, which exited 1 with a traceback; `rayfine train ... | head -5`: the thread printing
+    the epoch lines died with a traceback while training went on unseen."""
+    result = _closed_pipe_run(READER_GONE_MID_SEARCH)
+    assert (result.returncode, result.stderr) == (141, "")
+    result = _closed_pipe_run(EPOCH_LINES_GONE, str(tmp_path / "metrics.jsonl"))
+    assert (result.returncode, result.stderr) == (0, "stopped as by Ctrl-C\n")
+
+
+PRINTS_THEN_WORKS = """
+import sys, time
+from rayfine import cli
+
+def work(args):
+    print("[train] epoch 1/8 ...")
+    time.sleep(60)
+    return 0
+
+cli.cmd_report = work
+sys.exit(cli.main(["report", "runs/x"]))
+"""
+
+
+def test_each_line_reaches_a_pipe_as_it_is_printed():
+    """Into a pipe, a file or a CI log Python buffers stdout in blocks: nothing showed until the
+    command ended (`tail -f` of a search's log stayed empty for minutes), and a killed one lost it."""
+    import os
+    import select
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-c", PRINTS_THEN_WORKS], stdout=subprocess.PIPE, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready and proc.stdout.readline() == b"[train] epoch 1/8 ...\n"
+        assert proc.poll() is None  # still at work
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_broken_pipe_that_is_not_standard_output_is_a_failure(monkeypatch, capsys):
     """Only a reader of stdout that went away ends quietly; another pipe or socket breaking is an error."""
     def broken(args):

@@ -196,7 +196,7 @@ def test_an_embedded_rays_new_token_is_readable_by_this_account_only(tmp_path):
 SESSION_PROBE = """
 import json, logging, os, signal
 from ray.data import DataContext
-from rayfine.runtime import PG_CLEANER_LOGGER, RAY_INIT_ENV, WORKER_ENV, ray_session
+from rayfine.runtime import PG_CLEANER_LOGGER, RAY_COLOR_ENV, RAY_INIT_ENV, WORKER_ENV, ray_session
 
 def mine(signum, frame):
     pass
@@ -207,7 +207,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "1"
 
 def state():
     ctx = DataContext.get_current()
-    return {"env": {k: os.environ.get(k) for k in (*WORKER_ENV, *RAY_INIT_ENV)},
+    return {"env": {k: os.environ.get(k) for k in (*WORKER_ENV, *RAY_INIT_ENV, RAY_COLOR_ENV)},
             "sigterm": signal.getsignal(signal.SIGTERM) is mine, "sigusr1": signal.getsignal(signal.SIGUSR1) is mine,
             "levels": [logging.getLogger(n).level for n in ("ray", "ray.data")],
             "bars": [ctx.enable_progress_bars, ctx.print_on_execution_start],
@@ -235,4 +235,50 @@ def test_a_session_leaves_the_process_as_it_found_it():
     for key in ("env", "levels", "bars", "filters"):
         assert during[key] != before[key], key  # what the session changes, so that the test can tell
     assert during["sigterm"] is False  # rayfine's own while the session is open (Terminated)
+    assert during["env"]["RAY_COLOR_PREFIX"] == "0"  # stdout is a pipe here: Ray's forwarded lines uncoloured
     assert after == before
+
+
+SIGNAL_IN_INIT_PROBE = """
+import os, signal, sys
+import ray._private.node as node
+from rayfine.runtime import Terminated, ray_session, termination_signal
+
+made = node.Node.__init__
+
+def made_then_signal(self, *args, **kwargs):  # Ray's processes are up; ray.init goes on to connect
+    made(self, *args, **kwargs)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+node.Node.__init__ = made_then_signal
+try:
+    with ray_session(log=lambda *_: None):
+        print("the session ran", flush=True)
+except Terminated:
+    print("terminated", termination_signal(), flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signame, said", [("SIGTERM", "terminated 15"), ("SIGHUP", "terminated 1"), ("SIGINT", "interrupted")])
+def test_a_signal_while_ray_starts_ends_the_session_and_leaves_no_process(signame, said):
+    """Ctrl-C or SIGTERM in the seconds ray.init starts Ray's processes (a KeyboardInterrupt raised
+    inside it, or Ray's own handler's sys.exit) left the dashboard and runtime-env agents running,
+    reparented to init and holding ports; SIGTERM exited 15 with no word."""
+    import os
+
+    from fault_tools import session_pids
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_IN_INIT_PROBE, signame], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+        assert (proc.returncode, out.splitlines()) == (0, [said]), err[-3000:]
+        deadline = time.time() + 30
+        while session_pids(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert session_pids(proc.pid) == []
+    finally:
+        stop_session(proc.pid, grace_s=0)  # what this test started, should anything be left

@@ -586,3 +586,33 @@ def test_a_search_puts_back_the_signal_handlers_and_environment_tune_changes(mon
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     assert seen == ["0"] and "RAY_AIR_NEW_OUTPUT" not in os.environ
+
+
+def test_the_live_table_counts_the_rows_a_narrow_or_short_terminal_shows_it_on():
+    """The shipped presets' tables are 91-98 columns wide: on an 80-column terminal each line wraps
+    onto two rows, the redraw moved up over half of them and left stale copies of the table; a
+    table taller than the screen cannot be moved over either."""
+    import os
+
+    from rayfine.tune.progress import fit_screen
+
+    table = "\n".join(["h" * 91, "r" * 98, "s" * 40])
+    assert fit_screen(table, os.terminal_size((160, 24))) == (table, 3)
+    assert fit_screen(table, os.terminal_size((80, 24))) == (table, 5)  # 2 + 2 + 1 rows
+    tall = "\n".join(f"row {i}" for i in range(30))
+    shown, rows = fit_screen(tall, os.terminal_size((80, 24)))
+    assert rows == 23 and shown.splitlines()[:22] == tall.splitlines()[:22]
+    assert shown.splitlines()[-1] == "... 8 more line(s) (a larger terminal shows them)"
+
+
+def test_a_terminal_without_cursor_movement_gets_plain_lines(monkeypatch):
+    """TERM=dumb (Emacs' shell, some CI ptys) cannot move the cursor: the live table's escapes
+    showed there as ^[[3F^[[J."""
+    from rayfine.progress import interactive
+
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert interactive(print)
+    monkeypatch.setenv("TERM", "dumb")
+    assert not interactive(print)
+    assert not SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3).live

@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 the work failed (one readable line says why), 2 a bad c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
-EXIT_TERMINATED = 128 + 15  # as a shell reports a command ended by SIGTERM
 SET_HELP = "values are YAML, but a text field takes the text as given"
 
 
@@ -406,31 +406,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    from rayfine.config import ConfigError
-
+    # Each line as it is printed, also into a pipe, a file or a CI log (block-buffered otherwise:
+    # `tail -f` showed nothing until the command ended, and a killed one lost what it printed).
+    with contextlib.suppress(AttributeError, ValueError):  # a stream without reconfigure (a test's)
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         code = func(args)
         sys.stdout.flush()  # here, so that a reader that went away (`| head -1`) is caught below
         return code
-    except BrokenPipeError as e:
-        if not _stdout_gone():  # another pipe or socket broke: a failure like any other
-            return _failed(e, args.debug)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the CLI's last resort
+        # Whatever the error, when the reader of stdout went away it is what failed: a
+        # BrokenPipeError, or one Tune wrapped in a TuneError; a training run's epoch lines stop it
+        # as Ctrl-C does (rayfine.train.driver._follow).
+        if not _stdout_gone():
+            return _handle(e, args.debug)
         # Python's "Note on SIGPIPE": what is left for stdout goes nowhere, and the exit is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except ConfigError as e:
+
+
+def _handle(e: BaseException, debug: bool) -> int:
+    from rayfine.config import ConfigError
+
+    if isinstance(e, ConfigError):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        from rayfine.runtime import terminated
+    if isinstance(e, KeyboardInterrupt):
+        from rayfine.runtime import terminated, termination_signal
 
-        if terminated():  # SIGTERM: the code a shell gives a process that SIGTERM ends
+        if terminated():  # SIGTERM (or SIGHUP): the code a shell gives a process that signal ends
             print("terminated", file=sys.stderr)
-            return EXIT_TERMINATED
+            return 128 + termination_signal()
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's last resort: one line (or the traceback with --debug)
-        return _failed(e, args.debug)
+    return _failed(e, debug)  # the CLI's last resort: one line (or the traceback with --debug)
 
 
 def _failed(e: Exception, debug: bool) -> int:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import sys
 from typing import Callable, Optional
 
@@ -23,8 +24,9 @@ def to_console(log: Callable[[str], None]) -> bool:
 
 
 def interactive(log: Callable[[str], None]) -> bool:
-    """A person at a terminal reads what ``log`` writes: bars and live tables are welcome."""
-    return to_console(log) and sys.stdout.isatty()
+    """A person at a terminal reads what ``log`` writes: bars and live tables are welcome. Not on
+    a terminal without cursor movement (TERM=dumb: Emacs' shell, some CI ptys)."""
+    return to_console(log) and sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
 
 
 class Progress:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -67,6 +68,10 @@ def quiet_ray() -> None:
     from ray.data import DataContext
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    if not sys.stdout.isatty() or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        # The lines Ray forwards from its processes ("(raylet) ...") have colour codes in their
+        # prefix unless this says otherwise: not in a file or pipe, nor under NO_COLOR (no-color.org).
+        os.environ.setdefault(RAY_COLOR_ENV, "0")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     quiet_worker()
     ctx = DataContext.get_current()
@@ -87,6 +92,7 @@ def worker_runtime_env(environ: Optional[dict] = None) -> dict:
 # What ray.init sets in this process's environment besides quiet_ray's WORKER_ENV (breakpoint() to
 # Ray's debugger; the session's auth mode; usage stats off), and ray.shutdown leaves.
 RAY_INIT_ENV = ("PYTHONBREAKPOINT", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+RAY_COLOR_ENV = "RAY_COLOR_PREFIX"
 
 
 @contextlib.contextmanager
@@ -113,14 +119,14 @@ def borrowed_process_state() -> Iterator[None]:
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        handlers = {s: signal.getsignal(s) for s in (*TERMINATING_SIGNALS, signal.SIGUSR1)}
     levels = {name: logging.getLogger(name).level for name in ("ray", "ray.data")}
     ctx = DataContext.get_current()
     flags = {name: getattr(ctx, name) for name in ("enable_progress_bars", "print_on_execution_start")}
     cleaner = logging.getLogger(PG_CLEANER_LOGGER)
     filtered = _ROUTINE_CLEANUP_FILTER in cleaner.filters
     try:
-        with restored_environ(*WORKER_ENV, *RAY_INIT_ENV):
+        with restored_environ(*WORKER_ENV, *RAY_INIT_ENV, RAY_COLOR_ENV):
             yield
     finally:
         for signum, handler in handlers.items():
@@ -144,31 +150,74 @@ class Terminated(KeyboardInterrupt):
     fit) re-raises what a signal handler raised only as KeyboardInterrupt or as SystemExit(1)."""
 
 
-_terminated = False
+_terminated = 0  # the signal that ended a session: SIGTERM, or SIGHUP (the terminal closed)
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def terminated() -> bool:
-    """Whether SIGTERM reached a session of this process."""
+    """Whether SIGTERM (or SIGHUP) reached a session of this process."""
+    return bool(_terminated)
+
+
+def termination_signal() -> int:
+    """The signal ``terminated()`` saw (0: none): a command ended by it exits 128 + its number."""
     return _terminated
+
+
+def _terminate(signum: int, frame=None):
+    global _terminated
+    _terminated = signum
+    raise Terminated()
 
 
 @contextlib.contextmanager
 def _terminable() -> Iterator[None]:
-    """While Ray is connected: SIGTERM raises Terminated (in place of Ray's handlers; put back after)."""
+    """While Ray is connected: SIGTERM and SIGHUP raise Terminated (in place of Ray's handlers, whose
+    SIGHUP left the dashboard and runtime-env agents running; put back after)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def on_sigterm(signum, frame):
-        global _terminated
-        _terminated = True
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {signum: signal.signal(signum, _terminate) for signum in TERMINATING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Around ray.init: Ctrl-C, SIGTERM and SIGHUP wait until it returns, then end the new session as
+    they end a running one (KeyboardInterrupt, Terminated). ray.init starts Ray's processes one after
+    another; interrupted there, it left the dashboard and runtime-env agents running with no owner
+    (SIGTERM met Ray's own handlers: sys.exit, exit 15, or the node's, exit 1). Ray's handlers are
+    kept out meanwhile (``set_sigterm_handler``, private to Ray: without it, only the hold)."""
+    import ray
+    import ray._private.utils as ray_utils
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, *TERMINATING_SIGNALS)}
+    set_sigterm_handler = getattr(ray_utils, "set_sigterm_handler", None)
+    if set_sigterm_handler is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if set_sigterm_handler is not None:
+            ray_utils.set_sigterm_handler = set_sigterm_handler
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+    if received:
+        ray.shutdown()
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        _terminate(received[0])
 
 
 @contextlib.contextmanager
@@ -197,7 +246,8 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
         quiet_ray()
         if address:
             log(f"[ray] connecting to {address}")
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+            with _signals_held():
+                ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
             try:
                 with _terminable():
                     yield False
@@ -332,9 +382,10 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     local_env = {k: v for k, v in LOCAL_WORKER_ENV.items() if k not in os.environ}  # the user's setting wins
     env_vars = {**local_env, **runtime_env.get("env_vars", {}), API_SERVER_ENV: url}
     init_kwargs.setdefault("_system_config", local_system_config(init_kwargs.get("num_cpus")))
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, **runtime_env, "env_vars": env_vars},
-             **init_kwargs)
+    with _signals_held():
+        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, **runtime_env, "env_vars": env_vars},
+                 **init_kwargs)
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = url
     try:

@@ -407,7 +407,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], offset: int = 0) -> None:
     """Calls ``on_line`` with each record appended to ``path`` after its first ``offset`` bytes, until
-    ``stop`` is set (the records appended by then included)."""
+    ``stop`` is set (the records appended by then included). Where the epoch lines can no longer be
+    shown (the reader of a pipe went away: `rayfine train ... | head`), the run is stopped as Ctrl-C
+    stops it, rather than trained on unseen."""
     while True:
         done = stop.is_set()
         if path.exists():
@@ -416,7 +418,13 @@ def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], 
                 for line in f:
                     if line.endswith("\n"):
                         offset += len(line)
-                        on_line(nan_for_null(json.loads(line), METRIC_KEYS))  # null: a NaN or infinity
+                        try:
+                            on_line(nan_for_null(json.loads(line), METRIC_KEYS))  # null: a NaN or infinity
+                        except BrokenPipeError:
+                            # Ctrl-C's SIGINT, to the main thread, which fit() blocks: it wakes
+                            # there and is interrupted (InterruptibleTrainer).
+                            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                            return
         if done:
             return
         stop.wait(0.5)

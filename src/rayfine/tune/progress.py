@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -205,7 +207,7 @@ class SearchProgress(Callback):
             self._watch, _ACTIVE = None, None
 
     def _draw(self) -> None:
-        text = self.board.table()
+        text, rows = fit_screen(self.board.table(), shutil.get_terminal_size())
         stream = self._watch.stream if self._watch else sys.stdout
         in_place = self._drawn_lines and not (self._watch and self._watch.foreign)
         # Move up over the previous table and clear to the end of the screen, then redraw.
@@ -213,7 +215,26 @@ class SearchProgress(Callback):
         stream.flush()
         if self._watch:
             self._watch.foreign = False
-        self._drawn_lines, self._drawn_at, self._dirty = text.count("\n") + 1, time.monotonic(), False
+        self._drawn_lines, self._drawn_at, self._dirty = rows, time.monotonic(), False
+
+
+def fit_screen(text: str, size: os.terminal_size) -> tuple[str, int]:
+    """The live table as the terminal shows it, and the screen rows it takes. A line wider than the
+    terminal wraps onto more rows, which the redraw must move up over (an 80-column terminal
+    showed stale copies of a 98-column table); the cursor cannot move above the top of the screen,
+    so a table taller than it is cut to its first lines, with a line saying how many are left out."""
+    columns, height = max(1, size.columns), max(3, size.lines)
+    kept, rows = [], 0
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        need = max(1, math.ceil(len(line) / columns))
+        if rows + need > height - 2:  # a row for the "left out" line, one for the cursor below
+            kept.append(f"... {len(lines) - i} more line(s) (a larger terminal shows them)"[:columns])
+            rows += 1
+            break
+        kept.append(line)
+        rows += need
+    return "\n".join(kept), rows
 
 
 _ACTIVE: Optional[SearchProgress] = None
