@@ -190,10 +190,12 @@ def test_a_resumed_search_decides_its_rungs_only_once_every_trial_is_back():
     assert s.allowed_epochs("t_0") == 3 and s.allowed_epochs("t_1") == 1
 
 
-def test_the_gated_searcher_draws_only_into_free_slots_and_keeps_its_gate_on_restore():
+def test_the_gated_searcher_draws_only_into_free_slots_and_keeps_its_gate_on_restore(tmp_path):
     open_ = [True]
     search = SlotGatedVariants(lambda: open_[0], random_state=0)
-    search.add_configurations(Experiment("gate", run=lambda config: None, config={"x": tune.grid_search([1, 2, 3])}))
+    # A storage_path of the test's own: Tune writes a marker there (the default is ~/ray_results).
+    search.add_configurations(Experiment("gate", run=lambda config: None, config={"x": tune.grid_search([1, 2, 3])},
+                                         storage_path=str(tmp_path)))
     assert search.next_trial() is not None
     open_[0] = False
     assert search.next_trial() is None and not search.is_finished()

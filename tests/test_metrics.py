@@ -300,3 +300,34 @@ def test_run_files_edited_or_damaged_are_named(tmp_path):
     (run / "tune" / "summary.json").write_text('{"best": "t1"}')
     with pytest.raises(RayfineError, match=r"summary.json: best is not an object"):
         tune_report(run)
+
+
+def test_a_search_that_has_not_written_trials_csv_is_reported_from_its_trials_logs(tmp_path):
+    """The README says `rayfine report` reports a running search, or one stopped before its winner
+    was evaluated, with what its trials reported; but trials.csv is written when Tune's loop returns,
+    so a running search, or one ended by Ctrl-C or SIGTERM, had "no ... search to report on"."""
+    import json
+
+    from rayfine.config import load_config
+    from rayfine.report import write_reports
+
+    from rayfine.tune.search import trial_base
+
+    cfg = load_config("resnet18_digits_tiny", ["name=s", f"storage.runs_dir={tmp_path}"])
+    full = trial_base(cfg).train.epochs  # a trial's epochs: tune.trial_overrides may set them
+    run = cfg.run_dir()
+    (run / "tune").mkdir(parents=True)
+    (run / "tune" / "config.yaml").write_text(cfg.to_yaml())
+    epoch = {"train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "val_macro_f1": 0.8, "samples_per_s": 9.0,
+             "epoch_s": 1.0}
+    for trial_id, lr, epochs in (("a1_00000", 0.001, full), ("a1_00001", 0.01, 1)):
+        (run / "ray" / "tune" / trial_id).mkdir(parents=True)
+        (run / "ray" / "tune" / trial_id / "params.json").write_text(json.dumps({"train.lr": lr}))
+        log = run / "ray" / "trials" / f"trial_{trial_id}" / "epochs.jsonl"
+        log.parent.mkdir(parents=True)
+        log.write_text("".join(json.dumps({**epoch, "epoch": e}) + "\n" for e in range(1, epochs + 1)))
+    (report,) = write_reports(run)
+    page = report.read_text()
+    assert "No winner yet" in page and "2 trials with results" in page
+    assert f"<td>a1_00000</td><td>0.001</td><td>0.8</td><td>{full}</td><td>completed</td>" in page
+    assert "<td>a1_00001</td><td>0.01</td><td>0.8</td><td>1</td><td>unfinished</td>" in page

@@ -53,6 +53,14 @@ def test_a_run_directory_the_lock_made_goes_again_if_nothing_was_written_to_it(t
     assert not made.exists()
     assert [p.name for p in written.iterdir()] == ["config.yaml"]
     assert there.is_dir()  # not made by the lock: kept, empty or not
+    # A runs_dir made for it goes too (a refused first command left an empty ./runs behind) ...
+    with RunDirLock(tmp_path / "new_runs" / "deeper" / "made", "tune"):
+        pass
+    assert not (tmp_path / "new_runs").exists()
+    # ... unless something else was written there meanwhile.
+    with RunDirLock(tmp_path / "shared" / "made", "tune"):
+        (tmp_path / "shared" / "other").mkdir()
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["other"]
 
 
 def test_a_killed_holder_leaves_the_run_directory_free(tmp_path):

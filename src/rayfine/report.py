@@ -295,7 +295,7 @@ def _best_value(values: list[Any], sign: int) -> float:
 def tune_report(run_dir: Path) -> Path:
     """<run>/tune/report.html from trials.csv, summary.json and the winner's evaluation."""
     tune_dir = run_dir / "tune"
-    rows = read_trials(tune_dir / "trials.csv")
+    rows = read_trials(tune_dir / "trials.csv") if (tune_dir / "trials.csv").is_file() else trials_so_far(run_dir)
     summary = _read_json(tune_dir / "summary.json") or {}
     if not isinstance(summary.get("best") or {}, dict):
         raise RayfineError(f"{tune_dir / 'summary.json'}: best is not an object; it was edited or damaged: write it "
@@ -365,6 +365,41 @@ def tune_report(run_dir: Path) -> Path:
     return out
 
 
+def trials_so_far(run_dir: Path) -> list[dict]:
+    """The rows of tune/trials.csv for a search that has not written it: running, or ended by a
+    signal (the search writes it when Tune's loop returns). Each trial's params from the params.json
+    Tune wrote when it started, its epochs from its epoch log; "completed" once it reported every
+    epoch, else "unfinished" (running, stopped by the scheduler, or interrupted)."""
+    import pyarrow.fs
+
+    from rayfine.config import validate
+    from rayfine.config.sections import storage_location
+    from rayfine.tune.search import EXPERIMENT_NAME, trial_base
+    from rayfine.tune.trial import epoch_log_path, read_epoch_log, sampled
+    from rayfine.train.worker import METRIC_KEYS
+
+    cfg = validate(read_saved_config(saved_config(run_dir, "tune")))
+    keys, epochs = list(cfg.tune.search_space), trial_base(cfg).train.epochs
+    # From where the run directory is now (its config may name runs_dir relative to another directory).
+    storage = storage_location(cfg.storage.storage_path, run_dir, run_dir.name)
+    fs, experiment = (pyarrow.fs.FileSystem.from_uri(f"{storage}/{EXPERIMENT_NAME}") if "://" in storage
+                      else (pyarrow.fs.LocalFileSystem(), f"{storage}/{EXPERIMENT_NAME}"))
+    rows = []
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(experiment, allow_not_found=True))
+    for entry in sorted((e for e in entries if e.type == pyarrow.fs.FileType.Directory), key=lambda e: e.base_name):
+        try:
+            with fs.open_input_stream(f"{entry.path}/params.json") as f:
+                params = json.loads(f.read())
+        except (FileNotFoundError, ValueError):  # not a trial's folder, or one Tune is still writing
+            continue
+        records = list(read_epoch_log(epoch_log_path(f"{storage}/trials", entry.base_name)))
+        status = ("completed" if records[-1]["epoch"] == epochs else "unfinished") if records else "not started"
+        for record in records or [{}]:
+            rows.append({"trial_id": entry.base_name, **sampled(params, keys), **{k: record.get(k) for k in METRIC_KEYS},
+                         "status": status})
+    return rows
+
+
 def write_reports(path: str | Path) -> list[Path]:
     """Reports for a run directory (<runs>/<name>), or its train/ or tune/ folder."""
     path = Path(path).expanduser().resolve()
@@ -373,8 +408,8 @@ def write_reports(path: str | Path) -> list[Path]:
     written = []
     if (path / "train" / "metrics.jsonl").is_file():
         written.append(train_report(path))
-    if (path / "tune" / "trials.csv").is_file():
+    if (path / "tune" / "trials.csv").is_file() or (path / "tune" / "config.yaml").is_file():
         written.append(tune_report(path))
     if not written:
-        raise RayfineError(f"{path}: no training run (train/metrics.jsonl) or search (tune/trials.csv) to report on")
+        raise RayfineError(f"{path}: no training run (train/metrics.jsonl) or search (tune/config.yaml) to report on")
     return written

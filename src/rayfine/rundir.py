@@ -55,10 +55,11 @@ class RunDirLock:
         self.run_dir, self.command = Path(run_dir), command
         self._fd: int | None = None
         self._held: Path | None = None
-        self._created = False
+        self._created: list[Path] = []
 
     def acquire(self) -> Self:
-        created = not self.run_dir.exists()
+        # The run directory and the folders above it this makes (a new runs_dir), deepest first.
+        created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by child processes
         try:
@@ -78,9 +79,11 @@ class RunDirLock:
     def release(self) -> None:
         if self._fd is not None:
             _HELD.pop(self._held, None)
-            if self._created:  # a directory made for a command that then wrote nothing (it was refused) goes
-                with contextlib.suppress(OSError):  # not empty: kept
-                    os.rmdir(self.run_dir)
+            # The directories made for a command that then wrote nothing (it was refused) go, the
+            # runs_dir made for it too; the first that is not empty stays, and those above it.
+            with contextlib.suppress(OSError):
+                for path in self._created:
+                    os.rmdir(path)
             os.close(self._fd)  # closing the only descriptor drops the lock
             self._fd = self._held = None
 
