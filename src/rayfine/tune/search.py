@@ -32,7 +32,7 @@ from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import holding, save_config, saved_config, write_atomic
-from rayfine.runtime import restored_environ
+from rayfine.runtime import Terminated, restored_environ
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import (
@@ -219,6 +219,8 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
             log(f"[tune] interrupted; the search is saved in {path}: continue it with --resume")
             raise KeyboardInterrupt
     except BaseException as e:  # the search's MLflow runs and TensorBoard writers end too
+        if isinstance(e, Terminated):  # as the Ctrl-C path above says
+            log(f"[tune] terminated; continue the search in {path} with --resume")
         tracking.finish(None, None, None, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     log("[tune] leaderboard\n" + progress.board.leaderboard())
