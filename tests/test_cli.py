@@ -114,7 +114,8 @@ path.write_text('{"epoch": 1}\\n')
 def shown(record):
     raise BrokenPipeError(32, "Broken pipe")  # print() into a pipe whose reader went away
 
-threading.Thread(target=driver._follow, args=(path, threading.Event(), shown), daemon=True).start()
+threading.Thread(target=driver._follow, args=(path, threading.Event(), shown, 0, driver._ctrl_c_to_main),
+                 daemon=True).start()
 try:
     time.sleep(30)  # fit() training on, unseen
 except KeyboardInterrupt:

@@ -241,16 +241,25 @@ def test_a_session_leaves_the_process_as_it_found_it():
 
 SIGNAL_IN_INIT_PROBE = """
 import os, signal, sys
+import ray
 import ray._private.node as node
 from rayfine.runtime import Terminated, ray_session, termination_signal
 
-made = node.Node.__init__
+made, shutdown, sent = node.Node.__init__, ray.shutdown, []
 
 def made_then_signal(self, *args, **kwargs):  # Ray's processes are up; ray.init goes on to connect
     made(self, *args, **kwargs)
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 
-node.Node.__init__ = made_then_signal
+def signal_then_shutdown(*args, **kwargs):  # as Ray starts to stop its processes
+    if not sent:
+        sent.append(os.kill(os.getpid(), getattr(signal, sys.argv[1])))
+    shutdown(*args, **kwargs)
+
+if sys.argv[2] == "init":
+    node.Node.__init__ = made_then_signal
+else:
+    ray.shutdown = signal_then_shutdown
 try:
     with ray_session(log=lambda *_: None):
         print("the session ran", flush=True)
@@ -261,21 +270,24 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("signame, said", [("SIGTERM", "terminated 15"), ("SIGHUP", "terminated 1"), ("SIGINT", "interrupted")])
-def test_a_signal_while_ray_starts_ends_the_session_and_leaves_no_process(signame, said):
+@pytest.mark.parametrize("signame, when, said", [
+    ("SIGTERM", "init", ["terminated 15"]), ("SIGHUP", "init", ["terminated 1"]), ("SIGINT", "init", ["interrupted"]),
+    ("SIGTERM", "shutdown", ["the session ran", "terminated 15"])])
+def test_a_signal_while_ray_starts_or_stops_ends_the_session_and_leaves_no_process(signame, when, said):
     """Ctrl-C or SIGTERM in the seconds ray.init starts Ray's processes (a KeyboardInterrupt raised
     inside it, or Ray's own handler's sys.exit) left the dashboard and runtime-env agents running,
-    reparented to init and holding ports; SIGTERM exited 15 with no word."""
+    reparented to init and holding ports; SIGTERM exited 15 with no word. While ray.shutdown stops
+    them, a signal waits until it is done."""
     import os
 
     from fault_tools import session_pids
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_IN_INIT_PROBE, signame], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_IN_INIT_PROBE, signame, when], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
-        assert (proc.returncode, out.splitlines()) == (0, [said]), err[-3000:]
+        assert (proc.returncode, out.splitlines()) == (0, said), err[-3000:]
         deadline = time.time() + 30
         while session_pids(proc.pid) and time.time() < deadline:
             time.sleep(0.5)

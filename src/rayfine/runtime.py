@@ -188,11 +188,12 @@ def _terminable() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Around ray.init: Ctrl-C, SIGTERM and SIGHUP wait until it returns, then end the new session as
-    they end a running one (KeyboardInterrupt, Terminated). ray.init starts Ray's processes one after
-    another; interrupted there, it left the dashboard and runtime-env agents running with no owner
-    (SIGTERM met Ray's own handlers: sys.exit, exit 15, or the node's, exit 1). Ray's handlers are
-    kept out meanwhile (``set_sigterm_handler``, private to Ray: without it, only the hold)."""
+    """Around ray.init and ray.shutdown: Ctrl-C, SIGTERM and SIGHUP wait until it returns, then end
+    the session as they end a running one (KeyboardInterrupt, Terminated). Both start or stop Ray's
+    processes one after another; interrupted there, they left the dashboard and runtime-env agents
+    running with no owner (SIGTERM met Ray's own handlers: sys.exit, exit 15, or the node's, exit 1).
+    Ray's handlers are kept out meanwhile (``set_sigterm_handler``, private to Ray: without it, only
+    the hold)."""
     import ray
     import ray._private.utils as ray_utils
 
@@ -252,7 +253,8 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
                 with _terminable():
                     yield False
             finally:
-                ray.shutdown()
+                with _signals_held():
+                    ray.shutdown()
         else:
             log("[ray] starting an embedded local Ray")
             with local_ray(runtime_env, logging_level=logging.WARNING), _terminable():
@@ -391,8 +393,11 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
     try:
         yield
     finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = previous
+        try:
+            with _signals_held():  # a signal meanwhile is raised once Ray has stopped
+                ray.shutdown()
+        finally:
+            if previous is None:
+                os.environ.pop(API_SERVER_ENV, None)
+            else:
+                os.environ[API_SERVER_ENV] = previous

@@ -405,11 +405,18 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], offset: int = 0) -> None:
+def _ctrl_c_to_main() -> None:
+    """Ctrl-C's SIGINT, to the main thread, where fit() waits on Ray Train: it wakes there and is
+    interrupted (InterruptibleTrainer)."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], offset: int = 0,
+            on_reader_gone: Callable[[], None] | None = None) -> None:
     """Calls ``on_line`` with each record appended to ``path`` after its first ``offset`` bytes, until
     ``stop`` is set (the records appended by then included). Where the epoch lines can no longer be
-    shown (the reader of a pipe went away: `rayfine train ... | head`), the run is stopped as Ctrl-C
-    stops it, rather than trained on unseen."""
+    shown (the reader of a pipe went away: `rayfine train ... | head`), it stops and calls
+    ``on_reader_gone`` (``_ctrl_c_to_main``: the run stops as Ctrl-C stops it, not trained on unseen)."""
     while True:
         done = stop.is_set()
         if path.exists():
@@ -421,9 +428,8 @@ def _follow(path: Path, stop: threading.Event, on_line: Callable[[dict], None], 
                         try:
                             on_line(nan_for_null(json.loads(line), METRIC_KEYS))  # null: a NaN or infinity
                         except BrokenPipeError:
-                            # Ctrl-C's SIGINT, to the main thread, which fit() blocks: it wakes
-                            # there and is interrupted (InterruptibleTrainer).
-                            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                            if on_reader_gone is not None:
+                                on_reader_gone()
                             return
         if done:
             return
@@ -493,7 +499,9 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
     stop = threading.Event()
     # From the end of the epochs logged before (a line cut short is replaced there: append_line).
     offset = complete_length(metrics_path) if metrics_path.exists() else 0
-    follower = threading.Thread(target=_follow, args=(metrics_path, stop, on_epoch, offset), daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()  # else no Ctrl-C handler of ours waits
+    follower = threading.Thread(target=_follow, args=(metrics_path, stop, on_epoch, offset,
+                                                      _ctrl_c_to_main if in_main else None), daemon=True)
     follower.start()
     try:
         try:
