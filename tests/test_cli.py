@@ -105,9 +105,13 @@ sys.exit(cli.main(["report", "runs/x"]))
 """
 
 EPOCH_LINES_GONE = """
-import sys, threading, time
+import signal, sys, threading, time
 from pathlib import Path
 from rayfine.train import driver
+
+# fit() waits under a SIGINT handler of its own (InterruptibleTrainer): this stands in for it, also
+# where the process began with SIGINT ignored (a command started in the background, as CI runs it).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 path = Path(sys.argv[1])
 path.write_text('{"epoch": 1}\\n')
@@ -123,18 +127,24 @@ except KeyboardInterrupt:
 """
 
 
+# The script's stdout: a pipe whose reader has gone. Made in the script itself, so that no other
+# process can hold the reading end open (a process forked by another thread of this one, between
+# os.pipe() here and closing that end, keeps a copy until it execs).
+BROKEN_STDOUT = """
+import os
+_read, _write = os.pipe()
+os.dup2(_write, 1)
+os.close(_read)
+os.close(_write)
+"""
+
+
 def _closed_pipe_run(script: str, *args: str):
-    import os
     import subprocess
     import sys
 
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        return subprocess.run([sys.executable, "-c", script, *args], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=60, check=False)
-    finally:
-        os.close(write_end)
+    return subprocess.run([sys.executable, "-c", BROKEN_STDOUT + script, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=60, check=False)
 
 
 def test_a_reader_that_went_away_mid_run_ends_it_quietly_with_141(tmp_path):
