@@ -118,10 +118,10 @@ path.write_text('{"epoch": 1}\\n')
 def shown(record):
     raise BrokenPipeError(32, "Broken pipe")  # print() into a pipe whose reader went away
 
-threading.Thread(target=driver._follow, args=(path, threading.Event(), shown, 0, driver._ctrl_c_to_main),
-                 daemon=True).start()
-deadline = time.monotonic() + 30
-try:
+try:  # from the follower's start: its interrupt can come at once
+    threading.Thread(target=driver._follow, args=(path, threading.Event(), shown, 0, driver._ctrl_c_to_main),
+                     daemon=True).start()
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # fit() training on, unseen
         time.sleep(0.1)
 except KeyboardInterrupt:

@@ -375,8 +375,7 @@ def trials_so_far(run_dir: Path) -> list[dict]:
     from rayfine.config import validate
     from rayfine.config.sections import storage_location
     from rayfine.tune.search import EXPERIMENT_NAME, trial_base
-    from rayfine.tune.trial import epoch_log_path, read_epoch_log, sampled
-    from rayfine.train.worker import METRIC_KEYS
+    from rayfine.tune.trial import epoch_log_path, epoch_rows, read_epoch_log
 
     cfg = validate(read_saved_config(saved_config(run_dir, "tune")))
     keys, epochs = list(cfg.tune.search_space), trial_base(cfg).train.epochs
@@ -393,10 +392,9 @@ def trials_so_far(run_dir: Path) -> list[dict]:
         except (FileNotFoundError, ValueError):  # not a trial's folder, or one Tune is still writing
             continue
         records = list(read_epoch_log(epoch_log_path(f"{storage}/trials", entry.base_name)))
-        status = ("completed" if records[-1]["epoch"] == epochs else "unfinished") if records else "not started"
-        for record in records or [{}]:
-            rows.append({"trial_id": entry.base_name, **sampled(params, keys), **{k: record.get(k) for k in METRIC_KEYS},
-                         "status": status})
+        last_epoch = max((int(r["epoch"]) for r in records), default=None)
+        status = "not started" if last_epoch is None else "completed" if last_epoch == epochs else "unfinished"
+        rows += epoch_rows(entry.base_name, params, keys, records, status)
     return rows
 
 

@@ -173,17 +173,12 @@ def _terminate(signum: int, frame=None):
 @contextlib.contextmanager
 def _terminable() -> Iterator[None]:
     """While Ray is connected: SIGTERM and SIGHUP raise Terminated (in place of Ray's handlers, whose
-    SIGHUP left the dashboard and runtime-env agents running; put back after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, _terminate) for signum in TERMINATING_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+    SIGHUP left the dashboard and runtime-env agents running). The caller's handlers are put back
+    with the rest of the process's state (``borrowed_process_state``)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in TERMINATING_SIGNALS:
+            signal.signal(signum, _terminate)
+    yield
 
 
 @contextlib.contextmanager

@@ -50,9 +50,9 @@ from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
 from rayfine.tune.progress import SearchProgress, rank_key, trial_status
 from rayfine.tune.trial import (
     epoch_log_path,
+    epoch_rows,
     read_epoch_log,
     run_trial,
-    sampled,
     trial_config,
     trial_dirname,
     tune_space,
@@ -336,18 +336,12 @@ def trial_rows(results, keys: list[str], epochs: int, trials_root: str) -> list[
     rows = []
     for result in results:
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
-        reported: dict[int, dict] = {}
-        for record in read_epoch_log(epoch_log_path(trials_root, trial_id)):
-            reported[int(record["epoch"])] = record
-        last_epoch = max(reported) if reported else None
+        records = list(read_epoch_log(epoch_log_path(trials_root, trial_id)))
+        last_epoch = max((int(r["epoch"]) for r in records), default=None)
         status = "error" if result.error else trial_status("TERMINATED", last_epoch, epochs)
-        if not reported:
+        if not records:
             status = "error" if result.error else "not started"
-        base = {"trial_id": trial_id, **sampled(trial_params(result), keys)}
-        for epoch in sorted(reported) or [None]:
-            record = reported.get(epoch, {})
-            rows.append({**base, **{k: record.get(k) for k in METRIC_KEYS}, "checkpoint_path": record.get("checkpoint_path"),
-                         "status": status})
+        rows += epoch_rows(trial_id, trial_params(result), keys, records, status)
     # By trial and epoch: Tune returns the trials in another order after a resume.
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["epoch"] is not None, r["epoch"] or 0))
 

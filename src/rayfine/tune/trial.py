@@ -49,6 +49,15 @@ def sampled(config: dict[str, Any], search_space: dict[str, Any]) -> dict[str, A
     return {k: (config[k].item() if hasattr(config[k], "item") else config[k]) for k in search_space if k in config}
 
 
+def epoch_rows(trial_id: str, params: dict[str, Any], keys: list[str], records: list[dict], status: str) -> list[dict]:
+    """A trial's rows of tune/trials.csv: one per epoch of its epoch log (the last report of an epoch
+    wins; one row without an epoch when there is none), with its sampled values and ``status``."""
+    by_epoch = {int(r["epoch"]): r for r in records}
+    base = {"trial_id": trial_id, **sampled(params, keys)}
+    return [{**base, **{k: r.get(k) for k in METRIC_KEYS}, "checkpoint_path": r.get("checkpoint_path"), "status": status}
+            for r in [by_epoch[e] for e in sorted(by_epoch)] or [{}]]
+
+
 def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
     """The base config plus sampled ``{dotted.field: value}``, validated like any `--set`."""
     return base.with_overrides([f"{key}={json.dumps(value)}" for key, value in overrides.items()])
