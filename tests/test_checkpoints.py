@@ -145,6 +145,17 @@ def test_export_leaves_out_the_optimizer(saved, tmp_path, cfg):
     checkpoints.load_checkpoint(exported)
 
 
+def test_export_gives_the_checkpoint_the_serve_settings_of_the_run_that_exports_it(saved, tmp_path, cfg):
+    """A continued run may change serve.* (its best epoch trained before the change): `rayfine serve`
+    deploys an exported checkpoint with the serve section of its config.yaml."""
+    _, directory = saved
+    changed = cfg.with_overrides(["serve.num_replicas=2", "serve.port=9001", "serve.max_batch_size=32"])
+    exported = checkpoints.export_checkpoint(directory, tmp_path / "export", serve=changed.serve)
+    assert checkpoints.read_config(exported) == changed
+    assert checkpoints.read_config(directory) == cfg  # the epoch's own checkpoint is left as it was
+    assert checkpoints.read_config(checkpoints.export_checkpoint(directory, tmp_path / "plain")) == cfg
+
+
 @pytest.mark.parametrize("preset,overrides,labels", [
     ("minilm_rotten_tomatoes_tiny", [], ["negative", "positive"]),
     ("resnet18_digits", ["model.name=resnet", "model.pretrained=false", "data.image_size=16",

@@ -73,6 +73,10 @@ def test_search_space_accepts_yaml_keys_and_dotted_overrides():
     ("tune.search_space.train.lr=0.1", "expected one {distribution: args} mapping"),
     ("tune.trial_overrides=[scaling.num_workers=0]", "tune.trial_overrides make an invalid trial config: scaling.num_workers"),
     ("tune.trial_overrides=[name=other]", "tune.trial_overrides: name is shared by the search and its trials"),
+    # the search's TensorBoard and MLflow runs and its winner's deployment take these from the config
+    ("tune.trial_overrides=[tracking.tensorboard=false]", ("tune.trial_overrides: tracking.tensorboard is shared by "
+                                                           "the search and its trials; set it outside tune")),
+    ("tune.trial_overrides=[serve.num_replicas=2]", "tune.trial_overrides: serve.num_replicas is shared by the search"),
     ("tune.grace_period=3", "tune.grace_period: 3 leaves asha nothing to stop: it must be below the trials' train.epochs (3)"),
     ("tune.mode=min", "tune.mode: min with tune.metric val_accuracy, which is best at its max"),
     ("tune.scheduler=hyperband", "tune.scheduler: Input should be 'asha', 'halving' or 'fifo'"),
@@ -108,6 +112,48 @@ def test_a_trial_is_the_base_config_plus_its_sampled_values():
     assert trial.scaling.num_workers == 1 and trial.data == cfg.data
     with pytest.raises(ConfigError, match="train.batch_size"):
         trial_config(base, {"train.batch_size": 0})
+
+
+def test_a_trial_reads_a_sampled_local_model_path_from_the_drivers_directory(tmp_path, monkeypatch):
+    """The search's checks read a relative model.weights or model.name of tune.search_space from the
+    directory rayfine runs in; Tune then runs each trial in a directory of its own, where the same
+    path named nothing, and every worker of every trial failed."""
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import rayfine.train
+    from rayfine.tune.trial import run_trial
+
+    project, trial_dir = tmp_path / "project", tmp_path / "trial"
+    (project / "models" / "my-vit").mkdir(parents=True)
+    trial_dir.mkdir()
+    cfg = load_config("resnet18_digits_tiny", ["tune.search_space.model.weights={choice: [w.safetensors]}"])
+    built = []
+
+    class Context:
+        def get_trial_id(self):
+            return "t0"
+
+    def build_trainer(trial_cfg, *args, **kwargs):
+        built.append(trial_cfg.model)
+        raise StopIteration
+
+    monkeypatch.setattr(ray.tune, "get_context", Context)
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", object)  # needs a Tune session
+    monkeypatch.setattr(rayfine.train, "build_trainer", build_trainer)
+    monkeypatch.chdir(trial_dir)
+    trial = {"base_json": cfg.model_dump_json(), "datasets": {}, "info": None, "shards": {},
+             "storage_path": str(tmp_path / "trials"), "driver_dir": str(project)}
+    for sampled_value in ({"model.weights": "w.safetensors"}, {"model.weights": str(tmp_path / "abs.safetensors")}):
+        with pytest.raises(StopIteration):
+            run_trial(sampled_value, **trial)
+    assert [m.weights for m in built] == [str(project / "w.safetensors"), str(tmp_path / "abs.safetensors")]
+    hf = load_config("resnet18_digits_tiny", ["model.name=google/vit-base-patch16-224", "model.weights=null",
+                                              "tune.search_space.model.name={choice: [models/my-vit]}"])
+    for name in ("models/my-vit", "google/vit-base-patch16-224"):  # a folder of the driver's, a hub id
+        with pytest.raises(StopIteration):
+            run_trial({"model.name": name}, **{**trial, "base_json": hf.model_dump_json()})
+    assert [m.name for m in built[2:]] == [str(project / "models" / "my-vit"), "google/vit-base-patch16-224"]
 
 
 def test_plan_counts_trial_actor_workers_and_ray_data():
@@ -433,7 +479,7 @@ def test_a_training_run_and_a_search_under_one_name_each_keep_the_config_they_ar
     _check_previous_search(search, experiment_path(search), resume=True)  # against the search's own config
     with pytest.raises(ConfigError, match=r"ran with another config \(changed: tune.num_samples\)"):
         _check_previous_search(training, experiment_path(search), resume=True)
-    assert "num_samples: 4" in _config_section(run_dir, saved_config(run_dir, "tune"))
+    assert "num_samples: 4" in _config_section(saved_config(run_dir, "tune"))
 
 
 def test_the_winner_is_an_epoch_whose_checkpoint_remote_storage_still_has(tmp_path):

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rayfine.config import Config, ConfigError, validate
-from rayfine.config.sections import redact_url_passwords
+from rayfine.config.sections import ServeConfig, redact_url_passwords
 from rayfine.errors import CheckpointError
 from rayfine.metrics import json_text
 
@@ -206,8 +206,10 @@ def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> Load
     return LoadedCheckpoint(directory, cfg, labels, metrics, model)
 
 
-def export_checkpoint(source: str | Path, destination: str | Path) -> Path:
-    """Copy the inference files of a checkpoint (not the optimizer state) to ``destination``."""
+def export_checkpoint(source: str | Path, destination: str | Path, serve: ServeConfig | None = None) -> Path:
+    """Copy the inference files of a checkpoint (not the optimizer state) to ``destination``; with
+    ``serve``, its config's serve section is that one (the settings of the run that exports it,
+    which a continued run may have changed since the epoch was trained)."""
     source, destination = Path(source), Path(destination)
     staging = destination.with_name(destination.name + ".tmp")
     previous = destination.with_name(destination.name + ".old")
@@ -220,6 +222,9 @@ def export_checkpoint(source: str | Path, destination: str | Path) -> Path:
         if name not in (OPTIMIZER_FILE, TRAIN_STATE_FILE):
             src = source / name
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, staging / name)
+    if serve is not None:
+        cfg = read_config(staging).model_copy(update={"serve": serve})
+        (staging / CONFIG_FILE).write_text(redact_url_passwords(cfg.to_yaml()))
     # Swap in whole: a reader never sees a half-written checkpoint, and a crash leaves a whole one at
     # ``destination``, the old or the new; only between the two renames is the old one aside, as
     # <name>.old, where the next export puts it back from.

@@ -310,18 +310,23 @@ def resolve_model_source(name: str) -> str:
     return os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name
 
 
-def absolute_model_paths(cfg: Config) -> Config:
+def absolute_model_paths(cfg: Config, base_dir: str | None = None) -> Config:
     """``cfg`` with a relative ``model.name`` (a local model directory) and ``model.weights`` (a
-    .safetensors file) made absolute, from the directory rayfine runs in: Ray Train runs each worker
-    in a directory of its own (RAY_CHDIR_TO_TRIAL_DIR), where a relative path names nothing, and
-    the driver's checks would have passed on it. For the driver to call before Ray Train or Tune."""
+    .safetensors file) made absolute, from ``base_dir``, by default the directory rayfine runs in:
+    Ray Train runs each worker in a directory of its own (RAY_CHDIR_TO_TRIAL_DIR), where a relative
+    path names nothing, and the driver's checks would have passed on it. The driver calls it before
+    Ray Train or Tune; a search's trial calls it with the driver's directory for its sampled values."""
+    base_dir = base_dir or os.getcwd()
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))  # an absolute path stays
+
     m = cfg.model
     update = {}
-    name = os.path.expanduser(m.name)
-    if not (m.is_torchvision or m.is_efficientnet or m.name in HF_PRESETS) and os.path.isdir(name):
-        update["name"] = os.path.abspath(name)
+    if not (m.is_torchvision or m.is_efficientnet or m.name in HF_PRESETS) and os.path.isdir(absolute(m.name)):
+        update["name"] = absolute(m.name)
     if m.weights and m.weights.endswith(".safetensors") and "://" not in m.weights:
-        update["weights"] = os.path.abspath(os.path.expanduser(m.weights))
+        update["weights"] = absolute(m.weights)
     update = {k: v for k, v in update.items() if v != getattr(m, k)}
     return cfg.model_copy(update={"model": m.model_copy(update=update)}) if update else cfg
 

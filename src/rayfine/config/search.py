@@ -88,6 +88,10 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return raw
 
 
+# Sections a search and all its trials share: tune.trial_overrides may not set them.
+SHARED_PREFIXES = ("storage.", "tune.", "tracking.", "serve.")
+
+
 def check_search(cfg: "Config") -> list[str]:
     """The tune section against the rest of the config: every trial it can start is a valid config.
     Returns the problems, one readable line each (empty: the search can run)."""
@@ -103,7 +107,8 @@ def check_search(cfg: "Config") -> list[str]:
                       f"set tune.mode={natural} or leave it unset")
     for item in t.trial_overrides:
         key = item.partition("=")[0].strip()
-        if key in ("name", "storage", "tune") or key.startswith(("storage.", "tune.")):
+        # The search's tracking runs and its winner's deployment read these from the config, not a trial's.
+        if key in ("name", "storage", "tune", "tracking", "serve") or key.startswith(SHARED_PREFIXES):
             errors.append(f"tune.trial_overrides: {key} is shared by the search and its trials; set it outside tune")
     try:
         raw = apply_overrides(cfg.to_dict(), list(t.trial_overrides))

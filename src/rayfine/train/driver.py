@@ -342,7 +342,8 @@ def _check_state_kept(cfg: Config) -> None:
         )])
 
 
-# tune.*, serve.*: only `rayfine tune` / `rayfine serve` read them. scaling.num_workers changes the
+# tune.*: only `rayfine tune` reads them; serve.*: the exported checkpoint takes the continuing run's
+# (``export_best``), which `rayfine serve` deploys with. scaling.num_workers changes the
 # steps per epoch: the worker continues the LR schedule by epoch (``model_and_optimizer``).
 # storage.storage_path may not change under a training run that continues (``_check_same_storage``).
 RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", "tune.", "serve.")
@@ -516,7 +517,7 @@ def _fit(cfg: Config, continuing: bool, *, datasets: dict[str, ray.data.Dataset]
             raise TrainingError(f"training failed: {_first_line(result.error)}")
 
         best_ckpt, best_metrics = _best(result, cfg)
-        exported = export_best(best_ckpt, train_dir / "checkpoint")
+        exported = export_best(best_ckpt, train_dir / "checkpoint", cfg)
         log(f"[train] best epoch {best_metrics['epoch']} ({cfg.train.metric} {best_metrics[cfg.train.metric]:.4f}) -> {exported}")
         evaluation = evaluate_checkpoint(exported, datasets["test"], train_dir, log=log,
                                          num_samples=info.num_examples["test"])
@@ -551,13 +552,14 @@ def _open_tracker(cfg: Config, train_dir: Path, continuing: bool) -> RunTracker:
     return tracker
 
 
-def export_best(checkpoint: Checkpoint, destination: Path) -> Path:
-    """Export a Ray Train checkpoint's inference files to ``destination``. With remote storage
+def export_best(checkpoint: Checkpoint, destination: Path, cfg: Config) -> Path:
+    """Export a Ray Train checkpoint's inference files to ``destination``, with ``cfg``'s serve
+    section (what `rayfine serve` and `rayfine run` deploy it with). With remote storage
     (storage.storage_path s3://...), ``checkpoint.path`` is a path inside that filesystem, not a
     local one: ``as_directory`` gives the local directory itself or downloads the checkpoint to a
     temporary one, removed afterwards."""
     with checkpoint.as_directory() as local:
-        return checkpoints.export_checkpoint(local, destination)
+        return checkpoints.export_checkpoint(local, destination, serve=cfg.serve)
 
 
 def _best(result, cfg: Config) -> tuple[Checkpoint, dict]:

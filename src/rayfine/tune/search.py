@@ -169,7 +169,8 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     trainable = tune.with_resources(
         # Trials and their workers run in directories of their own: local model paths made absolute.
         tune.with_parameters(run_trial, base_json=absolute_model_paths(base).model_dump_json(), datasets=datasets,
-                             info=info, shards=split_for_workers(base, datasets), storage_path=trials_root(cfg)),
+                             info=info, shards=split_for_workers(base, datasets), storage_path=trials_root(cfg),
+                             driver_dir=os.getcwd()),
         {"cpu": TRIAL_ACTOR_CPUS},
     )
     # Each trial's epoch log: what it trained before a resume (Tune restores its scheduler empty,
@@ -471,4 +472,4 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
 
 def _export(checkpoint_path: str, cfg: Config, destination: Path) -> Path:
     # With remote storage (s3://...) Tune reports the path inside the storage filesystem.
-    return export_best(ray.train.Checkpoint(checkpoint_path, filesystem=storage_filesystem(cfg)), destination)
+    return export_best(ray.train.Checkpoint(checkpoint_path, filesystem=storage_filesystem(cfg)), destination, cfg)

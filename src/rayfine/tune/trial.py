@@ -126,17 +126,20 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def run_trial(config: dict, *, base_json: str, datasets: dict, info, shards: dict, storage_path: str) -> None:
+def run_trial(config: dict, *, base_json: str, datasets: dict, info, shards: dict, storage_path: str,
+              driver_dir: str) -> None:
     """The Tune function trainable (runs in the trial actor): one Ray Train run of this trial, on
     the workers' shards split once for all trials on the search's driver (``split_for_workers``:
-    every trial has the base config's workers)."""
+    every trial has the base config's workers). A sampled local model path is read from
+    ``driver_dir``, the directory the search's driver runs in, as the driver's checks read it."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from rayfine.models import absolute_model_paths
     from rayfine.train import build_trainer
 
     base = Config.model_validate_json(base_json)
-    cfg = trial_config(base, sampled(config, base.tune.search_space))
+    cfg = absolute_model_paths(trial_config(base, sampled(config, base.tune.search_space)), driver_dir)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
         cfg, datasets, info,
