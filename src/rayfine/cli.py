@@ -4,7 +4,8 @@
     rayfine train resnet18_digits --runs-dir runs
 
 Heavy imports (torch, ray) happen inside the command functions, so ``rayfine --help`` is instant.
-Exit codes: 0 success, 1 the work failed (one readable line says why), 2 a bad config or usage.
+Exit codes: 0 success, 1 the work failed (one readable line says why), 2 a bad config or usage, 130
+Ctrl-C, 128 + the signal for SIGTERM or SIGHUP, 141 a reader of stdout that went away.
 """
 
 from __future__ import annotations
@@ -180,7 +181,6 @@ def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -
     """A ready-to-paste request for the served model, with the API key header when the replicas
     have a key (serve.api_key_file, else the variable serve.api_key_env): the shell reads the key
     where the app does, so the key itself is never printed."""
-    import os
     import re
     import shlex
 
@@ -471,8 +471,6 @@ def job_main(command: str, argv: Optional[list[str]] = None, extra: tuple[str, .
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     # A cluster names its shared storage once, for every job: RAYFINE_RUNS_DIR in the nodes' environment
     # (cluster/local/up.sh, the KubeRay manifests and the launcher YAML set it).
-    import os
-
     p.add_argument("--runs-dir", default=os.environ.get("RAYFINE_RUNS_DIR") or None,
                    help="where run directories go (shared storage on multi-node clusters; default: "
                    "$RAYFINE_RUNS_DIR, else storage.runs_dir)")

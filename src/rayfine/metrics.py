@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+# What each epoch reports (metrics.jsonl, epochs.jsonl, trials.csv, the reports, MLflow and TensorBoard).
+METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
     """counts[i, j] = examples of true label i predicted as j."""

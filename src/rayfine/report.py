@@ -24,9 +24,8 @@ import numpy as np
 
 from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
+from rayfine.metrics import METRIC_KEYS
 from rayfine.rundir import jsonl_records, read_saved_config, saved_config, write_atomic
-
-METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 
 
 def _figure(width: float, height: float):
@@ -229,7 +228,7 @@ def _page(title: str, subtitle: str, sections: list[str]) -> str:
             + "".join(sections) + "</body></html>")
 
 
-def _config_section(run_dir: Path, config_path: Path) -> str:
+def _config_section(config_path: Path) -> str:
     # Without URL passwords (a database tracking_uri's): the report is a file to share.
     text = redact_url_passwords(config_path.read_text()) if config_path.is_file() else "(no config.yaml)"
     return f"<section id='config'><h2>Resolved config</h2><pre>{html.escape(text)}</pre></section>"
@@ -255,9 +254,9 @@ def train_report(run_dir: Path) -> Path:
         "<section id='best'><h2>Best epoch</h2>"
         f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{_fmt4(best.get(metric))}</b></p></section>",
         "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves")
-        + _table(lines, list(METRIC_COLUMNS)) + "</section>",
+        + _table(lines, list(METRIC_KEYS)) + "</section>",
         _evaluation_section(evaluation, train_dir / "confusion_matrix.png"),
-        _config_section(run_dir, saved_config(run_dir, "train")),
+        _config_section(saved_config(run_dir, "train")),
     ]
     out = train_dir / "report.html"
     write_atomic(out, _page(f"{run_dir.name}: training run", f"{run_dir}", sections))
@@ -305,7 +304,7 @@ def tune_report(run_dir: Path) -> Path:
     mode = summary.get("mode") or _section_of(saved_config(run_dir, "tune"), "tune").get("mode") or (
         "min" if metric.endswith("loss") else "max")
     sign = -1 if mode == "min" else 1
-    fixed = set(METRIC_COLUMNS) | {"trial_id", "status", "checkpoint_path"}
+    fixed = set(METRIC_KEYS) | {"trial_id", "status", "checkpoint_path"}
     keys = [k for k in (rows[0] if rows else {}) if k not in fixed]
     by_trial: dict[str, list[dict]] = {}
     for r in rows:
@@ -358,7 +357,7 @@ def tune_report(run_dir: Path) -> Path:
         + _table(leaderboard, list(leaderboard[0]) if leaderboard else []) + "</section>",
         _evaluation_section(_read_json(tune_dir / "best" / "eval.json", EVAL_KEYS),
                             tune_dir / "best" / "confusion_matrix.png"),
-        _config_section(run_dir, saved_config(run_dir, "tune")),
+        _config_section(saved_config(run_dir, "tune")),
     ]
     out = tune_dir / "report.html"
     write_atomic(out, _page(f"{run_dir.name}: hyperparameter search", f"{run_dir}", sections))

@@ -37,8 +37,9 @@ from ray.tune import Callback
 
 from rayfine.config import Config, ConfigError
 from rayfine.config.sections import redact_url_passwords as _redact  # one definition, report.py's too
+from rayfine.metrics import METRIC_KEYS
 
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
+EPOCH_METRICS = tuple(k for k in METRIC_KEYS if k != "epoch")  # the epoch is each value's step
 
 
 def _warn(text: str) -> None:

@@ -378,7 +378,7 @@ def load_config(path_or_name: str | Path, overrides: Optional[list[str]] = None)
 
 
 def config_reference() -> str:
-    """The README's config reference table, generated from the field declarations above."""
+    """The README's config reference table, generated from the field declarations (config/sections.py)."""
     rows = ["| field | default | meaning |", "| --- | --- | --- |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:

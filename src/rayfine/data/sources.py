@@ -1162,11 +1162,11 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
 
             schema = pq.read_schema(files[0])
             names = schema.names
+    except ConfigError:  # a ValueError, which the last handler leaves to the readers
+        raise
     except DataError as e:  # a file name not UTF-8, a compression suffix in capitals
         raise ConfigError([str(e)]) from None
-    except (OSError, pa.ArrowException, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except (OSError, pa.ArrowException, ValueError):
         return
     if names is None:
         return

@@ -9,7 +9,8 @@ Every refused request gets a 4xx and ``{"error": "..."}``, the error object of t
 Protocol, on every route: an unknown route or method, a missing or wrong API key (401), a body over
 serve.max_request_bytes (413, before it is parsed; for a gzip or deflate body, decompressed too), a
 wrong Content-Type or Content-Encoding (415), malformed JSON, bad tensors or a corrupt compressed
-body (400), an unknown model name or version (404).
+body (400), an unknown model name or version (404). A request for the model before it is loaded gets
+503, and a failure of rayfine's own 500, both with the same error object.
 
 Inference follows the Open Inference Protocol (KServe v2) with JSON tensors and Triton's binary
 tensor data extension, so that its clients work as they are: tritonclient sends JSON requests with
@@ -280,7 +281,7 @@ def make_api(server) -> FastAPI:
         title=f"rayfine: {server.name}",
         version=__version__,
         description="Open Inference Protocol (KServe v2) REST API and a simple JSON API for a rayfine classifier. "
-        "Every error is {\"error\": \"...\"} with a 4xx status.",
+        "Every error is {\"error\": \"...\"}: a 4xx status for a refused request, 503 while the model loads.",
     )
 
     @app.exception_handler(RequestError)

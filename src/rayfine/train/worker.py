@@ -33,12 +33,12 @@ from rayfine.data import batch_collate, label_text, model_batch, tokenizer_sourc
 from rayfine.data.images import augment_batch
 from rayfine.data.text import load_tokenizer
 from rayfine.errors import TrainingError
+from rayfine.metrics import METRIC_KEYS
 from rayfine.models import NEW_PARAMS_ATTR, build_model, logits_of, with_pretrained_normalization
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time here
 
-METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "samples_per_s", "epoch_s")
 # Marks a report that repeats the epoch of the checkpoint a run resumed from; its value is that
 # checkpoint's path. Ray Train registers an epoch's checkpoint before the report callbacks log the
 # epoch, so a run that died between the two resumes after an epoch its logs never saw. The logs

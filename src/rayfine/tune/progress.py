@@ -177,7 +177,7 @@ class SearchProgress(Callback):
             was = self.board.rows.get(trial.trial_id, {}).get("status")
             self._dirty |= self.board.update(trial)
             row = self.board.rows[trial.trial_id]
-            if not self.live and row["status"] == "paused" != was:
+            if not self.live and row["status"] == "paused" and was != "paused":
                 self.log(f"[tune] {trial.trial_id} paused{self._after(row['epoch'])}; "
                          "waits for the other trials to reach it")
         if self.live and self._dirty and time.monotonic() - self._drawn_at >= self.refresh_s:
