@@ -6,6 +6,7 @@ import builtins
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -586,6 +587,43 @@ def test_a_search_left_in_a_storage_path_is_named_where_it_is(tmp_path):
     cfg.run_dir().mkdir(parents=True)
     (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())
     _check_previous_search(cfg, experiment_path(cfg), resume=True)
+
+
+def test_a_search_whose_tune_state_is_elsewhere_or_gone_is_not_replaced_by_a_new_one(tmp_path):
+    """A finished search's run directory after its ray/ was removed (the README says it may be), or
+    under another storage.storage_path: a new search there replaced its winner, trials.csv and
+    report, and --resume advised exactly that. A training run's directory takes a first search."""
+    from rayfine.rundir import save_config
+    from rayfine.tune.search import _check_previous_search, experiment_path
+
+    def cfg(*extra):
+        return load_config("resnet18_digits_tiny", ["name=s", f"storage.runs_dir={tmp_path / 'runs'}", *extra])
+
+    trained = cfg()
+    save_config(trained.run_dir(), "train", trained.to_yaml())
+    _check_previous_search(trained, experiment_path(trained), resume=False)  # no search there yet
+
+    shared = cfg(f"storage.storage_path={tmp_path / 'shared'}")
+    save_config(shared.run_dir(), "tune", shared.to_yaml())
+    state = Path(experiment_path(shared))
+    state.mkdir(parents=True)
+    (state / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    _check_previous_search(shared, experiment_path(shared), resume=True)
+    for local in (cfg(), cfg(f"storage.storage_path={tmp_path / 'other'}")):
+        with pytest.raises(ConfigError) as refused:
+            _check_previous_search(local, experiment_path(local), resume=False)
+        assert (f"{shared.run_dir()} already holds a search, which keeps its Ray Tune state in {state} "
+                f"(storage.storage_path '{tmp_path / 'shared'}'), not in {experiment_path(local)}: to continue it, "
+                f"set storage.storage_path back to '{tmp_path / 'shared'}' and add --resume") in str(refused.value)
+        with pytest.raises(ConfigError, match=rf"--resume: storage.storage_path changed from '{tmp_path / 'shared'}' to "
+                                              rf"{local.storage.storage_path and repr(local.storage.storage_path)}"):
+            _check_previous_search(local, experiment_path(local), resume=True)
+
+    shutil.rmtree(tmp_path / "shared")  # the state removed
+    for resume, said in ((False, "already holds a search, whose Ray Tune state is gone from"),
+                         (True, "--resume: the search in .* has no Ray Tune state left in")):
+        with pytest.raises(ConfigError, match=said + ".*choose another `name`"):
+            _check_previous_search(shared, experiment_path(shared), resume=resume)
 
 
 def test_ranking_by_train_loss_while_searching_how_it_is_weighed_is_refused():

@@ -372,12 +372,17 @@ def _storage_of(storage_path: str | None, run_dir: Path) -> str:
     return storage_location(storage_path, run_dir, run_dir.name)
 
 
+def saved_storage_path(run_dir: Path, command: str) -> str | None:
+    """The storage.storage_path of the config `rayfine train` or `tune` saved in ``run_dir``."""
+    previous = read_saved_config(saved_config(run_dir, command))
+    return (previous.get("storage") if isinstance(previous.get("storage"), dict) else {}).get("storage_path")
+
+
 def _check_same_storage(run_dir: Path, cfg: Config) -> None:
     """Refuse to continue the training run in ``run_dir`` with another storage.storage_path: Ray
     Train resumes from the checkpoints under the storage path, so under a new one the run would
     start again from epoch 1 while its metrics.jsonl already holds the epochs trained before."""
-    previous = read_saved_config(saved_config(run_dir, "train"))
-    old = (previous.get("storage") if isinstance(previous.get("storage"), dict) else {}).get("storage_path")
+    old = saved_storage_path(run_dir, "train")
     new = cfg.storage.storage_path
     if _storage_of(old, run_dir) != _storage_of(new, run_dir):
         back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"

@@ -26,6 +26,7 @@ import ray
 from ray import tune
 
 from rayfine.config import Config, ConfigError, check_search
+from rayfine.config.sections import storage_location
 from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
@@ -41,6 +42,7 @@ from rayfine.train.driver import (
     changes_since,
     check_storage,
     export_best,
+    saved_storage_path,
     split_for_workers,
 )
 from rayfine.tune.asha import ResumableASHA
@@ -265,6 +267,8 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
 
 def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
     exists = tune.Tuner.can_restore(path)
+    if not exists and (cfg.run_dir() / "tune" / "config.yaml").is_file():  # a search's, once it has read its data
+        _check_search_state_kept(cfg, path, resume)
     if resume and not exists:
         raise ConfigError([f"--resume: no search to resume in {path}; run `rayfine tune` without --resume to start one"])
     if not resume and exists:
@@ -290,6 +294,29 @@ def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
             raise ConfigError([f"--resume: the search in {cfg.run_dir()} ran with another config (changed: "
                                f"{', '.join(changed)}); resume it with its own config (only "
                                f"{', '.join(p.rstrip('.') for p in allowed)} may change)"])
+
+
+def _check_search_state_kept(cfg: Config, path: str, resume: bool) -> None:
+    """Refuse the run directory of a search whose Ray Tune state is not at ``path``: it ran with
+    another storage.storage_path, or its state was removed (ray/, which the README says may go once
+    a search is done). A new search there would replace the old one's winner, trials.csv and report
+    (and resuming the old one later, the new one's); --resume would find nothing."""
+    run_dir = cfg.run_dir()
+    old, new = saved_storage_path(run_dir, "tune"), cfg.storage.storage_path
+    old_path = f"{storage_location(old, run_dir, cfg.name)}/{EXPERIMENT_NAME}"
+    new_search = f"choose another `name` (--set name=...) or remove {run_dir}"
+    if old_path != path:
+        back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
+        raise ConfigError([
+            f"--resume: storage.storage_path changed from {old!r} to {new!r}: the search in {run_dir} keeps its Ray "
+            f"Tune state in {old_path}; to continue it, {back}" if resume else
+            f"{run_dir} already holds a search, which keeps its Ray Tune state in {old_path} (storage.storage_path "
+            f"{old!r}), not in {path}: to continue it, {back} and add --resume; to start a new search, {new_search}"])
+    raise ConfigError([
+        f"--resume: the search in {run_dir} has no Ray Tune state left in {path} (removed?), so it cannot be "
+        f"continued; to start a new search, {new_search}" if resume else
+        f"{run_dir} already holds a search, whose Ray Tune state is gone from {path} (removed?): its winner, "
+        f"trials.csv and report stay there; to start a new search, {new_search}"])
 
 
 def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]],
