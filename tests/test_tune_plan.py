@@ -592,7 +592,8 @@ def test_a_search_left_in_a_storage_path_is_named_where_it_is(tmp_path):
 def test_a_search_whose_tune_state_is_elsewhere_or_gone_is_not_replaced_by_a_new_one(tmp_path):
     """A finished search's run directory after its ray/ was removed (the README says it may be), or
     under another storage.storage_path: a new search there replaced its winner, trials.csv and
-    report, and --resume advised exactly that. A training run's directory takes a first search."""
+    report, and --resume advised exactly that. A training run's directory takes a first search, and
+    so does one whose search was killed before Tune saved anything (it left only its config)."""
     from rayfine.rundir import save_config
     from rayfine.tune.search import _check_previous_search, experiment_path
 
@@ -603,27 +604,42 @@ def test_a_search_whose_tune_state_is_elsewhere_or_gone_is_not_replaced_by_a_new
     save_config(trained.run_dir(), "train", trained.to_yaml())
     _check_previous_search(trained, experiment_path(trained), resume=False)  # no search there yet
 
-    shared = cfg(f"storage.storage_path={tmp_path / 'shared'}")
+    shared_path = tmp_path / "shared"
+    shared = cfg(f"storage.storage_path={shared_path}")
     save_config(shared.run_dir(), "tune", shared.to_yaml())
+    tune_dir = shared.run_dir() / "tune"
+    # Killed before Tune saved anything: only the marker, so a new search may start (the same command
+    # again), and there is nothing for --resume.
+    _check_previous_search(shared, experiment_path(shared), resume=False)
+    with pytest.raises(ConfigError, match="--resume: no search to resume in"):
+        _check_previous_search(shared, experiment_path(shared), resume=True)
+
     state = Path(experiment_path(shared))
     state.mkdir(parents=True)
     (state / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    (tune_dir / "summary.json").write_text("{}")
+    (tune_dir / "best").mkdir()
     _check_previous_search(shared, experiment_path(shared), resume=True)
     for local in (cfg(), cfg(f"storage.storage_path={tmp_path / 'other'}")):
         with pytest.raises(ConfigError) as refused:
             _check_previous_search(local, experiment_path(local), resume=False)
         assert (f"{shared.run_dir()} already holds a search, which keeps its Ray Tune state in {state} "
-                f"(storage.storage_path '{tmp_path / 'shared'}'), not in {experiment_path(local)}: to continue it, "
-                f"set storage.storage_path back to '{tmp_path / 'shared'}' and add --resume") in str(refused.value)
-        with pytest.raises(ConfigError, match=rf"--resume: storage.storage_path changed from '{tmp_path / 'shared'}' to "
+                f"(storage.storage_path '{shared_path}'), not in {experiment_path(local)}: to continue it, "
+                f"set storage.storage_path back to '{shared_path}' and add --resume; to start a new search, "
+                f"choose another `name` (--set name=...) or remove {tune_dir}") in str(refused.value)
+        with pytest.raises(ConfigError, match=rf"--resume: storage.storage_path changed from '{shared_path}' to "
                                               rf"{local.storage.storage_path and repr(local.storage.storage_path)}"):
             _check_previous_search(local, experiment_path(local), resume=True)
 
-    shutil.rmtree(tmp_path / "shared")  # the state removed
-    for resume, said in ((False, "already holds a search, whose Ray Tune state is gone from"),
-                         (True, "--resume: the search in .* has no Ray Tune state left in")):
-        with pytest.raises(ConfigError, match=said + ".*choose another `name`"):
-            _check_previous_search(shared, experiment_path(shared), resume=resume)
+    shutil.rmtree(shared_path)  # the state removed; the search's summary.json and best/ stay
+    for search in (shared, cfg()):  # looked for where it was, or under another storage
+        with pytest.raises(ConfigError) as refused:
+            _check_previous_search(search, experiment_path(search), resume=False)
+        assert (f"already holds a search, whose Ray Tune state is gone from {state} (removed?): its summary.json, "
+                f"best stay in {tune_dir}; to start a new search, choose another `name` (--set name=...) or remove "
+                f"{tune_dir}") in str(refused.value)
+        with pytest.raises(ConfigError, match=rf"--resume: the search in .* has no Ray Tune state left in {state}"):
+            _check_previous_search(search, experiment_path(search), resume=True)
 
 
 def test_ranking_by_train_loss_while_searching_how_it_is_weighed_is_refused():

@@ -132,24 +132,26 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
         marker = cfg.run_dir() / "tune" / "config.yaml"
-        new_search = not resume and not marker.is_file()
+        # Without --resume, preflight let no earlier search through but one that left only this marker
+        # (killed before Tune saved anything).
+        new_search = not resume
         try:
             return _run_search(cfg, base, resume=resume, strict_resources=strict_resources, log=log)
         except BaseException:
             # tune/config.yaml marks a search (``_check_continuation``), written once the data is
             # read; a search that failed before Tune saved its experiment (Ctrl-C, its tracking, the
             # Tuner) would refuse the corrected command ("holds a search of a different config") and
-            # leave --resume nothing to resume. Only the file this command wrote: not an earlier search's.
-            if new_search and marker.is_file() and not _search_saved(cfg):
+            # leave --resume nothing to resume.
+            if new_search and marker.is_file() and not _search_saved(experiment_path(cfg)):
                 marker.unlink()
             raise
 
 
-def _search_saved(cfg: Config) -> bool:
-    """Whether Tune saved this search's experiment; True when that cannot be told (storage that does
-    not answer): the marker then stays, and the search's own error is the one raised."""
+def _search_saved(path: str) -> bool:
+    """Whether Tune saved a search's experiment at ``path``; True when that cannot be told (storage
+    that does not answer): a marker then stays, and a search's own error is the one raised."""
     try:
-        return tune.Tuner.can_restore(experiment_path(cfg))
+        return tune.Tuner.can_restore(path)
     except Exception:  # noqa: BLE001
         return True
 
@@ -300,23 +302,26 @@ def _check_search_state_kept(cfg: Config, path: str, resume: bool) -> None:
     """Refuse the run directory of a search whose Ray Tune state is not at ``path``: it ran with
     another storage.storage_path, or its state was removed (ray/, which the README says may go once
     a search is done). A new search there would replace the old one's winner, trials.csv and report
-    (and resuming the old one later, the new one's); --resume would find nothing."""
-    run_dir = cfg.run_dir()
+    (and resuming the old one later, the new one's); --resume would find nothing. A search killed
+    before Tune saved anything left only its config: nothing to keep, so nothing is refused."""
+    run_dir, tune_dir = cfg.run_dir(), cfg.run_dir() / "tune"
     old, new = saved_storage_path(run_dir, "tune"), cfg.storage.storage_path
     old_path = f"{storage_location(old, run_dir, cfg.name)}/{EXPERIMENT_NAME}"
-    new_search = f"choose another `name` (--set name=...) or remove {run_dir}"
-    if old_path != path:
+    new_search = f"choose another `name` (--set name=...) or remove {tune_dir}"
+    if old_path != path and _search_saved(old_path):
         back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
         raise ConfigError([
             f"--resume: storage.storage_path changed from {old!r} to {new!r}: the search in {run_dir} keeps its Ray "
             f"Tune state in {old_path}; to continue it, {back}" if resume else
             f"{run_dir} already holds a search, which keeps its Ray Tune state in {old_path} (storage.storage_path "
             f"{old!r}), not in {path}: to continue it, {back} and add --resume; to start a new search, {new_search}"])
-    raise ConfigError([
-        f"--resume: the search in {run_dir} has no Ray Tune state left in {path} (removed?), so it cannot be "
-        f"continued; to start a new search, {new_search}" if resume else
-        f"{run_dir} already holds a search, whose Ray Tune state is gone from {path} (removed?): its winner, "
-        f"trials.csv and report stay there; to start a new search, {new_search}"])
+    kept = [name for name in ("summary.json", "trials.csv", "best") if (tune_dir / name).exists()]
+    if kept:
+        raise ConfigError([
+            f"--resume: the search in {run_dir} has no Ray Tune state left in {old_path} (removed?), so it cannot "
+            f"be continued; to start a new search, {new_search}" if resume else
+            f"{run_dir} already holds a search, whose Ray Tune state is gone from {old_path} (removed?): its "
+            f"{', '.join(kept)} stay in {tune_dir}; to start a new search, {new_search}"])
 
 
 def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: Callable[[str], list[dict]],
