@@ -17,12 +17,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Ray Train's controller polls its workers every 2 s by default (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S),
-# and a run's start, each epoch's report reaching the driver and its end each wait for a poll. Every
-# Ray the suite starts (embedded, the CLI's, the local clusters') inherits 0.5 s: a tenth off the
-# Train and Tune tests (two of test_train's, side by side: 114 -> 104 s), which keeps the suite under
-# 30 minutes. rayfine itself leaves Ray's default.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 class ModuleRay:
