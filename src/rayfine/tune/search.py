@@ -80,6 +80,11 @@ def experiment_path(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path()}/{EXPERIMENT_NAME}"
 
 
+def search_marker(cfg: Config) -> Path:
+    """tune/config.yaml: a search's config, written once it has read its data; it marks a search."""
+    return cfg.run_dir() / "tune" / "config.yaml"
+
+
 def trials_root(cfg: Config) -> str:
     """Where the trials' Ray Train runs (checkpoints, epoch logs) are stored."""
     return f"{cfg.resolved_storage_path()}/trials"
@@ -131,7 +136,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     """
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
-        marker = cfg.run_dir() / "tune" / "config.yaml"
+        marker = search_marker(cfg)
         # Without --resume, preflight let no earlier search through but one that left only this marker
         # (killed before Tune saved anything).
         new_search = not resume
@@ -269,7 +274,7 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
 
 def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
     exists = tune.Tuner.can_restore(path)
-    if not exists and (cfg.run_dir() / "tune" / "config.yaml").is_file():  # a search's, once it has read its data
+    if not exists and search_marker(cfg).is_file():
         _check_search_state_kept(cfg, path, resume)
     if resume and not exists:
         raise ConfigError([f"--resume: no search to resume in {path}; run `rayfine tune` without --resume to start one"])
@@ -371,9 +376,8 @@ def trial_rows(results, keys: list[str], epochs: int, trials_root: str) -> list[
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
         records = list(read_epoch_log(epoch_log_path(trials_root, trial_id)))
         last_epoch = max((int(r["epoch"]) for r in records), default=None)
-        status = "error" if result.error else trial_status("TERMINATED", last_epoch, epochs)
-        if not records:
-            status = "error" if result.error else "not started"
+        status = ("error" if result.error else "not started" if last_epoch is None
+                  else trial_status("TERMINATED", last_epoch, epochs))
         rows += epoch_rows(trial_id, trial_params(result), keys, records, status)
     # By trial and epoch: Tune returns the trials in another order after a resume.
     return sorted(rows, key=lambda r: (str(r["trial_id"]), r["epoch"] is not None, r["epoch"] or 0))
