@@ -28,11 +28,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/rayfine run resnet18_digits
 
+# Two pytest-xdist workers: one runs every Ray test, in file order (tests/conftest.py groups them),
+# the other the unit tier beside it.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not bench" --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not bench" -n 2 --dist loadgroup --durations=15
 
 test-unit: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not ray and not integration"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not ray and not integration" -n 2
 
 test-bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m bench

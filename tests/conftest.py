@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -57,9 +58,52 @@ class ModuleRay:
 RAY = ModuleRay()
 
 
+# What runs in the Ray group: every test of these tiers, and any test using a fixture that starts Ray.
+RAY_MARKS = ("ray", "integration", "bench")
+RAY_FIXTURES = {"ray_local", "digits_run", "reviews_run"}
+
+
+def uses_ray(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(mark) for mark in RAY_MARKS) or bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_configure(config):
+    """pytest 9.2 ignores the node id into which pytest-xdist 3.8 writes an item's group
+    (pytest-xdist#1386): ``--dist loadgroup`` would then spread the Ray tests over both workers."""
+    if config.getoption("dist", "no") == "loadgroup" and not hasattr(config, "workerinput"):
+        import xdist
+        from packaging.version import Version
+
+        if Version(pytest.__version__) >= Version("9.2") and Version(xdist.__version__) < Version("3.9"):
+            raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist {xdist.__version__}'s --dist loadgroup "
+                                    "(pytest-xdist#1386): install the dev extra again (pyproject.toml pins pytest below 9.2)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which names each item's group in its id
 def pytest_collection_modifyitems(session, config, items):
+    """Under ``make test`` (pytest-xdist, ``-n 2 --dist loadgroup``) every test that uses Ray is in
+    one group, run in file order by one worker, so that one Ray at a time runs on the machine (two
+    local clusters would want the same ports, and a second Ray makes Ray's address autodetection
+    fail) and the session's trained runs are trained once; the unit tier is spread over both
+    workers and runs beside it, on the CPU the Ray tests leave idle while they wait."""
     for item in items:
         RAY.env.update(getattr(getattr(item, "module", None), "RAY_ENV", {}))  # doctest items have none
+        if uses_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _only_marked_tests_start_ray(request):
+    """A test outside the Ray group that starts Ray in this process fails: under ``make test`` it
+    would run beside the Ray group's Ray."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized() and not uses_ray(request.node):
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked {' or '.join(RAY_MARKS)} "
+                    f"and uses none of {sorted(RAY_FIXTURES)}: mark it")
 
 
 @pytest.fixture(scope="module", autouse=True)
