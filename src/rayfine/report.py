@@ -25,7 +25,7 @@ import numpy as np
 from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
 from rayfine.metrics import METRIC_KEYS
-from rayfine.rundir import jsonl_records, read_saved_config, saved_config, write_atomic
+from rayfine.rundir import command_config, jsonl_records, read_saved_config, saved_config, write_atomic
 
 
 def _figure(width: float, height: float):
@@ -405,7 +405,7 @@ def write_reports(path: str | Path) -> list[Path]:
     written = []
     if (path / "train" / "metrics.jsonl").is_file():
         written.append(train_report(path))
-    if (path / "tune" / "trials.csv").is_file() or (path / "tune" / "config.yaml").is_file():
+    if (path / "tune" / "trials.csv").is_file() or command_config(path, "tune").is_file():
         written.append(tune_report(path))
     if not written:
         raise RayfineError(f"{path}: no training run (train/metrics.jsonl) or search (tune/config.yaml) to report on")

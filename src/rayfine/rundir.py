@@ -105,19 +105,25 @@ def holding(run_dir: Path, command: str) -> Iterator[None]:
         yield
 
 
+def command_config(run_dir: Path, command: str) -> Path:
+    """<run>/<command>/config.yaml: the config ``rayfine <command>`` keeps in its own folder. A
+    search writes it once it has read its data, so tune/config.yaml marks a search."""
+    return run_dir / command / "config.yaml"
+
+
 def saved_config(run_dir: Path, command: str) -> Path:
     """The config ``rayfine train`` (command "train") or ``rayfine tune`` ("tune") last ran with in
     ``run_dir``: <run>/<command>/config.yaml, or for a run directory written before each command
     kept its own, <run>/config.yaml. (<run>/config.yaml is the last command's: a training run and
     a search under one name may differ in tune.*, scaling.*, ...)"""
-    own = run_dir / command / "config.yaml"
+    own = command_config(run_dir, command)
     return own if own.is_file() else run_dir / "config.yaml"
 
 
 def save_config(run_dir: Path, command: str, config_yaml: str) -> None:
     """The resolved config in <run>/config.yaml and in <run>/<command>/config.yaml."""
     (run_dir / command).mkdir(parents=True, exist_ok=True)
-    for path in (run_dir / "config.yaml", run_dir / command / "config.yaml"):
+    for path in (run_dir / "config.yaml", command_config(run_dir, command)):
         write_atomic(path, config_yaml)
 
 

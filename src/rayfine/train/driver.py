@@ -30,6 +30,7 @@ from rayfine.models import absolute_model_paths, check_model
 from rayfine.progress import Progress
 from rayfine.rundir import (
     append_line,
+    command_config,
     complete_length,
     holding,
     jsonl_records,
@@ -352,7 +353,7 @@ RESUMABLE_CHANGES = ("train.max_failures", "scaling.", "storage.", "tracking.", 
 def _check_continuation(run_dir: Path, cfg: Config) -> bool:
     """True when this run continues an earlier training run. Refuse a config that changed what
     is trained from the training run's or the search's in ``run_dir`` (one name, one experiment)."""
-    done = {"train": (run_dir / "train" / "metrics.jsonl").is_file(), "tune": (run_dir / "tune" / "config.yaml").is_file()}
+    done = {"train": (run_dir / "train" / "metrics.jsonl").is_file(), "tune": command_config(run_dir, "tune").is_file()}
     for command, what in (("train", "run"), ("tune", "search")):
         previous = saved_config(run_dir, command)
         changed = changes_since(previous, cfg, RESUMABLE_CHANGES) if done[command] and previous.is_file() else []

@@ -32,7 +32,7 @@ from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
-from rayfine.rundir import holding, save_config, saved_config, write_atomic
+from rayfine.rundir import command_config, holding, save_config, saved_config, write_atomic
 from rayfine.runtime import Terminated, restored_environ
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
@@ -78,11 +78,6 @@ def trial_base(cfg: Config) -> Config:
 
 def experiment_path(cfg: Config) -> str:
     return f"{cfg.resolved_storage_path()}/{EXPERIMENT_NAME}"
-
-
-def search_marker(cfg: Config) -> Path:
-    """tune/config.yaml: a search's config, written once it has read its data; it marks a search."""
-    return cfg.run_dir() / "tune" / "config.yaml"
 
 
 def trials_root(cfg: Config) -> str:
@@ -136,7 +131,7 @@ def run_search(cfg: Config, *, resume: bool = False, strict_resources: bool = Tr
     """
     base = preflight(cfg, resume)
     with holding(cfg.run_dir(), "tune"):
-        marker = search_marker(cfg)
+        marker = command_config(cfg.run_dir(), "tune")
         # Without --resume, preflight let no earlier search through but one that left only this marker
         # (killed before Tune saved anything).
         new_search = not resume
@@ -274,7 +269,7 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
 
 def _check_previous_search(cfg: Config, path: str, resume: bool) -> None:
     exists = tune.Tuner.can_restore(path)
-    if not exists and search_marker(cfg).is_file():
+    if not exists and command_config(cfg.run_dir(), "tune").is_file():
         _check_search_state_kept(cfg, path, resume)
     if resume and not exists:
         raise ConfigError([f"--resume: no search to resume in {path}; run `rayfine tune` without --resume to start one"])
