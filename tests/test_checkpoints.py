@@ -363,3 +363,10 @@ def test_code_named_by_a_checkpoint_or_model_directory_never_runs(tmp_path):
     assert results["checkpoint"].startswith("CheckpointError") and "custom code" in results["checkpoint"], results
     assert results["model"].startswith("RayfineError") and "never runs code" in results["model"], results
     assert results["tokenizer"].startswith("ConfigError") and "custom code" in results["tokenizer"], results
+
+
+def test_serving_names_the_weights_file_as_checkpoints_write_it():
+    """rayfine.serve.model keeps its own copy of the name (it imports without torch)."""
+    from rayfine.serve import model
+
+    assert model.MODEL_FILE == checkpoints.MODEL_FILE

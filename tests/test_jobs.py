@@ -80,7 +80,8 @@ def test_a_resumed_search_job_runs_with_resume_under_an_id_of_its_own():
     client = FakeJobs({stopped: "STOPPED"})
     result = submit(cfg, "resnet18_digits_tiny", job="tune", overrides=["train.epochs=2"], runs_dir="/shared/runs",
                     working_dir=REPO, resume=True, client=client)
-    assert result == {"submission_id": f"{stopped}-resume", "status": "PENDING", "existing": False}
+    assert result == {"submission_id": f"{stopped}-resume", "status": "PENDING", "existing": False,
+                      "address": client._address}
     (request,) = client.submitted
     assert request["submission_id"] == f"{stopped}-resume"
     assert shlex.split(request["entrypoint"]) == ["python", "ray_jobs/tune.py", "--config", "resnet18_digits_tiny",
@@ -415,3 +416,22 @@ def test_a_job_entrypoint_takes_debug_as_the_failure_message_says(monkeypatch, c
     assert "rerun with --debug" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="boom"):
         cli.job_main("train", ["--config", "resnet18_digits_tiny", "--debug"])
+
+
+def test_submit_checks_once_and_before_it_connects(monkeypatch, capsys):
+    """`rayfine submit` refuses what it can check without the cluster before connecting, and
+    checks a submission once (the paths check walks the data folder)."""
+    from rayfine import jobs
+    from rayfine.cli import main
+
+    client, connected, checked = FakeJobs(), [], []
+    monkeypatch.setattr(jobs, "connect", lambda address=None: connected.append(address) or client)
+    check_paths = jobs.check_paths
+    monkeypatch.setattr(jobs, "check_paths", lambda *a, **k: checked.append(a) or check_paths(*a, **k))
+    base = ["submit", "resnet18_digits_tiny", "--working-dir", str(REPO), "--address", "http://jobs.example:8265"]
+    assert main([*base, "--runs-dir", "runs"]) != 0
+    assert "--runs-dir runs: give an absolute path" in capsys.readouterr().err
+    assert connected == [] and client.submitted == []
+    assert main([*base, "--runs-dir", "/shared/runs"]) == 0
+    assert connected == ["http://jobs.example:8265"] and len(checked) == 1 and len(client.submitted) == 1
+    assert f"submitted to {client._address}" in capsys.readouterr().out

@@ -401,8 +401,9 @@ def submit(
     """Submit ``job`` for the validated ``cfg`` (loaded from ``config`` + ``overrides``); with
     ``resume``, a job that continues the search of an earlier one whose driver stopped.
 
-    Returns {"submission_id", "status", "existing"}; ``existing`` is True when that submission id
-    was already on the cluster (nothing new was started)."""
+    Everything that can be checked here is checked before the cluster is contacted. Returns
+    {"submission_id", "status", "existing", "address"}; ``existing`` is True when that submission
+    id was already on the cluster (nothing new was started), ``address`` is the Jobs API's URL."""
     overrides = list(overrides)  # checked, then the entrypoint
     wd, config_arg = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume,
                                       overrides=overrides)
@@ -424,7 +425,8 @@ def submit(
                 raise
             existing = job_info(client, job_id)
     status = str(existing.status) if existing is not None else str(job_info(client, job_id).status)
-    return {"submission_id": job_id, "status": status, "existing": existing is not None}
+    return {"submission_id": job_id, "status": status, "existing": existing is not None,
+            "address": getattr(client, "_address", None) or resolve_address(address)}
 
 
 def follow(client, job_id: str, out=None, poll_s: float = 1.0) -> str:
@@ -485,13 +487,9 @@ def _hint(job_id: str, address: str) -> str:
 
 def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Optional[str], working_dir: str,
                job_id: Optional[str], address: Optional[str], follow_logs: bool, resume: bool = False) -> int:
-    wd, _ = check_submission(config, job=job, runs_dir=runs_dir, working_dir=working_dir, resume=resume,
-                             overrides=overrides)
-    check_paths(cfg, wd)
-    client = connect(address)
     result = submit(cfg, config, job=job, overrides=overrides, runs_dir=runs_dir, working_dir=working_dir,
-                    job_id=job_id, resume=resume, client=client)
-    job_id, status, url = result["submission_id"], result["status"], client._address
+                    job_id=job_id, resume=resume, address=address)
+    job_id, status, url = result["submission_id"], result["status"], result["address"]
     if result["existing"]:
         print(f"[submit] {job_id} was already submitted to {url} (same job and resolved config): {status}")
         if status in ("FAILED", "STOPPED") and not follow_logs:
@@ -503,7 +501,7 @@ def cli_submit(cfg, config: str, *, job: str, overrides: list[str], runs_dir: Op
     if not follow_logs:
         print(f"[submit] {_hint(job_id, url)}")
         return 0
-    final = follow(client, job_id)
+    final = follow(connect(url), job_id)
     print(f"[job] {job_id} {final}", flush=True)
     if final in ("FAILED", "STOPPED"):
         print(f"[submit] {_rerun_hint(job, job_id, resume)}", file=sys.stderr)

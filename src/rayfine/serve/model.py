@@ -23,7 +23,7 @@ import numpy as np
 from rayfine.config import Config, ServeConfig
 from rayfine.errors import InputError, RayfineError
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # rayfine.checkpoints.MODEL_FILE, named here too: this module imports without torch
 
 
 def weights_version(checkpoint_dir: Union[str, Path]) -> str:
