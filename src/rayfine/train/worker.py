@@ -435,23 +435,8 @@ def _train(config: dict, guard: ExitGuard) -> None:
             seen += len(y)
         train_s = time.perf_counter() - started
 
-        # Each rank validates its own val shard, and the shards differ in size by up to one row, so
-        # no collective may run per batch: the module itself, not DDP's forward (which broadcasts
-        # buffers on its first call). It scores with rank 0's buffers, the model rank 0 saves.
-        net = _unwrap(model)
-        _broadcast_buffers(net)
-        net.eval()
-        counts = np.zeros((num_labels, num_labels), np.int64)
-        val_loss_sum = 0.0
-        with torch.inference_mode():
-            for batch in val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate):
-                guard.check()
-                batch = model_batch(to_device(batch), cfg.data)
-                y = batch.pop("y")
-                with autocast:
-                    logits = logits_of(net(**batch)).float()
-                val_loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                metrics.add_confusion(counts, y.cpu().numpy(), logits.argmax(-1).cpu().numpy())
+        counts, val_loss_sum = _validate(_unwrap(model), val_shard, cfg, num_labels, collate, to_device, autocast,
+                                         guard)
         # Global figures: sum counts over ranks before dividing.
         reduced = _all_reduce_sum(np.concatenate([counts.ravel(), [val_loss_sum, loss_sum, seen]]), device)
         counts = reduced[: num_labels * num_labels].reshape(num_labels, num_labels)
@@ -466,11 +451,41 @@ def _train(config: dict, guard: ExitGuard) -> None:
             "samples_per_s": float(seen / train_s),
             "epoch_s": time.perf_counter() - started,
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                tokenizer = load_tokenizer(tokenizer_source(cfg)) if cfg.data.kind == "text" else None
-                checkpoints.save_checkpoint(tmp, _unwrap(model), cfg, labels, report, tokenizer=tokenizer)
-                checkpoints.save_train_state(tmp, optimizer, scheduler, epoch)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=ckpt)
+        _report_epoch(report, rank, _unwrap(model), optimizer, scheduler, cfg, labels)
+
+
+def _validate(net: torch.nn.Module, shard, cfg: Config, num_labels: int, collate, to_device, autocast,
+              guard: ExitGuard) -> tuple[np.ndarray, float]:
+    """This rank's confusion counts and summed loss over its validation shard.
+
+    Each rank validates its own val shard, and the shards differ in size by up to one row, so no
+    collective may run per batch: ``net`` is the module itself, not DDP's forward (which broadcasts
+    buffers on its first call). It scores with rank 0's buffers, the model rank 0 saves."""
+    _broadcast_buffers(net)
+    net.eval()
+    counts = np.zeros((num_labels, num_labels), np.int64)
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, collate_fn=collate):
+            guard.check()
+            batch = model_batch(to_device(batch), cfg.data)
+            y = batch.pop("y")
+            with autocast:
+                logits = logits_of(net(**batch)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            metrics.add_confusion(counts, y.cpu().numpy(), logits.argmax(-1).cpu().numpy())
+    return counts, loss_sum
+
+
+def _report_epoch(report: dict, rank: int, net: torch.nn.Module, optimizer, scheduler, cfg: Config,
+                  labels: list[str]) -> None:
+    """Every rank reports the epoch's metrics; rank 0 attaches the checkpoint (weights, config,
+    labels, metrics, and the optimizer and scheduler state a resumed run starts from)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            tokenizer = load_tokenizer(tokenizer_source(cfg)) if cfg.data.kind == "text" else None
+            checkpoints.save_checkpoint(tmp, net, cfg, labels, report, tokenizer=tokenizer)
+            checkpoints.save_train_state(tmp, optimizer, scheduler, report["epoch"])
+            ckpt = Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=ckpt)
