@@ -111,7 +111,7 @@ def test_missing_required_field(tmp_path):
 
 def test_cross_field_checks():
     (err,) = _errors(["data.val_fraction=0.6", "data.test_fraction=0.5"])
-    assert err.startswith("data:") and "below 1" in err
+    assert err.startswith("data.val_fraction: ") and "below 1" in err
     (err,) = _errors(["data.mean=[0.5, 0.5]"])
     assert "mean needs 1 value" in err
 
@@ -306,7 +306,7 @@ def test_errors_name_the_allowed_fields_under_optional_sections_and_unions():
     (err,) = _errors(["tracking.mlflow.tracking_uri=x", "tracking.mlflow.experimnt=y"])
     assert err == "tracking.mlflow.experimnt: unknown field; allowed here: tracking_uri, experiment, artifact_location"
     (err,) = _errors(["train.class_weights=balance"])
-    assert err.startswith("train.class_weights: ") and "'balanced'" in err and "dictionary" in err
+    assert err.startswith("train.class_weights: ") and "'balanced'" in err and "a mapping" in err
     assert "literal" not in err and "dict[" not in err
     (err,) = _errors(["train.lr={a: 1}"])
     assert err == "train.lr: Input should be a valid number (got {'a': 1})"
@@ -465,3 +465,63 @@ def test_weights_for_a_torchvision_model_rayfine_does_not_build_say_which_it_bui
         "and model.stem do not apply to those)")]
     with pytest.raises(ConfigError, match=r"model.weights and model.stem apply to torchvision models only"):
         load_config("resnet18_digits", ["model.name=google/vit-base-patch16-224", "model.stem=small"])
+
+
+def _reference_rows() -> dict[str, list[str]]:
+    from rayfine.config import config_reference
+
+    rows = [line.strip("|").split(" | ") for line in config_reference().splitlines()[2:]]
+    return {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_the_reference_writes_each_default_as_yaml_that_reads_back_to_it():
+    """A default copied from the table into a config is the default (`None` was read as the text
+    "None"), and an optional section's fields are listed (tracking.mlflow's were missing)."""
+    from rayfine.config import Config
+
+    rows = _reference_rows()
+    checked = 0
+    for dotted, (default, _allowed, _meaning) in rows.items():
+        if not default.startswith("`"):
+            continue
+        *sections, name = dotted.split(".")
+        model = Config
+        for section in sections:
+            model = loading._model_in(model.model_fields[section].annotation)
+        value = model.model_fields[name].get_default(call_default_factory=True)
+        expected = list(value) if isinstance(value, tuple) else value
+        assert yaml.safe_load(default.strip("`").replace("\\|", "|")) == expected, dotted
+        checked += 1
+    assert checked > 80
+    assert rows["data.text_pair_column"][0] == "`null`" and rows["data.augment"][0] == "`false`"
+    assert rows["tracking.mlflow.tracking_uri"][0] == "required when `tracking.mlflow` is set"
+    assert {"tracking.mlflow.experiment", "tracking.mlflow.artifact_location"} <= set(rows)
+
+
+def test_the_reference_says_what_each_field_takes():
+    rows = _reference_rows()
+    assert rows["seed"][1] == "integer in [0, 4294967295]"
+    assert rows["data.val_fraction"][1] == "number in (0, 1)" and rows["data.subsample"][1] == "number in (0, 1]"
+    assert rows["train.epochs"][1] == "integer >= 1" and rows["tune.reduction_factor"][1] == "number > 1"
+    assert rows["train.grad_clip"][1] == "number > 0 or null" and rows["tune.mode"][1] == "max, min or null"
+    assert rows["data.format"][1] == "auto, image_folder, parquet, csv, tsv, jsonl"
+    assert rows["serve.image_formats"][1] == "a non-empty list of PNG, JPEG, MPO, BMP, GIF, TIFF, WEBP"
+    assert rows["data.labels"][1] == "a list of texts or null" and rows["serve.host"][1] == "non-empty text"
+    assert rows["train.class_weights"][1] == "balanced, a mapping or null"
+    for dotted in ("seed", "data.max_length", "serve.port", "serve.batch_wait_timeout_s"):  # the ends hold
+        low, high = rows[dotted][1].split("[")[1].rstrip("]").split(", ")
+        for value in (low, high):
+            load_config("resnet18_digits", [f"{dotted}={value}"])
+        with pytest.raises(ConfigError, match=dotted.replace(".", r"\.")):
+            load_config("resnet18_digits", [f"{dotted}={high}1"])
+
+
+def test_an_error_inside_a_field_is_told_once_and_cross_field_rules_name_the_field():
+    assert _errors(["serve.image_formats=[png]"]) == [
+        "serve.image_formats.0: Input should be 'PNG', 'JPEG', 'MPO', 'BMP', 'GIF', 'TIFF' or 'WEBP' (got 'png')"]
+    assert _errors(["train.class_weights={a: 0}"]) == ["train.class_weights.a: Input should be greater than 0 (got 0)"]
+    assert _errors(["data.labels=a"]) == ["data.labels: Input should be a list, e.g. [a, b] (got 'a')"]
+    (mean,) = _errors(["data.mean=[0.5, 0.5, 0.5]"])
+    assert mean.startswith("data.mean: mean needs 1 value(s) for color_mode L"), mean
+    (pretrained,) = _errors(["model.pretrained=false"])
+    assert pretrained.startswith("model.pretrained: model.pretrained and model.config_overrides apply"), pretrained

@@ -67,7 +67,7 @@ def test_a_wrong_type_in_any_field_is_refused_by_its_name(field):
 SEMANTIC = [
     (["name=../escape"], "name:"),
     (["seed=1.5"], "seed:"),
-    (["data.val_fraction=0.7", "data.test_fraction=0.5"], "data:"),
+    (["data.val_fraction=0.7", "data.test_fraction=0.5"], "data.val_fraction:"),
     (["data.color_mode=CMYK"], "data.color_mode:"),
     (["model.stem=tiny"], "model.stem:"),
     (["train.lr=0"], "train.lr:"),
@@ -81,7 +81,7 @@ SEMANTIC = [
     (["tune.num_samples=0"], "tune.num_samples:"),
     (["tune.search_space.train.nope={uniform: [0, 1]}"], "tune.search_space"),
     (["serve.port=70000"], "serve.port:"),
-    (["serve.max_items=64"], "serve:"),
+    (["serve.max_items=64"], "serve.max_items:"),
     (["serve.route_prefix=no-slash"], "serve.route_prefix:"),
 ]
 

@@ -9,7 +9,7 @@ import sys
 import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -349,7 +349,11 @@ def describe_all(errors: list[dict[str, Any]]) -> list[str]:
     for err in errors:
         loc, text = _describe(err)
         lines.setdefault(loc, []).append(text)
-    return [f"{loc}: {' or '.join(dict.fromkeys(texts))}" if loc else "; ".join(texts) for loc, texts in lines.items()]
+    # A field whose item failed fails as a whole too (a list left too short, a union's other
+    # alternative): the item's line says what is wrong.
+    failed_inside = {loc for loc in lines if loc and any(other.startswith(loc + ".") for other in lines)}
+    return [f"{loc}: {' or '.join(dict.fromkeys(texts))}" if loc else "; ".join(texts)
+            for loc, texts in lines.items() if loc not in failed_inside]
 
 
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
@@ -364,8 +368,18 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     if kind == "missing":
         return loc, "required field is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    if kind in ("tuple_type", "list_type"):
+        msg = "Input should be a list, e.g. [a, b]"
+    elif kind in ("dict_type", "model_type"):
+        msg = "Input should be a mapping (key: value)"
     if kind == "value_error" and isinstance(err.get("input"), dict):  # a section's cross-field check names the values
+        first = re.match(r"[a-z_]+(?:\.[a-z_]+)*", msg)  # "mean needs 1 value(s) ...": the line names data.mean
+        field = f"{loc}.{first.group()}" if loc and first else first.group() if first else ""
+        if field and _annotation_at(field.split(".")) is not Any:
+            loc, msg = field, msg.removeprefix(f"{first.group()}: ")
         return loc, msg
+    if kind == "too_short":
+        msg = msg.replace("Tuple", "List").replace(" after validation", "")
     given = repr(err.get("input"))
     return loc or "(top level)", f"{msg} (got {given if len(given) <= 80 else given[:77] + '...'})"
 
@@ -378,18 +392,84 @@ def load_config(path_or_name: str | Path, overrides: Optional[list[str]] = None)
 
 
 def config_reference() -> str:
-    """The README's config reference table, generated from the field declarations (config/sections.py)."""
-    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    """The README's config reference table, generated from the field declarations (config/sections.py):
+    each field's default as YAML writes it, and what it takes (choices, a range, null)."""
+    rows = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def walk(model: type[BaseModel], prefix: str, required_when: str = "") -> None:
         for name, field in model.model_fields.items():
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.")
                 continue
-            value = field.get_default(call_default_factory=True)  # a default_factory's value too
-            default = "required" if field.is_required() else f"`{value!r}`".replace("|", "\\|")
-            rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', chr(92) + '|')} |")
+            if field.is_required():
+                default = f"required when `{required_when}` is set" if required_when else "required"
+            else:  # a default_factory's value too
+                default = f"`{cell(_yaml_value(field.get_default(call_default_factory=True)))}`"
+            rows.append(f"| `{prefix}{name}` | {default} | {cell(_allowed(field))} | {cell(field.description or '')} |")
+            section = _model_in(annotation)  # an optional section (tracking.mlflow): its fields follow
+            if section is not None:
+                walk(section, f"{prefix}{name}.", required_when=f"{prefix}{name}")
 
     walk(Config, "")
     return "\n".join(rows)
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as a YAML file writes it: null, true, [PNG, JPEG], 0.01."""
+    value = list(value) if isinstance(value, tuple) else value
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+_KINDS = {int: "integer", float: "number", bool: "true, false", str: "text"}
+
+
+def _allowed(field) -> str:
+    """What a field takes, from its type and constraints: choices, an interval, a list, null."""
+    annotation = field.annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    non_empty = "non-empty " if any(getattr(m, "min_length", None) for m in field.metadata) else ""
+    parts = []
+    for option in options:
+        option = _unannotated(option)
+        if option is type(None):
+            continue
+        if get_origin(option) is Literal:
+            parts.append(", ".join(str(v) for v in get_args(option)))
+        elif get_origin(option) is tuple:
+            item = _unannotated(get_args(option)[0])
+            literal = get_origin(item) is Literal
+            items = ", ".join(str(v) for v in get_args(item)) if literal else f"{_KINDS.get(item, 'value')}s"
+            parts.append(f"a {non_empty}list of {items}")
+        elif get_origin(option) is dict or _model_in(option) is not None:
+            parts.append("a mapping")
+        elif option in (int, float):
+            parts.append(f"{_KINDS[option]} {_interval(field.metadata)}".strip())
+        else:
+            parts.append(non_empty + _KINDS.get(option, "a value"))
+    if type(None) in options:
+        parts.append("null")
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _unannotated(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _interval(metadata: list) -> str:
+    """Ge/Gt/Le/Lt bounds as an interval: [0, 1), >= 1."""
+    low = next(((m.ge, "[") for m in metadata if getattr(m, "ge", None) is not None), None) or next(
+        ((m.gt, "(") for m in metadata if getattr(m, "gt", None) is not None), None)
+    high = next(((m.le, "]") for m in metadata if getattr(m, "le", None) is not None), None) or next(
+        ((m.lt, ")") for m in metadata if getattr(m, "lt", None) is not None), None)
+    if low and high:
+        return f"in {low[1]}{low[0]}, {high[0]}{high[1]}"
+    if low:
+        return (">= " if low[1] == "[" else "> ") + str(low[0])
+    if high:
+        return ("<= " if high[1] == "]" else "< ") + str(high[0])
+    return ""

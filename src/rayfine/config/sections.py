@@ -267,7 +267,8 @@ class TrainConfig(_Section):
     batch_size: Int = Field(64, ge=1, description="Examples per step on each worker.")
     eval_batch_size: Int = Field(256, ge=1, description="Examples per step when evaluating.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW or SGD with momentum.")
-    weight_decay: Float = Field(0.01, ge=0, description="Decoupled weight decay.")
+    weight_decay: Float = Field(0.01, ge=0, description="AdamW: decoupled weight decay; SGD: an L2 term added to "
+                                "the gradient. Not applied to biases and normalization weights (1-dimensional parameters).")
     momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="After linear warmup: cosine decay to zero, or constant."
@@ -369,7 +370,8 @@ class TuneConfig(_Section):
         {},
         description="Dotted config field -> {distribution: args}: uniform/loguniform: [low, high], "
         "randint: [low, high) (integers), choice/grid: [values] (grid: every value, num_samples times). "
-        "Searchable: train.* (not train.epochs), model.*, seed. E.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.",
+        "Searchable: train.* (not train.epochs), model.* (not model.name for texts), seed. "
+        "E.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.",
     )
     trial_overrides: tuple[str, ...] = Field(
         (),
