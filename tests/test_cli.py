@@ -235,6 +235,27 @@ def test_serve_refuses_a_path_without_a_checkpoint_before_ray_starts(monkeypatch
     assert "nothing" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_wrong_serve_setting_or_port_before_ray_starts(monkeypatch, tmp_path, capsys):
+    """`rayfine serve RUN --set serve.max_batch_size=0` (or --port 99999) started Ray, and was
+    refused ~10 s later; it is a config error like any other, told at once."""
+    import rayfine.runtime
+    from rayfine import checkpoints
+    from rayfine.config import load_config
+    from rayfine.models import build_model
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    cfg = load_config("resnet18_digits_tiny")
+    directory = checkpoints.save_checkpoint(tmp_path / "ckpt", build_model(cfg, ["0", "1"]), cfg, ["0", "1"],
+                                            {"epoch": 1, "val_accuracy": 0.5})
+    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
+    assert cli.main(["serve", str(directory), "--set", "serve.max_batch_size=0"]) == cli.EXIT_USAGE
+    assert "serve.max_batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert cli.main(["serve", str(directory), "--port", "99999"]) == cli.EXIT_USAGE
+    assert "serve.port: Input should be less than or equal to 65535" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["argument", "environment"])
 def test_a_dashboard_address_is_refused_in_one_line_before_ray_starts(where, monkeypatch):
     """`rayfine submit`/`jobs` take an http:// RAY_ADDRESS (the Jobs API), as Ray's job CLI does;

@@ -152,6 +152,24 @@ def test_cli_validate_errors_exit_2(capsys):
     assert "train.optimizer:" in err and "x: unknown field" in err
 
 
+def test_cli_validate_checks_the_data_source_and_model_as_train_does(capsys, tmp_path, monkeypatch):
+    """`rayfine validate` passed a missing data folder, a column the file lacks and an unknown model
+    that `rayfine train` refused before Ray started; --schema-only checks the fields alone (a config
+    whose data only a cluster has)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.csv").write_text("review,stars\na fine film,5\n")
+    bad = ["--set", "data.source=nope", "--set", "model.name=resnet19"]
+    assert main(["validate", "resnet18_digits_tiny", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "data.source: nope does not exist" in err and "model.name: cannot load 'resnet19'" in err, err
+    assert main(["validate", "resnet18_digits_tiny", *bad, "--schema-only"]) == 0
+    capsys.readouterr()
+    text = ["--set", "data.source=r.csv", "--set", "data.text_column=review"]
+    assert main(["validate", "minilm_rotten_tomatoes_tiny", *text]) == 2
+    assert "data.label_column: no column 'label' in" in capsys.readouterr().err
+    assert main(["validate", "minilm_rotten_tomatoes_tiny", *text, "--set", "data.label_column=stars"]) == 0
+
+
 def test_cli_help_is_instant_and_imports_nothing_heavy():
     code = "import sys; from rayfine.cli import build_parser; build_parser(); " \
            "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(heavy)"
@@ -395,8 +413,8 @@ def test_a_config_from_standard_input_or_a_pipe(tmp_path, monkeypatch):
     writer.join()
     code = "import sys; from rayfine.cli import main; sys.exit(main(sys.argv[1:]))"
     for name in ("-", "/dev/stdin"):
-        result = subprocess.run([sys.executable, "-c", code, "validate", name], input=text, capture_output=True,
-                                text=True, check=False)
+        result = subprocess.run([sys.executable, "-c", code, "validate", name, "--schema-only"], input=text,
+                                capture_output=True, text=True, check=False)  # its data.source is not here
         assert result.returncode == 0, result.stderr
         assert yaml.safe_load(result.stdout)["data"]["source"] == "data/reviews.csv"
     assert _errors([], name=str(tmp_path)) == [f"{tmp_path}: a directory; give a config file or a preset name"]

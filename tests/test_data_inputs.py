@@ -500,3 +500,39 @@ def test_data_labels_are_read_as_the_datas_labels_are():
         load_config("resnet18_digits", ['data.labels=["pos", " "]'])
     with pytest.raises(ConfigError, match=r"labels must be distinct"):
         load_config("resnet18_digits", ['data.labels=["pos", "pos "]'])
+
+
+def test_a_json_lines_column_is_checked_before_ray_starts(tmp_path):
+    """A JSON Lines source lacking a configured column was refused only once Ray had started, as a
+    failed run (exit 1), where a CSV's or parquet's is a config error (exit 2): its first rows tell."""
+    from rayfine.config import ConfigError
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"body": "good", "sentiment": "pos", "meta": {"j": 0}}\n{"body": "bad", "sentiment": "neg"}\n')
+    with pytest.raises(ConfigError, match=r"data.text_column: no column 'text' in .*r.jsonl \(in its first 2 rows\); "
+                                          r"columns: \['body', 'sentiment', 'meta'\]"):
+        sources.check_source(DataConfig(source=str(path), kind="text", label_column="sentiment"))
+    sources.check_source(DataConfig(source=str(path), kind="text", text_column="body", label_column="sentiment"))
+    # A key that only a later row has is there (the reader unifies the rows' keys).
+    path.write_text('{"text": "good"}\n{"text": "bad", "label": "neg"}\n')
+    sources.check_source(DataConfig(source=str(path), kind="text"))
+    # What is not one object per line is left to the reader, which names it.
+    path.write_text('[\n  {"text": "good", "label": "pos"}\n]\n')
+    sources.check_source(DataConfig(source=str(path), kind="text", label_column="y"))
+
+
+def test_a_bad_text_row_is_named_by_its_text_or_label():
+    """The text readers give no line numbers: a bad row's example names its file and its text's
+    start (or, with no text, its label), where it named the file alone, three times over."""
+    from rayfine.data import prepare_batch
+
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["data.subsample=1.0"])
+    batch = {"text": np.array(["a fine film", "", "clumsy, cold, tedious and far too long to be shown whole", None],
+                              dtype=object),
+             "label": np.array(["positive", "negative", "", None], dtype=object),
+             "origin": np.array(["r.jsonl"] * 4, dtype=object)}
+    out = prepare_batch(batch, cfg.model_dump_json())
+    assert out["split"].tolist()[1:] == ["bad", "bad", "bad"]
+    assert out["origin"].tolist() == ["r.jsonl", "r.jsonl (the row with label 'negative')",
+                                      "r.jsonl (the row with text 'clumsy, cold, tedious and far too lon...')",
+                                      "r.jsonl (a row with no text and no label)"]

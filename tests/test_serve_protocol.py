@@ -1322,6 +1322,27 @@ def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
         server.server_close()
 
 
+def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_text(capsys):
+    """A mistyped photo.png (and no other file) was sent as the text "photo.png": an image model
+    answered that it is not valid base64, naming no file."""
+    from rayfine.cli import main
+
+    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        _RecordingHandler.bodies = []
+        assert main(["predict", url, "no/such/photo.JPG"]) == 1
+        assert "no such file: no/such/photo.JPG" in capsys.readouterr().err
+        assert _RecordingHandler.bodies == []  # refused before sending
+        assert main(["predict", url, "a fine film", "see it.png twice"]) == 0  # texts with spaces are texts
+        assert _RecordingHandler.bodies == [{"inputs": ["a fine film", "see it.png twice"], "top_k": 3}]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypatch):
     """The server strips its key (app.read_api_key); `rayfine predict` must send the same key from a
     RAYFINE_API_KEY that ends in a newline (a Kubernetes Secret of `echo key > file`), and a key no

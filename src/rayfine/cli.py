@@ -57,6 +57,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rayfine.config import check_search
 
     cfg = _load(args)
+    if not args.schema_only:  # what train, tune and run refuse before Ray starts about the data and model
+        from rayfine.config import ConfigError
+        from rayfine.data.sources import check_source
+        from rayfine.models import check_model
+
+        errors = []
+        for check in (lambda: check_source(cfg.data), lambda: check_model(cfg)):
+            try:
+                check()
+            except ConfigError as e:
+                errors += e.errors
+        if errors:
+            raise ConfigError(errors)
     print(cfg.to_yaml(), end="")
     for problem in check_search(cfg):  # valid for `rayfine train`; `rayfine tune` would refuse it
         print(f"note: `rayfine tune` would refuse this search: {problem}", file=sys.stderr)
@@ -110,10 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(json.loads(json.dumps(serve_config_file(args.path, args.name, overrides))), sort_keys=False), end="")
         return 0
     from rayfine.runtime import ray_session
-    from rayfine.serve.app import resolve_checkpoint
+    from rayfine.serve.app import resolve_checkpoint, serve_settings
     from rayfine.serve.deploy import deploy
 
-    resolve_checkpoint(args.path)  # a path that holds no checkpoint is refused before Ray starts
+    # Refused before Ray starts: a path that holds no checkpoint, a wrong serve.* setting or --port.
+    serve_settings(resolve_checkpoint(args.path), overrides or None)
     with ray_session(args.address) as local:
         result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better,
                         strict_resources=local)
@@ -304,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a field ({SET_HELP})")
     p.add_argument("--list", action="store_true", help="list the shipped presets")
+    p.add_argument("--schema-only", action="store_true",
+                   help="check the fields only, not that data.source and the model are there and fit (for a config "
+                        "whose data or model only a cluster has)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", parents=[debug], help="fine-tune with Ray Train DDP and evaluate on the test split")

@@ -218,14 +218,30 @@ def prepare_batch(batch: dict, cfg_json: str, source_splits: dict | None = None)
         if split is not None:
             rows.append([i, split, label, error])
     out = (_prepare_images if is_image else _prepare_texts)(batch, rows, cfg)
-    kept = [r[0] for r in rows]
+    origin = np.asarray(batch["origin"], dtype=object)[[r[0] for r in rows]]
+    for j, row in enumerate(rows):
+        if row[1] == BAD and not is_image:  # an image's origin is its own file
+            origin[j] = _bad_text_row(batch, row[0])
     out.update({
         "label": np.array([r[2] for r in rows], dtype=object),
         "split": np.array([r[1] for r in rows], dtype=object),
         "error": np.array([r[3] for r in rows], dtype=object),
-        "origin": np.asarray(batch["origin"], dtype=object)[kept],
+        "origin": origin,
     })
     return out
+
+
+def _bad_text_row(batch: dict, i: int) -> str:
+    """Where a bad text row is, as its examples name it: its file and its text's start (or its
+    label), since the text readers give no line numbers."""
+    text, label = str(batch["text"][i] or ""), batch["label"][i]
+    text = text if len(text) <= 40 else text[:37] + "..."
+    if text.strip():
+        return f"{batch['origin'][i]} (the row with text {text!r})"
+    shown = "" if label is None else str(label)
+    if shown.strip():
+        return f"{batch['origin'][i]} (the row with label {shown!r})"
+    return f"{batch['origin'][i]} (a row with no text and no label)"
 
 
 def _prepare_images(batch: dict, rows: list, cfg: Config) -> dict:

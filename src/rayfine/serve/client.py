@@ -90,6 +90,15 @@ def _is_file(x: str) -> bool:
         return False
 
 
+# What an input that names no existing file, yet looks like a file's name, ends in.
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".mpo", ".txt")
+
+
+def _looks_like_a_file(x: str) -> bool:
+    """One word ending in an image or text file's suffix (photo.png, scans/x.JPG), which no text is."""
+    return not any(c.isspace() for c in x) and x.lower().endswith(FILE_SUFFIXES)
+
+
 def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k: int = 5,
             timeout_s: float = 60, retries: int = 1, pairs: bool = False) -> dict:
     """POST /predict: ``inputs`` are all existing files (uploaded) or all texts; with ``pairs``,
@@ -108,6 +117,10 @@ def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k
     if files and len(files) != len(inputs):
         missing = [x for x in inputs if not _is_file(x)]
         raise ClientError(f"give either files or texts, not both; not files: {missing[:3]}")
+    if not files and (named := [x for x in inputs if _looks_like_a_file(x)]):
+        # Else a mistyped photo.png would go to the model as the text "photo.png".
+        raise ClientError(f"no such file: {named[0]} (texts are sent as they are, files uploaded; "
+                          f"this looks like a file name)")
     if files:
         parts = [("files", (f.name, f.read_bytes())) for f in files]
         return call("POST", endpoint, params={"top_k": top_k}, files=parts, headers=_headers(api_key),
