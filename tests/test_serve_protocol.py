@@ -4,6 +4,7 @@ args, the API key source, and the `rayfine predict` client (its retry, on a real
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -1298,17 +1299,25 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _recording_server():
+    """A stand-in /predict on a loopback port (its URL), recording into _RecordingHandler."""
+    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _RecordingHandler.bodies, _RecordingHandler.auth = [], []
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
     """`rayfine predict --pairs A B C D` asks a text-pair model about [A, B] and [C, D], as
     /predict takes them (test_a_text_pair_model_answers_pairs_over_http serves such a request)."""
     from rayfine.cli import main
 
-    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        _RecordingHandler.bodies = []
+    with _recording_server() as url:
         assert main(["predict", url, "--pairs", "A man sleeps.", "A person rests.", "A dog runs.", "It sits."]) == 0
         assert _RecordingHandler.bodies == [{"inputs": [["A man sleeps.", "A person rests."], ["A dog runs.", "It sits."]],
                                              "top_k": 3}]
@@ -1317,9 +1326,6 @@ def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
         assert main(["predict", url, "--pairs", "A man sleeps.", "A person rests.", "A dog runs."]) == 1
         assert "--pairs takes texts two at a time, a text and its pair; got 3 texts" in capsys.readouterr().err
         assert len(_RecordingHandler.bodies) == 1  # refused before sending
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_text(capsys):
@@ -1327,20 +1333,12 @@ def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_t
     answered that it is not valid base64, naming no file."""
     from rayfine.cli import main
 
-    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        _RecordingHandler.bodies = []
+    with _recording_server() as url:
         assert main(["predict", url, "no/such/photo.JPG"]) == 1
         assert "no such file: no/such/photo.JPG" in capsys.readouterr().err
         assert _RecordingHandler.bodies == []  # refused before sending
         assert main(["predict", url, "a fine film", "see it.png twice"]) == 0  # texts with spaces are texts
         assert _RecordingHandler.bodies == [{"inputs": ["a fine film", "see it.png twice"], "top_k": 3}]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypatch):
@@ -1350,12 +1348,7 @@ def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypat
     from rayfine.cli import main
     from rayfine.serve.client import ClientError, call, predict
 
-    server = HTTPServer(("127.0.0.1", 0), _RecordingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        _RecordingHandler.bodies, _RecordingHandler.auth = [], []
+    with _recording_server() as url:
         monkeypatch.setenv("RAYFINE_API_KEY", "s3cret-key\n")
         assert predict(url, ["a fine film"])["model_name"] == "nli"
         monkeypatch.setenv("RAYFINE_API_KEY", " \n")  # blank: no key, as the server reads it
@@ -1376,9 +1369,6 @@ def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypat
                 call("POST", url + "/predict", json={"inputs": ["x"]}, headers={"Authorization": header})
             assert "s3cret" not in str(refused.value) and refused.value.__cause__ is None
         assert len(_RecordingHandler.bodies) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_replica_reloads_the_checkpoint_of_a_run_directory_when_its_user_config_changes(tmp_path):
