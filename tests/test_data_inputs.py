@@ -504,20 +504,24 @@ def test_data_labels_are_read_as_the_datas_labels_are():
 
 def test_a_json_lines_column_is_checked_before_ray_starts(tmp_path):
     """A JSON Lines source lacking a configured column was refused only once Ray had started, as a
-    failed run (exit 1), where a CSV's or parquet's is a config error (exit 2): its first rows tell."""
+    failed run (exit 1), where a CSV's or parquet's is a config error (exit 2): its lines tell."""
     from rayfine.config import ConfigError
 
     path = tmp_path / "r.jsonl"
     path.write_text('{"body": "good", "sentiment": "pos", "meta": {"j": 0}}\n{"body": "bad", "sentiment": "neg"}\n')
-    with pytest.raises(ConfigError, match=r"data.text_column: no column 'text' in .*r.jsonl \(in its first 2 rows\); "
+    with pytest.raises(ConfigError, match=r"data.text_column: no column 'text' in .*r.jsonl; "
                                           r"columns: \['body', 'sentiment', 'meta'\]"):
         sources.check_source(DataConfig(source=str(path), kind="text", label_column="sentiment"))
     sources.check_source(DataConfig(source=str(path), kind="text", text_column="body", label_column="sentiment"))
     # A key that only a later row has is there (the reader unifies the rows' keys).
     path.write_text('{"text": "good"}\n{"text": "bad", "label": "neg"}\n')
     sources.check_source(DataConfig(source=str(path), kind="text"))
-    # What is not one object per line is left to the reader, which names it.
-    path.write_text('[\n  {"text": "good", "label": "pos"}\n]\n')
+    # A key that only a line past the first MiB has is there too.
+    path.write_text('{"text": "good"}\n' * 70_000 + '{"text": "bad", "label": "neg"}\n')
+    assert path.stat().st_size > 1 << 20
+    sources.check_source(DataConfig(source=str(path), kind="text"))
+    # A file that is one JSON array has no line to tell from: left to the reader, which names it.
+    path.write_text('[{"text": "good", "label": "pos"}]\n')
     sources.check_source(DataConfig(source=str(path), kind="text", label_column="y"))
 
 

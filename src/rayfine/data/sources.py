@@ -1132,15 +1132,14 @@ def _check_image_folder(path: str) -> None:
 
 
 def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
-    """A local CSV, JSON Lines or parquet source, as far as its first file tells without reading rows,
-    before Ray starts (ConfigErrors): a folder with no file of the format, an empty first file, a
-    configured column that a CSV's header, a parquet footer or a JSON Lines file's first rows (its
-    first MiB) lack, a parquet label column of structs. The readers still check every file; a file
-    that cannot be opened here is left to them."""
+    """A local CSV, JSON Lines or parquet source, as far as its first file tells, before Ray starts
+    (ConfigErrors): a folder with no file of the format, an empty first file, a configured column
+    that a CSV's header, a parquet footer or every line of a JSON Lines file lacks, a parquet label
+    column of structs. The readers still check every file; a file that cannot be opened here is
+    left to them."""
     source = data_cfg.source
     named_file = _named_file(data_cfg)
     schema = None
-    where = ""  # the file, as the error names it
     try:
         files = _source_files(source, fmt, named_file)
         if not files:
@@ -1155,12 +1154,17 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
             problem = None if compressed else _first_json_line_problem(files[0], _text_columns(data_cfg))
             if problem:
                 raise ConfigError([f"data.source: {problem}"])
-            seen = None if compressed else _first_json_lines_keys(files[0])
-            if seen is None:
+            if compressed:
                 return  # the reader names what else it refuses
-            keys, rows = seen
-            where = f"{files[0]} (in its first {rows} rows)"
-            names = list(keys)
+            # The fields of its lines, read up to the first line that has each configured column
+            # (all of the file for one that no line has): what the reader's rows will hold.
+            seen: dict[str, None] = {}
+            for column in _text_columns(data_cfg):
+                found = _file_columns.__wrapped__(source, files[0], fmt, column)
+                if found is None:  # one JSON array, or not readable: left to the reader
+                    return
+                seen.update(dict.fromkeys(found))
+            names = list(seen)
         elif fmt in DELIMITED:
             # Its header, read now (not from _file_columns' cache: the file may have been edited since).
             names = _file_columns.__wrapped__(source, files[0], fmt, "")
@@ -1177,14 +1181,13 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
         return
     if names is None:
         return
-    where = where or files[0]
     # Ray's readers add a hive partition's keys as columns (label=cat/part-0.parquet: a label column).
     names = names + [part.split("=", 1)[0] for part in files[0].split("/")[:-1] if "=" in part]
     fields = TEXT_FIELDS if data_cfg.kind == "text" else ("image_column", "label_column")
     for field in fields:
         column = getattr(data_cfg, field)
         if column is not None and column not in names:
-            raise ConfigError([f"data.{field}: no column {column!r} in {where}; columns: {names}"
+            raise ConfigError([f"data.{field}: no column {column!r} in {files[0]}; columns: {names}"
                                + _separator_hint(names, fmt)])
     label = data_cfg.label_column
     if schema is not None and label in schema.names:
@@ -1198,31 +1201,6 @@ def _check_first_file_columns(data_cfg: DataConfig, fmt: str) -> None:
 
 JSON_VALUE_KINDS = {ord('"'): "a string", ord("t"): "true/false", ord("f"): "true/false", ord("n"): "null",
                     **{c: "a number" for c in b"-0123456789"}}
-
-
-def _first_json_lines_keys(path: str, limit: int = 1 << 20) -> tuple[dict[str, None], int] | None:
-    """The keys of the objects on the lines of a JSON Lines file's first ``limit`` bytes (in the
-    order first seen) and how many rows those are; None where a line there is not a JSON object
-    (a pretty-printed array, a broken line: the reader names those)."""
-    with open(path, "rb") as f:
-        head = f.read(limit + 1)
-    lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    if len(head) > limit:
-        lines = lines[:-1]  # cut short
-    keys: dict[str, None] = {}
-    rows = 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            return None
-        if not isinstance(row, dict):
-            return None
-        keys.update(dict.fromkeys(row))
-        rows += 1
-    return (keys, rows) if rows else None
 
 
 def _first_json_line_problem(path: str, columns: list[str]) -> str | None:
