@@ -201,10 +201,14 @@ def test_another_config_under_a_runs_name_is_refused_before_ray_starts(tmp_path,
     (run_dir / "train").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(earlier.to_yaml())
     (run_dir / "train" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run_dir / "train" / "checkpoint").mkdir()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
     result = _cli(command, PRESET, "--runs-dir", str(runs), "--set", "train.lr=0.002")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert f"  - {run_dir} holds a run of a different config (changed: train.lr)" in result.stderr
+    # How to go on from its model (more epochs, another learning rate), in a run of another name.
+    weights = run_dir / "train" / "checkpoint" / "model.safetensors"
+    assert f"to train on from its model in a new run: --set name=... --set model.weights={weights}" in result.stderr
     assert "[ray]" not in result.stdout
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

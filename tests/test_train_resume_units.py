@@ -150,7 +150,7 @@ def test_continuing_a_run_with_another_storage_path_is_refused(tmp_path, no_sour
     with pytest.raises(ConfigError) as refused:
         driver.preflight(cfg)
     message = str(refused.value)
-    assert "storage.storage_path changed from None to 's3://bucket/rayfine'" in message and str(run_dir / "ray") in message
+    assert "storage.storage_path changed from null to s3://bucket/rayfine:" in message and str(run_dir / "ray") in message
     assert "unset storage.storage_path again" in message and "choose another `name`" in message
 
     # Back to the run's own storage, or the same place spelt out: it continues.
@@ -169,7 +169,7 @@ def test_a_run_on_remote_storage_continues_only_on_that_storage(tmp_path, no_sou
     _finished_run(tmp_path, "storage.storage_path=s3://bucket/a")
     cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run", "storage.storage_path=s3://bucket/a/"])
     assert driver.preflight(cfg) is True
-    with pytest.raises(ConfigError, match=r"set storage.storage_path back to 's3://bucket/a'"):
+    with pytest.raises(ConfigError, match=r"set storage.storage_path back to s3://bucket/a;"):
         driver.preflight(cfg.with_overrides(["storage.storage_path=s3://bucket/b"]))
 
 
@@ -444,3 +444,12 @@ def test_a_frozen_bodys_batchnorm_keeps_its_statistics_and_the_heads_train():
         p.requires_grad_(True)
     step()
     assert not any(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_hugging_face_run_is_trained_on_from_its_checkpoint_directory(tmp_path):
+    """model.weights applies to torchvision and EfficientNet-Lite0; a Hugging Face model starts from
+    the checkpoint itself, a Hugging Face model directory."""
+    (tmp_path / "train" / "checkpoint").mkdir(parents=True)
+    hint = driver._train_on_hint(tmp_path, load_config("minilm_rotten_tomatoes_tiny"))
+    assert hint.endswith(f"--set model.name={tmp_path / 'train' / 'checkpoint'}")
+    assert driver._train_on_hint(tmp_path / "none", load_config("minilm_rotten_tomatoes_tiny")) == ""

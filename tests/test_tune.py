@@ -173,6 +173,11 @@ def test_time_budget_ends_the_search(ray_local, tmp_path):
     assert rows and all(r["epoch"] == "" and r["status"] == "not started" for r in rows)
     summary = json.loads((tmp_path / "budget" / "tune" / "summary.json").read_text())
     assert summary["epochs_run"] == 0 and summary["best"] is None
+    # The full budget is the search as configured, whether or not the budget let Tune create every trial.
+    from rayfine.tune.plan import count_trials
+
+    assert summary["trials_planned"] == count_trials(cfg.tune) >= summary["num_trials"] == len(rows)
+    assert summary["epochs_full_budget"] == summary["trials_planned"] * summary["epochs_per_trial"]
     assert wait_for_all_cpus(ray_local) == pytest.approx(ray_local.cluster_resources()["CPU"])
 
 

@@ -624,11 +624,11 @@ def test_a_search_whose_tune_state_is_elsewhere_or_gone_is_not_replaced_by_a_new
         with pytest.raises(ConfigError) as refused:
             _check_previous_search(local, experiment_path(local), resume=False)
         assert (f"{shared.run_dir()} already holds a search, which keeps its Ray Tune state in {state} "
-                f"(storage.storage_path '{shared_path}'), not in {experiment_path(local)}: to continue it, "
-                f"set storage.storage_path back to '{shared_path}' and add --resume; to start a new search, "
+                f"(storage.storage_path {shared_path}), not in {experiment_path(local)}: to continue it, "
+                f"set storage.storage_path back to {shared_path} and add --resume; to start a new search, "
                 f"choose another `name` (--set name=...) or remove {tune_dir}") in str(refused.value)
-        with pytest.raises(ConfigError, match=rf"--resume: storage.storage_path changed from '{shared_path}' to "
-                                              rf"{local.storage.storage_path and repr(local.storage.storage_path)}"):
+        with pytest.raises(ConfigError, match=rf"--resume: storage.storage_path changed from {shared_path} to "
+                                              rf"{local.storage.storage_path or 'null'}:"):
             _check_previous_search(local, experiment_path(local), resume=True)
 
     shutil.rmtree(shared_path)  # the state removed; the search's summary.json and best/ stay
@@ -716,3 +716,23 @@ def test_a_terminal_without_cursor_movement_gets_plain_lines(monkeypatch):
     monkeypatch.setenv("TERM", "dumb")
     assert not interactive(print)
     assert not SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3).live
+
+
+def test_the_final_table_holds_the_epochs_of_trials_tune_stopped_before_it_heard_of_them():
+    """tune.time_budget_s can stop a trial after it logged an epoch but before its result reached
+    Tune: the leaderboard showed "-" for every trial, while the winner line and trials.csv (both
+    read from the epoch logs) had the epoch."""
+    logs: dict[str, list[dict]] = {}
+    lines: list[str] = []
+    progress = SearchProgress(["train.lr"], "val_accuracy", "max", epochs=3, log=lines.append,
+                              history=lambda trial_id: logs.get(trial_id, []))
+    progress.setup()
+    a, b = _Trial("a", "RUNNING", {}, {"train.lr": 0.01}), _Trial("b", "RUNNING", {}, {"train.lr": 0.02})
+    progress.on_trial_start(0, [a, b], a)
+    progress.on_trial_start(0, [a, b], b)
+    logs.update({"a": [{"epoch": 1, "val_accuracy": 0.357, "val_loss": 1.0}],
+                 "b": [{"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.9}]})
+    a.status = b.status = "TERMINATED"  # stopped by the time budget, no result heard
+    progress.on_experiment_end([a, b])
+    rows = [row.split() for row in progress.board.leaderboard().splitlines()[1:]]
+    assert [(r[1], r[3], r[4], r[-1]) for r in rows] == [("b", "stopped", "1/3", "0.5"), ("a", "stopped", "1/3", "0.357")]

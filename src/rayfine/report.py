@@ -311,7 +311,8 @@ def tune_report(run_dir: Path) -> Path:
         if r.get("epoch") is not None:
             by_trial.setdefault(str(r["trial_id"]), []).append(r)
     if summary:
-        epochs = max((summary.get("epochs_full_budget", 0) // max(1, summary.get("num_trials", 1))), 1)
+        epochs = summary.get("epochs_per_trial") or max(  # summaries before 2026-12-07 lack it
+            summary.get("epochs_full_budget", 0) // max(1, summary.get("num_trials", 1)), 1)
     else:  # the search has not ended (or stopped before its winner was evaluated): the trials' budget
         epochs = max([_section_of(saved_config(run_dir, "tune"), "train").get("epochs") or 1]
                      + [r["epoch"] for r in rows if isinstance(r.get("epoch"), (int, float))])

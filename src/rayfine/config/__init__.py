@@ -21,6 +21,7 @@ from rayfine.config.loading import (
     load_config,
     preset_names,
     validate,
+    yaml_value,
 )
 from rayfine.config.search import SEARCH_DISTRIBUTIONS, SEARCHABLE_PREFIXES, check_search, parse_search_spec
 from rayfine.config.sections import (
@@ -44,5 +45,5 @@ __all__ = [
     "Config", "ConfigError", "DataConfig", "HF_MODEL_PRESETS", "MLflowConfig", "ModelConfig", "TrackingConfig", "SEARCHABLE_PREFIXES",
     "SEARCH_DISTRIBUTIONS", "SERVE_IMAGE_FORMATS", "ScalingConfig", "ServeConfig", "StorageConfig",
     "TORCHVISION_MODELS", "TrainConfig", "TuneConfig", "apply_overrides", "check_search", "config_reference",
-    "load_config", "parse_search_spec", "preset_names", "storage_location", "validate",
+    "load_config", "parse_search_spec", "preset_names", "storage_location", "validate", "yaml_value",
 ]

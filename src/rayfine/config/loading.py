@@ -408,7 +408,7 @@ def config_reference() -> str:
             if field.is_required():
                 default = f"required when `{required_when}` is set" if required_when else "required"
             else:  # a default_factory's value too
-                default = f"`{cell(_yaml_value(field.get_default(call_default_factory=True)))}`"
+                default = f"`{cell(yaml_value(field.get_default(call_default_factory=True)))}`"
             rows.append(f"| `{prefix}{name}` | {default} | {cell(_allowed(field))} | {cell(field.description or '')} |")
             section = _model_in(annotation)  # an optional section (tracking.mlflow): its fields follow
             if section is not None:
@@ -418,8 +418,9 @@ def config_reference() -> str:
     return "\n".join(rows)
 
 
-def _yaml_value(value: Any) -> str:
-    """A default as a YAML file writes it: null, true, [PNG, JPEG], 0.01."""
+def yaml_value(value: Any) -> str:
+    """A value as a YAML file writes it (a default in the reference, a setting in a message): null,
+    true, [PNG, JPEG], 0.01, /data/x."""
     value = list(value) if isinstance(value, tuple) else value
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
     return text.removesuffix("\n").removesuffix("\n...").strip()

@@ -21,7 +21,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from rayfine import checkpoints
-from rayfine.config import Config, ConfigError, storage_location, validate
+from rayfine.config import Config, ConfigError, storage_location, validate, yaml_value
 from rayfine.data import DataInfo, build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import DataError, TrainingError
@@ -362,9 +362,22 @@ def _check_continuation(run_dir: Path, cfg: Config) -> bool:
             also = "" if state.startswith(str(run_dir) + "/") else f" and {state} (its Ray state)"
             raise ConfigError(
                 [f"{run_dir} holds a {what} of a different config (changed: {', '.join(changed)}); "
-                 f"choose another `name` (or --set name=...) or remove that directory{also}"]
+                 f"choose another `name` (or --set name=...) or remove that directory{also}"
+                 + (_train_on_hint(run_dir, cfg) if command == "train" else "")]
             )
     return done["train"] and saved_config(run_dir, "train").is_file()
+
+
+def _train_on_hint(run_dir: Path, cfg: Config) -> str:
+    """How a new run starts from a finished run's model (more epochs, another learning rate): its
+    checkpoint's weights for torchvision and EfficientNet-Lite0, the checkpoint itself (a Hugging
+    Face model directory) for Hugging Face models."""
+    checkpoint = run_dir / "train" / "checkpoint"
+    if not checkpoint.is_dir():
+        return ""
+    weights_file = cfg.model.is_torchvision or cfg.model.is_efficientnet
+    start = f"model.weights={checkpoint / 'model.safetensors'}" if weights_file else f"model.name={checkpoint}"
+    return f"; to train on from its model in a new run: --set name=... --set {start}"
 
 
 def _storage_of(storage_path: str | None, run_dir: Path) -> str:
@@ -386,11 +399,11 @@ def _check_same_storage(run_dir: Path, cfg: Config) -> None:
     old = saved_storage_path(run_dir, "train")
     new = cfg.storage.storage_path
     if _storage_of(old, run_dir) != _storage_of(new, run_dir):
-        back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
+        back = f"set storage.storage_path back to {old}" if old else "unset storage.storage_path again"
         raise ConfigError([(
-            f"storage.storage_path changed from {old!r} to {new!r}: {run_dir} holds a training run whose "
-            f"checkpoints are under {_storage_of(old, run_dir)}, and under {_storage_of(new, run_dir)} it would "
-            f"start again from epoch 1. To continue it, {back}; to train with the new storage, choose another "
+            f"storage.storage_path changed from {yaml_value(old)} to {yaml_value(new)}: {run_dir} holds a training "
+            f"run whose checkpoints are under {_storage_of(old, run_dir)}, and under {_storage_of(new, run_dir)} it "
+            f"would start again from epoch 1. To continue it, {back}; to train with the new storage, choose another "
             "`name` (or --set name=...) or remove that directory"
         )])
 

@@ -46,16 +46,20 @@ class Board:
     def __init__(self, keys: list[str], metric: str, mode: str, epochs: int,
                  history: Optional[Callable[[str], Iterable[dict]]] = None):
         self.keys, self.metric, self.mode, self.epochs = keys, metric, mode, epochs
-        # A resumed search: trial id -> the epochs it reported before (its epoch log). Tune can
-        # restore a trial without the results it had, when the driver was killed before Tune
-        # saved them.
+        # Trial id -> the epochs it reported (its epoch log). Tune can restore a trial without the
+        # results it had, when the driver was killed before Tune saved them; and a trial stopped
+        # (tune.time_budget_s) before its last result reached the driver has it only there.
         self.history = history
         self.rows: dict[str, dict[str, Any]] = {}
 
     def _new_row(self, trial_id: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"best": None, "best_epoch": None}
+        return self.catch_up({"best": None, "best_epoch": None}, trial_id)
+
+    def catch_up(self, row: dict[str, Any], trial_id: str) -> dict[str, Any]:
+        """``row`` with the epochs of the trial's log that it does not show yet."""
         for record in self.history(trial_id) if self.history else ():
-            row.update({"epoch": record.get("epoch"), **{m: record.get(m) for m in SHOWN_METRICS}})
+            if record.get("epoch") is not None and record["epoch"] > (row.get("epoch") or 0):
+                row.update({"epoch": record["epoch"], **{m: record.get(m) for m in SHOWN_METRICS}})
             self._keep_best(row, trial_id, record.get(self.metric), record.get("epoch"))
         return row
 
@@ -186,6 +190,9 @@ class SearchProgress(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         for trial in trials:
             self.board.update(trial)
+            if self.history is not None:  # what Tune had not heard of yet, in the final table
+                self.board.catch_up(self.board.rows[trial.trial_id], trial.trial_id)
+                self.board.update(trial)
         if self.live:
             self._draw()
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import ray
 from ray import tune
 
-from rayfine.config import Config, ConfigError, check_search
+from rayfine.config import Config, ConfigError, check_search, yaml_value
 from rayfine.config.sections import storage_location
 from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
@@ -180,7 +180,7 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     # Each trial's epoch log: what it trained before a resume (Tune restores its scheduler empty,
     # and trials without the results it had not saved yet).
     history = partial(_trial_history, trials_root(cfg))
-    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log, history=history if resume else None)
+    progress = SearchProgress(keys, t.metric, t.metric_mode, epochs, log=log, history=history)
     tracking = SearchTracking(cfg, keys, resume=resume)
     try:
         with progress.active(), tracking.active():
@@ -309,12 +309,13 @@ def _check_search_state_kept(cfg: Config, path: str, resume: bool) -> None:
     old_path = f"{storage_location(old, run_dir, cfg.name)}/{EXPERIMENT_NAME}"
     new_search = f"choose another `name` (--set name=...) or remove {tune_dir}"
     if old_path != path and _search_saved(old_path):
-        back = f"set storage.storage_path back to {old!r}" if old else "unset storage.storage_path again"
+        back = f"set storage.storage_path back to {old}" if old else "unset storage.storage_path again"
         raise ConfigError([
-            f"--resume: storage.storage_path changed from {old!r} to {new!r}: the search in {run_dir} keeps its Ray "
-            f"Tune state in {old_path}; to continue it, {back}" if resume else
+            f"--resume: storage.storage_path changed from {yaml_value(old)} to {yaml_value(new)}: the search in "
+            f"{run_dir} keeps its Ray Tune state in {old_path}; to continue it, {back}" if resume else
             f"{run_dir} already holds a search, which keeps its Ray Tune state in {old_path} (storage.storage_path "
-            f"{old!r}), not in {path}: to continue it, {back} and add --resume; to start a new search, {new_search}"])
+            f"{yaml_value(old)}), not in {path}: to continue it, {back} and add --resume; to start a new search, "
+            f"{new_search}"])
     kept = [name for name in ("summary.json", "trials.csv", "best") if (tune_dir / name).exists()]
     if kept:
         raise ConfigError([
@@ -446,11 +447,15 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     for r in rows:
         trials.setdefault(r["trial_id"], r["status"])
     epochs_run = sum(1 for r in rows if r["epoch"] is not None)
+    # The search as configured: trials that tune.time_budget_s kept Tune from creating count too.
+    planned = max(count_trials(t), len(trials))
     summary: dict[str, Any] = {
         "num_trials": len(trials),
+        "trials_planned": planned,
+        "epochs_per_trial": epochs,
         "epochs_run": epochs_run,
-        "epochs_full_budget": len(trials) * epochs,
-        "budget_fraction": epochs_run / max(1, len(trials) * epochs),
+        "epochs_full_budget": planned * epochs,
+        "budget_fraction": epochs_run / max(1, planned * epochs),
         "wall_s": time.time() - started,
         "resumed": resumed,
         "scheduler": t.scheduler,
@@ -496,7 +501,8 @@ def write_outputs(cfg: Config, base: Config, results, datasets, concurrent: int,
     from rayfine.report import tune_report
 
     log(f"[tune] report: {tune_report(cfg.run_dir())}")
-    log(f"[tune] {summary['num_trials']} trials, {epochs_run}/{summary['epochs_full_budget']} epochs "
+    of_planned = f" of {planned}" if planned > len(trials) else ""  # the time budget ran out first
+    log(f"[tune] {summary['num_trials']}{of_planned} trials, {epochs_run}/{summary['epochs_full_budget']} epochs "
         f"({summary['budget_fraction']:.2f} of the full budget) in {summary['wall_s']:.0f}s -> {tune_dir}")
     return summary
 
