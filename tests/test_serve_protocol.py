@@ -1341,6 +1341,13 @@ def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_t
         assert _RecordingHandler.bodies == [{"inputs": ["a fine film", "see it.png twice"], "top_k": 3}]
 
 
+def test_predict_takes_every_image_file_name_the_readers_take_for_a_file():
+    from rayfine.data.images import IMAGE_EXTENSIONS
+    from rayfine.serve.client import FILE_SUFFIXES
+
+    assert {f".{e}" for e in IMAGE_EXTENSIONS} <= set(FILE_SUFFIXES)
+
+
 def test_rayfine_predict_strips_the_api_key_and_never_shows_it(capsys, monkeypatch):
     """The server strips its key (app.read_api_key); `rayfine predict` must send the same key from a
     RAYFINE_API_KEY that ends in a newline (a Kubernetes Secret of `echo key > file`), and a key no

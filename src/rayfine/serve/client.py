@@ -90,8 +90,11 @@ def _is_file(x: str) -> bool:
         return False
 
 
-# What an input that names no existing file, yet looks like a file's name, ends in.
-FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".mpo", ".txt")
+# What an input that names no existing file, yet looks like a file's name, ends in: the image
+# files rayfine reads (rayfine.data.images.IMAGE_EXTENSIONS, named here too: importing it would
+# start Ray's import in this light client), MPO (a JPEG with more frames) and text files.
+FILE_SUFFIXES = tuple(f".{e}" for e in ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "jfif", "jpe",
+                                        "mpo", "txt"))
 
 
 def _looks_like_a_file(x: str) -> bool:
