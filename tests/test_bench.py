@@ -98,6 +98,23 @@ def test_results_file_merges_and_keeps_other_keys(tmp_path):
     assert common.measured_on(older) == "2 CPUs (AMD EPYC), 23.5 GiB"
 
 
+def test_results_page_is_the_results_file_with_the_notes():
+    """RESULTS.md is rendered, never edited: each section's "What bounds it" comes from NOTES.md, whose
+    record keeps the history, and the committed page is what report.py makes of results.json and NOTES.md."""
+    found = report.bounds(report.NOTES.read_text())
+    assert set(report.ORDER) <= set(found)
+    for key in report.ORDER:
+        assert found[key].startswith("- ") and "### " not in found[key], key
+    results = common.read_results(common.RESULTS)
+    page = report.render(results)
+    assert page == (BENCH / "RESULTS.md").read_text(), "run `python bench/report.py` after editing NOTES.md"
+    section = page.split("\n## ingest\n")[1].split("\n## ")[0]
+    assert found["ingest"] in section and "[NOTES.md, ingest](NOTES.md#ingest)" in section
+    notes = "## ingest\n\n### What bounds it\n\n- one line\n\n### Record\n\n- old\n\n## serve\n\n### Record\n\n- old\n"
+    assert report.bounds(notes) == {"ingest": "- one line"}
+    assert "What bounds it:\n\n(not written yet)" in report.render({"serve": results["serve"]}, notes)
+
+
 def test_statistics():
     s = common.summary([3.0, 1.0, 2.0, 10.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)

@@ -308,7 +308,7 @@ def model_inputs_batch(batch: dict, data_json: str, label_ids: dict) -> dict:
 def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
     """A batch of a model-input dataset from ``iter_torch_batches`` (on its device) -> the model's
     keyword arguments and "y". Images travel through Ray's object store as uint8 NHWC "image", a
-    quarter of the bytes of float32 (bench/RESULTS.md, ingest), and become normalized float32 NCHW
+    quarter of the bytes of float32 (bench/NOTES.md, ingest), and become normalized float32 NCHW
     "pixel_values" here, on the batch's device; text batches are model inputs already."""
     if "image" not in batch:
         return batch

@@ -180,7 +180,7 @@ def _reads_paths(columns: list[str]) -> bool:
 # keeps no more tasks in flight than the CPUs, so a CPU idles up to ~0.1 s after each task. 5,000
 # digits are ~0.75 s of work, 1,000 were ~0.15 s (bench/ingest.py's digits: 0.48 -> 0.65 of a torch
 # DataLoader's rate on 2 CPUs). Photos take milliseconds each to decode, so a block holds a second or
-# so of work at most and the tasks spread over the CPUs and stream (bench/RESULTS.md, ingest). Only
+# so of work at most and the tasks spread over the CPUs and stream (bench/NOTES.md, ingest). Only
 # the files decide the blocks, not the cluster: the seeded global shuffle depends on them, so a seed
 # orders a local image folder's rows alike everywhere (Ray's own readers, used for the other sources,
 # choose their block count from the cluster's CPUs too: README, "How it runs").
@@ -327,7 +327,7 @@ def walk_image_folder(root: str) -> FolderListing:
 
     ``os.scandir`` gives each entry's type from the directory itself, so only folders, links and
     image files are stat'ed (images for their size); pyarrow's recursive listing builds a FileInfo
-    for every entry, 2-3x slower on a folder of small images (bench/RESULTS.md, ingest)."""
+    for every entry, 2-3x slower on a folder of small images (bench/NOTES.md, ingest)."""
     root = os.path.abspath(root.removeprefix("file://"))
     suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
     files: list[tuple[str, int]] = []
@@ -490,7 +490,7 @@ def read_local_image_folder(root: str, log=print, listing: FolderListing | None 
     where it would vanish from the classes unseen.
 
     ``read_binary_files`` makes one block per file before merging them, about 250 us of work per
-    file: several times the cost of decoding a small image (bench/RESULTS.md, ingest). Reading a
+    file: several times the cost of decoding a small image (bench/NOTES.md, ingest). Reading a
     block's files in the map task costs ~10 us a file and fuses with the preprocessing after it.
     Blocks are sized by file count and bytes (``read_block_count``)."""
     local_root = os.path.abspath(root.removeprefix("file://"))

@@ -10,7 +10,7 @@ semantics of Triton's dynamic batcher (``max_queue_delay``), and what ``@serve.b
 it could run concurrent batches (ray-project/ray#53096). In Ray 2.60 ``@serve.batch`` forms the
 next batch on its timer even while the previous one is still running, and queues it behind a
 semaphore: under load a model slower than the timer gets a stream of batches of one or two
-requests (bench/RESULTS.md: batches of 1-3 at 32 concurrent clients). One batch runs at a time.
+requests (bench/NOTES.md, serve: batches of 1-3 at 32 concurrent clients). One batch runs at a time.
 
 ``group_fn`` keeps requests apart that must not share a batch: a batch holds requests of one group
 (the oldest queued request's); the others keep their places for the next batches. A replica groups
