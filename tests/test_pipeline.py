@@ -85,7 +85,7 @@ def test_rayfine_run_searches_evaluates_and_serves_until_interrupted(tmp_path, d
         # Only rayfine's lines and Ray's warnings that matter: no warning about Ray Data's progress
         # bars (rayfine turns them off on purpose) from the trials' data readers, no core_worker
         # error line from Ray Train's preemption watcher (nothing to watch on an embedded Ray), no
-        # routine notice from its placement-group cleaner (rayfine.runtime.RoutineCleanupFilter), no
+        # routine notice from its placement-group cleaner (rayfine.runtime._ROUTINE_CLEANUP_FILTER), no
         # false alarm that the data "will hang" for want of CPUs (rayfine.data.no_false_cpu_alarm).
         assert "Progress bars disabled" not in output and "PreemptionWatcher" not in output, output[-4000:]
         assert "Cleaning up placement group" not in output, output[-4000:]

@@ -736,3 +736,37 @@ def test_the_final_table_holds_the_epochs_of_trials_tune_stopped_before_it_heard
     progress.on_experiment_end([a, b])
     rows = [row.split() for row in progress.board.leaderboard().splitlines()[1:]]
     assert [(r[1], r[3], r[4], r[-1]) for r in rows] == [("b", "stopped", "1/3", "0.5"), ("a", "stopped", "1/3", "0.357")]
+
+
+def test_tunes_resume_hint_is_left_out_where_the_command_gives_its_own():
+    """After a Ctrl-C Tune logged "Resume experiment with: Tuner.restore(path=..., trainable=...)",
+    the Python API's way, just before rayfine's line giving the command's (--resume)."""
+    import inspect
+    import logging
+
+    import ray.tune.tune as tune_module
+
+    from rayfine.tune.search import TUNE_INTERRUPTED_NOTICE, TUNE_LOGGER, _fit
+
+    assert tune_module.logger.name == TUNE_LOGGER and TUNE_INTERRUPTED_NOTICE in inspect.getsource(tune_module)
+    hint = f"{TUNE_INTERRUPTED_NOTICE} saved.\nResume experiment with: Tuner.restore(path='x', trainable=...)"
+    seen = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    class Tuner:  # logs as ray.tune.tune.run does when a Ctrl-C stopped its loop
+        def fit(self):
+            tune_module.logger.warning(hint)
+            tune_module.logger.warning("Trials did not complete: [t1]")
+            return "results"
+
+    handler = Seen()
+    tune_module.logger.addHandler(handler)
+    try:
+        assert _fit(Tuner())[0] == "results"
+        tune_module.logger.warning(hint)  # outside rayfine's search, as Ray has it
+    finally:
+        tune_module.logger.removeHandler(handler)
+    assert seen == ["Trials did not complete: [t1]", hint]

@@ -185,6 +185,7 @@ def test_a_search_killed_then_interrupted_resumes_each_time_and_trains_every_epo
     assert "[tune] resuming the search in" in second_log
     assert re.search(r"\[tune\] interrupted; the search is saved in .*: continue it with --resume", second_log), second_log[-3000:]
     assert "[tune] leaderboard" not in second_log and "interrupted" in second_log.splitlines()  # the CLI's last word
+    assert "Tuner.restore" not in second_log  # Tune's hint for its Python API, where the line above gives --resume
     assert not (run / "tune" / "summary.json").exists() and not (run / "tune" / "best").exists()
     interrupted = trial_epochs(run)
     assert len(interrupted) == TRIALS and any(len(e) < EPOCHS for e in interrupted.values())  # it really was mid-way

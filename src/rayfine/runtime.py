@@ -37,26 +37,30 @@ PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group
 PG_CLEANUP_NOTICE = "Detected that the Ray Train controller actor"
 
 
-class RoutineCleanupFilter(logging.Filter):
-    """Drops the cleaner's notice that it removed a dead training run's placement group.
+class NoticeFilter(logging.Filter):
+    """Drops the log records of one Ray notice: those whose message starts with ``prefix``."""
 
-    Ray Train starts a detached cleaner beside every run's controller; when the controller dies
-    before removing its placement group, the cleaner removes it and says so at WARNING. In a search
-    that is every trial ASHA stops (Tune ends the trial, and its controller with it) and, racing the
-    controller's own removal, some trials that finished, each announced on the console in the
-    middle of rayfine's trial lines. The removal still happens; a failed one is still reported."""
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(PG_CLEANUP_NOTICE)
+        return not str(record.msg).startswith(self.prefix)
 
 
-_ROUTINE_CLEANUP_FILTER = RoutineCleanupFilter()
+# The cleaner's notice that it removed a dead training run's placement group. Ray Train starts a
+# detached cleaner beside every run's controller; when the controller dies before removing its
+# placement group, the cleaner removes it and says so at WARNING. In a search that is every trial
+# ASHA stops (Tune ends the trial, and its controller with it) and, racing the controller's own
+# removal, some trials that finished, each announced on the console in the middle of rayfine's
+# trial lines. The removal still happens; a failed one is still reported.
+_ROUTINE_CLEANUP_FILTER = NoticeFilter(PG_CLEANUP_NOTICE)
 
 
 def quiet_worker() -> None:
     """No "Progress bars disabled" warning from this process: rayfine turns Ray Data's bars off on
     purpose (quiet_ray), and every process that runs an execution would say so once. No routine
-    placement-group cleanup notice either (RoutineCleanupFilter)."""
+    placement-group cleanup notice either (_ROUTINE_CLEANUP_FILTER)."""
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -33,7 +34,7 @@ from rayfine.errors import TrainingError
 from rayfine.metrics import json_text
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import command_config, holding, save_config, saved_config, write_atomic
-from rayfine.runtime import Terminated, restored_environ
+from rayfine.runtime import NoticeFilter, Terminated, restored_environ
 from rayfine.tracking import SearchTracking, check_mlflow_store
 from rayfine.train import METRIC_KEYS
 from rayfine.train.driver import (
@@ -239,6 +240,12 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     return summary
 
 
+# After a Ctrl-C Tune logs "...Resume experiment with: Tuner.restore(path=..., trainable=...)", the
+# Python API's way to continue; rayfine's next line gives the command's (--resume).
+TUNE_LOGGER = "ray.tune.tune"
+TUNE_INTERRUPTED_NOTICE = "Experiment has been interrupted, but the most recent state was"
+
+
 def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
     """``tuner.fit()``, and whether a SIGINT (Ctrl-C) or SIGUSR1 stopped it part-way.
 
@@ -247,11 +254,14 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
     own SIGINT handler, which it replaces with the previous one when such a signal arrives and
     otherwise leaves installed (it would swallow the next Ctrl-C). So: the previous handler back
     means the search was interrupted; either way the previous handler is put back, and SIGUSR1's
-    (Tune's stays installed otherwise)."""
+    (Tune's stays installed otherwise). Tune's own resume hint is left out meanwhile
+    (TUNE_INTERRUPTED_NOTICE)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     previous_usr1 = signal.getsignal(signal.SIGUSR1)  # Tune's handler too, left installed
     tune_handles = main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    tune_hint = NoticeFilter(TUNE_INTERRUPTED_NOTICE)
+    logging.getLogger(TUNE_LOGGER).addFilter(tune_hint)
     try:
         # Tune's own console output (a header, its periodic tables) would interleave with the live
         # table; the legacy reporter at verbose=0 prints nothing.
@@ -259,6 +269,7 @@ def _fit(tuner: tune.Tuner) -> tuple[Any, bool]:
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
             results = tuner.fit()
     finally:
+        logging.getLogger(TUNE_LOGGER).removeFilter(tune_hint)
         interrupted = tune_handles and signal.getsignal(signal.SIGINT) is previous
         if tune_handles:
             signal.signal(signal.SIGINT, previous)
