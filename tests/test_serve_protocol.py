@@ -1328,9 +1328,10 @@ def test_rayfine_predict_sends_text_pairs_with_pairs(capsys):
         assert len(_RecordingHandler.bodies) == 1  # refused before sending
 
 
-def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_text(capsys):
+def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_text(capsys, tmp_path, monkeypatch):
     """A mistyped photo.png (and no other file) was sent as the text "photo.png": an image model
-    answered that it is not valid base64, naming no file."""
+    answered that it is not valid base64, naming no file. --texts sends any input as a text: a text
+    model's one-word input that looks like a file name, or names one that exists."""
     from rayfine.cli import main
 
     with _recording_server() as url:
@@ -1339,6 +1340,12 @@ def test_rayfine_predict_names_a_missing_file_instead_of_sending_its_name_as_a_t
         assert _RecordingHandler.bodies == []  # refused before sending
         assert main(["predict", url, "a fine film", "see it.png twice"]) == 0  # texts with spaces are texts
         assert _RecordingHandler.bodies == [{"inputs": ["a fine film", "see it.png twice"], "top_k": 3}]
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "review.txt").write_text("a file's words, not sent")
+        capsys.readouterr()
+        assert main(["predict", url, "--texts", "photo.png", "review.txt"]) == 0
+        assert _RecordingHandler.bodies[-1] == {"inputs": ["photo.png", "review.txt"], "top_k": 3}
+        assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["photo.png", "review.txt"]
 
 
 def test_predict_takes_every_image_file_name_the_readers_take_for_a_file():

@@ -262,8 +262,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rayfine.serve.client import format_predictions, predict
 
     api_key = Path(args.api_key_file).expanduser().read_text().strip() if args.api_key_file else None
-    result = predict(args.url, args.inputs, api_key=api_key, top_k=args.top_k, timeout_s=args.timeout, pairs=args.pairs)
-    print(json.dumps(result, indent=1) if args.json else format_predictions(args.inputs, result, args.pairs))
+    result = predict(args.url, args.inputs, api_key=api_key, top_k=args.top_k, timeout_s=args.timeout, pairs=args.pairs,
+                     texts=args.texts)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_predictions(args.inputs, result, args.pairs, args.texts))
     return 0
 
 
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ask a served model: files (images, or text files) or texts; prints labels and scores")
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (plus the app's route prefix, if any)")
     p.add_argument("inputs", nargs="+", help="image files, or texts (all files or all texts)")
+    p.add_argument("--texts", action="store_true", help="send every input as a text, even one that names a file")
     p.add_argument("--pairs", action="store_true",
                    help="texts two at a time, a text and its pair (a model trained with data.text_pair_column)")
     p.add_argument("--top-k", type=int, default=3, help="labels shown per input (default 3)")

@@ -103,9 +103,10 @@ def _looks_like_a_file(x: str) -> bool:
 
 
 def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k: int = 5,
-            timeout_s: float = 60, retries: int = 1, pairs: bool = False) -> dict:
-    """POST /predict: ``inputs`` are all existing files (uploaded) or all texts; with ``pairs``,
-    texts taken two at a time, a text and its pair (for a model trained on text pairs)."""
+            timeout_s: float = 60, retries: int = 1, pairs: bool = False, texts: bool = False) -> dict:
+    """POST /predict: ``inputs`` are all existing files (uploaded) or all texts; with ``texts``,
+    texts whatever they look like (a text that names a file); with ``pairs``, texts taken two at a
+    time, a text and its pair (for a model trained on text pairs)."""
     if not inputs:
         raise ClientError("give at least one input (files or texts)")
     # Stripped as the server strips its key (a Kubernetes Secret made by `echo key > file` ends in a newline).
@@ -116,14 +117,14 @@ def predict(url: str, inputs: list[str], *, api_key: Optional[str] = None, top_k
             raise ClientError(f"--pairs takes texts two at a time, a text and its pair; got {len(inputs)} texts")
         return call("POST", endpoint, json={"inputs": text_pairs(inputs), "top_k": top_k},
                     headers=_headers(api_key), timeout_s=timeout_s, retries=retries)
-    files = [Path(x) for x in inputs if _is_file(x)]
+    files = [] if texts else [Path(x) for x in inputs if _is_file(x)]
     if files and len(files) != len(inputs):
         missing = [x for x in inputs if not _is_file(x)]
         raise ClientError(f"give either files or texts, not both; not files: {missing[:3]}")
-    if not files and (named := [x for x in inputs if _looks_like_a_file(x)]):
+    if not files and not texts and (named := [x for x in inputs if _looks_like_a_file(x)]):
         # Else a mistyped photo.png would go to the model as the text "photo.png".
         raise ClientError(f"no such file: {named[0]} (texts are sent as they are, files uploaded; "
-                          f"this looks like a file name)")
+                          f"this looks like a file name: --texts sends it as a text)")
     if files:
         parts = [("files", (f.name, f.read_bytes())) for f in files]
         return call("POST", endpoint, params={"top_k": top_k}, files=parts, headers=_headers(api_key),
@@ -137,14 +138,15 @@ def text_pairs(texts: list[str]) -> list[list[str]]:
     return [list(texts[i:i + 2]) for i in range(0, len(texts), 2)]
 
 
-def format_predictions(inputs: list[str], result: dict, pairs: bool = False) -> str:
-    """One tab-separated line per input (a file by its name, a text or a text pair by its start):
+def format_predictions(inputs: list[str], result: dict, pairs: bool = False, texts: bool = False) -> str:
+    """One tab-separated line per input (a file by its name, a text or a text pair by its start;
+    with ``texts`` or ``pairs`` every input is a text, as ``predict`` sent it):
     label, score, runners-up. Control characters are shown escaped (``\\n``, ``\\t``), so that
     a text with a newline or a tab is still one line of four fields."""
     lines = [f"# model {result.get('model_name')} version {result.get('model_version')}"]
     shown_inputs = [" | ".join(pair) for pair in text_pairs(inputs)] if pairs else inputs
     for item, p in zip(shown_inputs, result["predictions"]):
-        shown = _escaped(Path(item).name if not pairs and _is_file(item) else item)
+        shown = _escaped(Path(item).name if not (pairs or texts) and _is_file(item) else item)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         others = ", ".join(f"{_escaped(t['label'])} {t['score']:.3f}" for t in p["top_k"][1:])
         lines.append(f"{shown}\t{_escaped(p['label'])}\t{p['score']:.4f}" + (f"\t({others})" if others else ""))
