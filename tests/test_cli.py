@@ -273,3 +273,27 @@ def test_a_dashboard_address_is_refused_in_one_line_before_ray_starts(where, mon
         with ray_session("http://127.0.0.1:8265" if where == "argument" else None, log=lambda *_: None):
             pass
     assert not ray.is_initialized()
+
+
+def test_a_refused_connection_says_how_ray_sends_a_clusters_token(monkeypatch):
+    """A driver connecting to a cluster with token authentication without RAY_AUTH_MODE=token (a
+    new-user trial against cluster/local/up.sh): Ray printed ~20 s of InvalidAuthToken lines, then
+    "Failed to connect to Ray cluster at <resolved address>", naming neither the token nor the
+    variable. The error now says it; with RAY_AUTH_MODE=token set it is Ray's alone."""
+    import ray
+
+    from rayfine.runtime import ray_session
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    hinted = (r"^Failed to connect to Ray cluster at 192.0.2.2:6379; if the cluster uses token authentication .* "
+              r"set RAY_AUTH_MODE=token in this shell")
+    with pytest.raises(ConnectionError, match=hinted), ray_session("127.0.0.1:6379", log=lambda *_: None):
+        pass
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConnectionError, match=r"^Failed to connect to Ray cluster at 192.0.2.2:6379$"), \
+            ray_session("127.0.0.1:6379", log=lambda *_: None):
+        pass

@@ -201,7 +201,32 @@ def test_a_plan_that_cannot_fit_is_refused_with_what_to_change(monkeypatch):
     lines = []
     driver.check_resources(cfg.with_overrides(["scaling.num_workers=1"]), log=lines.append)
     assert lines == [("[train] waiting for CPUs: the run needs 1.25, and 1 of the cluster's 2 are free (other work on "
-                      "this Ray holds the rest: a Serve app, another run)")]
+                      "this Ray holds the rest: a Serve app, another run; `ray status` shows them)")]
+    # A search's trial too (it waited with no word): a trial of the tiny preset needs 1.26 CPUs.
+    trial = cfg.with_overrides(["scaling.num_workers=1"])
+    plan = plan_resources(trial, trial.tune, num_trials=4, cluster=TWO_CPUS)
+    assert driver.waiting_for_cpus("tune", "a trial", plan.trial_cpus, plan.cluster_cpus) == (
+        "[tune] waiting for CPUs: a trial needs 1.26, and 1 of the cluster's 2 are free (other work on this Ray holds "
+        "the rest: a Serve app, another run; `ray status` shows them)")
+    monkeypatch.setattr(driver.ray, "available_resources", lambda: {"CPU": 1.26})
+    assert driver.waiting_for_cpus("tune", "a trial", plan.trial_cpus, plan.cluster_cpus) is None
+    assert driver.waiting_for_cpus("tune", "a trial", 3, 2) is None  # never fits: the plan's own refusal or warning
+    # The search says so before it reads its data (stopped there: no data is read in this test).
+    from rayfine.tune import search
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(search.ray, "cluster_resources", lambda: TWO_CPUS)
+    monkeypatch.setattr(driver.ray, "available_resources", lambda: {"CPU": 0.5})
+    monkeypatch.setattr(search, "build_datasets", stop)
+    lines = []
+    with pytest.raises(Stop):
+        search._run_search(trial, trial, resume=False, strict_resources=True, log=lines.append)
+    assert lines[-1].startswith("[tune] waiting for CPUs: a trial needs 1.26, and 0.5 of the cluster's 2 are free")
     # On a cluster that may autoscale it is a warning, and trials run one at a time.
     lenient = plan_resources(cfg, cfg.tune, num_trials=4, cluster=TWO_CPUS, strict=False)
     assert lenient.concurrent == 1 and lenient.notes[0].startswith("[warning] a trial needs 2.01 CPUs")

@@ -246,8 +246,12 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
         quiet_ray()
         if address:
             log(f"[ray] connecting to {address}")
+            hint = _token_hint(address)  # the shell's setting, before ray.init reads the environment
             with _signals_held():
-                ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+                try:
+                    ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+                except ConnectionError as e:
+                    raise ConnectionError(f"{e}{hint}") from e
             try:
                 with _terminable():
                     yield False
@@ -258,6 +262,18 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
             log("[ray] starting an embedded local Ray")
             with local_ray(runtime_env, logging_level=logging.WARNING), _terminable():
                 yield True
+
+
+def _token_hint(address: str, environ: Optional[dict] = None) -> str:
+    """What to add to a failed connection's message: a cluster with token authentication (all of
+    cluster/'s) refuses a driver whose Ray does not send the token, and Ray sends it on an explicit
+    address only when RAY_AUTH_MODE=token is set (Ray's rule); it says only that it failed to
+    connect, after ~20 s of "InvalidAuthToken" lines, naming the address it resolved."""
+    env = os.environ if environ is None else environ
+    if address.startswith("ray://") or env.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; if the cluster uses token authentication (every config in cluster/ does), set RAY_AUTH_MODE=token "
+            "in this shell so that Ray sends the token (README: Running on a cluster)")
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"

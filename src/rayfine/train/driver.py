@@ -251,12 +251,20 @@ def check_resources(cfg: Config, strict: bool = True, log=print) -> None:
         raise ConfigError(problems)
     for p in problems:
         log(f"[warning] {p} (waiting for the cluster to scale up)")
+    if not problems and (notice := waiting_for_cpus("train", "the run", need_cpu, total.get("CPU", 0))):
+        log(notice)
+
+
+def waiting_for_cpus(command: str, what: str, need: float, total: float) -> Optional[str]:
+    """The line saying that ``what`` (a run, a search's trial), which the cluster's ``total`` CPUs
+    hold, waits for CPUs that other work on the same Ray holds now (a Serve app this session
+    deployed, another run, a stopped run's placement group): it waits with no word from Ray Train
+    or Tune until they are freed. None when ``need`` CPUs are free, or could never be."""
     free = ray.available_resources().get("CPU", 0)
-    if not problems and need_cpu > free + 1e-9:
-        # Held by other work on this Ray (a Serve app this session deployed, another run): the run waits,
-        # with no word from Ray Train, until they are freed.
-        log(f"[train] waiting for CPUs: the run needs {need_cpu:g}, and {free:g} of the cluster's "
-            f"{total.get('CPU', 0):g} are free (other work on this Ray holds the rest: a Serve app, another run)")
+    if need <= free + 1e-9 or need > total + 1e-9:
+        return None
+    return (f"[{command}] waiting for CPUs: {what} needs {need:g}, and {free:g} of the cluster's {total:g} are free "
+            "(other work on this Ray holds the rest: a Serve app, another run; `ray status` shows them)")
 
 
 def preflight(cfg: Config) -> bool:

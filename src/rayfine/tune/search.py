@@ -45,6 +45,7 @@ from rayfine.train.driver import (
     export_best,
     saved_storage_path,
     split_for_workers,
+    waiting_for_cpus,
 )
 from rayfine.tune.asha import ResumableASHA
 from rayfine.tune.halving import SlotGatedVariants, SuccessiveHalving
@@ -168,6 +169,8 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
     for note in plan.notes:
         log(note)
     log(plan.describe())
+    if notice := waiting_for_cpus("tune", "a trial", plan.trial_cpus, plan.cluster_cpus):
+        log(notice)
     datasets, info = build_datasets(base, log=log)
     save_config(run_dir, "tune", cfg.to_yaml())  # after the data: a run killed while reading it marks no search
 
