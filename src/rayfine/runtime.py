@@ -264,13 +264,12 @@ def ray_session(address: Optional[str] = None, log=print) -> Iterator[bool]:
                 yield True
 
 
-def _token_hint(address: str, environ: Optional[dict] = None) -> str:
+def _token_hint(address: str) -> str:
     """What to add to a failed connection's message: a cluster with token authentication (all of
     cluster/'s) refuses a driver whose Ray does not send the token, and Ray sends it on an explicit
     address only when RAY_AUTH_MODE=token is set (Ray's rule); it says only that it failed to
     connect, after ~20 s of "InvalidAuthToken" lines, naming the address it resolved."""
-    env = os.environ if environ is None else environ
-    if address.startswith("ray://") or env.get("RAY_AUTH_MODE", "").lower() == "token":
+    if address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         return ""
     return ("; if the cluster uses token authentication (every config in cluster/ does), set RAY_AUTH_MODE=token "
             "in this shell so that Ray sends the token (README: Running on a cluster)")
