@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,35 @@ def start_cli(args: list[str], log_path: Path, ray_tmp: str | None = None, env: 
     with log_path.open("ab") as log:
         return subprocess.Popen([sys.executable, "-m", "rayfine.cli", *args], env=full, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+ANOTHER_RAY = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+print("up", flush=True)
+sys.stdin.read()  # until the block ends: another_ray closes our stdin
+ray.shutdown()
+"""
+
+
+@contextmanager
+def another_ray() -> Iterator[subprocess.Popen]:
+    """Another embedded Ray on this machine while the block runs, as a second rayfine command (or
+    a user's script) would start: a script in a session of its own, with its Ray's processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-c", ANOTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield proc
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_session(proc.pid, grace_s=5)  # what of its Ray has not ended by now
+        proc.wait()
 
 
 # --- listening sockets ------------------------------------------------------------------------

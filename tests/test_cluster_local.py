@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from fault_tools import another_ray
 from net_tools import check_served_as_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -237,29 +238,42 @@ def test_a_stopped_search_job_is_resumed_with_submit_resume(cluster):
     """A tune job stopped mid-search (`rayfine jobs stop`, as a head restart or a deadline would end
     its driver): the same submission again is refused, with a hint naming --resume; `rayfine submit
     --resume` runs the job with --resume under an id of its own and finishes the search on the
-    shared storage. One trial at a time: the served app of the pipeline test holds 0.3 CPU."""
+    shared storage. Another Ray runs on this host until the stop, and the stopped job leaves no Ray
+    Train placement-group cleaner behind. One trial at a time: the served app of the pipeline test
+    holds 0.3 CPU."""
     address, runs = cluster["dashboard"], cluster["storage"] / "runs"
     submit = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=stopped_search",
               "--set", "data.subsample=0.2", "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo",
               "--set", "tune.max_concurrent_trials=1", "--set",
               "tune.trial_overrides=[train.epochs=3, scaling.num_workers=1, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
               "--runs-dir", str(runs), "--address", address]
-    t0 = time.monotonic()
-    first = _run(submit, timeout=120, env=_env())
-    assert first.returncode == 0, first.stderr
-    job_id = re.search(r"\[submit\] (rayfine-tune-stopped_search-[0-9a-f]{12}) submitted", first.stdout).group(1)
-    trials = runs / "stopped_search" / "ray" / "trials"
+    # Another Ray on this host all along (a user's embedded rayfine run): the cluster's processes still
+    # find their own State API (up.sh names it), so Ray Train's placement-group cleaner, a detached
+    # actor that asks it every second, sees the stopped trial's controller die and ends. Before, it
+    # met "Found multiple active Ray instances", stopped watching, and stayed alive for good. (Ray
+    # caches the GCS processes it found: the other Ray must be up before the trials start.)
+    with another_ray():
+        t0 = time.monotonic()
+        first = _run(submit, timeout=120, env=_env())
+        assert first.returncode == 0, first.stderr
+        job_id = re.search(r"\[submit\] (rayfine-tune-stopped_search-[0-9a-f]{12}) submitted", first.stdout).group(1)
+        trials = runs / "stopped_search" / "ray" / "trials"
 
-    def epochs() -> dict[str, list[int]]:  # each trial's epoch log, written as each epoch ends
-        return {log.parent.name: [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()]
-                for log in trials.glob("trial_*/epochs.jsonl")}
+        def epochs() -> dict[str, list[int]]:  # each trial's epoch log, written as each epoch ends
+            return {log.parent.name: [json.loads(line)["epoch"] for line in log.read_text().splitlines() if line.strip()]
+                    for log in trials.glob("trial_*/epochs.jsonl")}
 
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not any(1 <= len(e) < 3 for e in epochs().values()):
-        time.sleep(0.5)
-    assert any(1 <= len(e) < 3 for e in epochs().values()), f"no trial was seen part-way: {epochs()}"
-    stop = _run([*RAYFINE, "jobs", "stop", job_id, "--address", address], timeout=120, env=_env())
-    assert stop.returncode == 0 and stop.stdout.strip().endswith("STOPPED"), stop
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not any(1 <= len(e) < 3 for e in epochs().values()):
+            time.sleep(0.5)
+        assert any(1 <= len(e) < 3 for e in epochs().values()), f"no trial was seen part-way: {epochs()}"
+        stop = _run([*RAYFINE, "jobs", "stop", job_id, "--address", address], timeout=120, env=_env())
+        assert stop.returncode == 0 and stop.stdout.strip().endswith("STOPPED"), stop
+        deadline, cleaners = time.monotonic() + 60, None
+        while cleaners != [] and time.monotonic() < deadline:
+            cleaners = _state_api(address, """out = [a.actor_id for a in list_actors(address=address, limit=10000,
+           filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])]""")
+        assert cleaners == [], f"placement-group cleaners still alive 60 s after the stop: {cleaners}"
     again = _run(submit, timeout=120, env=_env())
     assert again.returncode == 1 and f"{job_id} was already submitted" in again.stdout and "STOPPED" in again.stdout
     assert "to continue its search, submit it again with --resume" in again.stderr, again.stderr

@@ -15,34 +15,16 @@ import time
 from unittest import mock
 
 import pytest
-from fault_tools import stop_session
+from fault_tools import another_ray, stop_session
 
 pytestmark = pytest.mark.ray
-
-OTHER_RAY = """
-import sys, ray
-ray.init(address="local", num_cpus=1, include_dashboard=False)
-print("up", flush=True)
-sys.stdin.read()  # until the test closes our stdin
-ray.shutdown()
-"""
 
 
 @pytest.fixture(scope="module")
 def other_ray():
     """Another embedded Ray on this machine, as a second rayfine command would start."""
-    proc = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its Ray's processes join its session
-    try:
-        assert proc.stdout.readline().strip() == "up"
+    with another_ray() as proc:
         yield proc
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stop_session(proc.pid, grace_s=0)  # the script and its Ray
-            proc.wait()
 
 
 def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):

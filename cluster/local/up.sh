@@ -66,6 +66,13 @@ done
 export PATH="$venv/bin:$PATH"
 export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
+# Ray code in workers that asks the State API without an address (Ray Train's placement-group cleaner,
+# every second) looks for the cluster in /tmp/ray/ray_current_cluster, which these nodes (each with its
+# own --temp-dir) do not write, then among the GCS processes on the host. With another Ray on the host
+# that fails ("Found multiple active Ray instances"): the cleaner stops watching for good, and a
+# stopped job's placement group can stay reserved. So every process of the cluster is told its address.
+dashboard="http://127.0.0.1:$dash_port"
+export RAY_API_SERVER_ADDRESS="$dashboard"
 # A marker that every process of this cluster inherits and nothing else has: down.sh finds by it
 # what escaped the nodes' sessions (a random value, never in cluster.env, so no shell exports it).
 marker="$(date +%s%N)-$$-$RANDOM$RANDOM"
@@ -114,7 +121,6 @@ for ((i = 1; i <= workers; i++)); do
     --dashboard-agent-listen-port=0 --resources="{\"rayfine_worker$i\": 1}"
 done
 
-dashboard="http://127.0.0.1:$dash_port"
 # Wait (with a deadline) until the dashboard answers and every node is alive in Ray's state API.
 python - "$dashboard" $((workers + 1)) <<'EOF' || die "the cluster did not come up (logs: $state/nodes/*.log)"
 import sys, time
