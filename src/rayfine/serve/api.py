@@ -283,6 +283,21 @@ def make_api(server) -> FastAPI:
         description="Open Inference Protocol (KServe v2) REST API and a simple JSON API for a rayfine classifier. "
         "Every error is {\"error\": \"...\"}: a 4xx status for a refused request, 503 while the model loads.",
     )
+    _add_error_handlers(app)
+    _add_v2_health_and_metadata(app, server)  # the OpenAPI schema lists the routes in this order
+    _add_v2_inference(app, server)
+    _add_predict(app, server)
+    _openapi = app.openapi
+    app.openapi = lambda: _openapi_schema(app, server, _openapi)
+    app.add_middleware(Guard, server=server)
+    if server.settings.cors_origins:  # added last: outside the Guard, so that preflights need no key
+        app.add_middleware(CORS, allow_origins=list(server.settings.cors_origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=CORS_HEADERS, expose_headers=[protocol.BINARY_HEADER, "Content-Encoding"])
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as {"error": "..."} with its 4xx status; a bug as a 500 that names no details."""
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError):
@@ -310,23 +325,33 @@ def make_api(server) -> FastAPI:
     async def _validation_error(_: Request, exc: RequestValidationError):
         return error(400, protocol.describe_validation(list(exc.errors())))
 
-    def model_or_404(name: str, version: Optional[str] = None):
-        if name != server.name:
-            raise RequestError(f"unknown model {name!r}; this server serves {server.name!r}", status=404)
-        model = server.model
-        if model is None:
-            raise RequestError("the model is not loaded yet", status=503)
-        if version is not None and version != model.version:
-            raise RequestError(f"model {name!r} has no version {version!r}; serving version {model.version!r}", status=404)
-        return model
 
-    async def answer(items: list, model):
-        result = await server.infer(items, model)
-        if result.error is not None:
-            raise RequestError(result.error)
-        return result
+def _model_or_404(server, name: str, version: Optional[str] = None):
+    """The replica's model now, if ``name`` (and ``version``, when given) are its; else a 404 (503
+    before the model is loaded)."""
+    if name != server.name:
+        raise RequestError(f"unknown model {name!r}; this server serves {server.name!r}", status=404)
+    model = server.model
+    if model is None:
+        raise RequestError("the model is not loaded yet", status=503)
+    if version is not None and version != model.version:
+        raise RequestError(f"model {name!r} has no version {version!r}; serving version {model.version!r}", status=404)
+    return model
 
-    # --- Open Inference Protocol: health and metadata ---
+
+async def _answer(server, items: list, model):
+    result = await server.infer(items, model)
+    if result.error is not None:
+        raise RequestError(result.error)
+    return result
+
+
+STATS_SUMMARY = "Model statistics (Triton's statistics extension), of the replica that answers"
+
+
+def _add_v2_health_and_metadata(app: FastAPI, server) -> None:
+    """Open Inference Protocol: health, server and model metadata, and Triton's statistics."""
+    from rayfine import __version__
 
     @app.get("/v2/health/live", tags=["v2"], summary="Server live")
     async def live() -> dict:
@@ -342,7 +367,7 @@ def make_api(server) -> FastAPI:
         return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "classification", "statistics"]}
 
     def model_stats(name: Optional[str] = None, version: Optional[str] = None) -> dict:
-        model = model_or_404(server.name if name is None else name, version)
+        model = _model_or_404(server, server.name if name is None else name, version)
         s = model.stats
         return {"model_stats": [{
             "name": server.name, "version": model.version, "last_inference": s.last_inference_ms,
@@ -350,15 +375,13 @@ def make_api(server) -> FastAPI:
             "inference_stats": s.inference_stats(), "batch_stats": s.batch_stats(), "replica": server.replica_id,
         }]}
 
-    stats_summary = "Model statistics (Triton's statistics extension), of the replica that answers"
-
     # Before /v2/models/{name}, which would take "stats" for a model's name.
-    @app.get("/v2/models/stats", tags=["v2"], summary=f"{stats_summary}: every model", responses=errors(503))
+    @app.get("/v2/models/stats", tags=["v2"], summary=f"{STATS_SUMMARY}: every model", responses=errors(503))
     async def all_models_stats() -> dict:
         return model_stats()
 
     def metadata(name: str, version: Optional[str]) -> protocol.ModelMetadata:
-        model = model_or_404(name, version)
+        model = _model_or_404(server, name, version)
         return protocol.ModelMetadata(
             name=server.name, versions=[model.version], platform="pytorch",
             inputs=protocol.model_inputs(model.kind, model.cfg.data.channels, model.pairs),
@@ -377,59 +400,61 @@ def make_api(server) -> FastAPI:
 
     @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Model ready", responses=errors(404, 503))
     async def model_ready(name: str) -> dict:
-        model_or_404(name)
+        _model_or_404(server, name)
         return {"name": name, "ready": True}
 
     @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], summary="Model ready (a version)",
              responses=errors(404, 503))
     async def model_version_ready(name: str, version: str) -> dict:
-        model_or_404(name, version)
+        _model_or_404(server, name, version)
         return {"name": name, "ready": True}
 
-    @app.get("/v2/models/{name}/stats", tags=["v2"], summary=stats_summary, responses=errors(404, 503))
+    @app.get("/v2/models/{name}/stats", tags=["v2"], summary=STATS_SUMMARY, responses=errors(404, 503))
     async def one_model_stats(name: str) -> dict:
         return model_stats(name)
 
-    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["v2"], summary=f"{stats_summary} (a version)",
+    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["v2"], summary=f"{STATS_SUMMARY} (a version)",
              responses=errors(404, 503))
     async def model_version_stats(name: str, version: str) -> dict:
         return model_stats(name, version)
 
-    # --- Open Inference Protocol: inference ---
 
+async def _infer(server, request: Request, name: str, version: Optional[str]) -> Response:
+    """An Open Inference Protocol inference request: JSON, or JSON then binary tensor data."""
+    model = _model_or_404(server, name, version)
+    # Any type but multipart is read as JSON (+ binary data), as Triton does: tritonclient sends none,
+    # curl -d sends a form's, a browser's fetch with a string body text/plain.
+    if _content_type(request).startswith("multipart/"):
+        _require(request, JSON, BINARY)
+    head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
+    req = protocol.parse_json(protocol.InferenceRequest, head)
+    items = protocol.v2_items(req, model.kind, server.settings, binary, pairs=model.pairs)
+    as_binary = protocol.binary_outputs(req)
+    result = await _answer(server, items, model)
+    response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
+    coding = response_coding(request.headers.get("accept-encoding"))
+    # Vary on every answer, compressed or not: caches must not give one to a client that sent
+    # another Accept-Encoding (RFC 9110 12.5.5).
+    headers = {"Vary": "Accept-Encoding"}
+    if as_binary:
+        head, tail = protocol.to_binary(response, as_binary)
+        body, media_type = head + tail, BINARY
+        headers[protocol.BINARY_HEADER] = str(len(head))
+    else:
+        body, media_type = json.dumps(response, separators=(",", ":")).encode(), JSON
+    if coding is not None:  # as Triton: the header length counts the JSON before compression
+        body, headers["Content-Encoding"] = compress(body, coding), coding
+    return Response(body, media_type=media_type, headers=headers)
+
+
+def _add_v2_inference(app: FastAPI, server) -> None:
+    """Open Inference Protocol: the two inference routes (the model's, and a version's)."""
     infer_body = {"requestBody": {"required": True, "content": {
         JSON: {"schema": _schema_ref(protocol.InferenceRequest)},
         BINARY: {"schema": {"type": "string", "format": "binary", "description": (
             f"binary tensor data extension: the JSON inference request ({protocol.BINARY_HEADER} bytes), "
             "then the bytes of the input whose parameters.binary_data_size gives their length")}},
     }}}
-
-    async def infer(request: Request, name: str, version: Optional[str]):
-        model = model_or_404(name, version)
-        # Any type but multipart is read as JSON (+ binary data), as Triton does: tritonclient sends none,
-        # curl -d sends a form's, a browser's fetch with a string body text/plain.
-        if _content_type(request).startswith("multipart/"):
-            _require(request, JSON, BINARY)
-        head, binary = protocol.split_body(await request.body(), request.headers.get(protocol.BINARY_HEADER))
-        req = protocol.parse_json(protocol.InferenceRequest, head)
-        items = protocol.v2_items(req, model.kind, server.settings, binary, pairs=model.pairs)
-        as_binary = protocol.binary_outputs(req)
-        result = await answer(items, model)
-        response = protocol.v2_response(server.name, result.version, result.labels, result.probs, req)
-        coding = response_coding(request.headers.get("accept-encoding"))
-        # Vary on every answer, compressed or not: caches must not give one to a client that sent
-        # another Accept-Encoding (RFC 9110 12.5.5).
-        headers = {"Vary": "Accept-Encoding"}
-        if as_binary:
-            head, tail = protocol.to_binary(response, as_binary)
-            body, media_type = head + tail, BINARY
-            headers[protocol.BINARY_HEADER] = str(len(head))
-        else:
-            body, media_type = json.dumps(response, separators=(",", ":")).encode(), JSON
-        if coding is not None:  # as Triton: the header length counts the JSON before compression
-            body, headers["Content-Encoding"] = compress(body, coding), coding
-        return Response(body, media_type=media_type, headers=headers)
-
     infer_responses = {
         200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary", "description": (
             f"when outputs are asked for as binary data: the JSON inference response ({protocol.BINARY_HEADER} bytes), "
@@ -440,16 +465,17 @@ def make_api(server) -> FastAPI:
     @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Inference", openapi_extra=infer_body,
               response_model=protocol.InferenceResponse, response_model_exclude_none=True, responses=infer_responses)
     async def model_infer(name: str, request: Request):
-        return await infer(request, name, None)
+        return await _infer(server, request, name, None)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], summary="Inference (a version)",
               openapi_extra=infer_body, response_model=protocol.InferenceResponse, response_model_exclude_none=True,
               responses=infer_responses)
     async def model_version_infer(name: str, version: str, request: Request):
-        return await infer(request, name, version)
+        return await _infer(server, request, name, version)
 
-    # --- the simple JSON API ---
 
+def _add_predict(app: FastAPI, server) -> None:
+    """The simple JSON API: POST /predict with texts or images, JSON or multipart."""
     predict_body = {"requestBody": {"required": True, "content": {
         JSON: {"schema": _schema_ref(protocol.PredictRequest)},
         MULTIPART: {"schema": {"type": "object", "properties": {
@@ -463,7 +489,7 @@ def make_api(server) -> FastAPI:
     @app.post("/predict", tags=["simple"], summary="Predict labels for texts or images", openapi_extra=predict_body,
               response_model=protocol.PredictResponse, response_model_exclude_none=True, responses=errors(400, 413, 415, 503))
     async def predict(request: Request, top_k: Optional[int] = None):
-        model = model_or_404(server.name)
+        model = _model_or_404(server, server.name)
         # No Content-Type is JSON, as on the v2 routes (requests.post(url, data=json.dumps(...)) sends none).
         ctype = _require(request, JSON, MULTIPART) if _content_type(request) else JSON
         if ctype == JSON:
@@ -475,43 +501,37 @@ def make_api(server) -> FastAPI:
             k = top_k
         if k < 1:
             raise RequestError("top_k must be at least 1")
-        result = await answer(items, model)
+        result = await _answer(server, items, model)
         return protocol.predict_response(server.name, result.version, result.labels, result.probs, k)
 
-    _openapi = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = _openapi()
-            components = schema.setdefault("components", {})
-            schemas = components.setdefault("schemas", {})
-            # The JSON schemas the routes above reference by hand.
-            for model in (protocol.InferenceRequest, protocol.PredictRequest):
-                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(model_schema.pop("$defs", {}))
-                schemas[model.__name__] = model_schema
-            # FastAPI's 422 never comes: a bad parameter is a 400 {"error": ...} (_validation_error).
-            for name in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(name, None)
-            if server.api_key is not None:  # the routes that need the key say so; Swagger UI's Authorize sends it
-                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
-                                                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
-            for path, operations in schema.get("paths", {}).items():
-                for operation in operations.values():
-                    operation.get("responses", {}).pop("422", None)
-                    if server.api_key is not None and path not in OPEN_PATHS:
-                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
-                        unauthorized = {"description": ERRORS[401], "content": {JSON: {"schema": _schema_ref(protocol.ErrorResponse)}}}
-                        operation["responses"] = dict(sorted({**operation["responses"], "401": unauthorized}.items()))
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-    app.add_middleware(Guard, server=server)
-    if server.settings.cors_origins:  # added last: outside the Guard, so that preflights need no key
-        app.add_middleware(CORS, allow_origins=list(server.settings.cors_origins), allow_methods=["GET", "HEAD", "POST"],
-                           allow_headers=CORS_HEADERS, expose_headers=[protocol.BINARY_HEADER, "Content-Encoding"])
-    return app
+def _openapi_schema(app: FastAPI, server, generate) -> dict[str, Any]:
+    """FastAPI's schema (``generate``), once, completed: the JSON schemas the routes reference by
+    hand, no 422 (a bad parameter is a 400), and with an API key, its schemes and 401s."""
+    if app.openapi_schema is None:
+        schema = generate()
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        # The JSON schemas the routes reference by hand (openapi_extra).
+        for model in (protocol.InferenceRequest, protocol.PredictRequest):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(model_schema.pop("$defs", {}))
+            schemas[model.__name__] = model_schema
+        # FastAPI's 422 never comes: a bad parameter is a 400 {"error": ...} (_validation_error).
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        if server.api_key is not None:  # the routes that need the key say so; Swagger UI's Authorize sends it
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
+                                             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if server.api_key is not None and path not in OPEN_PATHS:
+                    operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                    unauthorized = {"description": ERRORS[401], "content": {JSON: {"schema": _schema_ref(protocol.ErrorResponse)}}}
+                    operation["responses"] = dict(sorted({**operation["responses"], "401": unauthorized}.items()))
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _multipart_items(request: Request, kind: str, limits, pairs: bool) -> list:
