@@ -4,12 +4,15 @@ errors of `rayfine submit` / `rayfine jobs`. The cluster side is tests/test_clus
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -360,6 +363,46 @@ def test_unreachable_cluster_is_one_line_and_exit_1():
         assert result.stderr.strip().splitlines() == [f"error: cannot reach the Ray Jobs API at {address}: is the "
                                                       "cluster up, and is this its dashboard address (port 8265 by default)?"]
 
+
+
+class _StandInDashboard(http.server.BaseHTTPRequestHandler):
+    """The two Jobs API routes `rayfine jobs list` calls, answered as Ray 2.60's dashboard answers them
+    for a cluster without jobs; the paths asked for are kept in the server's ``seen``."""
+
+    def do_GET(self):
+        self.server.seen.append(self.path)
+        body = {"/api/version": {"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}, "/api/jobs/": []}.get(self.path)
+        data = json.dumps(body).encode()
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_address_given_wins_over_the_shells_ray_addresses():
+    """Ray's JobSubmissionClient takes RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, over the address it is
+    given. After `source cluster.env` (which sets both), `rayfine jobs list --address X` asked the local
+    cluster; now X, as the README's order says. Without --address the shell's setting is the address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInDashboard)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        given = f"http://127.0.0.1:{server.server_address[1]}"
+        elsewhere = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{_free_port()}", "RAY_ADDRESS": f"127.0.0.1:{_free_port()}"}
+        result = _rayfine("jobs", "list", "--address", given, env=elsewhere)  # nothing listens elsewhere
+        assert (result.returncode, result.stdout) == (0, "no jobs\n"), result
+        assert set(server.seen) == {"/api/version", "/api/jobs/"}, server.seen  # it asked here
+        result = _rayfine("jobs", "list", env={**elsewhere, "RAY_API_SERVER_ADDRESS": given})
+        assert (result.returncode, result.stdout) == (0, "no jobs\n"), result
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 def test_submit_checks_locally_before_contacting_the_cluster():
     address = f"http://127.0.0.1:{_free_port()}"

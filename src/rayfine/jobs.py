@@ -38,6 +38,7 @@ from rayfine.errors import RayfineError
 JOB_KINDS = ("train", "tune", "pipeline")
 RESUMABLE_JOBS = ("tune", "pipeline")  # a search is continued only when asked (--resume)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # where Ray looks for a cluster, in its order
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Never uploaded: environments, run outputs, data, VCS and caches (gitwildmatch patterns, as in
 # .gitignore; Ray also honours the project's .gitignore and .rayignore).
@@ -140,10 +141,17 @@ def connect(address: Optional[str] = None, environ: Optional[dict] = None):
     """A JobSubmissionClient for the cluster at ``address`` carrying the auth token, or JobsError."""
     from ray.job_submission import JobSubmissionClient
 
+    from rayfine.runtime import restored_environ
+
     url = resolve_address(address, environ)
     token, source = resolve_token(environ)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    with _Translate(url, source):
+    # Ray's client takes RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, over the address it is given
+    # (ray.dashboard.utils.get_address_for_submission_client): an --address wins over the shell's.
+    hidden = ADDRESS_ENV if address else ()
+    with _Translate(url, source), restored_environ(*hidden):
+        for key in hidden:
+            os.environ.pop(key, None)
         client = JobSubmissionClient(url, headers=headers)
     client.rayfine_token_source = source  # for the error messages of later calls
     return client
