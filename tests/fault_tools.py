@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -115,7 +116,10 @@ def another_ray() -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen([sys.executable, "-c", ANOTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "up"
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else "(nothing in 120 s)"
+        if line.strip() != "up":
+            raise RuntimeError(f"the other Ray did not start: {line!r}")
         yield proc
     finally:
         proc.stdin.close()
@@ -125,6 +129,7 @@ def another_ray() -> Iterator[subprocess.Popen]:
             pass
         stop_session(proc.pid, grace_s=5)  # what of its Ray has not ended by now
         proc.wait()
+        proc.stdout.close()
 
 
 # --- listening sockets ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Starlette's CORS middleware sits outside the key: browsers' preflights carry no 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hmac
 import json
@@ -49,6 +50,7 @@ DECODED_CODINGS = "gzip, deflate"  # the request Content-Encodings BodyDecoder r
 # The request headers the API reads, which a browser script may send (CORS).
 CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "Content-Encoding", "Inference-Header-Content-Length",
                 "Accept-Encoding")
+STATS_SUMMARY = "Model statistics (Triton's statistics extension), of the replica that answers"
 # The refusals the OpenAPI schema declares ({"error": "..."}), by status.
 ERRORS = {
     400: "Malformed JSON, bad tensors or inputs, a limit exceeded, a corrupt compressed body",
@@ -287,8 +289,7 @@ def make_api(server) -> FastAPI:
     _add_v2_health_and_metadata(app, server)  # the OpenAPI schema lists the routes in this order
     _add_v2_inference(app, server)
     _add_predict(app, server)
-    _openapi = app.openapi
-    app.openapi = lambda: _openapi_schema(app, server, _openapi)
+    app.openapi = functools.partial(_openapi_schema, app, server, app.openapi)
     app.add_middleware(Guard, server=server)
     if server.settings.cors_origins:  # added last: outside the Guard, so that preflights need no key
         app.add_middleware(CORS, allow_origins=list(server.settings.cors_origins), allow_methods=["GET", "HEAD", "POST"],
@@ -340,13 +341,11 @@ def _model_or_404(server, name: str, version: Optional[str] = None):
 
 
 async def _answer(server, items: list, model):
+    """The model's answer to ``items``; an input it refused (result.error) is a 400 naming it."""
     result = await server.infer(items, model)
     if result.error is not None:
         raise RequestError(result.error)
     return result
-
-
-STATS_SUMMARY = "Model statistics (Triton's statistics extension), of the replica that answers"
 
 
 def _add_v2_health_and_metadata(app: FastAPI, server) -> None:
