@@ -68,10 +68,11 @@ export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
 # Ray code in workers that asks the State API without an address (Ray Train's placement-group cleaner,
 # every second) takes RAY_API_SERVER_ADDRESS, else the cluster named in /tmp/ray/ray_current_cluster
-# (RAY_TMPDIR/ray), which these nodes, each with its own --temp-dir, do not write: so it asks whichever
-# cluster a plain `ray start` wrote there, or finds the one GCS process on the host, and with another
-# Ray on the host fails ("Found multiple active Ray instances"): the cleaner stops watching and stays
-# alive for good. So every process of this cluster is told its own address.
+# (RAY_TMPDIR/ray), which these nodes, each with its own --temp-dir, do not write, else the one GCS
+# process on the host. So with a plain `ray start` on the host the cleaner asked that cluster, took the
+# controller for dead and quit at once (the job's log: "Failed to register placement group with
+# cleaner"); with any other Ray it failed ("Found multiple active Ray instances") and stayed alive for
+# good, watching nothing. So every process of this cluster is told its own address.
 dashboard="http://127.0.0.1:$dash_port"
 export RAY_API_SERVER_ADDRESS="$dashboard"
 # A marker that every process of this cluster inherits and nothing else has: down.sh finds by it
