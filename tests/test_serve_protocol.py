@@ -954,6 +954,13 @@ def test_an_empty_x_api_key_does_not_hide_a_bearer_token(nli):
     assert r.status_code == 401 and r.json()["error"] == "invalid API key"
 
 
+def test_server_metadata_names_rayfine_and_its_version(nli):
+    from rayfine import __version__
+
+    r = nli.client.get("/v2")
+    assert r.status_code == 200 and r.json() == {"name": "rayfine", "version": __version__,
+                                                 "extensions": ["binary_tensor_data", "classification", "statistics"]}
+
 def test_405_allows_head_where_get_is_answered(nli):
     assert nli.client.head("/v2/models/nli").status_code == 200  # HEAD is served wherever GET is
     r = nli.client.post("/v2/models/nli")

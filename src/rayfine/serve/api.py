@@ -350,8 +350,6 @@ async def _answer(server, items: list, model):
 
 def _add_v2_health_and_metadata(app: FastAPI, server) -> None:
     """Open Inference Protocol: health, server and model metadata, and Triton's statistics."""
-    from rayfine import __version__
-
     @app.get("/v2/health/live", tags=["v2"], summary="Server live")
     async def live() -> dict:
         return {"live": True}
@@ -363,7 +361,7 @@ def _add_v2_health_and_metadata(app: FastAPI, server) -> None:
 
     @app.get("/v2", tags=["v2"], summary="Server metadata")
     async def server_metadata() -> dict:
-        return {"name": "rayfine", "version": __version__, "extensions": ["binary_tensor_data", "classification", "statistics"]}
+        return {"name": "rayfine", "version": app.version, "extensions": ["binary_tensor_data", "classification", "statistics"]}
 
     def model_stats(name: Optional[str] = None, version: Optional[str] = None) -> dict:
         model = _model_or_404(server, server.name if name is None else name, version)
