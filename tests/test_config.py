@@ -198,6 +198,14 @@ def test_seeds_are_refused_outside_what_numpy_and_tune_take():
     assert cfg.seed == cfg.tune.seed == 2**32 - 1
 
 
+def test_a_replica_reserves_at_most_one_gpu_the_one_it_infers_on():
+    """A replica infers on one CUDA device; Ray takes more than 1 GPU only as a whole number, and a
+    replica of 2 would hold a GPU it never uses. A fraction shares a GPU with other replicas."""
+    (err,) = _errors(["serve.gpus_per_replica=1.5"])
+    assert err == "serve.gpus_per_replica: Input should be less than or equal to 1 (got 1.5)"
+    assert load_config("resnet18_digits", ["serve.gpus_per_replica=0.25"]).serve.gpus_per_replica == 0.25
+
+
 def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: x\ndata: {source: builtin:digits}\ntrain:\n  lr: 0.1\ntrain:\n  epochs: 3\n")

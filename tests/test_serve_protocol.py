@@ -1496,6 +1496,12 @@ def test_replicas_the_cluster_cannot_hold_are_named_with_the_fields_to_change():
                  "cluster fits 1; set serve.num_replicas to at most 1, or lower serve.gpus_per_replica")  # GPUs bind
     (p,) = problems([two], "serve.num_replicas=3")
     assert "(serve.num_replicas=3)" in p and "fits 2" in p and p.endswith("or lower serve.cpus_per_replica")
+    # Ray places a fraction of a GPU on one GPU: two GPUs hold four replicas of 0.4 (two each), not five.
+    two_gpus = {"CPU": 8.0, "GPU": 2.0}
+    assert problems([two_gpus], "serve.gpus_per_replica=0.4", "serve.num_replicas=4") == []
+    (p,) = problems([two_gpus], "serve.gpus_per_replica=0.4", "serve.num_replicas=5")
+    assert "fits 4" in p and p.endswith("or lower serve.gpus_per_replica")
+    assert problems([two_gpus], "serve.gpus_per_replica=0.25", "serve.num_replicas=8") == []
     # Autoscaling starts with min_replicas (at least one); max_replicas is only what it may grow to.
     assert problems([two], "serve.autoscaling=true", "serve.min_replicas=0", "serve.max_replicas=8") == []
     (p,) = problems([two], "serve.autoscaling=true", "serve.min_replicas=3", "serve.max_replicas=4")

@@ -477,7 +477,11 @@ class ServeConfig(_Section):
         "look_back_period_s; longer than its 10 s metrics interval)."
     )
     cpus_per_replica: Float = Field(1.0, gt=0, description="CPUs reserved by each replica (also its torch threads).")
-    gpus_per_replica: Float = Field(0.0, ge=0, description="GPUs reserved by each replica; above 0 it infers on CUDA (a replica whose torch sees no CUDA device refuses to start).")
+    gpus_per_replica: Float = Field(
+        0.0, ge=0, le=1, description="GPUs reserved by each replica; above 0 it infers on CUDA, on one device (a "
+        "replica whose torch sees no CUDA device refuses to start). A fraction shares a GPU: Ray packs replicas "
+        "whose fractions sum to at most 1 onto each GPU."
+    )
     max_batch_size: Int = Field(
         16, ge=1, description="Dynamic batching: most items in one forward pass."
     )

@@ -203,7 +203,11 @@ def replica_fit_problems(settings: ServeConfig, nodes: list[dict]) -> list[str]:
 
     def fits(node: dict, count_gpus: bool = True) -> int:
         n = int((float(node.get("CPU", 0)) + eps) // cpus)
-        return min(n, int((float(node.get("GPU", 0)) + eps) // gpus)) if gpus and count_gpus else n
+        if not (gpus and count_gpus):
+            return n
+        # Ray places a fraction of a GPU on one GPU: replicas share a GPU only where their fractions
+        # sum to at most 1 on it (two GPUs hold four replicas of 0.4, not five).
+        return min(n, int(float(node.get("GPU", 0)) + eps) * int((1 + eps) // gpus))
 
     most_cpus = max((float(n.get("CPU", 0)) for n in nodes), default=0.0)
     most_gpus = max((float(n.get("GPU", 0)) for n in nodes), default=0.0)
