@@ -615,9 +615,14 @@ def test_every_route_but_health_refuses_missing_and_wrong_keys(served):
 
 def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(served):
     """The HTTP servers of the default set-up (Serve's proxy, Ray's dashboard and Jobs API) bind
-    127.0.0.1; Ray's internal ports bind every interface (they rely on the token), listed here."""
+    127.0.0.1; Ray's internal ports bind every interface (they rely on the token), listed here. Of
+    them only the dashboard's and the autoscaler's own metrics servers answer an HTTP request
+    without the token (Ray 2.60 starts them whatever it is told); the dashboard agent's metrics
+    exporter, whose metrics name the apps and their traffic, would: the embedded Ray starts none."""
     import ray
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
 
     dashboard = ray._private.worker.get_dashboard_url()
     dashboard_port = int(dashboard.rsplit(":", 1)[1])
@@ -628,6 +633,14 @@ def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(se
     assert serve_sockets and all(s["ip"] == "127.0.0.1" for s in serve_sockets), serve_sockets
     assert dashboard_sockets and all(s["ip"] == "127.0.0.1" for s in dashboard_sockets), dashboard_sockets
     wildcard = sorted({(s["name"], s["port"]) for s in sockets if s["ip"] in ("0.0.0.0", "::")})
+    answered = {}
+    for name, port in wildcard:  # gRPC servers (HTTP/2 only) refuse or stall an HTTP/1.1 request
+        try:
+            answered[f"{name}:{port}"] = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=3).status_code
+        except requests.RequestException:
+            continue
+    open_ports = {int(where.rsplit(":", 1)[1]) for where, status in answered.items() if status < 400}
+    assert open_ports <= {DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT}, answered
 
     # Token auth is on for the embedded Ray too: the Jobs API and the dashboard's state API refuse
     # a caller without the token (and one with a wrong token), and answer one with it.
@@ -644,6 +657,7 @@ def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(se
         "serve_proxy": sorted({f"{s['ip']}:{s['port']}" for s in serve_sockets}),
         "dashboard": sorted({f"{s['ip']}:{s['port']}" for s in dashboard_sockets}),
         "ray_internal_on_all_interfaces": [f"{name}:{port}" for name, port in wildcard],
+        "ray_internal_answering_http_without_token": answered,
         "embedded_dashboard_no_token_wrong_token_token": refused,
     })
 

@@ -92,11 +92,21 @@ def test_workers_keep_an_idle_process_through_a_pause_and_run_at_the_drivers_pri
 
     import ray
 
-    from rayfine.runtime import WORKER_ENV, idle_worker_config, local_ray, local_system_config, worker_niceness_config
+    from rayfine.runtime import (
+        WORKER_ENV,
+        idle_worker_config,
+        local_ray,
+        local_system_config,
+        metrics_export_config,
+        worker_niceness_config,
+    )
 
     assert worker_niceness_config(environ={}) == {"worker_niceness": 0}
     assert worker_niceness_config(environ={"RAY_worker_niceness": "15"}) == {}  # the user's wins
-    assert local_system_config(2, environ={}) == {"num_workers_soft_limit": 2, "worker_niceness": 0}
+    assert metrics_export_config(environ={}) == {"enable_metrics_collection": False}  # test_faults checks the ports
+    assert metrics_export_config(environ={"RAY_enable_metrics_collection": "1"}) == {}  # the user's wins
+    assert local_system_config(2, environ={}) == {"num_workers_soft_limit": 2, "worker_niceness": 0,
+                                                  "enable_metrics_collection": False}
 
     assert idle_worker_config(2, environ={}) == {"num_workers_soft_limit": 2}
     assert idle_worker_config(2, environ={"RAY_num_workers_soft_limit": "0"}) == {}  # the user's wins

@@ -335,9 +335,27 @@ def worker_niceness_config(environ: dict | None = None) -> dict:
     return {"worker_niceness": WORKER_NICENESS}
 
 
+def metrics_export_config(environ: dict | None = None) -> dict:
+    """No metrics exporter on the embedded Ray: Ray's dashboard agent serves the node's metrics
+    (Prometheus text over plain HTTP, no token) on every interface, since it binds all of them
+    unless the node's address is loopback, and Ray replaces a loopback address with the host's
+    (ray.dashboard.modules.reporter.reporter_agent; ray._private.services.resolve_ip_for_localhost).
+    Anyone who could reach a laptop would read its apps, request rates and resources. Nothing
+    rayfine does reads them: Serve's autoscaling takes its figures from its replicas and handles.
+    (The dashboard's and the autoscaler's own metrics servers, on ports 44227 and 44217, Ray starts
+    whatever it is told.) An explicit RAY_enable_metrics_collection in the environment wins
+    (nothing is set here then)."""
+    env = os.environ if environ is None else environ
+    if "RAY_enable_metrics_collection" in env:
+        return {}
+    return {"enable_metrics_collection": False}
+
+
 def local_system_config(num_cpus: float | None = None, environ: dict | None = None) -> dict:
-    """The embedded Ray's ``_system_config``: idle workers kept, workers at normal priority."""
-    return {**idle_worker_config(num_cpus, environ), **worker_niceness_config(environ)}
+    """The embedded Ray's ``_system_config``: idle workers kept, workers at normal priority, no
+    metrics exporter on the network."""
+    return {**idle_worker_config(num_cpus, environ), **worker_niceness_config(environ),
+            **metrics_export_config(environ)}
 
 
 def restrict_token_file(environ: dict | None = None) -> str | None:
