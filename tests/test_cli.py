@@ -16,10 +16,12 @@ from rayfine import cli
 
 @pytest.mark.parametrize("action, stops_the_app", [
     ("deployed", True), ("swapped", False), ("kept", False), ("unchanged", False)])
-def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, monkeypatch, action, stops_the_app):
+def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, monkeypatch, capsys, action,
+                                                                    stops_the_app):
     """`rayfine run --address ...` serves until Ctrl-C and then deletes its app; when an app of that
     name was already serving (the new winner was swapped into it, or it was kept), the app is not
-    the command's: it returns at once and leaves it serving, as `rayfine serve` does."""
+    the command's: it returns at once and leaves it serving, as `rayfine serve` does. Replicas it
+    deployed or swapped into that serve beyond loopback without an API key are warned of."""
     import rayfine.pipeline
     import rayfine.runtime
     import rayfine.tune.search
@@ -27,9 +29,10 @@ def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, mon
     deleted = []
     monkeypatch.setattr(rayfine.tune.search, "preflight", lambda cfg, resume=False: cfg)
     monkeypatch.setattr(rayfine.runtime, "ray_session", lambda address=None: contextlib.nullcontext(False))
+    live = action in ("deployed", "swapped")  # deploy() reports the replicas' key only then
     monkeypatch.setattr(rayfine.pipeline, "run_pipeline", lambda cfg, **_: {
-        "serve": {"action": action, "name": "digits", "version": "v2", "url": "http://127.0.0.1:8000",
-                  "reason": "validation accuracy 0.99 > 0.98"},
+        "serve": {"action": action, "name": "digits", "version": "v2", "url": "http://0.0.0.0:8000",
+                  "reason": "validation accuracy 0.99 > 0.98", **({"api_key": False} if live else {})},
         "eval": {"accuracy": 0.99}, "timings_s": {"search": 1.0}})
     monkeypatch.setattr(serve, "delete", deleted.append)
     monkeypatch.setattr(serve, "shutdown", lambda: pytest.fail("an app on a cluster is deleted, not all of Serve"))
@@ -42,6 +45,26 @@ def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, mon
     monkeypatch.setattr(time, "sleep", ctrl_c)
     assert cli.main(["run", "resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--address", "10.0.0.1:6379"]) == 0
     assert deleted == (["digits"] if stops_the_app else [])
+    warning = "[warning] the API has no key and listens on 0.0.0.0: anyone who reaches port 8000 can use it"
+    assert (warning in capsys.readouterr().out) == live
+
+
+def test_the_api_key_is_reported_and_an_api_open_beyond_loopback_is_warned_of():
+    """Replicas report whether they hold a key (never the key); `serve` and `run` say the API asks
+    for it, or warn when an API without one listens on an address other machines can reach."""
+    from rayfine.config import ServeConfig
+
+    settings = ServeConfig(api_key_env="MY_KEY")
+    for url in ("http://127.0.0.1:8000", "http://0.0.0.0:8000/digits"):
+        assert cli.key_notice(url, True, settings).startswith("[serve] the API asks for its key")
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000/digits", "http://[::1]:8000", "http://127.0.0.2:9"):
+        assert cli.key_notice(url, False, settings) is None  # loopback: this machine's users only
+    assert cli.key_notice("http://0.0.0.0:8000", None, settings) is None  # replicas that do not say
+    assert cli.key_notice("http://0.0.0.0:8000", False, settings) == (
+        "[warning] the API has no key and listens on 0.0.0.0: anyone who reaches port 8000 can use it; set the "
+        "variable MY_KEY (or serve.api_key_file) where the replicas run, and serve again")
+    for url, host in (("http://[::]:80", "::"), ("http://10.1.2.3:80/x", "10.1.2.3"), ("http://gpu-box:80", "gpu-box")):
+        assert f"listens on {host}: " in cli.key_notice(url, False, settings)
 
 
 @pytest.mark.parametrize("argv", [["--debug", "predict", "http://h", "a"], ["predict", "http://h", "a", "--debug"],

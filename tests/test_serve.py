@@ -71,6 +71,7 @@ def server(checkpoints):
 
     result = deploy(checkpoints["v1"], name=NAME, serve_overrides={**LIMITS, "port": free_port()}, log=lambda *_: None)
     assert result["action"] == "deployed" and result["url"].startswith("http://127.0.0.1:")
+    assert result["api_key"] is True  # the replicas read KEY_ENV (RAY_ENV) and say they hold a key
     yield SimpleNamespace(url=result["url"], v1=result["version"], v2=weights_version(checkpoints["v2"]))
     if ray.is_initialized():
         serve.shutdown()
@@ -778,5 +779,6 @@ def test_rayfine_serve_serves_until_interrupted(checkpoints, digits_png, tmp_pat
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "stopping digits" in log.read_text()
+    assert "[serve] the API asks for its key" in log.read_text()  # RAYFINE_API_KEY, read by the replicas
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)

@@ -623,10 +623,10 @@ def test_a_swap_with_serve_overrides_compares_them_with_the_running_replicas_not
                         lambda: SimpleNamespace(deploy_apps=deployed.append))
     monkeypatch.setattr(deploy_module, "_details", lambda: details)
     monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: {"version": "0" * 12, "settings": running})
-    monkeypatch.setattr(deploy_module, "_wait_for_version", lambda *_: None)
+    monkeypatch.setattr(deploy_module, "_wait_for_version", lambda *_: {"version": "1" * 12, "api_key": False})
 
     result = deploy_module.deploy(new, name="m", serve_overrides={"port": 8123}, log=lambda *_: None)
-    assert result["action"] == "swapped" and result["url"] == "http://127.0.0.1:8123"
+    assert result["action"] == "swapped" and result["url"] == "http://127.0.0.1:8123" and result["api_key"] is False
     (schema,) = deployed
     (swapped,) = schema.applications
     assert swapped.args == app["args"]  # unchanged: Serve reconfigures the replicas instead of replacing them

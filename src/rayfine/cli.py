@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rayfine.serve.deploy import deploy
 
     # Refused before Ray starts: a path that holds no checkpoint, a wrong serve.* setting or --port.
-    serve_settings(resolve_checkpoint(args.path), overrides or None)
+    _, settings = serve_settings(resolve_checkpoint(args.path), overrides or None)
     with ray_session(args.address) as local:
         result = deploy(args.path, name=args.name, serve_overrides=overrides or None, if_better=args.if_better,
                         strict_resources=local)
@@ -140,6 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         reason = f" ({result['reason']})" if result["reason"] else ""
         print(f"[serve] {name} {result['action']}: version {result['version']}{reason}; {url}/v2/models/{name}")
+        if notice := key_notice(url, result.get("api_key"), settings):
+            print(notice)
         return _keep_serving(name, local, args.detach, result["action"])
 
 
@@ -213,6 +215,27 @@ def curl_example(url: str, kind: str, serve: ServeConfig, pairs: bool = False) -
     return f"curl -s{auth} -F files=@image.png '{url}/predict?top_k=3'"
 
 
+def key_notice(url: str, api_key: bool | None, serve: ServeConfig) -> str | None:
+    """What `serve` and `run` say of the API key once the replicas answer (each reports whether it
+    holds one, never the key): that the API asks for it; or, for an API without one that listens
+    beyond loopback (serve.host), a warning that anyone who reaches the port can use it."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if api_key:
+        return "[serve] the API asks for its key (Authorization: Bearer KEY, or X-API-Key: KEY)"
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if api_key is None or loopback:
+        return None
+    return (f"[warning] the API has no key and listens on {host}: anyone who reaches port {urlsplit(url).port} "
+            f"can use it; set the variable {serve.api_key_env} (or serve.api_key_file) where the replicas run, "
+            "and serve again")
+
+
 def _check_key_file(cfg) -> None:
     """serve.api_key_file, read as the replicas of an embedded Ray will read it (on a cluster they
     read it on their own nodes): one that cannot be read failed the deploy after the whole search."""
@@ -252,6 +275,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"[run] {served['name']} keeps serving version {served['version']}: {served['reason']}")
         else:
             print(f"[run] {served['name']} {served['action']}: version {served['version']} at {served['url']}")
+            if notice := key_notice(served["url"], served.get("api_key"), cfg.serve):
+                print(notice)
         print(f"[run] try it:\n  {curl_example(served['url'], cfg.data.kind, cfg.serve, pairs=bool(cfg.data.text_pair_column))}", flush=True)
         return _keep_serving(served["name"], local, args.detach, served["action"])
 

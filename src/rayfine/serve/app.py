@@ -189,13 +189,15 @@ class Classifier:
 
     async def info(self) -> dict[str, Any]:
         """For handles (`rayfine serve`: --if-better, a swap's check of serve settings; tests): the
-        served checkpoint, its stats, and the serve settings this replica runs with (the app's args
-        name the checkpoint it was first deployed from, which a swap leaves as it was)."""
+        served checkpoint, its stats, the serve settings this replica runs with (the app's args
+        name the checkpoint it was first deployed from, which a swap leaves as it was), and whether
+        it holds an API key (never the key)."""
         settings = self.settings.model_dump(mode="json")
         if self.model is None:
-            return {"name": self.name, "version": None, "settings": settings}
+            return {"name": self.name, "version": None, "settings": settings, "api_key": self.api_key is not None}
         s = self.model.stats
         return {"name": self.name, "replica": self.replica_id, **self.model.describe(), "settings": settings,
+                "api_key": self.api_key is not None,
                 "stats": {"inference_count": s.inference_count, "execution_count": s.execution_count,
                           "batch_sizes": dict(s.by_size)}, "swap_error": self.swap_error}
 

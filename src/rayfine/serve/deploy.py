@@ -263,7 +263,8 @@ def deploy(
     running replicas have other serve settings. A new app whose replicas the cluster cannot hold
     is refused with ``strict_resources`` (an embedded local Ray), else deployed with a warning
     (``check_replicas_fit``). Needs a connected Ray. Returns {"action":
-    "deployed" | "swapped" | "kept" | "unchanged", "name", "url", "version", "checkpoint", "reason"}.
+    "deployed" | "swapped" | "kept" | "unchanged", "name", "url", "version", "checkpoint", "reason"},
+    and when deployed or swapped "api_key": whether the replicas hold an API key.
     """
     from ray import serve
 
@@ -320,7 +321,7 @@ def deploy(
 
         _apply_with_others(name, ours, details)
     try:
-        _wait_for_version(name, version, timeout_s)
+        info = _wait_for_version(name, version, timeout_s)
     except SwapFailed as e:
         if action != "swapped":
             raise
@@ -332,7 +333,7 @@ def deploy(
         with _deploy_lock(log):
             _apply_with_others(name, ours, _details())  # the apps as they are now
         raise DeployError(f"{e}; {name!r} keeps serving version {served.get('version')}") from None
-    return {**result, "action": action}
+    return {**result, "action": action, "api_key": info.get("api_key")}
 
 
 # Rayfine's deploys to one cluster take turns (a key in the GCS's key-value store): a declarative
@@ -415,10 +416,11 @@ def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
     _get_global_client().deploy_apps(schema)
 
 
-def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
-    """Until every running replica of the app answers with ``version`` (a swap or a first deploy).
-    SwapFailed when a replica reports that it could not load ``version`` (a path only some nodes
-    read fails on those only: each replica is asked, through the handle, until all have answered)."""
+def _wait_for_version(name: str, version: str, timeout_s: float) -> dict[str, Any]:
+    """Until every running replica of the app answers with ``version`` (a swap or a first deploy);
+    the last replica's ``info()``. SwapFailed when a replica reports that it could not load
+    ``version`` (a path only some nodes read fails on those only: each replica is asked, through
+    the handle, until all have answered)."""
     deadline = time.time() + timeout_s
     last = ""
     answered: dict[str, Any] = {}  # replica id -> the version it last answered with
@@ -441,7 +443,7 @@ def _wait_for_version(name: str, version: str, timeout_s: float) -> None:
                 answered[info.get("replica")] = info.get("version")
                 running = {r.get("replica_id") for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING"}
                 if all(answered.get(r) == version for r in running or {info.get("replica")}):
-                    return
+                    return info
                 last = f"{sum(answered.get(r) == version for r in running)} of {len(running)} running replicas serve it"
         # Serve says there why replicas do not start (e.g. the GPUs serve.gpus_per_replica asks for).
         waiting = deployment.get("message")
