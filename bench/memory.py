@@ -102,7 +102,10 @@ class TreeSampler:
                 if not name:
                     continue
                 entry = self.peaks.setdefault(child.pid, {"title": name, "hwm": 0, "uss": 0})
-                entry["title"] = name if name.startswith("ray::") else entry["title"]
+                # The title Ray gives a process, kept: an exiting process has no cmdline, and its
+                # name() (comm, 15 characters: "ray::RayTrainWo") would hide a training worker.
+                if name.startswith("ray::") and not entry["title"].startswith(name):
+                    entry["title"] = name
                 entry["hwm"] = max(entry["hwm"], vm_hwm(child.pid))
                 if tick % 4 == 0 and name.startswith(("ray::RayTrainWorker", "ray::TrainController")):
                     try:
@@ -131,8 +134,12 @@ def measure(preset: str, sets: list[str], scratch: Path) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n" + log_path.read_text()[-3000:])
     workers = [p for p in sampler.peaks.values() if p["title"].startswith("ray::RayTrainWorker")]
     controllers = [p for p in sampler.peaks.values() if p["title"].startswith("ray::TrainController")]
-    if not workers:
-        raise RuntimeError(f"no ray::RayTrainWorker process seen among {sorted({p['title'] for p in sampler.peaks.values()})}")
+    from rayfine.config import load_config
+
+    expected = load_config(preset, sets).scaling.num_workers
+    if len(workers) != expected:
+        raise RuntimeError(f"{len(workers)} ray::RayTrainWorker processes seen, where the run has {expected}, among "
+                           f"{sorted({p['title'] for p in sampler.peaks.values()})}")
     others = sorted((p for p in sampler.peaks.values() if p not in workers and p not in controllers),
                     key=lambda p: -p["hwm"])[:5]
     return {
