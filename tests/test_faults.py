@@ -633,13 +633,13 @@ def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(se
     assert serve_sockets and all(s["ip"] == "127.0.0.1" for s in serve_sockets), serve_sockets
     assert dashboard_sockets and all(s["ip"] == "127.0.0.1" for s in dashboard_sockets), dashboard_sockets
     wildcard = sorted({(s["name"], s["port"]) for s in sockets if s["ip"] in ("0.0.0.0", "::")})
-    answered = {}
+    answered = {}  # (name, port) -> HTTP status
     for name, port in wildcard:  # gRPC servers (HTTP/2 only) refuse or stall an HTTP/1.1 request
         try:
-            answered[f"{name}:{port}"] = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=3).status_code
+            answered[name, port] = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=3).status_code
         except requests.RequestException:
             continue
-    open_ports = {int(where.rsplit(":", 1)[1]) for where, status in answered.items() if status < 400}
+    open_ports = {port for (_, port), status in answered.items() if status < 400}
     assert open_ports <= {DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT}, answered
 
     # Token auth is on for the embedded Ray too: the Jobs API and the dashboard's state API refuse
@@ -657,7 +657,7 @@ def test_default_set_up_listens_on_loopback_and_the_dashboard_wants_the_token(se
         "serve_proxy": sorted({f"{s['ip']}:{s['port']}" for s in serve_sockets}),
         "dashboard": sorted({f"{s['ip']}:{s['port']}" for s in dashboard_sockets}),
         "ray_internal_on_all_interfaces": [f"{name}:{port}" for name, port in wildcard],
-        "ray_internal_answering_http_without_token": answered,
+        "ray_internal_answering_http_without_token": {f"{n}:{p}": status for (n, p), status in answered.items()},
         "embedded_dashboard_no_token_wrong_token_token": refused,
     })
 

@@ -224,14 +224,15 @@ def key_notice(url: str, api_key: bool | None, serve: ServeConfig) -> str | None
 
     if api_key:
         return "[serve] the API asks for its key (Authorization: Bearer KEY, or X-API-Key: KEY)"
-    host = urlsplit(url).hostname or ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:  # a host name
         loopback = False
     if api_key is None or loopback:
         return None
-    return (f"[warning] the API has no key and listens on {host}: anyone who reaches port {urlsplit(url).port} "
+    return (f"[warning] the API has no key and listens on {host}: anyone who reaches port {parts.port} "
             f"can use it; set the variable {serve.api_key_env} (or serve.api_key_file) where the replicas run, "
             "and serve again")
 

@@ -329,10 +329,7 @@ def worker_niceness_config(environ: dict | None = None) -> dict:
     190 at 15; 184, 199 and 196 at 0; plain PyTorch DDP 205, 213 and 199. (Ray's job manager, too,
     starts a Ray Job's driver, its supervisor actor, at niceness 0.)
     An explicit RAY_worker_niceness in the environment wins (nothing is set here then)."""
-    env = os.environ if environ is None else environ
-    if "RAY_worker_niceness" in env:
-        return {}
-    return {"worker_niceness": WORKER_NICENESS}
+    return _unless_set("worker_niceness", WORKER_NICENESS, environ)
 
 
 def metrics_export_config(environ: dict | None = None) -> dict:
@@ -345,10 +342,14 @@ def metrics_export_config(environ: dict | None = None) -> dict:
     (The dashboard's and the autoscaler's own metrics servers, on ports 44227 and 44217, Ray starts
     whatever it is told.) An explicit RAY_enable_metrics_collection in the environment wins
     (nothing is set here then)."""
+    return _unless_set("enable_metrics_collection", False, environ)
+
+
+def _unless_set(name: str, value, environ: dict | None) -> dict:
+    """``{name: value}`` for the embedded Ray's ``_system_config``, or nothing when the environment
+    sets RAY_<name> (Ray reads its settings from there too: the user's setting wins)."""
     env = os.environ if environ is None else environ
-    if "RAY_enable_metrics_collection" in env:
-        return {}
-    return {"enable_metrics_collection": False}
+    return {} if f"RAY_{name}" in env else {name: value}
 
 
 def local_system_config(num_cpus: float | None = None, environ: dict | None = None) -> dict:
