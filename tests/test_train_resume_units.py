@@ -4,6 +4,7 @@ from storage that is not local, and a plan refused before the data are read (uni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.fs
 import pytest
 import torch
@@ -453,3 +455,38 @@ def test_a_hugging_face_run_is_trained_on_from_its_checkpoint_directory(tmp_path
     hint = driver._train_on_hint(tmp_path, load_config("minilm_rotten_tomatoes_tiny"))
     assert hint.endswith(f"--set model.name={tmp_path / 'train' / 'checkpoint'}")
     assert driver._train_on_hint(tmp_path / "none", load_config("minilm_rotten_tomatoes_tiny")) == ""
+
+
+class _Shard:
+    """A worker's dataset shard as the loop reads it: ``iter_torch_batches`` of dict batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_torch_batches(self, batch_size, collate_fn=None):
+        return iter(self.batches)
+
+
+def test_validation_counts_and_loss_are_those_of_the_whole_shard():
+    """_validate keeps labels, predictions and losses on the device until the shard ends (no wait
+    per batch on CUDA); what it returns is still every batch's confusion counts and summed loss."""
+    from rayfine.train.worker import ExitGuard, _validate
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 4)  # 4 labels; the batches hold only 3 of them
+    batches = [{"input": torch.randn(n, 3), "y": torch.randint(0, 3, (n,))} for n in (5, 5, 2)]
+    cfg = load_config("minilm_rotten_tomatoes_tiny")  # text batches reach the model as they are
+    args = (cfg, 4, None, lambda b: b, contextlib.nullcontext(), ExitGuard())
+    counts, loss = _validate(net, _Shard([dict(b) for b in batches]), *args)
+
+    x, y = torch.cat([b["input"] for b in batches]), torch.cat([b["y"] for b in batches])
+    with torch.no_grad():
+        logits = net(x)
+    expected = np.zeros((4, 4), np.int64)
+    np.add.at(expected, (y.numpy(), logits.argmax(-1).numpy()), 1)
+    assert counts.tolist() == expected.tolist() and counts.sum() == 12
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y, reduction="sum").item(), rel=1e-6)
+    assert not net.training
+    # A rank whose validation shard is empty counts nothing.
+    counts, loss = _validate(net, _Shard([]), *args)
+    assert counts.sum() == 0 and loss == 0.0

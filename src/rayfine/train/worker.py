@@ -402,7 +402,9 @@ def _train(config: dict, guard: ExitGuard) -> None:
         model.train()
         if frozen:
             keep_frozen_norm_statistics(model)
-        loss_sum, seen, micro = 0.0, 0, 0
+        # The loss is summed on the device and read once an epoch: a .item() per step would make the
+        # host wait for each CUDA step before queueing the next.
+        loss_sum, seen, micro = torch.zeros((), dtype=torch.float64, device=device), 0, 0
         # One seed per (run seed, epoch, rank) for the shuffle buffer, the augmentation and torch's
         # own generators (dropout): a resumed epoch draws exactly what it drew before the failure.
         epoch_seed = seed_epoch(cfg.seed, epoch, rank)
@@ -431,8 +433,9 @@ def _train(config: dict, guard: ExitGuard) -> None:
                 (loss / accumulation_group_size(micro, batches_per_epoch, t.grad_accum_steps)).backward()
             if sync:
                 optimizer_step()
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach() * len(y)
             seen += len(y)
+        loss_sum = loss_sum.item()  # waits for the epoch's last step, so train_s times the work itself
         train_s = time.perf_counter() - started
 
         counts, val_loss_sum = _validate(_unwrap(model), val_shard, cfg, num_labels, collate, to_device, autocast,
@@ -464,7 +467,9 @@ def _validate(net: torch.nn.Module, shard, cfg: Config, num_labels: int, collate
     _broadcast_buffers(net)
     net.eval()
     counts = np.zeros((num_labels, num_labels), np.int64)
-    loss_sum = 0.0
+    # Labels, predictions and losses stay on the device until the shard ends (one copy to the host, not
+    # one wait per batch); the confusion counts are added on the host, whatever the label count.
+    truths, predictions, losses = [], [], []
     with torch.inference_mode():
         for batch in shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, collate_fn=collate):
             guard.check()
@@ -472,9 +477,13 @@ def _validate(net: torch.nn.Module, shard, cfg: Config, num_labels: int, collate
             y = batch.pop("y")
             with autocast:
                 logits = logits_of(net(**batch)).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            metrics.add_confusion(counts, y.cpu().numpy(), logits.argmax(-1).cpu().numpy())
-    return counts, loss_sum
+            losses.append(F.cross_entropy(logits, y, reduction="sum"))
+            truths.append(y)
+            predictions.append(logits.argmax(-1))
+        if not truths:
+            return counts, 0.0
+        metrics.add_confusion(counts, torch.cat(truths).cpu().numpy(), torch.cat(predictions).cpu().numpy())
+        return counts, torch.stack(losses).double().sum().item()
 
 
 def _report_epoch(report: dict, rank: int, net: torch.nn.Module, optimizer, scheduler, cfg: Config,
