@@ -234,6 +234,7 @@ def test_bad_rows_are_reported_with_count_and_examples(ray_local, tmp_path, samp
     assert data_info.bad_rows == 3 and len(data_info.bad_examples) == 3
     summary = next(line for line in logged if " examples, " in line)  # the data summary: skipped, still named
     assert "skipped 3 bad rows" in summary and all(example in summary for example in data_info.bad_examples)
+    assert f"{data_info.num_labels} labels ({', '.join(data_info.labels[:8])}" in summary  # the labels named
     assert sum(data_info.num_examples.values()) == len(samples)
 
 

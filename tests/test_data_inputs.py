@@ -122,6 +122,32 @@ def test_files_that_are_not_images_are_counted_and_a_class_of_them_alone_is_refu
     assert listing.imageless == [(str(tmp_path / "dogs"), Counter({".heic": 2, "(no extension)": 1}))]
 
 
+def test_a_label_named_by_folders_in_different_folders_is_warned_of(tmp_path, monkeypatch):
+    """An image's label is its own folder's name, so splits inside class folders (cats/train/) train a
+    "train" against "test" classifier, and cats/indoor/ and dogs/indoor/ are one class: the run says
+    so, and its data line names the labels. Split folders above class folders are one class each."""
+    monkeypatch.setattr(sources, "path_blocks", lambda paths, blocks: _Dataset())  # no Ray: the listing only
+    touch(tmp_path, "cats/train/1.jpg", "cats/test/2.jpg", "dogs/train/3.jpg", "dogs/test/4.jpg")
+    lines = []
+    sources.read_local_image_folder(str(tmp_path), log=lines.append)
+    assert lines == [("[data] warning: 2 label(s) name class folders in different folders, and each becomes one "
+                      "class: 'test' is cats/test/, dogs/test/. An image's label is the name of the folder it is in "
+                      "(as in Hugging Face's imagefolder); give each class one folder, or distinct names, unless "
+                      "these are meant to be one class")]
+    root = "/data"
+    assert sources.shared_class_names([f"{root}/{p}" for p in (
+        "train/cats/1.jpg", "val/cats/2.jpg", "test_set/cats/3.jpg", "train/dogs/1.jpg", "cats.jpg")], root) == {}
+    assert sources.shared_class_names([f"{root}/{p}" for p in (
+        "2023/cats/1.jpg", "2024/cats/1.jpg", "2024/dogs/1.jpg", "a/b/c/d/cats/1.jpg")], root) == {
+        "cats": ["2023/cats", "2024/cats", "a/b/c/d/cats"]}
+
+    from rayfine.data import shown_labels
+
+    assert shown_labels(["cats", "dogs"]) == "cats, dogs"
+    assert shown_labels([str(i) for i in range(10)], most=3) == "0, 1, 2, ... (7 more)"
+    assert shown_labels(["a great film, " * 5], width=12) == "a great f..."
+
+
 def test_file_names_as_other_machines_write_them(tmp_path, monkeypatch):
     """Names from a Windows zip (not UTF-8), links, file: URIs, capitalised compression suffixes. Before:
     a UnicodeEncodeError naming no file once the run had begun; file:///my%20photos "did not exist";

@@ -96,6 +96,23 @@ def test_an_empty_pair_text_is_a_bad_row_as_serving_refuses_it():
     assert out["error"][1:].tolist() == ["empty or missing pair text", "empty or missing text"]
 
 
+def test_texts_held_as_bytes_are_decoded_and_other_types_are_named():
+    """Parquet from Hive, Impala or older Spark holds strings as BINARY, which pyarrow reads as bytes:
+    they are texts (as Spark's binaryAsString reads them), tokenized as the same str would be. A cell
+    that is a number or a list is a bad row that says so, not an "empty or missing text"."""
+    cfg = load_config("minilm_rotten_tomatoes_tiny", ["data.subsample=1.0"])
+    texts = [b"a fine film", "a fine film", b"\xff\xfe", 42, ["a", "list"], None, b"  "]
+    batch = {"text": np.array(texts, dtype=object),
+             "label": np.array(["positive"] * len(texts), dtype=object),
+             "origin": np.array([f"f#{i}" for i in range(len(texts))], dtype=object)}
+    out = prepare_batch(batch, cfg.model_dump_json())
+    assert out["split"][0] != "bad" and out["input_ids"][0].tolist() == out["input_ids"][1].tolist()
+    assert len(out["input_ids"][0]) > 2
+    assert out["error"][2:].tolist() == ["text is bytes that are not UTF-8 text", "text is a int (42), not a string",
+                                         "text is a list (['a', 'list']), not a string", "empty or missing text",
+                                         "empty or missing text"]
+
+
 def test_a_tokenizer_directory_replaced_at_the_same_path_loads_anew(tmp_path):
     """A replica that reloads a checkpoint directory saved again at the same path gets its tokenizer."""
     import shutil

@@ -261,19 +261,20 @@ def _prepare_texts(batch: dict, rows: list, cfg: Config) -> dict:
     from rayfine.data.text import load_tokenizer, tokenize
     from rayfine.models import resolve_model_source
 
+    columns = {"text": "text", "pair text": "text_pair"} if "text_pair" in batch else {"text": "text"}
+    decoded: dict[str, list] = {name: [] for name in columns}
     for row in rows:
         # A pair text is held to the rule of the main text (and of serving, which refuses both
         # empty): an empty or missing one makes the row bad.
-        texts = {"text": batch["text"][row[0]]}
-        if "text_pair" in batch:
-            texts["pair text"] = batch["text_pair"][row[0]]
-        empty = [name for name, text in texts.items() if not (isinstance(text, str) and text.strip())]
-        if row[1] != BAD and empty:
-            row[1], row[3] = BAD, f"empty or missing {empty[0]}"
+        for name, column in columns.items():
+            text, problem = _text_value(batch[column][row[0]], name)
+            decoded[name].append(text)
+            if row[1] != BAD and problem:
+                row[1], row[3] = BAD, problem
     good = [j for j, row in enumerate(rows) if row[1] != BAD]
     tokenizer = load_tokenizer(resolve_model_source(cfg.model.name))
-    texts = [batch["text"][rows[j][0]] for j in good]
-    pairs = [batch["text_pair"][rows[j][0]] for j in good] if "text_pair" in batch else None
+    texts = [decoded["text"][j] for j in good]
+    pairs = [decoded["pair text"][j] for j in good] if "pair text" in decoded else None
     encoded = tokenize(texts, pairs, cfg.data, tokenizer) if good else {}
     columns: dict[str, np.ndarray] = {}
     for column, values in encoded.items():
@@ -284,6 +285,27 @@ def _prepare_texts(batch: dict, rows: list, cfg: Config) -> dict:
     if not encoded:
         columns["input_ids"] = _object_array([np.zeros(0, np.int64)] * len(rows))
     return columns
+
+
+def _text_value(value: Any, name: str) -> tuple[str | None, str | None]:
+    """(the text of one row's cell ``name``, None), or (None, why it is not one). Parquet written by
+    Hive, Impala or older Spark holds strings as BINARY without the UTF-8 annotation, which pyarrow
+    reads as bytes: they are decoded as UTF-8, as Spark's binaryAsString reads them."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, f"{name} is bytes that are not UTF-8 text"
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None, f"empty or missing {name}"
+    if not isinstance(value, str):
+        return None, f"{name} is a {type(value).__name__} ({_short_value(value)}), not a string"
+    return (value, None) if value.strip() else (None, f"empty or missing {name}")
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _object_array(arrays: list) -> np.ndarray:
@@ -315,6 +337,13 @@ def model_batch(batch: dict, data_cfg: DataConfig) -> dict:
     batch = dict(batch)
     batch["pixel_values"] = to_pixel_values(batch.pop("image"), data_cfg)
     return batch
+
+
+def shown_labels(labels: list[str], most: int = 8, width: int = 40) -> str:
+    """The first ``most`` labels for a log line, each cut to ``width`` characters: the names show a
+    wrong label column or folder layout (a label per text, "train" and "test") at once."""
+    cut = [label if len(label) <= width else label[: width - 3] + "..." for label in labels[:most]]
+    return ", ".join(cut) + (f", ... ({len(labels) - most} more)" if len(labels) > most else "")
 
 
 def build_datasets(cfg: Config, log=print) -> tuple[dict[str, ray.data.Dataset], DataInfo]:
@@ -408,7 +437,7 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
     prepared = pipeline.materialize()
     info = _summarize(prepared, data_cfg, class_label_names(data_cfg))
     log(
-        f"[data] {sum(info.num_examples.values())} examples, {info.num_labels} labels; "
+        f"[data] {sum(info.num_examples.values())} examples, {info.num_labels} labels ({shown_labels(info.labels)}); "
         + ", ".join(f"{s}={info.num_examples[s]}" for s in SPLITS)
         + (f"; skipped {info.bad_rows} bad rows (data.on_bad_rows=skip), e.g.\n    " + "\n    ".join(info.bad_examples)
            if info.bad_rows else "")

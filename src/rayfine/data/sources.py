@@ -483,6 +483,22 @@ def path_blocks(paths: list[str], blocks: int) -> ray.data.Dataset:
     return ray.data.from_arrow([pa.table({"path": paths[a:b]}) for a, b in itertools.pairwise(bounds)])
 
 
+def shared_class_names(paths: list[str], root: str) -> dict[str, list[str]]:
+    """The labels whose images are in folders of that name under different folders of ``root``, with
+    those folders (relative to ``root``, sorted), ignoring folders that name a split (train/cats/ and
+    val/cats/ are one class of two splits). An image's label is its own folder's name, so
+    pets/cats/indoor/ and pets/dogs/indoor/ make one class "indoor", and cats/train/ and dogs/train/
+    (splits inside class folders) make classes "train" and "test": worth a warning, not a refusal, as
+    2023/cats/ and 2024/cats/ may well be one class."""
+    parents: dict[str, set[str]] = {}
+    folders: dict[str, list[str]] = {}
+    for folder in sorted({os.path.relpath(os.path.dirname(p), root) for p in paths} - {"."}):
+        parent, label = os.path.split(folder)
+        parents.setdefault(label, set()).add("/".join(f for f in parent.split("/") if f and not _named_split(f)))
+        folders.setdefault(label, []).append(folder)
+    return {label: folders[label] for label in sorted(parents) if len(parents[label]) > 1}
+
+
 def read_local_image_folder(root: str, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
     """A local folder of class subfolders: the driver lists the files (or is given their ``listing``,
     ``list_local_image_folder``'s), Ray Data tasks read them. The files that are not images are
@@ -516,6 +532,13 @@ def read_local_image_folder(root: str, log=print, listing: FolderListing | None 
         log(f"[data] warning: {len(listing.empty)} empty folder(s) beside class folders of images, so not classes: "
             f"{shown}{', ...' if len(listing.empty) > 5 else ''}")
     paths = [path for path, _ in files]
+    shared = shared_class_names(paths, local_root)
+    if shared:
+        label, folders = next(iter(shared.items()))
+        shown = ", ".join(shown_path(f) + "/" for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
+        log(f"[data] warning: {len(shared)} label(s) name class folders in different folders, and each becomes one "
+            f"class: {label!r} is {shown}. An image's label is the name of the folder it is in (as in Hugging Face's "
+            "imagefolder); give each class one folder, or distinct names, unless these are meant to be one class")
     blocks = read_block_count([size for _, size in files])
 
     def read_files(batch: dict) -> dict:
