@@ -954,6 +954,67 @@ def test_an_empty_x_api_key_does_not_hide_a_bearer_token(nli):
     assert r.status_code == 401 and r.json()["error"] == "invalid API key"
 
 
+def test_either_header_may_carry_the_key(nli):
+    """Bearer or X-API-Key, as the OpenAPI schema declares them: a gateway's own X-API-Key (or a
+    client's stale one) does not lock out the caller's bearer token, nor the reverse."""
+    for headers in ({"X-API-Key": "gateway-key", "Authorization": f"Bearer {KEY}"},
+                    {"X-API-Key": KEY, "Authorization": "Bearer stale"}):
+        assert nli.client.get("/v2/models/nli", headers=headers).status_code == 200, headers
+    r = nli.client.get("/v2/models/nli", headers={"X-API-Key": "gateway-key", "Authorization": "Bearer stale"})
+    assert r.status_code == 401 and r.json()["error"] == "invalid API key"
+
+
+def test_a_path_with_more_than_one_trailing_slash_is_no_route_not_a_redirect(nli):
+    """One trailing slash is the route itself; more are a 404 with a JSON reason. Starlette would
+    answer 307 with an empty body, to an http:// URL built from the client's Host header."""
+    assert nli.client.get("/v2/models/nli/").status_code == 200
+    for method, path in (("GET", "/v2/models/nli//"), ("GET", "/v2//"), ("POST", "/predict//")):
+        r = nli.client.request(method, path, follow_redirects=False)
+        assert r.status_code == 404 and "no such route" in r.json()["error"], (path, r.status_code, r.text)
+
+
+def test_a_client_gone_mid_body_is_a_4xx_not_an_internal_error(nli):
+    """Starlette raises ClientDisconnect when the client leaves before its body ends: 499 in the log,
+    as Ray Serve's proxy logs a client gone, not a 500 counted as the server's error."""
+    import asyncio
+
+    app = other_app(nli, key=False).app
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    incoming = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 499 and "disconnected" in json.loads(body)["error"], (start, body)
+
+
+def test_an_input_that_cannot_be_preprocessed_is_named_by_its_place(tmp_path):
+    """A request's bad image is named by its index, as the protocol's own checks name an input; the
+    other requests of the batch get their answers."""
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve.model import load_served, run_batch
+
+    cfg = load_config("resnet18_digits_tiny")
+    labels = [str(i) for i in range(10)]
+    served = load_served(save_checkpoint(tmp_path / "c", build_model(cfg, labels), cfg, labels, {"epoch": 1}),
+                         cfg.serve, device="cpu")
+    good = png(np.full((8, 8), 200, np.uint8))
+    answers = run_batch(served, [[good, good, good[:30]], [good]])
+    assert answers[0].error.startswith("input 2: not a readable image"), answers[0].error
+    assert answers[1].error is None and answers[1].probs.shape == (1, 10)
+
+
 def test_server_metadata_names_rayfine_and_its_version(nli):
     from rayfine import __version__
 

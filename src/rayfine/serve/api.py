@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from rayfine.serve import protocol
 from rayfine.serve.protocol import RequestError
@@ -202,15 +203,16 @@ class Guard:
             scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw and raw.endswith(b"/") else raw}
         key: Optional[bytes] = self.server.api_key
         if key is not None and route not in OPEN_PATHS:
-            given = headers.get("x-api-key", b"").strip()
             auth = headers.get("authorization", b"")
-            # An empty X-API-Key (a client template's unset variable) is no key, not a wrong one.
-            if not given and auth[:7].lower() == b"bearer ":
-                given = auth[7:].strip()
+            # Either header may carry the key, as the OpenAPI schema declares them alternatives: a
+            # gateway's own X-API-Key does not hide the client's bearer token. An empty X-API-Key (a
+            # client template's unset variable) is no key, not a wrong one.
+            given = [v for v in (headers.get("x-api-key", b"").strip(),
+                                 auth[7:].strip() if auth[:7].lower() == b"bearer " else b"") if v]
             if not given:
                 return await error(401, "missing API key: send the header 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-            if not hmac.compare_digest(given, key):
+            if not any([hmac.compare_digest(v, key) for v in given]):  # noqa: C419 - a list: both compared
                 return await error(401, "invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
         limit = self.server.settings.max_request_bytes
         declared = headers.get("content-length")
@@ -284,6 +286,9 @@ def make_api(server) -> FastAPI:
         version=__version__,
         description="Open Inference Protocol (KServe v2) REST API and a simple JSON API for a rayfine classifier. "
         "Every error is {\"error\": \"...\"}: a 4xx status for a refused request, 503 while the model loads.",
+        # Guard drops one trailing slash; a path with more is no route (404), not a 307 to a URL built
+        # from the client's Host header with the scheme http.
+        redirect_slashes=False,
     )
     _add_error_handlers(app)
     _add_v2_health_and_metadata(app, server)  # the OpenAPI schema lists the routes in this order
@@ -317,6 +322,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             if "GET" in methods and "HEAD" not in methods:
                 headers = {**headers, "Allow": ", ".join([*methods, "HEAD"])}
         return error(exc.status_code, detail, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect):
+        # Nobody reads it; the log shows 499 (client closed request), as Ray Serve's proxy logs a
+        # client that left while its request waited, not a 500 counted as the server's error.
+        return error(499, "the client disconnected before it sent the whole request body")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):  # a bug: say so without details

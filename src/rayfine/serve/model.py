@@ -162,6 +162,27 @@ def _preprocess(served: ServedModel, items: list) -> dict:
     return served.preprocess(items)
 
 
+def _preprocessing_error(served: ServedModel, items: list) -> str | None:
+    """Why one request's items cannot be preprocessed, naming the first bad one by its place in the
+    request ("input 3: not a readable image ..."), as the protocol's own checks name it; else None."""
+    try:
+        _preprocess(served, items)
+        return None
+    except InputError as e:
+        if str(e).startswith("input "):  # named already (rayfine.data.text.check_texts)
+            return str(e)
+    except Exception:  # noqa: BLE001, S110 - which item, and why, is found below
+        pass
+    for j, item in enumerate(items):
+        try:
+            _preprocess(served, [item])
+        except InputError as e:
+            return f"input {j}: {e}"
+        except Exception as e:  # an input the decoders choke on is still the input's fault
+            return f"input {j} could not be preprocessed: {type(e).__name__}: {e}"
+    return "the inputs could not be preprocessed together"
+
+
 def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
     """Preprocess every request's items and run one forward pass for all of them.
 
@@ -177,13 +198,11 @@ def run_batch(served: ServedModel, requests: list[list]) -> list[Answer]:
     except Exception:
         good = []
         for i, items in enumerate(requests):
-            try:
-                _preprocess(served, items)
+            problem = _preprocessing_error(served, items)
+            if problem:
+                errors[i] = problem
+            else:
                 good.append(i)
-            except InputError as e:
-                errors[i] = str(e)
-            except Exception as e:  # an input the decoders choke on is still the input's fault
-                errors[i] = f"input could not be preprocessed: {type(e).__name__}: {e}"
         inputs = _preprocess(served, [item for i in good for item in requests[i]]) if good else None
     answers = [Answer(served.version, served.labels, error=errors.get(i), started_ns=started) for i in range(len(requests))]
     if inputs is None:
