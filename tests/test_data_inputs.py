@@ -278,6 +278,18 @@ def test_labels_without_train_examples_are_refused_below_two_and_named_otherwise
         is None
 
 
+def test_a_label_pandas_reads_as_missing_is_warned_of():
+    """R's write.csv writes a missing label as NA, which pandas and Hugging Face datasets read as a
+    missing value; rayfine reads cells as text, so it is a class, and the run says so."""
+    from rayfine import data
+
+    info = data.DataInfo(labels=["NA", "cat", "dog", "null"], num_examples={"train": 4, "val": 0, "test": 0})
+    assert data.missing_marker_labels_warning(info) == (
+        "[data] warning: label(s) ['NA', 'null'] are what pandas reads as a missing value, and each is a class "
+        "here; if they mean 'no label', remove those rows or leave their label cells empty")
+    assert data.missing_marker_labels_warning(data.DataInfo(labels=["cat", "nan_dog"], num_examples={})) is None
+
+
 def test_an_unknown_label_is_named_beside_the_configured_ones():
     """A label spelt apart from data.labels (JSON's true is read as "True"; YAML keeps `true` as
     written) is a bad row whose reason shows both spellings."""

@@ -442,9 +442,9 @@ def _build_datasets(cfg: Config, log) -> tuple[dict[str, ray.data.Dataset], Data
         + (f"; skipped {info.bad_rows} bad rows (data.on_bad_rows=skip), e.g.\n    " + "\n    ".join(info.bad_examples)
            if info.bad_rows else "")
     )
-    warning = untrained_labels_warning(info)
-    if warning:
-        log(warning)
+    for warning in (untrained_labels_warning(info), missing_marker_labels_warning(info)):
+        if warning:
+            log(warning)
     label_ids = {label: i for i, label in enumerate(info.labels)}
     # Small tasks, within the CPUs a run leaves Ray Data beside its workers (scaling.data_cpus):
     # they run even where other work (a trial's workers, a deployment) holds most of the CPUs.
@@ -542,6 +542,22 @@ def untrained_labels_warning(info: DataInfo) -> Optional[str]:
         return None
     return (f"[data] warning: no train example of label(s) {untrained[:10]}{' ...' if len(untrained) > 10 else ''}"
             f" ({len(untrained)} of {info.num_labels}): the model never learns to predict them")
+
+
+# What pandas' read_csv reads as a missing value (its default na_values, "" aside: rayfine reads an
+# empty label as missing). rayfine reads a CSV's cells as text, so such a label is a class of its own.
+MISSING_VALUE_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                                   "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def missing_marker_labels_warning(info: DataInfo) -> Optional[str]:
+    """A warning naming labels that pandas (and so Hugging Face datasets' CSV reader) would read as
+    missing values (R's write.csv writes NA): each is a class here, which may be meant ("None")."""
+    markers = [label for label in info.labels if label in MISSING_VALUE_MARKERS]
+    if not markers:
+        return None
+    return (f"[data] warning: label(s) {markers} are what pandas reads as a missing value, and each is a class here; "
+            "if they mean 'no label', remove those rows or leave their label cells empty")
 
 
 def tokenizer_source(cfg: Config, checkpoint_dir: Optional[str] = None) -> str:
