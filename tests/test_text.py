@@ -109,7 +109,7 @@ def test_texts_held_as_bytes_are_decoded_and_other_types_are_named():
     assert out["split"][0] != "bad" and out["input_ids"][0].tolist() == out["input_ids"][1].tolist()
     assert len(out["input_ids"][0]) > 2
     assert out["error"][2:].tolist() == ["text is bytes that are not UTF-8 text", "text is a int (42), not a string",
-                                         "text is a list (['a', 'list']), not a string", "empty or missing text",
+                                         'text is a list (["a", "list"]), not a string', "empty or missing text",
                                          "empty or missing text"]
 
 

@@ -101,7 +101,9 @@ def label_text(value: Any) -> Optional[str]:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value.tolist() if isinstance(value, np.ndarray) else list(value), default=str)
+    """``value`` (a list, an array, a number...) as JSON for a message, cut to 60 characters."""
+    value = value.tolist() if isinstance(value, np.ndarray) else list(value) if isinstance(value, tuple) else value
+    text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -299,13 +301,8 @@ def _text_value(value: Any, name: str) -> tuple[str | None, str | None]:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None, f"empty or missing {name}"
     if not isinstance(value, str):
-        return None, f"{name} is a {type(value).__name__} ({_short_value(value)}), not a string"
+        return None, f"{name} is a {type(value).__name__} ({_short(value)}), not a string"
     return (value, None) if value.strip() else (None, f"empty or missing {name}")
-
-
-def _short_value(value: Any) -> str:
-    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _object_array(arrays: list) -> np.ndarray:

@@ -490,13 +490,14 @@ def shared_class_names(paths: list[str], root: str) -> dict[str, list[str]]:
     pets/cats/indoor/ and pets/dogs/indoor/ make one class "indoor", and cats/train/ and dogs/train/
     (splits inside class folders) make classes "train" and "test": worth a warning, not a refusal, as
     2023/cats/ and 2024/cats/ may well be one class."""
-    parents: dict[str, set[str]] = {}
     folders: dict[str, list[str]] = {}
     for folder in sorted({os.path.relpath(os.path.dirname(p), root) for p in paths} - {"."}):
-        parent, label = os.path.split(folder)
-        parents.setdefault(label, set()).add("/".join(f for f in parent.split("/") if f and not _named_split(f)))
-        folders.setdefault(label, []).append(folder)
-    return {label: folders[label] for label in sorted(parents) if len(parents[label]) > 1}
+        folders.setdefault(os.path.basename(folder), []).append(folder)
+
+    def unsplit(folder: str) -> str:  # the folder's parent, without the folders that name splits
+        return "/".join(f for f in os.path.dirname(folder).split("/") if f and not _named_split(f))
+
+    return {label: found for label, found in sorted(folders.items()) if len({unsplit(f) for f in found}) > 1}
 
 
 def read_local_image_folder(root: str, log=print, listing: FolderListing | None = None) -> ray.data.Dataset:
