@@ -243,6 +243,39 @@ def test_asha_rebuilds_its_rungs_on_a_resume():
     assert decisions["forgetful"] == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)
 
 
+def test_an_asha_stop_the_driver_took_before_it_was_killed_holds_after_a_resume(tmp_path):
+    """Tune saves its trials' state at most every 10 s: a trial ASHA stopped just before the driver was
+    killed comes back PENDING. ASHA's decision depends on the order results arrived in, so it is kept
+    (rayfine.tune.trial.StopMarks, a file beside the trial's epoch log), not taken again: the trial
+    stays stopped, and the others go on. A record that is not a finite number enters no rung."""
+    from rayfine.tune.asha import ResumableASHA
+    from rayfine.tune.trial import StopMarks
+
+    def asha(history=None):
+        scheduler = ResumableASHA(history=history, stops=StopMarks(str(tmp_path)), time_attr="epoch", max_t=4,
+                                  grace_period=1, reduction_factor=2)
+        scheduler.set_search_properties("val_loss", "min")
+        return scheduler
+
+    first = FakeController(asha())
+    a, b = first.add("a"), first.add("b")
+    assert first.report(a, 1, 0.3) == TrialScheduler.CONTINUE
+    assert first.report(b, 1, 0.5) == TrialScheduler.STOP  # below a's cutoff: marked before Tune hears
+    for epoch in (2, 3):
+        first.report(a, epoch, 0.2)
+    assert first.report(a, 4, 0.1) == TrialScheduler.STOP  # Ray's ASHA ends a trial at max_t: no mark
+    assert sorted(p.parent.name for p in tmp_path.rglob("stopped_by_asha.json")) == ["trial_b"]
+
+    logs = {"a": [0.3], "b": [0.5], "c": [float("inf")]}
+    history = {t: [{"epoch": e, "val_loss": v} for e, v in enumerate(vs, 1)] for t, vs in logs.items()}
+    resumed = FakeController(asha(history=lambda trial_id: history.get(trial_id, [])))
+    a, b, c = (resumed.add(t) for t in "abc")  # Tune brings all three back PENDING
+    assert resumed.scheduler.choose_trial_to_run(resumed) is a
+    assert (a.status, b.status, c.status) == (Trial.PENDING, Trial.TERMINATED, Trial.PENDING)
+    # The rung holds a's 0.3 and b's 0.5 (cutoff 0.4), not c's infinite val_loss (which would make it 0.5).
+    assert resumed.report(resumed.add("d"), 1, 0.45) == TrialScheduler.STOP
+
+
 def test_asha_stops_a_trial_whose_metric_is_not_a_number():
     """rayfine.tune.asha.ResumableASHA: a diverged trial (val_loss NaN or infinite) stops at its first
     result; Ray's ASHA passes a NaN at every rung (NaN < cutoff is never true). Finite results are

@@ -80,6 +80,9 @@ def test_asha_stops_weak_trials_and_the_winner_loads_and_predicts(ray_local, tmp
         others = [v for t in by_trial.values() if t is not rs and (v := at_epoch(t, epoch)) is not None]
         assert others and mine < max(others), (epoch, mine, others)
     assert any(rs[0]["status"] == "completed" for rs in by_trial.values())
+    # Each stop was marked beside the trial's epoch log as ASHA took it, so that --resume keeps it.
+    marked = {p.parent.name for p in (run / "ray" / "trials").glob("trial_*/stopped_by_asha.json")}
+    assert marked == {f"trial_{t}" for t, rs in by_trial.items() if rs[0]["status"] == "stopped"}, marked
 
     written = json.loads((run / "tune" / "summary.json").read_text())
     assert written == summary

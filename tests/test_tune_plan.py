@@ -68,6 +68,10 @@ def test_search_space_accepts_yaml_keys_and_dotted_overrides():
     ("tune.search_space.train.optimizer={choice: [adamw, adam]}", "the value 'adam' makes an invalid trial config"),
     ("tune.search_space.data.augment={choice: [true, false]}", "tune.search_space.data.augment: cannot vary between trials"),
     ("tune.search_space.train.epochs={choice: [2, 4]}", "tune.search_space.train.epochs: cannot vary between trials"),
+    ("tune.search_space.train.metric={choice: [val_loss, val_accuracy]}",
+     "tune.search_space.train.metric: cannot vary between trials"),
+    ("tune.search_space.train.keep_checkpoints={choice: [1, 2]}",
+     "tune.search_space.train.keep_checkpoints: cannot vary between trials"),
     ("tune.search_space.train.lr={choice: []}", "choice needs a non-empty list"),
     ("tune.search_space.train={lr: [0.1, 0.2]}", ("tune.search_space.train: {'lr': [0.1, 0.2]} is not a search spec; "
                                                   "give train.lr a distribution, e.g. train.lr: {choice: [0.1, 0.2]}")),

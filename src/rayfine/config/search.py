@@ -19,6 +19,9 @@ SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # A trial may vary what it trains; the datasets, the resource plan and the run directory are
 # shared by every trial (tune.trial_overrides sets those for all trials at once).
 SEARCHABLE_PREFIXES = ("train.", "model.")
+# ...but not ASHA's max_t, nor what keeps a trial's checkpoints by tune.metric (rayfine.tune.trial:
+# a trial of another train.metric could drop the epoch the search ranks best).
+UNSEARCHABLE = ("train.epochs", "train.metric", "train.keep_checkpoints")
 
 
 def _sci_float(value: Any) -> Any:
@@ -137,9 +140,11 @@ def check_search(cfg: "Config") -> list[str]:
             errors.append(f"{where}: {spec!r} is not a search spec; give {key}.{sub} a distribution, e.g. "
                           f"{key}.{sub}: {{choice: {spec[sub]!r}}} (distributions: {', '.join(SEARCH_DISTRIBUTIONS)})")
             continue
-        if key == "train.epochs" or not (key == "seed" or key.startswith(SEARCHABLE_PREFIXES)):
-            errors.append(f"{where}: cannot vary between trials; searchable: train.* (except train.epochs, ASHA's max_t), "
-                          "model.*, seed (settings for all trials go in tune.trial_overrides)")
+        if key in UNSEARCHABLE or not (key == "seed" or key.startswith(SEARCHABLE_PREFIXES)):
+            errors.append(f"{where}: cannot vary between trials; searchable: train.* (except train.epochs, "
+                          "ASHA's max_t; train.metric and train.keep_checkpoints, which keep each trial's "
+                          "checkpoints by tune.metric), model.*, seed (settings for all trials go in "
+                          "tune.trial_overrides)")
             continue
         if key == "model.name" and trial.data.kind == "text":
             errors.append(f"{where}: cannot vary for text data: the search tokenizes the texts once, with the "

@@ -370,7 +370,8 @@ class TuneConfig(_Section):
         {},
         description="Dotted config field -> {distribution: args}: uniform/loguniform: [low, high], "
         "randint: [low, high) (integers), choice/grid: [values] (grid: every value, num_samples times). "
-        "Searchable: train.* (not train.epochs), model.* (not model.name for texts), seed. "
+        "Searchable: train.* (not train.epochs, train.metric, train.keep_checkpoints), "
+        "model.* (not model.name for texts), seed. "
         "E.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.",
     )
     trial_overrides: tuple[str, ...] = Field(

@@ -53,6 +53,7 @@ from rayfine.tune.limits import LimitedConcurrency, LimitedFIFO, LimitedVariants
 from rayfine.tune.plan import TRIAL_ACTOR_CPUS, count_trials, plan_resources
 from rayfine.tune.progress import SearchProgress, rank_key, trial_status
 from rayfine.tune.trial import (
+    StopMarks,
     epoch_log_path,
     epoch_rows,
     read_epoch_log,
@@ -350,8 +351,9 @@ def _scheduler(cfg: Config, epochs: int, num_trials: int, slots: int, history: C
         return SuccessiveHalving(metric=t.metric, mode=t.metric_mode, max_t=epochs, grace_period=t.grace_period,
                                  reduction_factor=t.reduction_factor, num_trials=num_trials, slots=slots,
                                  history=history, max_failures=max_failures)
-    return ResumableASHA(history=history, slots=slots, max_failures=max_failures, time_attr="epoch", max_t=epochs,
-                         grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    return ResumableASHA(history=history, stops=StopMarks(trials_root(cfg)), slots=slots, max_failures=max_failures,
+                         time_attr="epoch", max_t=epochs, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor)
 
 
 def _trial_history(root: str, trial_id: str) -> list[dict]:

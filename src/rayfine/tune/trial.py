@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ray.train import UserCallback
@@ -24,6 +25,7 @@ from rayfine.rundir import append_line, jsonl_records
 from rayfine.train.worker import METRIC_KEYS, REPLAYED_FROM  # rayfine.tune.search imports rayfine.train already
 
 EPOCH_LOG = "epochs.jsonl"
+STOP_MARK = "stopped_by_asha.json"
 
 
 def tune_space(search_space: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +71,34 @@ def trial_run_name(trial_id: str) -> str:
 
 def epoch_log_path(trials_root: str, trial_id: str) -> str:
     return f"{trials_root}/{trial_run_name(trial_id)}/{EPOCH_LOG}"
+
+
+@dataclass(frozen=True)
+class StopMarks:
+    """The trials ASHA stopped, each marked by a file beside its epoch log (``STOP_MARK``) before
+    Tune hears the decision. Tune saves its trials' state at most every 10 s, so a driver killed
+    just after a stop brings that trial back PENDING on a resume, and ASHA's decision, which depends
+    on the order results arrived in, cannot be taken again from the epoch logs: the mark keeps it."""
+
+    trials_root: str
+
+    def _path(self, trial_id: str) -> str:
+        return f"{self.trials_root}/{trial_run_name(trial_id)}/{STOP_MARK}"
+
+    def mark(self, trial_id: str, epoch) -> None:
+        import pyarrow.fs
+
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(self._path(trial_id))
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            os.makedirs(os.path.dirname(fs_path), exist_ok=True)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(json.dumps({"stopped_after_epoch": epoch}).encode())
+
+    def marked(self, trial_id: str) -> bool:
+        import pyarrow.fs
+
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(self._path(trial_id))
+        return fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound
 
 
 def read_epoch_log(path: str) -> Iterator[dict]:
