@@ -31,6 +31,7 @@ from rayfine.jobs import (
     runtime_env,
     submission_id,
     submit,
+    token_for,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,6 +335,30 @@ def test_token_comes_from_rays_sources_in_rays_order(tmp_path):
         resolve_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
 
 
+def test_a_token_goes_to_another_host_only_with_ray_auth_mode_token(tmp_path):
+    """A token in this shell may be another cluster's, and the Jobs API is plain HTTP: rayfine sends
+    it to a loopback address (the local cluster, a port-forward) as it finds it, and to another host
+    only with RAY_AUTH_MODE=token, Ray's own rule; a cluster that asks for it then says how."""
+    from ray.exceptions import AuthenticationError
+
+    from rayfine.jobs import _Translate
+
+    env = {"RAY_AUTH_TOKEN": "secret"}
+    for url in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://127.0.0.5:443"):
+        assert token_for(url, env, tmp_path) == ("secret", "RAY_AUTH_TOKEN"), url
+    for url in ("http://head.example:8265", "http://10.0.0.5:8265", "http://localhost.example.com:8265"):
+        token, why = token_for(url, env, tmp_path)
+        assert token is None and "is not sent to" in why and "RAY_AUTH_MODE=token" in why, url
+        assert token_for(url, {**env, "RAY_AUTH_MODE": "token"}, tmp_path) == ("secret", "RAY_AUTH_TOKEN")
+    assert token_for("http://head.example:8265", {}, tmp_path / "nobody")[0] is None
+    token, why = token_for("http://head.example:8265", env, tmp_path)
+    with pytest.raises(JobsError) as refused, _Translate("http://head.example:8265", why):
+        raise AuthenticationError("Authentication required")
+    assert str(refused.value) == ("http://head.example:8265 requires a Ray auth token: the token of RAY_AUTH_TOKEN is not "
+                                  "sent to head.example without RAY_AUTH_MODE=token (Ray's rule: a token goes to another "
+                                  "host only when asked); set RAY_AUTH_MODE=token in this shell to send it")
+
+
 def test_address_precedence():
     assert resolve_address(None, {}) == DEFAULT_ADDRESS
     assert resolve_address("10.0.0.5:8265", {}) == "http://10.0.0.5:8265"
@@ -371,6 +396,7 @@ class _StandInDashboard(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.seen.append(self.path)
+        self.server.authorization.append(self.headers.get("Authorization"))
         body = {"/api/version": {"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}, "/api/jobs/": []}.get(self.path)
         data = json.dumps(body).encode()
         self.send_response(200 if body is not None else 404)
@@ -388,7 +414,7 @@ def test_an_address_given_wins_over_the_shells_ray_addresses():
     given. After `source cluster.env` (which sets both), `rayfine jobs list --address X` asked the local
     cluster; now X, as the README's order says. Without --address the shell's setting is the address."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInDashboard)
-    server.seen = []
+    server.seen, server.authorization = [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -397,6 +423,9 @@ def test_an_address_given_wins_over_the_shells_ray_addresses():
         result = _rayfine("jobs", "list", "--address", given, env=elsewhere)  # nothing listens elsewhere
         assert (result.returncode, result.stdout) == (0, "no jobs\n"), result
         assert set(server.seen) == {"/api/version", "/api/jobs/"}, server.seen  # it asked here
+        server.authorization.clear()
+        result = _rayfine("jobs", "list", "--address", given, env={**elsewhere, "RAY_AUTH_TOKEN": "t0ken"})
+        assert result.returncode == 0 and set(server.authorization) == {"Bearer t0ken"}, result  # loopback: sent
         result = _rayfine("jobs", "list", env={**elsewhere, "RAY_API_SERVER_ADDRESS": given})
         assert (result.returncode, result.stdout) == (0, "no jobs\n"), result
     finally:
@@ -445,6 +474,17 @@ sys.exit(main(["jobs", "logs", "rayfine-pipeline-x"]))
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (141, ""), result.stderr
+
+
+def test_the_serve_job_reads_its_runs_dir_as_a_path_not_as_yaml():
+    """RAYFINE_RUNS_DIR or --runs-dir of ray_jobs/serve.py is a path, as rayfine's own --runs-dir is
+    read: "[2]" or "null" is a folder, not a YAML list or null (a refused config, exit 2). No run
+    there: one line, exit 1, naming the path, before any Ray starts."""
+    for runs in ("[2]", "null"):
+        result = subprocess.run([sys.executable, "ray_jobs/serve.py", "--config", "resnet18_digits_tiny", "--runs-dir",
+                                 runs], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 1, result
+        assert f"error: {REPO / runs}/resnet18_digits_tiny holds no checkpoint" in result.stderr, result
 
 
 def test_a_job_entrypoint_takes_debug_as_the_failure_message_says(monkeypatch, capsys):

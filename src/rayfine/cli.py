@@ -219,18 +219,15 @@ def key_notice(url: str, api_key: bool | None, serve: ServeConfig) -> str | None
     """What `serve` and `run` say of the API key once the replicas answer (each reports whether it
     holds one, never the key): that the API asks for it; or, for an API without one that listens
     beyond loopback (serve.host), a warning that anyone who reaches the port can use it."""
-    import ipaddress
     from urllib.parse import urlsplit
+
+    from rayfine.runtime import is_loopback
 
     if api_key:
         return "[serve] the API asks for its key (Authorization: Bearer KEY, or X-API-Key: KEY)"
     parts = urlsplit(url)
     host = parts.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:  # a host name
-        loopback = False
-    if api_key is None or loopback:
+    if api_key is None or is_loopback(host):
         return None
     return (f"[warning] the API has no key and listens on {host}: anyone who reaches port {parts.port} "
             f"can use it; set the variable {serve.api_key_env} (or serve.api_key_file) where the replicas run, "

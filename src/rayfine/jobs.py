@@ -17,9 +17,12 @@ of a job whose driver stopped) passes ``--resume`` to the entrypoint, under the 
 
 Token authentication: Ray's own client adds the token header only when ``RAY_AUTH_MODE=token`` is
 set in the client's environment (``ray._private.authentication.http_token_authentication``), so
-rayfine reads the token itself, from the sources Ray uses, in Ray's order: ``RAY_AUTH_TOKEN``,
-the file named by ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``, and sends it as
-``Authorization: Bearer``; ``RAY_AUTH_MODE=disabled`` sends none.
+that a token is not sent to whatever address is given. rayfine reads the token itself, from the
+sources Ray uses, in Ray's order: ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``, and sends it as ``Authorization: Bearer`` to a loopback address (the local
+cluster, a ``kubectl port-forward``, ``ray dashboard``'s tunnel) without ``RAY_AUTH_MODE``; to
+another host only with ``RAY_AUTH_MODE=token``, Ray's rule (``token_for``). ``RAY_AUTH_MODE=disabled``
+sends none.
 """
 
 from __future__ import annotations
@@ -97,6 +100,24 @@ def resolve_token(environ: Optional[dict] = None, home: Optional[Path] = None) -
     return (token, str(path)) if token else (None, f"{path} is empty")
 
 
+def token_for(url: str, environ: dict | None = None, home: Path | None = None) -> tuple[str | None, str]:
+    """(the token to send to the Jobs API at ``url``, or None; where it came from, or why it is not
+    sent): ``resolve_token``'s on a loopback address or with RAY_AUTH_MODE=token, else none. A
+    token found in this shell is another cluster's as likely as this one's, and the Jobs API is
+    often plain HTTP: Ray sends it to another host only when told to (RAY_AUTH_MODE=token)."""
+    from urllib.parse import urlsplit
+
+    from rayfine.runtime import is_loopback
+
+    env = os.environ if environ is None else environ
+    token, source = resolve_token(env, home)
+    host = urlsplit(url).hostname or ""
+    if token is None or is_loopback(host) or env.get("RAY_AUTH_MODE", "").lower() == "token":
+        return token, source
+    return None, (f"the token of {source} is not sent to {host} without RAY_AUTH_MODE=token (Ray's rule: a token "
+                  "goes to another host only when asked)")
+
+
 class _Translate:
     """Turns the SDK's exceptions into one readable line (JobsError)."""
 
@@ -115,6 +136,9 @@ class _Translate:
         from ray.exceptions import AuthenticationError
 
         text = str(exc)
+        if isinstance(exc, AuthenticationError) and "required" in text.lower() and "not sent to" in self.token_source:
+            raise JobsError(f"{self.address} requires a Ray auth token: {self.token_source}; set RAY_AUTH_MODE=token "
+                            "in this shell to send it") from None
         if isinstance(exc, AuthenticationError) and "required" in text.lower():
             raise JobsError(
                 f"{self.address} requires a Ray auth token and none was sent ({self.token_source}): set "
@@ -144,7 +168,7 @@ def connect(address: Optional[str] = None, environ: Optional[dict] = None):
     from rayfine.runtime import restored_environ
 
     url = resolve_address(address, environ)
-    token, source = resolve_token(environ)
+    token, source = token_for(url, environ)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     # Ray's client takes RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, over the address it is given
     # (ray.dashboard.utils.get_address_for_submission_client): an --address wins over the shell's.

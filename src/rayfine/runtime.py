@@ -278,6 +278,17 @@ def _token_hint(address: str) -> str:
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a URL's hostname: an IP address, with an IPv6 zone or not, or a name) is this
+    machine's loopback; a name other than localhost is not, whatever it resolves to."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     import socket
