@@ -11,6 +11,7 @@ served under the experiment's name; ``--set serve.*`` overrides its serve settin
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,7 +28,9 @@ if __name__ == "__main__":
     from rayfine.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides + ([f"storage.runs_dir={args.runs_dir}"] if args.runs_dir else []))
+        # A path, not YAML: quoted, so "runs #2" or "a: b" stay as given (as rayfine.cli._load quotes it).
+        runs_dir = [f"storage.runs_dir={json.dumps(args.runs_dir, ensure_ascii=False)}"] if args.runs_dir else []
+        cfg = load_config(args.config, args.overrides + runs_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -66,6 +66,9 @@ done
 export PATH="$venv/bin:$PATH"
 export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
+# No metrics exporter in each node's dashboard agent: it answers anyone, with no token, on every
+# interface (as the rayfine commands' embedded Ray leaves it out). A value set by the caller wins.
+export RAY_enable_metrics_collection="${RAY_enable_metrics_collection:-0}"
 # Ray code in workers that asks the State API without an address (Ray Train's placement-group cleaner,
 # every second) takes RAY_API_SERVER_ADDRESS, else the cluster named in /tmp/ray/ray_current_cluster
 # (RAY_TMPDIR/ray), which these nodes, each with its own --temp-dir, do not write, else the one GCS
