@@ -104,6 +104,23 @@ def test_a_run_continued_with_the_same_workers_restores_its_schedule_exactly(tmp
     assert scheduler.last_epoch == 21 and _lrs(optimizer) == saved and not messages
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", b"not safetensors", "model.safetensors is not a valid safetensors file"),
+    ("train_state.json", b'{"epoch": 3, "scal', "train_state.json: unreadable training state"),
+])
+def test_a_broken_checkpoint_a_run_continues_from_is_named(tmp_path, name, content, message):
+    """A per-epoch checkpoint a continued run starts from, truncated or not safetensors: a
+    CheckpointError naming the file (never unpickled), as every other checkpoint load says it."""
+    from rayfine.errors import CheckpointError
+
+    cfg = _cfg()
+    directory, _ = _checkpoint_after(tmp_path, cfg, 7, 3)
+    assert (Path(directory) / name).is_file()
+    (Path(directory) / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        model_and_optimizer(cfg, LABELS, torch.device("cpu"), 7 * EPOCHS, directory, steps_per_epoch=7)
+
+
 def test_the_last_partial_accumulation_group_is_averaged_over_its_own_size():
     """grad_accum_steps 4 and 5 micro-batches: the fifth is a group of one, whose gradient is its
     own, not a quarter of it."""

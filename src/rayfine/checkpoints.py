@@ -111,8 +111,8 @@ def save_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, sc
 def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
     """Restore optimizer and scheduler; returns the epoch the checkpoint finished."""
     directory = Path(directory)
-    state = json.loads((directory / TRAIN_STATE_FILE).read_text())
-    tensors = _safe_load(directory / OPTIMIZER_FILE)
+    state = read_json(directory / TRAIN_STATE_FILE, "training state")
+    tensors = load_tensors(directory / OPTIMIZER_FILE)
     opt_state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         param_id, key = name.split(".", 1)
@@ -126,7 +126,8 @@ def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, sc
     return int(state["epoch"])
 
 
-def _safe_load(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or broken file is a CheckpointError naming it."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
@@ -192,7 +193,7 @@ def load_checkpoint(directory: str | Path, device: Optional[str] = None) -> Load
     metrics = read_json(directory / METRICS_FILE, "metrics") if (directory / METRICS_FILE).is_file() else {}
     if not isinstance(metrics, dict):
         raise CheckpointError(f"{directory / METRICS_FILE}: expected a JSON object of metrics")
-    state = _safe_load(directory / MODEL_FILE)
+    state = load_tensors(directory / MODEL_FILE)
     model = model_from_checkpoint(directory, cfg, labels)
     try:
         model.load_state_dict(state, strict=True)

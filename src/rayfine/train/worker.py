@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train import Checkpoint
-from safetensors.torch import load_file
 
 from rayfine import checkpoints, metrics
 from rayfine.config import Config
@@ -288,7 +287,7 @@ def model_and_optimizer(cfg: Config, labels: list[str], device: torch.device, to
         check_same_labels(Path(checkpoint_dir), labels)
     model = build_model(cfg, labels)
     if checkpoint_dir is not None:
-        model.load_state_dict(load_file(str(Path(checkpoint_dir) / checkpoints.MODEL_FILE)))
+        model.load_state_dict(checkpoints.load_tensors(Path(checkpoint_dir) / checkpoints.MODEL_FILE))
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
