@@ -263,12 +263,12 @@ def _prepare_texts(batch: dict, rows: list, cfg: Config) -> dict:
     from rayfine.data.text import load_tokenizer, tokenize
     from rayfine.models import resolve_model_source
 
-    columns = {"text": "text", "pair text": "text_pair"} if "text_pair" in batch else {"text": "text"}
-    decoded: dict[str, list] = {name: [] for name in columns}
+    text_columns = {"text": "text", "pair text": "text_pair"} if "text_pair" in batch else {"text": "text"}
+    decoded: dict[str, list] = {name: [] for name in text_columns}
     for row in rows:
         # A pair text is held to the rule of the main text (and of serving, which refuses both
         # empty): an empty or missing one makes the row bad.
-        for name, column in columns.items():
+        for name, column in text_columns.items():
             text, problem = _text_value(batch[column][row[0]], name)
             decoded[name].append(text)
             if row[1] != BAD and problem:

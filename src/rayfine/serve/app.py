@@ -192,12 +192,12 @@ class Classifier:
         served checkpoint, its stats, the serve settings this replica runs with (the app's args
         name the checkpoint it was first deployed from, which a swap leaves as it was), and whether
         it holds an API key (never the key)."""
-        settings = self.settings.model_dump(mode="json")
+        common = {"name": self.name, "settings": self.settings.model_dump(mode="json"),
+                  "api_key": self.api_key is not None}
         if self.model is None:
-            return {"name": self.name, "version": None, "settings": settings, "api_key": self.api_key is not None}
+            return {**common, "version": None}
         s = self.model.stats
-        return {"name": self.name, "replica": self.replica_id, **self.model.describe(), "settings": settings,
-                "api_key": self.api_key is not None,
+        return {**common, "replica": self.replica_id, **self.model.describe(),
                 "stats": {"inference_count": s.inference_count, "execution_count": s.execution_count,
                           "batch_sizes": dict(s.by_size)}, "swap_error": self.swap_error}
 
