@@ -246,6 +246,25 @@ def test_augmentation_changes_pixels_but_not_shape_or_range_and_a_seed_repeats_i
     assert not torch.equal(augmented(1), first)
 
 
+def test_normalization_tensors_are_made_once_a_device_and_outlive_inference_mode(digit):
+    """to_pixel_values and augment_batch keep mean and std on the batch's device (a copy from the
+    host to a GPU in every step waits for the GPU's queued work). Made first under validation's
+    inference_mode, they must still work in a computation autograd tracks."""
+    import torch
+
+    from rayfine.data.images import _normalization_on
+
+    _normalization_on.cache_clear()
+    data_cfg = cfg(hflip=True)
+    images = torch.from_numpy(np.stack([prepare_image(digit, data_cfg)] * 4))
+    with torch.inference_mode():
+        evaluated = to_pixel_values(images, data_cfg)
+    x = to_pixel_values(images, data_cfg).requires_grad_()
+    assert _normalization_on.cache_info().misses == 1 and torch.equal(x.detach(), evaluated)
+    augment_batch(x, data_cfg, torch.Generator().manual_seed(0)).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_serving_preprocessing_equals_training_path(digit):
     """Bytes in a request give exactly the tensor the training pipeline made from the same file."""
     data_cfg = cfg()

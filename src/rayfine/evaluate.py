@@ -31,7 +31,7 @@ def predict_dataset(ckpt: LoadedCheckpoint, ds: ray.data.Dataset, batch_size: in
     for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu", collate_fn=collate):
         batch = model_batch(batch, ckpt.cfg.data)
         y_true.append(batch.pop("y").numpy())
-        probs.append(predict(batch).numpy())
+        probs.append(predict(batch).cpu().numpy())  # a checkpoint loaded on a GPU answers there
         if progress is not None:
             progress.advance(len(y_true[-1]))
     if not y_true:

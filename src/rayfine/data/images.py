@@ -14,6 +14,8 @@ with a generator seeded per (seed, epoch, rank): a seed reproduces a run, resume
 
 from __future__ import annotations
 
+import functools
+
 import io
 from typing import TYPE_CHECKING
 
@@ -297,11 +299,27 @@ def to_model_input(images: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     return x.transpose(0, 3, 1, 2).copy(order="C")
 
 
+@functools.lru_cache(maxsize=16)
+def _normalization_on(device: "torch.device", mean: tuple, std: tuple) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``normalization`` as 1xCx1x1 tensors on ``device``, made once: a copy from the host to a GPU
+    waits for the work the GPU has queued, and a copy in every step would stop the loop from
+    queueing the next step's work while the GPU runs this one."""
+    import torch
+
+    with torch.inference_mode(False):  # normal tensors, also when first made under validation's inference_mode
+        return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+
+def _normalization_tensors(data_cfg: DataConfig, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+    mean, std = normalization(data_cfg)
+    return _normalization_on(device, tuple(mean.tolist()), tuple(std.tolist()))
+
+
 def to_pixel_values(images: "torch.Tensor", data_cfg: DataConfig) -> "torch.Tensor":
     """uint8 NxHxWxC -> float32 NxCxHxW, normalized, on the tensor's device: ``to_model_input`` in torch."""
     import torch
 
-    mean, std = (torch.as_tensor(v, device=images.device).view(1, -1, 1, 1) for v in normalization(data_cfg))
+    mean, std = _normalization_tensors(data_cfg, images.device)
     x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # the one copy
     return x.div_(255.0).sub_(mean).div_(std)
 
@@ -315,18 +333,24 @@ def augment_batch(x: "torch.Tensor", data_cfg: DataConfig, generator: "torch.Gen
     import torch.nn.functional as F
 
     n, _, h, w = x.shape
-    mean, std = (torch.as_tensor(v, device=x.device).view(1, -1, 1, 1) for v in normalization(data_cfg))
+    mean, std = _normalization_tensors(data_cfg, x.device)
     x = x * std + mean  # back to [0, 1]
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
     out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    # The per-image draws reach the device in one copy, from pinned memory on a GPU: a copy from
+    # pageable memory waits for the GPU's queued work (see _normalization_on).
+    flip = torch.rand(n, generator=generator) < 0.5 if data_cfg.hflip else torch.zeros(n, dtype=torch.bool)
+    brightness = torch.empty(n).uniform_(-0.1, 0.1, generator=generator)
+    contrast = torch.empty(n).uniform_(0.85, 1.15, generator=generator)
+    draws = torch.stack([flip.float(), brightness, contrast])
+    if x.device.type == "cuda":
+        draws = draws.pin_memory().to(x.device, non_blocking=True)
+    flip, brightness, contrast = (d.view(n, 1, 1, 1) for d in draws.to(x.device))
     if data_cfg.hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
-        out = torch.where(flip, out.flip(-1), out)
-    brightness = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator).to(x.device)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(0.85, 1.15, generator=generator).to(x.device)
+        out = torch.where(flip.bool(), out.flip(-1), out)
     centre = out.mean(dim=(1, 2, 3), keepdim=True)
     out = ((out - centre) * contrast + centre + brightness).clamp_(0.0, 1.0)
     return (out - mean) / std
