@@ -213,6 +213,27 @@ def test_a_new_run_over_earlier_ray_state_in_a_storage_path_is_refused(tmp_path,
     assert driver.preflight(uri) is False
 
 
+def test_a_new_run_over_ray_state_left_in_the_run_directory_is_refused_unless_it_is_this_run(
+        tmp_path, no_source_or_model_checks):
+    """With the default storage (<run>/ray), removing the run's train/ folder to train again left
+    Ray Train's checkpoints behind: the new run resumed from them, its weights, epoch count and
+    optimizer (the learning rate given now too) the old run's, and no config was compared. Only
+    the same run killed before its first epoch was logged (its train/config.yaml kept) continues."""
+    run_dir = _finished_run(tmp_path)
+    cfg = load_config("resnet18_digits_tiny", [f"storage.runs_dir={tmp_path}", "name=run"])
+    (run_dir / "train" / "metrics.jsonl").unlink()  # killed before the first epoch was logged
+    assert driver.preflight(cfg) is False
+    with pytest.raises(ConfigError, match=rf"{run_dir}/ray/train holds the checkpoints of an earlier run of a "
+                                          rf"different config \(changed: train.lr\).*remove {run_dir}/ray to train"):
+        driver.preflight(cfg.with_overrides(["train.lr=0.05"]))
+    assert driver.preflight(cfg.with_overrides(["train.max_failures=0"])) is False  # a change a run may continue with
+    shutil.rmtree(run_dir / "train")
+    with pytest.raises(ConfigError, match=rf"earlier run whose {run_dir}/train folder is gone"):
+        driver.preflight(cfg)
+    shutil.rmtree(run_dir / "ray")
+    assert driver.preflight(cfg) is False
+
+
 def test_a_run_whose_checkpoints_are_gone_is_refused_not_retrained_under_its_old_log(tmp_path,
                                                                                      no_source_or_model_checks):
     """metrics.jsonl says the run trained epochs that Ray Train's storage no longer holds: Ray Train

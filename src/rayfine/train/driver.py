@@ -324,16 +324,32 @@ def train_state(cfg: Config) -> bool | None:
 
 
 def _check_no_earlier_state(cfg: Config) -> None:
-    """A new training run whose Ray Train storage already holds a run's checkpoints would resume
-    from them (Ray Train restores what it finds under its storage), under another config: with a
-    storage.storage_path set, removing the run directory leaves that state behind, on a local
-    path or remote storage alike."""
-    if cfg.storage.storage_path and train_state(cfg):
+    """A new training run (no epoch logged in its run directory) whose Ray Train storage already
+    holds a run's checkpoints would resume from them (Ray Train restores what it finds under its
+    storage), under another config: with a storage.storage_path set, removing the run directory
+    leaves that state behind, on a local path or remote storage alike; with the default storage
+    (<run>/ray), removing the run's train/ folder does. Only this run killed before its first
+    epoch was logged continues: its train/config.yaml, the same config, is still beside them."""
+    if not train_state(cfg):
+        return
+    state = f"{cfg.resolved_storage_path().rstrip('/')}/train"
+    if cfg.storage.storage_path:
         raise ConfigError([(
-            f"storage.storage_path: {cfg.resolved_storage_path().rstrip('/')}/train holds an earlier run's checkpoints "
+            f"storage.storage_path: {state} holds an earlier run's checkpoints "
             f"of this name, which a new run {cfg.name!r} would resume from; remove that folder, or choose another "
             "`name` (--set name=...)"
         )])
+    own = command_config(cfg.run_dir(), "train")
+    changed = changes_since(own, cfg, RESUMABLE_CHANGES) if own.is_file() else None
+    if changed == []:
+        return
+    why = (f"of a different config (changed: {', '.join(changed)})" if changed
+           else f"whose {cfg.run_dir() / 'train'} folder is gone")
+    raise ConfigError([(
+        f"{state} holds the checkpoints of an earlier run {why}, which a new run {cfg.name!r} would resume from "
+        f"(Ray Train restores them); remove {cfg.resolved_storage_path().rstrip('/')} to train from the start, or "
+        "choose another `name` (--set name=...)"
+    )])
 
 
 def _check_state_kept(cfg: Config) -> None:
