@@ -320,3 +320,50 @@ def test_a_refused_connection_says_how_ray_sends_a_clusters_token(monkeypatch):
     with pytest.raises(ConnectionError, match=r"^Failed to connect to Ray cluster at 192.0.2.2:6379$"), \
             ray_session("127.0.0.1:6379", log=lambda *_: None):
         pass
+
+
+def test_serve_refuses_a_name_no_url_can_carry_before_ray_starts(monkeypatch, tmp_path, capsys):
+    """--name is the model's name in every /v2/models/<name> route: "team/digits" matched none of
+    them, "stats" was shadowed by /v2/models/stats; both deployed and printed a URL."""
+    import rayfine.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
+    for name, rule in (("team/digits", "1-100 characters of letters"), ("stats", "/v2/models/stats is every")):
+        assert cli.main(["serve", str(tmp_path), "--name", name]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "--name: " in err and rule in err and repr(name) in err, err
+
+
+@pytest.mark.parametrize("command", ["tune", "run"])
+def test_a_set_that_every_trial_overrides_again_is_refused_before_ray_starts(command, monkeypatch, tmp_path, capsys):
+    """`rayfine tune resnet18_digits --set train.epochs=3`: the preset's tune.trial_overrides sets
+    train.epochs=8 for every trial after the --set, so the search trained 8 epochs a trial and
+    said nothing. The refusal gives the --set that does it."""
+    import rayfine.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
+    base = [command, "resnet18_digits_tiny", "--runs-dir", str(tmp_path)]
+    assert cli.main([*base, "--set", "train.epochs=2", "--set", "train.lr=0.01"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert ("train.epochs: tune.trial_overrides sets train.epochs for every trial, after --set; give it there: "
+            "--set 'tune.trial_overrides=[scaling.num_workers=1, scaling.cpus_per_worker=0.5, scaling.data_cpus=0.25, "
+            "train.epochs=2]'") in err, err
+    assert "train.lr: tune.search_space draws train.lr for every trial; to fix it, drop that dimension too: " \
+           "--set tune.search_space.train.lr=null" in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+    # The value a trial gets anyway, and what the refusal suggests, are taken.
+    from rayfine.config import load_config, shadowed_overrides
+
+    cfg = load_config("resnet18_digits_tiny")
+    assert shadowed_overrides(cfg, ["train.epochs=3", "tune.num_samples=4", "seed=1"]) == []
+    fixed = cfg.with_overrides(["tune.trial_overrides=[scaling.num_workers=1, train.epochs=2]",
+                                "tune.search_space.train.lr=null"])
+    assert shadowed_overrides(fixed, ["train.epochs=2", "train.lr=0.01"]) == []
+    assert shadowed_overrides(cfg, ["scaling={num_workers: 2}"])[0].startswith(
+        "scaling: tune.trial_overrides sets scaling.num_workers, scaling.cpus_per_worker, scaling.data_cpus")

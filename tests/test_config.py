@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -551,3 +552,50 @@ def test_an_error_inside_a_field_is_told_once_and_cross_field_rules_name_the_fie
     assert mean.startswith("data.mean: mean needs 1 value(s) for color_mode L"), mean
     (pretrained,) = _errors(["model.pretrained=false"])
     assert pretrained.startswith("model.pretrained: model.pretrained and model.config_overrides apply"), pretrained
+
+
+def test_an_empty_path_or_name_is_refused_not_read_as_unset():
+    """`--set serve.api_key_file=$KEY_FILE` with the variable unset gave an empty path, which
+    serving read as "no key file" (an open API) and model.weights as "no weights" (random ones)."""
+    errors = _errors(["serve.api_key_file=", "model.weights=", "storage.runs_dir=", "data.text_pair_column="])
+    assert sorted(errors) == ["data.text_pair_column: empty; give a value, or null to unset it",
+                              "model.weights: empty; give a value, or null to unset it",
+                              "serve.api_key_file: empty; give a value, or null to unset it",
+                              "storage.runs_dir: empty; give a value"]
+    assert load_config("resnet18_digits", ["serve.api_key_file=null"]).serve.api_key_file is None
+
+
+def test_a_tilde_on_the_command_line_is_the_home_folder_not_null():
+    """In a text field `~` is text, as README says (YAML's null is `null` there)."""
+    cfg = load_config("resnet18_digits", ["storage.runs_dir=~", "storage.storage_path=~"])
+    assert cfg.storage.runs_dir == "~" and cfg.run_dir() == Path.home().resolve() / "resnet18_digits"
+    assert cfg.storage.storage_path == "~" and cfg.resolved_storage_path().startswith(str(Path.home().resolve()))
+
+
+def test_queue_length_zero_is_refused_before_a_search_not_by_serve_after_it():
+    (err,) = _errors(["serve.max_queued_requests=0"])
+    assert err == "serve.max_queued_requests: 0 is not a queue length Ray Serve takes: give -1 (no limit) or at least 1 (got 0)"
+    assert load_config("resnet18_digits", ["serve.max_queued_requests=-1"]).serve.max_queued_requests == -1
+
+
+def test_a_key_with_brackets_is_named_as_given_in_its_own_section():
+    """pydantic's union tags (literal[...], dict[...]) are left out of a field's name; a key of the
+    user's with brackets named the section above it as the unknown field, with the wrong list."""
+    (err,) = _errors(["data.labels[0]=cat"])
+    assert err.startswith("data.labels[0]: unknown field; allowed here: kind, source, format"), err
+
+
+def test_stats_is_no_name():
+    (err,) = _errors(["name=stats"])
+    assert err.startswith("name: stats is taken: /v2/models/stats"), err
+
+
+def test_a_bare_star_says_to_quote_it(tmp_path):
+    """`serve.cors_origins: [*]` (README: "*" for any origin) is a YAML alias without its quotes."""
+    (err,) = _errors(["serve.cors_origins=[*]"])
+    assert "quote that value, e.g. \"*\"" in err, err
+    assert load_config("resnet18_digits", ['serve.cors_origins=["*"]']).serve.cors_origins == ("*",)
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\ndata: {source: builtin:digits}\nserve: {cors_origins: [*]}\n")
+    with pytest.raises(ConfigError, match=r"quote that value"):
+        load_config(path)

@@ -194,9 +194,10 @@ def test_run_refuses_an_api_key_file_it_cannot_read_before_its_search(tmp_path):
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_another_config_under_a_runs_name_is_refused_before_ray_starts(tmp_path, command):
     """A run directory as `rayfine train` leaves it (config.yaml, train/metrics.jsonl) under the
-    preset's name; the same name with another learning rate must not continue it."""
+    preset's name; the same name with another weight decay must not continue it (train.weight_decay:
+    a field the preset's search does not draw)."""
     runs = tmp_path / "runs"
-    earlier = load_config(PRESET, [f"storage.runs_dir={runs}", "train.lr=0.001"])
+    earlier = load_config(PRESET, [f"storage.runs_dir={runs}", "train.weight_decay=0.01"])
     run_dir = earlier.run_dir()
     (run_dir / "train").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(earlier.to_yaml())
@@ -204,9 +205,9 @@ def test_another_config_under_a_runs_name_is_refused_before_ray_starts(tmp_path,
     (run_dir / "train" / "checkpoint").mkdir()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
-    result = _cli(command, PRESET, "--runs-dir", str(runs), "--set", "train.lr=0.002")
+    result = _cli(command, PRESET, "--runs-dir", str(runs), "--set", "train.weight_decay=0.02")
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert f"  - {run_dir} holds a run of a different config (changed: train.lr)" in result.stderr
+    assert f"  - {run_dir} holds a run of a different config (changed: train.weight_decay)" in result.stderr
     # How to go on from its model (more epochs, another learning rate), in a run of another name.
     weights = run_dir / "train" / "checkpoint" / "model.safetensors"
     assert f"to train on from its model in a new run: --set name=... --set model.weights={weights}" in result.stderr

@@ -54,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.config:
         print("error: give a config file or preset name (or --list)", file=sys.stderr)
         return EXIT_USAGE
-    from rayfine.config import check_search
+    from rayfine.config import check_search, shadowed_overrides
 
     cfg = _load(args)
     if not args.schema_only:  # what train, tune and run refuse before Ray starts about the data and model
@@ -71,7 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if errors:
             raise ConfigError(errors)
     print(cfg.to_yaml(), end="")
-    for problem in check_search(cfg):  # valid for `rayfine train`; `rayfine tune` would refuse it
+    for problem in check_search(cfg) + shadowed_overrides(cfg, args.overrides):  # valid for `rayfine train`
         print(f"note: `rayfine tune` would refuse this search: {problem}", file=sys.stderr)
     return 0
 
@@ -90,8 +90,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def _load_search(args: argparse.Namespace):
+    """The config of `rayfine tune` or `run`, refused where a --set would change no trial."""
+    from rayfine.config import ConfigError, shadowed_overrides
+
     cfg = _load(args)
+    problems = shadowed_overrides(cfg, args.overrides)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _load_search(args)
     from rayfine.rundir import RunDirLock
     from rayfine.runtime import ray_session
     from rayfine.tune import run_search
@@ -108,8 +119,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rayfine.config import ConfigError, apply_overrides
+    from rayfine.config import ConfigError, apply_overrides, name_problem
 
+    if args.name is not None and name_problem(args.name):  # the model's name in every /v2/models/<name> URL
+        raise ConfigError([f"--name: {name_problem(args.name)} (got {args.name!r})"])
     raw = apply_overrides({}, list(args.overrides))
     if set(raw) - {"serve"}:
         raise ConfigError([f"--set {k}...: `rayfine serve` takes serve.* settings only" for k in sorted(set(raw) - {"serve"})])
@@ -248,7 +261,7 @@ def _check_key_file(cfg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load_search(args)
     import time
 
     from rayfine.pipeline import run_pipeline
@@ -304,7 +317,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         problem = (f"{args.config}: a job reads its config from a file in the working directory (or a preset), "
                    "not from standard input or a pipe: save it to a file in the project")
         raise ConfigError([problem])
-    cfg = _load(args)  # validated here, before anything reaches the cluster
+    # Validated here, before anything reaches the cluster.
+    cfg = _load_search(args) if args.job in ("tune", "pipeline") else _load(args)
     from rayfine.jobs import cli_submit
 
     return cli_submit(cfg, args.config, job=args.job, overrides=args.overrides, runs_dir=args.runs_dir,

@@ -23,7 +23,13 @@ from rayfine.config.loading import (
     validate,
     yaml_value,
 )
-from rayfine.config.search import SEARCH_DISTRIBUTIONS, SEARCHABLE_PREFIXES, check_search, parse_search_spec
+from rayfine.config.search import (
+    SEARCH_DISTRIBUTIONS,
+    SEARCHABLE_PREFIXES,
+    check_search,
+    parse_search_spec,
+    shadowed_overrides,
+)
 from rayfine.config.sections import (
     HF_MODEL_PRESETS,
     SERVE_IMAGE_FORMATS,
@@ -38,6 +44,7 @@ from rayfine.config.sections import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    name_problem,
     storage_location,
 )
 
@@ -45,5 +52,6 @@ __all__ = [
     "Config", "ConfigError", "DataConfig", "HF_MODEL_PRESETS", "MLflowConfig", "ModelConfig", "TrackingConfig", "SEARCHABLE_PREFIXES",
     "SEARCH_DISTRIBUTIONS", "SERVE_IMAGE_FORMATS", "ScalingConfig", "ServeConfig", "StorageConfig",
     "TORCHVISION_MODELS", "TrainConfig", "TuneConfig", "apply_overrides", "check_search", "config_reference",
-    "load_config", "parse_search_spec", "preset_names", "storage_location", "validate", "yaml_value",
+    "load_config", "name_problem", "parse_search_spec", "preset_names", "shadowed_overrides", "storage_location",
+    "validate", "yaml_value",
 ]

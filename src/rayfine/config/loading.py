@@ -247,12 +247,21 @@ def _read_raw(path_or_name: str | Path) -> dict[str, Any]:
     except DuplicateKeyError as e:
         raise ConfigError([f"{label}: line {e.problem_mark.line + 1}: {e.problem}"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+        raise ConfigError([f"{label}: not valid YAML: {e}{_yaml_hint(e)}"]) from None
     if raw is None:
         raise ConfigError([f"{label}: the config is empty (or only comments); give at least name and data.source"])
     if not isinstance(raw, dict):
         raise ConfigError([f"{label}: the top level must be a mapping, got {type(_plain(raw)).__name__}"])
     return _plain(raw, Config)
+
+
+def _yaml_hint(error: yaml.YAMLError) -> str:
+    """What to do about a YAML error a user would not expect: `cors_origins: [*]`, where a bare `*`
+    starts an alias."""
+    context = str(getattr(error, "context", "") or "")
+    if "alias" in context or "anchor" in context:
+        return "\n(a '*' or '&' at the start of a value begins a YAML alias or anchor: quote that value, e.g. \"*\")"
+    return ""
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -278,7 +287,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             errors.append(f"override {item!r}: {e.problem}")
             continue
         except yaml.YAMLError as e:
-            errors.append(f"override {item!r}: value is not valid YAML: {e}")
+            errors.append(f"override {item!r}: value is not valid YAML: {e}{_yaml_hint(e)}")
             continue
         except ValueError as e:
             errors.append(f"override {item!r}: {key}: {e}")
@@ -299,7 +308,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-_NULLS = ("null", "Null", "NULL", "~")
+_NULLS = ("null", "Null", "NULL")  # not YAML's ~: a text field takes it as given (the home folder of a path)
 
 
 def _parse_value(text: str, annotation: Any) -> Any:
@@ -356,10 +365,16 @@ def describe_all(errors: list[dict[str, Any]]) -> list[str]:
             for loc, texts in lines.items() if loc not in failed_inside]
 
 
+# How pydantic-core names a union's alternative in an error's location: its schema type, then [...].
+_UNION_TAG = re.compile(r"(literal|dict|list|tuple|set|frozenset|union|nullable|function-[a-z]+|constrained-[a-z]+|"
+                        r"json-or-python|lax-or-strict|is-instance|model|dataclass|tagged-union|chain)\[.*\]", re.S)
+
+
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
     """(dotted field, or "" for a check across sections; what is wrong)."""
-    # pydantic adds each union alternative it tried to the location (literal['balanced'], dict[str,float]).
-    path = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    # pydantic adds each union alternative it tried to the location (literal['balanced'], dict[str,float]);
+    # a key of the user's own with brackets in it (labels[0], a class_weights label "[neg]") stays.
+    path = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.fullmatch(p)))
     loc = ".".join(str(p) for p in path)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -380,6 +395,9 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
         return loc, msg
     if kind == "too_short":
         msg = msg.replace("Tuple", "List").replace(" after validation", "")
+    if kind == "string_too_short" and err.get("input") == "":  # an unset shell variable in --set x=$VAR
+        optional = type(None) in get_args(_annotation_at([str(p) for p in path]))
+        return loc, "empty; give a value" + (", or null to unset it" if optional else "")
     given = repr(err.get("input"))
     return loc or "(top level)", f"{msg} (got {given if len(given) <= 80 else given[:77] + '...'})"
 

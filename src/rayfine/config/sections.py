@@ -49,6 +49,7 @@ class DataConfig(_Section):
 
     kind: Literal["image", "text"] = Field("image", description="What the examples are: images or texts.")
     source: str = Field(
+        min_length=1,
         description="Images: builtin:digits | builtin:mnist5k | a folder of class subfolders of images "
         "(local or s3://) | a parquet file or folder with an image-bytes column and a label column. "
         "Texts: builtin:rotten_tomatoes | CSV, TSV, JSONL or parquet files or folders (local or s3://)."
@@ -65,7 +66,7 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="Parquet, CSV, JSONL: column holding the label.")
     text_column: str = Field("text", description="Texts: column holding the text.")
     text_pair_column: Optional[str] = Field(
-        None, description="Texts: a second text column for sentence-pair tasks (tokenized as a pair)."
+        None, min_length=1, description="Texts: a second text column for sentence-pair tasks (tokenized as a pair)."
     )
     max_length: Int = Field(128, ge=2, le=8192, description="Texts: tokens per example after truncation.")
     padding: Literal["longest", "max_length"] = Field(
@@ -207,6 +208,7 @@ class ModelConfig(_Section):
     )
     weights: Optional[str] = Field(
         None,
+        min_length=1,
         description="torchvision and efficientnet_lite0 only: start from these weights, a torchvision weights "
         "name (e.g. IMAGENET1K_V1; its file must be in the local torch hub cache, torch.hub.get_dir()/checkpoints, "
         "by default ~/.cache/torch/hub/checkpoints: rayfine never downloads it) or a path to a .safetensors file "
@@ -324,9 +326,10 @@ class ScalingConfig(_Section):
 class StorageConfig(_Section):
     """Where runs are written."""
 
-    runs_dir: str = Field("runs", description="Run directories go to <runs_dir>/<name>/.")
+    runs_dir: str = Field("runs", min_length=1, description="Run directories go to <runs_dir>/<name>/.")
     storage_path: Optional[str] = Field(
         None,
+        min_length=1,
         description="Ray Train/Tune persistent storage (shared filesystem path or s3://), needed "
         "on multi-node clusters; each experiment keeps its state under <storage_path>/<name>/ray, so one "
         "storage path serves many. Unset: <runs_dir>/<name>/ray.",
@@ -345,11 +348,12 @@ class MLflowConfig(_Section):
     with a nested child run per trial."""
 
     tracking_uri: str = Field(
+        min_length=1,
         description="e.g. sqlite:///runs/mlflow.db (a local store) or http://mlflow.internal:5000."
     )
-    experiment: Optional[str] = Field(None, description="MLflow experiment name; unset: the config's name.")
+    experiment: Optional[str] = Field(None, min_length=1, description="MLflow experiment name; unset: the config's name.")
     artifact_location: Optional[str] = Field(
-        None, description="Where a new experiment stores artifacts; unset: beside a sqlite store "
+        None, min_length=1, description="Where a new experiment stores artifacts; unset: beside a sqlite store "
         "(<its folder>/mlartifacts), else the server's default."
     )
 
@@ -493,8 +497,15 @@ class ServeConfig(_Section):
         32, ge=1, description="Requests a replica works on at once; at least max_batch_size, or batches never fill."
     )
     max_queued_requests: Int = Field(
-        256, ge=-1, description="Requests waiting for a replica beyond that; more are refused with 503 (-1: no limit)."
+        256, ge=-1, description="Requests waiting for a replica beyond that; more are refused with 503 (-1: no limit; not 0)."
     )
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, n: int) -> int:
+        if n == 0:  # Ray Serve refuses 0 when the deployment is made, after the whole search
+            raise ValueError("0 is not a queue length Ray Serve takes: give -1 (no limit) or at least 1")
+        return n
     max_request_bytes: Int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are parsed."
     )
@@ -513,7 +524,7 @@ class ServeConfig(_Section):
         "the API key; unset or empty there and no api_key_file: the API is open. The key is never in the config."
     )
     api_key_file: Optional[str] = Field(
-        None, description="A file (readable by the replicas) holding the API key; takes precedence over api_key_env."
+        None, min_length=1, description="A file (readable by the replicas) holding the API key; takes precedence over api_key_env."
     )
     cors_origins: tuple[str, ...] = Field(
         (), description="Web origins (scheme://host[:port], or \"*\" for any) whose browser scripts may call the API "
@@ -582,6 +593,16 @@ def _rayfine_owned_override(overrides: dict[str, Any], kind: str) -> str | None:
     return None if key is None else f"model.config_overrides.{key}: {owned[key]}; remove it"
 
 
+def name_problem(name: str) -> Optional[str]:
+    """What is wrong with an experiment's or served model's name (None: nothing). It names the run
+    directory and the model in the serving URLs, /v2/models/<name>/..., where ``stats`` is taken."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        return "must be 1-100 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+    if name == "stats":
+        return "stats is taken: /v2/models/stats is every served model's statistics (Open Inference Protocol)"
+    return None
+
+
 class Config(_Section):
     """One experiment."""
 
@@ -614,10 +635,9 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-            raise ValueError(
-                "must be 1-100 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
-            )
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(problem)
         return name
 
     @model_validator(mode="after")
