@@ -30,7 +30,10 @@ from net_tools import free_port
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 RAYFINE = [sys.executable, "-m", "rayfine.cli"]
-TRIAL_EPOCHS = 3
+# Four epochs, where the tiny preset's trials train three: Tune starts the second trial a few
+# seconds after the first, and with 3 epochs of ~2 s the first could finish within 0.1 s of the
+# second's first epoch, leaving no moment at which both were part-way (seen once).
+TRIAL_EPOCHS = 4
 # The head runs the job's driver and no trial work (0 CPUs): every trial runs on the 2 worker
 # nodes (1 CPU each, 2 trials at once), so stopping one takes trials with it. Ray declares a node
 # dead after health_check_failure_threshold missed checks, health_check_period_ms apart: tightened
@@ -174,8 +177,9 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
     log_path = cluster["state"] / "job.log"
     args = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=nodeloss",
             "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo", "--set", "data.subsample=0.2",
-            "--set", "tune.search_space.train.batch_size={choice: [32]}", "--runs-dir", str(runs),
-            "--address", cluster["dashboard"], "--follow"]
+            "--set", "tune.search_space.train.batch_size={choice: [32]}", "--set",
+            f"tune.trial_overrides=[train.epochs={TRIAL_EPOCHS}, scaling.num_workers=1, scaling.cpus_per_worker=0.5, "
+            "scaling.data_cpus=0.25]", "--runs-dir", str(runs), "--address", cluster["dashboard"], "--follow"]
     with log_path.open("w") as log:
         job = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(PYTHONUNBUFFERED="1"))
     try:
@@ -194,7 +198,7 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
                 if on_workers:
                     victim = max(set(on_workers), key=on_workers.count).removeprefix("rayfine_")
                     break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert victim, "no two trials were seen part-way on the worker nodes:\n" + log_path.read_text()[-3000:]
         before = _trial_epochs(run)
         killed_at = time.monotonic()
