@@ -241,6 +241,11 @@ def test_predict_and_upload_items():
     assert protocol.upload_items([("a.txt", "fine".encode())], ["dull"], "text", LIMITS) == ["fine", "dull"]
     # A file saved with a byte-order mark: the mark is not part of the text (only a file's first).
     assert protocol.upload_items([("w.txt", "\ufefffine \ufeff".encode())], [], "text", LIMITS) == ["fine \ufeff"]
+    # Nor is the line ending that ends a text file's last line (`echo "great film" > review.txt`); a
+    # second one, or one in a form field, is the sender's.
+    files = [("a.txt", b"great film\n"), ("w.txt", b"great film\r\n"), ("b.txt", b"two\n\n")]
+    assert protocol.upload_items(files, ["field\n"], "text", LIMITS) == ["great film", "great film", "two\n", "field\n"]
+    assert protocol.upload_items([("c.txt", b"a\nb")], [], "text", LIMITS) == ["a\nb"]
     with pytest.raises(RequestError, match="not UTF-8"):
         protocol.upload_items([("a.bin", b"\xff\xfe\xfa")], [], "text", LIMITS)
     with pytest.raises(RequestError, match="takes uploaded files, not text fields"):

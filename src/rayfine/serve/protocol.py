@@ -471,6 +471,11 @@ def predict_items(req: PredictRequest, kind: str, limits: ServeConfig, pairs: bo
     return items
 
 
+def _file_text(text: str) -> str:
+    """An uploaded text file's text without the one line ending that ends its last line."""
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, limits: ServeConfig,
                  pairs: bool = False) -> list:
     """The raw items of a multipart /predict request: uploaded files (images, or UTF-8 texts for
@@ -484,8 +489,11 @@ def upload_items(files: list[tuple[str, bytes]], texts: list[str], kind: str, li
     _check_count(len(files) + len(texts), limits)
     if kind == "text":
         # An uploaded file may start with a byte-order mark (Windows editors write one); it is not
-        # text, and the training readers drop it too ("utf-8-sig" decodes either).
-        return _texts([_utf8(data, f"file {name!r}", "utf-8-sig") for name, data in files] + texts, limits, "input")
+        # text, and the training readers drop it too ("utf-8-sig" decodes either). Nor is the line
+        # ending a text file ends with (`echo "great film" > review.txt`): a CSV or JSONL cell has
+        # none, and a byte-level BPE tokenizer (RoBERTa, GPT-2) makes a token of it.
+        uploaded = [_file_text(_utf8(data, f"file {name!r}", "utf-8-sig")) for name, data in files]
+        return _texts(uploaded + texts, limits, "input")
     for name, data in files:
         if not data:
             raise RequestError(f"file {name!r}: empty upload")
