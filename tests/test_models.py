@@ -416,6 +416,10 @@ def test_a_decoder_only_text_classifier_gets_the_tokenizers_pad_id(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.max_length=1024"], "data.max_length: 1024 is more than minilm takes (512 tokens); allowed: 3 to 512"),
+    # A smaller model from the config (README: config_overrides sets a small model's size): its
+    # positions, not the tokenizer's 512, bound the texts; every worker failed at the first long one.
+    (["model.pretrained=false", "model.config_overrides={max_position_embeddings: 64}", "data.max_length=128"],
+     "data.max_length: 128 is more than minilm with max_position_embeddings 64 takes (64 tokens); allowed: 3 to 64"),
     (["data.max_length=2"], "data.max_length: 2 leaves no room for text: minilm adds 2 special tokens to a text; "
                             "allowed: 3 to 512"),
     (["data.max_length=3", "data.text_pair_column=hypothesis"],

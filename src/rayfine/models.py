@@ -520,10 +520,13 @@ def _check_model(cfg: Config) -> None:
         except RayfineError as e:
             raise ConfigError([str(e)]) from None
     if cfg.data.kind == "text":
-        fewest, most = token_limits(m.name, pair=bool(cfg.data.text_pair_column))
+        positions = m.config_overrides.get("max_position_embeddings")
+        positions = positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+        fewest, most = token_limits(m.name, pair=bool(cfg.data.text_pair_column), positions=positions)
         allowed = f"allowed: {fewest} to {most}" if most is not None else f"allowed: {fewest} or more"
         if most is not None and cfg.data.max_length > most:
-            raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {m.name} takes ({most} "
+            whose = f"{m.name} with max_position_embeddings {positions}" if positions is not None else m.name
+            raise ConfigError([(f"data.max_length: {cfg.data.max_length} is more than {whose} takes ({most} "
                                 f"tokens); {allowed}")])
         if cfg.data.max_length < fewest:
             # The tokenizer cannot truncate below its special tokens: it logs an error and returns
@@ -643,11 +646,13 @@ def _check_channel_order(cfg: Config) -> None:
 
 
 @quiet_transformers()
-def token_limits(name: str, pair: bool) -> tuple[int, Any]:
+def token_limits(name: str, pair: bool, positions: int | None = None) -> tuple[int, Any]:
     """The fewest and the most tokens ``data.max_length`` may be for the text model ``model.name``:
     one more than the special tokens its tokenizer adds to a text (or a text pair: [CLS] and
     [SEP]s), and its tokenizer's model_max_length, else its config's max_position_embeddings, None
-    when neither says. A tokenizer that cannot be loaded is a ConfigError naming model.name (the
+    when neither says; with ``positions`` (model.config_overrides' max_position_embeddings: a
+    smaller model built from the config), no more than those positions hold. A tokenizer that
+    cannot be loaded is a ConfigError naming model.name (the
     workers' Ray Data tokenization would otherwise fail on it, reported as the data's fault)."""
     import transformers
 
@@ -666,11 +671,16 @@ def token_limits(name: str, pair: bool) -> tuple[int, Any]:
             "(model.pretrained: false builds the model at random, but a text model still needs its tokenizer)"
         )]) from None
     most = tokenizer.model_max_length
-    if most is None or most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+    if most is None or most >= 1_000_000 or positions is not None:  # transformers' "unknown" (VERY_LARGE_INTEGER)
         try:
-            most = position_limit(transformers.AutoConfig.from_pretrained(source, trust_remote_code=False))
+            config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+            if positions is not None:
+                config.max_position_embeddings = positions
+            held = position_limit(config)
         except (OSError, ValueError):
-            most = None
+            held = None
+        known = [n for n in (most if most is not None and most < 1_000_000 else None, held) if n is not None]
+        most = min(known) if known else None
     return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
 
 
