@@ -331,3 +331,48 @@ def test_a_search_that_has_not_written_trials_csv_is_reported_from_its_trials_lo
     assert "No winner yet" in page and "2 trials with results" in page
     assert f"<td>a1_00000</td><td>0.001</td><td>0.8</td><td>{full}</td><td>completed</td>" in page
     assert "<td>a1_00001</td><td>0.01</td><td>0.8</td><td>1</td><td>unfinished</td>" in page
+
+
+def test_values_read_from_a_searchs_files_are_escaped_in_its_report(tmp_path):
+    """summary.json is the run directory's, which anyone who can write there may edit."""
+    import json
+
+    from rayfine.config import load_config
+    from rayfine.report import tune_report
+
+    search = tmp_path / "search"
+    (search / "tune").mkdir(parents=True)
+    (search / "config.yaml").write_text(load_config("resnet18_digits_tiny").to_yaml())
+    (search / "tune" / "trials.csv").write_text("trial_id,status,train.lr,epoch,val_loss,val_accuracy\n"
+                                                "a_00000,completed,0.001,1,0.9,0.5\n")
+    (search / "tune" / "summary.json").write_text(json.dumps({
+        "metric": "val_accuracy", "mode": "max", "num_trials": 1, "epochs_run": "<script>x()</script>",
+        "epochs_full_budget": 3, "best": {"trial_id": "a_00000", "epoch": "<b>1</b>", "val_accuracy": 0.5}}))
+    page = tune_report(search).read_text()
+    assert "<script>x()" not in page and "<b>1</b>" not in page
+    assert "&lt;script&gt;x()&lt;/script&gt; of 3 epochs" in page and "at epoch &lt;b&gt;1&lt;/b&gt;" in page
+
+
+def test_a_plot_cut_short_leaves_no_broken_png(tmp_path, monkeypatch):
+    """The report embeds a plot it finds, and never draws it again: a PNG cut short by a kill
+    stayed broken in it. A plot is now written whole or not at all."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from rayfine.report import plot_confusion_matrix
+
+    def cut_short(self, target, **kwargs):
+        if isinstance(target, (str, Path)):
+            Path(target).write_bytes(b"\x89PNG\r\n")
+        else:
+            target.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    path = tmp_path / "confusion_matrix.png"
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], path)
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -488,3 +488,40 @@ def test_a_file_store_tracking_uri_is_refused_unless_mlflow_allows_it(tmp_path, 
     tracker.log_epoch(EPOCH)
     tracker.finish()
     assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.metrics["val_accuracy"] == 0.5
+
+
+def test_a_sampled_mapping_is_one_param_and_a_non_finite_test_loss_is_null_in_eval_json(tmp_path, sqlite_uri, capsys):
+    """A searched train.class_weights mapping was split into one param per label, and MLflow
+    refuses a param name such as "train.class_weights.rock&roll": MLflow went off for the whole
+    search. A training run's eval.json artifact wrote an infinite test loss as bare Infinity,
+    where the run directory's eval.json has null (strict JSON)."""
+    from mlflow.tracking import MlflowClient
+
+    from rayfine.tracking import RunTracker, SearchTracking
+
+    uri = sqlite_uri()
+    client = MlflowClient(tracking_uri=uri)
+    tracking = SearchTracking(_cfg(tmp_path, uri), ["train.lr", "train.class_weights"])
+    weights = {"rock&roll": 2.0, "pop": 1.0}
+    trial = SimpleNamespace(trial_id="a", config={"train.lr": 0.01, "train.class_weights": weights})
+    tracking.on_trial_result(0, [], trial, dict(EPOCH))
+    tracking.on_trial_complete(0, [], trial)
+    tracking.finish(None, None, None, status="FINISHED")
+    assert _warnings(capsys) == []
+    params = client.get_run(tracking.run_ids["a"]).data.params
+    assert json.loads(params["train.class_weights"]) == weights and params["train.lr"] == "0.01"
+
+    tracker = RunTracker.open(_cfg(tmp_path, uri), name="train", tensorboard_dir=None)
+    tracker.log_evaluation({**EVALUATION, "loss": float("inf")})
+    tracker.finish()
+    text = Path(client.download_artifacts(tracker.run_id, "eval.json", str(tmp_path))).read_text()
+    assert json.loads(text)["loss"] is None and "Infinity" not in text
+
+
+def test_a_password_in_a_uris_query_is_masked():
+    from rayfine.config.sections import redact_url_passwords
+
+    assert redact_url_passwords("postgresql://host/db?user=u&password=S3cret&sslmode=require") == \
+        "postgresql://host/db?user=u&password=***&sslmode=require"
+    assert redact_url_passwords("mysql://u:S3cret@h/db?PWD=x;token=y") == "mysql://u:***@h/db?PWD=***;token=***"
+    assert redact_url_passwords("sqlite:///runs/mlflow.db?mode=ro") == "sqlite:///runs/mlflow.db?mode=ro"

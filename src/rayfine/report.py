@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,20 @@ from rayfine.config.sections import redact_url_passwords
 from rayfine.errors import RayfineError
 from rayfine.metrics import METRIC_KEYS
 from rayfine.rundir import command_config, jsonl_records, read_saved_config, saved_config, write_atomic
+
+
+def _e(value: Any) -> str:
+    """A value read from the run directory's files, as HTML text (a hand-edited file may hold markup)."""
+    return html.escape(str(value))
+
+
+def _save(fig, path: Path, **options) -> Path:
+    """The figure as a PNG at ``path``, written whole or not at all (``write_atomic``): the report
+    embeds a plot it finds, and a PNG cut short by a kill would stay broken in it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, **options)
+    write_atomic(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def _figure(width: float, height: float):
@@ -58,9 +73,7 @@ def plot_confusion_matrix(counts: np.ndarray, labels: list[str], path: str | Pat
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, Path(path))
 
 
 def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, highlight: Optional[str] = None,
@@ -92,8 +105,7 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path, metric: str, h
     if ax_metric.get_legend_handles_labels()[0]:
         ax_metric.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
 
 
 def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, path: Path,
@@ -124,8 +136,7 @@ def plot_search_overview(trials: dict[str, dict], keys: list[str], metric: str, 
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
     fig.colorbar(points, ax=axes[0].tolist(), label="epochs run")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 # --- reading the run directory ---------------------------------------------------------------------
@@ -205,7 +216,8 @@ def _evaluation_section(evaluation: Optional[dict], matrix_png: Path) -> str:
     return (
         "<section id='evaluation'><h2>Test evaluation</h2>"
         f"<p class='big'>accuracy <b>{evaluation['accuracy']:.4f}</b> &middot; macro F1 <b>{evaluation['macro_f1']:.4f}</b>"
-        f" &middot; loss {_fmt4(evaluation['loss'])} &middot; {evaluation['num_samples']} examples ({html.escape(evaluation['split'])} split)</p>"
+        f" &middot; loss {_fmt4(evaluation['loss'])} &middot; {_e(evaluation['num_samples'])} examples "
+        f"({_e(evaluation['split'])} split)</p>"
         + _img(matrix_png, "confusion matrix")
         + _table(per_class, ["label", "precision", "recall", "f1", "support"])
         + "</section>"
@@ -252,7 +264,8 @@ def train_report(run_dir: Path) -> Path:
     evaluation = _read_json(train_dir / "eval.json", EVAL_KEYS)
     sections = [
         "<section id='best'><h2>Best epoch</h2>"
-        f"<p class='big'>epoch {best['epoch']} of {len(lines)}: {metric} <b>{_fmt4(best.get(metric))}</b></p></section>",
+        f"<p class='big'>epoch {_e(best['epoch'])} of {len(lines)}: {_e(metric)} "
+        f"<b>{_fmt4(best.get(metric))}</b></p></section>",
         "<section id='curves'><h2>Learning curves</h2>" + _img(curves, "learning curves")
         + _table(lines, list(METRIC_KEYS)) + "</section>",
         _evaluation_section(evaluation, train_dir / "confusion_matrix.png"),
@@ -340,18 +353,18 @@ def tune_report(run_dir: Path) -> Path:
         key=lambda r: (math.isnan(r[f"best {metric}"]), -sign * r[f"best {metric}"]),
     )
     best = summary.get("best") or {}
-    budget = (f"{summary.get('epochs_run')} of {summary.get('epochs_full_budget')} epochs "
+    budget = (f"{_e(summary.get('epochs_run'))} of {_e(summary.get('epochs_full_budget'))} epochs "
               f"({summary.get('budget_fraction', 0):.2f} of the full budget) in {summary.get('wall_s', 0):.0f} s")
     sections = [
         "<section id='winner'><h2>Winner</h2>"
-        + (f"<p class='big'>trial <b>{html.escape(str(best.get('trial_id')))}</b> at epoch {best.get('epoch')}: "
-           f"{metric} <b>{_fmt(best.get(metric))}</b>; "
+        + (f"<p class='big'>trial <b>{html.escape(str(best.get('trial_id')))}</b> at epoch {_e(best.get('epoch'))}: "
+           f"{_e(metric)} <b>{_fmt(best.get(metric))}</b>; "
            + ", ".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in (best.get("overrides") or {}).items()) + "</p>"
            if best else "<p>No winner: no trial produced a usable checkpoint.</p>" if summary else
            "<p>No winner yet: tune/summary.json is missing, so the search has not ended, or stopped before its "
            "winner was evaluated (`--resume` finishes it). What its trials reported so far is below.</p>")
-        + (f"<p>{summary.get('num_trials', len(trials))} trials, scheduler {html.escape(str(summary.get('scheduler')))}, "
-           f"searcher {html.escape(str(summary.get('searcher')))}; {budget}.</p></section>" if summary else
+        + (f"<p>{_e(summary.get('num_trials', len(trials)))} trials, scheduler {_e(summary.get('scheduler'))}, "
+           f"searcher {_e(summary.get('searcher'))}; {budget}.</p></section>" if summary else
            f"<p>{len(trials)} trials with results.</p></section>"),
         "<section id='curves'><h2>Learning curves</h2>" + curves + "</section>",
         "<section id='search'><h2>Hyperparameters against the metric</h2>" + overview

@@ -184,7 +184,7 @@ def append_line(path: Path | str, line: str) -> None:
         f.write(line.encode() + b"\n")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write ``path`` whole or not at all: a temporary file beside it, then os.replace. A process
     killed (or a disk filled) mid-write leaves the previous file, or none, never a truncated one
     that a later command (a continuation, `rayfine report`) fails to parse."""
@@ -195,7 +195,7 @@ def write_atomic(path: Path, text: str) -> None:
     # Created as open() would create the file itself (0666 less the umask), not mkstemp's 0600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             # A file written again keeps its mode: a config.yaml the user made private (chmod 600: a
             # tracking password stays in it) stays private.
             with contextlib.suppress(FileNotFoundError):

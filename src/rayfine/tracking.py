@@ -37,7 +37,7 @@ from ray.tune import Callback
 
 from rayfine.config import Config, ConfigError
 from rayfine.config.sections import redact_url_passwords as _redact  # one definition, report.py's too
-from rayfine.metrics import METRIC_KEYS
+from rayfine.metrics import METRIC_KEYS, finite_or_none
 
 EPOCH_METRICS = tuple(k for k in METRIC_KEYS if k != "epoch")  # the epoch is each value's step
 
@@ -125,8 +125,12 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v and k not in ("search_space", "class_weights"):
             out.update(flat_params(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = _redact(json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))
+            out[f"{prefix}{k}"] = _param_value(v)
     return out
+
+
+def _param_value(v: Any) -> str:
+    return _redact(json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))
 
 
 def mlflow_target(cfg: Config) -> dict[str, str]:
@@ -339,7 +343,8 @@ class RunTracker:
         """The test evaluation: its headline figures as metrics, eval.json as an artifact."""
         split = evaluation.get("split", "test")
         self.log_metrics({k: evaluation[k] for k in ("accuracy", "macro_f1", "loss") if k in evaluation}, prefix=f"{split}_")
-        self._artifact("logging eval.json", "log_dict", evaluation, "eval.json")
+        # As the run directory's eval.json: null for a NaN or infinity (strict JSON).
+        self._artifact("logging eval.json", "log_dict", finite_or_none(evaluation), "eval.json")
 
     def log_checkpoint(self, directory: Path) -> None:
         self._artifact("logging the checkpoint", "log_artifacts", str(directory), artifact_path="checkpoint")
@@ -430,7 +435,9 @@ class SearchTracking(Callback):
             sampled = {k: trial.config.get(k) for k in self.keys}
             self.trials[tid] = RunTracker.open(
                 self.cfg, name=f"trial_{tid}", tensorboard_dir=self.tune_dir / "tensorboard" / tid,
-                params={**flat_params(sampled), "trial_id": tid}, parent_run_id=self.parent.run_id,
+                # Keyed by dotted field names already: a sampled mapping (train.class_weights) stays one value.
+                params={**{k: _param_value(v) for k, v in sampled.items()}, "trial_id": tid},
+                parent_run_id=self.parent.run_id,
                 run_id=self.run_ids.get(tid), tags={"rayfine.kind": "trial", "rayfine.trial_id": tid},
                 guard=self.guard,
             )

@@ -337,10 +337,12 @@ class StorageConfig(_Section):
 
 
 def redact_url_passwords(text: str) -> str:
-    """``text`` without the passwords of URLs in it (http://user:secret@host -> http://user:***@host):
-    what rayfine shows or logs of tracking.mlflow.tracking_uri (a database store's URI carries its
-    password) in warnings, MLflow params, tracking.json and report.html."""
-    return re.sub(r"//([^/:@\s]*):[^/@\s]+@", r"//\1:***@", text)
+    """``text`` without the passwords of URLs in it (http://user:secret@host -> http://user:***@host,
+    and in a query, postgresql://host/db?user=u&password=secret -> ...&password=***, as SQLAlchemy
+    and libpq take them): what rayfine shows or logs of tracking.mlflow.tracking_uri (a database
+    store's URI carries its password) in warnings, MLflow params, tracking.json and report.html."""
+    text = re.sub(r"//([^/:@\s]*):[^/@\s]+@", r"//\1:***@", text)
+    return re.sub(r"([?&;](?:password|passwd|pwd|token|secret)=)[^&;#\s]+", r"\1***", text, flags=re.IGNORECASE)
 
 
 class MLflowConfig(_Section):
@@ -593,7 +595,7 @@ def _rayfine_owned_override(overrides: dict[str, Any], kind: str) -> str | None:
     return None if key is None else f"model.config_overrides.{key}: {owned[key]}; remove it"
 
 
-def name_problem(name: str) -> Optional[str]:
+def name_problem(name: str) -> str | None:
     """What is wrong with an experiment's or served model's name (None: nothing). It names the run
     directory and the model in the serving URLs, /v2/models/<name>/..., where ``stats`` is taken."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):

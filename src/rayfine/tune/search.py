@@ -31,7 +31,7 @@ from rayfine.config.sections import storage_location
 from rayfine.data import build_datasets
 from rayfine.data.sources import check_source
 from rayfine.errors import TrainingError
-from rayfine.metrics import json_text
+from rayfine.metrics import json_text, nan_for_null
 from rayfine.models import absolute_model_paths, check_model
 from rayfine.rundir import command_config, holding, save_config, saved_config, write_atomic
 from rayfine.runtime import NoticeFilter, Terminated, restored_environ
@@ -239,7 +239,8 @@ def _run_search(cfg: Config, base: Config, *, resume: bool, strict_resources: bo
         summary = write_outputs(cfg, base, results, datasets, plan.concurrent, started, resume, log=log)
     finally:
         best_dir = run_dir / "tune" / "best"
-        evaluation = json.loads((best_dir / "eval.json").read_text()) if summary and summary.get("best") else None
+        evaluation = (nan_for_null(json.loads((best_dir / "eval.json").read_text()), ("accuracy", "macro_f1", "loss"))
+                      if summary and summary.get("best") else None)  # a non-finite test loss is logged, as NaN
         tracking.finish(summary, evaluation, best_dir / "checkpoint" if evaluation else None)
     return summary
 
