@@ -178,8 +178,8 @@ def test_worker_node_stopped_mid_search_its_trials_recover_elsewhere(cluster):
     args = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=nodeloss",
             "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo", "--set", "data.subsample=0.2",
             "--set", "tune.search_space.train.batch_size={choice: [32]}", "--set",
-            f"tune.trial_overrides=[train.epochs={TRIAL_EPOCHS}, scaling.num_workers=1, scaling.cpus_per_worker=0.5, "
-            "scaling.data_cpus=0.25]", "--runs-dir", str(runs), "--address", cluster["dashboard"], "--follow"]
+            (f"tune.trial_overrides=[train.epochs={TRIAL_EPOCHS}, scaling.num_workers=1, scaling.cpus_per_worker=0.5, "
+             "scaling.data_cpus=0.25]"), "--runs-dir", str(runs), "--address", cluster["dashboard"], "--follow"]
     with log_path.open("w") as log:
         job = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(PYTHONUNBUFFERED="1"))
     try:

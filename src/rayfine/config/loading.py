@@ -367,7 +367,7 @@ def describe_all(errors: list[dict[str, Any]]) -> list[str]:
 
 # How pydantic-core names a union's alternative in an error's location: its schema type, then [...].
 _UNION_TAG = re.compile(r"(literal|dict|list|tuple|set|frozenset|union|nullable|function-[a-z]+|constrained-[a-z]+|"
-                        r"json-or-python|lax-or-strict|is-instance|model|dataclass|tagged-union|chain)\[.*\]", re.S)
+                        r"json-or-python|lax-or-strict|is-instance|model|dataclass|tagged-union|chain)\[.*\]", re.DOTALL)
 
 
 def _describe(err: dict[str, Any]) -> tuple[str, str]:

@@ -95,7 +95,12 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 SHARED_PREFIXES = ("storage.", "tune.", "tracking.", "serve.")
 
 
-def shadowed_overrides(cfg: "Config", overrides: list[str]) -> list[str]:
+def _within(field: str, key: str) -> bool:
+    """``field`` is ``key`` or inside the section ``key`` names."""
+    return field == key or field.startswith(key + ".")
+
+
+def shadowed_overrides(cfg: Config, overrides: list[str]) -> list[str]:
     """The ``--set`` keys of a search that every trial overrides again: a trial is the config plus
     tune.trial_overrides plus its sampled values, so ``--set train.epochs=3`` beside a preset's
     ``trial_overrides: [train.epochs=8, ...]`` would change nothing. One line per key, saying where
@@ -107,17 +112,16 @@ def shadowed_overrides(cfg: "Config", overrides: list[str]) -> list[str]:
     stripped = {"=".join(part.strip() for part in item.partition("=")[::2]) for item in t.trial_overrides}
     for override in overrides:
         key = override.partition("=")[0].strip()
-        within = lambda other: other == key or other.startswith(key + ".")  # noqa: E731 (a section holding it)
         if key == "tune" or key.startswith("tune."):
             continue
         given = override.partition("=")[2].strip()
-        shadowing = [k for k in trial_keys if within(k) and f"{k}={given}" not in stripped]
+        shadowing = [k for k in trial_keys if _within(k, key) and f"{k}={given}" not in stripped]
         if shadowing:
             kept = [item for item in t.trial_overrides if item.partition("=")[0].strip() not in shadowing]
             fix = [*kept, f"{key}={given}"] if key in shadowing else kept
             lines.append(f"{key}: tune.trial_overrides sets {', '.join(shadowing)} for every trial, after --set; "
                          f"give it there: --set 'tune.trial_overrides={yaml_value(fix)}'")
-        for k in (k for k in t.search_space if within(k)):
+        for k in (k for k in t.search_space if _within(k, key)):
             lines.append(f"{key}: tune.search_space draws {k} for every trial; to fix it, drop that dimension "
                          f"too: --set tune.search_space.{k}=null")
     return lines

@@ -15,7 +15,6 @@ with a generator seeded per (seed, epoch, rank): a seed reproduces a run, resume
 from __future__ import annotations
 
 import functools
-
 import io
 from typing import TYPE_CHECKING
 
@@ -300,7 +299,7 @@ def to_model_input(images: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _normalization_on(device: "torch.device", mean: tuple, std: tuple) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _normalization_on(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """``normalization`` as 1xCx1x1 tensors on ``device``, made once: a copy from the host to a GPU
     waits for the work the GPU has queued, and a copy in every step would stop the loop from
     queueing the next step's work while the GPU runs this one."""
@@ -310,7 +309,7 @@ def _normalization_on(device: "torch.device", mean: tuple, std: tuple) -> tuple[
         return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
 
 
-def _normalization_tensors(data_cfg: DataConfig, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+def _normalization_tensors(data_cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = normalization(data_cfg)
     return _normalization_on(device, tuple(mean.tolist()), tuple(std.tolist()))
 
