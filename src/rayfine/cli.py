@@ -121,8 +121,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from rayfine.config import ConfigError, apply_overrides, name_problem
 
-    if args.name is not None and name_problem(args.name):  # the model's name in every /v2/models/<name> URL
-        raise ConfigError([f"--name: {name_problem(args.name)} (got {args.name!r})"])
+    problem = None if args.name is None else name_problem(args.name)  # the model's name in every /v2/models/<name> URL
+    if problem:
+        raise ConfigError([f"--name: {problem} (got {args.name!r})"])
     raw = apply_overrides({}, list(args.overrides))
     if set(raw) - {"serve"}:
         raise ConfigError([f"--set {k}...: `rayfine serve` takes serve.* settings only" for k in sorted(set(raw) - {"serve"})])

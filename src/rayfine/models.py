@@ -671,7 +671,9 @@ def token_limits(name: str, pair: bool, positions: int | None = None) -> tuple[i
             "(model.pretrained: false builds the model at random, but a text model still needs its tokenizer)"
         )]) from None
     most = tokenizer.model_max_length
-    if most is None or most >= 1_000_000 or positions is not None:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+    if most is not None and most >= 1_000_000:  # transformers' "unknown" (VERY_LARGE_INTEGER)
+        most = None
+    if most is None or positions is not None:
         try:
             config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
             if positions is not None:
@@ -679,8 +681,7 @@ def token_limits(name: str, pair: bool, positions: int | None = None) -> tuple[i
             held = position_limit(config)
         except (OSError, ValueError):
             held = None
-        known = [n for n in (most if most is not None and most < 1_000_000 else None, held) if n is not None]
-        most = min(known) if known else None
+        most = min((n for n in (most, held) if n is not None), default=None)
     return tokenizer.num_special_tokens_to_add(pair=pair) + 1, most
 
 

@@ -501,13 +501,6 @@ class ServeConfig(_Section):
     max_queued_requests: Int = Field(
         256, ge=-1, description="Requests waiting for a replica beyond that; more are refused with 503 (-1: no limit; not 0)."
     )
-
-    @field_validator("max_queued_requests")
-    @classmethod
-    def _queue(cls, n: int) -> int:
-        if n == 0:  # Ray Serve refuses 0 when the deployment is made, after the whole search
-            raise ValueError("0 is not a queue length Ray Serve takes: give -1 (no limit) or at least 1")
-        return n
     max_request_bytes: Int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are parsed."
     )
@@ -533,6 +526,13 @@ class ServeConfig(_Section):
         "(CORS); empty: none. Preflights need no API key; credentials (cookies) are never allowed, the key travels "
         "in a header."
     )
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, n: int) -> int:
+        if n == 0:  # Ray Serve refuses 0 when the deployment is made, after the whole search
+            raise ValueError("0 is not a queue length Ray Serve takes: give -1 (no limit) or at least 1")
+        return n
 
     @field_validator("route_prefix")
     @classmethod
