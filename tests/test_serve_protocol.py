@@ -1730,3 +1730,45 @@ def test_two_deploys_at_once_keep_both_apps(fake_serve, monkeypatch):
     assert [[app.name for app in schema.applications] for schema in fake_serve.deployed] == [["a"], ["a", "b"]]
     assert "[serve] waiting for another rayfine deploy on this cluster to apply its apps" in logs["b"]
     assert fake_serve.kv == {}  # both let go of their turn
+
+
+def test_a_swap_another_deploy_supersedes_while_it_waits_neither_waits_out_its_timeout_nor_rolls_back(fake_serve):
+    """The deploy lock covers a deploy's read and apply, not its wait for the replicas: a second
+    `rayfine serve` may swap in a third version meanwhile. The first then waited out its timeout
+    and failed, or, if its replicas could not load its version, put its "before" back over the
+    second's version: the app served neither new model while both commands had reported theirs."""
+    from rayfine.serve.app import IMPORT_PATH, user_config
+
+    old, new, third = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95), fake_serve.checkpoint(0.97)
+    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
+                                                    "deployed_app_config": app}
+    fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.9})
+
+    def another_deploy_right_after(schema):  # the config Serve holds once this apply and another's are in
+        app["deployments"] = [{"name": "Classifier", "user_config": user_config(third)}]
+
+    fake_serve.on_deploy = another_deploy_right_after
+    started = time.monotonic()
+    with pytest.raises(fake_serve.module.Superseded, match=rf"another deploy swapped version "
+                                                           rf"{user_config(third)['version']} into 'digits'"):
+        fake_serve.module.deploy(new, name="digits", timeout_s=30, log=lambda *_: None)
+    assert time.monotonic() - started < 10
+    # Its replicas could not load it, and another deploy applied its version just then: the config
+    # is not put back over that one.
+    fake_serve.deployed.clear()
+    fake_serve.on_deploy = None
+    app["deployments"] = [{"name": "Classifier", "user_config": user_config(old)}]
+
+    def answers():
+        yield dict(fake_serve.served)  # deploy's own look at the app
+        another_deploy_right_after(None)
+        yield {**fake_serve.served, "swap_error": {"user_config": user_config(new), "error": "OSError: no such file"}}
+
+    fake_serve.answers = answers()
+    with pytest.raises(fake_serve.module.DeployError, match=r"could not load .*; another deploy has since applied "
+                                                            rf"version {user_config(third)['version']} to 'digits'"):
+        fake_serve.module.deploy(new, name="digits", timeout_s=30, log=lambda *_: None)
+    assert len(fake_serve.deployed) == 1  # its own swap only

@@ -38,6 +38,10 @@ class SwapFailed(DeployError):
     """The replicas could not load the new checkpoint and kept serving the model they had."""
 
 
+class Superseded(DeployError):
+    """Another deploy applied another version to the app before every replica served this one."""
+
+
 # An app in these states has replicas serving (UNHEALTHY: one failed its health check, say): a
 # deploy of that name swaps its model in place, never replaces the app.
 LIVE = ("RUNNING", "DEPLOYING", "UNHEALTHY")
@@ -290,6 +294,7 @@ def deploy(
         result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
         if current is not None and current.get("status") in LIVE:
             served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, run=same_settings)
+            was = served.get("version")  # what the replicas serve before this swap
             route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
             result["url"] = _url(details, route_prefix)
             if served.get("version") == version:
@@ -316,22 +321,27 @@ def deploy(
             check_replicas_fit(settings, strict=strict_resources, log=log)
             ours = app_config(checkpoint_dir, name, serve_overrides, settings.route_prefix)
             result["url"] = _url(details, settings.route_prefix)
-            action = "deployed"
+            action, was = "deployed", None
             log(f"[serve] deploying {name} (version {version}) from {checkpoint_dir}")
 
         _apply_with_others(name, ours, details)
     try:
-        info = _wait_for_version(name, version, timeout_s)
+        info = _wait_for_version(name, version, timeout_s, was)
     except SwapFailed as e:
         if action != "swapped":
             raise
         # Put the config back to what the replicas serve (not the config before: that may name a
         # rollout that failed too), or a replica Serve starts later (a restart, autoscaling) would
-        # try the checkpoint they could not load.
+        # try the checkpoint they could not load. Unless another deploy has applied its own version
+        # since: putting this one's "before" back would undo that one.
         back = {"checkpoint": served.get("checkpoint"), "version": served.get("version")}
         ours["deployments"] = deployments + [{**previous, "user_config": back}]
         with _deploy_lock(log):
-            _apply_with_others(name, ours, _details())  # the apps as they are now
+            now = _details()  # the apps as they are now
+            applied = _deployed_version(now.get("applications", {}).get(name) or {})
+            if applied not in (None, version, was):
+                raise DeployError(f"{e}; another deploy has since applied version {applied} to {name!r}") from None
+            _apply_with_others(name, ours, now)
         raise DeployError(f"{e}; {name!r} keeps serving version {served.get('version')}") from None
     return {**result, "action": action, "api_key": info.get("api_key")}
 
@@ -416,11 +426,21 @@ def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
     _get_global_client().deploy_apps(schema)
 
 
-def _wait_for_version(name: str, version: str, timeout_s: float) -> dict[str, Any]:
-    """Until every running replica of the app answers with ``version`` (a swap or a first deploy);
-    the last replica's ``info()``. SwapFailed when a replica reports that it could not load
-    ``version`` (a path only some nodes read fails on those only: each replica is asked, through
-    the handle, until all have answered)."""
+def _deployed_version(app: dict) -> str | None:
+    """The model version an app's applied config names (its Classifier's user_config); None where
+    it names none (a config written by hand may leave the version out)."""
+    config = app.get("deployed_app_config") or {}
+    classifier = next((d for d in config.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME), {})
+    return (classifier.get("user_config") or {}).get("version")
+
+
+def _wait_for_version(name: str, version: str, timeout_s: float, previous: str | None = None) -> dict[str, Any]:
+    """Until every running replica of the app answers with ``version`` (a swap from ``previous``, or
+    a first deploy); the last replica's ``info()``. SwapFailed when a replica reports that it could
+    not load ``version`` (a path only some nodes read fails on those only: each replica is asked,
+    through the handle, until all have answered). Superseded when the app's config names a third
+    version meanwhile: another deploy swapped its own in (the deploy lock covers a deploy's apply,
+    not its wait), and this one's replicas will never all serve ``version``."""
     deadline = time.time() + timeout_s
     last = ""
     answered: dict[str, Any] = {}  # replica id -> the version it last answered with
@@ -429,6 +449,10 @@ def _wait_for_version(name: str, version: str, timeout_s: float) -> dict[str, An
         status = app.get("status")
         if status == "DEPLOY_FAILED":
             raise DeployError(f"app {name!r} failed to deploy: {app.get('message', '')}")
+        applied = _deployed_version(app)
+        if applied not in (None, version, previous):
+            raise Superseded(f"another deploy swapped version {applied} into {name!r} before every replica served "
+                             f"version {version}; {name!r} serves {applied} once its replicas have loaded it")
         deployment = (app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}
         if status in ("RUNNING", "UNHEALTHY"):  # UNHEALTHY: a replica failed a health check; the others serve
             try:
