@@ -247,32 +247,32 @@ def test_predictions_show_control_characters_escaped():
                          "café 日本\\r\tpos\t0.9000\t(n\\teg 0.100)"]
 
 
-def test_serve_refuses_a_path_without_a_checkpoint_before_ray_starts(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A command that must refuse before Ray starts: starting it fails the test."""
     import rayfine.runtime
 
-    def no_ray(*args, **kwargs):
+    def refused(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
+    monkeypatch.setattr(rayfine.runtime, "ray_session", refused)
+
+
+def test_serve_refuses_a_path_without_a_checkpoint_before_ray_starts(no_ray, tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path / "nothing")]) == cli.EXIT_FAILED
     assert "nothing" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_wrong_serve_setting_or_port_before_ray_starts(monkeypatch, tmp_path, capsys):
+def test_serve_refuses_a_wrong_serve_setting_or_port_before_ray_starts(no_ray, tmp_path, capsys):
     """`rayfine serve RUN --set serve.max_batch_size=0` (or --port 99999) started Ray, and was
     refused ~10 s later; it is a config error like any other, told at once."""
-    import rayfine.runtime
     from rayfine import checkpoints
     from rayfine.config import load_config
     from rayfine.models import build_model
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
     cfg = load_config("resnet18_digits_tiny")
     directory = checkpoints.save_checkpoint(tmp_path / "ckpt", build_model(cfg, ["0", "1"]), cfg, ["0", "1"],
                                             {"epoch": 1, "val_accuracy": 0.5})
-    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
     assert cli.main(["serve", str(directory), "--set", "serve.max_batch_size=0"]) == cli.EXIT_USAGE
     assert "serve.max_batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert cli.main(["serve", str(directory), "--port", "99999"]) == cli.EXIT_USAGE
@@ -322,15 +322,10 @@ def test_a_refused_connection_says_how_ray_sends_a_clusters_token(monkeypatch):
         pass
 
 
-def test_serve_refuses_a_name_no_url_can_carry_before_ray_starts(monkeypatch, tmp_path, capsys):
+def test_serve_refuses_a_name_no_url_can_carry_before_ray_starts(no_ray, tmp_path, capsys):
     """--name is the model's name in every /v2/models/<name> route: "team/digits" matched none of
     them, "stats" was shadowed by /v2/models/stats; both deployed and printed a URL."""
-    import rayfine.runtime
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
     for name, rule in (("team/digits", "1-100 characters of letters"), ("stats", "/v2/models/stats is every")):
         assert cli.main(["serve", str(tmp_path), "--name", name]) == cli.EXIT_USAGE
         err = capsys.readouterr().err
@@ -338,16 +333,11 @@ def test_serve_refuses_a_name_no_url_can_carry_before_ray_starts(monkeypatch, tm
 
 
 @pytest.mark.parametrize("command", ["tune", "run"])
-def test_a_set_that_every_trial_overrides_again_is_refused_before_ray_starts(command, monkeypatch, tmp_path, capsys):
+def test_a_set_that_every_trial_overrides_again_is_refused_before_ray_starts(command, no_ray, tmp_path, capsys):
     """`rayfine tune resnet18_digits --set train.epochs=3`: the preset's tune.trial_overrides sets
     train.epochs=8 for every trial after the --set, so the search trained 8 epochs a trial and
     said nothing. The refusal gives the --set that does it."""
-    import rayfine.runtime
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(rayfine.runtime, "ray_session", no_ray)
     base = [command, "resnet18_digits_tiny", "--runs-dir", str(tmp_path)]
     assert cli.main([*base, "--set", "train.epochs=2", "--set", "train.lr=0.01"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err

@@ -357,7 +357,7 @@ def tune_report(run_dir: Path) -> Path:
               f"({summary.get('budget_fraction', 0):.2f} of the full budget) in {summary.get('wall_s', 0):.0f} s")
     sections = [
         "<section id='winner'><h2>Winner</h2>"
-        + (f"<p class='big'>trial <b>{html.escape(str(best.get('trial_id')))}</b> at epoch {_e(best.get('epoch'))}: "
+        + (f"<p class='big'>trial <b>{_e(best.get('trial_id'))}</b> at epoch {_e(best.get('epoch'))}: "
            f"{_e(metric)} <b>{_fmt(best.get(metric))}</b>; "
            + ", ".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in (best.get("overrides") or {}).items()) + "</p>"
            if best else "<p>No winner: no trial produced a usable checkpoint.</p>" if summary else

@@ -306,7 +306,7 @@ def deploy(
                 result["reason"] = reason
             ours = copy.deepcopy(current["deployed_app_config"])
             deployments = [d for d in ours.get("deployments", []) if d.get("name") != DEPLOYMENT_NAME]
-            previous = next((d for d in ours.get("deployments", []) if d.get("name") == DEPLOYMENT_NAME), {"name": DEPLOYMENT_NAME})
+            previous = _classifier_of(ours) or {"name": DEPLOYMENT_NAME}
             ours["deployments"] = deployments + [{**previous, "user_config": user_config(checkpoint_dir)}]
             action = "swapped"
             log(f"[serve] swapping {name}: version {served.get('version')} -> {version}")
@@ -426,12 +426,15 @@ def _apply(applications: list[dict], target_capacity: Optional[float]) -> None:
     _get_global_client().deploy_apps(schema)
 
 
+def _classifier_of(app_config: dict) -> dict | None:
+    """The Classifier deployment's entry in an app's config (None: the config lists none)."""
+    return next((d for d in app_config.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME), None)
+
+
 def _deployed_version(app: dict) -> str | None:
     """The model version an app's applied config names (its Classifier's user_config); None where
     it names none (a config written by hand may leave the version out)."""
-    config = app.get("deployed_app_config") or {}
-    classifier = next((d for d in config.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME), {})
-    return (classifier.get("user_config") or {}).get("version")
+    return ((_classifier_of(app.get("deployed_app_config") or {}) or {}).get("user_config") or {}).get("version")
 
 
 def _wait_for_version(name: str, version: str, timeout_s: float, previous: str | None = None) -> dict[str, Any]:
