@@ -189,8 +189,9 @@ def baseline(ray_local, tmp_path_factory):
 def _wait_until_logged(run_dir: Path, epochs: int) -> None:
     """Until ``run_dir``'s metrics.jsonl holds ``epochs`` lines, or a minute has passed (in a Train
     worker: net_tools.wait_for, in a test file, is not importable there). Ray Train's controller
-    takes reports in every 2 s (its health-check interval), so on a fast machine the workers can be
-    a whole epoch ahead of the log that the kills below are timed by."""
+    takes reports in at its health-check polls (0.5 s apart on an embedded Ray, 2 s on a cluster), so
+    on a fast machine the workers can be a whole epoch ahead of the log that the kills below are
+    timed by."""
     deadline = time.monotonic() + 60
     while len(metrics_lines(run_dir)) < epochs and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -52,6 +52,7 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
 
         return {"progress_warning_left": log_once("ray_data_progress_manager_disabled"),  # False once said
                 "preemption_watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+                "train_poll_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
                 "cleanup_notice": shown("Detected that the Ray Train controller actor (0a1b) is dead. Cleaning up "
                                         "placement group = [PlacementGroupID(2c3d)] created by this run."),
                 "cleanup_failure": shown("Failed to clean up placement group: the GCS is unreachable")}
@@ -79,8 +80,13 @@ def test_workers_reach_their_own_state_api_beside_another_ray(other_ray):
         assert "multiple active Ray instances" in ray.get(bare)
         # Every worker ran rayfine's setup hook and got the embedded Ray's own settings: the routine
         # cleanup notice is dropped, a failed cleanup is still reported.
-        assert ray.get(worker_setup.remote()) == {"progress_warning_left": False, "preemption_watcher": "0",
-                                                  "cleanup_notice": False, "cleanup_failure": True}
+        setup = {"progress_warning_left": False, "preemption_watcher": "0", "train_poll_s": "0.5",
+                 "cleanup_notice": False, "cleanup_failure": True}
+        assert ray.get(worker_setup.remote()) == setup
+        # ... also where the task has env_vars of its own, as Ray Train's controller has (those it
+        # copies from the driver's environment): Ray merges them with the session's.
+        own_env = worker_setup.options(runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}).remote()
+        assert ray.get(own_env) == setup
     assert other_ray.poll() is None  # the other Ray was left alone
 
 

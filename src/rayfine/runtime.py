@@ -24,7 +24,12 @@ WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 # What an embedded local Ray's workers get besides WORKER_ENV. Ray Train's preemption watcher (an
 # actor per training run, polling for nodes being drained, e.g. spot instances) has nothing to
 # watch on the one node of an embedded Ray; its creation also logs a core_worker error line.
-LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and takes
+# in one report a poll; a worker's next report waits for it (a queue of one), and the end of the run
+# is seen at a poll. So an epoch shorter than 2 s took 2 s, and every run ended up to 2 s late: on a
+# laptop with small data, most runs. A poll is one call to each worker, which a few local workers
+# answer at once (a poll not answered within it is not a failure: Ray waits 10 minutes for that).
+LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 # Run by every worker process of an embedded local Ray before anything else (its runtime_env's
 # worker_process_setup_hook): Train workers reading their shards (and Ray Train's split coordinators,
