@@ -239,13 +239,12 @@ def test_a_stopped_search_job_is_resumed_with_submit_resume(cluster):
     its driver): the same submission again is refused, with a hint naming --resume; `rayfine submit
     --resume` runs the job with --resume under an id of its own and finishes the search on the
     shared storage. Another Ray runs on this host until the stop, and the stopped job leaves no Ray
-    Train placement-group cleaner behind. One trial at a time: the served app of the pipeline test
-    holds 0.3 CPU."""
+    Train placement-group cleaner behind. One trial: a search resumed with trials yet to start, and
+    trials a scheduler stopped, are tests/test_tune_resume.py's; what is checked here is the job."""
     address, runs = cluster["dashboard"], cluster["storage"] / "runs"
     submit = [*RAYFINE, "submit", "resnet18_digits_tiny", "--job", "tune", "--set", "name=stopped_search",
-              "--set", "data.subsample=0.2", "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo",
-              "--set", "tune.max_concurrent_trials=1", "--set",
-              "tune.trial_overrides=[train.epochs=3, scaling.num_workers=1, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
+              "--set", "data.subsample=0.2", "--set", "tune.num_samples=1", "--set", "tune.scheduler=fifo", "--set",
+              "tune.trial_overrides=[train.epochs=4, scaling.num_workers=1, scaling.cpus_per_worker=0.6, scaling.data_cpus=0.25]",
               "--runs-dir", str(runs), "--address", address]
     # Another Ray on this host all along (a user's embedded rayfine run): the cluster's processes still
     # find their own State API (up.sh names it), so Ray Train's placement-group cleaner, a detached
@@ -264,11 +263,13 @@ def test_a_stopped_search_job_is_resumed_with_submit_resume(cluster):
                     for log in trials.glob("trial_*/epochs.jsonl")}
 
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not any(1 <= len(e) < 3 for e in epochs().values()):
+        while time.monotonic() < deadline and not any(1 <= len(e) < 4 for e in epochs().values()):
             time.sleep(0.5)
-        assert any(1 <= len(e) < 3 for e in epochs().values()), f"no trial was seen part-way: {epochs()}"
+        assert any(1 <= len(e) < 4 for e in epochs().values()), f"no trial was seen part-way: {epochs()}"
         stop = _run([*RAYFINE, "jobs", "stop", job_id, "--address", address], timeout=120, env=_env())
         assert stop.returncode == 0 and stop.stdout.strip().endswith("STOPPED"), stop
+        stopped_at = epochs()
+        assert [len(e) < 4 for e in stopped_at.values()] == [True], f"the trial was not stopped part-way: {stopped_at}"
         deadline, cleaners = time.monotonic() + 60, None
         while cleaners != [] and time.monotonic() < deadline:
             cleaners = _state_api(address, """out = [a.actor_id for a in list_actors(address=address, limit=10000,
@@ -283,9 +284,9 @@ def test_a_stopped_search_job_is_resumed_with_submit_resume(cluster):
     assert f"[submit] {job_id}-resume submitted" in resumed.stdout and f"[job] {job_id}-resume SUCCEEDED" in resumed.stdout
     assert "[tune] resuming the search in" in resumed.stdout
     summary = json.loads((runs / "stopped_search" / "tune" / "summary.json").read_text())
-    assert summary["num_trials"] == 2 and summary["resumed"] and summary["best"]["test_accuracy"] > 0
+    assert summary["num_trials"] == 1 and summary["resumed"] and summary["best"]["test_accuracy"] > 0
     # Every epoch trained once: the stopped trial continued from its checkpoint.
-    assert sorted(epochs().values()) == [[1, 2, 3], [1, 2, 3]], epochs()
+    assert list(epochs().values()) == [[1, 2, 3, 4]], (stopped_at, epochs())
 
 
 def test_down_stops_exactly_the_cluster(cluster):
