@@ -9,9 +9,11 @@ Ray task asking the State API for an actor, with rayfine's setting and without i
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -266,6 +268,71 @@ except Terminated:
 except KeyboardInterrupt:
     print("interrupted", flush=True)
 """
+
+
+def test_leftovers_are_the_processes_writing_the_sessions_logs_not_their_readers(tmp_path):
+    """What end_leftover_processes ends: a process writing a file of the session's logs folder (as
+    each Ray process writes its own), not one reading it (a user's `tail -f`), nor one writing elsewhere."""
+    from rayfine.runtime import end_leftover_processes, session_processes
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "raylet.out").write_text("started\n")
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    with ((logs / "worker.err").open("w") as out, (logs / "raylet.out").open() as log,
+          (tmp_path / "other.log").open("w") as other):
+        writer = subprocess.Popen(sleep, stderr=out)
+        reader = subprocess.Popen(sleep, stdin=log)
+        elsewhere = subprocess.Popen(sleep, stderr=other)
+    try:
+        assert session_processes(str(logs)) == [writer.pid]
+        assert end_leftover_processes(str(logs), grace_s=0) == [writer.pid]
+        assert writer.wait(timeout=10) == -9 and reader.poll() is None and elsewhere.poll() is None
+        assert session_processes(str(logs)) == []
+    finally:
+        for proc in (writer, reader, elsewhere):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_worker_whose_python_cannot_exit_does_not_outlive_the_session():
+    """An actor dropped by its last handle leaves Ray's session at once; a process whose Python then
+    cannot exit (here a thread that is not a daemon; once, a Ray Train controller) used to stay for
+    good, reparented to init, after ray.shutdown(). The embedded Ray ends what is left of its session."""
+    import os
+
+    import ray
+
+    from rayfine.runtime import WORKER_ENV, local_ray, session_processes
+
+    @ray.remote(num_cpus=0)
+    class Stuck:
+        def start(self) -> int:
+            import threading
+            import time
+
+            threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+            return os.getpid()
+
+    with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=1, logging_level="WARNING"):
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+        stuck = Stuck.remote()
+        pid = ray.get(stuck.start.remote())
+        assert pid in session_processes(logs_dir)
+        del stuck  # Ray kills the actor: its core worker leaves the session, its Python waits for the thread
+        deadline = time.time() + 30
+        while time.time() < deadline and "Shutdown completed successfully" not in "".join(
+                log.read_text() for log in Path(logs_dir).glob(f"python-core-worker-*_{pid}.log")):
+            time.sleep(0.2)
+        time.sleep(1)
+        assert os.path.exists(f"/proc/{pid}"), "the actor's process exited: nothing here is stuck"
+    time.sleep(0.5)
+    stat = Path(f"/proc/{pid}/stat")
+    state = stat.read_text().rsplit(")", 1)[1].split()[0] if stat.exists() else None
+    if state not in (None, "Z"):
+        os.kill(pid, signal.SIGKILL)  # this test's stuck actor: not left behind when it fails
+    assert state in (None, "Z"), f"the stuck worker {pid} outlived its session (state {state})"
+    assert session_processes(logs_dir) == []
 
 
 @pytest.mark.parametrize("signame, when, said", [
