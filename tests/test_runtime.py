@@ -278,12 +278,12 @@ def test_leftovers_are_the_processes_writing_the_sessions_logs_not_their_readers
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "raylet.out").write_text("started\n")
-    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    idle = [sys.executable, "-c", "import signal; signal.pause()"]  # until this test ends it
     with ((logs / "worker.err").open("w") as out, (logs / "raylet.out").open() as log,
           (tmp_path / "other.log").open("w") as other):
-        writer = subprocess.Popen(sleep, stderr=out)
-        reader = subprocess.Popen(sleep, stdin=log)
-        elsewhere = subprocess.Popen(sleep, stderr=other)
+        writer = subprocess.Popen(idle, stderr=out)
+        reader = subprocess.Popen(idle, stdin=log)
+        elsewhere = subprocess.Popen(idle, stderr=other)
     try:
         assert session_processes(str(logs)) == [writer.pid]
         assert end_leftover_processes(str(logs), grace_s=0) == [writer.pid]
@@ -302,37 +302,45 @@ def test_a_worker_whose_python_cannot_exit_does_not_outlive_the_session():
     import os
 
     import ray
+    from net_tools import wait_for
 
-    from rayfine.runtime import WORKER_ENV, local_ray, session_processes
+    from rayfine.runtime import WORKER_ENV, local_ray, session_logs_dir, session_processes
 
     @ray.remote(num_cpus=0)
     class Stuck:
         def start(self) -> int:
             import threading
-            import time
 
-            threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+            threading.Thread(target=threading.Event().wait, daemon=False).start()  # waits for good
             return os.getpid()
 
-    with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=1, logging_level="WARNING"):
-        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
-        stuck = Stuck.remote()
-        pid = ray.get(stuck.start.remote())
-        assert pid in session_processes(logs_dir)
-        del stuck  # Ray kills the actor: its core worker leaves the session, its Python waits for the thread
-        deadline = time.time() + 30
-        while time.time() < deadline and "Shutdown completed successfully" not in "".join(
-                log.read_text() for log in Path(logs_dir).glob(f"python-core-worker-*_{pid}.log")):
-            time.sleep(0.2)
-        time.sleep(1)
-        assert os.path.exists(f"/proc/{pid}"), "the actor's process exited: nothing here is stuck"
-    time.sleep(0.5)
-    stat = Path(f"/proc/{pid}/stat")
-    state = stat.read_text().rsplit(")", 1)[1].split()[0] if stat.exists() else None
-    if state not in (None, "Z"):
-        os.kill(pid, signal.SIGKILL)  # this test's stuck actor: not left behind when it fails
-    assert state in (None, "Z"), f"the stuck worker {pid} outlived its session (state {state})"
-    assert session_processes(logs_dir) == []
+    def state() -> str | None:  # the process's state letter; None once it is gone
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    pid = None
+    try:
+        with local_ray({"env_vars": dict(WORKER_ENV)}, num_cpus=1, logging_level="WARNING"):
+            logs_dir = session_logs_dir()
+            stuck = Stuck.remote()
+            pid = ray.get(stuck.start.remote())
+            assert pid in session_processes(logs_dir)
+            del stuck  # Ray kills the actor: its core worker leaves the session, its Python waits for the thread
+            wait_for(lambda: "Shutdown completed successfully" in "".join(
+                log.read_text() for log in Path(logs_dir).glob(f"python-core-worker-*_{pid}.log")), 30, 0.2,
+                "the actor's core worker to shut down")
+            # A Python that could exit would now within a second; this one waits for its thread.
+            with pytest.raises(AssertionError, match="timed out"):
+                wait_for(lambda: state() in (None, "Z"), 1, 0.1, "the actor's process to exit")
+        # Whatever the kill found ends within moments (the stuck actor with it); before, it stayed for good.
+        wait_for(lambda: session_processes(logs_dir) == [], 10, 0.1, "no process of the session left")
+        assert state() in (None, "Z")
+    finally:
+        if pid is not None and state() not in (None, "Z"):
+            os.kill(pid, signal.SIGKILL)  # this test's stuck actor: not left behind when it fails
 
 
 @pytest.mark.parametrize("signame, when, said", [

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Iterator, Optional
 
 # Ray Data logs every dataset execution at INFO; rayfine prints its own progress lines instead.
@@ -445,8 +446,6 @@ def end_leftover_processes(logs_dir: str, grace_s: float = 0.2) -> list[int]:
     never exited is no longer Ray's to stop: seen once here, a Ray Train controller (an async actor;
     ray-project/ray#18533 is that kind of leak) logged "Shutdown completed successfully", then sat
     reparented to init for good, holding 831 MB, one thread asleep and its main thread waiting."""
-    import time
-
     deadline = time.monotonic() + grace_s
     while (left := session_processes(logs_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -454,6 +453,17 @@ def end_leftover_processes(logs_dir: str, grace_s: float = 0.2) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def session_logs_dir() -> str | None:
+    """The logs folder of the Ray session this process started or joined (where its processes write
+    their logs: ``session_processes``), or None without one (or where Ray's private API moved)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:
+        return None
 
 
 @contextlib.contextmanager
@@ -484,10 +494,7 @@ def local_ray(runtime_env: dict, **init_kwargs) -> Iterator[None]:
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK, **runtime_env, "env_vars": env_vars},
                  **init_kwargs)
-    try:  # where the session's processes write their logs (end_leftover_processes); Ray's private API
-        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
-    except AttributeError:
-        logs_dir = None
+    logs_dir = session_logs_dir()
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = url
     try:
