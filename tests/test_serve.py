@@ -590,6 +590,29 @@ def test_a_swap_checks_serve_settings_against_the_running_replicas_not_the_first
         serve.delete(app)
 
 
+def test_a_swap_to_another_label_set_is_refused_and_the_app_keeps_answering(server, checkpoints, digits_png, tmp_path):
+    """The replicas say what their clients depend on (info(): kind, pairs, labels). The served
+    weights under other label names (the same version: the weights' hash) are refused before
+    anything is applied, --if-better or not, and the app keeps answering with its own labels."""
+    import shutil
+
+    from rayfine.serve.deploy import DeployError, deploy
+
+    _serving(server, checkpoints, "v1")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(checkpoints["v1"], renamed)
+    labels = json.loads((renamed / "labels.json").read_text())
+    (renamed / "labels.json").write_text(json.dumps([f"digit {x}" for x in labels]))
+    for if_better in (False, True):
+        with pytest.raises(DeployError, match=rf"app '{NAME}' serves another task \(labels: 10 -> 10 \('0', .* only "
+                                              r"served now; 'digit 0', .* only new\)\): a hot swap keeps"):
+            deploy(renamed, name=NAME, if_better=if_better, log=lambda *_: None)
+    r = post(server, "/predict", json={"inputs": [b64(p) for p in digits_png[0][:2]]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == server.v1
+    assert {p["label"] for p in r.json()["predictions"]} <= set(labels), r.text
+
+
 def test_a_rollout_the_replicas_cannot_load_leaves_the_served_model_answering(server, checkpoints, digits_png,
                                                                               tmp_path, monkeypatch):
     """Serve stops a replica whose reconfigure raises and starts one with the new user_config: a

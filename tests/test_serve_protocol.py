@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import socket
 import threading
 import time
@@ -816,6 +817,7 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     from rayfine.checkpoints import save_checkpoint
     from rayfine.models import build_model
     from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.model import model_api
 
     old = fake_serve.checkpoint(0.9)
     app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
@@ -834,13 +836,14 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     with pytest.raises(fake_serve.module.DeployError, match=refused + r".*or run with its settings: --set serve"):
         rayfine.pipeline.run_pipeline(cfg, log=lambda *_: None)
     assert searched == []  # refused before the search
-    fake_serve.module.check_swap("digits", running)  # the same settings: nothing to refuse
-    fake_serve.module.check_swap("other", cfg.serve)  # no such app
+    api = model_api(cfg)
+    fake_serve.module.check_swap("digits", running, api)  # the same settings: nothing to refuse
+    fake_serve.module.check_swap("other", cfg.serve, api)  # no such app
     fake_serve.details["applications"]["mine"] = {"status": "RUNNING", "source": "imperative", "route_prefix": "/m",
                                                   "deployed_app_config": None}
     with pytest.raises(fake_serve.module.DeployError, match=r"serve.run \(imperative\).* run under another name "
                                                             r"\(--set name=...\)"):  # `rayfine run` has no --name
-        fake_serve.module.check_swap("mine", running)
+        fake_serve.module.check_swap("mine", running, api)
     # Connecting to Serve turns off this driver's filter of other jobs' worker logs (ray/serve/context.py
     # _connect); the check puts it back, so that the search does not print every job's logs.
     import ray
@@ -854,7 +857,7 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
 
     monkeypatch.setattr(ray.serve.context, "_get_global_client", connect)
     monkeypatch.setattr(ray._private.worker.global_worker, "_filter_logs_by_job", True)  # a fresh driver's
-    fake_serve.module.check_swap("digits", running)
+    fake_serve.module.check_swap("digits", running, api)
     assert ray._private.worker.global_worker._filter_logs_by_job is True
 
     labels = [str(d) for d in range(10)]
@@ -866,6 +869,83 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     fake_serve.on_deploy = lambda schema: fake_serve.served.update(**user_config(winner))
     result = fake_serve.module.deploy(winner, name="digits", if_better=True, timeout_s=5, log=lambda *_: None)
     assert result["action"] == "swapped"
+
+
+def test_a_swap_that_would_change_what_the_apps_clients_send_or_get_back_is_refused(fake_serve, monkeypatch):
+    """A hot swap replaces the model behind clients that send the app's kind of input and read its
+    labels, and the columns of 'probabilities' in their order. A checkpoint of another task is
+    refused with what it would change, --if-better included (was: swapped, after comparing the
+    validation accuracy of two different tasks); `rayfine run` refuses another kind of input before
+    its search. Nothing is applied."""
+    import rayfine.pipeline
+    import rayfine.tune
+    from rayfine.checkpoints import save_checkpoint
+    from rayfine.models import build_model
+    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.model import model_api
+
+    cfg = load_config("resnet18_digits_tiny", ["name=digits"])
+    digits = [str(d) for d in range(10)]
+    old = fake_serve.checkpoint(0.9)
+    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
+           "args": {"checkpoint": str(old), "name": "digits"},
+           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
+    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
+                                                    "deployed_app_config": app}
+    fake_serve.served.update(**user_config(old), metrics={"val_accuracy": 0.9}, **model_api(cfg, digits))
+
+    def saved(name: str, labels: list[str], accuracy: float = 0.99):
+        return save_checkpoint(old.parent / name, build_model(cfg, labels), cfg, labels,
+                               {"epoch": 1, "val_accuracy": accuracy})
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    cases = [
+        (saved("words", words), (r"labels: 10 -> 10 \('0', '1', '2', '3', '4' and 5 more only served now; 'zero', "
+                                 r"'one', 'two', 'three', 'four' and 5 more only new\)")),
+        (saved("fewer", digits[:9]), r"labels: 10 -> 9 \('9' only served now\)"),
+        (saved("reversed", digits[::-1]), r"the same 10 labels in another order \(the columns of 'probabilities'\)"),
+    ]
+    for checkpoint, change in cases:
+        for if_better in (False, True):
+            with pytest.raises(fake_serve.module.DeployError,
+                               match=rf"app 'digits' serves another task \({change}\): a hot swap keeps what the "
+                                     r"app's clients send and get back; choose another --name, or stop the app"):
+                fake_serve.module.deploy(checkpoint, name="digits", if_better=if_better, log=lambda *_: None)
+    # The same weights under other label names (version = the weights' hash): refused, not "unchanged".
+    renamed = old.parent / "renamed"
+    shutil.copytree(old, renamed)
+    (renamed / "labels.json").write_text(json.dumps(words))
+    with pytest.raises(fake_serve.module.DeployError, match=r"serves another task \(labels: 10 -> 10"):
+        fake_serve.module.deploy(renamed, name="digits", log=lambda *_: None)
+    assert fake_serve.deployed == []
+
+    text = load_config("minilm_rotten_tomatoes_tiny", ["name=digits"])
+    searched = []
+    monkeypatch.setattr(rayfine.tune, "run_search", lambda *a, **k: searched.append(a))
+    with pytest.raises(fake_serve.module.DeployError, match=r"serves another task \(inputs: image -> text\).* "
+                                                            r"run under another name \(--set name=...\)"):
+        rayfine.pipeline.run_pipeline(text, log=lambda *_: None)
+    assert searched == [] and fake_serve.deployed == []
+
+    # The same labels: swapped.
+    better = saved("better", digits)
+    fake_serve.on_deploy = lambda schema: fake_serve.served.update(**user_config(better))
+    assert fake_serve.module.deploy(better, name="digits", if_better=True, timeout_s=5,
+                                    log=lambda *_: None)["action"] == "swapped"
+
+
+def test_api_changes_names_a_change_of_text_pairs_and_compares_only_what_both_sides_say():
+    from rayfine.serve.deploy import api_changes
+
+    texts = {"kind": "text", "pairs": False, "labels": ["neg", "pos"]}
+    assert api_changes(texts, {**texts, "pairs": True}) == ["inputs: texts -> [text, pair] rows"]
+    assert api_changes({**texts, "pairs": True}, texts) == ["inputs: [text, pair] rows -> texts"]
+    assert api_changes(texts, {"kind": "image", "pairs": False, "labels": ["neg", "pos"]}) == ["inputs: text -> image"]
+    assert api_changes(texts, dict(texts)) == []
+    # Replicas of an earlier rayfine say no "pairs"; `rayfine run` knows no labels before its data is read.
+    assert api_changes({"kind": "text", "labels": ["neg", "pos"]}, {**texts, "pairs": True}) == []
+    assert api_changes(texts, {**texts, "labels": None}) == []
+    assert api_changes({}, texts) == []
 
 
 # --- a real replica, without Ray or Serve: its HTTP API over ASGI -------------------------------------

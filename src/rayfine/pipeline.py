@@ -27,12 +27,14 @@ def run_pipeline(cfg: Config, *, resume: bool = False, strict_resources: bool = 
     evaluation, "serve": the deploy result (action, name, url, version), "timings_s": {...}}.
     """
     from rayfine.serve.deploy import check_replicas_fit, check_swap, deploy
+    from rayfine.serve.model import model_api
     from rayfine.tune import run_search
 
     # The winner is swapped into a live app of this name with the model only: one running with other
-    # serve settings than this config's is refused now, not after the search. A new app's replicas
-    # must fit on the cluster (once the search has ended): on an embedded Ray, refused now too.
-    if not check_swap(cfg.name, cfg.serve):
+    # serve settings than this config's, or serving another kind of input, is refused now, not after
+    # the search (another label set only at the deploy: the labels come from the data). A new app's
+    # replicas must fit on the cluster (once the search has ended): on an embedded Ray, refused now too.
+    if not check_swap(cfg.name, cfg.serve, model_api(cfg)):
         check_replicas_fit(cfg.serve, strict=strict_resources, log=log)
     timings: dict[str, float] = {}
     started = time.perf_counter()

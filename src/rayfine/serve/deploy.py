@@ -116,6 +116,36 @@ def is_better(new: dict, served: dict) -> tuple[bool, str]:
     return better, f"{metric} {new_value:.4f} {sign} {old_value:.4f} (served)"
 
 
+def _named(labels: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(label) for label in labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def api_changes(served: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What swapping a model ``new`` (``rayfine.serve.model.model_api``: kind, pairs, labels) into an
+    app whose replicas report ``served`` would change for the app's clients: the inputs it takes,
+    and its labels, their order included (the columns of 'probabilities'). What either side does
+    not say (labels not known yet; replicas of an earlier rayfine) is not compared."""
+    def known(key: str) -> bool:
+        return served.get(key) is not None and new.get(key) is not None
+
+    changes = []
+    if known("kind") and served["kind"] != new["kind"]:
+        changes.append(f"inputs: {served['kind']} -> {new['kind']}")
+    elif known("pairs") and served["pairs"] != new["pairs"]:
+        changes.append("inputs: " + ("[text, pair] rows -> texts" if served["pairs"] else "texts -> [text, pair] rows"))
+    if known("labels") and list(served["labels"]) != list(new["labels"]):
+        old, now = list(served["labels"]), list(new["labels"])
+        gone, added = [x for x in old if x not in now], [x for x in now if x not in old]
+        if not gone and not added:
+            changes.append(f"the same {len(old)} labels in another order (the columns of 'probabilities')")
+        else:
+            parts = [f"{_named(gone)} only served now"] if gone else []
+            parts += [f"{_named(added)} only new"] if added else []
+            changes.append(f"labels: {len(old)} -> {len(now)} ({'; '.join(parts)})")
+    return changes
+
+
 def _url(details: dict, route_prefix: str) -> str:
     http = details.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
@@ -126,13 +156,16 @@ def _url(details: dict, route_prefix: str) -> str:
     return f"http://{host}:{port}{'' if route_prefix == '/' else route_prefix}"
 
 
-def _swap_checks(name: str, current: dict, settings: ServeConfig | None, run: bool = False) -> dict:
+def _swap_checks(name: str, current: dict, settings: ServeConfig | None, model: dict[str, Any],
+                 run: bool = False) -> dict:
     """What the live app ``name`` (its Serve details ``current``) serves, its replicas' ``info()``;
     DeployError when a swap into it is refused: an app deployed imperatively, replicas that do not
-    answer, or, with ``settings``, serve settings other than those its replicas run with. ``run``:
-    the advice is for `rayfine run` (the app is named by the experiment; settings come with --set)."""
+    answer, a ``model`` (``model_api``) that would change what the app's clients send or get back
+    (``api_changes``), or, with ``settings``, serve settings other than those its replicas run with.
+    ``run``: the advice is for `rayfine run` (the app is named by the experiment; settings come with
+    --set)."""
+    other = "run under another name (--set name=...)" if run else "choose another --name"
     if current.get("source") != "declarative" or not current.get("deployed_app_config"):
-        other = "run under another name (--set name=...)" if run else "choose another --name"
         raise DeployError(f"app {name!r} was deployed with serve.run (imperative); a hot swap needs a declarative "
                           f"deploy (rayfine serve, serve deploy, KubeRay); delete it or {other}")
     try:
@@ -141,6 +174,11 @@ def _swap_checks(name: str, current: dict, settings: ServeConfig | None, run: bo
         raise DeployError(f"app {name!r} is {current.get('status')} and its replicas do not answer ({e}); "
                           "stop it (`serve shutdown`, or Ctrl-C the `rayfine serve` that runs it) and deploy "
                           "again") from None
+    changes = api_changes(served, model)
+    if changes:
+        raise DeployError(f"app {name!r} serves another task ({'; '.join(changes)}): a hot swap keeps what the app's "
+                          f"clients send and get back; {other}, or stop the app (`serve shutdown`, or Ctrl-C the "
+                          "`rayfine serve` that runs it) and deploy again")
     if settings is not None:
         # Settings are fixed when the app is built; a swap only replaces the model. Asking for
         # the settings it already runs with is fine (running the same command again). The
@@ -160,10 +198,11 @@ def _swap_checks(name: str, current: dict, settings: ServeConfig | None, run: bo
     return served
 
 
-def check_swap(name: str, settings: ServeConfig) -> bool:
+def check_swap(name: str, settings: ServeConfig, model: dict[str, Any]) -> bool:
     """Refuse now what a later ``deploy(..., same_settings=True)`` into app ``name`` would refuse
-    (``_swap_checks``): `rayfine run` asks before its search, not after it. Nothing to check when
-    no Serve runs on the cluster, or no live app of that name. Returns whether there is one (the
+    (``_swap_checks``; ``model``: ``model_api`` of the config, its labels not known before the
+    data is read): `rayfine run` asks before its search, not after it. Nothing to check when no
+    Serve runs on the cluster, or no live app of that name. Returns whether there is one (the
     deploy will be a swap, which starts no replicas)."""
     import ray
     from ray.serve.context import _get_global_client
@@ -177,7 +216,7 @@ def check_swap(name: str, settings: ServeConfig) -> bool:
         current = client.get_serve_details().get("applications", {}).get(name) if client is not None else None
         live = current is not None and current.get("status") in LIVE
         if live:
-            _swap_checks(name, current, settings, run=True)
+            _swap_checks(name, current, settings, model, run=True)
         return live
     finally:
         worker._filter_logs_by_job = filtered
@@ -273,7 +312,7 @@ def deploy(
     from ray import serve
 
     from rayfine.checkpoints import load_checkpoint
-    from rayfine.serve.model import weights_version
+    from rayfine.serve.model import model_api, weights_version
 
     checkpoint_dir = resolve_checkpoint(checkpoint)
     cfg, settings = serve_settings(checkpoint_dir, serve_overrides)
@@ -283,6 +322,7 @@ def deploy(
     version = weights_version(checkpoint_dir)
     new = {"checkpoint": str(checkpoint_dir), "metric": cfg.train.metric, "metric_mode": cfg.train.metric_mode,
            "metrics": ckpt.metrics}
+    api = model_api(cfg, list(ckpt.labels))
     del ckpt
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -293,7 +333,8 @@ def deploy(
         current = apps.get(name)
         result = {"name": name, "checkpoint": str(checkpoint_dir), "version": version, "reason": ""}
         if current is not None and current.get("status") in LIVE:
-            served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, run=same_settings)
+            served = _swap_checks(name, current, settings if serve_overrides or same_settings else None, api,
+                                  run=same_settings)
             was = served.get("version")  # what the replicas serve before this swap
             route_prefix = current["deployed_app_config"].get("route_prefix") or "/"
             result["url"] = _url(details, route_prefix)

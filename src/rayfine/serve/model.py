@@ -117,13 +117,21 @@ class ServedModel:
     @property
     def pairs(self) -> bool:
         """Whether it takes [text, pair] inputs: a text model trained with data.text_pair_column."""
-        return self.kind == "text" and bool(self.cfg.data.text_pair_column)
+        return model_api(self.cfg)["pairs"]
 
     def describe(self) -> dict[str, Any]:
         """What `rayfine serve --if-better` compares, and what a handle's ``info`` returns."""
-        return {"checkpoint": self.path, "version": self.version, "kind": self.kind, "labels": self.labels,
+        return {"checkpoint": self.path, "version": self.version, **model_api(self.cfg, self.labels),
                 "metric": self.cfg.train.metric, "metric_mode": self.cfg.train.metric_mode, "metrics": self.metrics,
                 "experiment": self.cfg.name}
+
+
+def model_api(cfg: Config, labels: list[str] | None = None) -> dict[str, Any]:
+    """What the clients of a model served from ``cfg`` depend on: the inputs it takes (``kind``,
+    and ``pairs``: a text model trained with data.text_pair_column takes [text, pair] rows) and,
+    when known, its ``labels`` in id order (the columns of 'probabilities')."""
+    kind = cfg.data.kind
+    return {"kind": kind, "pairs": kind == "text" and bool(cfg.data.text_pair_column), "labels": labels}
 
 
 def load_served(path: Union[str, Path], limits: ServeConfig, device: Optional[str] = None) -> ServedModel:
