@@ -18,15 +18,27 @@ from rayfine import cli
     ("deployed", True), ("swapped", False), ("kept", False), ("unchanged", False)])
 def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, monkeypatch, capsys, action,
                                                                     stops_the_app):
-    """`rayfine run --address ...` serves until Ctrl-C and then deletes its app; when an app of that
+    """`rayfine run --address ...` serves until Ctrl-C and then deletes its app, in the cluster's
+    deploy turn (as a deploy applies the apps); when an app of that
     name was already serving (the new winner was swapped into it, or it was kept), the app is not
     the command's: it returns at once and leaves it serving, as `rayfine serve` does. Replicas it
     deployed or swapped into that serve beyond loopback without an API key are warned of."""
     import rayfine.pipeline
     import rayfine.runtime
+    import rayfine.serve.deploy
     import rayfine.tune.search
 
-    deleted = []
+    deleted, turn = [], []  # turn: whether this command holds the cluster's deploy turn
+
+    @contextlib.contextmanager
+    def deploy_turn(log=print):
+        turn.append(True)
+        try:
+            yield
+        finally:
+            turn.pop()
+
+    monkeypatch.setattr(rayfine.serve.deploy, "_deploy_lock", deploy_turn)
     monkeypatch.setattr(rayfine.tune.search, "preflight", lambda cfg, resume=False: cfg)
     monkeypatch.setattr(rayfine.runtime, "ray_session", lambda address=None: contextlib.nullcontext(False))
     live = action in ("deployed", "swapped")  # deploy() reports the replicas' key only then
@@ -34,7 +46,8 @@ def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, mon
         "serve": {"action": action, "name": "digits", "version": "v2", "url": "http://0.0.0.0:8000",
                   "reason": "validation accuracy 0.99 > 0.98", **({"api_key": False} if live else {})},
         "eval": {"accuracy": 0.99}, "timings_s": {"search": 1.0}})
-    monkeypatch.setattr(serve, "delete", deleted.append)
+    # Deleted in the deploy turn: a deploy that read the apps before and applied them after would bring it back.
+    monkeypatch.setattr(serve, "delete", lambda name: deleted.append((name, turn == [True])))
     monkeypatch.setattr(serve, "shutdown", lambda: pytest.fail("an app on a cluster is deleted, not all of Serve"))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="10.0.0.1:6379"))
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest's own SIGINT handler stays
@@ -44,7 +57,7 @@ def test_run_on_a_cluster_stops_at_ctrl_c_only_the_app_it_deployed(tmp_path, mon
 
     monkeypatch.setattr(time, "sleep", ctrl_c)
     assert cli.main(["run", "resnet18_digits_tiny", "--runs-dir", str(tmp_path), "--address", "10.0.0.1:6379"]) == 0
-    assert deleted == (["digits"] if stops_the_app else [])
+    assert deleted == ([("digits", True)] if stops_the_app else [])
     warning = "[warning] the API has no key and listens on 0.0.0.0: anyone who reaches port 8000 can use it"
     assert (warning in capsys.readouterr().out) == live
 

@@ -195,7 +195,9 @@ def _keep_serving(name: str, local: bool, detach: bool, action: str) -> int:
         if local:
             serve.shutdown()
         else:
-            serve.delete(name)
+            from rayfine.serve.deploy import delete_app
+
+            delete_app(name)
     return 0
 
 

@@ -441,6 +441,16 @@ def _deploy_lock(log: Callable[[str], None] = print, timeout_s: float = 300.0) -
             internal_kv._internal_kv_del(key, namespace=namespace)
 
 
+def delete_app(name: str, log: Callable[[str], None] = print) -> None:
+    """Delete app ``name`` (a ``rayfine serve`` or ``rayfine run`` on a cluster stopping) in this
+    cluster's deploy turn: a deploy that read the apps before the delete and applied them after it
+    would bring the app back (``_apply_with_others`` keeps the apps it read)."""
+    from ray import serve
+
+    with _deploy_lock(log):
+        serve.delete(name)
+
+
 def _apply_with_others(name: str, ours: dict, details: dict) -> None:
     """Apply ``ours`` as app ``name`` beside the cluster's other declarative apps (``details``)."""
     # A declarative deploy replaces the whole set of declarative apps: keep the others as they are,
