@@ -359,6 +359,52 @@ def test_a_pretrained_model_that_cannot_take_the_image_size_is_a_config_error_an
     check_image_size(image_cfg(f"model.name={convnext}", "data.image_size=16", "data.color_mode=RGB"))
 
 
+def test_a_pretrained_classifier_that_names_the_same_labels_keeps_what_each_label_answers(tmp_path):
+    """A classifier whose head names the data's labels in another order (ignoring case, as
+    transformers' run_glue.py matches a model's label2id with a dataset's labels) keeps each
+    label's row: its pretrained answers keep their meaning (was: row i went to rayfine's label i, so
+    a model fine-tuned from a NEGATIVE/POSITIVE classifier on labels in another order started from a
+    head that answered the opposite). Other names, another count, or the same order: as loaded."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    theirs = ["Dog", "CAT", "bird"]
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=1,
+                          id2label=dict(enumerate(theirs)), label2id={name: i for i, name in enumerate(theirs)})
+    ResNetForImageClassification(config).eval().save_pretrained(tmp_path / "pets")
+    source = ResNetForImageClassification.from_pretrained(tmp_path / "pets").eval()
+    x = torch.randn(4, 1, 8, 8)
+
+    def logits(labels: list[str]) -> torch.Tensor:
+        model = build_model(image_cfg(f"model.name={tmp_path / 'pets'}"), labels).eval()
+        assert model.config.id2label == dict(enumerate(labels))
+        with torch.inference_mode():
+            return logits_of(model(pixel_values=x))
+
+    with torch.inference_mode():
+        expected = source(pixel_values=x).logits
+    assert torch.allclose(logits(["bird", "cat", "dog"]), expected[:, [2, 1, 0]], atol=1e-6)
+    for as_loaded in (["dog", "cat", "bird"], ["ant", "bee", "cow"]):
+        assert torch.allclose(logits(as_loaded), expected, atol=1e-6), as_loaded
+    assert logits(["bird", "cat", "dog", "eel"]).shape == (4, 4)  # another count: a new head
+
+
+def test_pretrained_head_order_matches_names_ignoring_case_and_only_a_full_match():
+    from types import SimpleNamespace
+
+    from rayfine.models import pretrained_head_order
+
+    def order(theirs, ours):
+        return pretrained_head_order(SimpleNamespace(id2label=dict(enumerate(theirs))), ours)
+
+    assert order(["NEGATIVE", "POSITIVE"], ["positive", "negative"]) == [1, 0]
+    assert order(["NEGATIVE", "POSITIVE"], ["negative", "positive"]) is None  # already in order
+    assert order(["LABEL_0", "LABEL_1"], ["neg", "pos"]) is None  # an untrained head's names
+    assert order(["neg", "pos"], ["neg", "pos", "neutral"]) is None
+    assert order(["a", "A"], ["A", "a"]) is None  # names that ignoring case cannot tell apart
+    assert pretrained_head_order(SimpleNamespace(id2label={1: "a", 2: "b"}), ["b", "a"]) is None
+    assert pretrained_head_order(SimpleNamespace(), ["b", "a"]) is None
+
+
 def test_a_grayscale_model_from_rgb_weights_keeps_its_pretrained_input_convolution(tmp_path):
     from safetensors.torch import load_file
     from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel, ViTConfig, ViTModel

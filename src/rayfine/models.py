@@ -422,6 +422,9 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
                 source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True,
                 use_safetensors=True, trust_remote_code=False, **kwargs
             )
+            order = pretrained_head_order(_hf_config(cfg), labels)
+            if order is not None:
+                _reorder_head_rows(model, order)
             mismatched = info.get("mismatched_keys", [])
             adapted = _adapt_input_convs(model, source, mismatched) if cfg.data.kind == "image" else set()
             new = set(info["missing_keys"]) | {k for k, *_ in mismatched if k not in adapted}
@@ -447,6 +450,40 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
         _check_image_size(model, cfg)
     setattr(model, NEW_PARAMS_ATTR, frozenset(new))
     return model
+
+
+def pretrained_head_order(source_config: Any, labels: list[str]) -> list[int] | None:
+    """For a pretrained classifier that names the same labels as the data in another order (an
+    SST-2 model's NEGATIVE/POSITIVE for labels positive/negative, say): the row of its head that
+    each of ``labels`` takes, so that its pretrained answers keep their meaning. Names are matched
+    ignoring case, as transformers' run_glue.py matches a model's label2id with a dataset's labels.
+    None when there is nothing to move: an untrained head (LABEL_0, ...), other labels or another
+    count (the head is new), or the same order."""
+    id2label = getattr(source_config, "id2label", None) or {}
+    try:
+        theirs = [str(id2label[i]).lower() for i in range(len(id2label))]
+    except KeyError:  # ids that are not 0..n-1
+        return None
+    ours = [str(label).lower() for label in labels]
+    if len(theirs) != len(ours) or len(set(theirs)) != len(theirs) or sorted(theirs) != sorted(ours):
+        return None
+    order = [theirs.index(label) for label in ours]
+    return None if order == list(range(len(order))) else order
+
+
+def _reorder_head_rows(model: nn.Module, order: list[int]) -> None:
+    """Row i of the classifier's output layer (weight and bias) becomes the source's row
+    ``order[i]``. The output layer: the one Linear outside the base model with a row per label."""
+    prefix = getattr(model, "base_model_prefix", "")
+    outputs = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == len(order)
+               and not (prefix and (name == prefix or name.startswith(prefix + ".")))]
+    if len(outputs) != 1:  # no head of that shape, or not one that can be told apart: leave it as loaded
+        return
+    rows = torch.tensor(order)
+    with torch.no_grad():
+        outputs[0].weight.copy_(outputs[0].weight[rows].clone())
+        if outputs[0].bias is not None:
+            outputs[0].bias.copy_(outputs[0].bias[rows].clone())
 
 
 def _adapt_input_convs(model: nn.Module, source: str, mismatched) -> set[str]:
