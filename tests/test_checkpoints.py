@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -247,6 +248,35 @@ def test_export_replaces_an_earlier_export_whole_and_leaves_nothing_beside_it(sa
     assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 2
     assert sorted(p.name for p in destination.iterdir()) == sorted(checkpoints.INFERENCE_FILES)
     assert sorted(p.name for p in destination.parent.iterdir()) == ["checkpoint"]
+
+
+def test_an_export_reaches_the_disk_before_its_name_does(saved, tmp_path, monkeypatch):
+    """Every file of the new export and its folder are flushed to the disk before the renames that
+    put it in place, and the renames before the old export is removed: a power loss cannot leave
+    the name on empty files."""
+    import shutil
+    from pathlib import Path
+
+    source, destination = _export_of(saved, tmp_path, 1)
+    checkpoints.export_checkpoint(source, destination)
+    newer, _ = _export_of(saved, tmp_path, 2)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_rmtree = os.fsync, Path.rename, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(Path, "rename", lambda self, target: (events.append(("rename", str(self))),
+                                                               real_rename(self, target))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (events.append(("rmtree", str(path))),
+                                                                  real_rmtree(path, *a, **k))[1])
+    checkpoints.export_checkpoint(newer, destination)
+    staging = f"{destination}.tmp"
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert [events[i][1] for i in renames] == [str(destination), staging]
+    flushed = {path for kind, path in events[:renames[0]] if kind == "fsync"}
+    assert {f"{staging}/{name}" for name in checkpoints.INFERENCE_FILES} | {staging} <= flushed, events
+    removed = events.index(("rmtree", f"{destination}.old"), renames[-1])
+    assert ("fsync", str(destination.parent)) in events[renames[-1]:removed], events
+    assert checkpoints.load_checkpoint(destination).metrics["epoch"] == 2
 
 
 def test_an_export_that_dies_while_removing_the_old_one_leaves_a_whole_checkpoint(saved, tmp_path, monkeypatch):

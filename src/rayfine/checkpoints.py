@@ -21,6 +21,7 @@ code; a truncated or foreign file is refused with ``CheckpointError``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +229,34 @@ def export_checkpoint(source: str | Path, destination: str | Path, serve: ServeC
         (staging / CONFIG_FILE).write_text(redact_url_passwords(cfg.to_yaml()))
     # Swap in whole: a reader never sees a half-written checkpoint, and a crash leaves a whole one at
     # ``destination``, the old or the new; only between the two renames is the old one aside, as
-    # <name>.old, where the next export puts it back from.
+    # <name>.old, where the next export puts it back from. The files reach the disk before the
+    # renames, and the renames before the old one is removed: after a power loss too, the name holds
+    # a whole checkpoint (a rename can reach the disk before the data of the files it names).
+    _fsync_tree(staging)
     if destination.exists():
         destination.rename(previous)
     staging.rename(destination)
+    _fsync(destination.parent)
     shutil.rmtree(previous, ignore_errors=True)
     return destination
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        if path.is_dir():  # Windows cannot open a directory to flush it
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
