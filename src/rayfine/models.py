@@ -407,7 +407,9 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
     source = resolve_model_source(cfg.model.name)
     auto = _hf_auto_class(cfg)
     try:
-        kwargs = _hf_label_kwargs(cfg, labels, _hf_config(cfg) if cfg.data.kind == "image" else None)
+        # The model's config as it is: an image model's settings, a pretrained head's label names.
+        theirs = _hf_config(cfg) if cfg.data.kind == "image" or cfg.model.pretrained else None
+        kwargs = _hf_label_kwargs(cfg, labels, theirs if cfg.data.kind == "image" else None)
         if not cfg.model.pretrained:
             if source in transformers.CONFIG_MAPPING:
                 config = transformers.AutoConfig.for_model(source, **kwargs)
@@ -422,7 +424,7 @@ def _hugging_face(cfg: Config, labels: list[str]) -> nn.Module:
                 source, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True,
                 use_safetensors=True, trust_remote_code=False, **kwargs
             )
-            order = pretrained_head_order(_hf_config(cfg), labels)
+            order = pretrained_head_order(theirs, labels)
             if order is not None:
                 _reorder_head_rows(model, order)
             mismatched = info.get("mismatched_keys", [])
