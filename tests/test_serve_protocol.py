@@ -701,6 +701,23 @@ def fake_serve(tmp_path, monkeypatch):
     monkeypatch.setattr(deploy_module, "_node_resources", lambda: fake.nodes)
     fake.kv, fake.kv_refused = fake_gcs_kv(monkeypatch)
     monkeypatch.setattr(deploy_module, "served_info", lambda *_, **__: next(fake.answers) if fake.answers else fake.served)
+
+    def live(checkpoint, status: str = "RUNNING", route_prefix: str = "/", replicas: tuple[str, ...] = ()) -> dict:
+        """App "digits" as a declarative deploy of ``checkpoint`` left it (``replicas``: the ids Serve's
+        details list as RUNNING, when given); returns its deployed_app_config."""
+        from rayfine.serve.app import IMPORT_PATH, user_config
+
+        app = {"name": "digits", "route_prefix": route_prefix, "import_path": IMPORT_PATH,
+               "args": {"checkpoint": str(checkpoint), "name": "digits"},
+               "deployments": [{"name": "Classifier", "user_config": user_config(checkpoint)}]}
+        fake.details["applications"]["digits"] = {"status": status, "source": "declarative", "route_prefix": route_prefix,
+                                                  "deployed_app_config": app}
+        if replicas:
+            fake.details["applications"]["digits"]["deployments"] = {
+                "Classifier": {"replicas": [{"replica_id": r, "state": "RUNNING"} for r in replicas]}}
+        return app
+
+    fake.live = live
     return fake
 
 
@@ -708,14 +725,10 @@ def test_a_deploy_to_an_unhealthy_app_is_a_swap_with_its_checks_not_a_new_app(fa
     """Serve calls an app UNHEALTHY while it still serves (a replica failed a health check): a
     deploy of that name is a swap of the running app (--if-better compares, the route stays), not
     a new app built over it. The cluster's target_capacity is kept in the config applied."""
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
 
     old, new = fake_serve.checkpoint(0.99), fake_serve.checkpoint(0.5)
-    app = {"name": "digits", "route_prefix": "/digits", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {"status": "UNHEALTHY", "source": "declarative",
-                                                    "route_prefix": "/digits", "deployed_app_config": app}
+    app = fake_serve.live(old, status="UNHEALTHY", route_prefix="/digits")
     fake_serve.details["target_capacity"] = 50.0
     fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.99})
     result = fake_serve.module.deploy(new, name="digits", if_better=True, log=lambda *_: None)
@@ -759,14 +772,10 @@ def test_a_swap_the_replicas_cannot_load_is_rolled_back(fake_serve):
     """A replica that cannot load the new checkpoint keeps its model and says why (info's
     swap_error); deploy then puts the app's config back, so that a replica Serve starts later does
     not try that checkpoint, and says what still serves."""
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
 
     old, new = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95)
-    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
-                                                    "deployed_app_config": app}
+    fake_serve.live(old)
     fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.9},
                              swap_error={"user_config": user_config(new), "error": "CheckpointError: unreadable"})
     with pytest.raises(fake_serve.module.DeployError,
@@ -785,16 +794,10 @@ def test_a_swap_that_fails_on_one_replica_of_two_is_rolled_back(fake_serve):
     load it fails the swap, which is rolled back (the replica that swapped goes back too)."""
     import itertools
 
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
 
     old, new = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95)
-    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {
-        "status": "RUNNING", "source": "declarative", "route_prefix": "/", "deployed_app_config": app,
-        "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"},
-                                                    {"replica_id": "r2", "state": "RUNNING"}]}}}
+    fake_serve.live(old, replicas=("r1", "r2"))
     before = {"checkpoint": str(old), **user_config(old), "metrics": {"val_accuracy": 0.9}}
     swapped = {**before, **user_config(new), "replica": "r1", "swap_error": None}
     stuck = {**before, "replica": "r2", "swap_error": {"user_config": user_config(new), "error": "OSError: no such file"}}
@@ -816,16 +819,11 @@ def test_rayfine_run_refuses_before_its_search_to_swap_into_an_app_with_other_se
     import rayfine.tune
     from rayfine.checkpoints import save_checkpoint
     from rayfine.models import build_model
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
     from rayfine.serve.model import model_api
 
     old = fake_serve.checkpoint(0.9)
-    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {
-        "status": "RUNNING", "source": "declarative", "route_prefix": "/", "deployed_app_config": app,
-        "deployments": {"Classifier": {"replicas": [{"replica_id": "r1", "state": "RUNNING"}]}}}
+    fake_serve.live(old, replicas=("r1",))
     running = load_config("resnet18_digits_tiny", ["name=digits"]).serve
     fake_serve.served.update(replica="r1", **user_config(old), metrics={"val_accuracy": 0.9},
                              settings=running.model_dump(mode="json"))
@@ -881,17 +879,13 @@ def test_a_swap_that_would_change_what_the_apps_clients_send_or_get_back_is_refu
     import rayfine.tune
     from rayfine.checkpoints import save_checkpoint
     from rayfine.models import build_model
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
     from rayfine.serve.model import model_api
 
     cfg = load_config("resnet18_digits_tiny", ["name=digits"])
     digits = [str(d) for d in range(10)]
     old = fake_serve.checkpoint(0.9)
-    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
-                                                    "deployed_app_config": app}
+    fake_serve.live(old)
     fake_serve.served.update(**user_config(old), metrics={"val_accuracy": 0.9}, **model_api(cfg, digits))
 
     def saved(name: str, labels: list[str], accuracy: float = 0.99):
@@ -1817,14 +1811,10 @@ def test_a_swap_another_deploy_supersedes_while_it_waits_neither_waits_out_its_t
     `rayfine serve` may swap in a third version meanwhile. The first then waited out its timeout
     and failed, or, if its replicas could not load its version, put its "before" back over the
     second's version: the app served neither new model while both commands had reported theirs."""
-    from rayfine.serve.app import IMPORT_PATH, user_config
+    from rayfine.serve.app import user_config
 
     old, new, third = fake_serve.checkpoint(0.9), fake_serve.checkpoint(0.95), fake_serve.checkpoint(0.97)
-    app = {"name": "digits", "route_prefix": "/", "import_path": IMPORT_PATH,
-           "args": {"checkpoint": str(old), "name": "digits"},
-           "deployments": [{"name": "Classifier", "user_config": user_config(old)}]}
-    fake_serve.details["applications"]["digits"] = {"status": "RUNNING", "source": "declarative", "route_prefix": "/",
-                                                    "deployed_app_config": app}
+    app = fake_serve.live(old)
     fake_serve.served.update(version=user_config(old)["version"], checkpoint=str(old), metrics={"val_accuracy": 0.9})
 
     def another_deploy_right_after(schema):  # the config Serve holds once this apply and another's are in
